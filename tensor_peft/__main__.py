@@ -1,0 +1,75 @@
+"""Command line: ``python -m tensor_peft info`` reports versions, which compiled
+extensions were built, and which backends can run here (and why the others cannot)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+import torch
+
+import tensor_peft
+from tensor_peft.backends import registry
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError as error:
+        return f"not installed ({error})"
+
+
+def _extension(name: str) -> str:
+    """One line on a compiled extension: its build facts, or why it does not load."""
+    try:
+        extension = importlib.import_module(f"tensor_peft.{name}")
+    except ImportError as error:
+        return f"not available ({error})"
+    facts = ", ".join(f"{key}={value}" for key, value in extension.build_info().items())
+    if name == "_cuda":
+        try:
+            facts += f", devices={extension.device_count()}"
+        except RuntimeError as error:
+            facts += f", devices: none ({error})"
+    return f"built ({facts})"
+
+
+def info() -> str:
+    lines = [
+        f"tensor_peft {tensor_peft.__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'}), "
+        f"triton {_version('triton')}, numpy {_version('numpy')}",
+        "extensions:",
+        *(f"  {name:7} {_extension(name)}" for name in ("_C", "_cuda")),
+        "backends (tensor device: runs, or why not):",
+    ]
+    for name in registry.NAMES:
+        ops = registry.implemented_ops(name)
+        forward_ops = [op for op in ops if not op.endswith("_backward")]
+        lines.append(f"  {name:9} kernels for {len(forward_ops)} ops: {', '.join(forward_ops) or '-'}")
+        for device_type in ("cpu", "cuda"):
+            reason = registry.why_unavailable(name, device_type)
+            lines.append(f"    {device_type:5} {'runs' if reason is None else 'no: ' + reason}")
+    requested = registry.requested()
+    lines.append(
+        f"selection: {requested!r} (asked for)" if requested else
+        "selection: default order (cpu tensors: cpu, reference; cuda tensors: cuda, triton, reference)"
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tensor_peft", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, built extensions, backends that can run here")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Backends that run the ops: ``reference`` (pure torch, the executable spec), ``cpu``
+(C++/OpenMP extension ``tensor_peft._C``), ``triton`` and ``cuda`` (CUDA C++ extension
+``tensor_peft._cuda``). Pick one with ``use(name)`` or ``TENSOR_PEFT_BACKEND``; see
+``registry`` for the selection rules."""
+
+from .registry import (
+    ENV_VAR,
+    NAMES,
+    BackendUnavailableError,
+    available,
+    implemented_ops,
+    requested,
+    use,
+    why_unavailable,
+)
+
+__all__ = [
+    "ENV_VAR",
+    "NAMES",
+    "BackendUnavailableError",
+    "available",
+    "implemented_ops",
+    "requested",
+    "use",
+    "why_unavailable",
+]

@@ -1,0 +1,150 @@
+"""Which backends exist, which can run here (and why not), and which one runs an op.
+
+A backend is a module of this package exposing ``DEVICE_TYPES`` (the tensor device
+types it serves), ``unavailable_reason(device_type)`` (``None`` when it can run) and
+one function per op it implements, named like the op (``tucker_delta``,
+``tucker_delta_backward``, ...), with the calling convention of ``reference.py``.
+
+Selection for an op on tensors of a device type: the backend asked for by
+``use(name)`` or else by the environment variable ``TENSOR_PEFT_BACKEND``; when none
+was asked for, the first backend of the default order that can run and implements the
+op. A backend that was asked for but cannot run the op raises
+``BackendUnavailableError`` with the reason: it never silently falls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+ENV_VAR = "TENSOR_PEFT_BACKEND"
+NAMES = ("reference", "cpu", "triton", "cuda")
+DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+OPS = (
+    "tucker_delta", "tucker_delta_backward", "tucker_merge",
+    "matrix_exp", "matrix_exp_backward",
+    "kernelized_delta", "kernelized_delta_backward",
+    "sparsify", "sparsify_backward",
+    "kernelized_sparse_delta", "kernelized_sparse_delta_backward",
+    "lowrank_hadamard_merge", "lowrank_hadamard_merge_backward",
+)  # fmt: skip
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tensor_peft_backend", default=None
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here (the message says why)."""
+
+
+def _check_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"{where} must be one of {', '.join(NAMES)}; got {name!r}")
+    return name
+
+
+@functools.cache
+def _module(name: str):
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _device_type(device: str | torch.device | None) -> str | None:
+    return None if device is None else torch.device(device).type
+
+
+def _device_types_here() -> tuple[str, ...]:
+    """Device types this machine has: always cpu, cuda when torch sees a GPU."""
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+@functools.cache
+def _reason_for_device(name: str, device_type: str) -> str | None:
+    backend = _module(name)
+    if device_type not in backend.DEVICE_TYPES:
+        return f"it runs only on {' / '.join(backend.DEVICE_TYPES)} tensors, not {device_type}"
+    return backend.unavailable_reason(device_type)
+
+
+def why_unavailable(name: str, device: str | torch.device | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (any device of this machine when
+    ``None``); ``None`` when it can."""
+    _check_name(name, "name")
+    device_type = _device_type(device)
+    if device_type is not None:
+        return _reason_for_device(name, device_type)
+    reasons = [_reason_for_device(name, d) for d in _device_types_here()]
+    if any(r is None for r in reasons):
+        return None
+    return "; ".join(f"{d}: {r}" for d, r in zip(_device_types_here(), reasons))
+
+
+def available(device: str | torch.device | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (any device here when ``None``)."""
+    return [name for name in NAMES if why_unavailable(name, device) is None]
+
+
+def implemented_ops(name: str) -> tuple[str, ...]:
+    """The ops (forward and backward) backend ``name`` has kernels for."""
+    return _implemented_ops(_check_name(name, "name"))
+
+
+@functools.cache
+def _implemented_ops(name: str) -> tuple[str, ...]:
+    backend = _module(name)
+    return tuple(op for op in OPS if callable(getattr(backend, op, None)))
+
+
+def requested() -> str | None:
+    """The backend asked for by ``use()`` or ``TENSOR_PEFT_BACKEND``; ``None`` for the default order."""
+    name = _requested.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env, f"environment variable {ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run every op inside the ``with`` block on backend ``name`` (overrides
+    ``TENSOR_PEFT_BACKEND``). Raises at once if the backend cannot run on any device here."""
+    reason = why_unavailable(_check_name(name, "name"))
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def _reason_for_op(name: str, op: str, device_type: str) -> str | None:
+    reason = _reason_for_device(name, device_type)
+    if reason is None and op not in _implemented_ops(name):
+        reason = f"backend {name!r} does not implement {op} yet"
+    return reason
+
+
+def select(op: str, device_type: str) -> tuple[str, Callable]:
+    """The backend (name, function) that runs ``op`` on ``device_type`` tensors now."""
+    name = requested()
+    if name is not None:
+        reason = _reason_for_op(name, op, device_type)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {name!r} was asked for but cannot run {op} on {device_type} "
+                f"tensors: {reason}"
+            )
+        return name, getattr(_module(name), op)
+    for name in DEFAULT_ORDER.get(device_type, ("reference",)):
+        if _reason_for_op(name, op, device_type) is None:
+            return name, getattr(_module(name), op)
+    raise BackendUnavailableError(f"no backend can run {op} on {device_type} tensors")

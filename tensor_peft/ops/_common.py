@@ -1,0 +1,96 @@
+"""What every op shares: input checks, the dtype policy, and the call into the backend.
+
+Dtype policy: inputs may mix floating dtypes; an op computes in the widest of them and
+at least float32 (float16/bfloat16 are upcast), returns its result in the dtype of its
+main input, and each gradient comes back in its own input's dtype. The casts happen in
+the public wrappers, as ordinary differentiable ``Tensor.to`` calls, so the registered
+``torch.library`` ops and the backends only ever see contiguous float32 or float64
+tensors of one dtype on one device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..backends import registry
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_tensor(value: object, name: str, *, ndim: int | None = None, min_ndim: int = 0) -> Tensor:
+    """``value`` as a floating tensor on a supported device, or a TypeError/ValueError naming ``name``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}"
+        )
+    if value.device.type not in DEVICE_TYPES:
+        raise ValueError(f"{name} must be on a cpu or cuda device, got {value.device}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if value.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions, got shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def check_same_device(tensors: Mapping[str, Tensor]) -> None:
+    """All named tensors on one device, or a ValueError naming the odd one."""
+    (first_name, first), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {first_name} is on {first.device}: "
+                "all inputs must be on one device"
+            )
+
+
+def check_real(value: object, name: str) -> float:
+    """``value`` as a finite Python float, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_frozen(weight: Tensor, name: str = "weight") -> None:
+    """The merge ops give the base weight no gradient: refuse one that asks for it."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but this op gives it no gradient (the base weight is "
+            "frozen): pass weight.detach() or set requires_grad=False"
+        )
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The widest dtype among ``tensors``, at least float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def prepare(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype`` and contiguous, both steps differentiable."""
+    return tensor.to(dtype).contiguous()
+
+
+def run(op: str, device: torch.device, *args):
+    """Run ``op`` on the backend the registry selects for ``device``."""
+    _, kernel = registry.select(op, device.type)
+    return kernel(*args)

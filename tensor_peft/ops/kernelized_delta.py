@@ -1,0 +1,184 @@
+"""``kernelized_delta``: the SNELL/SNELLA kernelized low-rank update ΔW_raw (dense).
+
+``out_emb`` ``(H, m, p)`` holds the row vectors b_j^(h), ``in_emb`` ``(H, n, p)`` the
+column vectors a_i^(h) (H chunks, rank q = H·p); b_j, a_i are the chunks concatenated.
+Kernels κ giving ΔW_raw[j, i]:
+
+- ``piecewise_linear`` (SNELL's released kernel): Σ_h coeff[h]·sqrt(‖b_j^(h) − a_i^(h)‖² + eps)
+- ``rbf``: alpha·exp(−beta·‖b_j − a_i‖²) + gamma
+- ``sigmoid``: alpha·σ(beta·b_j·a_i) + gamma
+- ``linear``: b_j·a_i (plain LoRA)
+- ``mixture`` (SNELLA): P + alpha·softmax(P/gamma over j, for each i) + beta, with P the
+  piecewise_linear kernel; gamma must be positive (layers keep it so by a softplus).
+
+Every parameter given as a tensor is differentiable; floats are constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    check_choice,
+    check_real,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    prepare,
+    run,
+)
+
+# The parameters each kernel takes, with their defaults (coeff's default depends on H).
+KERNEL_PARAMS: dict[str, dict[str, float | None]] = {
+    "piecewise_linear": {"coeff": None, "eps": 1e-12},
+    "rbf": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0},
+    "sigmoid": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0},
+    "linear": {},
+    "mixture": {"coeff": None, "eps": 1e-12, "alpha": 1.0, "beta": 0.0, "gamma": 1.0},
+}
+KERNELS = tuple(KERNEL_PARAMS)
+SCALAR_PARAMS = ("alpha", "beta", "gamma")
+
+
+def default_coeff(chunks: int) -> list[float]:
+    """SNELL's chunk coefficients 0.1·(−1)^h: (+0.1, −0.1) for the default H = 2."""
+    return [0.1 * (-1) ** h for h in range(chunks)]
+
+
+@torch.library.custom_op(
+    "tensor_peft::kernelized_delta", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _kernelized_delta(
+    out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
+) -> Tensor:
+    return run("kernelized_delta", out_emb.device, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+@_kernelized_delta.register_fake
+def _(out_emb, in_emb, kernel, coeff, params, eps):
+    return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1])
+
+
+@torch.library.custom_op(
+    "tensor_peft::kernelized_delta_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _kernelized_delta_backward(
+    grad: Tensor,
+    out_emb: Tensor,
+    in_emb: Tensor,
+    kernel: str,
+    coeff: Tensor,
+    params: Tensor,
+    eps: float,
+) -> list[Tensor]:
+    return run(
+        "kernelized_delta_backward", out_emb.device, grad, out_emb, in_emb, kernel, coeff, params, eps
+    )
+
+
+def fake_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
+    return [torch.empty_like(t) for t in (out_emb, in_emb, coeff, params)]
+
+
+@_kernelized_delta_backward.register_fake
+def _(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return fake_kernel_grads(out_emb, in_emb, coeff, params)
+
+
+def _setup_context(ctx, inputs, output):
+    out_emb, in_emb, kernel, coeff, params, eps = inputs
+    ctx.save_for_backward(out_emb, in_emb, coeff, params)
+    ctx.kernel, ctx.eps = kernel, eps
+
+
+def _backward(ctx, grad):
+    out_emb, in_emb, coeff, params = ctx.saved_tensors
+    d_out, d_in, d_coeff, d_params = _kernelized_delta_backward(
+        grad.contiguous(), out_emb, in_emb, ctx.kernel, coeff, params, ctx.eps
+    )
+    return d_out, d_in, None, d_coeff, d_params, None
+
+
+_kernelized_delta.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A kernel parameter as a tensor of ``shape`` (a differentiable view if it was one;
+    a number becomes a constant on ``like``'s device, in ``like``'s dtype)."""
+    if isinstance(value, Tensor):
+        tensor = check_tensor(value, name)
+        if tensor.numel() != math.prod(shape):
+            raise ValueError(
+                f"{name} must have {math.prod(shape)} element(s), got shape {tuple(tensor.shape)}"
+            )
+        return tensor.reshape(shape)
+    if name == "coeff":
+        if not isinstance(value, Sequence) or len(value) != shape[0]:
+            raise ValueError(f"coeff must hold one coefficient per chunk ({shape[0]}), got {value!r}")
+        return torch.tensor([check_real(v, "coeff") for v in value], dtype=like.dtype, device=like.device)
+    return torch.tensor(check_real(value, name), dtype=like.dtype, device=like.device)
+
+
+def check_kernel_inputs(
+    out_emb: object, in_emb: object, kernel: object, kernel_params: dict
+) -> tuple[Tensor, Tensor, str, Tensor, Tensor, float]:
+    """Validated (out_emb, in_emb, kernel, coeff ``(H,)``, params ``(alpha, beta, gamma)``, eps).
+
+    Parameters the kernel does not use are rejected (TypeError); those it uses and that
+    were not given take their defaults. Unused slots of coeff/params are zeros."""
+    out_emb = check_tensor(out_emb, "out_emb", ndim=3)
+    in_emb = check_tensor(in_emb, "in_emb", ndim=3)
+    kernel = check_choice(kernel, "kernel", KERNELS)
+    chunks, _, width = out_emb.shape
+    if in_emb.shape[0] != chunks or in_emb.shape[2] != width:
+        raise ValueError(
+            f"in_emb must have shape ({chunks}, n, {width}) to match out_emb (H, m, p) = "
+            f"{tuple(out_emb.shape)}, got {tuple(in_emb.shape)}"
+        )
+    check_same_device({"out_emb": out_emb, "in_emb": in_emb})
+    accepted = KERNEL_PARAMS[kernel]
+    unknown = sorted(set(kernel_params) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"kernel {kernel!r} takes the parameters {sorted(accepted) or 'none'}; got {unknown}"
+        )
+    given = {**accepted, **kernel_params}
+    # numbers become constants in the compute precision, never rounded to a half type
+    like = out_emb.new_empty((), dtype=compute_dtype(out_emb, in_emb))
+    coeff = like.new_zeros(chunks)
+    if "coeff" in accepted:
+        value = given["coeff"] if given["coeff"] is not None else default_coeff(chunks)
+        coeff = _as_param(value, "coeff", (chunks,), like)
+    scalars = [
+        _as_param(given[name], name, (), like) if name in accepted else like.new_zeros(())
+        for name in SCALAR_PARAMS
+    ]
+    params = torch.stack([s.to(compute_dtype(*scalars)) for s in scalars])
+    eps = check_real(given.get("eps", 0.0), "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    check_same_device({"out_emb": out_emb, "coeff": coeff, "params": params})
+    return out_emb, in_emb, kernel, coeff, params, eps
+
+
+def kernelized_delta(
+    out_emb: Tensor, in_emb: Tensor, kernel: str = "piecewise_linear", **kernel_params
+) -> Tensor:
+    """Dense ΔW_raw ``(m, n)`` from the embeddings through the kernel ``kernel``.
+
+    kernel_params: ``coeff`` (H chunk coefficients; piecewise_linear, mixture), ``eps``
+    (piecewise_linear, mixture), ``alpha``/``beta``/``gamma`` (rbf, sigmoid, mixture).
+    Returns out_emb's dtype."""
+    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(
+        out_emb, in_emb, kernel, kernel_params
+    )
+    dtype = compute_dtype(out_emb, in_emb, coeff, params)
+    delta = _kernelized_delta(
+        prepare(out_emb, dtype), prepare(in_emb, dtype), kernel, prepare(coeff, dtype),
+        prepare(params, dtype), eps,
+    )  # fmt: skip
+    return delta.to(out_emb.dtype)

@@ -1,0 +1,103 @@
+"""``lowrank_hadamard_merge``: the LieRA (Hadamard group) merge W0 ⊙ exp(s·B·A).
+
+``exp="exact"``: W_eff = W0 ⊙ exp(ΔW); ``exp="taylor1"`` (the authors' released form):
+W_eff = W0 ⊙ (1 + ΔW). With ΔW = s·B·A on the matrix view of W0. Backward:
+∂L/∂ΔW = Γ ⊙ W_eff (exact) or Γ ⊙ W0 (taylor1), then ∂L/∂B = s·∂L/∂ΔW·Aᵀ and
+∂L/∂A = s·Bᵀ·∂L/∂ΔW; W_eff is recomputed, nothing of W0's size is saved. W0 is
+frozen and gets no gradient; its zero entries never move. The exponential is taken
+in at least float32; a result too large for W0's dtype becomes inf (adapters refuse
+to merge non-finite weights)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    check_choice,
+    check_frozen,
+    check_real,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    prepare,
+    run,
+)
+
+EXP_FORMS = ("exact", "taylor1")
+
+
+@torch.library.custom_op(
+    "tensor_peft::lowrank_hadamard_merge", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+    return run("lowrank_hadamard_merge", weight.device, weight, B, A, scale, exp)
+
+
+@_lowrank_hadamard_merge.register_fake
+def _(weight, B, A, scale, exp):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op(
+    "tensor_peft::lowrank_hadamard_merge_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _lowrank_hadamard_merge_backward(
+    grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
+) -> list[Tensor]:
+    return run("lowrank_hadamard_merge_backward", weight.device, grad, weight, B, A, scale, exp)
+
+
+@_lowrank_hadamard_merge_backward.register_fake
+def _(grad, weight, B, A, scale, exp):
+    return [torch.empty_like(B), torch.empty_like(A)]
+
+
+def _setup_context(ctx, inputs, output):
+    weight, B, A, scale, exp = inputs
+    ctx.save_for_backward(weight, B, A)
+    ctx.scale, ctx.exp = scale, exp
+
+
+def _backward(ctx, grad):
+    weight, B, A = ctx.saved_tensors
+    d_B, d_A = _lowrank_hadamard_merge_backward(
+        grad.contiguous(), weight, B, A, ctx.scale, ctx.exp
+    )
+    return None, d_B, d_A, None, None
+
+
+_lowrank_hadamard_merge.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lowrank_hadamard_merge(
+    weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str = "exact"
+) -> Tensor:
+    """W0 ⊙ exp(scale · B · A) (or W0 ⊙ (1 + scale · B · A) for ``exp="taylor1"``), fused.
+
+    weight: ``(m, ...)`` (Linear or ConvNd layout); B: ``(m, r)``; A: ``(r, n)`` with
+    ``n = prod(weight.shape[1:])``, or ``(r, *weight.shape[1:])`` (conv A keeps its
+    spatial structure). Returns weight's shape and dtype; weight gets no gradient."""
+    weight = check_tensor(weight, "weight", min_ndim=2)
+    B = check_tensor(B, "B", ndim=2)
+    A = check_tensor(A, "A", min_ndim=2)
+    scale = check_real(scale, "scale")
+    exp = check_choice(exp, "exp", EXP_FORMS)
+    rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+    rank = B.shape[1]
+    if B.shape[0] != rows:
+        raise ValueError(f"B must have shape ({rows}, r) for weight {tuple(weight.shape)}, got {tuple(B.shape)}")
+    if tuple(A.shape) not in ((rank, cols), (rank, *weight.shape[1:])):
+        raise ValueError(
+            f"A must have shape ({rank}, {cols}) or ({rank}, *weight.shape[1:]) for B of rank "
+            f"{rank} and weight {tuple(weight.shape)}, got {tuple(A.shape)}"
+        )
+    check_same_device({"weight": weight, "B": B, "A": A})
+    check_frozen(weight)
+    dtype = compute_dtype(weight, B, A)
+    merged = _lowrank_hadamard_merge(
+        prepare(weight, dtype), prepare(B, dtype), prepare(A.reshape(rank, cols), dtype), scale, exp
+    )
+    return merged.to(weight.dtype)

@@ -1,0 +1,55 @@
+"""``matrix_exp``: batched matrix exponential of ``(..., n, n)``.
+
+Backward is the adjoint Fréchet derivative, ∂L/∂A = L(Aᴴ, Γ), computed by the
+backend's ``matrix_exp_backward`` (not by autograd through the forward). Non-finite
+entries give non-finite results (NaN), never an error or a hang."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import check_tensor, compute_dtype, prepare, run
+
+
+@torch.library.custom_op("tensor_peft::matrix_exp", mutates_args=(), device_types=("cpu", "cuda"))
+def _matrix_exp(A: Tensor) -> Tensor:
+    return run("matrix_exp", A.device, A)
+
+
+@_matrix_exp.register_fake
+def _(A):
+    return torch.empty_like(A)
+
+
+@torch.library.custom_op(
+    "tensor_peft::matrix_exp_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
+    return run("matrix_exp_backward", A.device, grad, A)
+
+
+@_matrix_exp_backward.register_fake
+def _(grad, A):
+    return torch.empty_like(A)
+
+
+def _setup_context(ctx, inputs, output):
+    (A,) = inputs
+    ctx.save_for_backward(A)
+
+
+def _backward(ctx, grad):
+    (A,) = ctx.saved_tensors
+    return _matrix_exp_backward(grad.contiguous(), A)
+
+
+_matrix_exp.register_autograd(_backward, setup_context=_setup_context)
+
+
+def matrix_exp(A: Tensor) -> Tensor:
+    """exp(A) for each square matrix of ``A`` (shape ``(..., n, n)``), in A's dtype."""
+    A = check_tensor(A, "A", min_ndim=2)
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must hold square matrices (..., n, n), got shape {tuple(A.shape)}")
+    return _matrix_exp(prepare(A, compute_dtype(A))).to(A.dtype)

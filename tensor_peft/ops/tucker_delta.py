@@ -1,0 +1,95 @@
+"""``tucker_delta``: the FLoRA Tucker update ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}.
+
+Gradients (SPEC §1 FLoRA): ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …,
+∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ, computed by the backend's
+``tucker_delta_backward`` (also the backward of ``tucker_merge``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import check_real, check_same_device, check_tensor, compute_dtype, prepare, run
+
+
+@torch.library.custom_op("tensor_peft::tucker_delta", mutates_args=(), device_types=("cpu", "cuda"))
+def _tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    return run("tucker_delta", core.device, core, factors, scale)
+
+
+@_tucker_delta.register_fake
+def _(core, factors, scale):
+    return core.new_empty([factor.shape[0] for factor in factors])
+
+
+@torch.library.custom_op(
+    "tensor_peft::tucker_delta_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def tucker_delta_backward(
+    grad: Tensor, core: Tensor, factors: list[Tensor], scale: float
+) -> list[Tensor]:
+    """[∂L/∂G, ∂L/∂U_0, …] from Γ = ``grad`` (shape of ΔW)."""
+    return run("tucker_delta_backward", core.device, grad, core, factors, scale)
+
+
+@tucker_delta_backward.register_fake
+def _(grad, core, factors, scale):
+    return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
+
+
+def save_tucker_inputs(ctx, core: Tensor, factors: Sequence[Tensor], scale: float) -> None:
+    ctx.save_for_backward(core, *factors)
+    ctx.scale = scale
+
+
+def tucker_grads(ctx, grad: Tensor) -> tuple[Tensor, list[Tensor]]:
+    core, *factors = ctx.saved_tensors
+    d_core, *d_factors = tucker_delta_backward(grad.contiguous(), core, factors, ctx.scale)
+    return d_core, d_factors
+
+
+def _setup_context(ctx, inputs, output):
+    core, factors, scale = inputs
+    save_tucker_inputs(ctx, core, factors, scale)
+
+
+def _backward(ctx, grad):
+    d_core, d_factors = tucker_grads(ctx, grad)
+    return d_core, d_factors, None
+
+
+_tucker_delta.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_tucker(core: object, factors: object, scale: object) -> tuple[Tensor, list[Tensor], float]:
+    """Validated (core, factors, scale): ``len(factors) == core.dim() >= 2`` and
+    ``factors[k]`` of shape ``(d_k, core.shape[k])``."""
+    core = check_tensor(core, "core", min_ndim=2)
+    if not isinstance(factors, Sequence) or isinstance(factors, Tensor):
+        raise TypeError(f"factors must be a list of tensors, got {type(factors).__name__}")
+    if len(factors) != core.dim():
+        raise ValueError(
+            f"factors must hold one matrix per mode of core ({core.dim()}), got {len(factors)}"
+        )
+    factors = [check_tensor(f, f"factors[{k}]", ndim=2) for k, f in enumerate(factors)]
+    for k, factor in enumerate(factors):
+        if factor.shape[1] != core.shape[k]:
+            raise ValueError(
+                f"factors[{k}] must have shape (d_{k}, {core.shape[k]}) to match core.shape[{k}], "
+                f"got {tuple(factor.shape)}"
+            )
+    check_same_device({"core": core, **{f"factors[{k}]": f for k, f in enumerate(factors)}})
+    return core, factors, check_real(scale, "scale")
+
+
+def tucker_delta(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """ΔW = scale · core ×_0 factors[0] ×_1 factors[1] … (any N ≥ 2).
+
+    core: ``(r_0, …, r_{N-1})``; factors[k]: ``(d_k, r_k)``; returns ``(d_0, …, d_{N-1})``
+    in core's dtype (computed in at least float32)."""
+    core, factors, scale = check_tucker(core, factors, scale)
+    dtype = compute_dtype(core, *factors)
+    delta = _tucker_delta(prepare(core, dtype), [prepare(f, dtype) for f in factors], scale)
+    return delta.to(core.dtype)

@@ -1,0 +1,59 @@
+"""``tucker_merge``: W0 + ΔW with the Tucker update of ``tucker_delta``, in one pass.
+
+The base weight is frozen and gets no gradient; G and U_k get the gradients of
+``tucker_delta`` (Γ flows unchanged through the addition)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import check_frozen, check_same_device, check_tensor, compute_dtype, prepare, run
+from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads
+
+
+@torch.library.custom_op("tensor_peft::tucker_merge", mutates_args=(), device_types=("cpu", "cuda"))
+def _tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    return run("tucker_merge", weight.device, weight, core, factors, scale)
+
+
+@_tucker_merge.register_fake
+def _(weight, core, factors, scale):
+    return torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, core, factors, scale = inputs
+    save_tucker_inputs(ctx, core, factors, scale)
+
+
+def _backward(ctx, grad):
+    d_core, d_factors = tucker_grads(ctx, grad)
+    return None, d_core, d_factors, None
+
+
+_tucker_merge.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tucker_merge(
+    weight: Tensor, core: Tensor, factors: Sequence[Tensor], scale: float = 1.0
+) -> Tensor:
+    """``weight + tucker_delta(core, factors, scale)`` fused; the result has weight's dtype.
+
+    ``weight.shape[k]`` must equal ``factors[k].shape[0]``; weight gets no gradient."""
+    core, factors, scale = check_tucker(core, factors, scale)
+    weight = check_tensor(weight, "weight", ndim=core.dim())
+    expected = tuple(f.shape[0] for f in factors)
+    if tuple(weight.shape) != expected:
+        raise ValueError(
+            f"weight must have the shape the factors give, {expected}, got {tuple(weight.shape)}"
+        )
+    check_same_device({"weight": weight, "core": core})
+    check_frozen(weight)
+    dtype = compute_dtype(weight, core, *factors)
+    merged = _tucker_merge(
+        prepare(weight, dtype), prepare(core, dtype), [prepare(f, dtype) for f in factors], scale
+    )
+    return merged.to(weight.dtype)

@@ -1,0 +1,150 @@
+"""Every public op: gradcheck of the reference in float64, the op wiring (forward and
+backward ops, fake impls) by ``torch.library.opcheck``, the dtype policy, and every
+other backend that can run here against the reference."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tensor_peft import backends
+from tensor_peft.backends import reference
+
+from ..conftest import DEVICES
+from .cases import CASES, Case
+
+case_param = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _tensors(args, kwargs):
+    """Every tensor of the call, in order (lists flattened)."""
+    flat = [*args, *kwargs.values()]
+    flat = [t for item in flat for t in (item if isinstance(item, list) else [item])]
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _grad_inputs(args, kwargs):
+    return [t for t in _tensors(args, kwargs) if t.requires_grad]
+
+
+def _output_and_grads(case: Case, args, kwargs, seed: int, round_upstream_to=torch.float64):
+    """The op's output and the gradients of <output, random upstream> w.r.t. its inputs."""
+    out = case.op(*args, **kwargs)
+    upstream = torch.randn(out.shape, generator=_generator(seed)).to(round_upstream_to)
+    inputs = _grad_inputs(args, kwargs)
+    grads = torch.autograd.grad(out, inputs, upstream.to(out.dtype).to(out.device))
+    return out, grads
+
+
+@case_param
+def test_gradcheck_reference(case: Case):
+    """The reference's explicit backward is the derivative of its forward (float64)."""
+    if not case.smooth:
+        pytest.skip("stop-gradients make this op's gradient differ from the derivative")
+    args, kwargs = case.make(torch.float64, "cpu", _generator(1))
+    inputs = _grad_inputs(args, kwargs)
+
+    def call(*values):
+        replacement = dict(zip(map(id, inputs), values))
+        swap = lambda t: replacement.get(id(t), t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        new_args = [[swap(t) for t in a] if isinstance(a, list) else swap(a) for a in args]
+        return case.op(*new_args, **{k: swap(v) for k, v in kwargs.items()})
+
+    with backends.use("reference"):
+        assert torch.autograd.gradcheck(call, inputs)
+
+
+class _CaptureOps(TorchDispatchMode):
+    """Records every ``tensor_peft::`` op called below autograd, with its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "tensor_peft":
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _fresh(value, requires_grad: bool):
+    """A copy of an op input; tensors keep requires_grad only where asked."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(requires_grad and value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh(v, requires_grad) for v in value)
+    return value
+
+
+@case_param
+def test_opcheck(case: Case):
+    """Schema, fake impl, autograd registration and compile tracing of each registered
+    op the public op calls, forward and backward (torch.library.opcheck)."""
+    args, kwargs = case.make(torch.float64, "cpu", _generator(2))
+    with _CaptureOps() as capture:
+        _output_and_grads(case, args, kwargs, seed=3)
+    names = {func.name() for func, _, _ in capture.calls}
+    assert any(name.endswith("_backward") for name in names), names
+    for func, op_args, op_kwargs in capture.calls:
+        # backward ops have no autograd formula of their own (no double backward)
+        differentiable = not func.name().endswith("_backward")
+        torch.library.opcheck(
+            func, _fresh(op_args, differentiable), _fresh(op_kwargs, differentiable)
+        )
+
+
+@case_param
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(case: Case, dtype):
+    """Half inputs give half results and gradients (in the inputs' dtype) equal to the
+    float32 computation rounded once."""
+    args, kwargs = case.make(dtype, "cpu", _generator(4))
+    out, grads = _output_and_grads(case, args, kwargs, seed=5, round_upstream_to=dtype)
+    upcast = lambda t: t.detach().float().requires_grad_(t.requires_grad)  # noqa: E731
+    args32 = [[upcast(t) for t in a] if isinstance(a, list) else (upcast(a) if isinstance(a, torch.Tensor) else a) for a in args]
+    kwargs32 = {k: upcast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out32, grads32 = _output_and_grads(case, args32, kwargs32, seed=5, round_upstream_to=dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, out32.to(dtype), rtol=0, atol=0)
+    for grad, grad32, tensor in zip(grads, grads32, _grad_inputs(args, kwargs)):
+        assert grad.dtype == tensor.dtype
+        torch.testing.assert_close(grad, grad32.to(dtype), rtol=0, atol=0)
+
+
+def _other_backends():
+    """(backend, device) pairs besides the reference that can run here."""
+    return [
+        (name, device)
+        for device in DEVICES
+        for name in backends.available(device)
+        if name != "reference"
+    ]
+
+
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@case_param
+@pytest.mark.parametrize("backend,device", _other_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backend_matches_reference(case: Case, backend: str, device: str, dtype):
+    """Forward and every gradient of each backend equal the reference's."""
+    op_name = case.op.__name__
+    if op_name not in backends.implemented_ops(backend):
+        pytest.skip(f"backend {backend!r} has no {op_name} kernel yet")
+    args, kwargs = case.make(dtype, device, _generator(6))
+    with backends.use(backend):
+        out, grads = _output_and_grads(case, args, kwargs, seed=7)
+    with backends.use("reference"):
+        expected_out, expected_grads = _output_and_grads(case, args, kwargs, seed=7)
+    torch.testing.assert_close(out, expected_out, **TOLERANCES[dtype])
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, **TOLERANCES[dtype])

@@ -1,0 +1,75 @@
+"""The competition sparsification through the public ops: how many entries drop, the
+threshold above 2^24 entries, and the gradients with SPEC's stop-gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tensor_peft import ops
+from tensor_peft.ops.sparsify import dropped_count
+
+
+@pytest.mark.parametrize(
+    "sparsity,numel,expected",
+    [(0.9, 10, 9), (0.3, 10, 3), (0.7, 10, 7), (0.0, 17, 0), (1.0, 17, 17), (0.5, 7, 4), (1 / 3, 9, 3)],
+)
+def test_dropped_count_is_the_ceiling_of_the_written_fraction(sparsity, numel, expected):
+    assert dropped_count(sparsity, numel) == expected
+
+
+def naive_sparsify(delta: torch.Tensor, sparsity: float, mode: str) -> torch.Tensor:
+    """SPEC's formula by a full sort, with τ (and |ΔW| in hard mode) detached."""
+    k = dropped_count(sparsity, delta.numel())
+    magnitude = delta.abs().detach()
+    tau = magnitude.flatten().sort().values[k - 1] if k > 0 else torch.tensor(-math.inf)
+    keep = magnitude > tau
+    if mode == "hard":
+        return delta * magnitude * keep
+    return delta * torch.clamp(delta.abs() - tau.clamp_min(0), min=0) * keep
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.37, 0.9, 1.0])
+def test_sparsify_and_its_gradient_match_a_sort_based_formula(mode, sparsity):
+    generator = torch.Generator().manual_seed(11)
+    delta = torch.randn(13, 9, generator=generator, dtype=torch.float64).requires_grad_()
+    upstream = torch.randn(13, 9, generator=generator, dtype=torch.float64)
+    out = ops.sparsify(delta, sparsity, mode=mode)
+    expected = naive_sparsify(delta, sparsity, mode)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(out, delta, upstream)
+    (expected_grad,) = torch.autograd.grad(expected, delta, upstream)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_kernelized_sparse_delta_equals_sparsify_of_kernelized_delta(mode):
+    """The fused op, forward and gradients, against the composition of the two ops."""
+    generator = torch.Generator().manual_seed(12)
+    out_emb = torch.randn(2, 11, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    in_emb = torch.randn(2, 8, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    gamma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(11, 8, generator=generator, dtype=torch.float64)
+    inputs = (out_emb, in_emb, gamma)
+    fused = ops.kernelized_sparse_delta(out_emb, in_emb, 0.6, "mixture", mode, gamma=gamma)
+    composed = naive_sparsify(ops.kernelized_delta(out_emb, in_emb, "mixture", gamma=gamma), 0.6, mode)
+    torch.testing.assert_close(fused, composed, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(
+        torch.autograd.grad(fused, inputs, upstream), torch.autograd.grad(composed, inputs, upstream)
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_threshold_above_two_to_the_24_entries():
+    """torch.quantile refuses more than 2^24 entries; the op must not."""
+    side = 4097  # 4097² > 2^24
+    delta = torch.randn(side, side, generator=torch.Generator().manual_seed(13))
+    out = ops.sparsify(delta, 0.75)
+    k = dropped_count(0.75, delta.numel())
+    tau = delta.abs().flatten().sort().values[k - 1]
+    kept = delta.abs() > tau
+    assert torch.equal(out != 0, kept)
+    torch.testing.assert_close(out[kept], (delta * delta.abs())[kept], rtol=0, atol=0)

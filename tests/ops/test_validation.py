@@ -1,0 +1,70 @@
+"""Bad input to the public ops raises ValueError/TypeError naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensor_peft import ops
+
+f32 = dict(dtype=torch.float32)
+core, U0, U1 = torch.randn(3, 2), torch.randn(5, 3), torch.randn(7, 2)
+emb_out, emb_in = torch.randn(2, 5, 3), torch.randn(2, 4, 3)
+W, B, A = torch.randn(6, 4), torch.randn(6, 2), torch.randn(2, 4)
+
+BAD_CALLS = [
+    # tucker_delta / tucker_merge
+    (lambda: ops.tucker_delta(core.numpy(), [U0, U1]), TypeError, "core must be a torch.Tensor"),
+    (lambda: ops.tucker_delta(core.int(), [U0, U1]), TypeError, "core must be float16"),
+    (lambda: ops.tucker_delta(torch.randn(3), [U0]), ValueError, "core must have at least 2"),
+    (lambda: ops.tucker_delta(core, U0), TypeError, "factors must be a list"),
+    (lambda: ops.tucker_delta(core, [U0]), ValueError, "factors must hold one matrix per mode"),
+    (lambda: ops.tucker_delta(core, [U0, U0]), ValueError, r"factors\[1\] must have shape"),
+    (lambda: ops.tucker_delta(core, [U0, U1.unsqueeze(0)]), ValueError, r"factors\[1\] must have 2"),
+    (lambda: ops.tucker_delta(core, [U0, U1], scale="1"), TypeError, "scale must be a real number"),
+    (lambda: ops.tucker_delta(core, [U0, U1], scale=float("nan")), ValueError, "scale must be finite"),
+    (lambda: ops.tucker_delta(core, [U0, U1.to("meta")]), ValueError, r"factors\[1\] must be on a cpu or cuda"),
+    (lambda: ops.tucker_merge(torch.randn(5, 6), core, [U0, U1]), ValueError, "weight must have the shape"),
+    (lambda: ops.tucker_merge(torch.randn(5, 7, requires_grad=True), core, [U0, U1]), ValueError,
+     "weight requires grad"),
+    # matrix_exp
+    (lambda: ops.matrix_exp(torch.randn(3)), ValueError, "A must have at least 2"),
+    (lambda: ops.matrix_exp(torch.randn(2, 3, 4)), ValueError, "A must hold square matrices"),
+    (lambda: ops.matrix_exp(torch.randn(3, 3, dtype=torch.complex64)), TypeError, "A must be float16"),
+    # kernelized_delta / kernelized_sparse_delta / sparsify
+    (lambda: ops.kernelized_delta(emb_out[0], emb_in), ValueError, "out_emb must have 3"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in[:, :, :2]), ValueError, "in_emb must have shape"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in, kernel="cosine"), ValueError, "kernel must be one of"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in, kernel="linear", alpha=1.0), TypeError,
+     "kernel 'linear' takes the parameters"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in, coeff=[0.1]), ValueError, "coeff must hold one"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in, coeff=torch.ones(3)), ValueError, "coeff must have 2"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in, kernel="rbf", beta=torch.ones(2)), ValueError,
+     "beta must have 1"),
+    (lambda: ops.kernelized_delta(emb_out, emb_in, eps=-1.0), ValueError, "eps must be non-negative"),
+    (lambda: ops.sparsify(W, 1.5), ValueError, r"sparsity must be in \[0, 1\]"),
+    (lambda: ops.sparsify(W, 0.5, mode="medium"), ValueError, "mode must be one of"),
+    (lambda: ops.kernelized_sparse_delta(emb_out, emb_in, -0.1), ValueError, "sparsity must be in"),
+    (lambda: ops.kernelized_sparse_delta(emb_out, emb_in, 0.5, mode="x"), ValueError, "mode must be"),
+    # lowrank_hadamard_merge
+    (lambda: ops.lowrank_hadamard_merge(W, B[:5], A, 1.0), ValueError, "B must have shape"),
+    (lambda: ops.lowrank_hadamard_merge(W, B, A[:, :3], 1.0), ValueError, "A must have shape"),
+    (lambda: ops.lowrank_hadamard_merge(W, B, A, 1.0, exp="pade"), ValueError, "exp must be one of"),
+    (lambda: ops.lowrank_hadamard_merge(W, B, A, None), TypeError, "scale must be a real number"),
+    (lambda: ops.lowrank_hadamard_merge(W.requires_grad_(False).clone().requires_grad_(), B, A, 1.0),
+     ValueError, "weight requires grad"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call,error,message", BAD_CALLS, ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_raises_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_frozen_weight_check_is_off_under_no_grad():
+    """Under no_grad nothing is differentiated, so a weight that requires grad is fine."""
+    weight = torch.randn(6, 4, requires_grad=True)
+    with torch.no_grad():
+        merged = ops.lowrank_hadamard_merge(weight, B, A, 0.5, exp="taylor1")
+    torch.testing.assert_close(merged, weight * (1 + 0.5 * B @ A))

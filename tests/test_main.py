@@ -1,0 +1,35 @@
+"""``python -m tensor_peft info`` and the import guarantees."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tensor_peft.backends import registry
+
+
+def _python(code_or_args: list[str]) -> str:
+    result = subprocess.run(
+        [sys.executable, *code_or_args], capture_output=True, text=True, check=True, timeout=120
+    )
+    return result.stdout
+
+
+def test_info_lists_every_backend_with_a_verdict_per_device():
+    out = _python(["-m", "tensor_peft", "info"])
+    assert out.startswith("tensor_peft ")
+    for name in registry.NAMES:
+        assert f"\n  {name} " in out
+    assert "reference kernels for 7 ops" in out.replace("  ", " ")
+    assert out.count("    cpu ") == len(registry.NAMES)
+    assert out.count("    cuda ") == len(registry.NAMES)
+
+
+def test_import_and_cpu_ops_do_not_initialize_cuda():
+    out = _python([
+        "-c",
+        "import torch, tensor_peft\n"
+        "tensor_peft.ops.matrix_exp(torch.eye(3))\n"
+        "print(torch.cuda.is_initialized())",
+    ])  # fmt: skip
+    assert out.strip() == "False"
