@@ -4,8 +4,6 @@ No op has a kernel here yet: the registry reports each one as not implemented.""
 
 from __future__ import annotations
 
-import torch
-
 DEVICE_TYPES = ("cuda",)
 
 
@@ -14,6 +12,4 @@ def unavailable_reason(device_type: str) -> str | None:
         from tensor_peft import _cuda  # noqa: F401
     except ImportError as error:
         return f"the extension tensor_peft._cuda is not built or does not load ({error})"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
     return None

@@ -69,6 +69,8 @@ def _reason_for_device(name: str, device_type: str) -> str | None:
     backend = _module(name)
     if device_type not in backend.DEVICE_TYPES:
         return f"it runs only on {' / '.join(backend.DEVICE_TYPES)} tensors, not {device_type}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
     return backend.unavailable_reason(device_type)
 
 

@@ -148,3 +148,24 @@ def test_backend_matches_reference(case: Case, backend: str, device: str, dtype)
     torch.testing.assert_close(out, expected_out, **TOLERANCES[dtype])
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, **TOLERANCES[dtype])
+
+
+def _first_case_of_each_op():
+    seen = {}
+    for case in CASES:
+        seen.setdefault(case.op, case)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("case", _first_case_of_each_op(), ids=lambda c: c.op.__name__)
+def test_compiles_without_graph_breaks(case: Case):
+    """The public op, input checks included, traces into one graph (fullgraph) and
+    the compiled forward and backward equal eager."""
+    torch._dynamo.reset()
+    args, kwargs = case.make(torch.float64, "cpu", _generator(8))
+    compiled = torch.compile(case.op, backend="aot_eager", fullgraph=True)
+    out, grads = _output_and_grads(Case(case.id, compiled, case.make), args, kwargs, seed=9)
+    expected_out, expected_grads = _output_and_grads(case, args, kwargs, seed=9)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -17,8 +15,6 @@ def unavailable_reason(device_type: str) -> str | None:
         import triton  # noqa: F401
     except ImportError as error:
         return f"triton is not installed or does not load ({error})"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "torch sees no CUDA device"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1"
     return None

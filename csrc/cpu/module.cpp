@@ -1,0 +1,45 @@
+// tensor_peft._C: the CPU backend's C++17/OpenMP kernels. No torch headers: the Python
+// op layer validates tensors and passes raw pointers and sizes. Kernels live in their
+// own .cpp files beside this one and are registered from PYBIND11_MODULE below.
+#include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef TP_MARCH
+#define TP_MARCH "default"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+    py::dict info;
+    info["compiler"] = __VERSION__;
+    info["cxx_standard"] = static_cast<long>(__cplusplus);
+#ifdef _OPENMP
+    info["openmp"] = static_cast<long>(_OPENMP);
+#else
+    info["openmp"] = py::none();
+#endif
+    info["march"] = TP_MARCH;
+    return info;
+}
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "tensor_peft CPU kernels (C++17/OpenMP, raw pointers, no torch headers)";
+    m.def("build_info", &build_info, "How this extension was compiled.");
+    m.def("max_threads", &max_threads, "OpenMP threads a parallel region gets.");
+}

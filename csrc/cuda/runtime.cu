@@ -1,0 +1,25 @@
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "runtime.h"
+
+namespace tensor_peft::cuda {
+
+int device_count() {
+    int count = 0;
+    const cudaError_t status = cudaGetDeviceCount(&count);
+    if (status != cudaSuccess) {
+        throw std::runtime_error(std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(status));
+    }
+    return count;
+}
+
+int runtime_version() { return CUDART_VERSION; }
+
+std::string nvcc_version() {
+    return std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__);
+}
+
+}  // namespace tensor_peft::cuda
