@@ -4,12 +4,10 @@ No op has a kernel here yet: the registry reports each one as not implemented.""
 
 from __future__ import annotations
 
+from .registry import extension_import_error
+
 DEVICE_TYPES = ("cpu",)
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    try:
-        from tensor_peft import _C  # noqa: F401
-    except ImportError as error:
-        return f"the extension tensor_peft._C is not built or does not load ({error})"
-    return None
+    return extension_import_error("_C")

@@ -44,6 +44,15 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here (the message says why)."""
 
 
+def extension_import_error(module: str) -> str | None:
+    """Why the compiled extension ``tensor_peft.<module>`` does not load; ``None`` if it does."""
+    try:
+        importlib.import_module(f"tensor_peft.{module}")
+    except ImportError as error:
+        return f"the extension tensor_peft.{module} is not built or does not load ({error})"
+    return None
+
+
 def _check_name(name: object, where: str) -> str:
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"{where} must be one of {', '.join(NAMES)}; got {name!r}")

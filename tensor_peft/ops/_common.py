@@ -20,7 +20,7 @@ from torch import Tensor
 from ..backends import registry
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DEVICE_TYPES = ("cpu", "cuda")
+DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, through the fake impls
 
 
 def check_tensor(value: object, name: str, *, ndim: int | None = None, min_ndim: int = 0) -> Tensor:
@@ -32,7 +32,7 @@ def check_tensor(value: object, name: str, *, ndim: int | None = None, min_ndim:
             f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}"
         )
     if value.device.type not in DEVICE_TYPES:
-        raise ValueError(f"{name} must be on a cpu or cuda device, got {value.device}")
+        raise ValueError(f"{name} must be on a cpu, cuda or meta device, got {value.device}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     if value.dim() < min_ndim:

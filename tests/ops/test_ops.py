@@ -44,10 +44,13 @@ def _output_and_grads(case: Case, args, kwargs, seed: int, round_upstream_to=tor
 
 
 @case_param
-def test_gradcheck_reference(case: Case):
-    """The reference's explicit backward is the derivative of its forward (float64)."""
+@pytest.mark.parametrize("backend", backends.available("cpu"))
+def test_gradcheck(case: Case, backend: str):
+    """Each backend's explicit backward is the derivative of its forward (float64)."""
     if not case.smooth:
         pytest.skip("stop-gradients make this op's gradient differ from the derivative")
+    if case.op.__name__ not in backends.implemented_ops(backend):
+        pytest.skip(f"backend {backend!r} has no {case.op.__name__} kernel yet")
     args, kwargs = case.make(torch.float64, "cpu", _generator(1))
     inputs = _grad_inputs(args, kwargs)
 
@@ -57,7 +60,7 @@ def test_gradcheck_reference(case: Case):
         new_args = [[swap(t) for t in a] if isinstance(a, list) else swap(a) for a in args]
         return case.op(*new_args, **{k: swap(v) for k, v in kwargs.items()})
 
-    with backends.use("reference"):
+    with backends.use(backend):
         assert torch.autograd.gradcheck(call, inputs)
 
 
