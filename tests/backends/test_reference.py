@@ -15,6 +15,8 @@ import torch
 
 from tensor_peft.backends import reference as ref
 
+from ..naive import naive_sparsify
+
 F64 = dict(rtol=1e-10, atol=1e-12)
 
 
@@ -216,17 +218,13 @@ def test_sparsify_forward_and_backward_match_naive(mode, k):
     g = _gen(7)
     delta = _randn(g, 9, 7).requires_grad_()
     upstream = _randn(g, 9, 7)
-    tau = delta.detach().abs().flatten().sort().values[k - 1] if k else torch.tensor(-math.inf, dtype=torch.float64)
-    keep = delta.detach().abs() > tau
-    if mode == "hard":
-        expected = delta * delta.detach().abs() * keep
-    else:
-        expected = delta * torch.clamp(delta.abs() - tau.clamp_min(0), min=0) * keep
-    out, got_tau = ref.sparsify(delta.detach(), k, mode)
-    assert got_tau.item() == tau.item()
+    expected = naive_sparsify(delta, k / delta.numel(), mode)
+    out, tau = ref.sparsify(delta.detach(), k, mode)
+    sorted_magnitudes = delta.detach().abs().flatten().sort().values
+    assert tau.item() == (sorted_magnitudes[k - 1].item() if k else -math.inf)
     torch.testing.assert_close(out, expected.detach(), **F64)
     (expected_grad,) = torch.autograd.grad(expected, delta, upstream)
-    torch.testing.assert_close(ref.sparsify_backward(upstream, delta.detach(), got_tau, mode), expected_grad, **F64)
+    torch.testing.assert_close(ref.sparsify_backward(upstream, delta.detach(), tau, mode), expected_grad, **F64)
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])

@@ -3,13 +3,13 @@ threshold above 2^24 entries, and the gradients with SPEC's stop-gradients."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from tensor_peft import ops
 from tensor_peft.ops.sparsify import dropped_count
+
+from ..naive import naive_sparsify
 
 
 @pytest.mark.parametrize(
@@ -18,17 +18,6 @@ from tensor_peft.ops.sparsify import dropped_count
 )
 def test_dropped_count_is_the_ceiling_of_the_written_fraction(sparsity, numel, expected):
     assert dropped_count(sparsity, numel) == expected
-
-
-def naive_sparsify(delta: torch.Tensor, sparsity: float, mode: str) -> torch.Tensor:
-    """SPEC's formula by a full sort, with τ (and |ΔW| in hard mode) detached."""
-    k = dropped_count(sparsity, delta.numel())
-    magnitude = delta.abs().detach()
-    tau = magnitude.flatten().sort().values[k - 1] if k > 0 else torch.tensor(-math.inf)
-    keep = magnitude > tau
-    if mode == "hard":
-        return delta * magnitude * keep
-    return delta * torch.clamp(delta.abs() - tau.clamp_min(0), min=0) * keep
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])

@@ -76,3 +76,12 @@ def test_meta_tensors_give_shapes_without_computing():
     assert delta.device.type == "meta" and delta.shape == (5, 7)
     merged = ops.lowrank_hadamard_merge(meta(torch.randn(6, 2, 2)), meta(B), meta(A.reshape(2, 2, 2)), 1.0)
     assert merged.shape == (6, 2, 2)
+
+
+def test_matrix_exp_of_non_finite_input_is_nan_not_an_error_or_hang():
+    A = torch.randn(3, 4, 4)
+    A[1, 2, 0] = float("inf")
+    A[2, 0, 0] = float("nan")
+    out = ops.matrix_exp(A)
+    assert torch.isnan(out[1:]).all()
+    torch.testing.assert_close(out[0], torch.linalg.matrix_exp(A[0]))
