@@ -1,11 +1,41 @@
 """tensor_peft: tensor-based parameter-efficient fine-tuning with fused kernels.
 
 ``tensor_peft.ops`` holds the differentiable ops, ``tensor_peft.backends`` the choice of
-the backend that runs them. Importing the package never initializes CUDA and never
-fails because a compiled extension is missing (``python -m tensor_peft info`` says why)."""
-
-from . import backends, ops
+the backend that runs them, ``tensor_peft.nn`` the adapter layers, and the functions
+below put adapters into whole models. Importing the package never initializes CUDA and
+never fails because a compiled extension is missing (``python -m tensor_peft info``)."""
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "__version__"]
+from . import backends, nn, ops  # noqa: E402
+from .config import AdapterConfig, LoRAConfig, MTLoRAConfig  # noqa: E402
+from .model import (  # noqa: E402
+    delete_adapter,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+    trainable_parameter_count,
+    unload,
+    unmerge,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "LoRAConfig",
+    "MTLoRAConfig",
+    "backends",
+    "delete_adapter",
+    "inject",
+    "load_adapter",
+    "merge",
+    "nn",
+    "ops",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameter_count",
+    "unload",
+    "unmerge",
+    "__version__",
+]

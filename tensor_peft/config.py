@@ -1,0 +1,75 @@
+"""Adapter configurations (dataclasses), one per method, for ``tensor_peft.inject``.
+
+Common fields: ``target_modules`` (a list of module names, each matching the full name
+or a dotted suffix; a regex string matched against the full name; or module types),
+``exclude_modules`` (same forms), ``r`` (rank), ``dropout`` (on the adapter's input)
+and ``dtype`` (of the adapter parameters; ``None``: float32 over a float16/bfloat16
+base, else the base weight's dtype)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import torch
+
+from .nn.lora import check_alpha, check_rank
+from .nn.mtlora import VARIANTS
+
+ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
+
+
+@dataclass
+class AdapterConfig:
+    method: ClassVar[str] = ""
+
+    target_modules: ModuleSpec = None
+    exclude_modules: ModuleSpec = None
+    r: int = 8
+    dropout: float = 0.0
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if self.target_modules is None or (
+            not isinstance(self.target_modules, (str, type)) and len(self.target_modules) == 0
+        ):
+            raise ValueError("target_modules must name the modules to adapt (names, a regex, or types)")
+        check_rank(self.r)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype is not None and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+
+    def layer_options(self) -> dict[str, Any]:
+        """The keyword arguments of the layer's ``add_adapter`` this config gives."""
+        skip = {"target_modules", "exclude_modules"}
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        options["dtype"] = getattr(torch, self.dtype) if self.dtype else None
+        return options
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: ΔW = (alpha/r)·B·A (peft's math and init)."""
+
+    method: ClassVar[str] = "lora"
+    alpha: float = 8.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_alpha(self.alpha)
+
+
+@dataclass
+class MTLoRAConfig(LoRAConfig):
+    """MTLoRA: ΔW = (alpha/r)·B·T·A with T from ``variant`` (shim, icfm, ctcm, dtsm)."""
+
+    method: ClassVar[str] = "mtlora"
+    variant: str = "shim"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")

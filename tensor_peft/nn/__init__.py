@@ -1,0 +1,8 @@
+"""Adapter layers: each wraps a frozen ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``
+and is a drop-in replacement for it."""
+
+from .base import Adapter, AdapterLayer, SUPPORTED_LAYERS
+from .lora import LoRALayer
+from .mtlora import MTLoRALayer
+
+__all__ = ["Adapter", "AdapterLayer", "LoRALayer", "MTLoRALayer", "SUPPORTED_LAYERS"]

@@ -1,0 +1,224 @@
+"""The shared base of every adapter layer: wraps a frozen ``nn.Linear`` / ``nn.Conv1d`` /
+``nn.Conv2d`` / ``nn.Conv3d`` and keeps its whole geometry (stride, padding including
+"same"/"valid", dilation, groups, padding_mode, kernel shape, bias) by calling the base
+layer itself for the frozen path and its ``_conv_forward`` for conv-shaped updates.
+
+It holds any number of named adapters of one method, and does what all methods share:
+adapter dropout, enable/disable, the active adapters, merge/unmerge (refusing a merge
+that would write non-finite values), and the dtype policy: adapter parameters are
+float32 over a float16/bfloat16 base unless another dtype is asked for, and the update
+is computed in at least float32 before it is added to the base output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def is_supported(module: nn.Module) -> bool:
+    return type(module) in SUPPORTED_LAYERS
+
+
+def adapter_dtype_for(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of new adapter parameters: ``dtype`` if given, else float32 over a half
+    base, else the base weight's dtype."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class Adapter(nn.Module):
+    """One named adapter's parameters and hyper-parameters (one subclass per method)."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus named adapters of one method.
+
+    Subclasses implement ``_new_adapter(**options) -> Adapter``, ``delta_weight(adapter)``
+    (ΔW in the base weight's layout, float32 or wider) and may override
+    ``delta_forward(adapter, x)`` (the update's output for input ``x``; by default
+    the base layer's operation with ΔW) and ``merge_weight``/``unmerge_weight``
+    (additive by default)."""
+
+    method: str = ""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", **options):
+        super().__init__()
+        if not is_supported(base_layer):
+            raise TypeError(
+                f"base_layer must be one of {', '.join(c.__name__ for c in SUPPORTED_LAYERS)}, "
+                f"got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_enabled = True
+        self.add_adapter(adapter_name, **options)
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def is_conv(self) -> bool:
+        return not isinstance(self.base_layer, nn.Linear)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the weight's matrix view: d_in, or c_in/groups · prod(kernel)."""
+        return math.prod(self.weight.shape[1:])
+
+    def base_operation(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's linear map with another weight (no bias): every conv
+        geometry (padding modes, groups, dilation) comes from the base layer."""
+        if self.is_conv:
+            return self.base_layer._conv_forward(x, weight, None)
+        return F.linear(x, weight)
+
+    def pointwise(self, x: Tensor, matrix: Tensor) -> Tensor:
+        """Channel mixing by ``matrix`` (out, in): a 1×1 conv for conv inputs, linear otherwise."""
+        if self.is_conv:
+            kernel = matrix.reshape(*matrix.shape, *[1] * self.spatial_dims)
+            return _POINTWISE_CONV[self.spatial_dims](x, kernel)
+        return F.linear(x, matrix)
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, **options) -> None:
+        """Add adapter ``name`` (initialized so that the layer's output does not change)
+        and make it active."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"adapter_name must be a Python identifier, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        adapter = self._new_adapter(**options)
+        self.adapters[name] = adapter.to(self.weight.device)
+        self.active_adapters = [name]
+
+    def _new_adapter(self, **options) -> Adapter:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_adapter(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting it")
+        del self.adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make ``names`` the active adapters."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self._check_adapter(name)
+        self.active_adapters = names
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"no adapter {name!r} on this layer (it has {list(self.adapters)})")
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Switch the adapters on or off; a merged adapter cannot be switched off."""
+        if not enabled and self.merged_adapters:
+            raise ValueError(
+                f"adapters {self.merged_adapters} are merged into the weight: unmerge before "
+                "disabling adapters"
+            )
+        self.adapters_enabled = enabled
+
+    # ------------------------------------------------------------------ math
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        raise NotImplementedError
+
+    def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
+        return self.base_operation(x, self.delta_weight(adapter))
+
+    def compute_dtype(self, adapter: Adapter) -> torch.dtype:
+        """At least float32, and the adapter parameters' dtype if wider."""
+        dtype = next(adapter.parameters()).dtype
+        return torch.promote_types(dtype, torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        if not self.adapters_enabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            adapter = self.adapters[name]
+            adapter_input = adapter.dropout(x).to(self.compute_dtype(adapter))
+            result = result + self.delta_forward(adapter, adapter_input).to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------ merging
+
+    def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
+        """The weight with the adapter folded in (computed in float32 or wider)."""
+        return weight + self.delta_weight(adapter)
+
+    def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
+        return weight - self.delta_weight(adapter)
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the active (or the named) adapters into the base weight. Refuses, leaving
+        the weight untouched, if the result would not be finite in the weight's dtype."""
+        for name in self.active_adapters if names is None else names:
+            self._check_adapter(name)
+            if name in self.merged_adapters:
+                continue
+            self._write_weight(self.merge_weight(self.adapters[name], self._wide_weight(name)), name, "merge")
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight again (last merged first)."""
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            self._write_weight(self.unmerge_weight(self.adapters[name], self._wide_weight(name)), name, "unmerge")
+            self.merged_adapters.pop()
+
+    def _wide_weight(self, name: str) -> Tensor:
+        return self.weight.to(torch.promote_types(self.weight.dtype, self.compute_dtype(self.adapters[name])))
+
+    def _write_weight(self, new_weight: Tensor, name: str, action: str) -> None:
+        new_weight = new_weight.to(self.weight.dtype)
+        if not torch.isfinite(new_weight).all():
+            raise ValueError(
+                f"cannot {action} adapter {name!r}: the weight would hold non-finite values in "
+                f"{self.weight.dtype}; the weight is left unchanged"
+            )
+        self.weight.copy_(new_weight)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, adapters={list(self.adapters)}, active={self.active_adapters}"

@@ -1,0 +1,85 @@
+"""LoRA (the baseline, same math and init as ``peft``): ΔW = s·B·A with s = alpha/r.
+
+Linear: A ``(r, d_in)``, B ``(d_out, r)``. Conv: A ``(r, c_in/groups, *kernel)`` applied
+as a conv with the base layer's geometry, B ``(c_out, r)`` as a 1×1 conv; with
+``groups > 1`` the update runs in merged form (one conv with ΔW). Init: A
+kaiming-uniform(a=√5), B = 0, so the layer starts equal to its base."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, AdapterLayer, adapter_dtype_for
+
+
+def check_rank(r: object) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    return int(r)
+
+
+def check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
+    return float(alpha)
+
+
+class LoRAAdapter(Adapter):
+    def __init__(self, layer: AdapterLayer, r: int, alpha: float, dropout: float, dtype: torch.dtype | None):
+        super().__init__(dropout)
+        self.r = check_rank(r)
+        self.alpha = check_alpha(alpha)
+        self.scale = self.alpha / self.r
+        factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(self.r, *layer.weight.shape[1:], **factory))
+        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, self.r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
+class LowRankLayer(AdapterLayer):
+    """What LoRA and MTLoRA share: ΔW = s·B·down, with ``down`` ``(r, *weight.shape[1:])``
+    given by ``down_projection`` (A for LoRA, T·A for MTLoRA)."""
+
+    def down_projection(self, adapter: Adapter) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        down = self.down_projection(adapter).to(self.compute_dtype(adapter))
+        up = adapter.lora_B.to(down.dtype)
+        return adapter.scale * (up @ down.reshape(adapter.r, -1)).reshape(self.weight.shape)
+
+    def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
+        if self.is_conv and self.base_layer.groups > 1:
+            return super().delta_forward(adapter, x)  # merged form
+        down = self.down_projection(adapter).to(x.dtype)
+        return adapter.scale * self.pointwise(self.base_operation(x, down), adapter.lora_B.to(x.dtype))
+
+
+class LoRALayer(LowRankLayer):
+    """A frozen Linear/Conv1d/Conv2d/Conv3d with LoRA adapters (drop-in replacement).
+
+    ``LoRALayer(nn.Linear(64, 32), r=8, alpha=16)`` adds adapter ``"default"``; more
+    adapters come from ``add_adapter(name, r=..., alpha=..., dropout=...)``."""
+
+    method = "lora"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(base_layer, adapter_name, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
+
+    def _new_adapter(self, r=8, alpha=8.0, dropout=0.0, dtype=None) -> Adapter:
+        return LoRAAdapter(self, r, alpha, dropout, dtype)
+
+    def down_projection(self, adapter: Adapter) -> Tensor:
+        return adapter.lora_A

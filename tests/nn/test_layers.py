@@ -1,0 +1,214 @@
+"""Adapter-layer conformance for LoRA and MTLoRA over every base layer type and conv
+geometry: identical output at init, the forward and every gradient against SPEC's
+formula applied independently (the base layer run with W0 + ΔW), merge/unmerge,
+dropout, the dtype policy and the refusal of non-finite merges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from tensor_peft.nn import LoRALayer, MTLoRALayer
+
+GEOMETRIES = {
+    "linear": lambda: nn.Linear(7, 5),
+    "linear-nobias": lambda: nn.Linear(6, 4, bias=False),
+    "conv1d-stride": lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1),
+    "conv1d-circular": lambda: nn.Conv1d(3, 5, 4, padding=2, padding_mode="circular"),
+    "conv1d-depthwise": lambda: nn.Conv1d(4, 4, 3, groups=4),
+    "conv2d-nonsquare": lambda: nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 0)),
+    "conv2d-same-reflect": lambda: nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+    "conv2d-dilation": lambda: nn.Conv2d(4, 5, 3, dilation=2, padding=2, bias=False),
+    "conv2d-groups": lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1),
+    "conv2d-depthwise-valid": lambda: nn.Conv2d(4, 8, 3, groups=4, padding="valid"),
+    "conv2d-replicate": lambda: nn.Conv2d(3, 5, (1, 3), padding=(0, 1), padding_mode="replicate"),
+    "conv3d": lambda: nn.Conv3d(2, 4, (2, 3, 1), stride=(1, 2, 1), padding=1),
+    "conv3d-depthwise-same": lambda: nn.Conv3d(3, 3, 3, groups=3, padding="same", padding_mode="circular"),
+}
+INPUT_SPATIAL = {1: (9,), 2: (7, 6), 3: (4, 5, 3)}
+
+
+def transform(adapter) -> torch.Tensor:
+    """SPEC's T per MTLoRA variant, written out here (identity for LoRA)."""
+    variant = getattr(adapter, "variant", None)
+    if variant is None:
+        return torch.eye(adapter.r, dtype=adapter.lora_A.dtype)
+    C, D = adapter.C, getattr(adapter, "D", None)
+    return {"shim": lambda: C, "icfm": lambda: C @ C.T, "ctcm": lambda: C @ D, "dtsm": lambda: C + D}[variant]()
+
+
+def spec_delta(layer, adapter) -> torch.Tensor:
+    """ΔW = s·B·T·A on the matrix view (SPEC §1), from the adapter's parameters."""
+    A = adapter.lora_A.reshape(adapter.r, -1)
+    return (adapter.alpha / adapter.r * adapter.lora_B @ transform(adapter) @ A).reshape(layer.weight.shape)
+
+
+def spec_forward(layer, adapter, x) -> torch.Tensor:
+    """The base layer itself, run with W0 + ΔW."""
+    base = layer.base_layer
+    weight = base.weight + spec_delta(layer, adapter).to(base.weight.dtype)
+    return functional_call(base, {"weight": weight, "bias": base.bias}, (x,))
+
+
+METHODS = {
+    "lora": lambda base, **kw: LoRALayer(base, r=3, alpha=5.0, **kw),
+    **{f"mtlora-{v}": (lambda v: lambda base, **kw: MTLoRALayer(base, r=3, alpha=5.0, variant=v, **kw))(v)
+       for v in ("shim", "icfm", "ctcm", "dtsm")},
+}  # fmt: skip
+
+
+def make(method: str, geometry: str, dtype=torch.float64, **options):
+    torch.manual_seed(0)
+    base = GEOMETRIES[geometry]().to(dtype)
+    layer = METHODS[method](base, **options)
+    batch = 2 if geometry != "linear" else 1
+    if isinstance(base, nn.Linear):
+        x = torch.randn(batch, 3, base.in_features, dtype=dtype)
+    else:
+        x = torch.randn(batch, base.in_channels, *INPUT_SPATIAL[base.weight.dim() - 2], dtype=dtype)
+    return layer, x
+
+
+def randomize(layer, name="default", scale=0.3):
+    """Move the adapter off its init (B = 0 makes every ΔW zero)."""
+    with torch.no_grad():
+        for parameter in layer.adapters[name].parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+
+
+method_param = pytest.mark.parametrize("method", list(METHODS))
+geometry_param = pytest.mark.parametrize("geometry", list(GEOMETRIES))
+
+
+@method_param
+@geometry_param
+def test_equals_base_at_init(method, geometry):
+    layer, x = make(method, geometry)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    assert all(p.requires_grad for p in layer.adapters.parameters())
+
+
+@method_param
+@geometry_param
+def test_forward_and_gradients_match_spec(method, geometry):
+    layer, x = make(method, geometry)
+    randomize(layer)
+    adapter = layer.adapters["default"]
+    x.requires_grad_()
+    params = [x, *adapter.parameters()]
+    out, expected = layer(x), spec_forward(layer, adapter, x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, params, upstream), torch.autograd.grad(expected, params, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@method_param
+@geometry_param
+def test_merge_equals_unmerged_and_unmerge_restores(method, geometry):
+    layer, x = make(method, geometry)
+    randomize(layer)
+    weight = layer.weight.detach().clone()
+    expected = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer.weight, weight + spec_delta(layer, layer.adapters["default"]), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-13)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, weight, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("geometry", ["linear", "conv2d-groups", "conv3d"])
+def test_unmerge_in_float32_is_within_rounding(geometry):
+    layer, x = make("lora", geometry, dtype=torch.float32)
+    randomize(layer)
+    weight = layer.weight.detach().clone()
+    layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, weight, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["linear", "conv2d-same-reflect"])
+def test_dropout_applies_to_the_adapter_input_only(geometry):
+    layer, x = make("lora", geometry, dropout=0.5)
+    randomize(layer)
+    adapter = layer.adapters["default"]
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.manual_seed(5)
+    dropped = F.dropout(x, 0.5, training=True)
+    expected = layer.base_layer(x) + (spec_forward(layer, adapter, dropped) - layer.base_layer(dropped))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    layer.eval()
+    torch.testing.assert_close(layer(x), spec_forward(layer, adapter, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", ["linear", "conv2d-groups"])
+def test_half_base_gets_float32_adapters_and_float32_math(geometry):
+    layer, x = make("mtlora-ctcm", geometry, dtype=torch.bfloat16)
+    adapter = layer.adapters["default"]
+    assert adapter.lora_A.dtype == torch.float32 and adapter.C.dtype == torch.float32
+    assert torch.equal(layer(x), layer.base_layer(x))
+    randomize(layer)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    base32 = layer.base_layer.float()
+    delta32 = spec_forward(layer, adapter, x.float()) - base32(x.float())
+    layer.base_layer.to(torch.bfloat16)
+    expected = (layer.base_layer(x) + delta32.to(torch.bfloat16))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_merge_that_would_overflow_refuses_and_keeps_the_weight():
+    layer = LoRALayer(nn.Linear(4, 3).half(), r=2)
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.fill_(300.0)
+        layer.adapters["default"].lora_A.fill_(300.0)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite values in torch.float16; the weight is left unchanged"):
+        layer.merge()
+    assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
+
+
+def test_several_adapters_switch_disable_and_delete():
+    layer, x = make("lora", "conv2d-nonsquare")
+    randomize(layer)
+    layer.add_adapter("second", r=2, alpha=1.0)
+    randomize(layer, "second")
+    assert layer.active_adapters == ["second"]
+    torch.testing.assert_close(layer(x), spec_forward(layer, layer.adapters["second"], x))
+    layer.set_adapter("default")
+    torch.testing.assert_close(layer(x), spec_forward(layer, layer.adapters["default"], x))
+    layer.enable_adapters(False)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.enable_adapters(True)
+    layer.merge()
+    with pytest.raises(ValueError, match="unmerge before disabling"):
+        layer.enable_adapters(False)
+    with pytest.raises(ValueError, match="is merged: unmerge it before deleting"):
+        layer.delete_adapter("default")
+    layer.unmerge()
+    layer.delete_adapter("second")
+    assert list(layer.adapters) == ["default"]
+    with pytest.raises(ValueError, match="no adapter 'second'"):
+        layer.set_adapter("second")
+
+
+@pytest.mark.parametrize(
+    "make_layer,error,message",
+    [
+        (lambda: LoRALayer(nn.ReLU()), TypeError, "base_layer must be one of"),
+        (lambda: LoRALayer(nn.Linear(3, 2), r=0), ValueError, "r must be a positive integer"),
+        (lambda: LoRALayer(nn.Linear(3, 2), alpha=float("inf")), ValueError, "alpha must be a finite"),
+        (lambda: LoRALayer(nn.Linear(3, 2), dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (lambda: LoRALayer(nn.Linear(3, 2), adapter_name="a b"), ValueError, "adapter_name must be"),
+        (lambda: MTLoRALayer(nn.Linear(3, 2), variant="xyz"), ValueError, "variant must be one of"),
+    ],
+)
+def test_bad_layer_arguments(make_layer, error, message):
+    with pytest.raises(error, match=message):
+        make_layer()
