@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Union
 
 import torch
 
+from .nn.base import check_dropout
 from .nn.lora import check_alpha, check_rank
 from .nn.mtlora import VARIANTS
 
@@ -37,8 +38,7 @@ class AdapterConfig:
         ):
             raise ValueError("target_modules must name the modules to adapt (names, a regex, or types)")
         check_rank(self.r)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_dropout(self.dropout)
         if self.dtype is not None and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
             raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
 

@@ -279,3 +279,24 @@ def test_distributed_data_parallel_synchronizes_adapter_gradients(tmp_path):
     for name in expected:
         torch.testing.assert_close(grads[0][name], expected[name])
         torch.testing.assert_close(grads[1][name], expected[name])
+
+
+@pytest.mark.parametrize(
+    "make_config,message",
+    [
+        (lambda: tp.LoRAConfig(target_modules=["fc"], r=0), "r must be a positive integer"),
+        (lambda: tp.LoRAConfig(target_modules=["fc"], dropout=-0.1), "dropout must be a probability"),
+        (lambda: tp.LoRAConfig(target_modules=["fc"], dtype="float8"), "dtype must name a torch dtype"),
+        (lambda: tp.LoRAConfig(target_modules=[]), "target_modules must name"),
+        (lambda: tp.MTLoRAConfig(target_modules=["fc"], variant="full"), "variant must be one of"),
+    ],
+)
+def test_bad_config_values_raise_naming_the_field(make_config, message):
+    with pytest.raises(ValueError, match=message):
+        make_config()
+
+
+def test_config_dtype_sets_the_adapter_dtype():
+    model = tp.inject(small_net(dtype=torch.float32), tp.LoRAConfig(target_modules=["fc1"], dtype="float64"))
+    assert model.head.fc1.adapters["default"].lora_A.dtype == torch.float64
+    assert model(inputs(dtype=torch.float32)).dtype == torch.float32

@@ -12,8 +12,6 @@ is computed in at least float32 before it is added to the base output.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,13 +32,18 @@ def adapter_dtype_for(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
+def check_dropout(dropout: object) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
 class Adapter(nn.Module):
     """One named adapter's parameters and hyper-parameters (one subclass per method)."""
 
     def __init__(self, dropout: float):
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dropout = check_dropout(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
@@ -73,13 +76,15 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------ geometry
 
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
+    def __getattr__(self, name: str):
+        """Attributes of the base layer (``weight``, ``in_channels``, ``kernel_size``, ...)
+        read through, so code written for the base layer keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
 
     @property
     def is_conv(self) -> bool:
@@ -88,15 +93,6 @@ class AdapterLayer(nn.Module):
     @property
     def spatial_dims(self) -> int:
         return self.weight.dim() - 2
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        """Columns of the weight's matrix view: d_in, or c_in/groups · prod(kernel)."""
-        return math.prod(self.weight.shape[1:])
 
     def base_operation(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base layer's linear map with another weight (no bias): every conv

@@ -13,6 +13,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from ..ops._common import check_real
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 
 
@@ -23,9 +24,7 @@ def check_rank(r: object) -> int:
 
 
 def check_alpha(alpha: object) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
-    return float(alpha)
+    return check_real(alpha, "alpha")
 
 
 class LoRAAdapter(Adapter):
@@ -36,7 +35,7 @@ class LoRAAdapter(Adapter):
         self.scale = self.alpha / self.r
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         self.lora_A = nn.Parameter(torch.empty(self.r, *layer.weight.shape[1:], **factory))
-        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, self.r, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(layer.weight.shape[0], self.r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
 

@@ -88,6 +88,7 @@ geometry_param = pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_equals_base_at_init(method, geometry):
     layer, x = make(method, geometry)
     assert torch.equal(layer(x), layer.base_layer(x))
+    assert layer.weight is layer.base_layer.weight  # the base layer's attributes read through
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
     assert all(p.requires_grad for p in layer.adapters.parameters())
 
@@ -203,8 +204,9 @@ def test_several_adapters_switch_disable_and_delete():
     [
         (lambda: LoRALayer(nn.ReLU()), TypeError, "base_layer must be one of"),
         (lambda: LoRALayer(nn.Linear(3, 2), r=0), ValueError, "r must be a positive integer"),
-        (lambda: LoRALayer(nn.Linear(3, 2), alpha=float("inf")), ValueError, "alpha must be a finite"),
-        (lambda: LoRALayer(nn.Linear(3, 2), dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (lambda: LoRALayer(nn.Linear(3, 2), alpha=float("inf")), ValueError, "alpha must be finite"),
+        (lambda: LoRALayer(nn.Linear(3, 2), alpha="8"), TypeError, "alpha must be a real number"),
+        (lambda: LoRALayer(nn.Linear(3, 2), dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
         (lambda: LoRALayer(nn.Linear(3, 2), adapter_name="a b"), ValueError, "adapter_name must be"),
         (lambda: MTLoRALayer(nn.Linear(3, 2), variant="xyz"), ValueError, "variant must be one of"),
     ],
