@@ -208,7 +208,8 @@ def test_lora_matches_peft(r, alpha):
         assert adapter.lora_A.shape == peft_A.shape and adapter.lora_B.numel() == peft_B.numel()
         assert adapter.scale == peft_layer.scaling["default"]
         bound = 1 / adapter.lora_A[0].numel() ** 0.5  # kaiming_uniform(a=√5) bound
-        assert adapter.lora_A.abs().max() <= bound and peft_A.abs().max() <= bound
+        for A in (adapter.lora_A, peft_A):  # both fill the whole uniform range
+            assert 0.8 * bound <= A.abs().max() <= bound
         assert not adapter.lora_B.any() and not peft_B.any()
         with torch.no_grad():  # the same random weights on both sides
             peft_B.normal_()
