@@ -13,6 +13,8 @@
 
 namespace py = pybind11;
 
+void register_tucker(py::module_& m);  // tucker.cpp
+
 namespace {
 
 py::dict build_info() {
@@ -42,4 +44,5 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "tensor_peft CPU kernels (C++17/OpenMP, raw pointers, no torch headers)";
     m.def("build_info", &build_info, "How this extension was compiled.");
     m.def("max_threads", &max_threads, "OpenMP threads a parallel region gets.");
+    register_tucker(m);
 }
