@@ -1,118 +1,105 @@
-// Fused Tucker kernels of the cpu backend (FLoRA). The weight is viewed as
-// (d0, d1, sp): output channels, input channels, and every spatial mode flattened.
-// The spatial modes are contracted into the core first (by the caller: a tensor of
-// size r0·r1·sp, S = G ×_{k≥2} U_k), so that
-//     ΔW[i0, i1, s] = scale · Σ_{a0,a1} U0[i0,a0] U1[i1,a1] S[a0,a1,s].
-// Forward walks the rows i0 once and writes W0 + ΔW (or ΔW) with no full-size
-// intermediate; backward walks Γ once and produces, in that one pass,
-//     dU0 (per row), dU1 (per-thread sums) and Z = Γ ×_0 U0ᵀ ×_1 U1ᵀ (per-thread sums),
-// from which the caller gets dG and the spatial dU_k by small contractions.
+// Fused Tucker kernels of the cpu backend (FLoRA). The weight is viewed as a matrix
+// (d0, n): output channels by everything else. Every mode but the first is contracted
+// into the core by the caller, R = G ×_1 U_1 ×_2 U_2 … (r0, n), a tensor no larger than
+// the weight (r0 ≤ d0), so that ΔW = scale · U0 · R. Then:
+//   forward   out = W0 + scale · U0 · R (or ΔW alone), one pass over the rows of W0;
+//   backward  dU0 = scale · Γ · Rᵀ and dR = scale · U0ᵀ · Γ, one pass over the rows of Γ;
+// the caller gets dG and the other dU_k from dR by small contractions. Rows are split
+// among OpenMP threads and walked in chunks that keep R's slice in cache.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "tensor_peft/common.h"
 
 namespace py = pybind11;
 
 namespace {
 
-struct TuckerShape {
-    int64_t d0, d1, r0, r1, sp;
-};
+constexpr int64_t kChunk = 512;  // columns per chunk: r0 slices of R stay in L1/L2
 
-// T[a1][s] = Σ_a0 U0[i0, a0] S[a0, a1, s]: the core contracted with row i0 of U0,
-// stored transposed (Tt[s][a1]) so that the output dot products run over contiguous a1.
+// One row of the forward: out_row = w_row + scale · Σ_a0 u0[a0] R[a0, :] (w_row may be null).
 template <typename T>
-void row_core(const T* S, const T* u0_row, const TuckerShape& n, T* Tt) {
-    std::fill(Tt, Tt + n.sp * n.r1, T(0));
-    for (int64_t a0 = 0; a0 < n.r0; ++a0) {
-        const T u = u0_row[a0];
-        const T* S_a0 = S + a0 * n.r1 * n.sp;
-        for (int64_t a1 = 0; a1 < n.r1; ++a1)
-            for (int64_t s = 0; s < n.sp; ++s) Tt[s * n.r1 + a1] += u * S_a0[a1 * n.sp + s];
-    }
-}
-
-template <typename T>
-void forward(T* out, const T* weight, const T* S, const T* U0, const T* U1, TuckerShape n, double scale) {
-    const T sc = static_cast<T>(scale);
-#pragma omp parallel
-    {
-        std::vector<T> Tt(n.sp * n.r1);
-#pragma omp for schedule(static)
-        for (int64_t i0 = 0; i0 < n.d0; ++i0) {
-            row_core(S, U0 + i0 * n.r0, n, Tt.data());
-            const int64_t row = i0 * n.d1 * n.sp;
-            for (int64_t i1 = 0; i1 < n.d1; ++i1) {
-                const T* u1 = U1 + i1 * n.r1;
-                for (int64_t s = 0; s < n.sp; ++s) {
-                    const T* t = Tt.data() + s * n.r1;
-                    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t a1 = 0; a1 < n.r1; ++a1) acc += u1[a1] * t[a1];
-                    const int64_t at = row + i1 * n.sp + s;
-                    out[at] = (weight ? weight[at] : T(0)) + sc * acc;
-                }
-            }
-        }
-    }
-}
-
-template <typename T>
-void backward(const T* grad, const T* S, const T* U0, const T* U1, TuckerShape n, double scale, T* Z, T* dU0,
-              T* dU1) {
-    const T sc = static_cast<T>(scale);
-    const int64_t z_size = n.r0 * n.r1 * n.sp, du1_size = n.d1 * n.r1;
-    std::memset(Z, 0, sizeof(T) * z_size);
-    std::memset(dU1, 0, sizeof(T) * du1_size);
-#pragma omp parallel
-    {
-        std::vector<T> Tt(n.sp * n.r1), Y(n.r1 * n.sp), Z_local(z_size, T(0)), dU1_local(du1_size, T(0));
-#pragma omp for schedule(static)
-        for (int64_t i0 = 0; i0 < n.d0; ++i0) {
-            const T* g_row = grad + i0 * n.d1 * n.sp;
-            const T* u0 = U0 + i0 * n.r0;
-            row_core(S, u0, n, Tt.data());
-            // Y[a1][s] = Σ_i1 U1[i1,a1] Γ[i0,i1,s];  dU1[i1,a1] += Σ_s Γ[i0,i1,s] T[a1][s]
-            std::fill(Y.begin(), Y.end(), T(0));
-            for (int64_t i1 = 0; i1 < n.d1; ++i1) {
-                const T* g = g_row + i1 * n.sp;
-                const T* u1 = U1 + i1 * n.r1;
-                T* du1 = dU1_local.data() + i1 * n.r1;
-                for (int64_t s = 0; s < n.sp; ++s) {
-                    const T gs = g[s];
-                    const T* t = Tt.data() + s * n.r1;
+inline __attribute__((always_inline)) void forward_row(T* out_row, const T* w_row, const T* u0, const T* R,
+                                                       int64_t r0, int64_t n, T scale) {
+    T acc[kChunk];
+    for (int64_t start = 0; start < n; start += kChunk) {
+        const int64_t width = std::min(kChunk, n - start);
+        for (int64_t j = 0; j < width; ++j) acc[j] = w_row ? w_row[start + j] : T(0);
+        for (int64_t a0 = 0; a0 < r0; ++a0) {
+            const T u = scale * u0[a0];
+            const T* r = R + a0 * n + start;
 #pragma omp simd
-                    for (int64_t a1 = 0; a1 < n.r1; ++a1) {
-                        Y[a1 * n.sp + s] += u1[a1] * gs;
-                        du1[a1] += gs * t[a1];
-                    }
-                }
-            }
-            // Z[a0,a1,s] += U0[i0,a0] Y[a1,s];  dU0[i0,a0] = scale Σ_{a1,s} Y[a1,s] S[a0,a1,s]
-            for (int64_t a0 = 0; a0 < n.r0; ++a0) {
-                const T u = u0[a0];
-                const T* S_a0 = S + a0 * n.r1 * n.sp;
-                T* Z_a0 = Z_local.data() + a0 * n.r1 * n.sp;
-                T acc = 0;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t j = 0; j < n.r1 * n.sp; ++j) {
-                    Z_a0[j] += u * Y[j];
-                    acc += Y[j] * S_a0[j];
-                }
-                dU0[i0 * n.r0 + a0] = sc * acc;
-            }
+            for (int64_t j = 0; j < width; ++j) acc[j] += u * r[j];
         }
+        std::copy(acc, acc + width, out_row + start);
+    }
+}
+
+// One row of the backward: du0[a0] = scale · <g_row, R[a0, :]>, dR[a0, :] += u0[a0] · g_row.
+template <typename T>
+inline __attribute__((always_inline)) void backward_row(const T* g_row, const T* u0, const T* R, int64_t r0,
+                                                        int64_t n, T scale, T* du0, T* dR) {
+    for (int64_t a0 = 0; a0 < r0; ++a0) du0[a0] = T(0);
+    for (int64_t start = 0; start < n; start += kChunk) {
+        const int64_t width = std::min(kChunk, n - start);
+        const T* g = g_row + start;
+        for (int64_t a0 = 0; a0 < r0; ++a0) {
+            const T* r = R + a0 * n + start;
+            T* dr = dR + a0 * n + start;
+            const T u = u0[a0];
+            T dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < width; ++j) {
+                dot += g[j] * r[j];
+                dr[j] += u * g[j];
+            }
+            du0[a0] += scale * dot;
+        }
+    }
+}
+
+// The row functions are compiled once per instruction set (TP_CPU_CLONES); OpenMP's
+// outlined regions are not, so the parallel loops below call into them per row.
+TP_CPU_CLONES void row_forward(float* o, const float* w, const float* u, const float* R, int64_t r0, int64_t n,
+                               float s) {
+    forward_row(o, w, u, R, r0, n, s);
+}
+TP_CPU_CLONES void row_forward(double* o, const double* w, const double* u, const double* R, int64_t r0, int64_t n,
+                               double s) {
+    forward_row(o, w, u, R, r0, n, s);
+}
+TP_CPU_CLONES void row_backward(const float* g, const float* u, const float* R, int64_t r0, int64_t n, float s,
+                                float* du, float* dR) {
+    backward_row(g, u, R, r0, n, s, du, dR);
+}
+TP_CPU_CLONES void row_backward(const double* g, const double* u, const double* R, int64_t r0, int64_t n, double s,
+                                double* du, double* dR) {
+    backward_row(g, u, R, r0, n, s, du, dR);
+}
+
+template <typename T>
+void forward(T* out, const T* weight, const T* U0, const T* R, int64_t d0, int64_t r0, int64_t n, T scale) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i0 = 0; i0 < d0; ++i0)
+        row_forward(out + i0 * n, weight ? weight + i0 * n : nullptr, U0 + i0 * r0, R, r0, n, scale);
+}
+
+template <typename T>
+void backward(const T* grad, const T* U0, const T* R, int64_t d0, int64_t r0, int64_t n, T scale, T* dU0,
+              T* dR) {
+    std::fill(dR, dR + r0 * n, T(0));
+#pragma omp parallel
+    {
+        std::vector<T> dR_local(r0 * n, T(0));
+#pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < d0; ++i0)
+            row_backward(grad + i0 * n, U0 + i0 * r0, R, r0, n, scale, dU0 + i0 * r0, dR_local.data());
 #pragma omp critical
-        {
-            for (int64_t j = 0; j < z_size; ++j) Z[j] += Z_local[j];
-            for (int64_t j = 0; j < du1_size; ++j) dU1[j] += sc * dU1_local[j];
-        }
+        for (int64_t j = 0; j < r0 * n; ++j) dR[j] += scale * dR_local[j];
     }
 }
 
@@ -122,22 +109,23 @@ T* ptr(std::uintptr_t address) {
 }
 
 template <typename T>
-void bind(py::module_& m, const char* suffix) {
-    m.def((std::string("tucker_forward_") + suffix).c_str(),
-          [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t S, std::uintptr_t U0, std::uintptr_t U1,
-             int64_t d0, int64_t d1, int64_t r0, int64_t r1, int64_t sp, double scale) {
+void bind(py::module_& m, const std::string& suffix) {
+    m.def(("tucker_forward_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U0, std::uintptr_t R, int64_t d0, int64_t r0,
+             int64_t n, double scale) {
               py::gil_scoped_release release;
-              forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr, ptr<const T>(S), ptr<const T>(U0),
-                         ptr<const T>(U1), {d0, d1, r0, r1, sp}, scale);
-          });
-    m.def((std::string("tucker_backward_") + suffix).c_str(),
-          [](std::uintptr_t grad, std::uintptr_t S, std::uintptr_t U0, std::uintptr_t U1, int64_t d0, int64_t d1,
-             int64_t r0, int64_t r1, int64_t sp, double scale, std::uintptr_t Z, std::uintptr_t dU0,
-             std::uintptr_t dU1) {
+              forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr, ptr<const T>(U0), ptr<const T>(R),
+                         d0, r0, n, static_cast<T>(scale));
+          },
+          "out (d0, n) = weight + scale·U0·R (weight 0: ΔW alone).");
+    m.def(("tucker_backward_" + suffix).c_str(),
+          [](std::uintptr_t grad, std::uintptr_t U0, std::uintptr_t R, int64_t d0, int64_t r0, int64_t n,
+             double scale, std::uintptr_t dU0, std::uintptr_t dR) {
               py::gil_scoped_release release;
-              backward<T>(ptr<const T>(grad), ptr<const T>(S), ptr<const T>(U0), ptr<const T>(U1),
-                          {d0, d1, r0, r1, sp}, scale, ptr<T>(Z), ptr<T>(dU0), ptr<T>(dU1));
-          });
+              backward<T>(ptr<const T>(grad), ptr<const T>(U0), ptr<const T>(R), d0, r0, n, static_cast<T>(scale),
+                          ptr<T>(dU0), ptr<T>(dR));
+          },
+          "dU0 = scale·Γ·Rᵀ and dR = scale·U0ᵀ·Γ in one pass over Γ (d0, n).");
 }
 
 }  // namespace

@@ -4,15 +4,12 @@ Tensors reach the kernels as raw pointers: the op layer has checked their shapes
 made them contiguous float32/float64 on one device. Ops without a kernel here are
 reported by the registry as not implemented.
 
-Tucker (FLoRA): the spatial modes are first contracted into the core, a small tensor
-S = G ×_{k≥2} U_k of size r0·r1·prod(spatial); the kernels then make one pass over the
-rows of W0 (forward) or of Γ (backward). What is left of the backward is small: dG and
-the spatial dU_k are the Tucker gradients of the small problem with Γ replaced by
-Z = Γ ×_0 U0ᵀ ×_1 U1ᵀ (r0·r1·prod(spatial)), which the kernel accumulates."""
+Tucker (FLoRA): every mode but the first is contracted into the core first,
+R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger than the weight),
+so ΔW = s·U_0·R; the kernels make one pass over the rows of W0 (forward) or of Γ
+(backward: dU_0 and dR). dG and the other dU_k are the Tucker gradients of R, small."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -34,20 +31,19 @@ def _kernel(name: str, dtype: torch.dtype):
     return getattr(_C, f"{name}_{_SUFFIX[dtype]}")
 
 
-def _spatial_core(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """S = G ×_{k≥2} U_k, and the identity factors that leave modes 0 and 1 alone."""
-    identities = [torch.eye(r, dtype=core.dtype, device=core.device) for r in core.shape[:2]]
-    return reference.tucker_delta(core, identities + factors[2:], 1.0).contiguous(), identities
+def _other_modes(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """R = G ×_1 U_1 ×_2 U_2 … (mode 0 left alone), and the factors that give it."""
+    factors_of_R = [torch.eye(core.shape[0], dtype=core.dtype, device=core.device), *factors[1:]]
+    return reference.tucker_delta(core, factors_of_R, 1.0).contiguous(), factors_of_R
 
 
 def _tucker_forward(weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    S, _ = _spatial_core(core, factors)
-    dims = [f.shape[0] for f in factors]
-    out = torch.empty(dims, dtype=core.dtype, device=core.device)
-    r0, r1 = core.shape[:2]
+    R, _ = _other_modes(core, factors)
+    out = R.new_empty([factors[0].shape[0], *R.shape[1:]])
+    d0, r0 = factors[0].shape
     _kernel("tucker_forward", core.dtype)(
-        out.data_ptr(), 0 if weight is None else weight.data_ptr(), S.data_ptr(),
-        factors[0].data_ptr(), factors[1].data_ptr(), dims[0], dims[1], r0, r1, math.prod(dims[2:]), scale,
+        out.data_ptr(), 0 if weight is None else weight.data_ptr(), factors[0].data_ptr(), R.data_ptr(),
+        d0, r0, R[0].numel(), scale,
     )  # fmt: skip
     return out
 
@@ -61,14 +57,12 @@ def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: flo
 
 
 def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
-    S, identities = _spatial_core(core, factors)
-    dims = [f.shape[0] for f in factors]
-    r0, r1 = core.shape[:2]
-    Z = torch.empty(r0, r1, *dims[2:], dtype=core.dtype)
-    d_U0, d_U1 = torch.empty_like(factors[0]), torch.empty_like(factors[1])
+    R, factors_of_R = _other_modes(core, factors)
+    d0, r0 = factors[0].shape
+    d_U0, d_R = torch.empty_like(factors[0]), torch.empty_like(R)
     _kernel("tucker_backward", core.dtype)(
-        grad.data_ptr(), S.data_ptr(), factors[0].data_ptr(), factors[1].data_ptr(),
-        dims[0], dims[1], r0, r1, math.prod(dims[2:]), scale, Z.data_ptr(), d_U0.data_ptr(), d_U1.data_ptr(),
+        grad.data_ptr(), factors[0].data_ptr(), R.data_ptr(), d0, r0, R[0].numel(), scale,
+        d_U0.data_ptr(), d_R.data_ptr(),
     )  # fmt: skip
-    d_core, _, _, *d_spatial = reference.tucker_delta_backward(Z, core, identities + factors[2:], scale)
-    return [d_core, d_U0, d_U1, *d_spatial]
+    d_core, _, *d_others = reference.tucker_delta_backward(d_R, core, factors_of_R, 1.0)
+    return [d_core, d_U0, *d_others]
