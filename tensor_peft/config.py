@@ -16,7 +16,9 @@ from typing import Any, ClassVar, Union
 import torch
 
 from .nn.base import check_dropout
+from .ops._common import check_real
 from .nn.lora import check_alpha, check_rank
+from .nn.flora import MODES as FLORA_MODES
 from .nn.mtlora import VARIANTS
 
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
@@ -73,3 +75,22 @@ class MTLoRAConfig(LoRAConfig):
         super().__post_init__()
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+
+
+@dataclass
+class FLoRAConfig(AdapterConfig):
+    """FLoRA: ΔW = scale · G ×_0 U_0 ×_1 U_1 … (Tucker). ``ranks`` overrides the per-mode
+    ranks ([r, r] for Linear, [r, r, 2, …] for conv); ``mode``: auto, merged, factorized."""
+
+    method: ClassVar[str] = "flora"
+    ranks: list[int] | None = None
+    scale: float = 1.0
+    mode: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_real(self.scale, "scale")
+        if self.ranks is not None:
+            self.ranks = [check_rank(k, "ranks") for k in self.ranks]
+        if self.mode not in FLORA_MODES:
+            raise ValueError(f"mode must be one of {', '.join(FLORA_MODES)}; got {self.mode!r}")

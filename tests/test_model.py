@@ -93,7 +93,8 @@ def test_exclude_and_target_errors():
 
 
 @pytest.mark.parametrize("config", [tp.LoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, alpha=6.0),
-                                    tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="icfm")])  # fmt: skip
+                                    tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="icfm"),
+                                    tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, scale=0.5)])  # fmt: skip
 def test_merge_unmerge_unload(config):
     model, x = small_net(), inputs()
     base_out = model(x)
@@ -150,9 +151,13 @@ LOAD_SCRIPT = textwrap.dedent(
 )
 
 
-def test_save_then_load_in_a_fresh_process_reproduces_outputs(tmp_path):
+@pytest.mark.parametrize("config", [
+    tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="ctcm", dropout=0.1),
+    tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], ranks=[3, 2, 2, 1], exclude_modules=["head.fc1", "head.fc2"]),
+])  # fmt: skip
+def test_save_then_load_in_a_fresh_process_reproduces_outputs(tmp_path, config):
     model, x = small_net(), inputs()
-    tp.inject(model, tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="ctcm", dropout=0.1))
+    tp.inject(model, config)
     randomize(model)
     model.eval()
     expected = model(x)
@@ -290,6 +295,8 @@ def test_distributed_data_parallel_synchronizes_adapter_gradients(tmp_path):
         (lambda: tp.LoRAConfig(target_modules=["fc"], dtype="float8"), "dtype must name a torch dtype"),
         (lambda: tp.LoRAConfig(target_modules=[]), "target_modules must name"),
         (lambda: tp.MTLoRAConfig(target_modules=["fc"], variant="full"), "variant must be one of"),
+        (lambda: tp.FLoRAConfig(target_modules=["fc"], mode="fused"), "mode must be one of"),
+        (lambda: tp.FLoRAConfig(target_modules=["fc"], ranks=[4, 0]), "ranks must be a positive integer"),
     ],
 )
 def test_bad_config_values_raise_naming_the_field(make_config, message):

@@ -2,7 +2,8 @@
 and is a drop-in replacement for it."""
 
 from .base import Adapter, AdapterLayer, SUPPORTED_LAYERS
+from .flora import FLoRALayer
 from .lora import LoRALayer
 from .mtlora import MTLoRALayer
 
-__all__ = ["Adapter", "AdapterLayer", "LoRALayer", "MTLoRALayer", "SUPPORTED_LAYERS"]
+__all__ = ["Adapter", "AdapterLayer", "FLoRALayer", "LoRALayer", "MTLoRALayer", "SUPPORTED_LAYERS"]

@@ -94,12 +94,12 @@ class AdapterLayer(nn.Module):
     def spatial_dims(self) -> int:
         return self.weight.dim() - 2
 
-    def base_operation(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The base layer's linear map with another weight (no bias): every conv
-        geometry (padding modes, groups, dilation) comes from the base layer."""
+    def base_operation(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The base layer's operation with another weight (and no bias unless given):
+        every conv geometry (padding modes, groups, dilation) comes from the base layer."""
         if self.is_conv:
-            return self.base_layer._conv_forward(x, weight, None)
-        return F.linear(x, weight)
+            return self.base_layer._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def pointwise(self, x: Tensor, matrix: Tensor) -> Tensor:
         """Channel mixing by ``matrix`` (out, in): a 1×1 conv for conv inputs, linear otherwise."""

@@ -17,9 +17,9 @@ from ..ops._common import check_real
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 
 
-def check_rank(r: object) -> int:
+def check_rank(r: object, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+        raise ValueError(f"{name} must be a positive integer, got {r!r}")
     return int(r)
 
 

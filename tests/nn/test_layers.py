@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from tensor_peft.nn import LoRALayer, MTLoRALayer
+from tensor_peft.nn import FLoRALayer, LoRALayer, MTLoRALayer
 
 GEOMETRIES = {
     "linear": lambda: nn.Linear(7, 5),
@@ -40,8 +40,18 @@ def transform(adapter) -> torch.Tensor:
     return {"shim": lambda: C, "icfm": lambda: C @ C.T, "ctcm": lambda: C @ D, "dtsm": lambda: C + D}[variant]()
 
 
+def tucker_einsum(core, factors, scale) -> torch.Tensor:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    ranks, dims = letters[: core.dim()], letters[13 : 13 + core.dim()]
+    spec = ",".join([ranks] + [d + r for d, r in zip(dims, ranks)]) + "->" + dims
+    return scale * torch.einsum(spec, core, *factors)
+
+
 def spec_delta(layer, adapter) -> torch.Tensor:
-    """ΔW = s·B·T·A on the matrix view (SPEC §1), from the adapter's parameters."""
+    """ΔW from the adapter's parameters by SPEC §1: FLoRA's Tucker update (one einsum),
+    or s·B·T·A on the matrix view for LoRA / MTLoRA."""
+    if hasattr(adapter, "core"):
+        return tucker_einsum(adapter.core, list(adapter.factors), adapter.scale)
     A = adapter.lora_A.reshape(adapter.r, -1)
     return (adapter.alpha / adapter.r * adapter.lora_B @ transform(adapter) @ A).reshape(layer.weight.shape)
 
@@ -57,12 +67,16 @@ METHODS = {
     "lora": lambda base, **kw: LoRALayer(base, r=3, alpha=5.0, **kw),
     **{f"mtlora-{v}": (lambda v: lambda base, **kw: MTLoRALayer(base, r=3, alpha=5.0, variant=v, **kw))(v)
        for v in ("shim", "icfm", "ctcm", "dtsm")},
+    **{f"flora-{m}": (lambda m: lambda base, **kw: FLoRALayer(base, r=3, scale=0.8, mode=m, **kw))(m)
+       for m in ("merged", "factorized", "auto")},
 }  # fmt: skip
 
 
 def make(method: str, geometry: str, dtype=torch.float64, **options):
     torch.manual_seed(0)
     base = GEOMETRIES[geometry]().to(dtype)
+    if method == "flora-factorized" and getattr(base, "groups", 1) > 1:
+        pytest.skip("factorized FLoRA needs groups == 1 (grouped convs run merged)")
     layer = METHODS[method](base, **options)
     batch = 2 if geometry != "linear" else 1
     if isinstance(base, nn.Linear):
@@ -209,8 +223,34 @@ def test_several_adapters_switch_disable_and_delete():
         (lambda: LoRALayer(nn.Linear(3, 2), dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
         (lambda: LoRALayer(nn.Linear(3, 2), adapter_name="a b"), ValueError, "adapter_name must be"),
         (lambda: MTLoRALayer(nn.Linear(3, 2), variant="xyz"), ValueError, "variant must be one of"),
+        (lambda: FLoRALayer(nn.Linear(3, 2), mode="fast"), ValueError, "mode must be one of"),
+        (lambda: FLoRALayer(nn.Linear(3, 2), ranks=[2, 2, 2]), ValueError, "ranks must give one rank per weight mode"),
+        (lambda: FLoRALayer(nn.Conv2d(4, 4, 3, groups=2), mode="factorized"), ValueError, "needs groups == 1"),
     ],
 )
 def test_bad_layer_arguments(make_layer, error, message):
     with pytest.raises(error, match=message):
         make_layer()
+
+
+def test_flora_init_ranks_and_clipping():
+    with pytest.warns(UserWarning, match=r"clipped to \[4, 4, 2, 1\]"):
+        layer = FLoRALayer(nn.Conv2d(8, 6, (3, 1)), r=4)
+    adapter = layer.adapters["default"]
+    assert adapter.ranks == [4, 4, 2, 1]  # the last default rank 2 is clipped to the kernel's 1
+    assert not adapter.core.any()
+    big = FLoRALayer(nn.Linear(4000, 3000), r=50)
+    for factor, rank in zip(big.adapters["default"].factors, [50, 50]):
+        assert abs(factor.var().item() - 1 / (2 * rank)) < 0.05 / (2 * rank)  # N(0, 1/(2 r_k))
+    with pytest.warns(UserWarning, match=r"clipped to \[3, 2\]"):
+        FLoRALayer(nn.Linear(2, 3), r=5)
+
+
+@pytest.mark.parametrize("geometry", ["linear", "conv2d-same-reflect", "conv3d"])
+def test_flora_auto_picks_by_cost_and_says_so(geometry):
+    layer, x = make("flora-auto", geometry)
+    layer(x)
+    merged, factorized = layer.step_costs(layer.adapters["default"], x)
+    assert layer.last_execution == ("factorized" if factorized <= merged else "merged")
+    assert f"last_execution={layer.last_execution}" in repr(layer)
+    assert layer.output_positions(x) * layer.weight.shape[0] == layer.base_layer(x).numel()

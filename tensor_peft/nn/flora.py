@@ -1,0 +1,169 @@
+"""FLoRA: the update of an N-D weight is a Tucker decomposition (Si et al., ICLR 2025),
+ΔW = s · G ×_0 U_0 ×_1 U_1 … with modes in the weight's own order (out, in/groups,
+spatial…). Init: G = 0, U_k ~ N(0, 1/(2 r_k)), so ΔW = 0 and only G moves at step 1.
+
+Execution per layer (``mode``):
+- ``merged``: W_eff = W0 + ΔW by the fused ``ops.tucker_merge``, then one conv/linear
+  with W_eff (the base layer's geometry, groups and padding modes included);
+- ``factorized`` (groups = 1): Linear s·U_0(G(U_1ᵀx)); conv: a 1×1 conv by U_1ᵀ
+  (c_in→r_1), the small conv K = G ×_2 U_2 ×_3 U_3 … (r_0×r_1×kernel) with the base
+  geometry, a 1×1 conv by U_0 (r_0→c_out). Exactly conv(x, ΔW), never building ΔW;
+- ``auto``: the cheaper of the two for the layer's shapes and the batch (``choose_execution``);
+  the last choice is in ``layer.last_execution``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import Adapter, AdapterLayer, adapter_dtype_for
+from .lora import check_rank
+
+MODES = ("auto", "merged", "factorized")
+BYTES_PER_FLOP = 8  # machine balance used by the cost model: a byte moved costs ~8 multiply-adds
+
+
+def default_ranks(weight: Tensor, r: int) -> list[int]:
+    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv, per SPEC."""
+    return [r, r] + [2] * (weight.dim() - 2)
+
+
+def clip_ranks(ranks: list[int], shape: torch.Size) -> list[int]:
+    """Ranks larger than their mode's size are clipped to it, with a warning."""
+    clipped = [min(r, d) for r, d in zip(ranks, shape)]
+    if clipped != list(ranks):
+        warnings.warn(f"FLoRA ranks {list(ranks)} exceed the weight's shape {tuple(shape)}: clipped to {clipped}")
+    return clipped
+
+
+class FLoRAAdapter(Adapter):
+    def __init__(self, layer: AdapterLayer, r, ranks, scale, mode, dropout, dtype):
+        super().__init__(dropout)
+        shape = layer.weight.shape
+        ranks = default_ranks(layer.weight, check_rank(r)) if ranks is None else [check_rank(k, "ranks") for k in ranks]
+        if len(ranks) != len(shape):
+            raise ValueError(f"ranks must give one rank per weight mode ({len(shape)}), got {list(ranks)}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if mode == "factorized" and layer.is_conv and layer.base_layer.groups > 1:
+            raise ValueError("mode 'factorized' needs groups == 1; grouped convs run merged")
+        self.ranks = clip_ranks(ranks, shape)
+        self.scale = float(scale)
+        self.mode = mode
+        factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
+        self.core = nn.Parameter(torch.zeros(self.ranks, **factory))
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.randn(d, k, **factory) * math.sqrt(1 / (2 * k))) for d, k in zip(shape, self.ranks)
+        )
+
+
+class FLoRALayer(AdapterLayer):
+    """A frozen Linear/Conv1d/Conv2d/Conv3d with FLoRA (Tucker) adapters (drop-in replacement)."""
+
+    method = "flora"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        ranks: list[int] | None = None,
+        scale: float = 1.0,
+        mode: str = "auto",
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        dtype: torch.dtype | None = None,
+    ):
+        self.last_execution: str | None = None
+        super().__init__(
+            base_layer, adapter_name, r=r, ranks=ranks, scale=scale, mode=mode, dropout=dropout, dtype=dtype
+        )
+
+    def _new_adapter(self, r=8, ranks=None, scale=1.0, mode="auto", dropout=0.0, dtype=None) -> Adapter:
+        return FLoRAAdapter(self, r, ranks, scale, mode, dropout, dtype)
+
+    def _params(self, adapter: Adapter, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        return adapter.core.to(dtype), [f.to(dtype) for f in adapter.factors]
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        core, factors = self._params(adapter, self.compute_dtype(adapter))
+        return ops.tucker_delta(core, factors, adapter.scale)
+
+    def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
+        core, factors = self._params(adapter, self.compute_dtype(adapter))
+        return ops.tucker_merge(weight, core, factors, adapter.scale)
+
+    def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
+        """``merged`` or ``factorized`` for this input: the adapter's mode, or under
+        ``auto`` the cheaper path of a training step by a flops + bytes cost model."""
+        if adapter.mode != "auto":
+            return adapter.mode
+        if self.is_conv and self.base_layer.groups > 1:
+            return "merged"
+        merged, factorized = self.step_costs(adapter, x)
+        return "factorized" if factorized <= merged else "merged"
+
+    def step_costs(self, adapter: Adapter, x: Tensor) -> tuple[float, float]:
+        """Extra cost of a training step (forward + backward) over the frozen base layer,
+        in multiply-adds + BYTES_PER_FLOP·bytes, for the merged and factorized paths."""
+        weight_numel = self.weight.numel()
+        r0, r1 = adapter.ranks[:2]
+        c_out, c_in = self.weight.shape[:2]
+        kernel = math.prod(self.weight.shape[2:])
+        positions_in = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
+        positions_out = self.output_positions(x)
+        element = 4
+        # merged: build W_eff and its gradient (~r0 MACs per element, 4 passes over W-sized
+        # tensors), plus the weight-gradient conv/matmul the frozen base never runs
+        merged = 2 * weight_numel * r0 + positions_out * weight_numel + BYTES_PER_FLOP * 4 * weight_numel * element
+        # factorized: three thin maps, each run forward, input-backward and weight-backward
+        thin = positions_in * c_in * r1 + positions_out * (r1 * r0 * kernel + r0 * c_out)
+        activations = (positions_in * r1 + 2 * positions_out * r0 + positions_out * c_out) * element
+        factorized = 3 * thin + BYTES_PER_FLOP * 3 * activations
+        return float(merged), float(factorized)
+
+    def output_positions(self, x: Tensor) -> int:
+        """Batch × output spatial positions (rows of the matmul for Linear)."""
+        if not self.is_conv:
+            return x.numel() // x.shape[-1]
+        base = self.base_layer
+        positions = x.shape[0]
+        for axis, size in enumerate(x.shape[2:]):
+            if base.padding == "same":
+                positions *= size
+                continue
+            padding = 0 if base.padding == "valid" else base.padding[axis]
+            span = base.dilation[axis] * (base.kernel_size[axis] - 1) + 1
+            positions *= (size + 2 * padding - span) // base.stride[axis] + 1
+        return positions
+
+    def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
+        if self.is_conv and self.base_layer.groups > 1:
+            return super().delta_forward(adapter, x)  # conv(x, ΔW): grouped convs run merged
+        core, (U0, U1, *spatial) = self._params(adapter, x.dtype)
+        if not self.is_conv:
+            return adapter.scale * torch.nn.functional.linear(x @ U1 @ core.T, U0)
+        identities = [torch.eye(k, dtype=x.dtype, device=x.device) for k in adapter.ranks[:2]]
+        kernel = ops.tucker_delta(core, identities + spatial, 1.0)
+        thin = self.base_operation(self.pointwise(x, U1.T), kernel)
+        return adapter.scale * self.pointwise(thin, U0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        single = len(self.active_adapters) == 1 and not self.merged_adapters and self.adapters_enabled
+        adapter = self.adapters[self.active_adapters[0]] if single else None
+        dropout_off = adapter is not None and (not self.training or isinstance(adapter.dropout, nn.Identity))
+        self.last_execution = self.choose_execution(adapter, x) if dropout_off else None
+        if self.last_execution == "merged":
+            weight = self.merge_weight(adapter, self.weight)
+            return self.base_operation(x, weight.to(x.dtype), self.bias)
+        if self.last_execution == "factorized":
+            delta = self.delta_forward(adapter, x.to(self.compute_dtype(adapter)))
+            return self.base_layer(x) + delta.to(x.dtype)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", last_execution={self.last_execution}"
