@@ -118,3 +118,10 @@ CASES = [
     Case("hadamard-conv-taylor1", ops.lowrank_hadamard_merge,
          _hadamard((5, 4, 1, 3), 2, "taylor1", False)),
 ]  # fmt: skip
+
+# Sizes past one kernel block in every dimension (rows, columns, rank): compared with
+# the reference only, too big for gradcheck.
+BLOCK_CASES = [
+    Case("tucker_merge-conv2d-blocks", ops.tucker_merge, _tucker((37, 70, 3, 3), (20, 5, 2, 2), merge=True)),
+    Case("tucker_delta-linear-blocks", ops.tucker_delta, _tucker((67, 130), (18, 7))),
+]

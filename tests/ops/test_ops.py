@@ -14,7 +14,7 @@ from tensor_peft import backends
 from tensor_peft.backends import reference
 
 from ..conftest import DEVICES
-from .cases import CASES, Case
+from .cases import BLOCK_CASES, CASES, Case
 
 case_param = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 
@@ -104,6 +104,12 @@ def test_opcheck(case: Case):
         )
 
 
+def _cast(args, kwargs, dtype):
+    """Copies of the call's tensors in ``dtype``, keeping requires_grad."""
+    cast = lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return [[cast(t) for t in a] if isinstance(a, list) else cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+
+
 @case_param
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_computed_in_float32(case: Case, dtype):
@@ -111,10 +117,7 @@ def test_half_inputs_computed_in_float32(case: Case, dtype):
     float32 computation rounded once."""
     args, kwargs = case.make(dtype, "cpu", _generator(4))
     out, grads = _output_and_grads(case, args, kwargs, seed=5, round_upstream_to=dtype)
-    upcast = lambda t: t.detach().float().requires_grad_(t.requires_grad)  # noqa: E731
-    args32 = [[upcast(t) for t in a] if isinstance(a, list) else (upcast(a) if isinstance(a, torch.Tensor) else a) for a in args]
-    kwargs32 = {k: upcast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    out32, grads32 = _output_and_grads(case, args32, kwargs32, seed=5, round_upstream_to=dtype)
+    out32, grads32 = _output_and_grads(case, *_cast(args, kwargs, torch.float32), seed=5, round_upstream_to=dtype)
     assert out.dtype == dtype
     torch.testing.assert_close(out, out32.to(dtype), rtol=0, atol=0)
     for grad, grad32, tensor in zip(grads, grads32, _grad_inputs(args, kwargs)):
@@ -132,43 +135,27 @@ def _other_backends():
     ]
 
 
-TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
-
-
-@case_param
+@pytest.mark.parametrize("case", CASES + BLOCK_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("backend,device", _other_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backend_matches_reference(case: Case, backend: str, device: str, dtype):
-    """Forward and every gradient of each backend equal the reference's."""
+    """Forward and every gradient of each backend against the reference: within 1e-10 in
+    float64; in float32 no further from the exact (float64) result than twice the
+    reference's own float32 error (long float32 reductions round differently)."""
     op_name = case.op.__name__
     if op_name not in backends.implemented_ops(backend):
         pytest.skip(f"backend {backend!r} has no {op_name} kernel yet")
     args, kwargs = case.make(dtype, device, _generator(6))
     with backends.use(backend):
-        out, grads = _output_and_grads(case, args, kwargs, seed=7)
+        got = _output_and_grads(case, args, kwargs, seed=7, round_upstream_to=dtype)
     with backends.use("reference"):
-        expected_out, expected_grads = _output_and_grads(case, args, kwargs, seed=7)
-    torch.testing.assert_close(out, expected_out, **TOLERANCES[dtype])
-    for grad, expected in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected, **TOLERANCES[dtype])
-
-
-def _first_case_of_each_op():
-    seen = {}
-    for case in CASES:
-        seen.setdefault(case.op, case)
-    return list(seen.values())
-
-
-@pytest.mark.parametrize("case", _first_case_of_each_op(), ids=lambda c: c.op.__name__)
-def test_compiles_without_graph_breaks(case: Case):
-    """The public op, input checks included, traces into one graph (fullgraph) and
-    the compiled forward and backward equal eager."""
-    torch._dynamo.reset()
-    args, kwargs = case.make(torch.float64, "cpu", _generator(8))
-    compiled = torch.compile(case.op, backend="aot_eager", fullgraph=True)
-    out, grads = _output_and_grads(Case(case.id, compiled, case.make), args, kwargs, seed=9)
-    expected_out, expected_grads = _output_and_grads(case, args, kwargs, seed=9)
-    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
-    for grad, expected in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+        expected = _output_and_grads(case, args, kwargs, seed=7, round_upstream_to=dtype)
+        exact = _output_and_grads(case, *_cast(args, kwargs, torch.float64), seed=7, round_upstream_to=dtype)
+    for got_t, expected_t, exact_t in zip([got[0], *got[1]], [expected[0], *expected[1]], [exact[0], *exact[1]]):
+        assert got_t.dtype == expected_t.dtype and got_t.shape == expected_t.shape
+        if dtype == torch.float64:
+            torch.testing.assert_close(got_t, expected_t, rtol=1e-10, atol=1e-12)
+        else:
+            error = (got_t.double() - exact_t).abs().max().item()
+            reference_error = (expected_t.double() - exact_t).abs().max().item()
+            assert error <= 2 * reference_error + 1e-6 * exact_t.abs().max().item(), (error, reference_error)

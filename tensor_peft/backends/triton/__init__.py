@@ -1,10 +1,13 @@
 """The ``triton`` backend: Triton kernels, on CUDA tensors, or on CPU tensors through
 Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined).
 
-No op has a kernel here yet: the registry reports each one as not implemented."""
+Kernels: the Tucker ops (``tucker.py``); the registry reports the others as not
+implemented. The kernel modules import Triton, so they are imported only once Triton
+is known to load."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -18,3 +21,18 @@ def unavailable_reason(device_type: str) -> str | None:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1"
     return None
+
+
+_KERNEL_MODULES = {"tucker_delta": "tucker", "tucker_merge": "tucker", "tucker_delta_backward": "tucker"}
+
+
+def __getattr__(name: str):
+    """The op functions, from their kernel modules, imported on first use (an op whose
+    module cannot load, Triton missing, is not there)."""
+    if name not in _KERNEL_MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{_KERNEL_MODULES[name]}")
+    except ImportError as error:
+        raise AttributeError(f"{name}: the Triton kernels do not load ({error})") from None
+    return getattr(module, name)

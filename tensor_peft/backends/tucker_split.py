@@ -1,0 +1,24 @@
+"""The Tucker split the native backends share: every mode but the first is contracted
+into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger
+than the weight since r0 ≤ d0), so that ΔW = s · U_0 · R on the matrix view. A kernel
+then makes one pass over W0 (forward: W0 + s·U_0·R) or over Γ (backward: dU_0 = s·Γ·Rᵀ
+and dR = s·U_0ᵀ·Γ); dG and the other dU_k are the (small) Tucker gradients of R."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """R (contiguous, shape (r0, d_1, …)) and the factors that give it from the core."""
+    factors_of_R = [torch.eye(core.shape[0], dtype=core.dtype, device=core.device), *factors[1:]]
+    return reference.tucker_delta(core, factors_of_R, 1.0).contiguous(), factors_of_R
+
+
+def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor]) -> list[Tensor]:
+    """[dG, dU_0, dU_1, …] from the kernel's dU_0 and dR."""
+    d_core, _, *d_others = reference.tucker_delta_backward(d_R, core, factors_of_R, 1.0)
+    return [d_core, d_U0, *d_others]
