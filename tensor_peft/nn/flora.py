@@ -114,17 +114,23 @@ class FLoRALayer(AdapterLayer):
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
         kernel = math.prod(self.weight.shape[2:])
-        positions_in = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
-        positions_out = self.output_positions(x)
-        element = 4
-        # merged: build W_eff and its gradient (~r0 MACs per element, 4 passes over W-sized
-        # tensors), plus the weight-gradient conv/matmul the frozen base never runs
-        merged = 2 * weight_numel * r0 + positions_out * weight_numel + BYTES_PER_FLOP * 4 * weight_numel * element
-        # factorized: three thin maps, each run forward, input-backward and weight-backward
-        thin = positions_in * c_in * r1 + positions_out * (r1 * r0 * kernel + r0 * c_out)
-        activations = (positions_in * r1 + 2 * positions_out * r0 + positions_out * c_out) * element
-        factorized = 3 * thin + BYTES_PER_FLOP * 3 * activations
-        return float(merged), float(factorized)
+        rows_in = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
+        rows_out = self.output_positions(x)
+        element = x.element_size()
+        # merged: the weight-gradient conv/matmul the frozen base never runs (reads x and
+        # the output gradient), and W_eff and its gradient (~r0 MACs per element, 4 passes)
+        merged_macs = rows_out * weight_numel + 2 * weight_numel * r0
+        merged_bytes = (rows_in * c_in + rows_out * c_out + 4 * weight_numel) * element
+        # factorized: three thin maps (c_in→r1, r1→r0 with the kernel, r0→c_out), each run
+        # forward, input-backward and weight-backward (~5 passes over its input and output),
+        # and the sum with the base output (3 passes)
+        factorized_macs = 3 * (rows_in * c_in * r1 + rows_out * (r1 * r0 * kernel + r0 * c_out))
+        channel_passes = rows_in * (c_in + r1) + rows_out * (r1 + r0) + rows_out * (r0 + c_out)
+        factorized_bytes = (5 * channel_passes + 3 * rows_out * c_out) * element
+        return (
+            float(merged_macs + BYTES_PER_FLOP * merged_bytes),
+            float(factorized_macs + BYTES_PER_FLOP * factorized_bytes),
+        )
 
     def output_positions(self, x: Tensor) -> int:
         """Batch × output spatial positions (rows of the matmul for Linear)."""
