@@ -1,5 +1,6 @@
 """Command line: ``python -m tensor_peft info`` reports versions, which compiled
-extensions were built, and which backends can run here (and why the others cannot)."""
+extensions were built, and which backends can run here (and why the others cannot);
+``python -m tensor_peft bench`` runs the benchmark suites and writes their results."""
 
 from __future__ import annotations
 
@@ -65,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tensor_peft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, built extensions, backends that can run here")
+    bench = commands.add_parser("bench", help="run benchmarks/ and write benchmarks/results/<name>.{json,md}")
+    bench.add_argument("--name", help="results file name (default: the GPU's or this host's name)")
+    bench.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
+    if args.command == "bench":
+        from tensor_peft.bench import main as run_benchmarks
+
+        return run_benchmarks(args.name, args.select)
+    print(info())
     return 0
 
 

@@ -1,0 +1,65 @@
+"""``python -m tensor_peft bench``: run the benchmark suites of ``benchmarks/`` with
+pytest-benchmark and write ``benchmarks/results/<name>.json`` (pytest-benchmark's JSON)
+and ``<name>.md``: per group, each benchmark's median, its ratio to the group's baseline
+(``extra_info["baseline"]``) and to the physical floor (``extra_info["floor_s"]``), all
+from the same run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def default_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"cpu-{platform.node()}").strip("-").lower()
+
+
+def markdown(results: dict) -> str:
+    """The results as one markdown table per benchmark group."""
+    groups = defaultdict(list)
+    for bench in results["benchmarks"]:
+        groups[bench["group"]].append(bench)
+    lines = [f"# Benchmarks ({results['machine_info'].get('node', '')}, {results['datetime']})", ""]
+    for group, benches in sorted(groups.items()):
+        baseline = next((b for b in benches if b["extra_info"].get("baseline")), None)
+        lines += [f"## {group}", "", "| benchmark | median ms | vs baseline | floor ms | vs floor | notes |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for bench in sorted(benches, key=lambda b: b["stats"]["median"]):
+            median = bench["stats"]["median"]
+            extra = dict(bench["extra_info"])
+            floor = extra.pop("floor_s", None)
+            is_baseline = extra.pop("baseline", False)
+            ratio = f"{median / baseline['stats']['median']:.2f}x" if baseline else "-"
+            notes = ", ".join(f"{k}={v}" for k, v in extra.items()) + (" (baseline)" if is_baseline else "")
+            floor_cells = f"{floor * 1e3:.3f} | {median / floor:.2f}x" if floor else "- | -"
+            lines.append(f"| {bench['name']} | {median * 1e3:.3f} | {ratio} | {floor_cells} | {notes.strip(', ')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(name: str | None, select: str | None, root: Path = Path("benchmarks")) -> int:
+    if not root.is_dir():
+        print(f"no {root}/ here: run from the repository root", file=sys.stderr)
+        return 2
+    name = name or default_name()
+    out = root / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{name}.json"
+    command = [sys.executable, "-m", "pytest", str(root), "--benchmark-only", f"--benchmark-json={json_path}",
+               "-p", "no:cacheprovider", "-v"] + (["-k", select] if select else [])  # fmt: skip
+    status = subprocess.run(command).returncode
+    if not json_path.exists():
+        return status or 1
+    results = json.loads(json_path.read_text())
+    (out / f"{name}.md").write_text(markdown(results))
+    print(f"wrote {json_path} and {out / (name + '.md')}")
+    return status
