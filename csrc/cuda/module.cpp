@@ -3,13 +3,46 @@
 // No torch headers. Kernels register from PYBIND11_MODULE below.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <string>
+
 #include "runtime.h"
+#include "tucker.h"
 
 #ifndef TP_CUDA_ARCHS
 #define TP_CUDA_ARCHS "unknown"
 #endif
 
 namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+template <typename T>
+void bind_tucker(py::module_& m, const std::string& suffix) {
+    m.def(("tucker_forward_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U0, std::uintptr_t R, int64_t d0, int64_t r0,
+             int64_t n, double scale, std::uintptr_t stream) {
+              tensor_peft::cuda::tucker_forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr,
+                                                   ptr<const T>(U0), ptr<const T>(R), d0, r0, n,
+                                                   static_cast<T>(scale), stream);
+          },
+          "out (d0, n) = weight + scale·U0·R on the given stream (weight 0: ΔW alone).");
+    m.def(("tucker_backward_" + suffix).c_str(),
+          [](std::uintptr_t grad, std::uintptr_t U0, std::uintptr_t R, std::uintptr_t dU0, std::uintptr_t dR,
+             int64_t d0, int64_t r0, int64_t n, double scale, std::uintptr_t stream) {
+              tensor_peft::cuda::tucker_backward<T>(ptr<const T>(grad), ptr<const T>(U0), ptr<const T>(R),
+                                                    ptr<T>(dU0), ptr<T>(dR), d0, r0, n, static_cast<T>(scale),
+                                                    stream);
+          },
+          "dU0 += scale·Γ·Rᵀ and dR += scale·U0ᵀ·Γ, one read of Γ (d0, n), on the given stream.");
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
     m.doc() = "tensor_peft CUDA kernels (raw device pointers, no torch headers)";
@@ -25,4 +58,6 @@ PYBIND11_MODULE(_cuda, m) {
         "How this extension was compiled.");
     m.def("device_count", &tensor_peft::cuda::device_count,
           "CUDA devices visible; raises RuntimeError with CUDA's reason when none can be used.");
+    bind_tucker<float>(m, "f32");
+    bind_tucker<double>(m, "f64");
 }

@@ -22,3 +22,23 @@ def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor
     """[dG, dU_0, dU_1, …] from the kernel's dU_0 and dR."""
     d_core, _, *d_others = reference.tucker_delta_backward(d_R, core, factors_of_R, 1.0)
     return [d_core, d_U0, *d_others]
+
+
+def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    """W0 + ΔW (or ΔW when ``weight`` is None) by a backend's forward kernel,
+    ``launch(out, weight, U0, R, d0, r0, n, scale)`` on the (d0, n) matrix views."""
+    R, _ = split_first_mode(core, factors)
+    d0, r0 = factors[0].shape
+    out = R.new_empty([d0, *R.shape[1:]])
+    launch(out, weight, factors[0], R, d0, r0, R[0].numel(), scale)
+    return out
+
+
+def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
+    """[dG, dU_0, …] by a backend's backward kernel, ``launch(grad, U0, R, dU0, dR, d0, r0,
+    n, scale)``, which adds s·Γ·Rᵀ into dU0 and s·U_0ᵀ·Γ into dR (both start at zero)."""
+    R, factors_of_R = split_first_mode(core, factors)
+    d0, r0 = factors[0].shape
+    d_U0, d_R = factors[0].new_zeros(d0, r0), torch.zeros_like(R)
+    launch(grad, factors[0], R, d_U0, d_R, d0, r0, R[0].numel(), scale)
+    return gradients(d_U0, d_R, core, factors_of_R)

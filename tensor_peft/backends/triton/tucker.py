@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..tucker_split import gradients, split_first_mode
+from ..tucker_split import fused_backward, fused_forward
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -54,37 +54,27 @@ def backward_kernel(grad, U0, R, dU0, dR, d0, r0, n, scale,
     tl.atomic_add(dR + ks[:, None] * n + cols[None, :], d_r, mask=rank_in[:, None] & col_in[None, :])
 
 
-def _rank_block(r0: int) -> int:
-    return max(16, triton.next_power_of_2(r0))
-
-
-def _forward(weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    R, _ = split_first_mode(core, factors)
-    d0, r0 = factors[0].shape
-    n = R[0].numel()
-    out = R.new_empty([d0, *R.shape[1:]])
+def _launch_forward(out, weight, U0, R, d0, r0, n, scale):
     grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
     merge_kernel[grid](
-        out, out if weight is None else weight, factors[0], R, d0, r0, n, scale,
+        out, out if weight is None else weight, U0, R, d0, r0, n, scale,
         HAS_WEIGHT=weight is not None, BM=BLOCK_M, BN=BLOCK_N, BK=16,
     )  # fmt: skip
-    return out
+
+
+def _launch_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
+    grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    rank_block = max(16, triton.next_power_of_2(r0))
+    backward_kernel[grid](grad, U0, R, d_U0, d_R, d0, r0, n, scale, BM=BLOCK_M, BN=BLOCK_N, BR=rank_block)
 
 
 def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    return _forward(None, core, factors, scale)
+    return fused_forward(_launch_forward, None, core, factors, scale)
 
 
 def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    return _forward(weight, core, factors, scale)
+    return fused_forward(_launch_forward, weight, core, factors, scale)
 
 
 def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
-    R, factors_of_R = split_first_mode(core, factors)
-    d0, r0 = factors[0].shape
-    n = R[0].numel()
-    d_U0, d_R = factors[0].new_zeros(d0, r0), R.new_zeros(R.shape)
-    grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    backward_kernel[grid](grad, factors[0], R, d_U0, d_R, d0, r0, n, scale,
-                          BM=BLOCK_M, BN=BLOCK_N, BR=_rank_block(r0))  # fmt: skip
-    return gradients(d_U0, d_R, core, factors_of_R)
+    return fused_backward(_launch_backward, grad, core, factors, scale)
