@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import tensor_peft as tp
-from tensor_peft.nn import LoRALayer, MTLoRALayer
+from tensor_peft.nn import LoRALayer
 
 
 class SmallNet(nn.Module):

@@ -10,21 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import extension_import_error
-from .tucker_split import fused_backward, fused_forward
+from .registry import extension_import_error, extension_kernel
+from .tucker_split import tucker_ops
 
 DEVICE_TYPES = ("cuda",)
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def unavailable_reason(device_type: str) -> str | None:
     return extension_import_error("_cuda")
-
-
-def _kernel(name: str, dtype: torch.dtype):
-    from tensor_peft import _cuda
-
-    return getattr(_cuda, f"{name}_{_SUFFIX[dtype]}")
 
 
 def _stream(tensor: Tensor) -> int:
@@ -34,26 +27,17 @@ def _stream(tensor: Tensor) -> int:
 def _launch_forward(out, weight, U0, R, d0, r0, n, scale):
     pointer = 0 if weight is None else weight.data_ptr()
     with torch.cuda.device(out.device):
-        _kernel("tucker_forward", out.dtype)(
+        extension_kernel("_cuda", "tucker_forward", out.dtype)(
             out.data_ptr(), pointer, U0.data_ptr(), R.data_ptr(), d0, r0, n, scale, _stream(out)
         )
 
 
 def _launch_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
     with torch.cuda.device(grad.device):
-        _kernel("tucker_backward", grad.dtype)(
+        extension_kernel("_cuda", "tucker_backward", grad.dtype)(
             grad.data_ptr(), U0.data_ptr(), R.data_ptr(), d_U0.data_ptr(), d_R.data_ptr(), d0, r0, n, scale,
             _stream(grad),
         )  # fmt: skip
 
 
-def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    return fused_forward(_launch_forward, None, core, factors, scale)
-
-
-def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    return fused_forward(_launch_forward, weight, core, factors, scale)
-
-
-def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
-    return fused_backward(_launch_backward, grad, core, factors, scale)
+tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _launch_backward)

@@ -53,6 +53,12 @@ def extension_import_error(module: str) -> str | None:
     return None
 
 
+def extension_kernel(module: str, name: str, dtype: torch.dtype) -> Callable:
+    """The compiled kernel ``tensor_peft.<module>.<name>_f32`` / ``_f64`` for ``dtype``."""
+    suffix = {torch.float32: "f32", torch.float64: "f64"}[dtype]
+    return getattr(importlib.import_module(f"tensor_peft.{module}"), f"{name}_{suffix}")
+
+
 def _check_name(name: object, where: str) -> str:
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"{where} must be one of {', '.join(NAMES)}; got {name!r}")

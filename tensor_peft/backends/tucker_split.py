@@ -42,3 +42,18 @@ def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], sc
     d_U0, d_R = factors[0].new_zeros(d0, r0), torch.zeros_like(R)
     launch(grad, factors[0], R, d_U0, d_R, d0, r0, R[0].numel(), scale)
     return gradients(d_U0, d_R, core, factors_of_R)
+
+
+def tucker_ops(launch_forward, launch_backward):
+    """A backend's (tucker_delta, tucker_merge, tucker_delta_backward) from its two launchers."""
+
+    def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+        return fused_forward(launch_forward, None, core, factors, scale)
+
+    def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+        return fused_forward(launch_forward, weight, core, factors, scale)
+
+    def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
+        return fused_backward(launch_backward, grad, core, factors, scale)
+
+    return tucker_delta, tucker_merge, tucker_delta_backward

@@ -4,14 +4,11 @@ other backend that can run here against the reference."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tensor_peft import backends
-from tensor_peft.backends import reference
 
 from ..conftest import DEVICES
 from .cases import BLOCK_CASES, CASES, Case

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from ..tucker_split import fused_backward, fused_forward
+from ..tucker_split import tucker_ops
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -68,13 +67,4 @@ def _launch_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
     backward_kernel[grid](grad, U0, R, d_U0, d_R, d0, r0, n, scale, BM=BLOCK_M, BN=BLOCK_N, BR=rank_block)
 
 
-def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    return fused_forward(_launch_forward, None, core, factors, scale)
-
-
-def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    return fused_forward(_launch_forward, weight, core, factors, scale)
-
-
-def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
-    return fused_backward(_launch_backward, grad, core, factors, scale)
+tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _launch_backward)
