@@ -8,7 +8,7 @@ never fails because a compiled extension is missing (``python -m tensor_peft inf
 __version__ = "0.1.0"
 
 from . import backends, nn, ops  # noqa: E402
-from .config import AdapterConfig, FLoRAConfig, LoRAConfig, MTLoRAConfig  # noqa: E402
+from .config import AdapterConfig, FLoRAConfig, LieRAConfig, LoRAConfig, MTLoRAConfig  # noqa: E402
 from .model import (  # noqa: E402
     delete_adapter,
     inject,
@@ -24,6 +24,7 @@ from .model import (  # noqa: E402
 __all__ = [
     "AdapterConfig",
     "FLoRAConfig",
+    "LieRAConfig",
     "LoRAConfig",
     "MTLoRAConfig",
     "backends",

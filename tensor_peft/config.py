@@ -19,6 +19,7 @@ from .nn.base import check_dropout
 from .ops._common import check_real
 from .nn.lora import check_alpha, check_rank
 from .nn.flora import MODES as FLORA_MODES
+from .nn.liera import EXP_FORMS, GROUPS, INNERS
 from .nn.mtlora import VARIANTS
 
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
@@ -94,3 +95,29 @@ class FLoRAConfig(AdapterConfig):
             self.ranks = [check_rank(k, "ranks") for k in self.ranks]
         if self.mode not in FLORA_MODES:
             raise ValueError(f"mode must be one of {', '.join(FLORA_MODES)}; got {self.mode!r}")
+
+
+@dataclass
+class LieRAConfig(AdapterConfig):
+    """LieRA: W_eff = W0 ⊙ exp(ΔW) (``group="hadamard"``, ΔW from ``inner`` lora with
+    s = alpha/r, or flora with ``scale``/``ranks``; ``exp`` exact or taylor1), or
+    W_eff = blockdiag(exp(S_i))·W0 (``group`` orthogonal or gl, blocks of ``block_size``)."""
+
+    method: ClassVar[str] = "liera"
+    alpha: float = 8.0
+    group: str = "hadamard"
+    inner: str = "lora"
+    exp: str = "exact"
+    block_size: int = 4
+    scale: float = 1.0
+    ranks: list[int] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_alpha(self.alpha)
+        check_real(self.scale, "scale")
+        check_rank(self.block_size, "block_size")
+        for value, name, choices in ((self.group, "group", GROUPS), (self.inner, "inner", INNERS),
+                                     (self.exp, "exp", EXP_FORMS)):  # fmt: skip
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -15,14 +15,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import AdapterConfig, FLoRAConfig, LoRAConfig, MTLoRAConfig, ModuleSpec
-from .nn import AdapterLayer, FLoRALayer, LoRALayer, MTLoRALayer
+from .config import AdapterConfig, FLoRAConfig, LieRAConfig, LoRAConfig, MTLoRAConfig, ModuleSpec
+from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer
 from .nn.base import is_supported
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
     "mtlora": (MTLoRAConfig, MTLoRALayer),
     "flora": (FLoRAConfig, FLoRALayer),
+    "liera": (LieRAConfig, LieRALayer),
 }
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

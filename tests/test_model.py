@@ -94,7 +94,9 @@ def test_exclude_and_target_errors():
 
 @pytest.mark.parametrize("config", [tp.LoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, alpha=6.0),
                                     tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="icfm"),
-                                    tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, scale=0.5)])  # fmt: skip
+                                    tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, scale=0.5),
+                                    tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, alpha=1.0),
+                                    tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], group="orthogonal", block_size=4)])  # fmt: skip
 def test_merge_unmerge_unload(config):
     model, x = small_net(), inputs()
     base_out = model(x)
@@ -154,6 +156,7 @@ LOAD_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("config", [
     tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="ctcm", dropout=0.1),
     tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], ranks=[3, 2, 2, 1], exclude_modules=["head.fc1", "head.fc2"]),
+    tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], group="gl", block_size=2),
 ])  # fmt: skip
 def test_save_then_load_in_a_fresh_process_reproduces_outputs(tmp_path, config):
     model, x = small_net(), inputs()
@@ -296,6 +299,9 @@ def test_distributed_data_parallel_synchronizes_adapter_gradients(tmp_path):
         (lambda: tp.LoRAConfig(target_modules=[]), "target_modules must name"),
         (lambda: tp.MTLoRAConfig(target_modules=["fc"], variant="full"), "variant must be one of"),
         (lambda: tp.FLoRAConfig(target_modules=["fc"], mode="fused"), "mode must be one of"),
+        (lambda: tp.LieRAConfig(target_modules=["fc"], group="unitary"), "group must be one of"),
+        (lambda: tp.LieRAConfig(target_modules=["fc"], exp="pade"), "exp must be one of"),
+        (lambda: tp.LieRAConfig(target_modules=["fc"], block_size=0), "block_size must be a positive integer"),
         (lambda: tp.FLoRAConfig(target_modules=["fc"], ranks=[4, 0]), "ranks must be a positive integer"),
     ],
 )

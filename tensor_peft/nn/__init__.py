@@ -3,7 +3,8 @@ and is a drop-in replacement for it."""
 
 from .base import Adapter, AdapterLayer, SUPPORTED_LAYERS
 from .flora import FLoRALayer
+from .liera import LieRALayer
 from .lora import LoRALayer
 from .mtlora import MTLoRALayer
 
-__all__ = ["Adapter", "AdapterLayer", "FLoRALayer", "LoRALayer", "MTLoRALayer", "SUPPORTED_LAYERS"]
+__all__ = ["Adapter", "AdapterLayer", "FLoRALayer", "LieRALayer", "LoRALayer", "MTLoRALayer", "SUPPORTED_LAYERS"]

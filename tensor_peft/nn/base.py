@@ -164,6 +164,16 @@ class AdapterLayer(nn.Module):
         dtype = next(adapter.parameters()).dtype
         return torch.promote_types(dtype, torch.float32)
 
+    def single_active_adapter(self) -> Adapter | None:
+        """The adapter when the layer may run as one conv/linear with its effective weight:
+        exactly one active adapter, none merged, adapters on, and its dropout a no-op."""
+        if len(self.active_adapters) != 1 or self.merged_adapters or not self.adapters_enabled:
+            return None
+        adapter = self.adapters[self.active_adapters[0]]
+        if self.training and not isinstance(adapter.dropout, nn.Identity):
+            return None
+        return adapter
+
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         if not self.adapters_enabled:

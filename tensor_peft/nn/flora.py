@@ -159,10 +159,8 @@ class FLoRALayer(AdapterLayer):
         return adapter.scale * self.pointwise(thin, U0)
 
     def forward(self, x: Tensor) -> Tensor:
-        single = len(self.active_adapters) == 1 and not self.merged_adapters and self.adapters_enabled
-        adapter = self.adapters[self.active_adapters[0]] if single else None
-        dropout_off = adapter is not None and (not self.training or isinstance(adapter.dropout, nn.Identity))
-        self.last_execution = self.choose_execution(adapter, x) if dropout_off else None
+        adapter = self.single_active_adapter()
+        self.last_execution = None if adapter is None else self.choose_execution(adapter, x)
         if self.last_execution == "merged":
             weight = self.merge_weight(adapter, self.weight)
             return self.base_operation(x, weight.to(x.dtype), self.bias)

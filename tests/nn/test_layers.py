@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from tensor_peft.nn import FLoRALayer, LoRALayer, MTLoRALayer
+from tensor_peft.nn import FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer
 
 GEOMETRIES = {
     "linear": lambda: nn.Linear(7, 5),
@@ -56,11 +56,36 @@ def spec_delta(layer, adapter) -> torch.Tensor:
     return (adapter.alpha / adapter.r * adapter.lora_B @ transform(adapter) @ A).reshape(layer.weight.shape)
 
 
+def taylor_expm(S: torch.Tensor, terms: int = 40) -> torch.Tensor:
+    """exp(S) by its Taylor series (differentiable; exact to float64 for the small norms here)."""
+    assert torch.linalg.matrix_norm(S, 1) < 4
+    result = term = torch.eye(S.shape[-1], dtype=S.dtype)
+    for k in range(1, terms):
+        term = term @ S / k
+        result = result + term
+    return result
+
+
+def spec_weight(layer, adapter) -> torch.Tensor:
+    """W_eff by SPEC §1: W0 + ΔW; LieRA W0 ⊙ exp(ΔW) or W0 ⊙ (1 + ΔW) (hadamard), or
+    blockdiag(exp(S_i))·W0 with S_i = A_i − A_iᵀ (orthogonal) or A_i (gl)."""
+    W0 = layer.base_layer.weight
+    group = getattr(adapter, "group", None)
+    if group is None:
+        return W0 + spec_delta(layer, adapter).to(W0.dtype)
+    if group == "hadamard":
+        delta = spec_delta(layer, adapter.update)
+        return W0 * (torch.exp(delta) if adapter.exp == "exact" else 1 + delta)
+    A = adapter.generators
+    S = A - A.transpose(-1, -2) if group == "orthogonal" else A
+    rotation = torch.block_diag(*[taylor_expm(block) for block in S])
+    return (rotation @ W0.reshape(W0.shape[0], -1)).reshape(W0.shape)
+
+
 def spec_forward(layer, adapter, x) -> torch.Tensor:
-    """The base layer itself, run with W0 + ΔW."""
+    """The base layer itself, run with W_eff."""
     base = layer.base_layer
-    weight = base.weight + spec_delta(layer, adapter).to(base.weight.dtype)
-    return functional_call(base, {"weight": weight, "bias": base.bias}, (x,))
+    return functional_call(base, {"weight": spec_weight(layer, adapter), "bias": base.bias}, (x,))
 
 
 METHODS = {
@@ -69,6 +94,12 @@ METHODS = {
        for v in ("shim", "icfm", "ctcm", "dtsm")},
     **{f"flora-{m}": (lambda m: lambda base, **kw: FLoRALayer(base, r=3, scale=0.8, mode=m, **kw))(m)
        for m in ("merged", "factorized", "auto")},
+    "liera-lora-exact": lambda base, **kw: LieRALayer(base, r=2, alpha=1.0, **kw),
+    "liera-lora-taylor1": lambda base, **kw: LieRALayer(base, r=2, alpha=1.0, exp="taylor1", **kw),
+    "liera-flora-exact": lambda base, **kw: LieRALayer(base, inner="flora", ranks=[2] * base.weight.dim(), scale=0.5, **kw),
+    **{f"liera-{g}": (lambda g: lambda base, **kw: LieRALayer(
+        base, group=g, block_size=next(b for b in (3, 2, 1) if base.weight.shape[0] % b == 0), **kw))(g)
+       for g in ("orthogonal", "gl")},
 }  # fmt: skip
 
 
@@ -128,9 +159,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(method, geometry):
     layer, x = make(method, geometry)
     randomize(layer)
     weight = layer.weight.detach().clone()
+    merged_weight = spec_weight(layer, layer.adapters["default"]).detach()
     expected = layer(x)
     layer.merge()
-    torch.testing.assert_close(layer.weight, weight + spec_delta(layer, layer.adapters["default"]), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(layer.weight, merged_weight, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-13)
     layer.unmerge()
     torch.testing.assert_close(layer.weight, weight, rtol=1e-14, atol=1e-15)
@@ -226,6 +258,8 @@ def test_several_adapters_switch_disable_and_delete():
         (lambda: FLoRALayer(nn.Linear(3, 2), mode="fast"), ValueError, "mode must be one of"),
         (lambda: FLoRALayer(nn.Linear(3, 2), ranks=[2, 2, 2]), ValueError, "ranks must give one rank per weight mode"),
         (lambda: FLoRALayer(nn.Conv2d(4, 4, 3, groups=2), mode="factorized"), ValueError, "needs groups == 1"),
+        (lambda: LieRALayer(nn.Linear(3, 6), group="orthogonal", block_size=4), ValueError, "block_size 4 must divide"),
+        (lambda: LieRALayer(nn.Linear(3, 6), inner="hira"), ValueError, "inner must be one of"),
     ],
 )
 def test_bad_layer_arguments(make_layer, error, message):
@@ -254,3 +288,15 @@ def test_flora_auto_picks_by_cost_and_says_so(geometry):
     assert layer.last_execution == ("factorized" if factorized <= merged else "merged")
     assert f"last_execution={layer.last_execution}" in repr(layer)
     assert layer.output_positions(x) * layer.weight.shape[0] == layer.base_layer(x).numel()
+
+
+def test_liera_taylor1_unmerge_that_would_divide_by_zero_refuses():
+    layer = LieRALayer(nn.Linear(3, 2).double(), r=1, alpha=1.0, exp="taylor1")
+    with torch.no_grad():  # 1 + ΔW = 0 at entry (0, 0) after merging
+        layer.adapters["default"].update.lora_B.fill_(1.0)
+        layer.adapters["default"].update.lora_A.fill_(-1.0)
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot unmerge adapter 'default'"):
+        layer.unmerge()
+    assert torch.equal(layer.weight, merged)

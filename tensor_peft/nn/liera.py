@@ -1,0 +1,126 @@
+"""LieRA: the weight is an element of a Lie group and the update a Lie-algebra element
+mapped back by the exponential (Si et al., ICCV 2025).
+
+- ``group="hadamard"`` (the paper): W_eff = W0 ⊙ exp(ΔW), elementwise, with ΔW from an
+  inner method: ``inner="lora"`` (s·B·A on the matrix view, s = alpha/r, conv A keeps
+  its spatial structure; A kaiming-uniform(a=√5), B = 0) or ``inner="flora"`` (the FLoRA
+  Tucker update). ``exp="exact"`` (fused by ``ops.lowrank_hadamard_merge`` for LoRA) or
+  ``"taylor1"``: W0 ⊙ (1 + ΔW), the authors' released form. Zero entries of W0 never move.
+- ``group="orthogonal"`` / ``"gl"`` (matrix groups, beyond the paper): W_eff = R·W0 on the
+  matrix view, R = blockdiag(exp(S_1), …, exp(S_nb)) acting on output channels in blocks
+  of ``block_size``, S_i = A_i − A_iᵀ (rotations) or A_i (gl); A_i = 0 at init, so R = I.
+
+Every update is multiplicative, so the layer runs one conv/linear with W_eff, merging
+multiplies the weight in, and unmerging multiplies by the inverse (exp(−ΔW), 1/(1 + ΔW),
+exp(−S))."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import Adapter, AdapterLayer, adapter_dtype_for
+from .flora import FLoRAAdapter
+from .lora import LoRAAdapter, check_alpha, check_rank
+
+GROUPS = ("hadamard", "orthogonal", "gl")
+INNERS = ("lora", "flora")
+EXP_FORMS = ("exact", "taylor1")
+
+
+class LieRAAdapter(Adapter):
+    def __init__(self, layer: AdapterLayer, r, alpha, group, inner, exp, block_size, scale, ranks, dropout, dtype):
+        super().__init__(dropout)
+        for value, name, choices in ((group, "group", GROUPS), (inner, "inner", INNERS), (exp, "exp", EXP_FORMS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        self.group, self.inner, self.exp = group, inner, exp
+        if group != "hadamard":
+            rows = layer.weight.shape[0]
+            block_size = check_rank(block_size, "block_size")
+            if rows % block_size:
+                raise ValueError(f"block_size {block_size} must divide the output channels ({rows})")
+            factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
+            self.block_size = block_size
+            self.generators = nn.Parameter(torch.zeros(rows // block_size, block_size, block_size, **factory))
+        elif inner == "lora":
+            self.update = LoRAAdapter(layer, r, alpha, 0.0, dtype)
+        else:
+            self.update = FLoRAAdapter(layer, r, ranks, scale, "merged", 0.0, dtype)
+
+    def algebra_element(self) -> Tensor:
+        """The generators S_i of the matrix groups: A_i − A_iᵀ (orthogonal) or A_i (gl)."""
+        A = self.generators
+        return A - A.transpose(-1, -2) if self.group == "orthogonal" else A
+
+
+class LieRALayer(AdapterLayer):
+    """A frozen Linear/Conv1d/Conv2d/Conv3d with LieRA adapters (drop-in replacement)."""
+
+    method = "liera"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        alpha: float = 8.0,
+        group: str = "hadamard",
+        inner: str = "lora",
+        exp: str = "exact",
+        block_size: int = 4,
+        scale: float = 1.0,
+        ranks: list[int] | None = None,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(
+            base_layer, adapter_name, r=r, alpha=alpha, group=group, inner=inner, exp=exp,
+            block_size=block_size, scale=scale, ranks=ranks, dropout=dropout, dtype=dtype,
+        )  # fmt: skip
+
+    def _new_adapter(self, r=8, alpha=8.0, group="hadamard", inner="lora", exp="exact", block_size=4, scale=1.0,
+                     ranks=None, dropout=0.0, dtype=None) -> Adapter:  # fmt: skip
+        check_alpha(alpha)
+        return LieRAAdapter(self, r, alpha, group, inner, exp, block_size, scale, ranks, dropout, dtype)
+
+    def _apply(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
+        """The group element of ``adapter`` (or its inverse) acting on ``weight``."""
+        dtype = torch.promote_types(weight.dtype, self.compute_dtype(adapter))
+        if adapter.group != "hadamard":
+            S = adapter.algebra_element().to(dtype)
+            rotation = ops.matrix_exp(-S if inverse else S)
+            blocks = weight.to(dtype).reshape(rotation.shape[0], adapter.block_size, -1)
+            return (rotation @ blocks).reshape(weight.shape)
+        update = adapter.update
+        if adapter.inner == "lora" and not inverse:
+            B, A = update.lora_B.to(dtype), update.lora_A.to(dtype)
+            return ops.lowrank_hadamard_merge(weight.to(dtype), B, A, update.scale, adapter.exp)
+        if adapter.inner == "lora":
+            B, A = update.lora_B.to(dtype), update.lora_A.to(dtype).reshape(update.r, -1)
+            delta = (update.scale * B @ A).reshape(weight.shape)
+        else:
+            factors = [f.to(dtype) for f in update.factors]
+            delta = ops.tucker_delta(update.core.to(dtype), factors, update.scale)
+        if adapter.exp == "exact":
+            return weight * torch.exp(-delta if inverse else delta)
+        return weight / (1 + delta) if inverse else weight * (1 + delta)
+
+    def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
+        return self._apply(adapter, weight, inverse=False)
+
+    def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
+        return self._apply(adapter, weight, inverse=True)
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        """W_eff − W0, for the additive form the base class uses with dropout or several adapters."""
+        return self.merge_weight(adapter, self.weight) - self.weight.to(self.compute_dtype(adapter))
+
+    def forward(self, x: Tensor) -> Tensor:
+        adapter = self.single_active_adapter()
+        if adapter is None:
+            return super().forward(x)
+        weight = self.merge_weight(adapter, self.weight)
+        return self.base_operation(x, weight.to(x.dtype), self.bias)
+
