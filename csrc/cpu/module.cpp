@@ -13,7 +13,7 @@
 
 namespace py = pybind11;
 
-void register_tucker(py::module_& m);  // tucker.cpp
+void register_lowrank(py::module_& m);  // lowrank.cpp
 
 namespace {
 
@@ -44,5 +44,5 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "tensor_peft CPU kernels (C++17/OpenMP, raw pointers, no torch headers)";
     m.def("build_info", &build_info, "How this extension was compiled.");
     m.def("max_threads", &max_threads, "OpenMP threads a parallel region gets.");
-    register_tucker(m);
+    register_lowrank(m);
 }

@@ -1,0 +1,164 @@
+// Row kernels for updates of the form ΔW = scale · U · R on a weight's matrix view
+// (d0, n), with U (d0, r0) and R (r0, n) small in r0, and an epilogue per method:
+//   add      out = W0 + ΔW (or ΔW alone when W0 is null)        Tucker (FLoRA): U = U_0, R = G ×_{k≥1} U_k
+//   exp      out = W0 ⊙ exp(ΔW)                                 LieRA exact:    U = B, R = A
+//   taylor1  out = W0 ⊙ (1 + ΔW)                                LieRA taylor1
+// Forward makes one pass over the rows of W0. Backward makes one pass over the rows of Γ:
+// with D = ∂L/∂ΔW (Γ for add; Γ ⊙ W_eff, recomputed, for exp; Γ ⊙ W0 for taylor1) it gives
+// dU = scale · D · Rᵀ and dR = scale · Uᵀ · D. Rows are split among OpenMP threads and
+// walked in chunks that keep R's slice in cache.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tensor_peft/common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+enum Epilogue : int { kAdd = 0, kExp = 1, kTaylor1 = 2 };
+constexpr int64_t kChunk = 512;  // columns per chunk: r0 slices of R stay in L1/L2
+
+// acc[j] = scale · Σ_a u[a] R[a, start + j]: a chunk of one row of ΔW.
+template <typename T>
+inline __attribute__((always_inline)) void delta_chunk(T* acc, const T* u, const T* R, int64_t r0, int64_t n,
+                                                       int64_t start, int64_t width, T scale) {
+    for (int64_t j = 0; j < width; ++j) acc[j] = T(0);
+    for (int64_t a = 0; a < r0; ++a) {
+        const T coefficient = scale * u[a];
+        const T* r = R + a * n + start;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) acc[j] += coefficient * r[j];
+    }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void forward_row(T* out, const T* w, const T* u, const T* R, int64_t r0,
+                                                       int64_t n, T scale, int epilogue) {
+    T acc[kChunk];
+    for (int64_t start = 0; start < n; start += kChunk) {
+        const int64_t width = std::min(kChunk, n - start);
+        delta_chunk(acc, u, R, r0, n, start, width, scale);
+        T* o = out + start;
+        const T* wc = w ? w + start : nullptr;
+        if (epilogue == kAdd) {
+            for (int64_t j = 0; j < width; ++j) o[j] = wc ? wc[j] + acc[j] : acc[j];
+        } else if (epilogue == kExp) {
+            for (int64_t j = 0; j < width; ++j) o[j] = wc[j] * std::exp(acc[j]);
+        } else {
+            for (int64_t j = 0; j < width; ++j) o[j] = wc[j] * (T(1) + acc[j]);
+        }
+    }
+}
+
+// One row of the backward: du[a] = scale · <D_row, R[a, :]>, dR[a, :] += scale · u[a] · D_row.
+template <typename T>
+inline __attribute__((always_inline)) void backward_row(const T* g_row, const T* w, const T* u, const T* R,
+                                                        int64_t r0, int64_t n, T scale, int epilogue, T* du, T* dR) {
+    T d[kChunk];
+    for (int64_t a = 0; a < r0; ++a) du[a] = T(0);
+    for (int64_t start = 0; start < n; start += kChunk) {
+        const int64_t width = std::min(kChunk, n - start);
+        const T* g = g_row + start;
+        if (epilogue == kAdd) {
+            std::copy(g, g + width, d);
+        } else if (epilogue == kExp) {
+            delta_chunk(d, u, R, r0, n, start, width, scale);
+            for (int64_t j = 0; j < width; ++j) d[j] = g[j] * w[start + j] * std::exp(d[j]);
+        } else {
+            for (int64_t j = 0; j < width; ++j) d[j] = g[j] * w[start + j];
+        }
+        for (int64_t a = 0; a < r0; ++a) {
+            const T* r = R + a * n + start;
+            T* dr = dR + a * n + start;
+            const T coefficient = scale * u[a];
+            T dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < width; ++j) {
+                dot += d[j] * r[j];
+                dr[j] += coefficient * d[j];
+            }
+            du[a] += scale * dot;
+        }
+    }
+}
+
+// The row functions are compiled once per instruction set (TP_CPU_CLONES); OpenMP's
+// outlined regions are not, so the parallel loops below call into them per row.
+TP_CPU_CLONES void row_forward(float* o, const float* w, const float* u, const float* R, int64_t r0, int64_t n,
+                               float s, int e) {
+    forward_row(o, w, u, R, r0, n, s, e);
+}
+TP_CPU_CLONES void row_forward(double* o, const double* w, const double* u, const double* R, int64_t r0, int64_t n,
+                               double s, int e) {
+    forward_row(o, w, u, R, r0, n, s, e);
+}
+TP_CPU_CLONES void row_backward(const float* g, const float* w, const float* u, const float* R, int64_t r0, int64_t n,
+                                float s, int e, float* du, float* dR) {
+    backward_row(g, w, u, R, r0, n, s, e, du, dR);
+}
+TP_CPU_CLONES void row_backward(const double* g, const double* w, const double* u, const double* R, int64_t r0,
+                                int64_t n, double s, int e, double* du, double* dR) {
+    backward_row(g, w, u, R, r0, n, s, e, du, dR);
+}
+
+template <typename T>
+void forward(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
+             int epilogue) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < d0; ++i)
+        row_forward(out + i * n, weight ? weight + i * n : nullptr, U + i * r0, R, r0, n, scale, epilogue);
+}
+
+template <typename T>
+void backward(const T* grad, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
+              int epilogue, T* dU, T* dR) {
+    std::fill(dR, dR + r0 * n, T(0));
+#pragma omp parallel
+    {
+        std::vector<T> dR_local(r0 * n, T(0));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < d0; ++i)
+            row_backward(grad + i * n, weight ? weight + i * n : nullptr, U + i * r0, R, r0, n, scale, epilogue,
+                         dU + i * r0, dR_local.data());
+#pragma omp critical
+        for (int64_t j = 0; j < r0 * n; ++j) dR[j] += dR_local[j];
+    }
+}
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+template <typename T>
+void bind(py::module_& m, const std::string& suffix) {
+    m.def(("lowrank_forward_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
+             int64_t n, double scale, int epilogue) {
+              py::gil_scoped_release release;
+              forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr, ptr<const T>(U), ptr<const T>(R), d0,
+                         r0, n, static_cast<T>(scale), epilogue);
+          },
+          "out (d0, n) from W0 and ΔW = scale·U·R by the epilogue (0 add, 1 exp, 2 taylor1; W0 0: ΔW).");
+    m.def(("lowrank_backward_" + suffix).c_str(),
+          [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
+             int64_t n, double scale, int epilogue, std::uintptr_t dU, std::uintptr_t dR) {
+              py::gil_scoped_release release;
+              backward<T>(ptr<const T>(grad), weight ? ptr<const T>(weight) : nullptr, ptr<const T>(U),
+                          ptr<const T>(R), d0, r0, n, static_cast<T>(scale), epilogue, ptr<T>(dU), ptr<T>(dR));
+          },
+          "dU = scale·D·Rᵀ and dR = scale·Uᵀ·D with D = ∂L/∂ΔW from Γ by the epilogue, one pass over Γ.");
+}
+
+}  // namespace
+
+void register_lowrank(py::module_& m) {
+    bind<float>(m, "f32");
+    bind<double>(m, "f64");
+}
