@@ -31,11 +31,8 @@ CUDA_SWITCH = os.environ.get("TENSOR_PEFT_CUDA", "").strip()
 
 
 def find_nvcc() -> Path | None:
-    """nvcc on PATH, under $CUDA_HOME/bin, or under /usr/local/cuda/bin."""
-    on_path = shutil.which("nvcc")
-    candidates = [on_path] if on_path else []
-    candidates += [Path(os.environ.get("CUDA_HOME", "/nonexistent")) / "bin/nvcc"]
-    candidates += [Path("/usr/local/cuda/bin/nvcc")]
+    """nvcc on PATH, else under $CUDA_HOME/bin ($CUDA_HOME defaults to /usr/local/cuda)."""
+    candidates = [shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc")]
     return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
@@ -47,46 +44,79 @@ def cuda_home(nvcc: Path) -> Path:
     raise RuntimeError(f"found {nvcc} but no CUDA toolkit (include/cuda_runtime.h); set CUDA_HOME")
 
 
-def cpu_arch_flags() -> list[str]:
+def cpu_arch() -> str | None:
+    """``-march`` for the CPU extension: $TENSOR_PEFT_CPU_ARCH, else a safe x86-64 baseline."""
     arch = os.environ.get("TENSOR_PEFT_CPU_ARCH", "").strip()
     if not arch and platform.machine() in ("x86_64", "AMD64"):
         arch = "x86-64-v2"  # SSE4.2/POPCNT: every x86-64 CPU of the last 15 years
-    return [f"-march={arch}"] if arch else []
+    return arch or None
 
 
-def cuda_arch_flags() -> list[str]:
+def cuda_archs() -> list[str]:
+    """$TENSOR_PEFT_CUDA_ARCHS as a list, e.g. ["80", "90"]."""
     archs = [a.strip() for a in os.environ.get("TENSOR_PEFT_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    if not archs:
+        raise RuntimeError("TENSOR_PEFT_CUDA_ARCHS is empty; give e.g. '80;90'")
+    return archs
+
+
+def cuda_arch_flags(archs: list[str]) -> list[str]:
+    """SASS for each arch, plus PTX of the newest so that newer GPUs can JIT it."""
+    newest = max(archs, key=lambda a: int(a.rstrip("af")))  # "90a" / "100f" are arch variants
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+
+
+def sources(folder: str, *suffixes: str) -> list[str]:
+    """Files of csrc/<folder> with these suffixes, relative to the project (as setuptools wants)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / folder).iterdir() if p.suffix in suffixes)
 
 
 class NinjaBuildExt(build_ext):
-    """Compiles each extension's sources in parallel with ninja and links it with g++."""
+    """Compiles each extension's sources in parallel with ninja and links it with g++.
+
+    ``extra_compile_args`` is a dict: "cxx" (g++ flags) and, for CUDA, "nvcc" (the nvcc
+    command and its flags). The .so goes to ``get_ext_fullpath``, which setuptools points
+    at the wheel's tree or, for an editable install, at the source tree.
+    """
+
+    def run(self) -> None:
+        """Also deletes old builds of a skipped _cuda: setuptools would ship a stale one left in
+        build/lib by an earlier build, and an editable install would import one left in the tree."""
+        if all(ext.name != "tensor_peft._cuda" for ext in self.extensions):
+            stale = [Path(self.get_ext_fullpath("tensor_peft._cuda"))]
+            if self.editable_mode:
+                stale.append(ROOT / self.get_ext_filename("tensor_peft._cuda"))
+            for path in stale:
+                path.unlink(missing_ok=True)
+        super().run()
 
     def build_extension(self, ext: Extension) -> None:
-        build_dir = Path(self.build_temp) / ext.name
+        build_dir = (Path(self.build_temp) / ext.name).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
-        compile_flags = ext.extra_compile_args
+        flags = ext.extra_compile_args
         rules = [
             "rule cxx",
-            f"  command = c++ -MMD -MF $out.d {shlex.join(compile_flags['cxx'])} -c $in -o $out",
+            f"  command = c++ -MMD -MF $out.d {shlex.join(flags['cxx'])} -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
             "rule link",
             f"  command = c++ -shared $in -o $out {shlex.join(ext.extra_link_args)}",
         ]
-        if "nvcc" in compile_flags:
+        if "nvcc" in flags:
             rules += [
                 "rule nvcc",
-                f"  command = {shlex.join(compile_flags['nvcc'])} -c $in -o $out",
+                f"  command = {shlex.join(flags['nvcc'])} -MD -MF $out.d -c $in -o $out",
+                "  depfile = $out.d",
+                "  deps = gcc",
             ]
         edges, objects = [], []
         for source in map(Path, ext.sources):
             obj = build_dir / (source.name + ".o")
             rule = "nvcc" if source.suffix == ".cu" else "cxx"
-            edges.append(f"build {obj}: {rule} {(ROOT / source).resolve()}")
+            edges.append(f"build {obj}: {rule} {ROOT / source}")
             objects.append(str(obj))
         edges.append(f"build {output}: link {' '.join(objects)}")
         (build_dir / "build.ninja").write_text("\n".join(rules + edges) + "\n")
@@ -95,6 +125,7 @@ class NinjaBuildExt(build_ext):
 
 
 def ninja_executable() -> str:
+    """The ninja binary of the ``ninja`` Python package (a build requirement), else one on PATH."""
     try:
         import ninja
 
@@ -107,14 +138,20 @@ def ninja_executable() -> str:
 
 
 def extensions() -> list[Extension]:
-    includes = [str(ROOT / "csrc/include"), pybind11.get_include(), sysconfig.get_paths()["include"]]
-    cxx = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fopenmp", *cpu_arch_flags()]
-    cxx += [f"-I{path}" for path in includes]
-    march = next((f[len("-march="):] for f in cpu_arch_flags()), "default")
+    """_C always; _cuda as TENSOR_PEFT_CUDA and the presence of nvcc decide."""
+    if CUDA_SWITCH not in ("", "0", "1"):
+        raise RuntimeError(f"TENSOR_PEFT_CUDA={CUDA_SWITCH!r}: use 1 (require CUDA), 0 (skip it) or unset")
+    include_dirs = (ROOT / "csrc/include", pybind11.get_include(), sysconfig.get_paths()["include"])
+    includes = [f"-I{path}" for path in include_dirs]
+    headers = sources("include/tensor_peft", ".h")  # in `depends` so that an sdist carries them
+    cxx = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *includes]
+    march = cpu_arch()
+    march_flags = [f"-march={march}"] if march else []
     cpu = Extension(
         "tensor_peft._C",
-        sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp")),
-        extra_compile_args={"cxx": cxx + [f'-DTP_MARCH="{march}"']},
+        sources=sources("cpu", ".cpp"),
+        depends=headers,
+        extra_compile_args={"cxx": [*cxx, "-fopenmp", *march_flags, f'-DTP_MARCH="{march or "default"}"']},
         extra_link_args=["-fopenmp"],
     )
     if CUDA_SWITCH == "0":
@@ -123,23 +160,24 @@ def extensions() -> list[Extension]:
     if nvcc is None:
         if CUDA_SWITCH == "1":
             raise RuntimeError(
-                "TENSOR_PEFT_CUDA=1 but nvcc was not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"
+                "TENSOR_PEFT_CUDA=1 but nvcc was not found (looked on PATH and in $CUDA_HOME/bin, "
+                "CUDA_HOME defaulting to /usr/local/cuda): install the CUDA toolkit or set CUDA_HOME, "
+                "or build without CUDA with TENSOR_PEFT_CUDA=0"
             )
         print("tensor_peft: nvcc not found, building without the CUDA extension", file=sys.stderr)
         return [cpu]
     home = cuda_home(nvcc)
-    archs = os.environ.get("TENSOR_PEFT_CUDA_ARCHS", "80;90")
-    cuda_includes = [f"-I{path}" for path in [*includes, home / "include"]]
+    archs = cuda_archs()
+    cuda_includes = [*includes, f"-I{home / 'include'}"]
     cuda = Extension(
         "tensor_peft._cuda",
-        sources=sorted(
-            str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").iterdir() if p.suffix in (".cpp", ".cu")
-        ),
+        sources=sources("cuda", ".cpp", ".cu"),
+        depends=headers + sources("cuda", ".h"),
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *cuda_includes, f'-DTP_CUDA_ARCHS="{archs}"'],
+            "cxx": [*cxx, f"-I{home / 'include'}", f'-DTP_CUDA_ARCHS="{";".join(archs)}"'],
             "nvcc": [
                 str(nvcc), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-                "-Xcompiler", "-fPIC", *cuda_arch_flags(), *cuda_includes,
+                "-Xcompiler", "-fPIC,-fvisibility=hidden", *cuda_arch_flags(archs), *cuda_includes,
             ],  # fmt: skip
         },
         extra_link_args=[f"-L{home / 'lib64'}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"],

@@ -22,9 +22,11 @@ py::dict build_info() {
     info["compiler"] = __VERSION__;
     info["cxx_standard"] = static_cast<long>(__cplusplus);
 #ifdef _OPENMP
-    info["openmp"] = static_cast<long>(_OPENMP);
+    info["openmp"] = true;
+    info["openmp_version"] = static_cast<long>(_OPENMP);  // yyyymm of the OpenMP spec
 #else
-    info["openmp"] = py::none();
+    info["openmp"] = false;
+    info["openmp_version"] = py::none();
 #endif
     info["march"] = TP_MARCH;
     return info;

@@ -50,8 +50,8 @@ PYBIND11_MODULE(_cuda, m) {
         "build_info",
         [] {
             py::dict info;
-            info["cuda_runtime"] = tensor_peft::cuda::runtime_version();
-            info["nvcc"] = tensor_peft::cuda::nvcc_version();
+            info["cuda_runtime_version"] = tensor_peft::cuda::runtime_version();
+            info["nvcc_version"] = tensor_peft::cuda::nvcc_version();
             info["archs"] = TP_CUDA_ARCHS;
             return info;
         },

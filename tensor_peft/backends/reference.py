@@ -20,7 +20,13 @@ _BLOCK_ELEMENTS = 1 << 24
 
 
 def unavailable_reason(device_type: str) -> str | None:
+    """Why this backend cannot run on ``device_type`` tensors: never, it is plain torch."""
     return None
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
 
 
 # --------------------------------------------------------------------------- Tucker
@@ -45,6 +51,7 @@ def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
 
 
 def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    """W0 + ΔW."""
     return weight + tucker_delta(core, factors, scale)
 
 
@@ -79,9 +86,9 @@ _THETA13 = 5.371920351148152
 
 def matrix_exp(A: Tensor) -> Tensor:
     """exp(A) by scaling and squaring with the Padé [13/13] approximant, each matrix scaled
-    by its own power of two. (``torch.linalg.matrix_exp`` picks its Taylor degree from the
-    largest norm in a batch and can lose accuracy on a lone small matrix.) Non-finite
-    entries give NaN."""
+    by its own power of two (Higham 2005): to about one rounding in float64, where
+    ``torch.linalg.matrix_exp`` is off by up to ~5e-11 relative, too coarse for an oracle.
+    A matrix with a non-finite entry gives NaN."""
     if A.numel() == 0:
         return A.clone()
     norms = torch.linalg.matrix_norm(A, ord=1)
@@ -103,17 +110,25 @@ def matrix_exp(A: Tensor) -> Tensor:
 
 def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     """∂L/∂A = L(Aᴴ, Γ), the adjoint Fréchet derivative, read off the upper-right block of
-    exp([[Aᴴ, Γ], [0, Aᴴ]]) = [[exp(Aᴴ), L(Aᴴ, Γ)], [0, exp(Aᴴ)]]."""
+    exp([[Aᴴ, E], [0, Aᴴ]]) = [[exp(Aᴴ), L(Aᴴ, E)], [0, exp(Aᴴ)]]. L is linear in E, so a
+    Γ with ‖Γ‖₁ > 1 is scaled by a power of two c to ‖E‖₁ ≤ 1, E = c·Γ, and the result
+    divided by c (exactly): a large gradient then costs no extra squarings, nor their
+    rounding."""
     n = A.shape[-1]
+    grad_norms = torch.linalg.matrix_norm(grad, ord=1)
+    c = torch.where(grad_norms > 1, torch.exp2(-torch.ceil(torch.log2(grad_norms))), 1.0)
+    c = c[..., None, None]
     adjoint = A.mH
     block = torch.cat(
-        [torch.cat([adjoint, grad], dim=-1), torch.cat([torch.zeros_like(A), adjoint], dim=-1)],
+        [torch.cat([adjoint, c * grad], dim=-1), torch.cat([torch.zeros_like(A), adjoint], dim=-1)],
         dim=-2,
     )
-    return matrix_exp(block)[..., :n, n:].contiguous()
+    return matrix_exp(block)[..., :n, n:] / c
 
 
 # --------------------------------------------------------------------------- kernelized (SNELL)
+
+KERNELS = ("piecewise_linear", "rbf", "sigmoid", "linear", "mixture")
 
 
 def _concat_chunks(emb: Tensor) -> Tensor:
@@ -129,8 +144,8 @@ def _split_chunks(full: Tensor, chunks: int) -> Tensor:
 
 
 def squared_distances(rows: Tensor, cols: Tensor) -> Tensor:
-    """‖rows[j] − cols[i]‖² for all (j, i), from direct differences (exact near 0),
-    a block of rows at a time to bound the temporary."""
+    """D[j, i] = ‖rows[j] − cols[i]‖² from direct differences (exact near 0), a block of
+    rows at a time so that the (rows, n, p) temporary stays under ``_BLOCK_ELEMENTS``."""
     block = max(1, _BLOCK_ELEMENTS // max(1, cols.numel()))
     out = rows.new_empty(rows.shape[0], cols.shape[0])
     for start in range(0, rows.shape[0], block):
@@ -139,11 +154,14 @@ def squared_distances(rows: Tensor, cols: Tensor) -> Tensor:
     return out
 
 
-def _piecewise_radii(out_emb: Tensor, in_emb: Tensor, eps: float) -> Tensor:
-    """r_h[j, i] = sqrt(‖b_j^(h) − a_i^(h)‖² + eps), shape (H, m, n)."""
-    return torch.stack(
-        [squared_distances(b, a) for b, a in zip(out_emb, in_emb)]
-    ).add(eps).sqrt()
+def _radii(b: Tensor, a: Tensor, eps: float) -> Tensor:
+    """r[j, i] = sqrt(‖b_j − a_i‖² + eps) for one chunk: b (m, p), a (n, p)."""
+    return squared_distances(b, a).add_(eps).sqrt_()
+
+
+def _piecewise(out_emb: Tensor, in_emb: Tensor, coeff: Tensor, eps: float) -> Tensor:
+    """P = Σ_h coeff[h]·r_h, one chunk at a time (never H m×n matrices at once)."""
+    return sum(c * _radii(b, a, eps) for c, b, a in zip(coeff, out_emb, in_emb))
 
 
 def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,21 +175,35 @@ def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tup
 def kernelized_delta(
     out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
 ) -> Tensor:
-    """ΔW_raw[j, i] = κ(b_j, a_i) for the kernel named ``kernel`` (see ``ops.kernelized_delta``)."""
+    """ΔW_raw[j, i] = κ(b_j, a_i); (alpha, beta, gamma) = params, r_h as in ``_radii``:
+    piecewise_linear P = Σ_h coeff[h]·r_h; rbf alpha·exp(−beta‖b_j − a_i‖²) + gamma;
+    sigmoid alpha·σ(beta b_j·a_i) + gamma; linear b_j·a_i;
+    mixture P + alpha·softmax_j(P/gamma) + beta."""
+    _check_choice(kernel, KERNELS, "kernel")
     alpha, beta, gamma = params
-    if kernel in ("piecewise_linear", "mixture"):
-        delta = torch.einsum("h,hji->ji", coeff, _piecewise_radii(out_emb, in_emb, eps))
-        if kernel == "mixture":
-            delta = delta + alpha * torch.softmax(delta / gamma, dim=0) + beta
-        return delta
+    if kernel == "piecewise_linear":
+        return _piecewise(out_emb, in_emb, coeff, eps)
+    if kernel == "mixture":
+        piecewise = _piecewise(out_emb, in_emb, coeff, eps)
+        return piecewise + alpha * torch.softmax(piecewise / gamma, dim=0) + beta
     b, a = _concat_chunks(out_emb), _concat_chunks(in_emb)
     if kernel == "rbf":
         return alpha * torch.exp(-beta * squared_distances(b, a)) + gamma
     if kernel == "sigmoid":
         return alpha * torch.sigmoid(beta * (b @ a.T)) + gamma
-    if kernel == "linear":
-        return b @ a.T
-    raise ValueError(f"unknown kernel {kernel!r}")
+    return b @ a.T
+
+
+def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """(∂L/∂P, ∂L/∂params) of K = P + alpha·S + beta, S = softmax_j(Z), Z = P/gamma:
+    ∂L/∂Z = S ⊙ (alpha Γ − Σ_j alpha Γ ⊙ S) (softmax Jacobian along j),
+    ∂L/∂P = Γ + ∂L/∂Z / gamma; ∂alpha = Σ Γ⊙S, ∂beta = Σ Γ, ∂gamma = Σ ∂L/∂Z ⊙ (−P/gamma²)."""
+    alpha, _, gamma = params
+    soft = torch.softmax(piecewise / gamma, dim=0)
+    d_logits = alpha * soft * (grad - (grad * soft).sum(0, keepdim=True))
+    d_gamma = (d_logits * -piecewise).sum() / gamma**2
+    d_params = torch.stack([(grad * soft).sum(), grad.sum(), d_gamma])
+    return grad + d_logits / gamma, d_params
 
 
 def kernelized_delta_backward(
@@ -183,91 +215,75 @@ def kernelized_delta_backward(
     params: Tensor,
     eps: float,
 ) -> list[Tensor]:
-    """[∂L/∂out_emb, ∂L/∂in_emb, ∂L/∂coeff, ∂L/∂params] for Γ = ``grad`` (m, n);
-    zeros for the parameters the kernel does not use."""
-    alpha, beta, gamma = params
-    d_coeff, d_params = torch.zeros_like(coeff), torch.zeros_like(params)
-    chunks = out_emb.shape[0]
+    """[∂L/∂out_emb, ∂L/∂in_emb, ∂L/∂coeff, ∂L/∂params] for Γ = ``grad`` (m, n); zeros for
+    the parameters the kernel does not use. Piecewise, per chunk h (∂r_h/∂b_j = (b_j − a_i)/r_h):
+    W_h = Γ ⊙ coeff[h] / r_h gives ∂b_j, ∂a_i by ``_weighted_distance_grads``,
+    ∂coeff[h] = Σ Γ ⊙ r_h. rbf: W = Γ ⊙ (−2 alpha beta E), E = exp(−beta D);
+    sigmoid: ∂(b_j·a_i) = Γ ⊙ alpha beta σ(1 − σ)."""
+    _check_choice(kernel, KERNELS, "kernel")
+    alpha, beta, _ = params
+    d_params = torch.zeros_like(params)
     if kernel in ("piecewise_linear", "mixture"):
-        radii = _piecewise_radii(out_emb, in_emb, eps)
         if kernel == "mixture":
-            piecewise = torch.einsum("h,hji->ji", coeff, radii)
-            soft = torch.softmax(piecewise / gamma, dim=0)
-            # softmax Jacobian along j: ∂L/∂z = S ⊙ (g − Σ_j g ⊙ S), with g = alpha·Γ
-            d_logits = soft * (alpha * grad - (alpha * grad * soft).sum(0, keepdim=True))
-            d_params = torch.stack(
-                [(grad * soft).sum(), grad.sum(), (d_logits * -piecewise / gamma**2).sum()]
-            )
-            grad = grad + d_logits / gamma  # ∂L/∂P
-        # ∂r_h/∂b_j^(h) = (b_j^(h) − a_i^(h)) / r_h
-        d_coeff = torch.einsum("ji,hji->h", grad, radii)
-        d_pairs = [
-            _weighted_distance_grads(grad * coeff[h] / radii[h], out_emb[h], in_emb[h])
-            for h in range(chunks)
-        ]
-        return [
-            torch.stack([d_b for d_b, _ in d_pairs]),
-            torch.stack([d_a for _, d_a in d_pairs]),
-            d_coeff,
-            d_params,
-        ]
+            piecewise = _piecewise(out_emb, in_emb, coeff, eps)
+            grad, d_params = _mixture_backward(grad, piecewise, params)
+        d_out, d_in, d_coeff = [], [], []
+        for c, b, a in zip(coeff, out_emb, in_emb):
+            radii = _radii(b, a, eps)
+            d_b, d_a = _weighted_distance_grads(grad * c / radii, b, a)
+            d_out.append(d_b)
+            d_in.append(d_a)
+            d_coeff.append((grad * radii).sum())
+        return [torch.stack(d_out), torch.stack(d_in), torch.stack(d_coeff), d_params]
     b, a = _concat_chunks(out_emb), _concat_chunks(in_emb)
     if kernel == "rbf":
         squared = squared_distances(b, a)
         bump = torch.exp(-beta * squared)
-        d_params = torch.stack(
-            [(grad * bump).sum(), (grad * alpha * bump * -squared).sum(), grad.sum()]
-        )
-        # ∂/∂b_j of exp(−β‖b_j − a_i‖²) = −2β exp(·)(b_j − a_i)
+        d_beta = -alpha * (grad * bump * squared).sum()
+        d_params = torch.stack([(grad * bump).sum(), d_beta, grad.sum()])
         d_b, d_a = _weighted_distance_grads(grad * -2 * alpha * beta * bump, b, a)
     elif kernel == "sigmoid":
         dots = b @ a.T
         sig = torch.sigmoid(beta * dots)
-        slope = grad * alpha * sig * (1 - sig)
-        d_params = torch.stack([(grad * sig).sum(), (slope * dots).sum(), grad.sum()])
-        weights = slope * beta
-        d_b, d_a = weights @ a, weights.T @ b
-    elif kernel == "linear":
+        d_pre = grad * alpha * sig * (1 - sig)  # ∂L/∂(beta b_j·a_i)
+        d_params = torch.stack([(grad * sig).sum(), (d_pre * dots).sum(), grad.sum()])
+        d_b, d_a = beta * d_pre @ a, beta * d_pre.T @ b
+    else:  # linear
         d_b, d_a = grad @ a, grad.T @ b
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    return [_split_chunks(d_b, chunks), _split_chunks(d_a, chunks), d_coeff, d_params]
+    chunks = out_emb.shape[0]
+    d_out, d_in = _split_chunks(d_b, chunks), _split_chunks(d_a, chunks)
+    return [d_out, d_in, torch.zeros_like(coeff), d_params]
 
 
 # --------------------------------------------------------------------------- sparsification
 
+MODES = ("hard", "soft")
+
 
 def threshold(delta: Tensor, k: int) -> Tensor:
-    """τ = the k-th smallest |ΔW| (1-indexed); −inf when k = 0 (keep all)."""
+    """τ = the k-th smallest |ΔW| over all entries (1-indexed; ``kthvalue`` works above
+    2^24 entries, unlike ``torch.quantile``); −inf when k = 0 (keep all)."""
     if k == 0:
         return delta.new_tensor(-math.inf)
     return delta.abs().flatten().kthvalue(k).values
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ("hard", "soft"):
-        raise ValueError(f"unknown mode {mode!r}")
-
-
-def _sparsify_with(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
-    _check_mode(mode)
+def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
+    """[out, τ] with mask = 1[|ΔW| > τ] (ties at τ dropped) and τ⁺ = max(τ, 0):
+    hard ΔW ⊙ |ΔW| ⊙ mask; soft ΔW ⊙ max(|ΔW| − τ⁺, 0) = ΔW ⊙ (|ΔW| − τ⁺) ⊙ mask."""
+    _check_choice(mode, MODES, "mode")
+    tau = threshold(delta, k)
     magnitude = delta.abs()
     keep = magnitude > tau
     if mode == "hard":
-        return delta * magnitude * keep
-    return delta * (magnitude - tau.clamp_min(0)) * keep
-
-
-def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
-    """[out, τ]: hard ΔW ⊙ |ΔW| ⊙ 1[|ΔW| > τ]; soft ΔW ⊙ max(|ΔW| − τ⁺, 0)."""
-    tau = threshold(delta, k)
-    return [_sparsify_with(delta, tau, mode), tau]
+        return [delta * magnitude * keep, tau]
+    return [delta * (magnitude - tau.clamp_min(0)) * keep, tau]
 
 
 def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     """τ and, in hard mode, |ΔW| are stop-gradients: hard Γ ⊙ |ΔW| ⊙ mask,
     soft Γ ⊙ (2|ΔW| − τ⁺) ⊙ mask."""
-    _check_mode(mode)
+    _check_choice(mode, MODES, "mode")
     magnitude = delta.abs()
     keep = magnitude > tau
     if mode == "hard":
@@ -285,6 +301,7 @@ def kernelized_sparse_delta(
     eps: float,
     mode: str,
 ) -> list[Tensor]:
+    """[out, τ] = sparsify(kernelized_delta(...), k, mode)."""
     return sparsify(kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps), k, mode)
 
 
@@ -300,7 +317,7 @@ def kernelized_sparse_delta_backward(
     mode: str,
 ) -> list[Tensor]:
     """Recomputes ΔW_raw from the parameters (nothing m×n was saved), rebuilds the mask
-    from τ, then back through the kernel."""
+    from the saved τ, then goes back through the kernel."""
     delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
     d_delta = sparsify_backward(grad, delta, tau, mode)
     return kernelized_delta_backward(d_delta, out_emb, in_emb, kernel, coeff, params, eps)
@@ -308,30 +325,22 @@ def kernelized_sparse_delta_backward(
 
 # --------------------------------------------------------------------------- LieRA merge
 
-
-def _exp_form(exp: str):
-    if exp == "exact":
-        return torch.exp
-    if exp == "taylor1":
-        return lambda delta: 1 + delta
-    raise ValueError(f"unknown exp {exp!r}")
+EXPS = ("exact", "taylor1")
 
 
 def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
-    """W0 ⊙ exp(s·B·A) (exact) or W0 ⊙ (1 + s·B·A) (taylor1) on W0's matrix view."""
+    """W0 ⊙ exp(D) (exact) or W0 ⊙ (1 + D) (taylor1), D = s·B·A reshaped to W0's shape."""
+    _check_choice(exp, EXPS, "exp")
     delta = (scale * B @ A).reshape(weight.shape)
-    return weight * _exp_form(exp)(delta)
+    return weight * (torch.exp(delta) if exp == "exact" else 1 + delta)
 
 
 def lowrank_hadamard_merge_backward(
     grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
 ) -> list[Tensor]:
-    """[∂L/∂B, ∂L/∂A] from ∂L/∂ΔW = Γ ⊙ W_eff (exact, recomputed) or Γ ⊙ W0 (taylor1)."""
-    if exp == "exact":
-        d_delta = grad * lowrank_hadamard_merge(weight, B, A, scale, exp)
-    elif exp == "taylor1":
-        d_delta = grad * weight
-    else:
-        raise ValueError(f"unknown exp {exp!r}")
-    d_delta = d_delta.reshape(B.shape[0], A.shape[1])
+    """[∂L/∂B, ∂L/∂A] = [s·∂D·Aᵀ, s·Bᵀ·∂D] on the matrix view, from ∂L/∂D = Γ ⊙ W_eff
+    (exact, W_eff recomputed) or Γ ⊙ W0 (taylor1). W0 gets no gradient."""
+    _check_choice(exp, EXPS, "exp")
+    factor = lowrank_hadamard_merge(weight, B, A, scale, exp) if exp == "exact" else weight
+    d_delta = (grad * factor).reshape(B.shape[0], A.shape[1])
     return [scale * d_delta @ A.T, scale * B.T @ d_delta]
