@@ -8,7 +8,16 @@ never fails because a compiled extension is missing (``python -m tensor_peft inf
 __version__ = "0.1.0"
 
 from . import backends, nn, ops  # noqa: E402
-from .config import AdapterConfig, FLoRAConfig, LieRAConfig, LoRAConfig, MTLoRAConfig  # noqa: E402
+from .allocator import SparsityAllocator  # noqa: E402
+from .config import (  # noqa: E402
+    AdapterConfig,
+    FLoRAConfig,
+    LieRAConfig,
+    LoRAConfig,
+    MTLoRAConfig,
+    SNELLAConfig,
+    SNELLConfig,
+)
 from .model import (  # noqa: E402
     delete_adapter,
     inject,
@@ -27,6 +36,9 @@ __all__ = [
     "LieRAConfig",
     "LoRAConfig",
     "MTLoRAConfig",
+    "SNELLAConfig",
+    "SNELLConfig",
+    "SparsityAllocator",
     "backends",
     "delete_adapter",
     "inject",

@@ -21,6 +21,9 @@ from .nn.lora import check_alpha, check_rank
 from .nn.flora import MODES as FLORA_MODES
 from .nn.liera import EXP_FORMS, GROUPS, INNERS
 from .nn.mtlora import VARIANTS
+from .nn.snell import check_chunks
+from .ops.kernelized_delta import KERNELS
+from .ops.sparsify import MODES as SPARSIFY_MODES, check_sparsity
 
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
 
@@ -121,3 +124,82 @@ class LieRAConfig(AdapterConfig):
                                      (self.exp, "exp", EXP_FORMS)):  # fmt: skip
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class KernelizedConfig(AdapterConfig):
+    """What SNELL and SNELLA share: rank ``r`` embeddings in ``chunks`` chunks, ``kernel``
+    (piecewise_linear, rbf, sigmoid, linear, mixture), ``mode`` (hard, soft) and
+    ``learnable_coeff`` (train piecewise's chunk coefficients)."""
+
+    kernel: str = "piecewise_linear"
+    mode: str = "hard"
+    chunks: int = 2
+    learnable_coeff: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_chunks(self.chunks, self.r)
+        for value, name, choices in ((self.kernel, "kernel", KERNELS), (self.mode, "mode", SPARSIFY_MODES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class SNELLConfig(KernelizedConfig):
+    """SNELL: ΔW = sparsify(κ(Out, In), sparsity, mode), ``sparsity`` the fraction zeroed."""
+
+    method: ClassVar[str] = "snell"
+    sparsity: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_sparsity(self.sparsity)
+
+
+@dataclass
+class SNELLAConfig(KernelizedConfig):
+    """SNELLA: the ``mixture`` kernel and per-layer sparsities set during training by
+    ``SparsityAllocator`` (call its ``step()`` after every optimizer step).
+
+    Layers start at ``init_sparsity``. The total non-zero budget follows SPEC's cubic
+    schedule from that of ``init_sparsity`` to that of ``target_sparsity`` between step
+    ``warmup_steps`` and step ``total_steps - final_steps``, and is reallocated across
+    layers by importance every ``interval`` steps (importance EMAs with ``beta1``, ``beta2``)."""
+
+    method: ClassVar[str] = "snella"
+    kernel: str = "mixture"
+    init_sparsity: float = 0.5
+    target_sparsity: float = 0.9
+    total_steps: int = 1000
+    warmup_steps: int = 0
+    final_steps: int = 0
+    interval: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_sparsity(self.init_sparsity)
+        check_sparsity(self.target_sparsity)
+        check_rank(self.total_steps, "total_steps")
+        check_rank(self.interval, "interval")
+        for name in ("warmup_steps", "final_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.warmup_steps + self.final_steps >= self.total_steps:
+            raise ValueError(
+                f"warmup_steps + final_steps ({self.warmup_steps} + {self.final_steps}) must be "
+                f"below total_steps ({self.total_steps})"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= check_real(getattr(self, name), name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    def layer_options(self) -> dict[str, Any]:
+        """The layer's options: layers start at ``init_sparsity``; the schedule is the allocator's."""
+        schedule = ("init_sparsity", "target_sparsity", "total_steps", "warmup_steps", "final_steps",
+                    "interval", "beta1", "beta2")  # fmt: skip
+        options = {k: v for k, v in super().layer_options().items() if k not in schedule}
+        return {**options, "sparsity": self.init_sparsity}

@@ -15,8 +15,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import AdapterConfig, FLoRAConfig, LieRAConfig, LoRAConfig, MTLoRAConfig, ModuleSpec
-from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer
+from .config import (
+    AdapterConfig,
+    FLoRAConfig,
+    LieRAConfig,
+    LoRAConfig,
+    ModuleSpec,
+    MTLoRAConfig,
+    SNELLAConfig,
+    SNELLConfig,
+)
+from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from .nn.base import is_supported
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
@@ -24,6 +33,8 @@ METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "mtlora": (MTLoRAConfig, MTLoRALayer),
     "flora": (FLoRAConfig, FLoRALayer),
     "liera": (LieRAConfig, LieRALayer),
+    "snell": (SNELLConfig, SNELLLayer),
+    "snella": (SNELLAConfig, SNELLALayer),
 }
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -223,21 +234,24 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-    expected = {
-        f"{name}.{key}": (layer, key, value)
+    adapters = {
+        name: layer.adapters[adapter_name]
         for name, layer in adapter_layers(model).items()
         if adapter_name in layer.adapters
-        for key, value in layer.adapters[adapter_name].state_dict().items()
+    }
+    expected = {
+        f"{name}.{key}": (name, key, value)
+        for name, adapter in adapters.items()
+        for key, value in adapter.state_dict().items()
     }
     if set(expected) != set(tensors):
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(f"saved adapter does not fit the model: missing {missing}, unexpected {unexpected}")
-    for key, (layer, param_key, value) in expected.items():
+    for key, (name, param_key, value) in expected.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise ValueError(
-                f"module {key.rsplit('.', 1)[0]!r}: saved {param_key} has shape "
+                f"module {name!r}: saved {param_key} has shape "
                 f"{tuple(tensors[key].shape)}, the model's has {tuple(value.shape)}"
             )
-    with torch.no_grad():
-        for key, (_, _, value) in expected.items():
-            value.copy_(tensors[key])
+    for name, adapter in adapters.items():  # load_state_dict: also the adapters' extra state
+        adapter.load_state_dict({key: tensors[f"{name}.{key}"] for key in adapter.state_dict()})

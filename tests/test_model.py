@@ -96,7 +96,9 @@ def test_exclude_and_target_errors():
                                     tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="icfm"),
                                     tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, scale=0.5),
                                     tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, alpha=1.0),
-                                    tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], group="orthogonal", block_size=4)])  # fmt: skip
+                                    tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], group="orthogonal", block_size=4),
+                                    tp.SNELLConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, kernel="rbf", mode="soft"),
+                                    tp.SNELLAConfig(target_modules=[nn.Conv2d, nn.Linear], r=4, init_sparsity=0.3)])  # fmt: skip
 def test_merge_unmerge_unload(config):
     model, x = small_net(), inputs()
     base_out = model(x)
@@ -157,11 +159,15 @@ LOAD_SCRIPT = textwrap.dedent(
     tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=3, variant="ctcm", dropout=0.1),
     tp.FLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], ranks=[3, 2, 2, 1], exclude_modules=["head.fc1", "head.fc2"]),
     tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], group="gl", block_size=2),
+    tp.SNELLAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, learnable_coeff=True),
 ])  # fmt: skip
 def test_save_then_load_in_a_fresh_process_reproduces_outputs(tmp_path, config):
     model, x = small_net(), inputs()
     tp.inject(model, config)
     randomize(model)
+    for layer in tp.model.adapter_layers(model).values():
+        if hasattr(layer.adapters["default"], "sparsity"):  # SNELLA's allocator moved it
+            layer.adapters["default"].sparsity = 0.55
     model.eval()
     expected = model(x)
     tp.save_adapter(model, tmp_path / "adapter")
@@ -226,10 +232,14 @@ def test_lora_matches_peft(r, alpha):
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_forward_and_backward_equal_eager():
+@pytest.mark.parametrize("config", [
+    tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, variant="icfm"),
+    tp.SNELLConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, sparsity=0.7),
+])  # fmt: skip
+def test_compiled_forward_and_backward_equal_eager(config):
     torch._dynamo.reset()
     model, x = small_net(dtype=torch.float32), inputs(dtype=torch.float32)
-    tp.inject(model, tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, variant="icfm"))
+    tp.inject(model, config)
     randomize(model)
     compiled = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]

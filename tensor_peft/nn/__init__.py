@@ -6,5 +6,7 @@ from .flora import FLoRALayer
 from .liera import LieRALayer
 from .lora import LoRALayer
 from .mtlora import MTLoRALayer
+from .snell import SNELLALayer, SNELLLayer
 
-__all__ = ["Adapter", "AdapterLayer", "FLoRALayer", "LieRALayer", "LoRALayer", "MTLoRALayer", "SUPPORTED_LAYERS"]
+__all__ = ["Adapter", "AdapterLayer", "FLoRALayer", "LieRALayer", "LoRALayer", "MTLoRALayer", "SNELLALayer", "SNELLLayer",
+           "SUPPORTED_LAYERS"]

@@ -1,0 +1,159 @@
+"""SNELLA's bi-level sparsity allocation (SPEC §1): across layers, a non-zero budget that
+shrinks on a cubic schedule and is split by layer importance; inside a layer, SNELL's
+competition keeps that many entries.
+
+Use, after ``inject(model, SNELLAConfig(...))``::
+
+    allocator = SparsityAllocator(model)
+    for batch in data:
+        loss(model, batch).backward()
+        optimizer.step()
+        allocator.step()          # reads the gradients: before zero_grad
+        optimizer.zero_grad()
+
+The importance statistics and the step count live in ``allocator.state_dict()``; the
+layers' current sparsities are the adapters' own state, in ``model.state_dict()``. Saving
+both and loading them into a fresh model and allocator resumes training exactly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import SNELLAConfig
+from .model import adapter_layers
+from .ops.sparsify import dropped_count
+
+
+def sparsity_keeping(kept: int, size: int) -> float:
+    """The sparsity s for which the layer keeps exactly ``kept`` of ``size`` entries
+    (ceil(s·size) dropped, s read as its decimal: nudged past float rounding)."""
+    sparsity = (size - kept) / size
+    while sparsity > 0 and dropped_count(sparsity, size) > size - kept:
+        sparsity = math.nextafter(sparsity, 0.0)
+    while sparsity < 1 and dropped_count(sparsity, size) < size - kept:
+        sparsity = math.nextafter(sparsity, 1.0)
+    return sparsity
+
+
+def distribute(budget: int, scores: list[float], capacities: list[int]) -> list[int]:
+    """Split ``budget`` units by ``scores`` (summing to 1), each part at most its
+    capacity: floor(budget·score) first, then what is left goes again by score to the
+    parts with room, and the last units (less than one per part) one each to the parts
+    with room, highest score first."""
+    kept = [min(capacity, math.floor(budget * score)) for score, capacity in zip(scores, capacities)]
+    while True:
+        left = budget - sum(kept)
+        room = [i for i, capacity in enumerate(capacities) if kept[i] < capacity]
+        if left <= 0 or not room:
+            return kept
+        weights = {i: scores[i] for i in room}
+        total = sum(weights.values())
+        if total <= 0:
+            weights, total = {i: 1.0 for i in room}, float(len(room))
+        shares = {i: min(capacities[i] - kept[i], math.floor(left * weights[i] / total)) for i in room}
+        if not any(shares.values()):
+            for i in sorted(room, key=lambda i: -weights[i])[:left]:
+                kept[i] += 1
+            return kept
+        for i, share in shares.items():
+            kept[i] += share
+
+
+class _LayerStatistics(nn.Module):
+    """Ī (importance EMA) and Ū (its uncertainty EMA) for a layer's In and Out embeddings."""
+
+    def __init__(self, adapter: nn.Module):
+        super().__init__()
+        for side in ("in", "out"):
+            embedding = getattr(adapter, f"snell_{side}")
+            self.register_buffer(f"importance_{side}", torch.zeros_like(embedding, dtype=torch.float32))
+            self.register_buffer(f"uncertainty_{side}", torch.zeros_like(embedding, dtype=torch.float32))
+
+
+class SparsityAllocator(nn.Module):
+    """Sets the sparsity of each layer of SNELLA adapter ``adapter_name`` during training
+    (see the module docstring for the loop)."""
+
+    def __init__(self, model: nn.Module, adapter_name: str = "default"):
+        super().__init__()
+        config = getattr(model, "tensor_peft_configs", {}).get(adapter_name)
+        if not isinstance(config, SNELLAConfig):
+            raise ValueError(
+                f"the model has no SNELLA adapter named {adapter_name!r} (inject a SNELLAConfig first)"
+            )
+        self.config = config
+        self.adapters = {
+            name: layer.adapters[adapter_name]
+            for name, layer in adapter_layers(model).items()
+            if adapter_name in layer.adapters
+        }  # a plain dict: the model's modules are not the allocator's state
+        self.statistics = nn.ModuleDict(
+            {name.replace(".", "-"): _LayerStatistics(adapter) for name, adapter in self.adapters.items()}
+        )
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.sizes = [adapter.snell_out.shape[1] * adapter.snell_in.shape[1] for adapter in self.adapters.values()]
+
+    def budget(self, step: int) -> int:
+        """V(t) = V_T + (V_0 − V_T)·(1 − (t − t_i)/(T − t_i − t_f))³, the fraction clamped
+        to [0, 1] (V_0 before warmup ends, V_T in the final steps), rounded down."""
+        c = self.config
+        start = sum((1 - c.init_sparsity) * n for n in self.sizes)
+        end = sum((1 - c.target_sparsity) * n for n in self.sizes)
+        progress = (step - c.warmup_steps) / (c.total_steps - c.warmup_steps - c.final_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return math.floor(end + (start - end) * (1 - progress) ** 3)
+
+    def scores(self) -> list[float]:
+        """S_l = mean(Ī⊙Ū | In_l) + mean(Ī⊙Ū | Out_l), normalised to sum 1 (equal when all are 0)."""
+        raw = [
+            sum(float((getattr(stats, f"importance_{side}") * getattr(stats, f"uncertainty_{side}")).mean())
+                for side in ("in", "out"))
+            for stats in self.statistics.values()
+        ]  # fmt: skip
+        total = sum(raw)
+        if not total > 0:
+            return [1 / len(raw)] * len(raw)
+        return [score / total for score in raw]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the importance statistics from the current gradients (call after
+        ``optimizer.step()``, before ``zero_grad``); every ``interval`` steps from the end
+        of warmup on, reallocate the layers' sparsities."""
+        c = self.config
+        for name, adapter in self.adapters.items():
+            statistics = self.statistics[name.replace(".", "-")]
+            for side in ("in", "out"):
+                embedding = getattr(adapter, f"snell_{side}")
+                if embedding.grad is None:
+                    raise RuntimeError(
+                        f"{name}: snell_{side} has no gradient; call allocator.step() after "
+                        "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
+                    )
+                importance = (embedding * embedding.grad).abs().nan_to_num(nan=0.0).float()
+                mean = getattr(statistics, f"importance_{side}")
+                mean.mul_(c.beta1).add_(importance, alpha=1 - c.beta1)
+                deviation = (importance - mean).abs()
+                getattr(statistics, f"uncertainty_{side}").mul_(c.beta2).add_(deviation, alpha=1 - c.beta2)
+        self.steps += 1
+        step = int(self.steps)
+        if step >= c.warmup_steps and step % c.interval == 0:
+            self.allocate(step)
+
+    def allocate(self, step: int) -> list[float]:
+        """Give each layer its share of ``budget(step)`` by score; returns the sparsities."""
+        kept = distribute(self.budget(step), self.scores(), self.sizes)
+        sparsities = [sparsity_keeping(k, n) for k, n in zip(kept, self.sizes)]
+        for adapter, sparsity in zip(self.adapters.values(), sparsities):
+            adapter.sparsity = sparsity
+        return sparsities
+
+    def sparsities(self) -> dict[str, float]:
+        """The layers' current sparsities by module name."""
+        return {name: adapter.sparsity for name, adapter in self.adapters.items()}
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.adapters)}, steps={int(self.steps)}"

@@ -1,0 +1,197 @@
+"""SNELL / SNELLA: a kernelized low-rank update sparsified by competition (Shen et al.,
+NeurIPS 2024; SNELLA 2025).
+
+ΔW = sparsify(κ(Out, In), s, mode) on the weight's matrix view ``(m, n)``: the embeddings
+``Out (H, m, q/H)`` and ``In (H, n, q/H)`` give ΔW_raw[j, i] = κ(b_j, a_i) (see
+``ops.kernelized_delta``), and only the entries with the largest |ΔW_raw| survive (a
+fraction ``s`` is zeroed, see ``ops.sparsify``). Init: kaiming-uniform(a=√5) of each
+embedding, as in the papers, so ΔW is small but NOT zero: unlike the other methods, the
+layer does not start exactly equal to its base.
+
+Training memory is the point of the method, so the layer never keeps anything of size
+m×n for backward: ΔW comes from ``ops.kernelized_sparse_delta`` (which saves only the
+embeddings, kernel parameters and τ), and the effective weight W0 + ΔW the conv/linear
+would save is rebuilt in backward instead (``recomputed_in_backward``).
+
+SNELLA (``SNELLALayer``) is the same layer with the ``mixture`` kernel whose sparsity is
+set per layer during training by ``SparsityAllocator`` (``tensor_peft.allocator``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.kernelized_delta import KERNELS, default_coeff
+from ..ops.sparsify import MODES, check_sparsity
+from .base import Adapter, AdapterLayer, adapter_dtype_for
+from .lora import check_rank
+
+# softplus⁻¹(1): mixture's temperature gamma = softplus(gamma_raw) starts at 1
+_GAMMA_RAW_INIT = math.log(math.e - 1)
+
+
+def check_chunks(chunks: object, r: int) -> int:
+    chunks = check_rank(chunks, "chunks")
+    if r % chunks:
+        raise ValueError(f"chunks ({chunks}) must divide the rank r ({r})")
+    return chunks
+
+
+class SNELLAdapter(Adapter):
+    """Embeddings ``snell_out (H, m, r/H)``, ``snell_in (H, n, r/H)``, the kernel's
+    parameters, and the current sparsity (SNELLA's allocator changes it; it is saved
+    with the adapter as its extra state, a float64 tensor no dtype cast of the model
+    rounds)."""
+
+    def __init__(self, layer: AdapterLayer, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype):
+        super().__init__(dropout)
+        self.r = check_rank(r)
+        chunks = check_chunks(chunks, self.r)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        self.kernel, self.mode = kernel, mode
+        factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
+        rows, columns = layer.weight.shape[0], layer.weight[0].numel()
+        self.snell_out = nn.Parameter(torch.empty(chunks, rows, self.r // chunks, **factory))
+        self.snell_in = nn.Parameter(torch.empty(chunks, columns, self.r // chunks, **factory))
+        for embedding in (self.snell_out, self.snell_in):
+            nn.init.kaiming_uniform_(embedding, a=math.sqrt(5))
+        if kernel in ("piecewise_linear", "mixture"):
+            coeff = torch.tensor(default_coeff(chunks), **factory)
+            if learnable_coeff:
+                self.coeff = nn.Parameter(coeff)
+            else:
+                self.register_buffer("coeff", coeff)
+        if kernel in ("rbf", "sigmoid", "mixture"):
+            self.alpha = nn.Parameter(torch.tensor(1.0, **factory))
+            self.beta = nn.Parameter(torch.tensor(0.0 if kernel == "mixture" else 1.0, **factory))
+        if kernel in ("rbf", "sigmoid"):
+            self.gamma = nn.Parameter(torch.tensor(0.0, **factory))
+        if kernel == "mixture":
+            self.gamma_raw = nn.Parameter(torch.tensor(_GAMMA_RAW_INIT, **factory))
+        self.sparsity = check_sparsity(sparsity)
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.sparsity, dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.sparsity = check_sparsity(float(state))
+
+    def kernel_params(self) -> dict[str, Tensor]:
+        """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
+        params = {name: getattr(self, name) for name in ("coeff", "alpha", "beta", "gamma") if hasattr(self, name)}
+        if self.kernel == "mixture":
+            params["gamma"] = F.softplus(self.gamma_raw)  # the temperature stays positive
+        return params
+
+    def delta(self, dtype: torch.dtype) -> Tensor:
+        """ΔW on the matrix view ``(m, n)``, in ``dtype``."""
+        params = {name: value.to(dtype) for name, value in self.kernel_params().items()}
+        return ops.kernelized_sparse_delta(
+            self.snell_out.to(dtype), self.snell_in.to(dtype), self.sparsity,
+            kernel=self.kernel, mode=self.mode, **params,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def recomputed_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator[None]:
+    """Autograd, inside this block, keeps no copy of ``tensor`` (nor of a view of it) for
+    backward: it keeps the view's geometry and calls ``recompute()`` (which must return
+    ``tensor``'s values again) when backward needs it. Memory only: the math is unchanged.
+    Under torch.compile the block is a no-op (the compiler makes its own choices)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        yield
+        return
+    storage = tensor.untyped_storage()
+
+    def pack(saved: Tensor):
+        if saved.device == tensor.device and saved.untyped_storage().data_ptr() == storage.data_ptr():
+            return _Recompute(saved.size(), saved.stride(), saved.storage_offset())
+        return saved
+
+    def unpack(packed):
+        if isinstance(packed, _Recompute):
+            with torch.no_grad():
+                return recompute().as_strided(packed.size, packed.stride, packed.offset)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Recompute:
+    """A saved tensor left out: the geometry of the view of the recomputed tensor."""
+
+    def __init__(self, size, stride, offset):
+        self.size, self.stride, self.offset = size, stride, offset
+
+
+class SNELLLayer(AdapterLayer):
+    """A frozen Linear/Conv1d/Conv2d/Conv3d with SNELL adapters (drop-in replacement).
+
+    ``SNELLLayer(nn.Linear(768, 3072), r=8, sparsity=0.9)``; ``kernel`` one of
+    piecewise_linear (default), rbf, sigmoid, linear, mixture; ``mode`` hard or soft;
+    ``chunks`` H (must divide r); ``learnable_coeff`` trains piecewise's chunk coefficients."""
+
+    method = "snell"
+    default_kernel = "piecewise_linear"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        sparsity: float = 0.9,
+        kernel: str | None = None,
+        mode: str = "hard",
+        chunks: int = 2,
+        learnable_coeff: bool = False,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(
+            base_layer, adapter_name, r=r, sparsity=sparsity, kernel=kernel, mode=mode, chunks=chunks,
+            learnable_coeff=learnable_coeff, dropout=dropout, dtype=dtype,
+        )  # fmt: skip
+
+    def _new_adapter(
+        self, r=8, sparsity=0.9, kernel=None, mode="hard", chunks=2, learnable_coeff=False, dropout=0.0, dtype=None
+    ) -> Adapter:
+        kernel = self.default_kernel if kernel is None else kernel
+        return SNELLAdapter(self, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype)
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        return adapter.delta(self.compute_dtype(adapter)).reshape(self.weight.shape)
+
+    def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
+        delta = self.delta_weight(adapter)
+        with recomputed_in_backward(delta, lambda: self.delta_weight(adapter)):
+            return self.base_operation(x, delta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        adapter = self.single_active_adapter()
+        if adapter is None:
+            return super().forward(x)
+
+        def effective_weight() -> Tensor:
+            return self.merge_weight(adapter, self.weight).to(x.dtype)
+
+        weight = effective_weight()
+        with recomputed_in_backward(weight, effective_weight):
+            return self.base_operation(x, weight, self.bias)
+
+
+class SNELLALayer(SNELLLayer):
+    """SNELLA: SNELL with the ``mixture`` kernel by default; its sparsity is reallocated
+    during training by ``tensor_peft.SparsityAllocator``."""
+
+    method = "snella"
+    default_kernel = "mixture"

@@ -1,0 +1,182 @@
+"""SNELL / SNELLA beyond the shared layer conformance: the effective weight is rebuilt
+for backward instead of kept, the sparsity survives dtype casts and save/load, and the
+SNELLA allocator: SPEC's budget schedule and split on worked examples, its importance
+statistics against the formulas, and an exact resume from saved state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tensor_peft as tp
+from tensor_peft.allocator import distribute, sparsity_keeping
+from tensor_peft.nn import SNELLLayer
+from tensor_peft.nn.snell import SNELLAdapter
+from tensor_peft.ops.sparsify import dropped_count
+
+
+def test_effective_weight_is_rebuilt_for_backward_not_kept(monkeypatch):
+    calls = []
+    original = SNELLAdapter.delta
+    monkeypatch.setattr(SNELLAdapter, "delta", lambda self, dtype: calls.append(1) or original(self, dtype))
+    layer = SNELLLayer(nn.Linear(12, 10).double(), r=4, sparsity=0.5)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert len(calls) == 1
+    expected = torch.autograd.grad(out.sum(), [x, layer.adapters["default"].snell_in])
+    assert len(calls) == 2  # backward asked for W0 + ΔW again
+    weight = layer.merge_weight(layer.adapters["default"], layer.weight)
+    reference = torch.autograd.grad(nn.functional.linear(x, weight, layer.bias).sum(),
+                                    [x, layer.adapters["default"].snell_in])  # fmt: skip
+    for got, want in zip(expected, reference):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_sparsity_is_exact_after_a_dtype_cast_and_a_save_load(tmp_path):
+    model = nn.Sequential(nn.Linear(30, 20))
+    tp.inject(model, tp.SNELLConfig(target_modules=["0"], r=2, sparsity=0.9))
+    model.half().float()  # float buffers would be rounded by these casts
+    adapter = model[0].adapters["default"]
+    assert adapter.sparsity == 0.9
+    adapter.sparsity = 0.37
+    tp.save_adapter(model, tmp_path)
+    fresh = tp.load_adapter(nn.Sequential(nn.Linear(30, 20)), tmp_path)
+    assert fresh[0].adapters["default"].sparsity == 0.37
+
+
+@pytest.mark.parametrize("kept,size", [(3, 10), (51, 100), (16, 50), (0, 7), (7, 7), (123457, 10**7 + 19)])
+def test_sparsity_keeping_keeps_exactly(kept, size):
+    assert size - dropped_count(sparsity_keeping(kept, size), size) == kept
+
+
+def test_distribute_worked_examples():
+    # floors 50 + 16 = 66 of 67: the last unit goes to the higher score
+    assert distribute(67, [0.75, 0.25], [100, 50]) == [51, 16]
+    # layer 2 is capped at 50; the 62 left over go to layer 1
+    assert distribute(140, [0.2, 0.8], [100, 50]) == [90, 50]
+    # all layers full: the budget cannot be spent
+    assert distribute(200, [0.5, 0.5], [100, 50]) == [100, 50]
+
+
+def two_layer_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 5)).double()
+
+
+SCHEDULE = dict(init_sparsity=0.2, target_sparsity=0.6, total_steps=12, warmup_steps=2, final_steps=4)
+
+
+def test_budget_follows_the_cubic_schedule():
+    model = tp.inject(two_layer_model(), tp.SNELLAConfig(target_modules=[nn.Linear], r=2, **SCHEDULE))
+    allocator = tp.SparsityAllocator(model)
+    # sizes 100 + 50: V_0 = 0.8·150 = 120, V_T = 0.4·150 = 60, T − t_i − t_f = 6
+    expected = {0: 120, 2: 120, 4: 77, 5: 67, 8: 60, 12: 60}  # 4: 60 + 60·(2/3)³ = 77.8
+    assert {t: allocator.budget(t) for t in expected} == expected
+
+
+def train(model, allocator, steps, seed):
+    """SGD steps on fixed random data; the layers' sparsities after each step."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(8, 10, generator=generator, dtype=torch.float64)
+        model(x).square().mean().backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+        history.append(list(allocator.sparsities().values()))
+    return history, optimizer
+
+
+def test_importance_statistics_and_allocation_follow_the_formulas():
+    config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, interval=3, **SCHEDULE)
+    model = tp.inject(two_layer_model(), config)
+    allocator = tp.SparsityAllocator(model)
+    adapters = [model[0].adapters["default"], model[2].adapters["default"]]
+    means = [[torch.zeros_like(e) for e in (a.snell_in, a.snell_out)] for a in adapters]
+    spreads = copy.deepcopy(means)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for step in range(1, 4):
+        model(torch.randn(4, 10, dtype=torch.float64)).sum().backward()
+        optimizer.step()
+        for adapter, mean, spread in zip(adapters, means, spreads):
+            for e, (embedding, m, u) in enumerate(zip((adapter.snell_in, adapter.snell_out), mean, spread)):
+                importance = (embedding * embedding.grad).abs().float().detach()
+                mean[e] = 0.85 * m + 0.15 * importance
+                spread[e] = 0.85 * u + 0.15 * (importance - mean[e]).abs()
+        allocator.step()
+        optimizer.zero_grad()
+        if step < 3:
+            assert [a.sparsity for a in adapters] == [0.2, 0.2]  # reallocated every 3 steps
+    raw = [sum(float((m * u).mean()) for m, u in zip(mean, spread)) for mean, spread in zip(means, spreads)]
+    scores = [r / sum(raw) for r in raw]
+    assert allocator.scores() == pytest.approx(scores, rel=1e-6)
+    # step 3: budget 60 + 60·(5/6)³ = 94.7 -> 94 non-zeros, split by these scores
+    kept = [100 - dropped_count(adapters[0].sparsity, 100), 50 - dropped_count(adapters[1].sparsity, 50)]
+    assert kept == distribute(94, scores, [100, 50])
+
+
+def test_resume_from_saved_state_gives_the_same_run(tmp_path):
+    config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, interval=2, **SCHEDULE)
+    straight = tp.inject(two_layer_model(), config)
+    history, _ = train(straight, tp.SparsityAllocator(straight), 10, seed=3)
+    assert len({tuple(h) for h in history}) > 2  # the sparsities did move
+
+    first = tp.inject(two_layer_model(), config)
+    allocator = tp.SparsityAllocator(first)
+    head, optimizer = train(first, allocator, 5, seed=3)
+    torch.save({"model": first.state_dict(), "allocator": allocator.state_dict(),
+                "optimizer": optimizer.state_dict()}, tmp_path / "checkpoint.pt")  # fmt: skip
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    resumed = tp.inject(two_layer_model(seed=1), config)  # other init: everything comes from the file
+    resumed.load_state_dict(checkpoint["model"])
+    allocator = tp.SparsityAllocator(resumed)
+    allocator.load_state_dict(checkpoint["allocator"])
+    optimizer = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.1)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator_state = torch.Generator().manual_seed(3)
+    for _ in range(5):  # the data of the first 5 steps
+        torch.randn(8, 10, generator=generator_state, dtype=torch.float64)
+    tail = []
+    for _ in range(5):
+        x = torch.randn(8, 10, generator=generator_state, dtype=torch.float64)
+        resumed(x).square().mean().backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+        tail.append(list(allocator.sparsities().values()))
+    assert head + tail == history
+    for got, want in zip(resumed.state_dict().values(), straight.state_dict().values()):
+        assert torch.equal(got, want)
+
+
+def test_allocator_errors_name_the_problem():
+    model = tp.inject(two_layer_model(), tp.SNELLConfig(target_modules=[nn.Linear], r=2))
+    with pytest.raises(ValueError, match="no SNELLA adapter named 'default'"):
+        tp.SparsityAllocator(model)
+    model = tp.inject(two_layer_model(), tp.SNELLAConfig(target_modules=[nn.Linear], r=2, **SCHEDULE))
+    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+        tp.SparsityAllocator(model).step()
+
+
+@pytest.mark.parametrize(
+    "make_config,message",
+    [
+        (lambda: tp.SNELLConfig(target_modules=["fc"], sparsity=1.5), r"sparsity must be in \[0, 1\]"),
+        (lambda: tp.SNELLConfig(target_modules=["fc"], r=3, chunks=2), r"chunks \(2\) must divide the rank r \(3\)"),
+        (lambda: tp.SNELLConfig(target_modules=["fc"], kernel="cosine"), "kernel must be one of"),
+        (lambda: tp.SNELLConfig(target_modules=["fc"], mode="top"), "mode must be one of"),
+        (lambda: tp.SNELLAConfig(target_modules=["fc"], total_steps=10, warmup_steps=5, final_steps=5),
+         "must be below total_steps"),
+        (lambda: tp.SNELLAConfig(target_modules=["fc"], beta1=1.0), r"beta1 must be in \[0, 1\)"),
+        (lambda: tp.SNELLAConfig(target_modules=["fc"], interval=0), "interval must be a positive integer"),
+    ],
+)  # fmt: skip
+def test_bad_config_values_raise_naming_the_field(make_config, message):
+    with pytest.raises(ValueError, match=message):
+        make_config()
