@@ -8,6 +8,7 @@ import argparse
 import importlib
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -69,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="run benchmarks/ and write benchmarks/results/<name>.{json,md}")
     bench.add_argument("--name", help="results file name (default: the GPU's or this host's name)")
     bench.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
+    bench.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         from tensor_peft.bench import main as run_benchmarks
 
-        return run_benchmarks(args.name, args.select)
+        return run_benchmarks(args.name, args.select, out=args.out)
     print(info())
     return 0
 

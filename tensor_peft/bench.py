@@ -46,12 +46,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(name: str | None, select: str | None, root: Path = Path("benchmarks")) -> int:
+def main(name: str | None, select: str | None, root: Path = Path("benchmarks"), out: Path | None = None) -> int:
+    """Run the suites under ``root``; write ``<out>/<name>.{json,md}`` (out: root/results)."""
     if not root.is_dir():
         print(f"no {root}/ here: run from the repository root", file=sys.stderr)
         return 2
     name = name or default_name()
-    out = root / "results"
+    out = out or root / "results"
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{name}.json"
     command = [sys.executable, "-m", "pytest", str(root), "--benchmark-only", f"--benchmark-json={json_path}",
