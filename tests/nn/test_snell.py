@@ -77,13 +77,13 @@ def test_budget_follows_the_cubic_schedule():
     assert {t: allocator.budget(t) for t in expected} == expected
 
 
-def train(model, allocator, steps, seed):
-    """SGD steps on fixed random data; the layers' sparsities after each step."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    generator = torch.Generator().manual_seed(seed)
+def train(model, allocator, steps, data, optimizer=None):
+    """SGD steps on random data drawn from generator ``data``; the layers' sparsities
+    after each step, and the optimizer."""
+    optimizer = optimizer or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     history = []
     for _ in range(steps):
-        x = torch.randn(8, 10, generator=generator, dtype=torch.float64)
+        x = torch.randn(8, 10, generator=data, dtype=torch.float64)
         model(x).square().mean().backward()
         optimizer.step()
         allocator.step()
@@ -123,12 +123,13 @@ def test_importance_statistics_and_allocation_follow_the_formulas():
 def test_resume_from_saved_state_gives_the_same_run(tmp_path):
     config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, interval=2, **SCHEDULE)
     straight = tp.inject(two_layer_model(), config)
-    history, _ = train(straight, tp.SparsityAllocator(straight), 10, seed=3)
+    history, _ = train(straight, tp.SparsityAllocator(straight), 10, torch.Generator().manual_seed(3))
     assert len({tuple(h) for h in history}) > 2  # the sparsities did move
 
     first = tp.inject(two_layer_model(), config)
     allocator = tp.SparsityAllocator(first)
-    head, optimizer = train(first, allocator, 5, seed=3)
+    data = torch.Generator().manual_seed(3)
+    head, optimizer = train(first, allocator, 5, data)
     torch.save({"model": first.state_dict(), "allocator": allocator.state_dict(),
                 "optimizer": optimizer.state_dict()}, tmp_path / "checkpoint.pt")  # fmt: skip
 
@@ -139,17 +140,7 @@ def test_resume_from_saved_state_gives_the_same_run(tmp_path):
     allocator.load_state_dict(checkpoint["allocator"])
     optimizer = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.1)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    generator_state = torch.Generator().manual_seed(3)
-    for _ in range(5):  # the data of the first 5 steps
-        torch.randn(8, 10, generator=generator_state, dtype=torch.float64)
-    tail = []
-    for _ in range(5):
-        x = torch.randn(8, 10, generator=generator_state, dtype=torch.float64)
-        resumed(x).square().mean().backward()
-        optimizer.step()
-        allocator.step()
-        optimizer.zero_grad()
-        tail.append(list(allocator.sparsities().values()))
+    tail, _ = train(resumed, allocator, 5, data, optimizer)
     assert head + tail == history
     for got, want in zip(resumed.state_dict().values(), straight.state_dict().values()):
         assert torch.equal(got, want)
