@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -100,6 +101,21 @@ class AdapterLayer(nn.Module):
         if self.is_conv:
             return self.base_layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
+
+    def weight_gradient(self, x: Tensor, grad: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
+        """∂⟨grad, op(x, V)⟩/∂V for the base operation (groups = 1) with a weight V of
+        ``weight_shape`` (any channel counts): the weight gradient alone, without running
+        the operation. Padding modes and "same" are applied to x first, as the base does."""
+        if not self.is_conv:
+            return grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        base = self.base_layer
+        if x.dim() == self.spatial_dims + 1:  # unbatched input
+            x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+        padding = base.padding
+        if base.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+            x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=mode), 0
+        return _CONV_WEIGHT_GRAD[self.spatial_dims](x, weight_shape, grad, base.stride, padding, base.dilation)
 
     def pointwise(self, x: Tensor, matrix: Tensor) -> Tensor:
         """Channel mixing by ``matrix`` (out, in): a 1×1 conv for conv inputs, linear otherwise."""

@@ -4,7 +4,10 @@ spatial…). Init: G = 0, U_k ~ N(0, 1/(2 r_k)), so ΔW = 0 and only G moves at 
 
 Execution per layer (``mode``):
 - ``merged``: W_eff = W0 + ΔW by the fused ``ops.tucker_merge``, then one conv/linear
-  with W_eff (the base layer's geometry, groups and padding modes included);
+  with W_eff (the base layer's geometry, groups and padding modes included). Its backward
+  (groups = 1) never forms the dense weight gradient Γ when a projected one is cheaper:
+  the adapter's gradients need only Γ ×_0 U_0ᵀ and Γ ×_1 U_1ᵀ, two thin weight gradients
+  (x against U_0ᵀ·grad, U_1ᵀ·x against grad) at r/c of Γ's cost each;
 - ``factorized`` (groups = 1): Linear s·U_0(G(U_1ᵀx)); conv: a 1×1 conv by U_1ᵀ
   (c_in→r_1), the small conv K = G ×_2 U_2 ×_3 U_3 … (r_0×r_1×kernel) with the base
   geometry, a 1×1 conv by U_0 (r_0→c_out). Exactly conv(x, ΔW), never building ΔW;
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..backends import reference
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .lora import check_rank
 
@@ -62,6 +66,25 @@ class FLoRAAdapter(Adapter):
         )
 
 
+class _ProjectedTuckerGradients(torch.autograd.Function):
+    """The identity on the merged path's output ``y``; its backward passes the output
+    gradient on and gives the adapter's gradients from it and the layer input by
+    ``FLoRALayer.projected_gradients`` (the conv/linear ran with a detached W_eff, so
+    autograd computes only its input gradient)."""
+
+    @staticmethod
+    def forward(ctx, y, x, layer, scale, core, *factors):
+        ctx.save_for_backward(x, core, *factors)
+        ctx.layer, ctx.scale = layer, scale
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, core, *factors = ctx.saved_tensors
+        gradients = ctx.layer.projected_gradients(x, grad, core, factors, ctx.scale)
+        return grad, None, None, None, *gradients
+
+
 class FLoRALayer(AdapterLayer):
     """A frozen Linear/Conv1d/Conv2d/Conv3d with FLoRA (Tucker) adapters (drop-in replacement)."""
 
@@ -97,6 +120,34 @@ class FLoRALayer(AdapterLayer):
         core, factors = self._params(adapter, self.compute_dtype(adapter))
         return ops.tucker_merge(weight, core, factors, adapter.scale)
 
+    def projected_gradients(self, x: Tensor, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float):
+        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by SPEC's
+        Tucker gradients applied to the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ and
+        T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (which is never formed)."""
+        dtype = core.dtype
+        x, grad = x.to(dtype), grad.to(dtype)
+        U0, U1, *spatial = factors
+        r0, r1 = core.shape[:2]
+        kernel = tuple(self.weight.shape[2:])
+        # T_1 = Γ ×_1 U_1ᵀ: the weight gradient of U_1ᵀx; T_0 = Γ ×_0 U_0ᵀ: that of x against U_0ᵀ·grad
+        T1 = self.weight_gradient(self.pointwise(x, U1.T), grad, (U0.shape[0], r1, *kernel))
+        T0 = self.weight_gradient(x, self.pointwise(grad, U0.T), (r0, U1.shape[0], *kernel))
+        T01 = torch.tensordot(T0, U1, dims=([1], [0])).movedim(-1, 1)
+        eye0, eye1 = (torch.eye(r, dtype=dtype, device=core.device) for r in (r0, r1))
+        d_core, _, _, *d_spatial = reference.tucker_delta_backward(T01, core, [eye0, eye1, *spatial], scale)
+        d_U0 = reference.tucker_delta_backward(T1, core, [U0, eye1, *spatial], scale)[1]
+        d_U1 = reference.tucker_delta_backward(T0, core, [eye0, U1, *spatial], scale)[2]
+        return [d_core, d_U0, d_U1, *d_spatial]
+
+    def projects_gradients(self, adapter: Adapter) -> bool:
+        """Whether the merged path's backward takes the projected weight gradients (groups
+        = 1 and cheaper than Γ: c_out·r_1 + r_0·c_in < c_out·c_in per kernel tap)."""
+        if self.is_conv and self.base_layer.groups > 1:
+            return False
+        r0, r1 = adapter.ranks[:2]
+        c_out, c_in = self.weight.shape[:2]
+        return c_out * r1 + r0 * c_in < c_out * c_in
+
     def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
         """``merged`` or ``factorized`` for this input: the adapter's mode, or under
         ``auto`` the cheaper path of a training step by a flops + bytes cost model."""
@@ -117,10 +168,17 @@ class FLoRALayer(AdapterLayer):
         rows_in = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
         rows_out = self.output_positions(x)
         element = x.element_size()
-        # merged: the weight-gradient conv/matmul the frozen base never runs (reads x and
-        # the output gradient), and W_eff and its gradient (~r0 MACs per element, 4 passes)
-        merged_macs = rows_out * weight_numel + 2 * weight_numel * r0
-        merged_bytes = (rows_in * c_in + rows_out * c_out + 4 * weight_numel) * element
+        # merged: W_eff and the Tucker backward (~r0 MACs per weight element, 4 passes), and
+        # the weight gradient the frozen base never runs: the dense Γ (reads x and the output
+        # gradient), or its two projections (each reads both, plus the thin projections)
+        merged_macs = 2 * weight_numel * r0
+        merged_bytes = 4 * weight_numel * element
+        if self.projects_gradients(adapter):
+            merged_macs += rows_out * (c_out * r1 + r0 * c_in) * kernel + rows_in * c_in * r1 + rows_out * c_out * r0
+            merged_bytes += 2 * (rows_in * (c_in + r1) + rows_out * (c_out + r0)) * element
+        else:
+            merged_macs += rows_out * weight_numel
+            merged_bytes += (rows_in * c_in + rows_out * c_out) * element
         # factorized: three thin maps (c_in→r1, r1→r0 with the kernel, r0→c_out), each run
         # forward, input-backward and weight-backward (~5 passes over its input and output),
         # and the sum with the base output (3 passes)
@@ -162,8 +220,14 @@ class FLoRALayer(AdapterLayer):
         adapter = self.single_active_adapter()
         self.last_execution = None if adapter is None else self.choose_execution(adapter, x)
         if self.last_execution == "merged":
-            weight = self.merge_weight(adapter, self.weight)
-            return self.base_operation(x, weight.to(x.dtype), self.bias)
+            if not (torch.is_grad_enabled() and self.projects_gradients(adapter)):
+                weight = self.merge_weight(adapter, self.weight)
+                return self.base_operation(x, weight.to(x.dtype), self.bias)
+            core, factors = self._params(adapter, self.compute_dtype(adapter))
+            with torch.no_grad():
+                weight = ops.tucker_merge(self.weight, core, factors, adapter.scale).to(x.dtype)
+            y = self.base_operation(x, weight, self.bias)
+            return _ProjectedTuckerGradients.apply(y, x, self, adapter.scale, core, *factors)
         if self.last_execution == "factorized":
             delta = self.delta_forward(adapter, x.to(self.compute_dtype(adapter)))
             return self.base_layer(x) + delta.to(x.dtype)

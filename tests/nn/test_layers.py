@@ -343,3 +343,29 @@ def test_liera_taylor1_unmerge_that_would_divide_by_zero_refuses():
     with pytest.raises(ValueError, match="cannot unmerge adapter 'default'"):
         layer.unmerge()
     assert torch.equal(layer.weight, merged)
+
+
+@pytest.mark.parametrize("make_base", [
+    lambda: nn.Linear(20, 16),
+    lambda: nn.Conv1d(12, 10, 4, stride=2, padding=2, padding_mode="circular"),
+    lambda: nn.Conv2d(16, 12, (3, 2), padding="same", padding_mode="reflect"),
+    lambda: nn.Conv2d(12, 16, 3, dilation=2, padding="same"),
+    lambda: nn.Conv3d(10, 12, (2, 3, 1), stride=(1, 2, 1), padding=1),
+])  # fmt: skip
+def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_base):
+    """Channels wide enough for the merged path to take the projected gradients."""
+    torch.manual_seed(0)
+    base = make_base().double()
+    layer = FLoRALayer(base, r=3, scale=0.8, mode="merged")
+    randomize(layer)
+    adapter = layer.adapters["default"]
+    assert layer.projects_gradients(adapter)
+    spatial = INPUT_SPATIAL.get(base.weight.dim() - 2, ())
+    x = torch.randn(2, *((3, base.in_features) if isinstance(base, nn.Linear) else (base.in_channels, *spatial)),
+                    dtype=torch.float64, requires_grad=True)  # fmt: skip
+    params = [x, *adapter.parameters()]
+    out, expected = layer(x), spec_forward(layer, adapter, x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, params, upstream), torch.autograd.grad(expected, params, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
