@@ -38,6 +38,9 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+MEASURED_FLOORS: dict[str, float] = {}  # written into the results JSON as "floors"
+
+
 @pytest.fixture(scope="session")
 def floors(device) -> dict[str, float]:
     """Copy bandwidth (bytes/s, one read + one write counted) of a 256 MiB buffer, and
@@ -46,7 +49,12 @@ def floors(device) -> dict[str, float]:
     copy_s = median_seconds(lambda: buffer.clone(), device, repeats=5)
     a = torch.randn(2048, 2048, device=device)
     matmul_s = median_seconds(lambda: a @ a, device, repeats=5)
-    return {"copy_bytes_per_s": 2 * buffer.numel() * 4 / copy_s, "macs_per_s": 2048**3 / matmul_s}
+    MEASURED_FLOORS.update(copy_bytes_per_s=2 * buffer.numel() * 4 / copy_s, macs_per_s=2048**3 / matmul_s)
+    return dict(MEASURED_FLOORS)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["floors"] = MEASURED_FLOORS
 
 
 def run(benchmark, fn, device: str, rounds: int = 7, **extra) -> None:

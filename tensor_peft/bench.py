@@ -29,6 +29,10 @@ def markdown(results: dict) -> str:
     for bench in results["benchmarks"]:
         groups[bench["group"]].append(bench)
     lines = [f"# Benchmarks ({results['machine_info'].get('node', '')}, {results['datetime']})", ""]
+    floors = results.get("floors")
+    if floors:
+        lines += [f"Floors measured in this run: copy bandwidth {floors['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+                  f"(read + write), float32 matmul {floors['macs_per_s'] / 1e9:.1f} GMAC/s.", ""]  # fmt: skip
     for group, benches in sorted(groups.items()):
         baseline = next((b for b in benches if b["extra_info"].get("baseline")), None)
         lines += [f"## {group}", "", "| benchmark | median ms | vs baseline | floor ms | vs floor | notes |",
