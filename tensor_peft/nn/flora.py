@@ -29,7 +29,7 @@ from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .lora import check_rank
 
 MODES = ("auto", "merged", "factorized")
-BYTES_PER_FLOP = 8  # machine balance: a byte moved costs ~8 multiply-adds (measured: 49.8 GMAC/s over 5.9 GB/s on the 2-core CI CPU)
+BYTES_PER_FLOP = 8  # machine balance in MACs per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
 
 
 def default_ranks(weight: Tensor, r: int) -> list[int]:
