@@ -1,6 +1,7 @@
 """Command line: ``python -m tensor_peft info`` reports versions, which compiled
 extensions were built, and which backends can run here (and why the others cannot);
-``python -m tensor_peft bench`` runs the benchmark suites and writes their results."""
+``python -m tensor_peft bench`` runs the benchmark suites and writes their results;
+``python -m tensor_peft demo`` fine-tunes a small CNN to a shifted domain with each method."""
 
 from __future__ import annotations
 
@@ -71,7 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--name", help="results file name (default: the GPU's or this host's name)")
     bench.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
     bench.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    demo = commands.add_parser("demo", help="fine-tune a digit CNN to a shifted domain with every method")
+    demo.add_argument("--out", type=Path, default=Path("demo_results"), help="folder for the table and the plot")
+    demo.add_argument("--methods", type=lambda text: text.split(","), help="comma-separated subset of the methods")
+    demo.add_argument("--epochs", type=int, default=40, help="adaptation epochs per method")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a tiny setting (for tests)")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from tensor_peft.demo import main as run_demo
+
+        return run_demo(args.out, args.methods, args.epochs, args.seed, args.quick)
     if args.command == "bench":
         from tensor_peft.bench import main as run_benchmarks
 
