@@ -14,6 +14,7 @@
 namespace py = pybind11;
 
 void register_lowrank(py::module_& m);  // lowrank.cpp
+void register_expm(py::module_& m);     // expm.cpp
 
 namespace {
 
@@ -47,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
     m.def("build_info", &build_info, "How this extension was compiled.");
     m.def("max_threads", &max_threads, "OpenMP threads a parallel region gets.");
     register_lowrank(m);
+    register_expm(m);
 }

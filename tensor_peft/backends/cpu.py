@@ -4,9 +4,10 @@ Tensors reach the kernels as raw pointers: the op layer has checked their shapes
 made them contiguous float32/float64 on one device. Ops without a kernel here are
 reported by the registry as not implemented.
 
-The kernels (``csrc/cpu/lowrank.cpp``) handle updates ΔW = s·U·R with U, R thin, one
+The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
 pass over W0 or Γ: the Tucker ops after the split of ``tucker_split`` (U = U_0), and
-LieRA's ``lowrank_hadamard_merge`` (U = B, R = A) with its exp / taylor1 epilogue."""
+LieRA's ``lowrank_hadamard_merge`` (U = B, R = A) with its exp / taylor1 epilogue.
+``csrc/cpu/expm.cpp`` is the batched ``matrix_exp`` and its adjoint Fréchet backward."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
     d_B, d_A = B.new_empty(B.shape), A.new_empty(A.shape)
     _backward(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A.shape[1], scale, exp)
     return [d_B, d_A]
+
+
+def _matrices(A) -> tuple[int, int]:
+    """(batch, n) of a (..., n, n) tensor (batch 0 when it is empty)."""
+    n = A.shape[-1]
+    return (A.numel() // (n * n) if n else 0), n
+
+
+def matrix_exp(A):
+    out = A.new_empty(A.shape)
+    extension_kernel("_C", "matrix_exp", A.dtype)(out.data_ptr(), A.data_ptr(), *_matrices(A))
+    return out
+
+
+def matrix_exp_backward(grad, A):
+    d_A = A.new_empty(A.shape)
+    extension_kernel("_C", "matrix_exp_backward", A.dtype)(d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), *_matrices(A))
+    return d_A

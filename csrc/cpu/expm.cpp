@@ -1,0 +1,161 @@
+// Batched matrix exponential and its adjoint Fréchet derivative (the backward of exp):
+// each OpenMP thread takes a static share of the batch with its own workspace and runs
+// the math of tensor_peft/expm.h in double precision for float32 and float64 data alike.
+//   forward   out[b] = exp(A[b])
+//   backward  dA[b] = L(A[b]ᵀ, Γ[b]), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 first and the
+//             result scaled back (exact): a large gradient costs no extra squarings.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tensor_peft/common.h"
+#include "tensor_peft/expm.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Each thread runs its share of the batch through one call of these range functions,
+// compiled once per instruction set (TP_CPU_CLONES) and per small size N (N = 0: any n).
+template <int N, typename S>
+TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, double* work, int* pivots) {
+    const int64_t nn = static_cast<int64_t>(n) * n;
+    double* result = work + tensor_peft::expm::workspace_size(n);
+    for (int64_t b = begin; b < end; ++b) {
+        tensor_peft::expm::exp_and_frechet<double, S, N>(A + b * nn, nullptr, result, nullptr, n, work, pivots);
+        for (int64_t i = 0; i < nn; ++i) out[b * nn + i] = static_cast<S>(result[i]);
+    }
+}
+
+template <int N, typename S>
+TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, double* work,
+                                  int* pivots) {
+    const int64_t nn = static_cast<int64_t>(n) * n;
+    double* X = work + tensor_peft::expm::workspace_size(n);  // Aᵀ
+    double* E = X + nn;                                        // c·Γ
+    double* exp_X = E + nn;
+    double* L = exp_X + nn;
+    for (int64_t b = begin; b < end; ++b) {
+        const S* g = grad + b * nn;
+        const S* a = A + b * nn;
+        double norm = 0;
+        for (int j = 0; j < n; ++j) {
+            double column = 0;
+            for (int i = 0; i < n; ++i) column += std::fabs(static_cast<double>(g[i * n + j]));
+            norm = column > norm || column != column ? column : norm;
+        }
+        const double c = norm > 1 ? std::ldexp(1.0, -static_cast<int>(std::ceil(std::log2(norm)))) : 1.0;
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j) {
+                X[i * n + j] = static_cast<double>(a[j * n + i]);
+                E[i * n + j] = c * static_cast<double>(g[i * n + j]);
+            }
+        tensor_peft::expm::exp_and_frechet<double, double, N>(X, E, exp_X, L, n, work, pivots);
+        for (int64_t i = 0; i < nn; ++i) dA[b * nn + i] = static_cast<S>(L[i] / c);
+    }
+}
+
+// Runs `range<N>` for the compile-time sizes 1–8 and 16, `range<0>` otherwise.
+template <template <int> class Range, typename... Args>
+void dispatch(int n, Args... args) {
+    switch (n) {
+        case 1: return Range<1>::run(args...);
+        case 2: return Range<2>::run(args...);
+        case 3: return Range<3>::run(args...);
+        case 4: return Range<4>::run(args...);
+        case 5: return Range<5>::run(args...);
+        case 6: return Range<6>::run(args...);
+        case 7: return Range<7>::run(args...);
+        case 8: return Range<8>::run(args...);
+        case 16: return Range<16>::run(args...);
+        default: return Range<0>::run(args...);
+    }
+}
+
+template <int N>
+struct Forward {
+    template <typename S>
+    static void run(const S* A, S* out, int64_t begin, int64_t end, int n, double* work, int* pivots) {
+        forward_range<N, S>(A, out, begin, end, n, work, pivots);
+    }
+};
+
+template <int N>
+struct Backward {
+    template <typename S>
+    static void run(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, double* work, int* pivots) {
+        backward_range<N, S>(grad, A, dA, begin, end, n, work, pivots);
+    }
+};
+
+// This thread's static share [begin, end) of `batch` items.
+void share(int64_t batch, int64_t& begin, int64_t& end) {
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+#else
+    const int64_t threads = 1, thread = 0;
+#endif
+    begin = batch * thread / threads;
+    end = batch * (thread + 1) / threads;
+}
+
+template <typename S>
+void forward(const S* A, S* out, int64_t batch, int n) {
+    const int64_t nn = static_cast<int64_t>(n) * n;
+#pragma omp parallel
+    {
+        std::vector<double> work(tensor_peft::expm::workspace_size(n) + nn);
+        std::vector<int> pivots(n);
+        int64_t begin, end;
+        share(batch, begin, end);
+        dispatch<Forward>(n, A, out, begin, end, n, work.data(), pivots.data());
+    }
+}
+
+template <typename S>
+void backward(const S* grad, const S* A, S* dA, int64_t batch, int n) {
+    const int64_t nn = static_cast<int64_t>(n) * n;
+#pragma omp parallel
+    {
+        std::vector<double> work(tensor_peft::expm::workspace_size(n) + 4 * nn);
+        std::vector<int> pivots(n);
+        int64_t begin, end;
+        share(batch, begin, end);
+        dispatch<Backward>(n, grad, A, dA, begin, end, n, work.data(), pivots.data());
+    }
+}
+
+template <typename S>
+S* ptr(std::uintptr_t address) {
+    return reinterpret_cast<S*>(address);
+}
+
+template <typename S>
+void bind(py::module_& m, const std::string& suffix) {
+    m.def(("matrix_exp_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t A, int64_t batch, int n) {
+              py::gil_scoped_release release;
+              forward<S>(ptr<const S>(A), ptr<S>(out), batch, n);
+          },
+          "out[b] = exp(A[b]) for a contiguous batch of n×n matrices.");
+    m.def(("matrix_exp_backward_" + suffix).c_str(),
+          [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int n) {
+              py::gil_scoped_release release;
+              backward<S>(ptr<const S>(grad), ptr<const S>(A), ptr<S>(d_A), batch, n);
+          },
+          "d_A[b] = L(A[b]ᵀ, grad[b]), the adjoint Fréchet derivative of exp.");
+}
+
+}  // namespace
+
+void register_expm(py::module_& m) {
+    bind<float>(m, "f32");
+    bind<double>(m, "f64");
+}
