@@ -1,6 +1,6 @@
 // Batched matrix exponential and its adjoint Fréchet derivative (the backward of exp):
 // each OpenMP thread takes a static share of the batch with its own workspace and runs
-// the math of tensor_peft/expm.h in double precision for float32 and float64 data alike.
+// the math of tensor_peft/expm.h in the data's own precision (with that precision's θ_m).
 //   forward   out[b] = exp(A[b])
 //   backward  dA[b] = L(A[b]ᵀ, Γ[b]), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 first and the
 //             result scaled back (exact): a large gradient costs no extra squarings.
@@ -25,23 +25,19 @@ namespace {
 // Each thread runs its share of the batch through one call of these range functions,
 // compiled once per instruction set (TP_CPU_CLONES) and per small size N (N = 0: any n).
 template <int N, typename S>
-TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, double* work, int* pivots) {
+TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, S* work, int* pivots) {
     const int64_t nn = static_cast<int64_t>(n) * n;
-    double* result = work + tensor_peft::expm::workspace_size(n);
-    for (int64_t b = begin; b < end; ++b) {
-        tensor_peft::expm::exp_and_frechet<double, S, N>(A + b * nn, nullptr, result, nullptr, n, work, pivots);
-        for (int64_t i = 0; i < nn; ++i) out[b * nn + i] = static_cast<S>(result[i]);
-    }
+    for (int64_t b = begin; b < end; ++b)
+        tensor_peft::expm::exp_and_frechet<S, S, N>(A + b * nn, nullptr, out + b * nn, nullptr, n, work, pivots);
 }
 
 template <int N, typename S>
-TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, double* work,
+TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, S* work,
                                   int* pivots) {
     const int64_t nn = static_cast<int64_t>(n) * n;
-    double* X = work + tensor_peft::expm::workspace_size(n);  // Aᵀ
-    double* E = X + nn;                                        // c·Γ
-    double* exp_X = E + nn;
-    double* L = exp_X + nn;
+    S* X = work + tensor_peft::expm::workspace_size(n);  // Aᵀ
+    S* E = X + nn;                                        // c·Γ
+    S* exp_X = E + nn;
     for (int64_t b = begin; b < end; ++b) {
         const S* g = grad + b * nn;
         const S* a = A + b * nn;
@@ -51,14 +47,15 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
             for (int i = 0; i < n; ++i) column += std::fabs(static_cast<double>(g[i * n + j]));
             norm = column > norm || column != column ? column : norm;
         }
-        const double c = norm > 1 ? std::ldexp(1.0, -static_cast<int>(std::ceil(std::log2(norm)))) : 1.0;
+        const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;  // c = 2^-shift
         for (int i = 0; i < n; ++i)
             for (int j = 0; j < n; ++j) {
-                X[i * n + j] = static_cast<double>(a[j * n + i]);
-                E[i * n + j] = c * static_cast<double>(g[i * n + j]);
+                X[i * n + j] = a[j * n + i];
+                E[i * n + j] = std::ldexp(g[i * n + j], -shift);
             }
-        tensor_peft::expm::exp_and_frechet<double, double, N>(X, E, exp_X, L, n, work, pivots);
-        for (int64_t i = 0; i < nn; ++i) dA[b * nn + i] = static_cast<S>(L[i] / c);
+        S* d = dA + b * nn;
+        tensor_peft::expm::exp_and_frechet<S, S, N>(X, E, exp_X, d, n, work, pivots);
+        for (int64_t i = 0; i < nn; ++i) d[i] = std::ldexp(d[i], shift);
     }
 }
 
@@ -82,7 +79,7 @@ void dispatch(int n, Args... args) {
 template <int N>
 struct Forward {
     template <typename S>
-    static void run(const S* A, S* out, int64_t begin, int64_t end, int n, double* work, int* pivots) {
+    static void run(const S* A, S* out, int64_t begin, int64_t end, int n, S* work, int* pivots) {
         forward_range<N, S>(A, out, begin, end, n, work, pivots);
     }
 };
@@ -90,7 +87,7 @@ struct Forward {
 template <int N>
 struct Backward {
     template <typename S>
-    static void run(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, double* work, int* pivots) {
+    static void run(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, S* work, int* pivots) {
         backward_range<N, S>(grad, A, dA, begin, end, n, work, pivots);
     }
 };
@@ -108,10 +105,9 @@ void share(int64_t batch, int64_t& begin, int64_t& end) {
 
 template <typename S>
 void forward(const S* A, S* out, int64_t batch, int n) {
-    const int64_t nn = static_cast<int64_t>(n) * n;
 #pragma omp parallel
     {
-        std::vector<double> work(tensor_peft::expm::workspace_size(n) + nn);
+        std::vector<S> work(tensor_peft::expm::workspace_size(n));
         std::vector<int> pivots(n);
         int64_t begin, end;
         share(batch, begin, end);
@@ -124,7 +120,7 @@ void backward(const S* grad, const S* A, S* dA, int64_t batch, int n) {
     const int64_t nn = static_cast<int64_t>(n) * n;
 #pragma omp parallel
     {
-        std::vector<double> work(tensor_peft::expm::workspace_size(n) + 4 * nn);
+        std::vector<S> work(tensor_peft::expm::workspace_size(n) + 3 * nn);
         std::vector<int> pivots(n);
         int64_t begin, end;
         share(batch, begin, end);

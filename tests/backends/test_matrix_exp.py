@@ -129,11 +129,11 @@ def test_backward_is_the_adjoint_frechet_derivative(backend, device, n):
 
 @backend_param
 def test_non_finite_input_gives_nan_and_huge_norms_return(backend, device):
-    A = torch.randn(4, 3, 3, dtype=F64)
+    A = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
     A[1, 0, 2], A[2, 1, 1] = float("nan"), float("inf")
     A[3] = 1e300 * torch.eye(3, dtype=F64) - 1e300 * torch.ones(3, 3, dtype=F64)
     with backends.use(backend):
         got = ops.matrix_exp(A.to(device)).cpu()
-    assert np.allclose(got[0].numpy(), scipy_expm(A[:1])[0], rtol=1e-13, atol=0)
+    assert relative_error(got[:1], scipy_expm(A[:1])) <= 1e-13  # its neighbours do not spill over
     assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
     assert not torch.isfinite(got[3]).all()  # exp overflows: inf/nan, after a bounded number of squarings

@@ -2,6 +2,10 @@
 // marked TP_HD, and compiled for both the host and the device.
 #pragma once
 
+// TP_RESTRICT: the pointer is the only way to reach its data in this function, so the
+// compiler may keep values in registers and vectorize (nvcc and g++ both accept it).
+#define TP_RESTRICT __restrict__
+
 #if defined(__CUDACC__)
 #define TP_HD __host__ __device__
 #define TP_INLINE __host__ __device__ __forceinline__

@@ -6,11 +6,11 @@
 // [0, exp(X)]], computed on the blocks directly: each product of such block matrices
 // costs three n×n products, not eight.
 //
-// The degree m ∈ {3, 5, 7, 9, 13} and the number of squarings s come from the 1-norm of
-// each matrix (of the block matrix when E is given), with θ_m for double precision: the
-// truncation error is then below the unit roundoff. The arithmetic is in T (double for
-// both float32 and float64 data: float32 results are exp rounded once). A non-finite
-// norm gives NaN everywhere; a finite one needs at most ~1030 squarings, never a hang.
+// The degree m and the number of squarings s come from the 1-norm of each matrix (of the
+// block matrix when E is given) and the θ_m of the arithmetic's precision T: m ∈ {3, 5, 7,
+// 9, 13} in double, m ∈ {3, 5, 7} in float; the truncation error is then below T's unit
+// roundoff. A non-finite norm gives NaN everywhere; a finite one needs at most ~1030
+// squarings (~130 in float), never a hang.
 #pragma once
 
 #include <cmath>
@@ -20,9 +20,10 @@
 
 namespace tensor_peft::expm {
 
-// Higham 2005, Table 2.3 (double precision).
+// Higham 2005, Table 2.3: θ_m for m = 3, 5, 7, 9, 13 in double precision, 3, 5, 7 in single.
 constexpr double kTheta[5] = {1.495585217958292e-2, 2.539398330063230e-1, 9.504178996162932e-1,
                               2.097847961257068e0, 5.371920351148152e0};
+constexpr double kThetaSingle[3] = {4.258730016922831e-1, 1.880152677804762e0, 3.925724783138660e0};
 constexpr int kDegree[5] = {3, 5, 7, 9, 13};
 constexpr double kPade3[4] = {120., 60., 12., 1.};
 constexpr double kPade5[6] = {30240., 15120., 3360., 420., 30., 1.};
@@ -46,7 +47,7 @@ TP_INLINE int size(int n) {
 
 // C = A·B (n×n, row-major; C must not alias A or B).
 template <typename T, int N>
-TP_INLINE void matmul(const T* A, const T* B, T* C, int n_) {
+TP_INLINE void matmul(const T* TP_RESTRICT A, const T* TP_RESTRICT B, T* TP_RESTRICT C, int n_) {
     const int n = size<N>(n_);
     for (int i = 0; i < n * n; ++i) C[i] = T(0);
     for (int i = 0; i < n; ++i)
@@ -179,19 +180,21 @@ TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, 
         }
         norm = column > norm || column != column ? column : norm;
     }
-    if (!(norm <= T(1.7976931348623157e308))) {  // NaN or inf somewhere
+    if (!(norm - norm == T(0))) {  // NaN or inf somewhere
         for (int i = 0; i < nn; ++i) {
             expX[i] = T(NAN);
             if (derivative) L[i] = T(NAN);
         }
         return;
     }
+    const double* theta = sizeof(T) == 4 ? kThetaSingle : kTheta;
+    const int last = sizeof(T) == 4 ? 2 : 4;
     int choice = 0;
-    while (choice < 4 && norm > T(kTheta[choice])) ++choice;
+    while (choice < last && norm > T(theta[choice])) ++choice;
     int squarings = 0;
-    if (norm > T(kTheta[4])) {
+    if (norm > T(theta[last])) {
         int exponent;
-        const T mantissa = frexp(norm / T(kTheta[4]), &exponent);  // norm/θ = mantissa·2^exponent
+        const T mantissa = frexp(norm / T(theta[last]), &exponent);  // norm/θ = mantissa·2^exponent
         squarings = mantissa == T(0.5) ? exponent - 1 : exponent;   // smallest s with norm/2^s ≤ θ
         const T down = ldexp(T(1), -squarings);
         for (int i = 0; i < nn; ++i) {
