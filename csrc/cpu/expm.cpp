@@ -47,15 +47,16 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
             for (int i = 0; i < n; ++i) column += std::fabs(static_cast<double>(g[i * n + j]));
             norm = column > norm || column != column ? column : norm;
         }
-        const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;  // c = 2^-shift
+        const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;
+        const S down = std::ldexp(S(1), -shift), up = std::ldexp(S(1), shift);  // powers of two: exact
         for (int i = 0; i < n; ++i)
             for (int j = 0; j < n; ++j) {
                 X[i * n + j] = a[j * n + i];
-                E[i * n + j] = std::ldexp(g[i * n + j], -shift);
+                E[i * n + j] = down * g[i * n + j];
             }
         S* d = dA + b * nn;
         tensor_peft::expm::exp_and_frechet<S, S, N>(X, E, exp_X, d, n, work, pivots);
-        for (int64_t i = 0; i < nn; ++i) d[i] = std::ldexp(d[i], shift);
+        for (int64_t i = 0; i < nn; ++i) d[i] *= up;
     }
 }
 
