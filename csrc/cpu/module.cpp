@@ -15,6 +15,7 @@ namespace py = pybind11;
 
 void register_lowrank(py::module_& m);  // lowrank.cpp
 void register_expm(py::module_& m);     // expm.cpp
+void register_kernelized(py::module_& m);  // kernelized.cpp
 
 namespace {
 
@@ -49,4 +50,5 @@ PYBIND11_MODULE(_C, m) {
     m.def("max_threads", &max_threads, "OpenMP threads a parallel region gets.");
     register_lowrank(m);
     register_expm(m);
+    register_kernelized(m);
 }

@@ -7,9 +7,13 @@ reported by the registry as not implemented.
 The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
 pass over W0 or Γ: the Tucker ops after the split of ``tucker_split`` (U = U_0), and
 LieRA's ``lowrank_hadamard_merge`` (U = B, R = A) with its exp / taylor1 epilogue.
-``csrc/cpu/expm.cpp`` is the batched ``matrix_exp`` and its adjoint Fréchet backward."""
+``csrc/cpu/expm.cpp`` is the batched ``matrix_exp`` and its adjoint Fréchet backward.
+``csrc/cpu/kernelized.cpp`` is SNELL's kernelized update and its sparsification (radix
+select of the threshold), fused, with a backward that recomputes the rows."""
 
 from __future__ import annotations
+
+import torch
 
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import tucker_ops
@@ -71,3 +75,63 @@ def matrix_exp_backward(grad, A):
     d_A = A.new_empty(A.shape)
     extension_kernel("_C", "matrix_exp_backward", A.dtype)(d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), *_matrices(A))
     return d_A
+
+
+_KERNELS = {"piecewise_linear": 0, "rbf": 1, "sigmoid": 2, "linear": 3, "mixture": 4}
+_MODES = {None: 0, "hard": 1, "soft": 2}
+
+
+def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
+    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n)."""
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
+    tau = extension_kernel("_C", "kernelized_forward", out.dtype)(
+        out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
+        _KERNELS[kernel], coeff.data_ptr(), params.data_ptr(), eps, k, _MODES[mode],
+    )  # fmt: skip
+    return out, out.new_tensor(tau)
+
+
+def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=0.0, mode=None):
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
+    d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
+    in_t = in_emb.transpose(1, 2).contiguous()
+    extension_kernel("_C", "kernelized_backward", grad.dtype)(
+        grad.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
+        _KERNELS[kernel], coeff.data_ptr(), params.data_ptr(), eps, tau, _MODES[mode],
+        d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
+    )  # fmt: skip
+    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
+
+
+def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
+
+
+def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode):
+    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode))
+
+
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau.item(), mode)
+
+
+def sparsify(delta, k, mode):
+    out = torch.empty_like(delta)
+    tau = extension_kernel("_C", "sparsify", delta.dtype)(out.data_ptr(), delta.data_ptr(), delta.numel(), k, _MODES[mode])
+    return [out, delta.new_tensor(tau)]
+
+
+def sparsify_backward(grad, delta, tau, mode):
+    d_delta = torch.empty_like(delta)
+    extension_kernel("_C", "sparsify_backward", delta.dtype)(
+        d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.item(), _MODES[mode]
+    )
+    return d_delta

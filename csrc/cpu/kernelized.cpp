@@ -1,0 +1,473 @@
+// SNELL's kernelized low-rank update and its competition sparsification, fused.
+//
+// ΔW_raw[j, i] = κ(b_j, a_i) for the m rows of Out (H, m, p) and the n columns of In,
+// passed transposed as (H, p, n) so that each row j is computed for all i at once with
+// unit-stride loops. Kernels (ids as in kKernel*): piecewise Σ_h coeff[h]·sqrt(‖b^h − a^h‖² +
+// eps); rbf alpha·exp(−beta‖b − a‖²) + gamma; sigmoid alpha·σ(beta b·a) + gamma; linear
+// b·a; mixture P + alpha·softmax_j(P/gamma) + beta with P the piecewise kernel (the softmax
+// runs down each column: its max and sum come from passes over the rows first).
+//
+// Sparsification (mode 1 hard, 2 soft): τ = the k-th smallest |ΔW_raw| by radix select
+// (tensor_peft/radix_select.h), then in place hard ΔW·|ΔW|·1[|ΔW| > τ] or soft
+// ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ]. Backward recomputes the rows from the embeddings (nothing
+// m×n is kept), applies the derivative of the sparsification with τ and |ΔW| (hard)
+// held constant, and reduces into the gradients: rows of Out per row, columns of In and
+// the kernel parameters in per-thread partials summed at the end.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "tensor_peft/common.h"
+#include "tensor_peft/radix_select.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+enum Kernel : int { kPiecewise = 0, kRbf = 1, kSigmoid = 2, kLinear = 3, kMixture = 4 };
+enum Mode : int { kNone = 0, kHard = 1, kSoft = 2 };
+
+template <typename T>
+struct Problem {
+    const T* out_emb;  // (H, m, p)
+    const T* in_t;     // (H, p, n)
+    int64_t m, n, chunks, width;
+    int kernel;
+    const T* coeff;   // (H,)
+    T alpha, beta, gamma, eps;
+    const T* column_max = nullptr;  // mixture: max_j P/gamma and Σ_j exp(P/gamma − max) per column
+    const T* column_sum = nullptr;
+};
+
+// Per-thread row buffers of n values.
+template <typename T>
+struct Rows {
+    std::vector<T> distance, scratch, piecewise;
+    explicit Rows(int64_t n) : distance(n), scratch(n), piecewise(n) {}
+};
+
+// distance[i] = ‖b_j^h − a_i^h‖² for chunk h (all_chunks: summed over every chunk).
+template <typename T>
+inline void squared_distances(const Problem<T>& P, int64_t j, int64_t h, T* distance) {
+    const int64_t n = P.n;
+    for (int64_t i = 0; i < n; ++i) distance[i] = T(0);
+    const T* b = P.out_emb + (h * P.m + j) * P.width;
+    for (int64_t d = 0; d < P.width; ++d) {
+        const T bd = b[d];
+        const T* a = P.in_t + (h * P.width + d) * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) distance[i] += (bd - a[i]) * (bd - a[i]);
+    }
+}
+
+// out[i] = Σ_h b_j^h·a_i^h (sign +1) over every chunk, or accumulate ‖·‖² (sign 0).
+template <typename T>
+inline void dots(const Problem<T>& P, int64_t j, T* out) {
+    const int64_t n = P.n;
+    for (int64_t i = 0; i < n; ++i) out[i] = T(0);
+    for (int64_t h = 0; h < P.chunks; ++h) {
+        const T* b = P.out_emb + (h * P.m + j) * P.width;
+        for (int64_t d = 0; d < P.width; ++d) {
+            const T bd = b[d];
+            const T* a = P.in_t + (h * P.width + d) * n;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) out[i] += bd * a[i];
+        }
+    }
+}
+
+// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps).
+template <typename T>
+inline void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* distance) {
+    const int64_t n = P.n;
+    for (int64_t i = 0; i < n; ++i) piecewise[i] = T(0);
+    for (int64_t h = 0; h < P.chunks; ++h) {
+        squared_distances(P, j, h, distance);
+        const T c = P.coeff[h];
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) piecewise[i] += c * std::sqrt(distance[i] + P.eps);
+    }
+}
+
+// Row j of ΔW_raw into out (mixture: needs the column statistics).
+template <typename T>
+void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
+    const int64_t n = P.n;
+    T* distance = rows.distance.data();
+    switch (P.kernel) {
+        case kPiecewise:
+            piecewise_row(P, j, out, distance);
+            return;
+        case kMixture: {
+            piecewise_row(P, j, out, distance);
+            const T* mx = P.column_max;
+            const T* sum = P.column_sum;
+            for (int64_t i = 0; i < n; ++i)
+                out[i] += P.alpha * std::exp(out[i] / P.gamma - mx[i]) / sum[i] + P.beta;
+            return;
+        }
+        case kRbf: {
+            for (int64_t i = 0; i < n; ++i) out[i] = T(0);
+            for (int64_t h = 0; h < P.chunks; ++h) {
+                squared_distances(P, j, h, distance);
+                for (int64_t i = 0; i < n; ++i) out[i] += distance[i];
+            }
+            for (int64_t i = 0; i < n; ++i) out[i] = P.alpha * std::exp(-P.beta * out[i]) + P.gamma;
+            return;
+        }
+        case kSigmoid:
+            dots(P, j, out);
+            for (int64_t i = 0; i < n; ++i) out[i] = P.alpha / (T(1) + std::exp(-P.beta * out[i])) + P.gamma;
+            return;
+        default:
+            dots(P, j, out);
+    }
+}
+
+// Mixture's column statistics: max_j P/gamma and Σ_j exp(P/gamma − max), two passes.
+template <typename T>
+void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum) {
+    const int64_t n = P.n;
+    column_max.assign(n, -std::numeric_limits<T>::infinity());
+    column_sum.assign(n, T(0));
+#pragma omp parallel
+    {
+        Rows<T> rows(n);
+        std::vector<T> local(n, -std::numeric_limits<T>::infinity());
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < P.m; ++j) {
+            piecewise_row(P, j, rows.piecewise.data(), rows.distance.data());
+            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], rows.piecewise[i] / P.gamma);
+        }
+#pragma omp critical
+        for (int64_t i = 0; i < n; ++i) column_max[i] = std::max(column_max[i], local[i]);
+#pragma omp barrier
+        std::vector<double> sums(n, 0.0);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < P.m; ++j) {
+            piecewise_row(P, j, rows.piecewise.data(), rows.distance.data());
+            for (int64_t i = 0; i < n; ++i) sums[i] += std::exp(rows.piecewise[i] / P.gamma - column_max[i]);
+        }
+#pragma omp critical
+        for (int64_t i = 0; i < n; ++i) column_sum[i] += static_cast<T>(sums[i]);
+    }
+}
+
+template <typename T>
+void raw(Problem<T>& P, T* out, std::vector<T>& column_max, std::vector<T>& column_sum) {
+    if (P.kernel == kMixture) {
+        mixture_columns(P, column_max, column_sum);
+        P.column_max = column_max.data();
+        P.column_sum = column_sum.data();
+    }
+#pragma omp parallel
+    {
+        Rows<T> rows(P.n);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < P.m; ++j) raw_row(P, j, out + j * P.n, rows);
+    }
+}
+
+// τ = the k-th smallest |x| (1-based) of count values; −inf when k = 0.
+template <typename T>
+T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
+    using Key = tensor_peft::radix::Key<T>;
+    using Bits = typename Key::type;
+    if (k == 0) return -std::numeric_limits<T>::infinity();
+    Bits prefix = 0, prefix_mask = 0;
+    int64_t rank = k;
+    for (int high = Key::kBits; high > 0; high -= Key::kDigit) {
+        const int width = std::min(Key::kDigit, high);
+        const int shift = high - width;
+        const int64_t bins = int64_t(1) << width;
+        std::vector<int64_t> counts(bins, 0);
+#pragma omp parallel
+        {
+            std::vector<int64_t> local(bins, 0);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < count; ++i) {
+                const Bits key = tensor_peft::radix::abs_key(x[i]);
+                if ((key & prefix_mask) == prefix) ++local[(key >> shift) & (bins - 1)];
+            }
+#pragma omp critical
+            for (int64_t b = 0; b < bins; ++b) counts[b] += local[b];
+        }
+        const int64_t bin = tensor_peft::radix::pick_bin(counts.data(), bins, rank);
+        prefix |= Bits(bin) << shift;
+        prefix_mask |= Bits(bins - 1) << shift;
+    }
+    return tensor_peft::radix::from_key<T>(prefix);
+}
+
+// out = x·|x|·1[|x| > τ] (hard) or x·(|x| − τ⁺)·1[|x| > τ] (soft), in place allowed.
+template <typename T>
+void apply_mask(const T* x, T* out, int64_t count, T tau, int mode) {
+    const T tau_plus = std::max(tau, T(0));
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < count; ++i) {
+        const T magnitude = std::abs(x[i]);
+        const T factor = mode == kHard ? magnitude : magnitude - tau_plus;
+        out[i] = magnitude > tau ? x[i] * factor : T(0);
+    }
+}
+
+// ∂L/∂x of apply_mask with τ (and, hard, |x|) held constant: Γ·|x| or Γ·(2|x| − τ⁺), masked.
+template <typename T>
+inline T mask_derivative(T g, T x, T tau, T tau_plus, int mode) {
+    const T magnitude = std::abs(x);
+    if (!(magnitude > tau)) return T(0);
+    return mode == kHard ? g * magnitude : g * (T(2) * magnitude - tau_plus);
+}
+
+// Per-thread gradient partials; sums over all m·n entries accumulate in double.
+template <typename T>
+struct Partials {
+    std::vector<T> d_in_t;
+    std::vector<double> d_coeff;
+    double d_alpha = 0, d_beta = 0, d_gamma = 0;
+    explicit Partials(const Problem<T>& P) : d_in_t(P.chunks * P.width * P.n, T(0)), d_coeff(P.chunks, 0.0) {}
+};
+
+// Gradients of row j given D = ∂L/∂(the kernel's output before mixture's softmax term)
+// (for mixture: ∂L/∂P): d_out_emb rows j (written), the rest into partials.
+template <typename T>
+void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Partials<T>& acc, Rows<T>& rows) {
+    const int64_t n = P.n;
+    T* distance = rows.distance.data();
+    T* W = rows.scratch.data();
+    const bool piecewise = P.kernel == kPiecewise || P.kernel == kMixture;
+    if (P.kernel == kRbf) {  // W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
+        for (int64_t i = 0; i < n; ++i) W[i] = T(0);
+        for (int64_t h = 0; h < P.chunks; ++h) {
+            squared_distances(P, j, h, distance);
+            for (int64_t i = 0; i < n; ++i) W[i] += distance[i];
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            const T e = std::exp(-P.beta * W[i]);
+            acc.d_alpha += D[i] * e;
+            acc.d_beta -= D[i] * P.alpha * W[i] * e;
+            acc.d_gamma += D[i];
+            W[i] = D[i] * T(-2) * P.alpha * P.beta * e;
+        }
+    } else if (P.kernel == kSigmoid || P.kernel == kLinear) {
+        dots(P, j, W);
+        for (int64_t i = 0; i < n; ++i) {
+            if (P.kernel == kLinear) {
+                W[i] = D[i];
+                continue;
+            }
+            const T s = T(1) / (T(1) + std::exp(-P.beta * W[i]));
+            const T pre = D[i] * P.alpha * s * (T(1) - s);  // ∂L/∂(beta b·a)
+            acc.d_alpha += D[i] * s;
+            acc.d_beta += pre * W[i];
+            acc.d_gamma += D[i];
+            W[i] = P.beta * pre;  // ∂L/∂(b·a)
+        }
+        // dot-product kernels: ∂b_j = Σ_i W_i a_i, ∂a_i += W_i b_j
+        for (int64_t h = 0; h < P.chunks; ++h) {
+            const T* b = P.out_emb + (h * P.m + j) * P.width;
+            T* db = d_out_emb + (h * P.m + j) * P.width;
+            for (int64_t d = 0; d < P.width; ++d) {
+                const T* a = P.in_t + (h * P.width + d) * n;
+                T* da = acc.d_in_t.data() + (h * P.width + d) * n;
+                const T bd = b[d];
+                T sum = 0;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t i = 0; i < n; ++i) {
+                    sum += W[i] * a[i];
+                    da[i] += W[i] * bd;
+                }
+                db[d] = sum;
+            }
+        }
+        return;
+    }
+    // distance kernels: ∂b_j = Σ_i W_i (b_j − a_i), ∂a_i −= W_i (b_j − a_i), per chunk for
+    // piecewise (W_h = D·coeff[h]/r_h), one W over all chunks for rbf
+    for (int64_t h = 0; h < P.chunks; ++h) {
+        if (piecewise) {
+            squared_distances(P, j, h, distance);
+            const T c = P.coeff[h];
+            double d_coeff = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                const T r = std::sqrt(distance[i] + P.eps);
+                d_coeff += D[i] * r;
+                W[i] = D[i] * c / r;
+            }
+            acc.d_coeff[h] += d_coeff;
+        }
+        const T* b = P.out_emb + (h * P.m + j) * P.width;
+        T* db = d_out_emb + (h * P.m + j) * P.width;
+        for (int64_t d = 0; d < P.width; ++d) {
+            const T* a = P.in_t + (h * P.width + d) * n;
+            T* da = acc.d_in_t.data() + (h * P.width + d) * n;
+            const T bd = b[d];
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < n; ++i) {
+                const T w = W[i] * (bd - a[i]);
+                sum += w;
+                da[i] -= w;
+            }
+            db[d] = sum;
+        }
+    }
+}
+
+// The whole backward. grad is ∂L/∂(output); with mode ≠ kNone the output was sparsified
+// with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3).
+template <typename T>
+void backward(Problem<T>& P, const T* grad, T tau, int mode, T* d_out_emb, T* d_in_t, T* d_coeff, T* d_params) {
+    const int64_t n = P.n;
+    const T tau_plus = std::max(tau, T(0));
+    std::vector<T> column_max, column_sum, column_dot(n, T(0));
+    double total_alpha = 0, total_beta = 0;
+    if (P.kernel == kMixture) {
+        mixture_columns(P, column_max, column_sum);
+        P.column_max = column_max.data();
+        P.column_sum = column_sum.data();
+        // c_i = Σ_j D_ji S_ji with D = ∂L/∂K (after the sparsification's derivative)
+#pragma omp parallel
+        {
+            Rows<T> rows(n);
+            std::vector<double> local(n, 0.0);
+            double local_alpha = 0, local_beta = 0;
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < P.m; ++j) {
+                T* K = rows.piecewise.data();
+                raw_row(P, j, K, rows);
+                piecewise_row(P, j, rows.scratch.data(), rows.distance.data());
+                const T* g = grad + j * n;
+                for (int64_t i = 0; i < n; ++i) {
+                    const T D = mode == kNone ? g[i] : mask_derivative(g[i], K[i], tau, tau_plus, mode);
+                    const T S = std::exp(rows.scratch[i] / P.gamma - column_max[i]) / column_sum[i];
+                    local[i] += D * S;
+                    local_alpha += D * S;
+                    local_beta += D;
+                }
+            }
+#pragma omp critical
+            {
+                for (int64_t i = 0; i < n; ++i) column_dot[i] += static_cast<T>(local[i]);
+                total_alpha += local_alpha;
+                total_beta += local_beta;
+            }
+        }
+    }
+    std::fill(d_in_t, d_in_t + P.chunks * P.width * n, T(0));
+    std::vector<double> coeff_sum(P.chunks, 0.0);
+    double d_alpha = total_alpha, d_beta = total_beta, d_gamma = 0;
+#pragma omp parallel
+    {
+        Rows<T> rows(n);
+        Partials<T> acc(P);
+        std::vector<T> D(n), K(n);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < P.m; ++j) {
+            const T* g = grad + j * n;
+            if (mode != kNone) raw_row(P, j, K.data(), rows);
+            for (int64_t i = 0; i < n; ++i)
+                D[i] = mode == kNone ? g[i] : mask_derivative(g[i], K[i], tau, tau_plus, mode);
+            if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
+                T* piecewise = rows.piecewise.data();
+                piecewise_row(P, j, piecewise, rows.distance.data());
+                for (int64_t i = 0; i < n; ++i) {
+                    const T S = std::exp(piecewise[i] / P.gamma - column_max[i]) / column_sum[i];
+                    const T d_logit = P.alpha * S * (D[i] - column_dot[i]);
+                    acc.d_gamma -= d_logit * piecewise[i] / (P.gamma * P.gamma);
+                    D[i] += d_logit / P.gamma;
+                }
+            }
+            backward_row(P, j, D.data(), d_out_emb, acc, rows);
+        }
+#pragma omp critical
+        {
+            for (size_t i = 0; i < acc.d_in_t.size(); ++i) d_in_t[i] += acc.d_in_t[i];
+            for (int64_t h = 0; h < P.chunks; ++h) coeff_sum[h] += acc.d_coeff[h];
+            d_alpha += acc.d_alpha;
+            d_beta += acc.d_beta;
+            d_gamma += acc.d_gamma;
+        }
+    }
+    for (int64_t h = 0; h < P.chunks; ++h) d_coeff[h] = static_cast<T>(coeff_sum[h]);
+    d_params[0] = static_cast<T>(d_alpha);
+    d_params[1] = static_cast<T>(d_beta);
+    d_params[2] = static_cast<T>(d_gamma);
+}
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+template <typename T>
+Problem<T> problem(std::uintptr_t out_emb, std::uintptr_t in_t, int64_t m, int64_t n, int64_t chunks, int64_t width,
+                   int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps) {
+    const T* p = ptr<const T>(params);
+    return Problem<T>{ptr<const T>(out_emb), ptr<const T>(in_t), m, n, chunks, width, kernel, ptr<const T>(coeff),
+                      p[0], p[1], p[2], static_cast<T>(eps)};
+}
+
+template <typename T>
+void bind(py::module_& m, const std::string& suffix) {
+    m.def(("kernelized_forward_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
+             int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, int64_t k, int mode) {
+              py::gil_scoped_release release;
+              Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
+              std::vector<T> column_max, column_sum;
+              raw(P, ptr<T>(out), column_max, column_sum);
+              if (mode == kNone) return double(0);
+              const T tau = kth_smallest_magnitude(ptr<const T>(out), rows * n, k);
+              apply_mask(ptr<const T>(out), ptr<T>(out), rows * n, tau, mode);
+              return double(tau);
+          },
+          "out (m, n) = κ(Out, In) (In given as (H, p, n)); with mode 1/2, sparsified in place by the "
+          "k-th smallest magnitude, which is returned.");
+    m.def(("kernelized_backward_" + suffix).c_str(),
+          [](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
+             int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, double tau, int mode,
+             std::uintptr_t d_out_emb, std::uintptr_t d_in_t, std::uintptr_t d_coeff, std::uintptr_t d_params) {
+              py::gil_scoped_release release;
+              Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
+              backward(P, ptr<const T>(grad), static_cast<T>(tau), mode, ptr<T>(d_out_emb), ptr<T>(d_in_t),
+                       ptr<T>(d_coeff), ptr<T>(d_params));
+          },
+          "Gradients of the embeddings (In as (H, p, n)) and kernel parameters from ∂L/∂out, the rows "
+          "recomputed; mode 1/2 with the τ of the forward.");
+    m.def(("sparsify_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int mode) {
+              py::gil_scoped_release release;
+              const T tau = kth_smallest_magnitude(ptr<const T>(delta), count, k);
+              apply_mask(ptr<const T>(delta), ptr<T>(out), count, tau, mode);
+              return double(tau);
+          },
+          "out = the sparsified delta (mode 1 hard, 2 soft); returns τ.");
+    m.def(("sparsify_backward_" + suffix).c_str(),
+          [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, double tau, int mode) {
+              py::gil_scoped_release release;
+              const T t = static_cast<T>(tau), t_plus = std::max(t, T(0));
+              const T* g = ptr<const T>(grad);
+              const T* x = ptr<const T>(delta);
+              T* d = ptr<T>(d_delta);
+#pragma omp parallel for schedule(static)
+              for (int64_t i = 0; i < count; ++i) d[i] = mask_derivative(g[i], x[i], t, t_plus, mode);
+          },
+          "∂L/∂delta of the sparsification with τ (and, hard, |delta|) held constant.");
+}
+
+}  // namespace
+
+void register_kernelized(py::module_& m) {
+    bind<float>(m, "f32");
+    bind<double>(m, "f64");
+}

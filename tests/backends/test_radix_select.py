@@ -1,0 +1,66 @@
+"""The sparsification threshold τ of every backend that runs here is exactly (==) the k-th
+smallest |x| of a brute-force sort, ties included, and the kept set is exactly |x| > τ:
+heavy ties, k = 0, 1 and numel, signed zeros, subnormals, float32 and float64, and a
+matrix above 2^24 entries (where torch.quantile stops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensor_peft import backends
+from tensor_peft.backends.registry import _module
+
+from ..conftest import DEVICES
+
+BACKENDS = [
+    (name, device)
+    for device in DEVICES
+    for name in backends.available(device)
+    if "sparsify" in backends.implemented_ops(name)
+]
+backend_param = pytest.mark.parametrize("backend,device", BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS])
+
+
+def brute_force_tau(x: torch.Tensor, k: int) -> float:
+    return -float("inf") if k == 0 else x.abs().flatten().sort().values[k - 1].item()
+
+
+def inputs(kind: str, dtype, generator) -> torch.Tensor:
+    if kind == "random":
+        return torch.randn(37, 53, generator=generator, dtype=torch.float64).to(dtype)
+    if kind == "ties":  # values from five levels and both signs: every threshold is a tie
+        levels = torch.tensor([0.0, 0.25, 0.5, 1.0, 3.0], dtype=dtype)
+        signs = torch.randint(0, 2, (41, 29), generator=generator) * 2 - 1
+        return levels[torch.randint(0, 5, (41, 29), generator=generator)] * signs.to(dtype)
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number: below it, subnormals
+    special = torch.tensor([0.0, -0.0, tiny / 4, -tiny / 2, tiny, -tiny, 1.0, -1.0, 1e-30], dtype=dtype)
+    noise = torch.randn(54, generator=generator, dtype=torch.float64).to(dtype) * tiny
+    return torch.cat([special.repeat(3), noise]).reshape(9, 9)
+
+
+@backend_param
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros-and-subnormals"])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_threshold_equals_a_brute_force_sort(backend, device, dtype, kind, mode):
+    x = inputs(kind, dtype, torch.Generator().manual_seed(5)).to(device)
+    sparsify = _module(backend).sparsify
+    for k in sorted({0, 1, 2, x.numel() // 3, x.numel() // 2, x.numel() - 1, x.numel()}):
+        out, tau = sparsify(x, k, mode)
+        assert tau.item() == brute_force_tau(x.cpu(), k), (k, tau.item())
+        magnitude = x.abs()  # the kept set is exactly |x| > τ, each entry by SPEC's formula
+        factor = magnitude if mode == "hard" else magnitude - max(tau.item(), 0.0)
+        assert torch.equal(out, torch.where(magnitude > tau, x * factor, torch.zeros_like(x)))
+
+
+def test_above_two_to_the_24_entries():
+    """float32, 2^24 + 3 entries with ties: kthvalue on the flat array gives the exact answer."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(-1000, 1000, (2**24 + 3,), generator=generator).float() / 7
+    for name, device in BACKENDS:
+        if device != "cpu" or name == "triton":
+            continue  # the interpreter is too slow for this size
+        for k in (1, 2**23 + 5, 2**24 + 3):
+            _, tau = _module(name).sparsify(x, k, "hard")
+            assert tau.item() == x.abs().kthvalue(k).values.item()
