@@ -110,10 +110,12 @@ def recomputed_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> I
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         yield
         return
-    storage = tensor.untyped_storage()
+    # plain values, not the tensor: autograd keeps the hooks, and they must not keep it alive
+    # (its address cannot be reused while the block runs: the caller holds the tensor)
+    device, address = tensor.device, tensor.untyped_storage().data_ptr()
 
     def pack(saved: Tensor):
-        if saved.device == tensor.device and saved.untyped_storage().data_ptr() == storage.data_ptr():
+        if saved.device == device and saved.untyped_storage().data_ptr() == address:
             return _Recompute(saved.size(), saved.stride(), saved.storage_offset())
         return saved
 

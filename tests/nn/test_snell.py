@@ -6,6 +6,7 @@ statistics against the formulas, and an exact resume from saved state."""
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ def test_effective_weight_is_rebuilt_for_backward_not_kept(monkeypatch):
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     assert len(calls) == 1
+    gc.collect()  # nothing of the weight's size is alive besides the weight itself
+    alive = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.shape == layer.weight.shape]
+    assert len(alive) == 1 and alive[0] is layer.weight
     expected = torch.autograd.grad(out.sum(), [x, layer.adapters["default"].snell_in])
     assert len(calls) == 2  # backward asked for W0 + ΔW again
     weight = layer.merge_weight(layer.adapters["default"], layer.weight)
