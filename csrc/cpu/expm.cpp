@@ -60,23 +60,6 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
     }
 }
 
-// Runs `range<N>` for the compile-time sizes 1–8 and 16, `range<0>` otherwise.
-template <template <int> class Range, typename... Args>
-void dispatch(int n, Args... args) {
-    switch (n) {
-        case 1: return Range<1>::run(args...);
-        case 2: return Range<2>::run(args...);
-        case 3: return Range<3>::run(args...);
-        case 4: return Range<4>::run(args...);
-        case 5: return Range<5>::run(args...);
-        case 6: return Range<6>::run(args...);
-        case 7: return Range<7>::run(args...);
-        case 8: return Range<8>::run(args...);
-        case 16: return Range<16>::run(args...);
-        default: return Range<0>::run(args...);
-    }
-}
-
 template <int N>
 struct Forward {
     template <typename S>
@@ -112,7 +95,7 @@ void forward(const S* A, S* out, int64_t batch, int n) {
         std::vector<int> pivots(n);
         int64_t begin, end;
         share(batch, begin, end);
-        dispatch<Forward>(n, A, out, begin, end, n, work.data(), pivots.data());
+        tensor_peft::expm::with_size<Forward>(n, A, out, begin, end, n, work.data(), pivots.data());
     }
 }
 
@@ -125,7 +108,7 @@ void backward(const S* grad, const S* A, S* dA, int64_t batch, int n) {
         std::vector<int> pivots(n);
         int64_t begin, end;
         share(batch, begin, end);
-        dispatch<Backward>(n, grad, A, dA, begin, end, n, work.data(), pivots.data());
+        tensor_peft::expm::with_size<Backward>(n, grad, A, dA, begin, end, n, work.data(), pivots.data());
     }
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "expm.h"
 #include "runtime.h"
 #include "tucker.h"
 
@@ -42,6 +43,24 @@ void bind_tucker(py::module_& m, const std::string& suffix) {
           "dU0 += scale·Γ·Rᵀ and dR += scale·U0ᵀ·Γ, one read of Γ (d0, n), on the given stream.");
 }
 
+template <typename T>
+void bind_expm(py::module_& m, const std::string& suffix) {
+    m.def(("matrix_exp_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work, std::uintptr_t pivots,
+             std::uintptr_t stream) {
+              tensor_peft::cuda::matrix_exp_forward<T>(ptr<const T>(A), ptr<T>(out), batch, n, ptr<T>(work),
+                                                       ptr<int>(pivots), stream);
+          },
+          "out[b] = exp(A[b]); work: batch·20n² values, pivots: batch·n int32.");
+    m.def(("matrix_exp_backward_" + suffix).c_str(),
+          [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work,
+             std::uintptr_t pivots, std::uintptr_t stream) {
+              tensor_peft::cuda::matrix_exp_backward<T>(ptr<const T>(grad), ptr<const T>(A), ptr<T>(d_A), batch, n,
+                                                        ptr<T>(work), ptr<int>(pivots), stream);
+          },
+          "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·23n² values, pivots: batch·n int32.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -60,4 +79,6 @@ PYBIND11_MODULE(_cuda, m) {
           "CUDA devices visible; raises RuntimeError with CUDA's reason when none can be used.");
     bind_tucker<float>(m, "f32");
     bind_tucker<double>(m, "f64");
+    bind_expm<float>(m, "f32");
+    bind_expm<double>(m, "f64");
 }

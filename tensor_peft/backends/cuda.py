@@ -3,7 +3,8 @@
 Tensors reach the kernels as raw device pointers with the current CUDA stream as an
 integer; the op layer has checked their shapes and made them contiguous float32/float64
 on one device. Kernels: the Tucker ops (one pass over W0 or Γ after the split of
-``tucker_split``); the registry reports the others as not implemented."""
+``tucker_split``) and ``matrix_exp`` with its backward (one thread per matrix, the math
+of the CPU kernel); the registry reports the others as not implemented."""
 
 from __future__ import annotations
 
@@ -41,3 +42,27 @@ def _launch_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
 
 
 tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _launch_backward)
+
+
+def _expm_launch(name, A, *pointers, extra_per_matrix):
+    """Runs ``matrix_exp[_backward]`` over A's matrices with a workspace of
+    20n² (+ ``extra_per_matrix``) values and n pivots per matrix."""
+    n = A.shape[-1]
+    batch = A.numel() // (n * n) if n else 0
+    work = A.new_empty(batch * (20 * n * n + extra_per_matrix))
+    pivots = torch.empty(batch * n, dtype=torch.int32, device=A.device)
+    with torch.cuda.device(A.device):
+        extension_kernel("_cuda", name, A.dtype)(*pointers, batch, n, work.data_ptr(), pivots.data_ptr(), _stream(A))
+
+
+def matrix_exp(A: Tensor) -> Tensor:
+    out = torch.empty_like(A)
+    _expm_launch("matrix_exp", A, out.data_ptr(), A.data_ptr(), extra_per_matrix=0)
+    return out
+
+
+def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
+    d_A = torch.empty_like(A)
+    n = A.shape[-1]
+    _expm_launch("matrix_exp_backward", A, d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), extra_per_matrix=3 * n * n)
+    return d_A

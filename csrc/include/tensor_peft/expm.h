@@ -20,20 +20,32 @@
 
 namespace tensor_peft::expm {
 
-// Higham 2005, Table 2.3: θ_m for m = 3, 5, 7, 9, 13 in double precision, 3, 5, 7 in single.
-constexpr double kTheta[5] = {1.495585217958292e-2, 2.539398330063230e-1, 9.504178996162932e-1,
-                              2.097847961257068e0, 5.371920351148152e0};
-constexpr double kThetaSingle[3] = {4.258730016922831e-1, 1.880152677804762e0, 3.925724783138660e0};
-constexpr int kDegree[5] = {3, 5, 7, 9, 13};
-constexpr double kPade3[4] = {120., 60., 12., 1.};
-constexpr double kPade5[6] = {30240., 15120., 3360., 420., 30., 1.};
-constexpr double kPade7[8] = {17297280., 8648640., 1995840., 277200., 25200., 1512., 56., 1.};
-constexpr double kPade9[10] = {17643225600., 8821612800., 2075673600., 302702400., 30270240.,
-                               2162160., 110880., 3960., 90., 1.};
-constexpr double kPade13[14] = {64764752532480000., 32382376266240000., 7771770303897600.,
-                                1187353796428800., 129060195264000., 10559470521600.,
-                                670442572800., 33522128640., 1323241920., 40840800.,
-                                960960., 16380., 182., 1.};
+// Higham 2005, Table 2.3: θ_m for the m-th degree (choice 0..4: m = 3, 5, 7, 9, 13) in
+// double precision, and for m = 3, 5, 7 in single precision. (Functions, not global
+// arrays: device code reads them too.)
+TP_INLINE double theta(bool single, int choice) {
+    const double in_double[5] = {1.495585217958292e-2, 2.539398330063230e-1, 9.504178996162932e-1,
+                                 2.097847961257068e0, 5.371920351148152e0};
+    const double in_single[3] = {4.258730016922831e-1, 1.880152677804762e0, 3.925724783138660e0};
+    return single ? in_single[choice] : in_double[choice];
+}
+
+TP_INLINE int degree(int choice) { return choice < 3 ? 3 + 2 * choice : (choice == 3 ? 9 : 13); }
+
+// b_j of the [m/m] Padé approximant of exp, m = 3, 5, 7, 9, 13, into b[0..m].
+TP_INLINE void pade_coefficients(int m, double* b) {
+    const double p3[4] = {120., 60., 12., 1.};
+    const double p5[6] = {30240., 15120., 3360., 420., 30., 1.};
+    const double p7[8] = {17297280., 8648640., 1995840., 277200., 25200., 1512., 56., 1.};
+    const double p9[10] = {17643225600., 8821612800., 2075673600., 302702400., 30270240.,
+                           2162160., 110880., 3960., 90., 1.};
+    const double p13[14] = {64764752532480000., 32382376266240000., 7771770303897600.,
+                            1187353796428800., 129060195264000., 10559470521600.,
+                            670442572800., 33522128640., 1323241920., 40840800.,
+                            960960., 16380., 182., 1.};
+    const double* source = m == 3 ? p3 : m == 5 ? p5 : m == 7 ? p7 : m == 9 ? p9 : p13;
+    for (int j = 0; j <= m; ++j) b[j] = source[j];
+}
 
 // Doubles of workspace `exp_and_frechet` needs for an n×n matrix (plus n ints of pivots).
 TP_INLINE int64_t workspace_size(int64_t n) { return 20 * n * n; }
@@ -185,14 +197,14 @@ TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, 
         }
         return;
     }
-    const double* theta = sizeof(T) == 4 ? kThetaSingle : kTheta;
-    const int last = sizeof(T) == 4 ? 2 : 4;
+    const bool single = sizeof(T) == 4;
+    const int last = single ? 2 : 4;
     int choice = 0;
-    while (choice < last && norm > T(theta[choice])) ++choice;
+    while (choice < last && norm > T(theta(single, choice))) ++choice;
     int squarings = 0;
-    if (norm > T(theta[last])) {
+    if (norm > T(theta(single, last))) {
         int exponent;
-        const T mantissa = frexp(norm / T(theta[last]), &exponent);  // norm/θ = mantissa·2^exponent
+        const T mantissa = frexp(norm / T(theta(single, last)), &exponent);  // norm/θ = mantissa·2^exponent
         squarings = mantissa == T(0.5) ? exponent - 1 : exponent;   // smallest s with norm/2^s ≤ θ
         const T down = ldexp(T(1), -squarings);
         for (int i = 0; i < nn; ++i) {
@@ -205,18 +217,19 @@ TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, 
     T* dX4p = derivative ? dX4 : nullptr;
     T* dX6p = derivative ? dX6 : nullptr;
     T* dX8p = derivative ? dX8 : nullptr;
-    const int degree = kDegree[choice];
+    const int m = degree(choice);
+    double b[14];
+    pade_coefficients(m, b);
     block_matmul<T, N>(X, dX, X, dX, X2, dX2p, scratch, n);
-    if (degree >= 5) block_matmul<T, N>(X2, dX2p, X2, dX2p, X4, dX4p, scratch, n);
-    if (degree >= 7) block_matmul<T, N>(X4, dX4p, X2, dX2p, X6, dX6p, scratch, n);
-    if (degree == 9) block_matmul<T, N>(X4, dX4p, X4, dX4p, X8, dX8p, scratch, n);
+    if (m >= 5) block_matmul<T, N>(X2, dX2p, X2, dX2p, X4, dX4p, scratch, n);
+    if (m >= 7) block_matmul<T, N>(X4, dX4p, X2, dX2p, X6, dX6p, scratch, n);
+    if (m == 9) block_matmul<T, N>(X4, dX4p, X4, dX4p, X8, dX8p, scratch, n);
     // U = X·Σ b_odd X^(2k), V = Σ b_even X^(2k); for m = 13 with W = X6·(b13 X6 + b11 X4 +
     // b9 X2) + (b7 X6 + b5 X4 + b3 X2 + b1 I) and V = X6·(b12 X6 + b10 X4 + b8 X2) + (...)
     const T* powers[4] = {X2, X4, X6, X8};
     const T* dpowers[4] = {dX2, dX4, dX6, dX8};
-    if (degree < 13) {
-        const double* b = degree == 3 ? kPade3 : degree == 5 ? kPade5 : degree == 7 ? kPade7 : kPade9;
-        const int terms = (degree - 1) / 2;  // powers X2 … X^(degree−1)
+    if (m < 13) {
+        const int terms = (m - 1) / 2;  // powers X2 … X^(m−1)
         double odd[4], even[4];
         for (int k = 0; k < terms; ++k) {
             odd[k] = b[2 * k + 3];
@@ -230,7 +243,6 @@ TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, 
         }
         block_matmul<T, N>(X, dX, W1, derivative ? dW1 : nullptr, U, derivative ? dU : nullptr, scratch, n);
     } else {
-        const double* b = kPade13;
         const double c1[3] = {b[9], b[11], b[13]}, c2[3] = {b[3], b[5], b[7]};
         const double c3[3] = {b[8], b[10], b[12]}, c4[3] = {b[2], b[4], b[6]};
         combine<T, N>(W1, n, T(0), powers, c1, 3);
@@ -291,6 +303,24 @@ TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, 
     for (int i = 0; i < nn; ++i) {
         expX[i] = R[i];
         if (derivative) L[i] = dR[i];
+    }
+}
+
+// Host side: Kernel<N>::run(args...) with N the compile-time size for n = 1–8 and 16 (the
+// sizes LieRA's blocks take most), N = 0 (run-time n) otherwise.
+template <template <int> class Kernel, typename... Args>
+void with_size(int n, Args... args) {
+    switch (n) {
+        case 1: return Kernel<1>::run(args...);
+        case 2: return Kernel<2>::run(args...);
+        case 3: return Kernel<3>::run(args...);
+        case 4: return Kernel<4>::run(args...);
+        case 5: return Kernel<5>::run(args...);
+        case 6: return Kernel<6>::run(args...);
+        case 7: return Kernel<7>::run(args...);
+        case 8: return Kernel<8>::run(args...);
+        case 16: return Kernel<16>::run(args...);
+        default: return Kernel<0>::run(args...);
     }
 }
 
