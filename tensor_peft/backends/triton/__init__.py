@@ -1,8 +1,8 @@
 """The ``triton`` backend: Triton kernels, on CUDA tensors, or on CPU tensors through
 Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined).
 
-Kernels: the Tucker ops (``tucker.py``) and ``matrix_exp`` (``expm.py``); the registry
-reports the others as not implemented. The kernel modules import Triton, so they are imported only once Triton
+Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``) and
+``matrix_exp`` (``expm.py``); the registry reports the others as not implemented. The kernel modules import Triton, so they are imported only once Triton
 is known to load."""
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 _KERNEL_MODULES = {
-    "tucker_delta": "tucker", "tucker_merge": "tucker", "tucker_delta_backward": "tucker",
+    "tucker_delta": "lowrank", "tucker_merge": "lowrank", "tucker_delta_backward": "lowrank",
+    "lowrank_hadamard_merge": "lowrank", "lowrank_hadamard_merge_backward": "lowrank",
     "matrix_exp": "expm", "matrix_exp_backward": "expm",
 }  # fmt: skip
 
