@@ -8,7 +8,7 @@
 
 #include "expm.h"
 #include "runtime.h"
-#include "tucker.h"
+#include "lowrank.h"
 
 #ifndef TP_CUDA_ARCHS
 #define TP_CUDA_ARCHS "unknown"
@@ -24,23 +24,23 @@ T* ptr(std::uintptr_t address) {
 }
 
 template <typename T>
-void bind_tucker(py::module_& m, const std::string& suffix) {
-    m.def(("tucker_forward_" + suffix).c_str(),
-          [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U0, std::uintptr_t R, int64_t d0, int64_t r0,
-             int64_t n, double scale, std::uintptr_t stream) {
-              tensor_peft::cuda::tucker_forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr,
-                                                   ptr<const T>(U0), ptr<const T>(R), d0, r0, n,
-                                                   static_cast<T>(scale), stream);
+void bind_lowrank(py::module_& m, const std::string& suffix) {
+    m.def(("lowrank_forward_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
+             int64_t n, double scale, int epilogue, std::uintptr_t stream) {
+              tensor_peft::cuda::lowrank_forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr,
+                                                    ptr<const T>(U), ptr<const T>(R), d0, r0, n,
+                                                    static_cast<T>(scale), epilogue, stream);
           },
-          "out (d0, n) = weight + scale·U0·R on the given stream (weight 0: ΔW alone).");
-    m.def(("tucker_backward_" + suffix).c_str(),
-          [](std::uintptr_t grad, std::uintptr_t U0, std::uintptr_t R, std::uintptr_t dU0, std::uintptr_t dR,
-             int64_t d0, int64_t r0, int64_t n, double scale, std::uintptr_t stream) {
-              tensor_peft::cuda::tucker_backward<T>(ptr<const T>(grad), ptr<const T>(U0), ptr<const T>(R),
-                                                    ptr<T>(dU0), ptr<T>(dR), d0, r0, n, static_cast<T>(scale),
-                                                    stream);
+          "out (d0, n) from W0 and ΔW = scale·U·R by the epilogue (0 add, 1 exp, 2 taylor1; W0 0: ΔW).");
+    m.def(("lowrank_backward_" + suffix).c_str(),
+          [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
+             int64_t n, double scale, int epilogue, std::uintptr_t dU, std::uintptr_t dR, std::uintptr_t stream) {
+              tensor_peft::cuda::lowrank_backward<T>(ptr<const T>(grad), weight ? ptr<const T>(weight) : nullptr,
+                                                     ptr<const T>(U), ptr<const T>(R), ptr<T>(dU), ptr<T>(dR), d0,
+                                                     r0, n, static_cast<T>(scale), epilogue, stream);
           },
-          "dU0 += scale·Γ·Rᵀ and dR += scale·U0ᵀ·Γ, one read of Γ (d0, n), on the given stream.");
+          "dU += scale·D·Rᵀ and dR += scale·Uᵀ·D with D = ∂L/∂ΔW from Γ by the epilogue, one read of Γ.");
 }
 
 template <typename T>
@@ -77,8 +77,8 @@ PYBIND11_MODULE(_cuda, m) {
         "How this extension was compiled.");
     m.def("device_count", &tensor_peft::cuda::device_count,
           "CUDA devices visible; raises RuntimeError with CUDA's reason when none can be used.");
-    bind_tucker<float>(m, "f32");
-    bind_tucker<double>(m, "f64");
+    bind_lowrank<float>(m, "f32");
+    bind_lowrank<double>(m, "f64");
     bind_expm<float>(m, "f32");
     bind_expm<double>(m, "f64");
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .registry import extension_import_error, extension_kernel
-from .tucker_split import tucker_ops
+from .tucker_split import hadamard_ops, tucker_ops
 
 DEVICE_TYPES = ("cpu",)
 _EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
@@ -40,23 +40,10 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     )  # fmt: skip
 
 
-def _tucker_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
-    _backward(grad, None, U0, R, d_U0, d_R, d0, r0, n, scale)
+tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_forward, _backward)
 
 
-tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_forward, _tucker_backward)
-
-
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    out = weight.new_empty(weight.shape)
-    _forward(out, weight, B, A, B.shape[0], B.shape[1], A.shape[1], scale, exp)
-    return out
-
-
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    d_B, d_A = B.new_empty(B.shape), A.new_empty(A.shape)
-    _backward(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A.shape[1], scale, exp)
-    return [d_B, d_A]
+lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_forward, _backward)
 
 
 def _matrices(A) -> tuple[int, int]:

@@ -2,9 +2,11 @@
 
 Tensors reach the kernels as raw device pointers with the current CUDA stream as an
 integer; the op layer has checked their shapes and made them contiguous float32/float64
-on one device. Kernels: the Tucker ops (one pass over W0 or Γ after the split of
-``tucker_split``) and ``matrix_exp`` with its backward (one thread per matrix, the math
-of the CPU kernel); the registry reports the others as not implemented."""
+on one device. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass
+over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
+``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; and ``matrix_exp`` with its
+backward (one thread per matrix, the math of the CPU kernel). The registry reports the
+others as not implemented."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .registry import extension_import_error, extension_kernel
-from .tucker_split import tucker_ops
+from .tucker_split import hadamard_ops, tucker_ops
 
 DEVICE_TYPES = ("cuda",)
 
@@ -25,23 +27,27 @@ def _stream(tensor: Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-def _launch_forward(out, weight, U0, R, d0, r0, n, scale):
-    pointer = 0 if weight is None else weight.data_ptr()
+_EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
+
+
+def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
     with torch.cuda.device(out.device):
-        extension_kernel("_cuda", "tucker_forward", out.dtype)(
-            out.data_ptr(), pointer, U0.data_ptr(), R.data_ptr(), d0, r0, n, scale, _stream(out)
-        )
-
-
-def _launch_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
-    with torch.cuda.device(grad.device):
-        extension_kernel("_cuda", "tucker_backward", grad.dtype)(
-            grad.data_ptr(), U0.data_ptr(), R.data_ptr(), d_U0.data_ptr(), d_R.data_ptr(), d0, r0, n, scale,
-            _stream(grad),
+        extension_kernel("_cuda", "lowrank_forward", out.dtype)(
+            out.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(), d0, r0, n, scale,
+            _EPILOGUE[epilogue], _stream(out),
         )  # fmt: skip
 
 
-tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _launch_backward)
+def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
+    with torch.cuda.device(grad.device):
+        extension_kernel("_cuda", "lowrank_backward", grad.dtype)(
+            grad.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(), d0, r0, n, scale,
+            _EPILOGUE[epilogue], d_U.data_ptr(), d_R.data_ptr(), _stream(grad),
+        )  # fmt: skip
+
+
+tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_forward, _backward)
+lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_forward, _backward)
 
 
 def _expm_launch(name, A, *pointers, extra_per_matrix):

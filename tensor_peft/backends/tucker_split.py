@@ -1,4 +1,8 @@
-"""The Tucker split the native backends share: every mode but the first is contracted
+"""What the native backends share for updates ΔW = s·U·R on a weight's matrix view: the
+backends' launchers of forward (with an epilogue: add, exp, taylor1) and backward
+kernels become their op functions here (``tucker_ops``, ``hadamard_ops``).
+
+The Tucker split: every mode but the first is contracted
 into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger
 than the weight since r0 ≤ d0), so that ΔW = s · U_0 · R on the matrix view. A kernel
 then makes one pass over W0 (forward: W0 + s·U_0·R) or over Γ (backward: dU_0 = s·Γ·Rᵀ
@@ -35,12 +39,13 @@ def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Ten
 
 
 def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
-    """[dG, dU_0, …] by a backend's backward kernel, ``launch(grad, U0, R, dU0, dR, d0, r0,
-    n, scale)``, which adds s·Γ·Rᵀ into dU0 and s·U_0ᵀ·Γ into dR (both start at zero)."""
+    """[dG, dU_0, …] by a backend's backward kernel, ``launch(grad, None, U0, R, dU0, dR, d0,
+    r0, n, scale)`` (no weight: the add epilogue), which adds s·Γ·Rᵀ into dU0 and s·U_0ᵀ·Γ
+    into dR (both start at zero)."""
     R, factors_of_R = split_first_mode(core, factors)
     d0, r0 = factors[0].shape
     d_U0, d_R = factors[0].new_zeros(d0, r0), torch.zeros_like(R)
-    launch(grad, factors[0], R, d_U0, d_R, d0, r0, R[0].numel(), scale)
+    launch(grad, None, factors[0], R, d_U0, d_R, d0, r0, R[0].numel(), scale)
     return gradients(d_U0, d_R, core, factors_of_R)
 
 
@@ -57,3 +62,23 @@ def tucker_ops(launch_forward, launch_backward):
         return fused_backward(launch_backward, grad, core, factors, scale)
 
     return tucker_delta, tucker_merge, tucker_delta_backward
+
+
+def hadamard_ops(launch_forward, launch_backward):
+    """A backend's (lowrank_hadamard_merge, lowrank_hadamard_merge_backward): LieRA's
+    W0 ⊙ exp(s·B·A) (or the taylor1 form) with U = B, R = A on W0's (d0, n) view, by the
+    launchers ``launch_forward(out, weight, U, R, d0, r0, n, scale, epilogue)`` and
+    ``launch_backward(grad, weight, U, R, dU, dR, d0, r0, n, scale, epilogue)`` (which adds
+    into dU and dR, zero at the start)."""
+
+    def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+        out = torch.empty_like(weight)
+        launch_forward(out, weight, B, A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
+        return out
+
+    def lowrank_hadamard_merge_backward(grad, weight, B, A, scale: float, exp: str) -> list[Tensor]:
+        d_B, d_A = torch.zeros_like(B), torch.zeros_like(A)
+        launch_backward(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
+        return [d_B, d_A]
+
+    return lowrank_hadamard_merge, lowrank_hadamard_merge_backward

@@ -14,11 +14,10 @@ IEEE-precision dots (no TF32)."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ..tucker_split import tucker_ops
+from ..tucker_split import hadamard_ops, tucker_ops
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -90,20 +89,7 @@ def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue=
     )  # fmt: skip
 
 
-def _tucker_backward(grad, U0, R, d_U0, d_R, d0, r0, n, scale):
-    _launch_backward(grad, None, U0, R, d_U0, d_R, d0, r0, n, scale)
+tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _launch_backward)
 
 
-tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _tucker_backward)
-
-
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    out = torch.empty_like(weight)
-    _launch_forward(out, weight, B, A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
-    return out
-
-
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    d_B, d_A = torch.zeros_like(B), torch.zeros_like(A)
-    _launch_backward(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
-    return [d_B, d_A]
+lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_launch_forward, _launch_backward)
