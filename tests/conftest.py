@@ -1,5 +1,5 @@
 """Test set-up: Triton's interpreter on machines without a GPU (it must be set before
-any Triton kernel is defined), and the devices tests run on."""
+any Triton kernel is defined), the devices tests run on, and the backends that run an op."""
 
 import os
 
@@ -9,3 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_with(op: str) -> list[tuple[str, str]]:
+    """(backend, device) pairs that can run here and have a kernel for ``op``."""
+    from tensor_peft import backends
+
+    return [(name, device) for device in DEVICES for name in backends.available(device)
+            if op in backends.implemented_ops(name)]  # fmt: skip

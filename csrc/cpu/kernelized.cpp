@@ -237,6 +237,30 @@ struct Partials {
     explicit Partials(const Problem<T>& P) : d_in_t(P.chunks * P.width * P.n, T(0)), d_coeff(P.chunks, 0.0) {}
 };
 
+// Row j's share of the embedding gradients of chunk h from the weights W (n): distance
+// kernels ∂b_j = Σ_i W_i (b_j − a_i), ∂a_i −= W_i (b_j − a_i); dot-product kernels
+// ∂b_j = Σ_i W_i a_i, ∂a_i += W_i b_j.
+template <bool Distance, typename T>
+inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const T* W, T* d_out_emb,
+                                Partials<T>& acc) {
+    const int64_t n = P.n;
+    const T* b = P.out_emb + (h * P.m + j) * P.width;
+    T* db = d_out_emb + (h * P.m + j) * P.width;
+    for (int64_t d = 0; d < P.width; ++d) {
+        const T* a = P.in_t + (h * P.width + d) * n;
+        T* da = acc.d_in_t.data() + (h * P.width + d) * n;
+        const T bd = b[d];
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) {
+            const T w = Distance ? W[i] * (bd - a[i]) : W[i] * a[i];
+            sum += w;
+            da[i] += Distance ? -w : W[i] * bd;
+        }
+        db[d] = sum;
+    }
+}
+
 // Gradients of row j given D = ∂L/∂(the kernel's output before mixture's softmax term)
 // (for mixture: ∂L/∂P): d_out_emb rows j (written), the rest into partials.
 template <typename T>
@@ -272,27 +296,10 @@ void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Part
             acc.d_gamma += D[i];
             W[i] = P.beta * pre;  // ∂L/∂(b·a)
         }
-        // dot-product kernels: ∂b_j = Σ_i W_i a_i, ∂a_i += W_i b_j
-        for (int64_t h = 0; h < P.chunks; ++h) {
-            const T* b = P.out_emb + (h * P.m + j) * P.width;
-            T* db = d_out_emb + (h * P.m + j) * P.width;
-            for (int64_t d = 0; d < P.width; ++d) {
-                const T* a = P.in_t + (h * P.width + d) * n;
-                T* da = acc.d_in_t.data() + (h * P.width + d) * n;
-                const T bd = b[d];
-                T sum = 0;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t i = 0; i < n; ++i) {
-                    sum += W[i] * a[i];
-                    da[i] += W[i] * bd;
-                }
-                db[d] = sum;
-            }
-        }
+        for (int64_t h = 0; h < P.chunks; ++h) embedding_gradients<false>(P, j, h, W, d_out_emb, acc);
         return;
     }
-    // distance kernels: ∂b_j = Σ_i W_i (b_j − a_i), ∂a_i −= W_i (b_j − a_i), per chunk for
-    // piecewise (W_h = D·coeff[h]/r_h), one W over all chunks for rbf
+    // distance kernels: per chunk for piecewise (W_h = D·coeff[h]/r_h), one W for rbf
     for (int64_t h = 0; h < P.chunks; ++h) {
         if (piecewise) {
             squared_distances(P, j, h, distance);
@@ -305,21 +312,7 @@ void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Part
             }
             acc.d_coeff[h] += d_coeff;
         }
-        const T* b = P.out_emb + (h * P.m + j) * P.width;
-        T* db = d_out_emb + (h * P.m + j) * P.width;
-        for (int64_t d = 0; d < P.width; ++d) {
-            const T* a = P.in_t + (h * P.width + d) * n;
-            T* da = acc.d_in_t.data() + (h * P.width + d) * n;
-            const T bd = b[d];
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < n; ++i) {
-                const T w = W[i] * (bd - a[i]);
-                sum += w;
-                da[i] -= w;
-            }
-            db[d] = sum;
-        }
+        embedding_gradients<true>(P, j, h, W, d_out_emb, acc);
     }
 }
 

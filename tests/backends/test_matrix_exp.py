@@ -15,16 +15,11 @@ import torch
 
 from tensor_peft import backends, ops
 
-from ..conftest import DEVICES
+from ..conftest import backends_with
 from .test_reference import _frechet_adjoint_scipy, scipy_expm
 
 F64 = torch.float64
-BACKENDS = [
-    (name, device)
-    for device in DEVICES
-    for name in backends.available(device)
-    if "matrix_exp" in backends.implemented_ops(name)
-]
+BACKENDS = backends_with("matrix_exp")
 backend_param = pytest.mark.parametrize("backend,device", BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS])
 
 

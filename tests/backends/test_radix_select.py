@@ -8,17 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensor_peft import backends
 from tensor_peft.backends.registry import _module
 
-from ..conftest import DEVICES
+from ..conftest import backends_with
 
-BACKENDS = [
-    (name, device)
-    for device in DEVICES
-    for name in backends.available(device)
-    if "sparsify" in backends.implemented_ops(name)
-]
+BACKENDS = backends_with("sparsify")
 backend_param = pytest.mark.parametrize("backend,device", BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS])
 
 
