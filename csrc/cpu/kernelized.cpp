@@ -55,7 +55,7 @@ struct Rows {
     explicit Rows(int64_t n) : distance(n), scratch(n), piecewise(n) {}
 };
 
-// distance[i] = ‖b_j^h − a_i^h‖² for chunk h (all_chunks: summed over every chunk).
+// distance[i] = ‖b_j^h − a_i^h‖² for chunk h.
 template <typename T>
 inline void squared_distances(const Problem<T>& P, int64_t j, int64_t h, T* distance) {
     const int64_t n = P.n;
@@ -69,7 +69,7 @@ inline void squared_distances(const Problem<T>& P, int64_t j, int64_t h, T* dist
     }
 }
 
-// out[i] = Σ_h b_j^h·a_i^h (sign +1) over every chunk, or accumulate ‖·‖² (sign 0).
+// out[i] = b_j·a_i, the dot product over every chunk.
 template <typename T>
 inline void dots(const Problem<T>& P, int64_t j, T* out) {
     const int64_t n = P.n;
