@@ -1,9 +1,10 @@
 """The ``triton`` backend: Triton kernels, on CUDA tensors, or on CPU tensors through
 Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined).
 
-Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``) and
-``matrix_exp`` (``expm.py``); the registry reports the others as not implemented. The kernel modules import Triton, so they are imported only once Triton
-is known to load."""
+Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``),
+``matrix_exp`` (``expm.py``) and SNELL's kernelized and sparsification ops
+(``kernelized.py``). The kernel modules import Triton, so they are imported only once
+Triton is known to load."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ _KERNEL_MODULES = {
     "tucker_delta": "lowrank", "tucker_merge": "lowrank", "tucker_delta_backward": "lowrank",
     "lowrank_hadamard_merge": "lowrank", "lowrank_hadamard_merge_backward": "lowrank",
     "matrix_exp": "expm", "matrix_exp_backward": "expm",
+    "kernelized_delta": "kernelized", "kernelized_delta_backward": "kernelized",
+    "kernelized_sparse_delta": "kernelized", "kernelized_sparse_delta_backward": "kernelized",
+    "sparsify": "kernelized", "sparsify_backward": "kernelized",
 }  # fmt: skip
 
 

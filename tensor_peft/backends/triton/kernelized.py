@@ -1,0 +1,421 @@
+"""Triton kernels for SNELL: the kernelized update ΔW_raw[j, i] = κ(b_j, a_i), its
+competition sparsification and the backward of both, with nothing m×n kept between them.
+
+- ``delta_kernel``: one (BM × BN) tile of ΔW_raw per program, κ from the embeddings
+  (distances from direct differences, exact near 0), mixture's softmax term from column
+  statistics computed before; when a threshold follows, the tile also counts the first
+  radix digit of its magnitudes.
+- The threshold τ, the exact k-th smallest |ΔW_raw|, by radix select on the float bits
+  (as ``csrc/include/tensor_peft/radix_select.h``, 8-bit digits): per pass, ``count_kernel``
+  histograms the digit of the keys that share the digits found so far and a one-program
+  ``search_kernel`` picks the bin holding the k-th on the device, so no pass waits on the
+  host; counts are int64, any number of entries.
+- ``mask_kernel``: the sparsification ΔW·|ΔW|·1[|ΔW| > τ] (hard) or ΔW·(|ΔW| − τ⁺)·1[…]
+  (soft) and, for the backward, its derivative with τ (and, hard, |ΔW|) held constant.
+- ``backward_kernel``: one tile of Γ per program; recomputes the tile of κ, applies the
+  mask's derivative and mixture's softmax Jacobian, and reduces into the embedding
+  gradients (∂b_j = rowsum(W)·b_j − W·a, ∂a_i = colsum(W)·a_i − Wᵀ·b per chunk for the
+  distance kernels, W·a and Wᵀ·b for the dot-product ones) and the kernel parameters,
+  with atomic adds.
+- ``columns_kernel``: mixture's per-column passes over all rows: the softmax's max and
+  sum (online), and for the backward c_i = Σ_j D_ji S_ji.
+Written for the interpreter too (``TRITON_INTERPRET=1``): no libdevice, masked loads,
+IEEE-precision dots."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M, BLOCK_N = 32, 32
+BLOCK = 1024  # entries per program of the elementwise passes
+DIGIT = 8  # bits per radix pass
+BINS = 1 << DIGIT
+KERNELS = {"piecewise_linear": 0, "rbf": 1, "sigmoid": 2, "linear": 3, "mixture": 4}
+MODES = {None: 0, "hard": 1, "soft": 2}
+PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = range(5)
+HARD = 1
+
+
+@triton.jit
+def _sqrt(x):
+    """The correctly rounded square root (float32 ``tl.sqrt`` may be approximate)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
+def _chunk_sums(out_emb, in_emb, first, last, rows, cols, m, n, width,
+                DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """Σ over chunks first ≤ h < last of ‖b_j^h − a_i^h‖² (from direct differences, exact
+    near 0) or, DOT, of b_j^h·a_i^h, on a tile."""
+    row_in, col_in = rows < m, cols < n
+    acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
+    for h in range(first, last):
+        for d in range(width):
+            b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0)
+            a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0)
+            if DOT:
+                acc += b[:, None] * a[None, :]
+            else:
+                diff = b[:, None] - a[None, :]
+                acc += diff * diff
+    return acc
+
+
+@triton.jit
+def _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
+               KERNEL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """κ on a tile, before mixture's softmax term (for mixture: the piecewise part P)."""
+    if KERNEL == PIECEWISE or KERNEL == MIXTURE:
+        acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
+        for h in range(chunks):
+            squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, BM, BN)
+            acc += tl.load(coeff + h) * _sqrt(squares + eps)
+    elif KERNEL == RBF:
+        squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, BM, BN)
+        acc = alpha * tl.exp(-beta * squares) + gamma
+    else:
+        acc = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, BM, BN)
+        if KERNEL == SIGMOID:
+            acc = alpha / (1.0 + tl.exp(-beta * acc)) + gamma
+    return acc
+
+
+@triton.jit
+def _softmax(piecewise, gamma, column_max, column_sum, cols, n):
+    """Mixture's S = softmax_j(P/gamma) on a tile, from the columns' max and sum."""
+    col_in = cols < n
+    top = tl.load(column_max + cols, mask=col_in, other=0.0)
+    total = tl.load(column_sum + cols, mask=col_in, other=1.0)
+    return tl.exp(piecewise / gamma - top[None, :]) / total[None, :]
+
+
+@triton.jit
+def _mask_factor(value, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr):
+    """out = value·factor, or ∂out/∂value (τ, and hard |value|, held constant)."""
+    magnitude = tl.abs(value)
+    tau_plus = tl.maximum(tau, 0.0)
+    if MODE == HARD:
+        factor = magnitude
+    elif BACKWARD:
+        factor = 2.0 * magnitude - tau_plus
+    else:
+        factor = magnitude - tau_plus
+    return tl.where(magnitude > tau, factor, 0.0)
+
+
+@triton.jit
+def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl.constexpr, BINS: tl.constexpr):
+    """Adds into counts[BINS] the digit (key >> shift) of the keys |value| (the bits
+    without the sign) that match prefix on prefix_mask."""
+    if DOUBLE:
+        keys = values.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+    else:
+        keys = (values.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    match = inside & ((keys & prefix_mask) == prefix)
+    digits = ((keys >> shift) & (BINS - 1)).to(tl.int32)
+    histogram = tl.histogram(digits, BINS, mask=match)
+    tl.atomic_add(counts + tl.arange(0, BINS), histogram.to(tl.int64))
+
+
+@triton.jit
+def delta_kernel(out, out_emb, in_emb, coeff, params, column_max, column_sum, counts, shift,
+                 m, n, chunks, width, eps,
+                 KERNEL: tl.constexpr, COUNT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
+                       KERNEL, BM, BN)  # fmt: skip
+    if KERNEL == MIXTURE:
+        value += alpha * _softmax(value, gamma, column_max, column_sum, cols, n) + beta
+    inside = (rows[:, None] < m) & (cols[None, :] < n)
+    tl.store(out + rows[:, None] * n + cols[None, :], value, mask=inside)
+    if COUNT:  # the first radix pass: no digits found yet
+        _count_digits(tl.reshape(value, (BM * BN,)), tl.reshape(inside, (BM * BN,)), counts, 0, 0, shift,
+                      DOUBLE, BINS)  # fmt: skip
+
+
+@triton.jit
+def count_kernel(x, count, counts, state, shift, DOUBLE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < count
+    values = tl.load(x + offsets, mask=inside, other=0.0)
+    _count_digits(values, inside, counts, tl.load(state), tl.load(state + 1), shift, DOUBLE, BINS)
+
+
+@triton.jit
+def search_kernel(counts, state, shift, BINS: tl.constexpr):
+    """state = (prefix, prefix_mask, rank): the bin of this pass's counts that holds the
+    rank-th smallest key joins the prefix; rank becomes the rank inside that bin."""
+    bins = tl.arange(0, BINS)
+    c = tl.load(counts + bins)
+    rank = tl.load(state + 2)
+    below = tl.cumsum(c, 0)  # keys in bins ≤ b
+    chosen = tl.minimum(tl.sum((below < rank).to(tl.int64), 0), BINS - 1)
+    before = tl.sum(tl.where(bins < chosen, c, 0), 0)
+    tl.store(state, tl.load(state) | (chosen << shift))
+    tl.store(state + 1, tl.load(state + 1) | (tl.full((), BINS - 1, tl.int64) << shift))
+    tl.store(state + 2, rank - before)
+
+
+@triton.jit
+def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """out = x·factor (forward) or grad·∂(x·factor)/∂x (backward), factor by ``_mask_factor``."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < count
+    values = tl.load(x + offsets, mask=inside, other=0.0)
+    factor = _mask_factor(values, tl.load(tau), MODE, BACKWARD)
+    if BACKWARD:
+        result = tl.load(grad + offsets, mask=inside, other=0.0) * factor
+    else:
+        result = values * factor
+    tl.store(out + offsets, result, mask=inside)
+
+
+@triton.jit
+def columns_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
+                   m, n, chunks, width, eps,
+                   MODE: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """Mixture, one block of columns over all rows: max_j P/gamma and Σ_j exp(P/gamma − max)
+    (online), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
+    cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    top = tl.full((BN,), float("-inf"), dtype=out_emb.dtype.element_ty)
+    total = tl.zeros((BN,), dtype=out_emb.dtype.element_ty)
+    for start in range(0, m, BM):
+        rows = (start + tl.arange(0, BM)).to(tl.int64)
+        row_in = rows < m
+        piecewise = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
+                               MIXTURE, BM, BN)  # fmt: skip
+        if DOT:
+            soft = _softmax(piecewise, gamma, column_max, column_sum, cols, n)
+            inside = row_in[:, None] & (cols[None, :] < n)
+            D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            if MODE != 0:
+                D *= _mask_factor(piecewise + alpha * soft + beta, tl.load(tau), MODE, True)
+            total += tl.sum(tl.where(inside, D * soft, 0.0), 0)
+        else:
+            logits = tl.where(row_in[:, None], piecewise / gamma, float("-inf"))
+            new_top = tl.maximum(top, tl.max(logits, 0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(logits - new_top[None, :]), 0)
+            top = new_top
+    col_in = cols < n
+    if DOT:
+        tl.store(column_dot + cols, total, mask=col_in)
+    else:
+        tl.store(column_max + cols, top, mask=col_in)
+        tl.store(column_sum + cols, total, mask=col_in)
+
+
+@triton.jit
+def _total(x):
+    """The sum of a tile, in float64 (parameter gradients sum over all m·n entries)."""
+    return tl.sum(tl.sum(x.to(tl.float64), 1), 0)
+
+
+@triton.jit
+def _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width,
+                         DISTANCE: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    """Chunk h's share of this tile: distance kernels ∂b_j = Σ_i W_ji (b_j − a_i),
+    ∂a_i = −Σ_j W_ji (b_j − a_i); dot-product kernels ∂b_j = Σ_i W_ji a_i, ∂a_i = Σ_j W_ji b_j."""
+    dims = tl.arange(0, BP)
+    b_at = (h * m + rows[:, None]) * width + dims[None, :]
+    a_at = (h * n + cols[:, None]) * width + dims[None, :]
+    b_in = (rows[:, None] < m) & (dims[None, :] < width)
+    a_in = (cols[:, None] < n) & (dims[None, :] < width)
+    b = tl.load(out_emb + b_at, mask=b_in, other=0.0)
+    a = tl.load(in_emb + a_at, mask=a_in, other=0.0)
+    d_b = tl.dot(W, a, input_precision="ieee")
+    d_a = tl.dot(tl.trans(W), b, input_precision="ieee")
+    if DISTANCE:
+        d_b = tl.sum(W, 1)[:, None] * b - d_b
+        d_a = tl.sum(W, 0)[:, None] * a - d_a
+    tl.atomic_add(d_out + b_at, d_b, mask=b_in)
+    tl.atomic_add(d_in + a_at, d_a, mask=a_in)
+
+
+@triton.jit
+def backward_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
+                    d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
+                    KERNEL: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BP: tl.constexpr):  # fmt: skip
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    inside = (rows[:, None] < m) & (cols[None, :] < n)
+    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)  # ∂L/∂K
+    if KERNEL == MIXTURE or MODE != 0:
+        value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
+                           KERNEL, BM, BN)  # fmt: skip
+        if KERNEL == MIXTURE:
+            piecewise = value
+            soft = _softmax(piecewise, gamma, column_max, column_sum, cols, n)
+            value = piecewise + alpha * soft + beta
+        if MODE != 0:
+            D *= _mask_factor(value, tl.load(tau), MODE, True)
+        if KERNEL == MIXTURE:  # ∂L/∂P = D + alpha·S·(D − c)/gamma
+            D = tl.where(inside, D, 0.0)
+            d_logits = alpha * soft * (D - tl.load(column_dot + cols, mask=cols < n, other=0.0)[None, :])
+            tl.atomic_add(d_params, _total(D * soft))
+            tl.atomic_add(d_params + 1, _total(D))
+            tl.atomic_add(d_params + 2, -_total(d_logits * piecewise) / (gamma * gamma))
+            D += d_logits / gamma
+    D = tl.where(inside, D, 0.0)
+    if KERNEL == PIECEWISE or KERNEL == MIXTURE:
+        for h in range(chunks):  # W_h = D·coeff[h]/r_h, ∂coeff[h] = Σ D·r_h
+            squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, BM, BN)
+            radii = _sqrt(squares + eps)
+            tl.atomic_add(d_coeff + h, _total(D * radii))
+            W = tl.where(inside, D * tl.load(coeff + h) / radii, 0.0)
+            _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, True, BP)
+    elif KERNEL == RBF:  # W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
+        squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, BM, BN)
+        bump = tl.exp(-beta * squares)
+        tl.atomic_add(d_params, _total(D * bump))
+        tl.atomic_add(d_params + 1, -alpha * _total(D * squares * bump))
+        tl.atomic_add(d_params + 2, _total(D))
+        W = D * (-2.0 * alpha * beta) * bump
+        for h in range(chunks):
+            _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, True, BP)
+    else:
+        W = D
+        if KERNEL == SIGMOID:  # ∂L/∂(b·a) = beta·D·alpha·σ(1 − σ)
+            dots = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, BM, BN)
+            sig = 1.0 / (1.0 + tl.exp(-beta * dots))
+            pre = D * alpha * sig * (1.0 - sig)
+            tl.atomic_add(d_params, _total(D * sig))
+            tl.atomic_add(d_params + 1, _total(pre * dots))
+            tl.atomic_add(d_params + 2, _total(D))
+            W = beta * pre
+        for h in range(chunks):
+            _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, False, BP)
+
+
+def _grid_2d(m: int, n: int) -> tuple[int, int]:
+    return triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
+
+
+def _shifts(dtype: torch.dtype) -> list[int]:
+    """The radix passes' shifts, most significant digit first, over the 31 (63) bits of a
+    float32 (float64) magnitude; the last digit may overlap found bits, which is harmless."""
+    key_bits = 63 if dtype == torch.float64 else 31
+    return [max(shift, 0) for shift in range(key_bits - DIGIT, -DIGIT, -DIGIT)]
+
+
+def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted_first_pass: torch.Tensor | None = None) -> torch.Tensor:
+    """τ (a 0-dim tensor, never read on the host) = the k-th smallest |x| (1-based); −inf
+    when k = 0. ``counted_first_pass``: the (passes, BINS) counts whose first row a
+    producer kernel has already filled."""
+    if k == 0:
+        return x.new_full((), float("-inf"))
+    shifts = _shifts(x.dtype)
+    counts = counted_first_pass
+    if counts is None:
+        counts = torch.zeros(len(shifts), BINS, dtype=torch.int64, device=x.device)
+    state = torch.tensor([0, 0, k], dtype=torch.int64, device=x.device)  # prefix, its mask, rank
+    double = x.dtype == torch.float64
+    for index, shift in enumerate(shifts):
+        if index > 0 or counted_first_pass is None:
+            count_kernel[(triton.cdiv(x.numel(), BLOCK),)](
+                x, x.numel(), counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
+            )
+        search_kernel[(1,)](counts[index], state, shift, BINS=BINS)
+    bits = state[:1] if double else state[:1].to(torch.int32)
+    return bits.view(x.dtype).reshape(())
+
+
+def _mask(out, x, grad, tau, mode, backward):
+    if x.numel():
+        mask_kernel[(triton.cdiv(x.numel(), BLOCK),)](
+            out, x, grad, x.numel(), tau, MODE=MODES[mode], BACKWARD=backward, BLOCK=BLOCK
+        )
+    return out
+
+
+def _column_stats(out_emb, in_emb, coeff, params, eps):
+    """Mixture's softmax statistics per column: (max_j P/gamma, Σ_j exp(P/gamma − max))."""
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    column_max, column_sum = out_emb.new_empty(n), out_emb.new_empty(n)
+    columns_kernel[(triton.cdiv(n, BLOCK_N),)](
+        out_emb, out_emb, in_emb, coeff, params, params, column_max, column_sum, column_sum,
+        m, n, chunks, width, eps, MODE=0, DOT=False, BM=BLOCK_M, BN=BLOCK_N,
+    )  # fmt: skip
+    return column_max, column_sum
+
+
+def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
+    """(ΔW, τ): κ(Out, In), sparsified in place when ``mode`` is given."""
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    out = out_emb.new_empty(m, n)
+    if out.numel() == 0:
+        return out, out.new_full((), float("-inf"))
+    stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
+    count = mode is not None and k > 0
+    counts = torch.zeros(len(_shifts(out.dtype)), BINS, dtype=torch.int64, device=out.device) if count else out
+    delta_kernel[_grid_2d(m, n)](
+        out, out_emb, in_emb, coeff, params, *stats, counts, _shifts(out.dtype)[0], m, n, chunks, width, eps,
+        KERNEL=KERNELS[kernel], COUNT=count, DOUBLE=out.dtype == torch.float64, BINS=BINS,
+        BM=BLOCK_M, BN=BLOCK_N,
+    )  # fmt: skip
+    if mode is None:
+        return out, None
+    tau = _kth_smallest_magnitude(out, k, counts if count else None)
+    return _mask(out, out, out, tau, mode, backward=False), tau
+
+
+def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    d_out, d_in = torch.zeros_like(out_emb), torch.zeros_like(in_emb)
+    d_coeff = torch.zeros_like(coeff, dtype=torch.float64)  # sums over m·n entries
+    d_params = torch.zeros_like(params, dtype=torch.float64)
+    if m * n == 0:
+        return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
+    tau = grad if tau is None else tau
+    column_max = column_sum = column_dot = grad
+    if kernel == "mixture":
+        column_max, column_sum = _column_stats(out_emb, in_emb, coeff, params, eps)
+        column_dot = grad.new_empty(n)
+        columns_kernel[(triton.cdiv(n, BLOCK_N),)](
+            grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
+            m, n, chunks, width, eps, MODE=MODES[mode], DOT=True, BM=BLOCK_M, BN=BLOCK_N,
+        )  # fmt: skip
+    backward_kernel[_grid_2d(m, n)](
+        grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
+        d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
+        KERNEL=KERNELS[kernel], MODE=MODES[mode], BM=BLOCK_M, BN=BLOCK_N,
+        BP=max(16, triton.next_power_of_2(width)),
+    )  # fmt: skip
+    return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
+
+
+def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
+
+
+def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode):
+    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode))
+
+
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+
+
+def sparsify(delta, k, mode):
+    tau = _kth_smallest_magnitude(delta, k)
+    return [_mask(torch.empty_like(delta), delta, delta, tau, mode, backward=False), tau]
+
+
+def sparsify_backward(grad, delta, tau, mode):
+    return _mask(torch.empty_like(delta), delta, grad, tau, mode, backward=True)
