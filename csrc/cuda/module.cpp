@@ -7,6 +7,7 @@
 #include <string>
 
 #include "expm.h"
+#include "kernelized.h"
 #include "runtime.h"
 #include "lowrank.h"
 
@@ -61,6 +62,57 @@ void bind_expm(py::module_& m, const std::string& suffix) {
           "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·23n² values, pivots: batch·n int32.");
 }
 
+template <typename T>
+void bind_kernelized(py::module_& m, const std::string& suffix) {
+    using tensor_peft::cuda::Kernelized;
+    auto problem = [](std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
+                      int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps,
+                      std::uintptr_t columns) {
+        return Kernelized<T>{ptr<const T>(out_emb), ptr<const T>(in_t), rows, n, chunks, width, kernel,
+                             ptr<const T>(coeff), ptr<const T>(params), static_cast<T>(eps), ptr<T>(columns)};
+    };
+    m.def(("kernelized_forward_" + suffix).c_str(),
+          [problem](std::uintptr_t out, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n,
+                    int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps,
+                    int64_t k, int mode, std::uintptr_t tau, std::uintptr_t columns, std::uintptr_t select_work,
+                    std::uintptr_t stream) {
+              tensor_peft::cuda::kernelized_forward<T>(
+                  problem(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps, columns), ptr<T>(out), k,
+                  mode, ptr<T>(tau), ptr<int64_t>(select_work), stream);
+          },
+          "out (m, n) = κ(Out, In) (In as (H, p, n)); mode 1/2: sparsified in place with τ, written to tau "
+          "when k > 0. columns: 3n values (mixture); select_work: kernelized_select_workspace int64 values.");
+    m.def(("kernelized_backward_" + suffix).c_str(),
+          [problem](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n,
+                    int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps,
+                    std::uintptr_t tau, int mode, std::uintptr_t d_out_emb, std::uintptr_t d_in_t,
+                    std::uintptr_t d_coeff, std::uintptr_t d_params, std::uintptr_t columns, std::uintptr_t stream) {
+              tensor_peft::cuda::kernelized_backward<T>(
+                  problem(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps, columns),
+                  ptr<const T>(grad), tau ? ptr<const T>(tau) : nullptr, mode, ptr<T>(d_out_emb), ptr<T>(d_in_t),
+                  ptr<double>(d_coeff), ptr<double>(d_params), stream);
+          },
+          "Adds the gradients of the embeddings (In as (H, p, n)) into d_out_emb, d_in_t and of the kernel "
+          "parameters into float64 d_coeff, d_params; κ recomputed, mode 1/2 with the forward's τ.");
+    m.def(("sparsify_" + suffix).c_str(),
+          [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int mode, std::uintptr_t tau,
+             std::uintptr_t select_work, std::uintptr_t stream) {
+              tensor_peft::cuda::sparsify<T>(ptr<const T>(delta), ptr<T>(out), count, k, mode, ptr<T>(tau),
+                                             ptr<int64_t>(select_work), stream);
+          },
+          "out = the sparsified delta (mode 1 hard, 2 soft); τ written to tau when k > 0.");
+    m.def(("sparsify_backward_" + suffix).c_str(),
+          [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, std::uintptr_t tau,
+             int mode, std::uintptr_t stream) {
+              tensor_peft::cuda::sparsify_backward<T>(ptr<const T>(grad), ptr<const T>(delta), ptr<T>(d_delta), count,
+                                                      ptr<const T>(tau), mode, stream);
+          },
+          "∂L/∂delta of the sparsification with τ (and, hard, |delta|) held constant.");
+    m.def(("kernelized_select_workspace_" + suffix).c_str(),
+          [] { return tensor_peft::cuda::select_workspace(sizeof(T) == sizeof(double)); },
+          "int64 values of workspace the radix select takes.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -81,4 +133,6 @@ PYBIND11_MODULE(_cuda, m) {
     bind_lowrank<double>(m, "f64");
     bind_expm<float>(m, "f32");
     bind_expm<double>(m, "f64");
+    bind_kernelized<float>(m, "f32");
+    bind_kernelized<double>(m, "f64");
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .reference import kernel_id, mode_id
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import hadamard_ops, tucker_ops
 
@@ -64,10 +65,6 @@ def matrix_exp_backward(grad, A):
     return d_A
 
 
-_KERNELS = {"piecewise_linear": 0, "rbf": 1, "sigmoid": 2, "linear": 3, "mixture": 4}
-_MODES = {None: 0, "hard": 1, "soft": 2}
-
-
 def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
     """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n)."""
     chunks, m, width = out_emb.shape
@@ -75,7 +72,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
     out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
     tau = extension_kernel("_C", "kernelized_forward", out.dtype)(
         out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
-        _KERNELS[kernel], coeff.data_ptr(), params.data_ptr(), eps, k, _MODES[mode],
+        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, k, mode_id(mode),
     )  # fmt: skip
     return out, out.new_tensor(tau)
 
@@ -88,7 +85,7 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=0.0
     in_t = in_emb.transpose(1, 2).contiguous()
     extension_kernel("_C", "kernelized_backward", grad.dtype)(
         grad.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
-        _KERNELS[kernel], coeff.data_ptr(), params.data_ptr(), eps, tau, _MODES[mode],
+        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, tau, mode_id(mode),
         d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
@@ -112,13 +109,13 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
 
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
-    tau = extension_kernel("_C", "sparsify", delta.dtype)(out.data_ptr(), delta.data_ptr(), delta.numel(), k, _MODES[mode])
+    tau = extension_kernel("_C", "sparsify", delta.dtype)(out.data_ptr(), delta.data_ptr(), delta.numel(), k, mode_id(mode))
     return [out, delta.new_tensor(tau)]
 
 
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
     extension_kernel("_C", "sparsify_backward", delta.dtype)(
-        d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.item(), _MODES[mode]
+        d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.item(), mode_id(mode)
     )
     return d_delta

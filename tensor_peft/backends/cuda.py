@@ -4,15 +4,16 @@ Tensors reach the kernels as raw device pointers with the current CUDA stream as
 integer; the op layer has checked their shapes and made them contiguous float32/float64
 on one device. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass
 over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
-``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; and ``matrix_exp`` with its
-backward (one thread per matrix, the math of the CPU kernel). The registry reports the
-others as not implemented."""
+``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; ``matrix_exp`` with its
+backward (one thread per matrix, the math of the CPU kernel); and SNELL's kernelized and
+sparsification ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .reference import kernel_id, mode_id
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import hadamard_ops, tucker_ops
 
@@ -72,3 +73,80 @@ def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     n = A.shape[-1]
     _expm_launch("matrix_exp_backward", A, d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), extra_per_matrix=3 * n * n)
     return d_A
+
+
+def _select_work(x: Tensor) -> Tensor:
+    size = extension_kernel("_cuda", "kernelized_select_workspace", x.dtype)()
+    return torch.empty(size, dtype=torch.int64, device=x.device)
+
+
+def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
+    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n)."""
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    out, tau = out_emb.new_empty(m, n), out_emb.new_full((), float("-inf"))  # τ stays −inf for k = 0
+    in_t = in_emb.transpose(1, 2).contiguous()
+    columns = out_emb.new_empty(3 * n if kernel == "mixture" else 0)
+    work = _select_work(out)
+    with torch.cuda.device(out.device):
+        extension_kernel("_cuda", "kernelized_forward", out.dtype)(
+            out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width, kernel_id(kernel),
+            coeff.data_ptr(), params.data_ptr(), eps, k, mode_id(mode), tau.data_ptr(), columns.data_ptr(),
+            work.data_ptr(), _stream(out),
+        )  # fmt: skip
+    return out, tau
+
+
+def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    d_out, d_in_t = torch.zeros_like(out_emb), in_emb.new_zeros(chunks, width, n)
+    d_coeff = torch.zeros_like(coeff, dtype=torch.float64)  # sums over m·n entries
+    d_params = torch.zeros_like(params, dtype=torch.float64)
+    in_t = in_emb.transpose(1, 2).contiguous()
+    columns = out_emb.new_empty(3 * n if kernel == "mixture" else 0)
+    with torch.cuda.device(grad.device):
+        extension_kernel("_cuda", "kernelized_backward", grad.dtype)(
+            grad.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width, kernel_id(kernel),
+            coeff.data_ptr(), params.data_ptr(), eps, 0 if tau is None else tau.data_ptr(), mode_id(mode),
+            d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(), columns.data_ptr(),
+            _stream(grad),
+        )  # fmt: skip
+    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
+
+
+def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
+
+
+def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode):
+    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode))
+
+
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+
+
+def sparsify(delta, k, mode):
+    out, tau = torch.empty_like(delta), delta.new_full((), float("-inf"))
+    work = _select_work(delta)
+    with torch.cuda.device(delta.device):
+        extension_kernel("_cuda", "sparsify", delta.dtype)(
+            out.data_ptr(), delta.data_ptr(), delta.numel(), k, mode_id(mode), tau.data_ptr(), work.data_ptr(),
+            _stream(delta),
+        )  # fmt: skip
+    return [out, tau]
+
+
+def sparsify_backward(grad, delta, tau, mode):
+    d_delta = torch.empty_like(delta)
+    with torch.cuda.device(delta.device):
+        extension_kernel("_cuda", "sparsify_backward", delta.dtype)(
+            d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.data_ptr(), mode_id(mode),
+            _stream(delta),
+        )  # fmt: skip
+    return d_delta

@@ -28,14 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import KERNELS, kernel_id, mode_id
+
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
 DIGIT = 8  # bits per radix pass
 BINS = 1 << DIGIT
-KERNELS = {"piecewise_linear": 0, "rbf": 1, "sigmoid": 2, "linear": 3, "mixture": 4}
-MODES = {None: 0, "hard": 1, "soft": 2}
-PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = range(5)
-HARD = 1
+# Globals that kernels read must be constexpr.
+PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = (tl.constexpr(kernel_id(name)) for name in KERNELS)
+HARD = tl.constexpr(mode_id("hard"))
 
 
 @triton.jit
@@ -332,7 +333,7 @@ def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted_first_pass: torch.T
 def _mask(out, x, grad, tau, mode, backward):
     if x.numel():
         mask_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            out, x, grad, x.numel(), tau, MODE=MODES[mode], BACKWARD=backward, BLOCK=BLOCK
+            out, x, grad, x.numel(), tau, MODE=mode_id(mode), BACKWARD=backward, BLOCK=BLOCK
         )
     return out
 
@@ -361,7 +362,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
     counts = torch.zeros(len(_shifts(out.dtype)), BINS, dtype=torch.int64, device=out.device) if count else out
     delta_kernel[_grid_2d(m, n)](
         out, out_emb, in_emb, coeff, params, *stats, counts, _shifts(out.dtype)[0], m, n, chunks, width, eps,
-        KERNEL=KERNELS[kernel], COUNT=count, DOUBLE=out.dtype == torch.float64, BINS=BINS,
+        KERNEL=kernel_id(kernel), COUNT=count, DOUBLE=out.dtype == torch.float64, BINS=BINS,
         BM=BLOCK_M, BN=BLOCK_N,
     )  # fmt: skip
     if mode is None:
@@ -385,12 +386,12 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
         column_dot = grad.new_empty(n)
         columns_kernel[(triton.cdiv(n, BLOCK_N),)](
             grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
-            m, n, chunks, width, eps, MODE=MODES[mode], DOT=True, BM=BLOCK_M, BN=BLOCK_N,
+            m, n, chunks, width, eps, MODE=mode_id(mode), DOT=True, BM=BLOCK_M, BN=BLOCK_N,
         )  # fmt: skip
     backward_kernel[_grid_2d(m, n)](
         grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
         d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
-        KERNEL=KERNELS[kernel], MODE=MODES[mode], BM=BLOCK_M, BN=BLOCK_N,
+        KERNEL=kernel_id(kernel), MODE=mode_id(mode), BM=BLOCK_M, BN=BLOCK_N,
         BP=max(16, triton.next_power_of_2(width)),
     )  # fmt: skip
     return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]

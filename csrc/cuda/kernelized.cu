@@ -1,0 +1,383 @@
+// SNELL on CUDA: the kernelized update, its competition sparsification and the backward
+// of both (see kernelized.h), the math of csrc/cpu/kernelized.cpp entry by entry.
+//
+// Tiles are blocks of 32 columns × kWarps rows: a warp is one row j over 32 columns i, so
+// its reads of In (transposed) are coalesced and row sums are warp shuffles. The radix
+// select takes 8-bit digits: each pass a 256-bin shared-memory histogram per block,
+// added into int64 global counts, then one thread picks the bin on the device.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "kernelized.h"
+#include "tensor_peft/radix_select.h"
+
+namespace tensor_peft::cuda {
+namespace {
+
+enum Kernel : int { kPiecewise = 0, kRbf = 1, kSigmoid = 2, kLinear = 3, kMixture = 4 };
+enum Mode : int { kNone = 0, kHard = 1, kSoft = 2 };
+
+constexpr int kDigit = 8;
+constexpr int kBins = 1 << kDigit;
+constexpr int kWarps = 8;           // rows of a tile
+constexpr int kThreads = 256;       // elementwise and per-column kernels
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kBackwardRowBlocks = 64;  // blocks down the rows in backward: fewer parameter atomics
+constexpr int64_t kMaxCountBlocks = 4096;
+
+template <typename T>
+constexpr int passes() {
+    return (radix::Key<T>::kBits + kDigit - 1) / kDigit;
+}
+
+// Σ over chunks first ≤ h < last of ‖b_j^h − a_i^h‖² (direct differences) or of b_j^h·a_i^h.
+template <typename T>
+__device__ T chunk_sum(const Kernelized<T>& P, int64_t j, int64_t i, int64_t first, int64_t last, bool dot) {
+    T acc = 0;
+    for (int64_t h = first; h < last; ++h) {
+        const T* b = P.out_emb + (h * P.m + j) * P.width;
+        const T* a = P.in_t + h * P.width * P.n + i;
+        for (int64_t d = 0; d < P.width; ++d) {
+            const T bd = b[d], ad = a[d * P.n];
+            acc += dot ? bd * ad : (bd - ad) * (bd - ad);
+        }
+    }
+    return acc;
+}
+
+// P = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps).
+template <typename T>
+__device__ T piecewise_value(const Kernelized<T>& P, int64_t j, int64_t i) {
+    T acc = 0;
+    for (int64_t h = 0; h < P.chunks; ++h) acc += P.coeff[h] * sqrt(chunk_sum(P, j, i, h, h + 1, false) + P.eps);
+    return acc;
+}
+
+// κ(b_j, a_i); for mixture also its piecewise part P (the other kernels leave it alone).
+template <typename T>
+__device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piecewise) {
+    const T alpha = P.params[0], beta = P.params[1], gamma = P.params[2];
+    switch (P.kernel) {
+        case kRbf:
+            return alpha * exp(-beta * chunk_sum(P, j, i, 0, P.chunks, false)) + gamma;
+        case kSigmoid:
+            return alpha / (T(1) + exp(-beta * chunk_sum(P, j, i, 0, P.chunks, true))) + gamma;
+        case kLinear:
+            return chunk_sum(P, j, i, 0, P.chunks, true);
+        default: {
+            piecewise = piecewise_value(P, j, i);
+            if (P.kernel == kPiecewise) return piecewise;
+            const T soft = exp(piecewise / gamma - P.columns[i]) / P.columns[P.n + i];
+            return piecewise + alpha * soft + beta;
+        }
+    }
+}
+
+// out = value·factor, or (backward) ∂out/∂value with τ and, hard, |value| held constant.
+template <typename T>
+__device__ T mask_factor(T value, T tau, int mode, bool backward) {
+    const T magnitude = fabs(value);
+    if (!(magnitude > tau)) return T(0);
+    const T tau_plus = tau > T(0) ? tau : T(0);
+    if (mode == kHard) return magnitude;
+    return backward ? T(2) * magnitude - tau_plus : magnitude - tau_plus;
+}
+
+template <typename T>
+__device__ T warp_sum(T value) {
+    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+
+template <typename T>
+__global__ void delta_kernel(Kernelized<T> P, T* out) {
+    const int64_t i = blockIdx.x * int64_t(32) + threadIdx.x;
+    if (i >= P.n) return;
+    for (int64_t j = blockIdx.y * int64_t(kWarps) + threadIdx.y; j < P.m; j += int64_t(gridDim.y) * kWarps) {
+        T piecewise;
+        out[j * P.n + i] = kernel_value(P, j, i, piecewise);
+    }
+}
+
+// Mixture, a thread per column over all rows: the softmax's max and sum of P/gamma
+// (online) into columns[0, n) and [n, 2n); or (dot) c_i = Σ_j D_ji S_ji into [2n, 3n),
+// D = Γ after the mask's derivative.
+template <typename T>
+__global__ void columns_kernel(Kernelized<T> P, const T* grad, const T* tau, int mode, bool dot) {
+    const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (i >= P.n) return;
+    const T gamma = P.params[2];
+    if (!dot) {
+        T top = -std::numeric_limits<T>::infinity(), total = 0;
+        for (int64_t j = 0; j < P.m; ++j) {
+            const T z = piecewise_value(P, j, i) / gamma;
+            if (z > top) {
+                total = total * exp(top - z) + T(1);
+                top = z;
+            } else {
+                total += exp(z - top);
+            }
+        }
+        P.columns[i] = top;
+        P.columns[P.n + i] = total;
+        return;
+    }
+    double acc = 0;
+    for (int64_t j = 0; j < P.m; ++j) {
+        T piecewise;
+        const T value = kernel_value(P, j, i, piecewise);
+        const T soft = exp(piecewise / gamma - P.columns[i]) / P.columns[P.n + i];
+        T D = grad[j * P.n + i];
+        if (mode != kNone) D *= mask_factor(value, *tau, mode, true);
+        acc += double(D) * double(soft);
+    }
+    P.columns[2 * P.n + i] = static_cast<T>(acc);
+}
+
+// Row j's and column i's share of chunk h's embedding gradients from the weight W of
+// entry (j, i): distance kernels ∂b_j += W (b_j − a_i), ∂a_i −= W (b_j − a_i); dot-product
+// kernels ∂b_j += W a_i, ∂a_i += W b_j. Row sums by shuffles, column sums through shared
+// memory; every thread of the block calls it (it synchronizes).
+template <typename T>
+__device__ void embedding_gradients(const Kernelized<T>& P, int64_t h, int64_t j, int64_t i, bool row_in, bool col_in,
+                                    T W, bool distance, T* d_out_emb, T* d_in_t, T (*column_part)[32]) {
+    const T* b = P.out_emb + (h * P.m + j) * P.width;
+    const T* a = P.in_t + h * P.width * P.n + i;
+    for (int64_t d = 0; d < P.width; ++d) {
+        const T bd = b[d], ad = a[d * P.n];
+        const T row = warp_sum(distance ? W * (bd - ad) : W * ad);
+        if (threadIdx.x == 0 && row_in) atomicAdd(&d_out_emb[(h * P.m + j) * P.width + d], row);
+        column_part[threadIdx.y][threadIdx.x] = distance ? W * (ad - bd) : W * bd;
+        __syncthreads();
+        if (threadIdx.y == 0 && col_in) {
+            T column = 0;
+            for (int w = 0; w < kWarps; ++w) column += column_part[w][threadIdx.x];
+            atomicAdd(&d_in_t[(h * P.width + d) * P.n + i], column);
+        }
+        __syncthreads();
+    }
+}
+
+// Block sums in shared memory, then into the float64 parameter gradients: coeff[h] in
+// block_sums[0, H), (alpha, beta, gamma) in [H, H + 3).
+template <typename T>
+__global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr, int mode, T* d_out_emb, T* d_in_t,
+                                double* d_coeff, double* d_params) {
+    extern __shared__ double block_sums[];
+    __shared__ T column_part[kWarps][32];
+    const int thread = threadIdx.y * 32 + threadIdx.x;
+    for (int64_t s = thread; s < P.chunks + 3; s += 32 * kWarps) block_sums[s] = 0;
+    __syncthreads();
+    const int64_t i_raw = blockIdx.x * int64_t(32) + threadIdx.x;
+    const bool col_in = i_raw < P.n;
+    const int64_t i = col_in ? i_raw : P.n - 1;  // reads stay in bounds; W is 0 outside
+    const T alpha = P.params[0], beta = P.params[1], gamma = P.params[2];
+    const T tau = mode != kNone ? *tau_ptr : T(0);
+    const bool piecewise_kernel = P.kernel == kPiecewise || P.kernel == kMixture;
+    double sums[3] = {0, 0, 0};  // this thread's shares of ∂alpha, ∂beta, ∂gamma
+    for (int64_t j0 = blockIdx.y * int64_t(kWarps); j0 < P.m; j0 += int64_t(gridDim.y) * kWarps) {
+        const bool row_in = j0 + threadIdx.y < P.m;
+        const int64_t j = row_in ? j0 + threadIdx.y : P.m - 1;
+        const bool in = row_in && col_in;
+        T D = in ? grad[j * P.n + i] : T(0);  // ∂L/∂κ, then ∂L/∂P for mixture
+        if (in && (P.kernel == kMixture || mode != kNone)) {
+            T piecewise;
+            const T value = kernel_value(P, j, i, piecewise);
+            if (mode != kNone) D *= mask_factor(value, tau, mode, true);
+            if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
+                const T soft = exp(piecewise / gamma - P.columns[i]) / P.columns[P.n + i];
+                const T d_logit = alpha * soft * (D - P.columns[2 * P.n + i]);
+                sums[0] += double(D) * double(soft);
+                sums[1] += double(D);
+                sums[2] -= double(d_logit) * double(piecewise) / (double(gamma) * double(gamma));
+                D += d_logit / gamma;
+            }
+        }
+        if (piecewise_kernel) {
+            for (int64_t h = 0; h < P.chunks; ++h) {  // W_h = D·coeff[h]/r_h, ∂coeff[h] = Σ D·r_h
+                const T r = sqrt(chunk_sum(P, j, i, h, h + 1, false) + P.eps);
+                const double share = warp_sum(in ? double(D) * double(r) : 0.0);
+                if (threadIdx.x == 0) atomicAdd(&block_sums[h], share);
+                embedding_gradients(P, h, j, i, row_in, col_in, in ? D * P.coeff[h] / r : T(0), true, d_out_emb,
+                                    d_in_t, column_part);
+            }
+            continue;
+        }
+        T W = D;
+        bool distance = false;
+        if (P.kernel == kRbf) {  // W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
+            const T squares = chunk_sum(P, j, i, 0, P.chunks, false);
+            const T e = exp(-beta * squares);
+            sums[0] += double(D) * double(e);
+            sums[1] -= double(D) * double(alpha) * double(squares) * double(e);
+            sums[2] += double(D);
+            W = D * T(-2) * alpha * beta * e;
+            distance = true;
+        } else if (P.kernel == kSigmoid) {  // W = ∂L/∂(b·a) = beta·D·alpha·σ(1 − σ)
+            const T dots = chunk_sum(P, j, i, 0, P.chunks, true);
+            const T s = T(1) / (T(1) + exp(-beta * dots));
+            const T pre = D * alpha * s * (T(1) - s);
+            sums[0] += double(D) * double(s);
+            sums[1] += double(pre) * double(dots);
+            sums[2] += double(D);
+            W = beta * pre;
+        }
+        for (int64_t h = 0; h < P.chunks; ++h)
+            embedding_gradients(P, h, j, i, row_in, col_in, in ? W : T(0), distance, d_out_emb, d_in_t, column_part);
+    }
+    for (int p = 0; p < 3; ++p) {
+        const double share = warp_sum(sums[p]);
+        if (threadIdx.x == 0) atomicAdd(&block_sums[P.chunks + p], share);
+    }
+    __syncthreads();
+    for (int64_t s = thread; s < P.chunks + 3; s += 32 * kWarps) {
+        if (s < P.chunks) atomicAdd(&d_coeff[s], block_sums[s]);
+        else atomicAdd(&d_params[s - P.chunks], block_sums[s]);
+    }
+}
+
+// One pass of the radix select: counts[digit] += the keys whose found digits match
+// state = (prefix, prefix_mask).
+template <typename T>
+__global__ void count_kernel(const T* x, int64_t count, unsigned long long* counts, const uint64_t* state, int shift) {
+    using Bits = typename radix::Key<T>::type;
+    __shared__ unsigned int histogram[kBins];
+    for (int b = threadIdx.x; b < kBins; b += blockDim.x) histogram[b] = 0;
+    __syncthreads();
+    const Bits prefix = static_cast<Bits>(state[0]), prefix_mask = static_cast<Bits>(state[1]);
+    for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+        const Bits key = radix::abs_key(x[e]);
+        if ((key & prefix_mask) == prefix) atomicAdd(&histogram[(key >> shift) & (kBins - 1)], 1u);
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < kBins; b += blockDim.x)
+        if (histogram[b]) atomicAdd(&counts[b], static_cast<unsigned long long>(histogram[b]));
+}
+
+// One thread: the bin holding the rank-th key joins the prefix (rank = k on the first
+// pass, k ≥ 1), and τ = the value of the prefix so far (the answer after the last pass).
+template <typename T>
+__global__ void search_kernel(const unsigned long long* counts, uint64_t* state, int shift, int64_t first_rank, T* tau) {
+    int64_t rank = first_rank > 0 ? first_rank : static_cast<int64_t>(state[2]);
+    const int64_t bin = radix::pick_bin(reinterpret_cast<const int64_t*>(counts), kBins, rank);
+    state[0] |= static_cast<uint64_t>(bin) << shift;
+    state[1] |= static_cast<uint64_t>(kBins - 1) << shift;
+    state[2] = static_cast<uint64_t>(rank);
+    *tau = radix::from_key<T>(static_cast<typename radix::Key<T>::type>(state[0]));
+}
+
+// out = x·factor, or (backward) grad·∂(x·factor)/∂x; out may be x.
+template <typename T>
+__global__ void mask_kernel(const T* x, const T* grad, T* out, int64_t count, const T* tau, int mode, bool backward) {
+    const T t = *tau;
+    for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+        const T factor = mask_factor(x[e], t, mode, backward);
+        out[e] = (backward ? grad[e] : x[e]) * factor;
+    }
+}
+
+void check_launch(const char* name) {
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
+}
+
+unsigned elementwise_blocks(int64_t count) {
+    return static_cast<unsigned>(std::max<int64_t>(1, std::min((count + kThreads - 1) / kThreads, kMaxCountBlocks)));
+}
+
+dim3 tile_grid(int64_t m, int64_t n, int64_t max_row_blocks) {
+    return dim3(static_cast<unsigned>((n + 31) / 32),
+                static_cast<unsigned>(std::min((m + kWarps - 1) / kWarps, max_row_blocks)));
+}
+
+// τ = the k-th smallest |x| (k ≥ 1), written to device memory.
+template <typename T>
+void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* work, cudaStream_t stream) {
+    auto* counts = reinterpret_cast<unsigned long long*>(work);
+    auto* state = reinterpret_cast<uint64_t*>(work + passes<T>() * kBins);
+    cudaMemsetAsync(work, 0, sizeof(int64_t) * (passes<T>() * kBins + 3), stream);
+    for (int pass = 0; pass < passes<T>(); ++pass) {
+        const int shift = std::max(radix::Key<T>::kBits - kDigit * (pass + 1), 0);
+        count_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(x, count, counts + pass * kBins, state,
+                                                                            shift);
+        search_kernel<T><<<1, 1, 0, stream>>>(counts + pass * kBins, state, shift, pass == 0 ? k : 0, tau);
+    }
+}
+
+template <typename T>
+void column_statistics(const Kernelized<T>& P, cudaStream_t stream) {
+    const unsigned blocks = static_cast<unsigned>((P.n + kThreads - 1) / kThreads);
+    columns_kernel<T><<<blocks, kThreads, 0, stream>>>(P, nullptr, nullptr, kNone, false);
+}
+
+}  // namespace
+
+int64_t select_workspace(bool is_double) {
+    return int64_t(is_double ? passes<double>() : passes<float>()) * kBins + 3;
+}
+
+template <typename T>
+void kernelized_forward(const Kernelized<T>& P, T* out, int64_t k, int mode, T* tau, int64_t* select_work,
+                        std::uintptr_t stream_handle) {
+    if (P.m * P.n == 0) return;
+    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    if (P.kernel == kMixture) column_statistics(P, stream);
+    delta_kernel<T><<<tile_grid(P.m, P.n, kMaxGridY), dim3(32, kWarps), 0, stream>>>(P, out);
+    if (mode != kNone) {
+        if (k > 0) select_threshold<T>(out, P.m * P.n, k, tau, select_work, stream);
+        mask_kernel<T><<<elementwise_blocks(P.m * P.n), kThreads, 0, stream>>>(out, nullptr, out, P.m * P.n, tau,
+                                                                               mode, false);
+    }
+    check_launch("kernelized_forward");
+}
+
+template <typename T>
+void kernelized_backward(const Kernelized<T>& P, const T* grad, const T* tau, int mode, T* d_out_emb, T* d_in_t,
+                         double* d_coeff, double* d_params, std::uintptr_t stream_handle) {
+    if (P.m * P.n == 0) return;
+    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    if (P.kernel == kMixture) {
+        column_statistics(P, stream);
+        const unsigned blocks = static_cast<unsigned>((P.n + kThreads - 1) / kThreads);
+        columns_kernel<T><<<blocks, kThreads, 0, stream>>>(P, grad, tau, mode, true);
+    }
+    const size_t shared = sizeof(double) * static_cast<size_t>(P.chunks + 3);
+    backward_kernel<T><<<tile_grid(P.m, P.n, kBackwardRowBlocks), dim3(32, kWarps), shared, stream>>>(
+        P, grad, tau, mode, d_out_emb, d_in_t, d_coeff, d_params);
+    check_launch("kernelized_backward");
+}
+
+template <typename T>
+void sparsify(const T* x, T* out, int64_t count, int64_t k, int mode, T* tau, int64_t* select_work,
+              std::uintptr_t stream_handle) {
+    if (count == 0) return;
+    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    if (k > 0) select_threshold<T>(x, count, k, tau, select_work, stream);
+    mask_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(x, nullptr, out, count, tau, mode, false);
+    check_launch("sparsify");
+}
+
+template <typename T>
+void sparsify_backward(const T* grad, const T* x, T* d_x, int64_t count, const T* tau, int mode,
+                       std::uintptr_t stream_handle) {
+    if (count == 0) return;
+    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    mask_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(x, grad, d_x, count, tau, mode, true);
+    check_launch("sparsify_backward");
+}
+
+#define TP_INSTANTIATE(T)                                                                                         \
+    template void kernelized_forward<T>(const Kernelized<T>&, T*, int64_t, int, T*, int64_t*, std::uintptr_t);    \
+    template void kernelized_backward<T>(const Kernelized<T>&, const T*, const T*, int, T*, T*, double*, double*, \
+                                         std::uintptr_t);                                                         \
+    template void sparsify<T>(const T*, T*, int64_t, int64_t, int, T*, int64_t*, std::uintptr_t);                 \
+    template void sparsify_backward<T>(const T*, const T*, T*, int64_t, const T*, int, std::uintptr_t);
+TP_INSTANTIATE(float)
+TP_INSTANTIATE(double)
+#undef TP_INSTANTIATE
+
+}  // namespace tensor_peft::cuda

@@ -1,0 +1,49 @@
+// Launchers of the CUDA kernels for SNELL (the math of csrc/cpu/kernelized.cpp), callable
+// from the g++-compiled binding: no CUDA types here, the stream travels as an integer.
+//   forward   out (m, n) = κ(Out, In), sparsified in place when mode is 1 (hard) or 2 (soft)
+//             with τ = the k-th smallest |κ| by radix select on the float bits, the bin
+//             of each pass found on the device (τ is written to device memory, never
+//             read back); k = 0 keeps everything and leaves τ to the caller.
+//   backward  the gradients of the embeddings and kernel parameters from Γ, κ recomputed
+//             tile by tile, nothing m×n read but Γ.
+// Every pointer is device memory, the kernel parameters (alpha, beta, gamma) included.
+#pragma once
+
+#include <cstdint>
+
+namespace tensor_peft::cuda {
+
+template <typename T>
+struct Kernelized {
+    const T* out_emb;  // (H, m, p)
+    const T* in_t;     // (H, p, n): In transposed, so that a warp reads 32 columns at once
+    int64_t m, n, chunks, width;
+    int kernel;        // 0 piecewise_linear, 1 rbf, 2 sigmoid, 3 linear, 4 mixture
+    const T* coeff;    // (H,)
+    const T* params;   // (alpha, beta, gamma)
+    T eps;
+    T* columns;        // mixture: 3n values of workspace (softmax max, sum, and Σ_j D·S)
+};
+
+// int64 values of workspace the radix select needs for a float32 (false) or float64 matrix.
+int64_t select_workspace(bool is_double);
+
+template <typename T>
+void kernelized_forward(const Kernelized<T>& problem, T* out, int64_t k, int mode, T* tau, int64_t* select_work,
+                        std::uintptr_t stream);
+
+// d_out_emb (H, m, p) and d_in_t (H, p, n) are added into (start them at zero); d_coeff (H)
+// and d_params (3) are float64 sums, also added into. tau: null without sparsification.
+template <typename T>
+void kernelized_backward(const Kernelized<T>& problem, const T* grad, const T* tau, int mode, T* d_out_emb,
+                         T* d_in_t, double* d_coeff, double* d_params, std::uintptr_t stream);
+
+template <typename T>
+void sparsify(const T* x, T* out, int64_t count, int64_t k, int mode, T* tau, int64_t* select_work,
+              std::uintptr_t stream);
+
+template <typename T>
+void sparsify_backward(const T* grad, const T* x, T* d_x, int64_t count, const T* tau, int mode,
+                       std::uintptr_t stream);
+
+}  // namespace tensor_peft::cuda
