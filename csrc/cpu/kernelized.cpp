@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "tensor_peft/common.h"
+#include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
 
 #ifdef _OPENMP
@@ -33,8 +34,7 @@ namespace py = pybind11;
 
 namespace {
 
-enum Kernel : int { kPiecewise = 0, kRbf = 1, kSigmoid = 2, kLinear = 3, kMixture = 4 };
-enum Mode : int { kNone = 0, kHard = 1, kSoft = 2 };
+using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
 
 template <typename T>
 struct Problem {
@@ -208,24 +208,11 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
     return tensor_peft::radix::from_key<T>(prefix);
 }
 
-// out = x·|x|·1[|x| > τ] (hard) or x·(|x| − τ⁺)·1[|x| > τ] (soft), in place allowed.
+// out = x·mask_factor(x), in place allowed.
 template <typename T>
 void apply_mask(const T* x, T* out, int64_t count, T tau, int mode) {
-    const T tau_plus = std::max(tau, T(0));
 #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < count; ++i) {
-        const T magnitude = std::abs(x[i]);
-        const T factor = mode == kHard ? magnitude : magnitude - tau_plus;
-        out[i] = magnitude > tau ? x[i] * factor : T(0);
-    }
-}
-
-// ∂L/∂x of apply_mask with τ (and, hard, |x|) held constant: Γ·|x| or Γ·(2|x| − τ⁺), masked.
-template <typename T>
-inline T mask_derivative(T g, T x, T tau, T tau_plus, int mode) {
-    const T magnitude = std::abs(x);
-    if (!(magnitude > tau)) return T(0);
-    return mode == kHard ? g * magnitude : g * (T(2) * magnitude - tau_plus);
+    for (int64_t i = 0; i < count; ++i) out[i] = x[i] * mask_factor(x[i], tau, mode, false);
 }
 
 // Per-thread gradient partials; sums over all m·n entries accumulate in double.
@@ -321,7 +308,6 @@ void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Part
 template <typename T>
 void backward(Problem<T>& P, const T* grad, T tau, int mode, T* d_out_emb, T* d_in_t, T* d_coeff, T* d_params) {
     const int64_t n = P.n;
-    const T tau_plus = std::max(tau, T(0));
     std::vector<T> column_max, column_sum, column_dot(n, T(0));
     double total_alpha = 0, total_beta = 0;
     if (P.kernel == kMixture) {
@@ -341,7 +327,7 @@ void backward(Problem<T>& P, const T* grad, T tau, int mode, T* d_out_emb, T* d_
                 piecewise_row(P, j, rows.scratch.data(), rows.distance.data());
                 const T* g = grad + j * n;
                 for (int64_t i = 0; i < n; ++i) {
-                    const T D = mode == kNone ? g[i] : mask_derivative(g[i], K[i], tau, tau_plus, mode);
+                    const T D = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
                     const T S = std::exp(rows.scratch[i] / P.gamma - column_max[i]) / column_sum[i];
                     local[i] += D * S;
                     local_alpha += D * S;
@@ -369,7 +355,7 @@ void backward(Problem<T>& P, const T* grad, T tau, int mode, T* d_out_emb, T* d_
             const T* g = grad + j * n;
             if (mode != kNone) raw_row(P, j, K.data(), rows);
             for (int64_t i = 0; i < n; ++i)
-                D[i] = mode == kNone ? g[i] : mask_derivative(g[i], K[i], tau, tau_plus, mode);
+                D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
             if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
                 T* piecewise = rows.piecewise.data();
                 piecewise_row(P, j, piecewise, rows.distance.data());
@@ -448,12 +434,12 @@ void bind(py::module_& m, const std::string& suffix) {
     m.def(("sparsify_backward_" + suffix).c_str(),
           [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, double tau, int mode) {
               py::gil_scoped_release release;
-              const T t = static_cast<T>(tau), t_plus = std::max(t, T(0));
+              const T t = static_cast<T>(tau);
               const T* g = ptr<const T>(grad);
               const T* x = ptr<const T>(delta);
               T* d = ptr<T>(d_delta);
 #pragma omp parallel for schedule(static)
-              for (int64_t i = 0; i < count; ++i) d[i] = mask_derivative(g[i], x[i], t, t_plus, mode);
+              for (int64_t i = 0; i < count; ++i) d[i] = g[i] * mask_factor(x[i], t, mode, true);
           },
           "∂L/∂delta of the sparsification with τ (and, hard, |delta|) held constant.");
 }

@@ -13,13 +13,13 @@
 #include <string>
 
 #include "kernelized.h"
+#include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
 
 namespace tensor_peft::cuda {
 namespace {
 
-enum Kernel : int { kPiecewise = 0, kRbf = 1, kSigmoid = 2, kLinear = 3, kMixture = 4 };
-enum Mode : int { kNone = 0, kHard = 1, kSoft = 2 };
+using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
 
 constexpr int kDigit = 8;
 constexpr int kBins = 1 << kDigit;
@@ -75,16 +75,6 @@ __device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piece
             return piecewise + alpha * soft + beta;
         }
     }
-}
-
-// out = value·factor, or (backward) ∂out/∂value with τ and, hard, |value| held constant.
-template <typename T>
-__device__ T mask_factor(T value, T tau, int mode, bool backward) {
-    const T magnitude = fabs(value);
-    if (!(magnitude > tau)) return T(0);
-    const T tau_plus = tau > T(0) ? tau : T(0);
-    if (mode == kHard) return magnitude;
-    return backward ? T(2) * magnitude - tau_plus : magnitude - tau_plus;
 }
 
 template <typename T>

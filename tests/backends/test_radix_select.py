@@ -58,3 +58,23 @@ def test_above_two_to_the_24_entries():
         for k in (1, 2**23 + 5, 2**24 + 3):
             _, tau = _module(name).sparsify(x, k, "hard")
             assert tau.item() == x.abs().kthvalue(k).values.item()
+
+
+FUSED = backends_with("kernelized_sparse_delta")
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
+    """kernelized_sparse_delta's τ, found while κ is computed, on a linear kernel of small
+    integers: every product is exact and most values tie."""
+    generator = torch.Generator().manual_seed(8)
+    out_emb = torch.randint(-2, 3, (2, 23, 2), generator=generator).to(dtype).to(device)
+    in_emb = torch.randint(-2, 3, (2, 37, 2), generator=generator).to(dtype).to(device)
+    coeff, params = torch.ones(2, dtype=dtype, device=device), torch.zeros(3, dtype=dtype, device=device)
+    module = _module(backend)
+    raw = out_emb.permute(1, 0, 2).reshape(23, 4) @ in_emb.permute(1, 0, 2).reshape(37, 4).T
+    for k in (1, 100, raw.numel() // 2, raw.numel()):
+        out, tau = module.kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
+        assert tau.item() == brute_force_tau(raw.cpu(), k), k
+        assert torch.equal(out, torch.where(raw.abs() > tau, raw * raw.abs(), torch.zeros_like(raw)))
