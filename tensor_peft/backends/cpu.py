@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import kernel_id, mode_id
+from .kernelized_ops import kernel_id, kernelized_ops, mode_id
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import hadamard_ops, tucker_ops
 
@@ -77,7 +77,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
     return out, out.new_tensor(tau)
 
 
-def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=0.0, mode=None):
+def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
@@ -85,26 +85,15 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=0.0
     in_t = in_emb.transpose(1, 2).contiguous()
     extension_kernel("_C", "kernelized_backward", grad.dtype)(
         grad.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
-        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, tau, mode_id(mode),
+        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0.0 if tau is None else tau.item(), mode_id(mode),
         d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
-def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
-
-
-def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
-
-
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode):
-    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode))
-
-
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau.item(), mode)
+kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
+    kernelized_ops(_kernelized, _kernelized_grads)
+)
 
 
 def sparsify(delta, k, mode):

@@ -260,16 +260,6 @@ def kernelized_delta_backward(
 MODES = ("hard", "soft")
 
 
-def kernel_id(kernel: str) -> int:
-    """The number the native kernels take for ``kernel``: its place in ``KERNELS``."""
-    return KERNELS.index(kernel)
-
-
-def mode_id(mode: str | None) -> int:
-    """The number the native kernels take for ``mode``: 0 none, 1 hard, 2 soft."""
-    return 0 if mode is None else MODES.index(mode) + 1
-
-
 def threshold(delta: Tensor, k: int) -> Tensor:
     """τ = the k-th smallest |ΔW| over all entries (1-indexed; ``kthvalue`` works above
     2^24 entries, unlike ``torch.quantile``); −inf when k = 0 (keep all)."""

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import KERNELS, kernel_id, mode_id
+from ..kernelized_ops import kernel_id, kernelized_ops, mode_id
+from ..reference import KERNELS
 
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
@@ -397,20 +398,9 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
     return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
 
 
-def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
-
-
-def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
-
-
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode):
-    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode))
-
-
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
+    kernelized_ops(_kernelized, _kernelized_grads)
+)
 
 
 def sparsify(delta, k, mode):
