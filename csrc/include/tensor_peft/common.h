@@ -16,9 +16,10 @@
 
 // CPU hot loops are compiled once per instruction set and picked when the module loads
 // (GCC function multi-versioning), so the safe default -march still gets AVX2/AVX-512
-// code on machines that have it.
+// code on machines that have it. `flatten` inlines every call inside them: a callee left
+// out of line (the shared math of these headers) would be compiled once, for the default.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define TP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define TP_CPU_CLONES __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TP_CPU_CLONES
 #endif

@@ -57,19 +57,26 @@ TP_INLINE int size(int n) {
     return N > 0 ? N : n;
 }
 
+// Row operations below work on `row`: with a compile-time size N it is a local array the
+// compiler keeps in registers (loaded and stored once), with N = 0 the matrix row itself.
+
 // C = A·B (n×n, row-major; C must not alias A or B).
 template <typename T, int N>
 TP_INLINE void matmul(const T* TP_RESTRICT A, const T* TP_RESTRICT B, T* TP_RESTRICT C, int n_) {
     const int n = size<N>(n_);
-    for (int i = 0; i < n * n; ++i) C[i] = T(0);
-    for (int i = 0; i < n; ++i)
+    for (int i = 0; i < n; ++i) {
+        T local[N > 0 ? N : 1];
+        T* row = N > 0 ? local : C + i * n;
+        for (int j = 0; j < n; ++j) row[j] = T(0);
         for (int k = 0; k < n; ++k) {
             const T a = A[i * n + k];
             const T* b = B + k * n;
-            T* c = C + i * n;
 #pragma omp simd
-            for (int j = 0; j < n; ++j) c[j] += a * b[j];
+            for (int j = 0; j < n; ++j) row[j] += a * b[j];
         }
+        if (N > 0)
+            for (int j = 0; j < n; ++j) C[i * n + j] = row[j];
+    }
 }
 
 // The block product [[A, dA], [0, A]]·[[B, dB], [0, B]] = [[A·B, A·dB + dA·B], [0, A·B]];
@@ -106,18 +113,33 @@ TP_INLINE void lu_substitute(const T* Q, const int* pivots, T* B, int n_) {
                 B[k * n + j] = B[pivots[k] * n + j];
                 B[pivots[k] * n + j] = t;
             }
-    for (int i = 1; i < n; ++i)
+    for (int i = 0; i < n; ++i) {  // forward substitution with the unit lower factor
+        T local[N > 0 ? N : 1];
+        T* row = N > 0 ? local : B + i * n;
+        if (N > 0)
+            for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
         for (int k = 0; k < i; ++k) {
             const T l = Q[i * n + k];
-            for (int j = 0; j < n; ++j) B[i * n + j] -= l * B[k * n + j];
+            const T* b = B + k * n;
+#pragma omp simd
+            for (int j = 0; j < n; ++j) row[j] -= l * b[j];
         }
-    for (int i = n - 1; i >= 0; --i) {
+        if (N > 0)
+            for (int j = 0; j < n; ++j) B[i * n + j] = row[j];
+    }
+    for (int i = n - 1; i >= 0; --i) {  // back substitution with the upper factor
+        T local[N > 0 ? N : 1];
+        T* row = N > 0 ? local : B + i * n;
+        if (N > 0)
+            for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
         for (int k = i + 1; k < n; ++k) {
             const T u = Q[i * n + k];
-            for (int j = 0; j < n; ++j) B[i * n + j] -= u * B[k * n + j];
+            const T* b = B + k * n;
+#pragma omp simd
+            for (int j = 0; j < n; ++j) row[j] -= u * b[j];
         }
         const T d = Q[i * n + i];
-        for (int j = 0; j < n; ++j) B[i * n + j] /= d;
+        for (int j = 0; j < n; ++j) B[i * n + j] = row[j] / d;
     }
 }
 
