@@ -151,7 +151,10 @@ def extensions() -> list[Extension]:
         "tensor_peft._C",
         sources=sources("cpu", ".cpp"),
         depends=headers,
-        extra_compile_args={"cxx": [*cxx, "-fopenmp", *march_flags, f'-DTP_MARCH="{march or "default"}"']},
+        # -fno-math-errno: nothing reads errno, and without it sqrt loops stay scalar
+        extra_compile_args={
+            "cxx": [*cxx, "-fopenmp", "-fno-math-errno", *march_flags, f'-DTP_MARCH="{march or "default"}"']
+        },
         extra_link_args=["-fopenmp"],
     )
     if CUDA_SWITCH == "0":

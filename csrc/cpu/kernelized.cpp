@@ -100,7 +100,7 @@ inline void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* dista
 
 // Row j of ΔW_raw into out (mixture: needs the column statistics).
 template <typename T>
-void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
+TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     const int64_t n = P.n;
     T* distance = rows.distance.data();
     switch (P.kernel) {
@@ -251,7 +251,8 @@ inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const
 // Gradients of row j given D = ∂L/∂(the kernel's output before mixture's softmax term)
 // (for mixture: ∂L/∂P): d_out_emb rows j (written), the rest into partials.
 template <typename T>
-void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Partials<T>& acc, Rows<T>& rows) {
+TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Partials<T>& acc,
+                                Rows<T>& rows) {
     const int64_t n = P.n;
     T* distance = rows.distance.data();
     T* W = rows.scratch.data();
