@@ -57,6 +57,12 @@ __device__ T piecewise_value(const Kernelized<T>& P, int64_t j, int64_t i) {
     return acc;
 }
 
+// Mixture's S_ji = softmax_j(P/gamma) from the column statistics in P.columns.
+template <typename T>
+__device__ T softmax(const Kernelized<T>& P, T piecewise, int64_t i) {
+    return exp(piecewise / P.params[2] - P.columns[i]) / P.columns[P.n + i];
+}
+
 // κ(b_j, a_i); for mixture also its piecewise part P (the other kernels leave it alone).
 template <typename T>
 __device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piecewise) {
@@ -71,8 +77,7 @@ __device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piece
         default: {
             piecewise = piecewise_value(P, j, i);
             if (P.kernel == kPiecewise) return piecewise;
-            const T soft = exp(piecewise / gamma - P.columns[i]) / P.columns[P.n + i];
-            return piecewise + alpha * soft + beta;
+            return piecewise + alpha * softmax(P, piecewise, i) + beta;
         }
     }
 }
@@ -120,7 +125,7 @@ __global__ void columns_kernel(Kernelized<T> P, const T* grad, const T* tau, int
     for (int64_t j = 0; j < P.m; ++j) {
         T piecewise;
         const T value = kernel_value(P, j, i, piecewise);
-        const T soft = exp(piecewise / gamma - P.columns[i]) / P.columns[P.n + i];
+        const T soft = softmax(P, piecewise, i);
         T D = grad[j * P.n + i];
         if (mode != kNone) D *= mask_factor(value, *tau, mode, true);
         acc += double(D) * double(soft);
@@ -179,7 +184,7 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
             const T value = kernel_value(P, j, i, piecewise);
             if (mode != kNone) D *= mask_factor(value, tau, mode, true);
             if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
-                const T soft = exp(piecewise / gamma - P.columns[i]) / P.columns[P.n + i];
+                const T soft = softmax(P, piecewise, i);
                 const T d_logit = alpha * soft * (D - P.columns[2 * P.n + i]);
                 sums[0] += double(D) * double(soft);
                 sums[1] += double(D);
@@ -298,10 +303,11 @@ void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* wor
     }
 }
 
+// Mixture's column pass: the softmax statistics, or (dot) Σ_j D·S.
 template <typename T>
-void column_statistics(const Kernelized<T>& P, cudaStream_t stream) {
+void column_pass(const Kernelized<T>& P, const T* grad, const T* tau, int mode, bool dot, cudaStream_t stream) {
     const unsigned blocks = static_cast<unsigned>((P.n + kThreads - 1) / kThreads);
-    columns_kernel<T><<<blocks, kThreads, 0, stream>>>(P, nullptr, nullptr, kNone, false);
+    columns_kernel<T><<<blocks, kThreads, 0, stream>>>(P, grad, tau, mode, dot);
 }
 
 }  // namespace
@@ -315,7 +321,7 @@ void kernelized_forward(const Kernelized<T>& P, T* out, int64_t k, int mode, T* 
                         std::uintptr_t stream_handle) {
     if (P.m * P.n == 0) return;
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    if (P.kernel == kMixture) column_statistics(P, stream);
+    if (P.kernel == kMixture) column_pass<T>(P, nullptr, nullptr, kNone, false, stream);
     delta_kernel<T><<<tile_grid(P.m, P.n, kMaxGridY), dim3(32, kWarps), 0, stream>>>(P, out);
     if (mode != kNone) {
         if (k > 0) select_threshold<T>(out, P.m * P.n, k, tau, select_work, stream);
@@ -331,9 +337,8 @@ void kernelized_backward(const Kernelized<T>& P, const T* grad, const T* tau, in
     if (P.m * P.n == 0) return;
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     if (P.kernel == kMixture) {
-        column_statistics(P, stream);
-        const unsigned blocks = static_cast<unsigned>((P.n + kThreads - 1) / kThreads);
-        columns_kernel<T><<<blocks, kThreads, 0, stream>>>(P, grad, tau, mode, true);
+        column_pass<T>(P, nullptr, nullptr, kNone, false, stream);
+        column_pass<T>(P, grad, tau, mode, true, stream);
     }
     const size_t shared = sizeof(double) * static_cast<size_t>(P.chunks + 3);
     backward_kernel<T><<<tile_grid(P.m, P.n, kBackwardRowBlocks), dim3(32, kWarps), shared, stream>>>(

@@ -1,5 +1,5 @@
 // SNELL's kernel and mode numbers and the sparsification factor, shared by the CPU and
-// CUDA kernels (the numbers are those of tensor_peft.backends.reference.kernel_id/mode_id).
+// CUDA kernels (the numbers are those of tensor_peft.backends.kernelized_ops.kernel_id/mode_id).
 #pragma once
 
 #include "tensor_peft/common.h"

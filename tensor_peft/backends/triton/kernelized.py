@@ -309,20 +309,22 @@ def _shifts(dtype: torch.dtype) -> list[int]:
     return [max(shift, 0) for shift in range(key_bits - DIGIT, -DIGIT, -DIGIT)]
 
 
-def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted_first_pass: torch.Tensor | None = None) -> torch.Tensor:
+def _new_counts(x: torch.Tensor) -> torch.Tensor:
+    """Zeroed int64 counts, one row of BINS per radix pass of x's dtype."""
+    return torch.zeros(len(_shifts(x.dtype)), BINS, dtype=torch.int64, device=x.device)
+
+
+def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | None = None) -> torch.Tensor:
     """τ (a 0-dim tensor, never read on the host) = the k-th smallest |x| (1-based); −inf
-    when k = 0. ``counted_first_pass``: the (passes, BINS) counts whose first row a
-    producer kernel has already filled."""
+    when k = 0. ``counted``: counts from ``_new_counts`` whose first pass a producer
+    kernel has already filled."""
     if k == 0:
         return x.new_full((), float("-inf"))
-    shifts = _shifts(x.dtype)
-    counts = counted_first_pass
-    if counts is None:
-        counts = torch.zeros(len(shifts), BINS, dtype=torch.int64, device=x.device)
+    counts = _new_counts(x) if counted is None else counted
     state = torch.tensor([0, 0, k], dtype=torch.int64, device=x.device)  # prefix, its mask, rank
     double = x.dtype == torch.float64
-    for index, shift in enumerate(shifts):
-        if index > 0 or counted_first_pass is None:
+    for index, shift in enumerate(_shifts(x.dtype)):
+        if index > 0 or counted is None:
             count_kernel[(triton.cdiv(x.numel(), BLOCK),)](
                 x, x.numel(), counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
             )
@@ -359,16 +361,15 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
     if out.numel() == 0:
         return out, out.new_full((), float("-inf"))
     stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
-    count = mode is not None and k > 0
-    counts = torch.zeros(len(_shifts(out.dtype)), BINS, dtype=torch.int64, device=out.device) if count else out
+    counted = _new_counts(out) if mode is not None and k > 0 else None  # filled by delta_kernel
     delta_kernel[_grid_2d(m, n)](
-        out, out_emb, in_emb, coeff, params, *stats, counts, _shifts(out.dtype)[0], m, n, chunks, width, eps,
-        KERNEL=kernel_id(kernel), COUNT=count, DOUBLE=out.dtype == torch.float64, BINS=BINS,
-        BM=BLOCK_M, BN=BLOCK_N,
+        out, out_emb, in_emb, coeff, params, *stats, out if counted is None else counted, _shifts(out.dtype)[0],
+        m, n, chunks, width, eps, KERNEL=kernel_id(kernel), COUNT=counted is not None,
+        DOUBLE=out.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
     )  # fmt: skip
     if mode is None:
         return out, None
-    tau = _kth_smallest_magnitude(out, k, counts if count else None)
+    tau = _kth_smallest_magnitude(out, k, counted)
     return _mask(out, out, out, tau, mode, backward=False), tau
 
 
