@@ -8,8 +8,10 @@
 // runs down each column: its max and sum come from passes over the rows first).
 //
 // Sparsification (mode 1 hard, 2 soft): τ = the k-th smallest |ΔW_raw| by radix select
-// (tensor_peft/radix_select.h), then in place hard ΔW·|ΔW|·1[|ΔW| > τ] or soft
-// ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ]. Backward recomputes the rows from the embeddings (nothing
+// (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
+// later digits among the keys of its chosen bin), or a τ given (a layer rebuilding ΔW in
+// backward), then in place hard ΔW·|ΔW|·1[|ΔW| > τ] or soft ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ]
+// (each row as it is computed when τ is given). Backward recomputes the rows from the embeddings (nothing
 // m×n is kept), applies the derivative of the sparsification with τ and |ΔW| (hard)
 // held constant, and reduces into the gradients: rows of Out per row, columns of In and
 // the kernel parameters in per-thread partials summed at the end.
@@ -162,8 +164,33 @@ void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vecto
     }
 }
 
+constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in flat loops
+
+// Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
 template <typename T>
-void raw(Problem<T>& P, T* out, std::vector<T>& column_max, std::vector<T>& column_sum) {
+inline void count_first_digits(const T* x, int64_t count, int64_t* counts) {
+    using Key = tensor_peft::radix::Key<T>;
+    for (int64_t i = 0; i < count; ++i) ++counts[tensor_peft::radix::abs_key(x[i]) >> (Key::kBits - Key::kDigit)];
+}
+
+template <typename T>
+constexpr int64_t first_digit_bins() {
+    return int64_t(1) << tensor_peft::radix::Key<T>::kDigit;
+}
+
+// out = x·mask_factor(x), in place allowed.
+template <typename T>
+TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) out[i] = x[i] * mask_factor(x[i], tau, mode, false);
+}
+
+// ΔW_raw into out, row by row; each row, while in cache, is then either counted into
+// first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
+// masked by tau (τ known).
+template <typename T>
+void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
+    std::vector<T> column_max, column_sum;
     if (P.kernel == kMixture) {
         mixture_columns(P, column_max, column_sum);
         P.column_max = column_max.data();
@@ -172,30 +199,39 @@ void raw(Problem<T>& P, T* out, std::vector<T>& column_max, std::vector<T>& colu
 #pragma omp parallel
     {
         Rows<T> rows(P.n);
+        std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < P.m; ++j) raw_row(P, j, out + j * P.n, rows);
+        for (int64_t j = 0; j < P.m; ++j) {
+            T* row = out + j * P.n;
+            raw_row(P, j, row, rows);
+            if (first_counts)
+                count_first_digits(row, P.n, counts.data());
+            else if (mode != kNone)
+                apply_mask(row, row, P.n, tau, mode);
+        }
+        if (first_counts) {
+#pragma omp critical
+            for (size_t b = 0; b < counts.size(); ++b) first_counts[b] += counts[b];
+        }
     }
 }
 
-// τ = the k-th smallest |x| (1-based) of count values; −inf when k = 0.
-template <typename T>
-T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
-    using Key = tensor_peft::radix::Key<T>;
-    using Bits = typename Key::type;
-    if (k == 0) return -std::numeric_limits<T>::infinity();
-    Bits prefix = 0, prefix_mask = 0;
-    int64_t rank = k;
-    for (int high = Key::kBits; high > 0; high -= Key::kDigit) {
-        const int width = std::min(Key::kDigit, high);
+// The radix passes after the first digit, over count keys given by key_at(i): the
+// prefix (found digits) grows until every bit is found; returns the key of rank `rank`.
+template <typename Bits, typename KeyAt>
+Bits select_rest(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask, int64_t rank, int high) {
+    constexpr int kDigit = 11;  // 2048 bins: per-thread counts stay in L1
+    for (; high > 0; high -= kDigit) {
+        const int width = std::min(kDigit, high);
         const int shift = high - width;
         const int64_t bins = int64_t(1) << width;
         std::vector<int64_t> counts(bins, 0);
-#pragma omp parallel
+#pragma omp parallel if (count > (int64_t(1) << 16))
         {
             std::vector<int64_t> local(bins, 0);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < count; ++i) {
-                const Bits key = tensor_peft::radix::abs_key(x[i]);
+                const Bits key = key_at(i);
                 if ((key & prefix_mask) == prefix) ++local[(key >> shift) & (bins - 1)];
             }
 #pragma omp critical
@@ -205,14 +241,64 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
         prefix |= Bits(bin) << shift;
         prefix_mask |= Bits(bins - 1) << shift;
     }
-    return tensor_peft::radix::from_key<T>(prefix);
+    return prefix;
 }
 
-// out = x·mask_factor(x), in place allowed.
+// τ = the k-th smallest |x| (1-based) of count values, given the counts of their first
+// digit; −inf when k = 0. The keys in the first digit's chosen bin are copied out when
+// they are few (the usual case: a bin spans 1/8 (float) or 1/32 (double) of an octave),
+// so that the later passes read only them; otherwise the passes read x.
 template <typename T>
-void apply_mask(const T* x, T* out, int64_t count, T tau, int mode) {
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < count; ++i) out[i] = x[i] * mask_factor(x[i], tau, mode, false);
+T kth_smallest_magnitude(const T* x, int64_t count, int64_t k, const int64_t* first_counts) {
+    using Key = tensor_peft::radix::Key<T>;
+    using Bits = typename Key::type;
+    if (k == 0) return -std::numeric_limits<T>::infinity();
+    const int shift = Key::kBits - Key::kDigit;
+    int64_t rank = k;
+    const int64_t bin = tensor_peft::radix::pick_bin(first_counts, first_digit_bins<T>(), rank);
+    const Bits prefix = Bits(bin) << shift, prefix_mask = Bits(first_digit_bins<T>() - 1) << shift;
+    const auto key_of_x = [x](int64_t i) { return tensor_peft::radix::abs_key(x[i]); };
+    if (first_counts[bin] > count / 16)
+        return tensor_peft::radix::from_key<T>(select_rest(key_of_x, count, prefix, prefix_mask, rank, shift));
+    std::vector<Bits> candidates;
+#pragma omp parallel
+    {
+        std::vector<Bits> local;
+#pragma omp for schedule(static) nowait
+        for (int64_t i = 0; i < count; ++i) {
+            const Bits key = key_of_x(i);
+            if ((key & prefix_mask) == prefix) local.push_back(key);
+        }
+#pragma omp critical
+        candidates.insert(candidates.end(), local.begin(), local.end());
+    }
+    const auto key_of_candidate = [&candidates](int64_t i) { return candidates[i]; };
+    return tensor_peft::radix::from_key<T>(
+        select_rest(key_of_candidate, int64_t(candidates.size()), prefix, prefix_mask, rank, shift));
+}
+
+// τ of count values by the passes above, the first digit counted here.
+template <typename T>
+T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
+    std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
+#pragma omp parallel
+    {
+        std::vector<int64_t> local(first_digit_bins<T>(), 0);
+#pragma omp for schedule(static) nowait
+        for (int64_t start = 0; start < count; start += kChunk)
+            count_first_digits(x + start, std::min(kChunk, count - start), local.data());
+#pragma omp critical
+        for (size_t b = 0; b < local.size(); ++b) first_counts[b] += local[b];
+    }
+    return kth_smallest_magnitude(x, count, k, first_counts.data());
+}
+
+// out = x·mask_factor(x) over count values, in place allowed, in parallel.
+template <typename T>
+void mask(const T* x, T* out, int64_t count, T tau, int mode) {
+#pragma omp parallel for schedule(static)
+    for (int64_t start = 0; start < count; start += kChunk)
+        apply_mask(x + start, out + start, std::min(kChunk, count - start), tau, mode);
 }
 
 // Per-thread gradient partials; sums over all m·n entries accumulate in double.
@@ -401,18 +487,22 @@ template <typename T>
 void bind(py::module_& m, const std::string& suffix) {
     m.def(("kernelized_forward_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
-             int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, int64_t k, int mode) {
+             int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, int64_t k, int mode,
+             double given_tau) {
               py::gil_scoped_release release;
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
-              std::vector<T> column_max, column_sum;
-              raw(P, ptr<T>(out), column_max, column_sum);
-              if (mode == kNone) return double(0);
-              const T tau = kth_smallest_magnitude(ptr<const T>(out), rows * n, k);
-              apply_mask(ptr<const T>(out), ptr<T>(out), rows * n, tau, mode);
+              if (mode == kNone || k == 0) {
+                  raw(P, ptr<T>(out), nullptr, mode, static_cast<T>(k == 0 ? given_tau : 0.0));
+                  return given_tau;
+              }
+              std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
+              raw(P, ptr<T>(out), first_counts.data(), mode, T(0));
+              const T tau = kth_smallest_magnitude(ptr<const T>(out), rows * n, k, first_counts.data());
+              mask(ptr<const T>(out), ptr<T>(out), rows * n, tau, mode);
               return double(tau);
           },
-          "out (m, n) = κ(Out, In) (In given as (H, p, n)); with mode 1/2, sparsified in place by the "
-          "k-th smallest magnitude, which is returned.");
+          "out (m, n) = κ(Out, In) (In given as (H, p, n)); with mode 1/2, sparsified in place by τ: "
+          "the k-th smallest magnitude for k > 0, else given_tau. Returns τ.");
     m.def(("kernelized_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
              int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, double tau, int mode,
@@ -428,7 +518,7 @@ void bind(py::module_& m, const std::string& suffix) {
           [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int mode) {
               py::gil_scoped_release release;
               const T tau = kth_smallest_magnitude(ptr<const T>(delta), count, k);
-              apply_mask(ptr<const T>(delta), ptr<T>(out), count, tau, mode);
+              mask(ptr<const T>(delta), ptr<T>(out), count, tau, mode);
               return double(tau);
           },
           "out = the sparsified delta (mode 1 hard, 2 soft); returns τ.");

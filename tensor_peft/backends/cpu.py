@@ -65,14 +65,16 @@ def matrix_exp_backward(grad, A):
     return d_A
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
-    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n)."""
+def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
+    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given, by ``tau`` or else by the
+    k-th smallest magnitude (the kernel selects when k > 0). In goes in as (H, p, n)."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
+    given = float("-inf") if tau is None else tau.item()
     tau = extension_kernel("_C", "kernelized_forward", out.dtype)(
         out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
-        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, k, mode_id(mode),
+        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0 if tau is not None else k, mode_id(mode), given,
     )  # fmt: skip
     return out, out.new_tensor(tau)
 

@@ -80,11 +80,17 @@ def _select_work(x: Tensor) -> Tensor:
     return torch.empty(size, dtype=torch.int64, device=x.device)
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
-    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n)."""
+def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
+    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n).
+    The kernel selects τ when k > 0 and otherwise masks by the τ it is given: −inf
+    (keep all) for k = 0, or ``tau``."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
-    out, tau = out_emb.new_empty(m, n), out_emb.new_full((), float("-inf"))  # τ stays −inf for k = 0
+    out = out_emb.new_empty(m, n)
+    if tau is None:
+        tau = out_emb.new_full((), float("-inf"))
+    else:
+        tau, k = tau.clone(), 0
     in_t = in_emb.transpose(1, 2).contiguous()
     columns = out_emb.new_empty(3 * n if kernel == "mixture" else 0)
     work = _select_work(out)

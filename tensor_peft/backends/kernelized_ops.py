@@ -21,8 +21,9 @@ def mode_id(mode: str | None) -> int:
 
 def kernelized_ops(compute: Callable, gradients: Callable) -> tuple[Callable, Callable, Callable, Callable]:
     """(kernelized_delta, its backward, kernelized_sparse_delta, its backward) from
-    ``compute(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None)`` → (ΔW, τ),
-    sparsified with the k-th smallest magnitude τ when ``mode`` is given, and
+    ``compute(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None)`` →
+    (ΔW, τ), sparsified when ``mode`` is given with ``tau``, or else the k-th smallest
+    magnitude τ, and
     ``gradients(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None)`` →
     [∂out_emb, ∂in_emb, ∂coeff, ∂params]."""
 
@@ -32,8 +33,8 @@ def kernelized_ops(compute: Callable, gradients: Callable) -> tuple[Callable, Ca
     def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
         return gradients(grad, out_emb, in_emb, kernel, coeff, params, eps)
 
-    def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode):
-        return list(compute(out_emb, in_emb, kernel, coeff, params, eps, k, mode))
+    def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+        return list(compute(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
 
     def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
         return gradients(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)

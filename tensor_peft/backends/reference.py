@@ -271,13 +271,18 @@ def threshold(delta: Tensor, k: int) -> Tensor:
 def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
     """[out, τ] with mask = 1[|ΔW| > τ] (ties at τ dropped) and τ⁺ = max(τ, 0):
     hard ΔW ⊙ |ΔW| ⊙ mask; soft ΔW ⊙ max(|ΔW| − τ⁺, 0) = ΔW ⊙ (|ΔW| − τ⁺) ⊙ mask."""
-    _check_choice(mode, MODES, "mode")
     tau = threshold(delta, k)
+    return [masked(delta, tau, mode), tau]
+
+
+def masked(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
+    """ΔW sparsified with the threshold τ (see ``sparsify``)."""
+    _check_choice(mode, MODES, "mode")
     magnitude = delta.abs()
     keep = magnitude > tau
     if mode == "hard":
-        return [delta * magnitude * keep, tau]
-    return [delta * (magnitude - tau.clamp_min(0)) * keep, tau]
+        return delta * magnitude * keep
+    return delta * (magnitude - tau.clamp_min(0)) * keep
 
 
 def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Tensor:
@@ -300,9 +305,14 @@ def kernelized_sparse_delta(
     params: Tensor,
     eps: float,
     mode: str,
+    tau: Tensor | None = None,
 ) -> list[Tensor]:
-    """[out, τ] = sparsify(kernelized_delta(...), k, mode)."""
-    return sparsify(kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps), k, mode)
+    """[out, τ] = sparsify(kernelized_delta(...), k, mode); with ``tau`` given, ΔW is
+    masked by it instead (k unused)."""
+    delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
+    if tau is None:
+        return sparsify(delta, k, mode)
+    return [masked(delta, tau, mode), tau]
 
 
 def kernelized_sparse_delta_backward(

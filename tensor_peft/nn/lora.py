@@ -55,7 +55,8 @@ class LowRankLayer(AdapterLayer):
         if self.is_conv and self.base_layer.groups > 1:
             return super().delta_forward(adapter, x)  # merged form
         down = self.down_projection(adapter).to(x.dtype)
-        return adapter.scale * self.pointwise(self.base_operation(x, down), adapter.lora_B.to(x.dtype))
+        hidden = adapter.scale * self.base_operation(x, down)  # scaled on r channels, not on the output's
+        return self.pointwise(hidden, adapter.lora_B.to(x.dtype))
 
 
 class LoRALayer(LowRankLayer):

@@ -11,7 +11,8 @@ layer does not start exactly equal to its base.
 Training memory is the point of the method, so the layer never keeps anything of size
 m×n for backward: ΔW comes from ``ops.kernelized_sparse_delta`` (which saves only the
 embeddings, kernel parameters and τ), and the effective weight W0 + ΔW the conv/linear
-would save is rebuilt in backward instead (``recomputed_in_backward``).
+would save is rebuilt in backward instead (``recomputed_in_backward``), from the τ of the
+forward so that no selection runs twice.
 
 SNELLA (``SNELLALayer``) is the same layer with the ``mixture`` kernel whose sparsity is
 set per layer during training by ``SparsityAllocator`` (``tensor_peft.allocator``)."""
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 from ..ops.kernelized_delta import KERNELS, default_coeff
+from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold
 from ..ops.sparsify import MODES, check_sparsity
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .lora import check_rank
@@ -92,12 +93,13 @@ class SNELLAdapter(Adapter):
             params["gamma"] = F.softplus(self.gamma_raw)  # the temperature stays positive
         return params
 
-    def delta(self, dtype: torch.dtype) -> Tensor:
-        """ΔW on the matrix view ``(m, n)``, in ``dtype``."""
+    def delta(self, dtype: torch.dtype, threshold: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(ΔW on the matrix view ``(m, n)`` in ``dtype``, its threshold τ). Given the τ of
+        an earlier call (the parameters unchanged since), the selection is skipped."""
         params = {name: value.to(dtype) for name, value in self.kernel_params().items()}
-        return ops.kernelized_sparse_delta(
+        return sparse_delta_and_threshold(
             self.snell_out.to(dtype), self.snell_in.to(dtype), self.sparsity,
-            kernel=self.kernel, mode=self.mode, **params,
+            self.kernel, self.mode, threshold, **params,
         )  # fmt: skip
 
 
@@ -170,24 +172,25 @@ class SNELLLayer(AdapterLayer):
         kernel = self.default_kernel if kernel is None else kernel
         return SNELLAdapter(self, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype)
 
-    def delta_weight(self, adapter: Adapter) -> Tensor:
-        return adapter.delta(self.compute_dtype(adapter)).reshape(self.weight.shape)
+    def delta_weight(self, adapter: Adapter, threshold: Tensor | None = None) -> Tensor:
+        return self.delta_weight_and_threshold(adapter, threshold)[0]
+
+    def delta_weight_and_threshold(self, adapter: Adapter, threshold: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        delta, tau = adapter.delta(self.compute_dtype(adapter), threshold)
+        return delta.reshape(self.weight.shape), tau
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
-        delta = self.delta_weight(adapter)
-        with recomputed_in_backward(delta, lambda: self.delta_weight(adapter)):
+        delta, tau = self.delta_weight_and_threshold(adapter)
+        with recomputed_in_backward(delta, lambda: self.delta_weight(adapter, tau)):
             return self.base_operation(x, delta)
 
     def forward(self, x: Tensor) -> Tensor:
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
-
-        def effective_weight() -> Tensor:
-            return self.merge_weight(adapter, self.weight).to(x.dtype)
-
-        weight = effective_weight()
-        with recomputed_in_backward(weight, effective_weight):
+        delta, tau = self.delta_weight_and_threshold(adapter)
+        weight = (self.weight + delta).to(x.dtype)  # merge_weight, with the τ kept for backward
+        with recomputed_in_backward(weight, lambda: (self.weight + self.delta_weight(adapter, tau)).to(x.dtype)):
             return self.base_operation(x, weight, self.bias)
 
 

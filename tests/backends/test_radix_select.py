@@ -63,18 +63,47 @@ def test_above_two_to_the_24_entries():
 FUSED = backends_with("kernelized_sparse_delta")
 
 
-@pytest.mark.parametrize("backend,device", FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
-    """kernelized_sparse_delta's τ, found while κ is computed, on a linear kernel of small
-    integers: every product is exact and most values tie."""
+def exact_linear_case(dtype, device):
+    """Embeddings of small integers for the linear kernel (every product exact, most values
+    tied), the kernel's parameters, and ΔW_raw computed here."""
     generator = torch.Generator().manual_seed(8)
     out_emb = torch.randint(-2, 3, (2, 23, 2), generator=generator).to(dtype).to(device)
     in_emb = torch.randint(-2, 3, (2, 37, 2), generator=generator).to(dtype).to(device)
     coeff, params = torch.ones(2, dtype=dtype, device=device), torch.zeros(3, dtype=dtype, device=device)
-    module = _module(backend)
     raw = out_emb.permute(1, 0, 2).reshape(23, 4) @ in_emb.permute(1, 0, 2).reshape(37, 4).T
+    return out_emb, in_emb, coeff, params, raw
+
+
+def spec_mask(raw: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
+    magnitude = raw.abs()
+    factor = magnitude if mode == "hard" else magnitude - max(tau, 0.0)
+    return torch.where(magnitude > tau, raw * factor, torch.zeros_like(raw))
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
+    """kernelized_sparse_delta's τ, found while κ is computed, against a sort."""
+    out_emb, in_emb, coeff, params, raw = exact_linear_case(dtype, device)
+    module = _module(backend)
     for k in (1, 100, raw.numel() // 2, raw.numel()):
         out, tau = module.kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
         assert tau.item() == brute_force_tau(raw.cpu(), k), k
-        assert torch.equal(out, torch.where(raw.abs() > tau, raw * raw.abs(), torch.zeros_like(raw)))
+        assert torch.equal(out, spec_mask(raw, tau.item(), "hard"))
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_fused_mask_by_a_given_threshold(backend, device, mode):
+    """Given τ, kernelized_sparse_delta masks by it and selects nothing (k is ignored):
+    a tied value, a value between two, 0 and −inf give SPEC's mask exactly, and returned
+    is the τ given."""
+    out_emb, in_emb, coeff, params, raw = exact_linear_case(torch.float32, device)
+    module = _module(backend)
+    for given in (4.0, 2.5, 0.0, -float("inf")):
+        tau = torch.tensor(given, device=device)
+        out, returned = module.kernelized_sparse_delta(
+            out_emb, in_emb, 7, "linear", coeff, params, 0.0, mode, tau
+        )  # fmt: skip
+        assert returned.item() == given
+        assert torch.equal(out, spec_mask(raw, given, mode)), given

@@ -20,18 +20,25 @@ from tensor_peft.ops.sparsify import dropped_count
 
 
 def test_effective_weight_is_rebuilt_for_backward_not_kept(monkeypatch):
-    calls = []
+    calls = []  # (threshold given, threshold returned) of each ΔW computed
     original = SNELLAdapter.delta
-    monkeypatch.setattr(SNELLAdapter, "delta", lambda self, dtype: calls.append(1) or original(self, dtype))
+
+    def recorded(self, dtype, threshold=None):
+        delta, tau = original(self, dtype, threshold)
+        calls.append((threshold, tau))
+        return delta, tau
+
+    monkeypatch.setattr(SNELLAdapter, "delta", recorded)
     layer = SNELLLayer(nn.Linear(12, 10).double(), r=4, sparsity=0.5)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0][0] is None
     gc.collect()  # nothing of the weight's size is alive besides the weight itself
     alive = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.shape == layer.weight.shape]
     assert len(alive) == 1 and alive[0] is layer.weight
     expected = torch.autograd.grad(out.sum(), [x, layer.adapters["default"].snell_in])
-    assert len(calls) == 2  # backward asked for W0 + ΔW again
+    assert len(calls) == 2  # backward asked for W0 + ΔW again, with the forward's τ
+    assert calls[1][0] is calls[0][1]
     weight = layer.merge_weight(layer.adapters["default"], layer.weight)
     reference = torch.autograd.grad(nn.functional.linear(x, weight, layer.bias).sum(),
                                     [x, layer.adapters["default"].snell_in])  # fmt: skip

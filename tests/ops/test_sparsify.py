@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tensor_peft import ops
+from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold
 from tensor_peft.ops.sparsify import dropped_count
 
 from ..naive import naive_sparsify
@@ -50,6 +51,24 @@ def test_kernelized_sparse_delta_equals_sparsify_of_kernelized_delta(mode):
         torch.autograd.grad(fused, inputs, upstream), torch.autograd.grad(composed, inputs, upstream)
     ):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture"])
+def test_given_threshold_rebuilds_the_same_delta(kernel):
+    """The τ a call returned, given back, rebuilds its ΔW bit for bit (a layer's backward
+    relies on it), and the gradients through the rebuilt ΔW are those of the original."""
+    generator = torch.Generator().manual_seed(13)
+    out_emb = torch.randn(2, 40, 3, generator=generator).requires_grad_()
+    in_emb = torch.randn(2, 30, 3, generator=generator).requires_grad_()
+    upstream = torch.randn(40, 30, generator=generator)
+    delta, tau = sparse_delta_and_threshold(out_emb, in_emb, 0.8, kernel)
+    rebuilt, returned = sparse_delta_and_threshold(out_emb, in_emb, 0.1, kernel, threshold=tau)
+    assert torch.equal(rebuilt, delta) and returned.item() == tau.item()
+    assert torch.count_nonzero(delta).item() == 40 * 30 - dropped_count(0.8, 40 * 30)
+    for got, expected in zip(
+        torch.autograd.grad(rebuilt, [out_emb, in_emb], upstream), torch.autograd.grad(delta, [out_emb, in_emb], upstream)
+    ):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_threshold_above_two_to_the_24_entries():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tensor_peft import ops
+from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold
 
 f32 = dict(dtype=torch.float32)
 core, U0, U1 = torch.randn(3, 2), torch.randn(5, 3), torch.randn(7, 2)
@@ -46,6 +47,10 @@ BAD_CALLS = [
     (lambda: ops.sparsify(W, 0.5, mode="medium"), ValueError, "mode must be one of"),
     (lambda: ops.kernelized_sparse_delta(emb_out, emb_in, -0.1), ValueError, "sparsity must be in"),
     (lambda: ops.kernelized_sparse_delta(emb_out, emb_in, 0.5, mode="x"), ValueError, "mode must be"),
+    (lambda: sparse_delta_and_threshold(emb_out, emb_in, 0.5, threshold=torch.ones(1)), ValueError,
+     "threshold must have 0 dimensions"),
+    (lambda: sparse_delta_and_threshold(emb_out, emb_in, 0.5, threshold=torch.tensor(1.0, device="meta")),
+     ValueError, "threshold is on meta"),
     # lowrank_hadamard_merge
     (lambda: ops.lowrank_hadamard_merge(W, B[:5], A, 1.0), ValueError, "B must have shape"),
     (lambda: ops.lowrank_hadamard_merge(W, B, A[:, :3], 1.0), ValueError, "A must have shape"),

@@ -353,15 +353,17 @@ def _column_stats(out_emb, in_emb, coeff, params, eps):
     return column_max, column_sum
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
-    """(ΔW, τ): κ(Out, In), sparsified in place when ``mode`` is given."""
+def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
+    """(ΔW, τ): κ(Out, In), sparsified in place when ``mode`` is given, by ``tau`` or else
+    by the k-th smallest magnitude."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out = out_emb.new_empty(m, n)
     if out.numel() == 0:
-        return out, out.new_full((), float("-inf"))
+        return out, out.new_full((), float("-inf")) if tau is None else tau
     stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
-    counted = _new_counts(out) if mode is not None and k > 0 else None  # filled by delta_kernel
+    selecting = mode is not None and tau is None and k > 0
+    counted = _new_counts(out) if selecting else None  # filled by delta_kernel
     delta_kernel[_grid_2d(m, n)](
         out, out_emb, in_emb, coeff, params, *stats, out if counted is None else counted, _shifts(out.dtype)[0],
         m, n, chunks, width, eps, KERNEL=kernel_id(kernel), COUNT=counted is not None,
@@ -369,7 +371,8 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None):
     )  # fmt: skip
     if mode is None:
         return out, None
-    tau = _kth_smallest_magnitude(out, k, counted)
+    if tau is None:
+        tau = _kth_smallest_magnitude(out, k, counted)
     return _mask(out, out, out, tau, mode, backward=False), tau
 
 
