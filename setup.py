@@ -151,9 +151,14 @@ def extensions() -> list[Extension]:
         "tensor_peft._C",
         sources=sources("cpu", ".cpp"),
         depends=headers,
-        # -fno-math-errno: nothing reads errno, and without it sqrt loops stay scalar
+        # -fno-math-errno, -fno-trapping-math: nothing reads errno or the floating-point
+        # exception flags, and without them sqrt loops and loops with selects (vector_exp's
+        # clamps, the masks) stay scalar; results are unchanged (IEEE rounding, inf and NaN)
         extra_compile_args={
-            "cxx": [*cxx, "-fopenmp", "-fno-math-errno", *march_flags, f'-DTP_MARCH="{march or "default"}"']
+            "cxx": [
+                *cxx, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *march_flags,
+                f'-DTP_MARCH="{march or "default"}"',
+            ]
         },
         extra_link_args=["-fopenmp"],
     )

@@ -16,10 +16,13 @@
 #include <vector>
 
 #include "tensor_peft/common.h"
+#include "vector_exp.h"
 
 namespace py = pybind11;
 
 namespace {
+
+using tensor_peft::cpu::vector_exp;
 
 enum Epilogue : int { kAdd = 0, kExp = 1, kTaylor1 = 2 };
 constexpr int64_t kChunk = 512;  // columns per chunk: r0 slices of R stay in L1/L2
@@ -49,7 +52,8 @@ inline __attribute__((always_inline)) void forward_row(T* out, const T* w, const
         if (epilogue == kAdd) {
             for (int64_t j = 0; j < width; ++j) o[j] = wc ? wc[j] + acc[j] : acc[j];
         } else if (epilogue == kExp) {
-            for (int64_t j = 0; j < width; ++j) o[j] = wc[j] * std::exp(acc[j]);
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) o[j] = wc[j] * vector_exp(acc[j]);
         } else {
             for (int64_t j = 0; j < width; ++j) o[j] = wc[j] * (T(1) + acc[j]);
         }
@@ -69,7 +73,8 @@ inline __attribute__((always_inline)) void backward_row(const T* g_row, const T*
             std::copy(g, g + width, d);
         } else if (epilogue == kExp) {
             delta_chunk(d, u, R, r0, n, start, width, scale);
-            for (int64_t j = 0; j < width; ++j) d[j] = g[j] * w[start + j] * std::exp(d[j]);
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) d[j] = g[j] * w[start + j] * vector_exp(d[j]);
         } else {
             for (int64_t j = 0; j < width; ++j) d[j] = g[j] * w[start + j];
         }

@@ -4,11 +4,13 @@ other backend that can run here against the reference."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tensor_peft import backends
+from tensor_peft import backends, ops
 
 from ..conftest import DEVICES
 from .cases import BLOCK_CASES, CASES, Case
@@ -156,3 +158,23 @@ def test_backend_matches_reference(case: Case, backend: str, device: str, dtype)
             error = (got_t.double() - exact_t).abs().max().item()
             reference_error = (expected_t.double() - exact_t).abs().max().item()
             assert error <= 2 * reference_error + 1e-6 * exact_t.abs().max().item(), (error, reference_error)
+
+
+@pytest.mark.parametrize("backend,device", [*_other_backends(), ("reference", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_hadamard_merge_over_the_whole_range_of_exp(backend: str, device: str, dtype):
+    """W0 ⊙ exp(ΔW) with ΔW = B·A exact (B = 1, rank 1) across exp's whole range, from
+    underflow to 0 through subnormal results to overflow to inf: within 1 ulp-ish of
+    torch.exp, and 0 and inf exactly where torch.exp gives them."""
+    if "lowrank_hadamard_merge" not in backends.implemented_ops(backend):
+        pytest.skip(f"backend {backend!r} has no lowrank_hadamard_merge kernel yet")
+    info = torch.finfo(dtype)
+    low, high = math.log(info.tiny * info.eps) - 2, math.log(info.max) + 2
+    A = torch.linspace(low, high, 997, dtype=dtype, device=device).reshape(1, -1)
+    weight, B = torch.ones(3, 997, dtype=dtype, device=device), torch.ones(3, 1, dtype=dtype, device=device)
+    with backends.use(backend):
+        merged = ops.lowrank_hadamard_merge(weight, B, A, 1.0, exp="exact")
+    expected = torch.exp(A).expand(3, -1)
+    assert torch.equal(merged == 0, expected == 0) and torch.equal(merged.isinf(), expected.isinf())
+    finite = (expected != 0) & expected.isfinite() & (expected >= info.tiny)  # normal results
+    torch.testing.assert_close(merged[finite], expected[finite], rtol=4 * info.eps, atol=0)
