@@ -130,7 +130,7 @@ def test_vit_mlp_blocks_training_step(benchmark, device, variant):
     peak = measure_in_fresh_process(variant, device)
     model, x = build(variant, device)
     benchmark.group = f"12 ViT-B MLP blocks, training step ({device})"
-    run(benchmark, lambda: training_step(model, x), device, rounds=3, baseline=variant == "lora",
+    run(benchmark, lambda: training_step(model, x), device, rounds=5, baseline=variant == "lora",
         peak_mib=round(peak, 1))  # fmt: skip
 
 
