@@ -166,6 +166,31 @@ void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vecto
 
 constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in flat loops
 
+#ifdef _OPENMP
+inline int thread_number() { return omp_get_thread_num(); }
+inline int thread_count() { return omp_get_num_threads(); }
+inline int max_thread_count() { return omp_get_max_threads(); }
+#else
+inline int thread_number() { return 0; }
+inline int thread_count() { return 1; }
+inline int max_thread_count() { return 1; }
+#endif
+
+// This thread's share [begin, end) of `count` items, in thread order.
+inline void share(int64_t count, int64_t& begin, int64_t& end) {
+    begin = count * thread_number() / thread_count();
+    end = count * (thread_number() + 1) / thread_count();
+}
+
+// Mixture's column statistics into P, held by the vectors given, unless P has them.
+template <typename T>
+void with_column_statistics(Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum) {
+    if (P.kernel != kMixture || P.column_max != nullptr) return;
+    mixture_columns(P, column_max, column_sum);
+    P.column_max = column_max.data();
+    P.column_sum = column_sum.data();
+}
+
 // Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
 template <typename T>
 inline void count_first_digits(const T* x, int64_t count, int64_t* counts) {
@@ -191,11 +216,7 @@ TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode
 template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     std::vector<T> column_max, column_sum;
-    if (P.kernel == kMixture) {
-        mixture_columns(P, column_max, column_sum);
-        P.column_max = column_max.data();
-        P.column_sum = column_sum.data();
-    }
+    with_column_statistics(P, column_max, column_sum);
 #pragma omp parallel
     {
         Rows<T> rows(P.n);
@@ -390,35 +411,184 @@ TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d
     }
 }
 
-// The whole backward. grad is ∂L/∂(output); with mode ≠ kNone the output was sparsified
+// D = ∂L/∂ΔW_raw (the upstream Γ times the sparsification's derivative) of the entries the
+// mask keeps, row by row: columns[row_start[j] .. row_start[j + 1]) ascending, with values.
+template <typename T>
+struct SparseRows {
+    std::vector<int64_t> row_start;
+    std::vector<int32_t> columns;
+    std::vector<T> values;
+};
+
+// dst (cols, rows) = src (rows, cols)ᵀ by 32×32 blocks, with the given row strides.
+template <typename T>
+void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+    constexpr int64_t kBlock = 32;
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+        for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+            for (int64_t c = c0; c < std::min(c0 + kBlock, cols); ++c)
+                for (int64_t r = r0; r < std::min(r0 + kBlock, rows); ++r)
+                    dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
+// values[e] += Σ_t g[t]·x_e[t] over `width` tokens for row j's kept entries e from `e` on
+// while their column is below `stop`, x_e the row (columns[e] − first_column) of `tile`
+// (rows `width` apart); returns the first entry not done. Four entries at a time share the
+// loads of g and keep four sums in flight.
+template <typename T>
+TP_CPU_CLONES int64_t accumulate_row(const T* g, const T* tile, int64_t first_column, int64_t width,
+                                     const int32_t* columns, T* values, int64_t e, int64_t end, int64_t stop) {
+    int64_t last = e;
+    while (last < end && columns[last] < stop) ++last;
+    for (; e + 4 <= last; e += 4) {
+        const T* x0 = tile + (columns[e] - first_column) * width;
+        const T* x1 = tile + (columns[e + 1] - first_column) * width;
+        const T* x2 = tile + (columns[e + 2] - first_column) * width;
+        const T* x3 = tile + (columns[e + 3] - first_column) * width;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t t = 0; t < width; ++t) {
+            s0 += g[t] * x0[t];
+            s1 += g[t] * x1[t];
+            s2 += g[t] * x2[t];
+            s3 += g[t] * x3[t];
+        }
+        values[e] += s0;
+        values[e + 1] += s1;
+        values[e + 2] += s2;
+        values[e + 3] += s3;
+    }
+    for (; e < last; ++e) {
+        const T* x = tile + (columns[e] - first_column) * width;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < width; ++t) sum += g[t] * x[t];
+        values[e] += sum;
+    }
+    return last;
+}
+
+// For a linear layer y = x·(W0 + ΔW)ᵀ: D from Γ = grad_outᵀ·input (grad_out (tokens, m),
+// input (tokens, n)) computed only where the mask (|ΔW_raw| > τ) keeps an entry, each as a
+// dot product over the tokens: the dense product's work times the kept fraction.
+template <typename T>
+SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* input, int64_t tokens, T tau,
+                               int mode) {
+    const int64_t m = P.m, n = P.n;
+    SparseRows<T> D;
+    std::vector<T> factors;
+    {  // the kept entries of each row and the sparsification's derivative there
+        std::vector<std::vector<int32_t>> thread_columns(max_thread_count());
+        std::vector<std::vector<T>> thread_factors(max_thread_count());
+        std::vector<int64_t> row_count(m);
+#pragma omp parallel
+        {
+            int64_t first_row, end_row;
+            share(m, first_row, end_row);
+            std::vector<int32_t>& columns = thread_columns[thread_number()];
+            std::vector<T>& kept_factors = thread_factors[thread_number()];
+            Rows<T> rows(n);
+            std::vector<T> K(n);
+            for (int64_t j = first_row; j < end_row; ++j) {
+                raw_row(P, j, K.data(), rows);
+                const size_t before = columns.size();
+                for (int64_t i = 0; i < n; ++i) {
+                    const T factor = mask_factor(K[i], tau, mode, true);
+                    if (factor == T(0)) continue;
+                    columns.push_back(static_cast<int32_t>(i));
+                    kept_factors.push_back(factor);
+                }
+                row_count[j] = static_cast<int64_t>(columns.size() - before);
+            }
+        }
+        D.row_start.assign(m + 1, 0);  // threads hold runs of consecutive rows, in thread order
+        for (int64_t j = 0; j < m; ++j) D.row_start[j + 1] = D.row_start[j] + row_count[j];
+        for (size_t t = 0; t < thread_columns.size(); ++t) {
+            D.columns.insert(D.columns.end(), thread_columns[t].begin(), thread_columns[t].end());
+            factors.insert(factors.end(), thread_factors[t].begin(), thread_factors[t].end());
+        }
+    }
+    D.values.assign(D.columns.size(), T(0));
+    // Per tile of tokens, each thread transposes its rows' slice of grad_out, then per block
+    // of columns that slice of input (256 KB in float: it stays in L2 while every row's kept
+    // entries in the block are summed). Nothing transposed goes back to memory whole.
+    constexpr int64_t kTokens = 256, kColumns = 256;
+#pragma omp parallel
+    {
+        int64_t first_row, end_row;
+        share(m, first_row, end_row);
+        std::vector<T> grad_tile((end_row - first_row) * kTokens), input_tile(kColumns * kTokens);
+        std::vector<int64_t> cursor(end_row - first_row);
+        for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
+            const int64_t width = std::min(kTokens, tokens - t0);
+            transpose(grad_out + t0 * m + first_row, m, width, end_row - first_row, grad_tile.data(), width);
+            for (int64_t j = first_row; j < end_row; ++j) cursor[j - first_row] = D.row_start[j];
+            for (int64_t c0 = 0; c0 < n; c0 += kColumns) {
+                const int64_t columns = std::min(kColumns, n - c0);
+                transpose(input + t0 * n + c0, n, width, columns, input_tile.data(), width);
+                for (int64_t j = first_row; j < end_row; ++j) {
+                    int64_t& e = cursor[j - first_row];
+                    e = accumulate_row(grad_tile.data() + (j - first_row) * width, input_tile.data(), c0, width,
+                                       D.columns.data(), D.values.data(), e, D.row_start[j + 1], c0 + columns);
+                }
+            }
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < static_cast<int64_t>(D.values.size()); ++e) D.values[e] *= factors[e];
+    return D;
+}
+
+// Γ dense (m, n), or the kept entries' D of a linear layer (sampled_upstream).
+template <typename T>
+struct Upstream {
+    const T* grad;
+    const SparseRows<T>* sparse;
+};
+
+// D = row j of ∂L/∂ΔW_raw; from dense Γ with mode ≠ kNone, K is the raw row.
+template <typename T>
+inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K, T tau, int mode, T* D) {
+    if (up.sparse != nullptr) {
+        std::fill(D, D + n, T(0));
+        const SparseRows<T>& rows = *up.sparse;
+        for (int64_t e = rows.row_start[j]; e < rows.row_start[j + 1]; ++e) D[rows.columns[e]] = rows.values[e];
+        return;
+    }
+    const T* g = up.grad + j * n;
+    for (int64_t i = 0; i < n; ++i) D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
+}
+
+// The whole backward from ∂L/∂(output) (`up`); with mode ≠ kNone the output was sparsified
 // with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3).
 template <typename T>
-void backward(Problem<T>& P, const T* grad, T tau, int mode, T* d_out_emb, T* d_in_t, T* d_coeff, T* d_params) {
+void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_emb, T* d_in_t, T* d_coeff,
+              T* d_params) {
     const int64_t n = P.n;
-    std::vector<T> column_max, column_sum, column_dot(n, T(0));
+    const bool need_raw = mode != kNone && up.sparse == nullptr;  // for the mask of dense Γ
+    std::vector<T> column_max_storage, column_sum_storage, column_dot(n, T(0));
     double total_alpha = 0, total_beta = 0;
+    with_column_statistics(P, column_max_storage, column_sum_storage);
+    const T* column_max = P.column_max;
+    const T* column_sum = P.column_sum;
     if (P.kernel == kMixture) {
-        mixture_columns(P, column_max, column_sum);
-        P.column_max = column_max.data();
-        P.column_sum = column_sum.data();
         // c_i = Σ_j D_ji S_ji with D = ∂L/∂K (after the sparsification's derivative)
 #pragma omp parallel
         {
             Rows<T> rows(n);
             std::vector<double> local(n, 0.0);
             double local_alpha = 0, local_beta = 0;
+            std::vector<T> D(n), K(n);
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < P.m; ++j) {
-                T* K = rows.piecewise.data();
-                raw_row(P, j, K, rows);
+                if (need_raw) raw_row(P, j, K.data(), rows);
+                upstream_row(up, j, n, K.data(), tau, mode, D.data());
                 piecewise_row(P, j, rows.scratch.data(), rows.distance.data());
-                const T* g = grad + j * n;
                 for (int64_t i = 0; i < n; ++i) {
-                    const T D = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
                     const T S = std::exp(rows.scratch[i] / P.gamma - column_max[i]) / column_sum[i];
-                    local[i] += D * S;
-                    local_alpha += D * S;
-                    local_beta += D;
+                    local[i] += D[i] * S;
+                    local_alpha += D[i] * S;
+                    local_beta += D[i];
                 }
             }
 #pragma omp critical
@@ -439,10 +609,8 @@ void backward(Problem<T>& P, const T* grad, T tau, int mode, T* d_out_emb, T* d_
         std::vector<T> D(n), K(n);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < P.m; ++j) {
-            const T* g = grad + j * n;
-            if (mode != kNone) raw_row(P, j, K.data(), rows);
-            for (int64_t i = 0; i < n; ++i)
-                D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
+            if (need_raw) raw_row(P, j, K.data(), rows);
+            upstream_row(up, j, n, K.data(), tau, mode, D.data());
             if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
                 T* piecewise = rows.piecewise.data();
                 piecewise_row(P, j, piecewise, rows.distance.data());
@@ -509,11 +677,27 @@ void bind(py::module_& m, const std::string& suffix) {
              std::uintptr_t d_out_emb, std::uintptr_t d_in_t, std::uintptr_t d_coeff, std::uintptr_t d_params) {
               py::gil_scoped_release release;
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
-              backward(P, ptr<const T>(grad), static_cast<T>(tau), mode, ptr<T>(d_out_emb), ptr<T>(d_in_t),
-                       ptr<T>(d_coeff), ptr<T>(d_params));
+              backward(P, Upstream<T>{ptr<const T>(grad), nullptr}, static_cast<T>(tau), mode, ptr<T>(d_out_emb),
+                       ptr<T>(d_in_t), ptr<T>(d_coeff), ptr<T>(d_params));
           },
           "Gradients of the embeddings (In as (H, p, n)) and kernel parameters from ∂L/∂out, the rows "
           "recomputed; mode 1/2 with the τ of the forward.");
+    m.def(("kernelized_linear_backward_" + suffix).c_str(),
+          [](std::uintptr_t grad_out, std::uintptr_t input, int64_t tokens, std::uintptr_t out_emb, std::uintptr_t in_t,
+             int64_t rows, int64_t n, int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff,
+             std::uintptr_t params, double eps, double tau, int mode, std::uintptr_t d_out_emb, std::uintptr_t d_in_t,
+             std::uintptr_t d_coeff, std::uintptr_t d_params) {
+              py::gil_scoped_release release;
+              Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
+              const T t = static_cast<T>(tau);
+              std::vector<T> column_max, column_sum;
+              with_column_statistics(P, column_max, column_sum);  // the mask needs ΔW_raw's rows
+              const SparseRows<T> D = sampled_upstream(P, ptr<const T>(grad_out), ptr<const T>(input), tokens, t, mode);
+              backward(P, Upstream<T>{nullptr, &D}, t, mode, ptr<T>(d_out_emb), ptr<T>(d_in_t), ptr<T>(d_coeff),
+                       ptr<T>(d_params));
+          },
+          "As kernelized_backward (mode 1/2) for ΔW in a linear layer, from grad_out (tokens, m) and input "
+          "(tokens, n): ∂L/∂out = grad_outᵀ·input is computed only where the mask keeps an entry.");
     m.def(("sparsify_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int mode) {
               py::gil_scoped_release release;

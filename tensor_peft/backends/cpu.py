@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernelized_ops import kernel_id, kernelized_ops, mode_id
+from .kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import hadamard_ops, tucker_ops
 
@@ -96,6 +96,28 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
 kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
     kernelized_ops(_kernelized, _kernelized_grads)
 )
+
+# Above this kept fraction Γ is formed whole by the matrix product instead: measured here
+# (768×3072, 1576 tokens), sampling took 0.8× the dense path's time at 10% kept, 1.2× at 25%.
+_SAMPLED_BELOW = 0.15
+_dense_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
+
+
+def kernelized_sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+    """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry."""
+    if 1 - sparsity > _SAMPLED_BELOW:
+        return _dense_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode)
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
+    d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
+    in_t = in_emb.transpose(1, 2).contiguous()
+    extension_kernel("_C", "kernelized_linear_backward", grad_out.dtype)(
+        grad_out.data_ptr(), input.data_ptr(), grad_out.shape[0], out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks,
+        width, kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, tau.item(), mode_id(mode),
+        d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
+    )  # fmt: skip
+    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
 def sparsify(delta, k, mode):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernelized_ops import kernel_id, kernelized_ops, mode_id
+from .kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import hadamard_ops, tucker_ops
 
@@ -124,6 +124,7 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
 kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
     kernelized_ops(_kernelized, _kernelized_grads)
 )
+kernelized_sparse_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
 
 
 def sparsify(delta, k, mode):

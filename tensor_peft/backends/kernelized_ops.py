@@ -1,6 +1,7 @@
 """What the native backends share for SNELL's kernelized ops: the numbers their kernels
-take for a kernel function and a sparsification mode, and the four op functions made
-from a backend's two launchers (``kernelized_ops``)."""
+take for a kernel function and a sparsification mode, the four op functions made from a
+backend's two launchers (``kernelized_ops``), and the linear layer's backward by a dense
+Γ (``dense_linear_backward``)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def kernelized_ops(compute: Callable, gradients: Callable) -> tuple[Callable, Ca
         return gradients(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
     return kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward
+
+
+def dense_linear_backward(sparse_delta_backward: Callable) -> Callable:
+    """``kernelized_sparse_linear_backward`` from a backend's ``kernelized_sparse_delta_backward``
+    with Γ = grad_outᵀ·input formed whole by a matrix product: on a GPU the product runs on
+    the tensor cores, faster than gathering the kept entries."""
+
+    def kernelized_sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+        return sparse_delta_backward(grad_out.t() @ input, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+
+    return kernelized_sparse_linear_backward

@@ -333,6 +333,25 @@ def kernelized_sparse_delta_backward(
     return kernelized_delta_backward(d_delta, out_emb, in_emb, kernel, coeff, params, eps)
 
 
+def kernelized_sparse_linear_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    out_emb: Tensor,
+    in_emb: Tensor,
+    sparsity: float,
+    tau: Tensor,
+    kernel: str,
+    coeff: Tensor,
+    params: Tensor,
+    eps: float,
+    mode: str,
+) -> list[Tensor]:
+    """The gradients for ΔW inside a linear layer y = x·(W0 + ΔW)ᵀ, from grad_out (tokens,
+    m) and input (tokens, n): ∂L/∂ΔW = grad_outᵀ·input, then as above."""
+    grad = grad_out.t() @ input
+    return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+
+
 # --------------------------------------------------------------------------- LieRA merge
 
 EXPS = ("exact", "taylor1")

@@ -31,7 +31,7 @@ OPS = (
     "matrix_exp", "matrix_exp_backward",
     "kernelized_delta", "kernelized_delta_backward",
     "sparsify", "sparsify_backward",
-    "kernelized_sparse_delta", "kernelized_sparse_delta_backward",
+    "kernelized_sparse_delta", "kernelized_sparse_delta_backward", "kernelized_sparse_linear_backward",
     "lowrank_hadamard_merge", "lowrank_hadamard_merge_backward",
 )  # fmt: skip
 

@@ -10,9 +10,10 @@ layer does not start exactly equal to its base.
 
 Training memory is the point of the method, so the layer never keeps anything of size
 m×n for backward: ΔW comes from ``ops.kernelized_sparse_delta`` (which saves only the
-embeddings, kernel parameters and τ), and the effective weight W0 + ΔW the conv/linear
-would save is rebuilt in backward instead (``recomputed_in_backward``), from the τ of the
-forward so that no selection runs twice.
+embeddings, kernel parameters and τ). A Linear runs as one op (``sparse_linear``) whose
+backward rebuilds W0 + ΔW from τ and takes ∂L/∂ΔW only where the mask keeps entries; a
+conv rebuilds the effective weight W0 + ΔW it would save in backward instead
+(``recomputed_in_backward``), from the τ of the forward so that no selection runs twice.
 
 SNELLA (``SNELLALayer``) is the same layer with the ``mixture`` kernel whose sparsity is
 set per layer during training by ``SparsityAllocator`` (``tensor_peft.allocator``)."""
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.kernelized_delta import KERNELS, default_coeff
-from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold
+from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
 from ..ops.sparsify import MODES, check_sparsity
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .lora import check_rank
@@ -93,14 +94,16 @@ class SNELLAdapter(Adapter):
             params["gamma"] = F.softplus(self.gamma_raw)  # the temperature stays positive
         return params
 
+    def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The embeddings and the kernel's parameters in ``dtype``."""
+        params = {name: value.to(dtype) for name, value in self.kernel_params().items()}
+        return self.snell_out.to(dtype), self.snell_in.to(dtype), params
+
     def delta(self, dtype: torch.dtype, threshold: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(ΔW on the matrix view ``(m, n)`` in ``dtype``, its threshold τ). Given the τ of
         an earlier call (the parameters unchanged since), the selection is skipped."""
-        params = {name: value.to(dtype) for name, value in self.kernel_params().items()}
-        return sparse_delta_and_threshold(
-            self.snell_out.to(dtype), self.snell_in.to(dtype), self.sparsity,
-            self.kernel, self.mode, threshold, **params,
-        )  # fmt: skip
+        out_emb, in_emb, params = self.kernel_inputs(dtype)
+        return sparse_delta_and_threshold(out_emb, in_emb, self.sparsity, self.kernel, self.mode, threshold, **params)
 
 
 @contextlib.contextmanager
@@ -188,6 +191,11 @@ class SNELLLayer(AdapterLayer):
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
+        if not self.is_conv and not self.weight.requires_grad:
+            out_emb, in_emb, params = adapter.kernel_inputs(self.compute_dtype(adapter))
+            return sparse_linear(
+                x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity, adapter.kernel, adapter.mode, **params
+            )  # fmt: skip
         delta, tau = self.delta_weight_and_threshold(adapter)
         weight = (self.weight + delta).to(x.dtype)  # merge_weight, with the τ kept for backward
         with recomputed_in_backward(weight, lambda: (self.weight + self.delta_weight(adapter, tau)).to(x.dtype)):

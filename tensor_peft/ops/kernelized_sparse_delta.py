@@ -11,6 +11,7 @@ cost of κ alone."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import check_choice, check_same_device, check_tensor, compute_dtype, prepare, run
@@ -129,3 +130,131 @@ def sparse_delta_and_threshold(
         prepare(coeff, dtype), prepare(params, dtype), eps, mode, threshold,
     )  # fmt: skip
     return out.to(out_emb.dtype), tau
+
+
+# --------------------------------------------------------------------------- in a linear layer
+
+
+@torch.library.custom_op(
+    "tensor_peft::kernelized_sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _kernelized_sparse_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_emb: Tensor,
+    in_emb: Tensor,
+    sparsity: float,
+    kernel: str,
+    coeff: Tensor,
+    params: Tensor,
+    eps: float,
+    mode: str,
+) -> tuple[Tensor, Tensor]:
+    dropped = dropped_count(sparsity, weight.numel())
+    delta, tau = run(
+        "kernelized_sparse_delta", out_emb.device,
+        out_emb, in_emb, dropped, kernel, coeff, params, eps, mode, None,
+    )  # fmt: skip
+    return F.linear(input, (weight + delta).to(input.dtype), bias), tau
+
+
+@_kernelized_sparse_linear.register_fake
+def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode):
+    return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
+
+
+@torch.library.custom_op(
+    "tensor_peft::kernelized_sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _kernelized_sparse_linear_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    out_emb: Tensor,
+    in_emb: Tensor,
+    sparsity: float,
+    tau: Tensor,
+    kernel: str,
+    coeff: Tensor,
+    params: Tensor,
+    eps: float,
+    mode: str,
+) -> list[Tensor]:
+    return run(
+        "kernelized_sparse_linear_backward", out_emb.device,
+        grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
+    )  # fmt: skip
+
+
+@_kernelized_sparse_linear_backward.register_fake
+def _(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+    return fake_kernel_grads(out_emb, in_emb, coeff, params)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode = inputs
+    _, tau = output
+    ctx.mark_non_differentiable(tau)
+    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau)
+    ctx.sparsity, ctx.kernel, ctx.eps, ctx.mode = sparsity, kernel, eps, mode
+
+
+def _linear_backward(ctx, grad, grad_tau):
+    input, weight, out_emb, in_emb, coeff, params, tau = ctx.saved_tensors
+    grad_input = grad_bias = d_out = d_in = d_coeff = d_params = None
+    if ctx.needs_input_grad[0]:  # through W0 + ΔW, rebuilt from τ
+        delta, _ = _kernelized_sparse_delta(
+            out_emb, in_emb, ctx.sparsity, ctx.kernel, coeff, params, ctx.eps, ctx.mode, tau
+        )  # fmt: skip
+        grad_input = grad @ (weight + delta).to(grad.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    if any(ctx.needs_input_grad[3:]):
+
+        def tokens(tensor: Tensor) -> Tensor:  # (tokens, features) in the kernel's dtype
+            return tensor.reshape(-1, tensor.shape[-1]).to(out_emb.dtype).contiguous()
+
+        d_out, d_in, d_coeff, d_params = _kernelized_sparse_linear_backward(
+            tokens(grad), tokens(input), out_emb, in_emb, ctx.sparsity, tau, ctx.kernel, coeff, params, ctx.eps,
+            ctx.mode,
+        )  # fmt: skip
+    return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None
+
+
+_kernelized_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def sparse_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_emb: Tensor,
+    in_emb: Tensor,
+    sparsity: float,
+    kernel: str = "piecewise_linear",
+    mode: str = "hard",
+    **kernel_params,
+) -> Tensor:
+    """``F.linear(input, weight + kernelized_sparse_delta(out_emb, in_emb, ...), bias)`` for a
+    frozen ``weight`` (m, n), keeping neither W0 + ΔW nor anything m×n for backward: ΔW is
+    rebuilt from τ for ∂L/∂input, and the embeddings' gradients need Γ = ∂L/∂ΔW only where
+    the mask keeps an entry (the cpu backend computes it only there)."""
+    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
+    sparsity = check_sparsity(sparsity)
+    mode = check_choice(mode, "mode", MODES)
+    input = check_tensor(input, "input", min_ndim=1)
+    weight = check_tensor(weight, "weight", ndim=2)
+    if weight.requires_grad:
+        raise ValueError("weight requires grad: sparse_linear trains only the adapter (freeze the base weight)")
+    shape = (out_emb.shape[1], in_emb.shape[1])
+    if tuple(weight.shape) != shape or input.shape[-1] != shape[1]:
+        raise ValueError(
+            f"weight must have the shape {shape} of the embeddings' rows and input's last dimension {shape[1]}; "
+            f"got weight {tuple(weight.shape)} and input {tuple(input.shape)}"
+        )
+    dtype = compute_dtype(out_emb, in_emb, coeff, params)
+    output, _ = _kernelized_sparse_linear(
+        input, weight, bias, prepare(out_emb, dtype), prepare(in_emb, dtype), sparsity, kernel,
+        prepare(coeff, dtype), prepare(params, dtype), eps, mode,
+    )  # fmt: skip
+    return output

@@ -1,5 +1,5 @@
-"""SNELL / SNELLA beyond the shared layer conformance: the effective weight is rebuilt
-for backward instead of kept, the sparsity survives dtype casts and save/load, and the
+"""SNELL / SNELLA beyond the shared layer conformance: nothing of the weight's size is
+kept for backward, the sparsity survives dtype casts and save/load, and the
 SNELLA allocator: SPEC's budget schedule and split on worked examples, its importance
 statistics against the formulas, and an exact resume from saved state."""
 
@@ -19,8 +19,12 @@ from tensor_peft.nn.snell import SNELLAdapter
 from tensor_peft.ops.sparsify import dropped_count
 
 
-def test_effective_weight_is_rebuilt_for_backward_not_kept(monkeypatch):
-    calls = []  # (threshold given, threshold returned) of each ΔW computed
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_nothing_of_the_weights_size_is_kept_for_backward(monkeypatch, kind):
+    """A Linear runs as one op (sparse_linear) that rebuilds W0 + ΔW in backward by itself;
+    a conv rebuilds its effective weight in backward from the forward's τ (no second
+    selection). Either way the gradients are those through the merged weight."""
+    calls = []  # (threshold given, threshold returned) of each ΔW the adapter computes
     original = SNELLAdapter.delta
 
     def recorded(self, dtype, threshold=None):
@@ -29,21 +33,25 @@ def test_effective_weight_is_rebuilt_for_backward_not_kept(monkeypatch):
         return delta, tau
 
     monkeypatch.setattr(SNELLAdapter, "delta", recorded)
-    layer = SNELLLayer(nn.Linear(12, 10).double(), r=4, sparsity=0.5)
-    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    base, input_shape = (nn.Linear(12, 10), (3, 2, 12)) if kind == "linear" else (nn.Conv1d(4, 10, 3), (3, 4, 9))
+    layer = SNELLLayer(base.double(), r=4, sparsity=0.5)
+    adapter = layer.adapters["default"]
+    x = torch.randn(*input_shape, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    assert len(calls) == 1 and calls[0][0] is None
     gc.collect()  # nothing of the weight's size is alive besides the weight itself
-    alive = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.shape == layer.weight.shape]
+    shapes = {layer.weight.shape, torch.Size([10, layer.weight[0].numel()])}
+    alive = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.shape in shapes]
     assert len(alive) == 1 and alive[0] is layer.weight
-    expected = torch.autograd.grad(out.sum(), [x, layer.adapters["default"].snell_in])
-    assert len(calls) == 2  # backward asked for W0 + ΔW again, with the forward's τ
-    assert calls[1][0] is calls[0][1]
-    weight = layer.merge_weight(layer.adapters["default"], layer.weight)
-    reference = torch.autograd.grad(nn.functional.linear(x, weight, layer.bias).sum(),
-                                    [x, layer.adapters["default"].snell_in])  # fmt: skip
-    for got, want in zip(expected, reference):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    inputs = [x, adapter.snell_out, adapter.snell_in]
+    got = torch.autograd.grad(out.square().sum(), inputs)
+    if layer.is_conv:
+        assert len(calls) == 2 and calls[0][0] is None and calls[1][0] is calls[0][1]
+    else:
+        assert calls == []
+    weight = layer.merge_weight(adapter, layer.weight)
+    expected = torch.autograd.grad(layer.base_operation(x, weight, layer.bias).square().sum(), inputs)
+    for got_t, want in zip(got, expected):
+        torch.testing.assert_close(got_t, want, rtol=1e-12, atol=1e-14)
 
 
 def test_sparsity_is_exact_after_a_dtype_cast_and_a_save_load(tmp_path):

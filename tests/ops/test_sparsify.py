@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensor_peft import ops
-from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold
+from tensor_peft import backends, ops
+from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
 from tensor_peft.ops.sparsify import dropped_count
 
+from ..conftest import backends_with
 from ..naive import naive_sparsify
 
 
@@ -69,6 +70,38 @@ def test_given_threshold_rebuilds_the_same_delta(kernel):
         torch.autograd.grad(rebuilt, [out_emb, in_emb], upstream), torch.autograd.grad(delta, [out_emb, in_emb], upstream)
     ):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+LINEAR_BACKENDS = backends_with("kernelized_sparse_linear_backward")
+
+
+@pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
+@pytest.mark.parametrize("kernel,mode", [("piecewise_linear", "hard"), ("mixture", "soft"), ("rbf", "hard")])
+@pytest.mark.parametrize("sparsity", [0.9, 0.3])  # the cpu kernel samples Γ at 0.9, forms it whole at 0.3
+def test_sparse_linear_equals_linear_of_the_merged_weight(backend, device, kernel, mode, sparsity):
+    """sparse_linear, forward and every gradient, against F.linear with W0 + ΔW by the
+    reference backend (Γ formed whole)."""
+    generator = torch.Generator().manual_seed(14)
+
+    def randn(*shape, grad=True):
+        tensor = torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
+        return tensor.requires_grad_(grad)
+
+    x, weight, bias = randn(2, 7, 30), randn(40, 30, grad=False), randn(40)
+    out_emb, in_emb, alpha = randn(2, 40, 3), randn(2, 30, 3), torch.tensor(0.6, dtype=torch.float64, device=device)
+    params = {"alpha": alpha.requires_grad_()} if kernel != "piecewise_linear" else {}
+    inputs = [x, bias, out_emb, in_emb, *params.values()]
+    upstream = torch.randn(2, 7, 40, generator=generator, dtype=torch.float64).to(device)
+    with backends.use(backend):
+        got = sparse_linear(x, weight, bias, out_emb, in_emb, sparsity, kernel, mode, **params)
+        got_grads = torch.autograd.grad(got, inputs, upstream)
+    with backends.use("reference"):
+        delta = ops.kernelized_sparse_delta(out_emb, in_emb, sparsity, kernel, mode, **params)
+        expected = torch.nn.functional.linear(x, weight + delta, bias)
+        expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got_t, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
 
 
 def test_threshold_above_two_to_the_24_entries():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tensor_peft import ops
-from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold
+from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
 
 f32 = dict(dtype=torch.float32)
 core, U0, U1 = torch.randn(3, 2), torch.randn(5, 3), torch.randn(7, 2)
@@ -49,6 +49,11 @@ BAD_CALLS = [
     (lambda: ops.kernelized_sparse_delta(emb_out, emb_in, 0.5, mode="x"), ValueError, "mode must be"),
     (lambda: sparse_delta_and_threshold(emb_out, emb_in, 0.5, threshold=torch.ones(1)), ValueError,
      "threshold must have 0 dimensions"),
+    (lambda: sparse_linear(torch.randn(3, emb_in.shape[1]), torch.randn(emb_out.shape[1], emb_in.shape[1],
+                                                                      requires_grad=True), None, emb_out, emb_in, 0.5),
+     ValueError, "weight requires grad"),
+    (lambda: sparse_linear(torch.randn(3, 2), torch.randn(emb_out.shape[1], emb_in.shape[1]), None, emb_out, emb_in,
+                           0.5), ValueError, "weight must have the shape"),
     (lambda: sparse_delta_and_threshold(emb_out, emb_in, 0.5, threshold=torch.tensor(1.0, device="meta")),
      ValueError, "threshold is on meta"),
     # lowrank_hadamard_merge

@@ -30,6 +30,7 @@ _KERNEL_MODULES = {
     "matrix_exp": "expm", "matrix_exp_backward": "expm",
     "kernelized_delta": "kernelized", "kernelized_delta_backward": "kernelized",
     "kernelized_sparse_delta": "kernelized", "kernelized_sparse_delta_backward": "kernelized",
+    "kernelized_sparse_linear_backward": "kernelized",
     "sparsify": "kernelized", "sparsify_backward": "kernelized",
 }  # fmt: skip
 

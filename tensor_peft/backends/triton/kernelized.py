@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernelized_ops import kernel_id, kernelized_ops, mode_id
+from ..kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
 from ..reference import KERNELS
 
 BLOCK_M, BLOCK_N = 32, 32
@@ -405,6 +405,7 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
 kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
     kernelized_ops(_kernelized, _kernelized_grads)
 )
+kernelized_sparse_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
 
 
 def sparsify(delta, k, mode):
