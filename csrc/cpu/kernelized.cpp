@@ -11,10 +11,12 @@
 // (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
 // later digits among the keys of its chosen bin), or a τ given (a layer rebuilding ΔW in
 // backward), then in place hard ΔW·|ΔW|·1[|ΔW| > τ] or soft ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ]
-// (each row as it is computed when τ is given). Backward recomputes the rows from the embeddings (nothing
-// m×n is kept), applies the derivative of the sparsification with τ and |ΔW| (hard)
-// held constant, and reduces into the gradients: rows of Out per row, columns of In and
-// the kernel parameters in per-thread partials summed at the end.
+// (each row as it is computed when τ is given). Backward recomputes the rows from the
+// embeddings (nothing m×n is kept), applies the derivative of the sparsification with τ
+// and |ΔW| (hard) held constant, and reduces into the gradients: rows of Out per row,
+// columns of In and the kernel parameters in per-thread partials summed at the end. For
+// ΔW inside a linear layer, ∂L/∂ΔW = grad_outᵀ·input is computed only at the kept entries
+// (sampled_upstream).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
