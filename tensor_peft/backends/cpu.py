@@ -79,18 +79,24 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
     return out, out.new_tensor(tau)
 
 
-def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
+    """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
+    ``upstream`` arguments (its pointers and sizes) first. In goes in as (H, p, n)."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
     d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
     in_t = in_emb.transpose(1, 2).contiguous()
-    extension_kernel("_C", "kernelized_backward", grad.dtype)(
-        grad.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
+    extension_kernel("_C", name, out_emb.dtype)(
+        *upstream, out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
         kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0.0 if tau is None else tau.item(), mode_id(mode),
         d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
+
+
+def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+    return _gradients("kernelized_backward", [grad.data_ptr()], out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
@@ -104,20 +110,12 @@ _dense_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
 
 
 def kernelized_sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
-    """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry."""
+    """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry (formed
+    whole when more than _SAMPLED_BELOW of the entries are kept)."""
     if 1 - sparsity > _SAMPLED_BELOW:
         return _dense_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode)
-    chunks, m, width = out_emb.shape
-    n = in_emb.shape[1]
-    d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
-    d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
-    in_t = in_emb.transpose(1, 2).contiguous()
-    extension_kernel("_C", "kernelized_linear_backward", grad_out.dtype)(
-        grad_out.data_ptr(), input.data_ptr(), grad_out.shape[0], out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks,
-        width, kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, tau.item(), mode_id(mode),
-        d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
-    )  # fmt: skip
-    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
+    upstream = [grad_out.data_ptr(), input.data_ptr(), grad_out.shape[0]]
+    return _gradients("kernelized_linear_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 def sparsify(delta, k, mode):
