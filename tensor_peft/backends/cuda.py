@@ -90,7 +90,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
     if tau is None:
         tau = out_emb.new_full((), float("-inf"))
     else:
-        tau, k = tau.clone(), 0
+        k = 0  # read, not written
     in_t = in_emb.transpose(1, 2).contiguous()
     columns = out_emb.new_empty(3 * n if kernel == "mixture" else 0)
     work = _select_work(out)

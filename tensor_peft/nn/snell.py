@@ -196,9 +196,13 @@ class SNELLLayer(AdapterLayer):
             return sparse_linear(
                 x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity, adapter.kernel, adapter.mode, **params
             )  # fmt: skip
+
+        def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward
+            return (self.weight + delta).to(x.dtype)
+
         delta, tau = self.delta_weight_and_threshold(adapter)
-        weight = (self.weight + delta).to(x.dtype)  # merge_weight, with the τ kept for backward
-        with recomputed_in_backward(weight, lambda: (self.weight + self.delta_weight(adapter, tau)).to(x.dtype)):
+        weight = effective_weight(delta)
+        with recomputed_in_backward(weight, lambda: effective_weight(self.delta_weight(adapter, tau))):
             return self.base_operation(x, weight, self.bias)
 
 

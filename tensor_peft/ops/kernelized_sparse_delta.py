@@ -115,21 +115,27 @@ def sparse_delta_and_threshold(
     """(``kernelized_sparse_delta(...)``, its threshold τ, a 0-dim tensor that stays on the
     device). Given ``threshold`` (the τ of an earlier call on the same inputs), ΔW is
     masked by it and nothing is selected: the same ΔW for the cost of κ alone."""
-    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(
-        out_emb, in_emb, kernel, kernel_params
+    (computed_out, computed_in, coeff, params), kernel, eps, sparsity, mode = _checked(
+        out_emb, in_emb, sparsity, kernel, mode, kernel_params
     )
-    sparsity = check_sparsity(sparsity)
-    mode = check_choice(mode, "mode", MODES)
-    dtype = compute_dtype(out_emb, in_emb, coeff, params)
     if threshold is not None:
         threshold = check_tensor(threshold, "threshold", ndim=0)
         check_same_device({"out_emb": out_emb, "threshold": threshold})
-        threshold = threshold.detach().to(dtype)
+        threshold = threshold.detach().to(computed_out.dtype)
     out, tau = _kernelized_sparse_delta(
-        prepare(out_emb, dtype), prepare(in_emb, dtype), sparsity, kernel,
-        prepare(coeff, dtype), prepare(params, dtype), eps, mode, threshold,
+        computed_out, computed_in, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip
     return out.to(out_emb.dtype), tau
+
+
+def _checked(out_emb, in_emb, sparsity, kernel, mode, kernel_params) -> tuple[list[Tensor], str, float, float, str]:
+    """The arguments checked: ([out_emb, in_emb, coeff, params] contiguous in their compute
+    dtype, kernel, eps, sparsity, mode)."""
+    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
+    sparsity = check_sparsity(sparsity)
+    mode = check_choice(mode, "mode", MODES)
+    dtype = compute_dtype(out_emb, in_emb, coeff, params)
+    return [prepare(tensor, dtype) for tensor in (out_emb, in_emb, coeff, params)], kernel, eps, sparsity, mode
 
 
 # --------------------------------------------------------------------------- in a linear layer
@@ -239,9 +245,9 @@ def sparse_linear(
     frozen ``weight`` (m, n), keeping neither W0 + ΔW nor anything m×n for backward: ΔW is
     rebuilt from τ for ∂L/∂input, and the embeddings' gradients need Γ = ∂L/∂ΔW only where
     the mask keeps an entry (the cpu backend computes it only there)."""
-    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
-    sparsity = check_sparsity(sparsity)
-    mode = check_choice(mode, "mode", MODES)
+    (out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode = _checked(
+        out_emb, in_emb, sparsity, kernel, mode, kernel_params
+    )
     input = check_tensor(input, "input", min_ndim=1)
     weight = check_tensor(weight, "weight", ndim=2)
     if weight.requires_grad:
@@ -252,9 +258,7 @@ def sparse_linear(
             f"weight must have the shape {shape} of the embeddings' rows and input's last dimension {shape[1]}; "
             f"got weight {tuple(weight.shape)} and input {tuple(input.shape)}"
         )
-    dtype = compute_dtype(out_emb, in_emb, coeff, params)
     output, _ = _kernelized_sparse_linear(
-        input, weight, bias, prepare(out_emb, dtype), prepare(in_emb, dtype), sparsity, kernel,
-        prepare(coeff, dtype), prepare(params, dtype), eps, mode,
+        input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode
     )  # fmt: skip
     return output
