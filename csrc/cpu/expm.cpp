@@ -13,14 +13,14 @@
 
 #include "tensor_peft/common.h"
 #include "tensor_peft/expm.h"
+#include "tensor_peft/threads.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 
 namespace {
+
+using tensor_peft::cpu::share;
 
 // Each thread runs its share of the batch through one call of these range functions,
 // compiled once per instruction set (TP_CPU_CLONES) and per small size N (N = 0: any n).
@@ -75,17 +75,6 @@ struct Backward {
         backward_range<N, S>(grad, A, dA, begin, end, n, work, pivots);
     }
 };
-
-// This thread's static share [begin, end) of `batch` items.
-void share(int64_t batch, int64_t& begin, int64_t& end) {
-#ifdef _OPENMP
-    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-#else
-    const int64_t threads = 1, thread = 0;
-#endif
-    begin = batch * thread / threads;
-    end = batch * (thread + 1) / threads;
-}
 
 template <typename S>
 void forward(const S* A, S* out, int64_t batch, int n) {

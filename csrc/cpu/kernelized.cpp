@@ -29,16 +29,15 @@
 #include "tensor_peft/common.h"
 #include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
+#include "tensor_peft/threads.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 
 namespace {
 
 using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
+using tensor_peft::cpu::max_thread_count, tensor_peft::cpu::share, tensor_peft::cpu::thread_number;
 
 template <typename T>
 struct Problem {
@@ -167,22 +166,6 @@ void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vecto
 }
 
 constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in flat loops
-
-#ifdef _OPENMP
-inline int thread_number() { return omp_get_thread_num(); }
-inline int thread_count() { return omp_get_num_threads(); }
-inline int max_thread_count() { return omp_get_max_threads(); }
-#else
-inline int thread_number() { return 0; }
-inline int thread_count() { return 1; }
-inline int max_thread_count() { return 1; }
-#endif
-
-// This thread's share [begin, end) of `count` items, in thread order.
-inline void share(int64_t count, int64_t& begin, int64_t& end) {
-    begin = count * thread_number() / thread_count();
-    end = count * (thread_number() + 1) / thread_count();
-}
 
 // Mixture's column statistics into P, held by the vectors given, unless P has them.
 template <typename T>

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "tensor_peft/common.h"
-#include "vector_exp.h"
+#include "tensor_peft/vector_exp.h"
 
 namespace py = pybind11;
 

@@ -3,9 +3,7 @@
 // own .cpp files beside this one and are registered from PYBIND11_MODULE below.
 #include <pybind11/pybind11.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "tensor_peft/threads.h"
 
 #ifndef TP_MARCH
 #define TP_MARCH "default"
@@ -34,20 +32,13 @@ py::dict build_info() {
     return info;
 }
 
-int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "tensor_peft CPU kernels (C++17/OpenMP, raw pointers, no torch headers)";
     m.def("build_info", &build_info, "How this extension was compiled.");
-    m.def("max_threads", &max_threads, "OpenMP threads a parallel region gets.");
+    m.def("max_threads", &tensor_peft::cpu::max_thread_count, "OpenMP threads a parallel region gets.");
     register_lowrank(m);
     register_expm(m);
     register_kernelized(m);

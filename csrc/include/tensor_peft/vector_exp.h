@@ -1,6 +1,7 @@
-// exp(x) in plain arithmetic that the compiler vectorizes inside `omp simd` loops (with
-// -fno-trapping-math, for the selects; a call to std::exp keeps a loop scalar unless
-// -ffast-math lets glibc's vector exp in, which we do not want for the rest of the code).
+// CPU only: exp(x) in plain arithmetic that the compiler vectorizes inside `omp simd`
+// loops (with -fno-trapping-math, for the selects; a call to std::exp keeps a loop scalar
+// unless -ffast-math lets glibc's vector exp in, which we do not want for the rest of the
+// code).
 // Within 1 ulp of std::exp (checked against it by tests/ops through the LieRA ops).
 //
 // exp(x) = 2^k · exp(r) with k = round(x·log2 e) and r = x − k·ln 2 (ln 2 split in a high
