@@ -6,13 +6,15 @@
 //             result scaled back (exact): a large gradient costs no extra squarings.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <vector>
+#include <type_traits>
 
 #include "tensor_peft/common.h"
 #include "tensor_peft/expm.h"
+#include "tensor_peft/lanes.h"
 #include "tensor_peft/threads.h"
 
 
@@ -20,59 +22,104 @@ namespace py = pybind11;
 
 namespace {
 
+using tensor_peft::cpu::aligned_buffer;
 using tensor_peft::cpu::share;
+using tensor_peft::expm::exp_and_frechet;
+using tensor_peft::expm::Lanes;
+using tensor_peft::expm::workspace_size;
 
-// Each thread runs its share of the batch through one call of these range functions,
-// compiled once per instruction set (TP_CPU_CLONES) and per small size N (N = 0: any n).
+// How a thread holds the values of its matrices: for a compile-time size N, SIMD vectors
+// with one matrix per lane; for a run-time size, the data type S, one matrix at a time.
 template <int N, typename S>
-TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, S* work, int* pivots) {
+using Value = std::conditional_t<(N > 0), tensor_peft::cpu::Vector<S>, S>;
+
+// Each thread runs its share of the batch, Lanes<V>::count matrices at a time, through
+// one call of these range functions, compiled once per instruction set (TP_CPU_CLONES)
+// and per small size N (N = 0: any n). Lanes past the end of the share hold zeros.
+template <int N, typename S, typename V = Value<N, S>>
+TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, V* work,
+                                 typename Lanes<V>::Index* pivots) {
+    using Lane = Lanes<V>;
     const int64_t nn = static_cast<int64_t>(n) * n;
-    for (int64_t b = begin; b < end; ++b)
-        tensor_peft::expm::exp_and_frechet<S, S, N>(A + b * nn, nullptr, out + b * nn, nullptr, n, work, pivots);
+    V* X = work + workspace_size(n);
+    V* exp_X = X + nn;
+    for (int64_t b = begin; b < end; b += Lane::count) {
+        const int64_t lanes = std::min<int64_t>(Lane::count, end - b);
+        for (int64_t e = 0; e < nn; ++e) {
+            V value = V{};
+            for (int l = 0; l < lanes; ++l) Lane::set_lane(value, l, A[(b + l) * nn + e]);
+            X[e] = value;
+        }
+        exp_and_frechet<V, N>(X, nullptr, exp_X, nullptr, n, work, pivots);
+        for (int64_t e = 0; e < nn; ++e) {
+            const V value = exp_X[e];
+            for (int l = 0; l < lanes; ++l) out[(b + l) * nn + e] = Lane::lane(value, l);
+        }
+    }
 }
 
-template <int N, typename S>
-TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, S* work,
-                                  int* pivots) {
+template <int N, typename S, typename V = Value<N, S>>
+TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, V* work,
+                                  typename Lanes<V>::Index* pivots) {
+    using Lane = Lanes<V>;
     const int64_t nn = static_cast<int64_t>(n) * n;
-    S* X = work + tensor_peft::expm::workspace_size(n);  // Aᵀ
-    S* E = X + nn;                                        // c·Γ
-    S* exp_X = E + nn;
-    for (int64_t b = begin; b < end; ++b) {
-        const S* g = grad + b * nn;
-        const S* a = A + b * nn;
-        double norm = 0;
-        for (int j = 0; j < n; ++j) {
-            double column = 0;
-            for (int i = 0; i < n; ++i) column += std::fabs(static_cast<double>(g[i * n + j]));
-            norm = column > norm || column != column ? column : norm;
-        }
-        const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;
-        const S down = std::ldexp(S(1), -shift), up = std::ldexp(S(1), shift);  // powers of two: exact
-        for (int i = 0; i < n; ++i)
-            for (int j = 0; j < n; ++j) {
-                X[i * n + j] = a[j * n + i];
-                E[i * n + j] = down * g[i * n + j];
+    V* X = work + workspace_size(n);  // Aᵀ
+    V* E = X + nn;                    // c·Γ
+    V* exp_X = E + nn;
+    V* d = exp_X + nn;
+    for (int64_t b = begin; b < end; b += Lane::count) {
+        const int64_t lanes = std::min<int64_t>(Lane::count, end - b);
+        V up = Lane::broadcast(S(1));
+        for (int l = 0; l < Lane::count; ++l) {
+            if (l >= lanes) {
+                for (int64_t e = 0; e < nn; ++e) {
+                    Lane::set_lane(X[e], l, S(0));
+                    Lane::set_lane(E[e], l, S(0));
+                }
+                continue;
             }
-        S* d = dA + b * nn;
-        tensor_peft::expm::exp_and_frechet<S, S, N>(X, E, exp_X, d, n, work, pivots);
-        for (int64_t i = 0; i < nn; ++i) d[i] *= up;
+            const S* g = grad + (b + l) * nn;
+            const S* a = A + (b + l) * nn;
+            double norm = 0;
+            for (int j = 0; j < n; ++j) {
+                double column = 0;
+                for (int i = 0; i < n; ++i) column += std::fabs(static_cast<double>(g[i * n + j]));
+                norm = column > norm || column != column ? column : norm;
+            }
+            const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;
+            const S down = std::ldexp(S(1), -shift);  // powers of two: exact
+            Lane::set_lane(up, l, std::ldexp(S(1), shift));
+            for (int i = 0; i < n; ++i)
+                for (int j = 0; j < n; ++j) {
+                    Lane::set_lane(X[i * n + j], l, a[j * n + i]);
+                    Lane::set_lane(E[i * n + j], l, down * g[i * n + j]);
+                }
+        }
+        exp_and_frechet<V, N>(X, E, exp_X, d, n, work, pivots);
+        for (int l = 0; l < lanes; ++l)
+            for (int64_t e = 0; e < nn; ++e) dA[(b + l) * nn + e] = Lane::lane(d[e] * up, l);
     }
 }
 
 template <int N>
 struct Forward {
     template <typename S>
-    static void run(const S* A, S* out, int64_t begin, int64_t end, int n, S* work, int* pivots) {
-        forward_range<N, S>(A, out, begin, end, n, work, pivots);
+    static void run(const S* A, S* out, int64_t begin, int64_t end, int n) {
+        using V = Value<N, S>;
+        const auto work = aligned_buffer<V>(workspace_size(n) + 2 * n * n);
+        const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
+        forward_range<N, S>(A, out, begin, end, n, work.get(), pivots.get());
     }
 };
 
 template <int N>
 struct Backward {
     template <typename S>
-    static void run(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n, S* work, int* pivots) {
-        backward_range<N, S>(grad, A, dA, begin, end, n, work, pivots);
+    static void run(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n) {
+        using V = Value<N, S>;
+        const auto work = aligned_buffer<V>(workspace_size(n) + 4 * n * n);
+        const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
+        backward_range<N, S>(grad, A, dA, begin, end, n, work.get(), pivots.get());
     }
 };
 
@@ -80,24 +127,19 @@ template <typename S>
 void forward(const S* A, S* out, int64_t batch, int n) {
 #pragma omp parallel
     {
-        std::vector<S> work(tensor_peft::expm::workspace_size(n));
-        std::vector<int> pivots(n);
         int64_t begin, end;
         share(batch, begin, end);
-        tensor_peft::expm::with_size<Forward>(n, A, out, begin, end, n, work.data(), pivots.data());
+        tensor_peft::expm::with_size<Forward>(n, A, out, begin, end, n);
     }
 }
 
 template <typename S>
 void backward(const S* grad, const S* A, S* dA, int64_t batch, int n) {
-    const int64_t nn = static_cast<int64_t>(n) * n;
 #pragma omp parallel
     {
-        std::vector<S> work(tensor_peft::expm::workspace_size(n) + 3 * nn);
-        std::vector<int> pivots(n);
         int64_t begin, end;
         share(batch, begin, end);
-        tensor_peft::expm::with_size<Backward>(n, grad, A, dA, begin, end, n, work.data(), pivots.data());
+        tensor_peft::expm::with_size<Backward>(n, grad, A, dA, begin, end, n);
     }
 }
 

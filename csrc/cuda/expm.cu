@@ -16,8 +16,10 @@ __global__ void forward_kernel(const T* A, T* out, int64_t batch, int n, T* work
     const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (b >= batch) return;
     const int64_t nn = static_cast<int64_t>(n) * n;
-    expm::exp_and_frechet<T, T, N>(A + b * nn, nullptr, out + b * nn, nullptr, n,
-                                   work + b * expm::workspace_size(n), pivots + b * n);
+    T* scratch = work + b * (expm::workspace_size(n) + nn);
+    T* X = scratch + expm::workspace_size(n);  // A, scaled in place
+    for (int64_t i = 0; i < nn; ++i) X[i] = A[b * nn + i];
+    expm::exp_and_frechet<T, N>(X, nullptr, out + b * nn, nullptr, n, scratch, pivots + b * n);
 }
 
 template <typename T, int N>
@@ -45,7 +47,7 @@ __global__ void backward_kernel(const T* grad, const T* A, T* dA, int64_t batch,
             E[i * n + j] = down * g[i * n + j];
         }
     T* d = dA + b * nn;
-    expm::exp_and_frechet<T, T, N>(X, E, exp_X, d, n, scratch, pivots + b * n);
+    expm::exp_and_frechet<T, N>(X, E, exp_X, d, n, scratch, pivots + b * n);
     for (int64_t i = 0; i < nn; ++i) d[i] *= up;
 }
 

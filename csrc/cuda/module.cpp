@@ -52,14 +52,14 @@ void bind_expm(py::module_& m, const std::string& suffix) {
               tensor_peft::cuda::matrix_exp_forward<T>(ptr<const T>(A), ptr<T>(out), batch, n, ptr<T>(work),
                                                        ptr<int>(pivots), stream);
           },
-          "out[b] = exp(A[b]); work: batch·20n² values, pivots: batch·n int32.");
+          "out[b] = exp(A[b]); work: batch·19n² values, pivots: batch·n int32.");
     m.def(("matrix_exp_backward_" + suffix).c_str(),
           [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work,
              std::uintptr_t pivots, std::uintptr_t stream) {
               tensor_peft::cuda::matrix_exp_backward<T>(ptr<const T>(grad), ptr<const T>(A), ptr<T>(d_A), batch, n,
                                                         ptr<T>(work), ptr<int>(pivots), stream);
           },
-          "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·23n² values, pivots: batch·n int32.");
+          "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·21n² values, pivots: batch·n int32.");
 }
 
 template <typename T>

@@ -53,10 +53,11 @@ lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_forward,
 
 def _expm_launch(name, A, *pointers, extra_per_matrix):
     """Runs ``matrix_exp[_backward]`` over A's matrices with a workspace of
-    20n² (+ ``extra_per_matrix``) values and n pivots per matrix."""
+    18n² (the kernel's ``workspace_size``) + ``extra_per_matrix`` values and n pivots per
+    matrix."""
     n = A.shape[-1]
     batch = A.numel() // (n * n) if n else 0
-    work = A.new_empty(batch * (20 * n * n + extra_per_matrix))
+    work = A.new_empty(batch * (18 * n * n + extra_per_matrix))
     pivots = torch.empty(batch * n, dtype=torch.int32, device=A.device)
     with torch.cuda.device(A.device):
         extension_kernel("_cuda", name, A.dtype)(*pointers, batch, n, work.data_ptr(), pivots.data_ptr(), _stream(A))
@@ -64,7 +65,8 @@ def _expm_launch(name, A, *pointers, extra_per_matrix):
 
 def matrix_exp(A: Tensor) -> Tensor:
     out = torch.empty_like(A)
-    _expm_launch("matrix_exp", A, out.data_ptr(), A.data_ptr(), extra_per_matrix=0)
+    n = A.shape[-1]
+    _expm_launch("matrix_exp", A, out.data_ptr(), A.data_ptr(), extra_per_matrix=n * n)
     return out
 
 

@@ -6,12 +6,15 @@
 // compiler may keep values in registers and vectorize (nvcc and g++ both accept it).
 #define TP_RESTRICT __restrict__
 
+// TP_UNROLL: unroll the next loop fully when its length is known at compile time.
 #if defined(__CUDACC__)
 #define TP_HD __host__ __device__
 #define TP_INLINE __host__ __device__ __forceinline__
+#define TP_UNROLL _Pragma("unroll")
 #else
 #define TP_HD
 #define TP_INLINE inline
+#define TP_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 // CPU hot loops are compiled once per instruction set and picked when the module loads

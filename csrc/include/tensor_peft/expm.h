@@ -47,8 +47,32 @@ TP_INLINE void pade_coefficients(int m, double* b) {
     for (int j = 0; j <= m; ++j) b[j] = source[j];
 }
 
-// Doubles of workspace `exp_and_frechet` needs for an n×n matrix (plus n ints of pivots).
-TP_INLINE int64_t workspace_size(int64_t n) { return 20 * n * n; }
+// How the math below holds its values. One matrix per call (a CUDA thread; large n on the
+// CPU): V is float or double. One matrix per SIMD lane (small n on the CPU, see
+// tensor_peft/lanes.h): V is a vector whose lane l holds that entry of the l-th matrix, so
+// every operation below runs on all of them at once. The few steps that differ between
+// lanes (a pivot, the number of squarings) go through `select` on a lane mask.
+template <typename V>
+struct Lanes {
+    using Scalar = V;
+    using Mask = bool;
+    using Index = int;  // a row number in each lane
+    static constexpr int count = 1;
+    TP_INLINE static V magnitude(V x) { return fabs(x); }
+    template <typename U>
+    TP_INLINE static U select(Mask mask, U if_true, U if_false) {
+        return mask ? if_true : if_false;
+    }
+    TP_INLINE static bool any(Mask mask) { return mask; }
+    TP_INLINE static bool all(Mask mask) { return mask; }
+    TP_INLINE static V broadcast(Scalar x) { return x; }
+    TP_INLINE static Index index(int i) { return i; }
+    TP_INLINE static Scalar lane(V x, int) { return x; }
+    TP_INLINE static void set_lane(V& x, int, Scalar value) { x = value; }
+};
+
+// Values V of workspace `exp_and_frechet` needs for an n×n matrix (plus n Index pivots).
+TP_INLINE int64_t workspace_size(int64_t n) { return 18 * n * n; }
 
 // Every function takes the size n at run time or, for speed on small matrices, as the
 // template argument N (N = 0: use n): loops of a compile-time length unroll and vectorize.
@@ -60,20 +84,29 @@ TP_INLINE int size(int n) {
 // Row operations below work on `row`: with a compile-time size N it is a local array the
 // compiler keeps in registers (loaded and stored once), with N = 0 the matrix row itself.
 
+// row[j] += a·b[j] for j < n: one SIMD loop over j for one matrix, an unrolled loop of
+// lane vectors (already SIMD) otherwise.
+template <typename V, int N>
+TP_INLINE void add_scaled(V* TP_RESTRICT row, V a, const V* TP_RESTRICT b, int n_) {
+    const int n = size<N>(n_);
+    if constexpr (Lanes<V>::count > 1) {
+        TP_UNROLL
+        for (int j = 0; j < n; ++j) row[j] += a * b[j];
+    } else {
+#pragma omp simd
+        for (int j = 0; j < n; ++j) row[j] += a * b[j];
+    }
+}
+
 // C = A·B (n×n, row-major; C must not alias A or B).
-template <typename T, int N>
-TP_INLINE void matmul(const T* TP_RESTRICT A, const T* TP_RESTRICT B, T* TP_RESTRICT C, int n_) {
+template <typename V, int N>
+TP_INLINE void matmul(const V* TP_RESTRICT A, const V* TP_RESTRICT B, V* TP_RESTRICT C, int n_) {
     const int n = size<N>(n_);
     for (int i = 0; i < n; ++i) {
-        T local[N > 0 ? N : 1];
-        T* row = N > 0 ? local : C + i * n;
-        for (int j = 0; j < n; ++j) row[j] = T(0);
-        for (int k = 0; k < n; ++k) {
-            const T a = A[i * n + k];
-            const T* b = B + k * n;
-#pragma omp simd
-            for (int j = 0; j < n; ++j) row[j] += a * b[j];
-        }
+        V local[N > 0 ? N : 1];
+        V* row = N > 0 ? local : C + i * n;
+        for (int j = 0; j < n; ++j) row[j] = V{};
+        for (int k = 0; k < n; ++k) add_scaled<V, N>(row, A[i * n + k], B + k * n, n);
         if (N > 0)
             for (int j = 0; j < n; ++j) C[i * n + j] = row[j];
     }
@@ -81,175 +114,205 @@ TP_INLINE void matmul(const T* TP_RESTRICT A, const T* TP_RESTRICT B, T* TP_REST
 
 // The block product [[A, dA], [0, A]]·[[B, dB], [0, B]] = [[A·B, A·dB + dA·B], [0, A·B]];
 // `scratch` holds n² values. Without the derivative (dA null) only C = A·B.
-template <typename T, int N>
-TP_INLINE void block_matmul(const T* A, const T* dA, const T* B, const T* dB, T* C, T* dC, T* scratch, int n_) {
+template <typename V, int N>
+TP_INLINE void block_matmul(const V* A, const V* dA, const V* B, const V* dB, V* C, V* dC, V* scratch, int n_) {
     const int n = size<N>(n_);
-    matmul<T, N>(A, B, C, n);
+    matmul<V, N>(A, B, C, n);
     if (!dA) return;
-    matmul<T, N>(A, dB, dC, n);
-    matmul<T, N>(dA, B, scratch, n);
+    matmul<V, N>(A, dB, dC, n);
+    matmul<V, N>(dA, B, scratch, n);
     for (int i = 0; i < n * n; ++i) dC[i] += scratch[i];
 }
 
 // out = Σ_k c[k]·M_k over the given powers (M_0 = I when `identity` is nonzero).
-template <typename T, int N>
-TP_INLINE void combine(T* out, int n_, T identity, const T* const* powers, const double* coefficients, int count) {
+template <typename V, int N>
+TP_INLINE void combine(V* out, int n_, double identity, const V* const* powers, const double* coefficients,
+                       int count) {
+    using Scalar = typename Lanes<V>::Scalar;
     const int n = size<N>(n_);
-    for (int i = 0; i < n * n; ++i) out[i] = T(0);
-    if (identity != T(0))
-        for (int i = 0; i < n; ++i) out[i * n + i] = identity;
-    for (int p = 0; p < count; ++p)
-        for (int i = 0; i < n * n; ++i) out[i] += T(coefficients[p]) * powers[p][i];
+    Scalar c[4];
+    for (int p = 0; p < count; ++p) c[p] = Scalar(coefficients[p]);
+    for (int i = 0; i < n * n; ++i) {
+        V sum = V{};
+        for (int p = 0; p < count; ++p) sum += c[p] * powers[p][i];
+        out[i] = sum;
+    }
+    if (identity != 0)
+        for (int i = 0; i < n; ++i) out[i * n + i] += Lanes<V>::broadcast(Scalar(identity));
+}
+
+// Swaps rows k and pivots[k] of B (n columns from `first`) in each lane where they differ.
+template <typename V, int N>
+TP_INLINE void swap_rows(V* B, int k, typename Lanes<V>::Index pivot, int first, int n_) {
+    using Lane = Lanes<V>;
+    const int n = size<N>(n_);
+    if (!Lane::any(pivot != Lane::index(k))) return;  // the usual case
+    for (int i = k + 1; i < n; ++i) {
+        const auto here = Lane::index(i) == pivot;
+        if (!Lane::any(here)) continue;
+        for (int j = first; j < n; ++j) {
+            const V upper = B[k * n + j], lower = B[i * n + j];
+            B[k * n + j] = Lane::select(here, lower, upper);
+            B[i * n + j] = Lane::select(here, upper, lower);
+        }
+    }
 }
 
 // B := Q⁻¹·B (all n columns) with the LU factors of Q in place and its row swaps.
-template <typename T, int N>
-TP_INLINE void lu_substitute(const T* Q, const int* pivots, T* B, int n_) {
+template <typename V, int N>
+TP_INLINE void lu_substitute(const V* Q, const typename Lanes<V>::Index* pivots, V* B, int n_) {
     const int n = size<N>(n_);
-    for (int k = 0; k < n; ++k)
-        if (pivots[k] != k)
-            for (int j = 0; j < n; ++j) {
-                const T t = B[k * n + j];
-                B[k * n + j] = B[pivots[k] * n + j];
-                B[pivots[k] * n + j] = t;
-            }
+    for (int k = 0; k < n; ++k) swap_rows<V, N>(B, k, pivots[k], 0, n);
     for (int i = 0; i < n; ++i) {  // forward substitution with the unit lower factor
-        T local[N > 0 ? N : 1];
-        T* row = N > 0 ? local : B + i * n;
+        V local[N > 0 ? N : 1];
+        V* row = N > 0 ? local : B + i * n;
         if (N > 0)
             for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
-        for (int k = 0; k < i; ++k) {
-            const T l = Q[i * n + k];
-            const T* b = B + k * n;
-#pragma omp simd
-            for (int j = 0; j < n; ++j) row[j] -= l * b[j];
-        }
+        for (int k = 0; k < i; ++k) add_scaled<V, N>(row, -Q[i * n + k], B + k * n, n);
         if (N > 0)
             for (int j = 0; j < n; ++j) B[i * n + j] = row[j];
     }
     for (int i = n - 1; i >= 0; --i) {  // back substitution with the upper factor
-        T local[N > 0 ? N : 1];
-        T* row = N > 0 ? local : B + i * n;
+        V local[N > 0 ? N : 1];
+        V* row = N > 0 ? local : B + i * n;
         if (N > 0)
             for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
-        for (int k = i + 1; k < n; ++k) {
-            const T u = Q[i * n + k];
-            const T* b = B + k * n;
-#pragma omp simd
-            for (int j = 0; j < n; ++j) row[j] -= u * b[j];
-        }
-        const T d = Q[i * n + i];
+        for (int k = i + 1; k < n; ++k) add_scaled<V, N>(row, -Q[i * n + k], B + k * n, n);
+        const V d = Q[i * n + i];
         for (int j = 0; j < n; ++j) B[i * n + j] = row[j] / d;
     }
 }
 
 // Solves Q·R = P and Q·dR = dP − dQ·R for R, dR by LU with partial pivoting of Q
 // (overwritten); P becomes R and dP becomes dR. dP may be null (no derivative).
-template <typename T, int N>
-TP_INLINE void solve(T* Q, T* P, T* dQ, T* dP, T* scratch, int* pivots, int n_) {
+template <typename V, int N>
+TP_INLINE void solve(V* Q, V* P, V* dQ, V* dP, V* scratch, typename Lanes<V>::Index* pivots, int n_) {
+    using Lane = Lanes<V>;
     const int n = size<N>(n_);
     for (int k = 0; k < n; ++k) {
-        int pivot = k;
-        for (int i = k + 1; i < n; ++i)
-            if (fabs(Q[i * n + k]) > fabs(Q[pivot * n + k])) pivot = i;
-        pivots[k] = pivot;
-        if (pivot != k)
-            for (int j = 0; j < n; ++j) {
-                const T t = Q[k * n + j];
-                Q[k * n + j] = Q[pivot * n + j];
-                Q[pivot * n + j] = t;
-            }
+        V largest = Lane::magnitude(Q[k * n + k]);
+        typename Lane::Index pivot = Lane::index(k);
         for (int i = k + 1; i < n; ++i) {
-            const T factor = Q[i * n + k] / Q[k * n + k];
+            const V candidate = Lane::magnitude(Q[i * n + k]);
+            const auto larger = candidate > largest;
+            largest = Lane::select(larger, candidate, largest);
+            pivot = Lane::select(larger, Lane::index(i), pivot);
+        }
+        pivots[k] = pivot;
+        swap_rows<V, N>(Q, k, pivot, 0, n);
+        const V diagonal = Q[k * n + k];
+        for (int i = k + 1; i < n; ++i) {
+            const V factor = Q[i * n + k] / diagonal;
             Q[i * n + k] = factor;
             for (int j = k + 1; j < n; ++j) Q[i * n + j] -= factor * Q[k * n + j];
         }
     }
-    lu_substitute<T, N>(Q, pivots, P, n);
+    lu_substitute<V, N>(Q, pivots, P, n);
     if (!dP) return;
-    matmul<T, N>(dQ, P, scratch, n);
+    matmul<V, N>(dQ, P, scratch, n);
     for (int i = 0; i < n * n; ++i) dP[i] -= scratch[i];
-    lu_substitute<T, N>(Q, pivots, dP, n);
+    lu_substitute<V, N>(Q, pivots, dP, n);
 }
 
-// exp(X) into `expX` and, when E is given, L(X, E) into `L`. X, E are read as S (float or
-// double), converted to T; `work` holds workspace_size(n) values of T, `pivots` n ints.
-template <typename T, typename S, int N = 0>
-TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, T* work, int* pivots) {
+// exp(X) into `expX` and, when E is given, L(X, E) into `L`. X and E are the caller's
+// copies and are scaled in place; `work` holds workspace_size(n) values, `pivots` n.
+// With several lanes, the degree m is the one the largest finite norm among them needs
+// and each lane takes its own number of squarings: a lane is never squared more often
+// than its own norm asks (overscaling would cost accuracy), a non-finite lane gives NaN
+// and leaves the others as they are.
+template <typename V, int N = 0>
+TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename Lanes<V>::Index* pivots) {
+    using Lane = Lanes<V>;
+    using T = typename Lane::Scalar;
     const int n = size<N>(n_);
     const int nn = n * n;
-    const bool derivative = E_in != nullptr;
-    T* X = work;
-    T* E = X + nn;
-    T* X2 = E + nn;
-    T* dX2 = X2 + nn;
-    T* X4 = dX2 + nn;
-    T* dX4 = X4 + nn;
-    T* X6 = dX4 + nn;
-    T* dX6 = X6 + nn;
-    T* X8 = dX6 + nn;
-    T* dX8 = X8 + nn;
-    T* W1 = dX8 + nn;
-    T* dW1 = W1 + nn;
-    T* W2 = dW1 + nn;
-    T* dW2 = W2 + nn;
-    T* U = dW2 + nn;
-    T* dU = U + nn;
-    T* V = dU + nn;
-    T* dV = V + nn;
-    T* scratch = dV + nn;
-    T* scratch2 = scratch + nn;
+    const bool derivative = E != nullptr;
+    V* X2 = work;
+    V* dX2 = X2 + nn;
+    V* X4 = dX2 + nn;
+    V* dX4 = X4 + nn;
+    V* X6 = dX4 + nn;
+    V* dX6 = X6 + nn;
+    V* X8 = dX6 + nn;
+    V* dX8 = X8 + nn;
+    V* W1 = dX8 + nn;
+    V* dW1 = W1 + nn;
+    V* W2 = dW1 + nn;
+    V* dW2 = W2 + nn;
+    V* U = dW2 + nn;
+    V* dU = U + nn;
+    V* Vm = dU + nn;
+    V* dV = Vm + nn;
+    V* scratch = dV + nn;
+    V* scratch2 = scratch + nn;
 
-    // ‖X‖₁, the largest column sum. The Fréchet derivative needs no more than exp(X) does:
-    // the same m and s bound its truncation error too (Al-Mohy & Higham 2009, §6).
-    T norm = 0;
+    // ‖X‖₁, the largest column sum (NaN if any entry is). The Fréchet derivative needs no
+    // more than exp(X) does: the same m and s bound its truncation error too (Al-Mohy &
+    // Higham 2009, §6).
+    V norm = V{};
     for (int j = 0; j < n; ++j) {
-        T column = 0;
-        for (int i = 0; i < n; ++i) {
-            X[i * n + j] = T(X_in[i * n + j]);
-            column += fabs(X[i * n + j]);
-            if (derivative) E[i * n + j] = T(E_in[i * n + j]);
-        }
-        norm = column > norm || column != column ? column : norm;
+        V column = V{};
+        for (int i = 0; i < n; ++i) column += Lane::magnitude(X[i * n + j]);
+        norm = Lane::select((column > norm) | (column != column), column, norm);
     }
-    if (!(norm - norm == T(0))) {  // NaN or inf somewhere
+    const auto finite = norm - norm == V{};  // no NaN or inf in the lane's matrix
+    if (!Lane::any(finite)) {
         for (int i = 0; i < nn; ++i) {
-            expX[i] = T(NAN);
-            if (derivative) L[i] = T(NAN);
+            expX[i] = Lane::broadcast(T(NAN));
+            if (derivative) L[i] = Lane::broadcast(T(NAN));
         }
         return;
+    }
+    const bool all_finite = Lane::all(finite);
+    if (!all_finite)
+        for (int i = 0; i < nn; ++i) {
+            X[i] = Lane::select(finite, X[i], V{});
+            if (derivative) E[i] = Lane::select(finite, E[i], V{});
+        }
+    T largest = 0;
+    for (int l = 0; l < Lane::count; ++l) {
+        const T lane_norm = Lane::lane(norm, l);
+        if (lane_norm > largest) largest = lane_norm;  // false for NaN and inf
     }
     const bool single = sizeof(T) == 4;
     const int last = single ? 2 : 4;
     int choice = 0;
-    while (choice < last && norm > T(theta(single, choice))) ++choice;
-    int squarings = 0;
-    if (norm > T(theta(single, last))) {
+    while (choice < last && largest > T(theta(single, choice))) ++choice;
+    const T bound = T(theta(single, choice));
+    // Each lane's squarings s, the smallest with norm/2^s ≤ θ_m, and X, E scaled by 2^−s.
+    V down = Lane::broadcast(T(1)), squarings = V{};
+    int most = 0;
+    for (int l = 0; l < Lane::count; ++l) {
+        const T lane_norm = Lane::lane(norm, l);
+        if (!(lane_norm > bound) || !(lane_norm - lane_norm == T(0))) continue;
         int exponent;
-        const T mantissa = frexp(norm / T(theta(single, last)), &exponent);  // norm/θ = mantissa·2^exponent
-        squarings = mantissa == T(0.5) ? exponent - 1 : exponent;   // smallest s with norm/2^s ≤ θ
-        const T down = ldexp(T(1), -squarings);
+        const T mantissa = frexp(lane_norm / bound, &exponent);  // norm/θ = mantissa·2^exponent
+        const int s = mantissa == T(0.5) ? exponent - 1 : exponent;
+        Lane::set_lane(down, l, ldexp(T(1), -s));
+        Lane::set_lane(squarings, l, T(s));
+        most = s > most ? s : most;
+    }
+    if (most > 0)
         for (int i = 0; i < nn; ++i) {
             X[i] *= down;
             if (derivative) E[i] *= down;
         }
-    }
-    const T* dX = derivative ? E : nullptr;
-    T* dX2p = derivative ? dX2 : nullptr;
-    T* dX4p = derivative ? dX4 : nullptr;
-    T* dX6p = derivative ? dX6 : nullptr;
-    T* dX8p = derivative ? dX8 : nullptr;
+    const V* dX = derivative ? E : nullptr;
+    V* dX2p = derivative ? dX2 : nullptr;
+    V* dX4p = derivative ? dX4 : nullptr;
+    V* dX6p = derivative ? dX6 : nullptr;
+    V* dX8p = derivative ? dX8 : nullptr;
     const int m = degree(choice);
     double b[14];
     pade_coefficients(m, b);
-    block_matmul<T, N>(X, dX, X, dX, X2, dX2p, scratch, n);
-    if (m >= 5) block_matmul<T, N>(X2, dX2p, X2, dX2p, X4, dX4p, scratch, n);
-    if (m >= 7) block_matmul<T, N>(X4, dX4p, X2, dX2p, X6, dX6p, scratch, n);
-    if (m == 9) block_matmul<T, N>(X4, dX4p, X4, dX4p, X8, dX8p, scratch, n);
+    block_matmul<V, N>(X, dX, X, dX, X2, dX2p, scratch, n);
+    if (m >= 5) block_matmul<V, N>(X2, dX2p, X2, dX2p, X4, dX4p, scratch, n);
+    if (m >= 7) block_matmul<V, N>(X4, dX4p, X2, dX2p, X6, dX6p, scratch, n);
+    if (m == 9) block_matmul<V, N>(X4, dX4p, X4, dX4p, X8, dX8p, scratch, n);
     // U = X·Σ b_odd X^(2k), V = Σ b_even X^(2k); for m = 13 with W = X6·(b13 X6 + b11 X4 +
     // b9 X2) + (b7 X6 + b5 X4 + b3 X2 + b1 I) and V = X6·(b12 X6 + b10 X4 + b8 X2) + (...)
-    const T* powers[4] = {X2, X4, X6, X8};
-    const T* dpowers[4] = {dX2, dX4, dX6, dX8};
+    const V* powers[4] = {X2, X4, X6, X8};
+    const V* dpowers[4] = {dX2, dX4, dX6, dX8};
     if (m < 13) {
         const int terms = (m - 1) / 2;  // powers X2 … X^(m−1)
         double odd[4], even[4];
@@ -257,75 +320,87 @@ TP_HD void exp_and_frechet(const S* X_in, const S* E_in, T* expX, T* L, int n_, 
             odd[k] = b[2 * k + 3];
             even[k] = b[2 * k + 2];
         }
-        combine<T, N>(W1, n, T(b[1]), powers, odd, terms);  // Σ b_odd X^(2k), X^0 = I
-        combine<T, N>(V, n, T(b[0]), powers, even, terms);
+        combine<V, N>(W1, n, b[1], powers, odd, terms);  // Σ b_odd X^(2k), X^0 = I
+        combine<V, N>(Vm, n, b[0], powers, even, terms);
         if (derivative) {
-            combine<T, N>(dW1, n, T(0), dpowers, odd, terms);
-            combine<T, N>(dV, n, T(0), dpowers, even, terms);
+            combine<V, N>(dW1, n, 0, dpowers, odd, terms);
+            combine<V, N>(dV, n, 0, dpowers, even, terms);
         }
-        block_matmul<T, N>(X, dX, W1, derivative ? dW1 : nullptr, U, derivative ? dU : nullptr, scratch, n);
+        block_matmul<V, N>(X, dX, W1, derivative ? dW1 : nullptr, U, derivative ? dU : nullptr, scratch, n);
     } else {
         const double c1[3] = {b[9], b[11], b[13]}, c2[3] = {b[3], b[5], b[7]};
         const double c3[3] = {b[8], b[10], b[12]}, c4[3] = {b[2], b[4], b[6]};
-        combine<T, N>(W1, n, T(0), powers, c1, 3);
-        combine<T, N>(W2, n, T(b[1]), powers, c2, 3);
+        combine<V, N>(W1, n, 0, powers, c1, 3);
+        combine<V, N>(W2, n, b[1], powers, c2, 3);
         if (derivative) {
-            combine<T, N>(dW1, n, T(0), dpowers, c1, 3);
-            combine<T, N>(dW2, n, T(0), dpowers, c2, 3);
+            combine<V, N>(dW1, n, 0, dpowers, c1, 3);
+            combine<V, N>(dW2, n, 0, dpowers, c2, 3);
         }
-        // W = X6·W1 + W2 (into scratch2 / dU as temporaries), U = X·W
-        block_matmul<T, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, scratch2, derivative ? dV : nullptr, scratch, n);
+        // W = X6·W1 + W2 (into scratch2 / dV as temporaries), U = X·W
+        block_matmul<V, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, scratch2, derivative ? dV : nullptr, scratch, n);
         for (int i = 0; i < nn; ++i) {
             scratch2[i] += W2[i];
             if (derivative) dV[i] += dW2[i];
         }
-        block_matmul<T, N>(X, dX, scratch2, derivative ? dV : nullptr, U, derivative ? dU : nullptr, scratch, n);
-        combine<T, N>(W1, n, T(0), powers, c3, 3);
-        combine<T, N>(W2, n, T(b[0]), powers, c4, 3);
+        block_matmul<V, N>(X, dX, scratch2, derivative ? dV : nullptr, U, derivative ? dU : nullptr, scratch, n);
+        combine<V, N>(W1, n, 0, powers, c3, 3);
+        combine<V, N>(W2, n, b[0], powers, c4, 3);
         if (derivative) {
-            combine<T, N>(dW1, n, T(0), dpowers, c3, 3);
-            combine<T, N>(dW2, n, T(0), dpowers, c4, 3);
+            combine<V, N>(dW1, n, 0, dpowers, c3, 3);
+            combine<V, N>(dW2, n, 0, dpowers, c4, 3);
         }
-        block_matmul<T, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, V, derivative ? dV : nullptr, scratch, n);
+        block_matmul<V, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, Vm, derivative ? dV : nullptr, scratch, n);
         for (int i = 0; i < nn; ++i) {
-            V[i] += W2[i];
+            Vm[i] += W2[i];
             if (derivative) dV[i] += dW2[i];
         }
     }
     // r_m = (V − U)⁻¹(V + U); its derivative (V − U)⁻¹[(dV + dU) − (dV − dU)·r_m]
-    T* P = W1;
-    T* Q = W2;
-    T* dP = derivative ? dW1 : nullptr;
-    T* dQ = derivative ? dW2 : nullptr;
+    V* P = W1;
+    V* Q = W2;
+    V* dP = derivative ? dW1 : nullptr;
+    V* dQ = derivative ? dW2 : nullptr;
     for (int i = 0; i < nn; ++i) {
-        P[i] = V[i] + U[i];
-        Q[i] = V[i] - U[i];
+        P[i] = Vm[i] + U[i];
+        Q[i] = Vm[i] - U[i];
         if (derivative) {
             dP[i] = dV[i] + dU[i];
             dQ[i] = dV[i] - dU[i];
         }
     }
-    solve<T, N>(Q, P, dQ, dP, scratch, pivots, n);
-    // s squarings of the block matrix: (R, dR) <- (R·R, R·dR + dR·R)
-    T* R = P;
-    T* dR = dP;
-    T* next = U;
-    T* dnext = derivative ? dU : nullptr;
-    for (int k = 0; k < squarings; ++k) {
-        block_matmul<T, N>(R, dR, R, dR, next, dnext, scratch, n);
-        T* t = R;
-        R = next;
-        next = t;
-        if (derivative) {
+    solve<V, N>(Q, P, dQ, dP, scratch, pivots, n);
+    // Squarings of the block matrix, (R, dR) <- (R·R, R·dR + dR·R), in the lanes that
+    // still need one (with one lane: every time, by swapping pointers).
+    V* R = P;
+    V* dR = dP;
+    V* next = U;
+    V* dnext = derivative ? dU : nullptr;
+    for (int k = 0; k < most; ++k) {
+        block_matmul<V, N>(R, dR, R, dR, next, dnext, scratch, n);
+        const auto squaring = Lane::broadcast(T(k)) < squarings;
+        if (Lane::all(squaring)) {
+            V* t = R;
+            R = next;
+            next = t;
             t = dR;
             dR = dnext;
             dnext = t;
+        } else {
+            for (int i = 0; i < nn; ++i) {
+                R[i] = Lane::select(squaring, next[i], R[i]);
+                if (derivative) dR[i] = Lane::select(squaring, dnext[i], dR[i]);
+            }
         }
     }
     for (int i = 0; i < nn; ++i) {
         expX[i] = R[i];
         if (derivative) L[i] = dR[i];
     }
+    if (!all_finite)
+        for (int i = 0; i < nn; ++i) {
+            expX[i] = Lane::select(finite, expX[i], Lane::broadcast(T(NAN)));
+            if (derivative) L[i] = Lane::select(finite, L[i], Lane::broadcast(T(NAN)));
+        }
 }
 
 // Host side: Kernel<N>::run(args...) with N the compile-time size for n = 1–8 and 16 (the
