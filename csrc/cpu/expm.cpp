@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "tensor_peft/common.h"
 #include "tensor_peft/expm.h"
@@ -33,28 +34,39 @@ using tensor_peft::expm::workspace_size;
 template <int N, typename S>
 using Value = std::conditional_t<(N > 0), tensor_peft::cpu::Vector<S>, S>;
 
+// values[e] lane l = in[l·nn + e] for the first `lanes` matrices of `in`, zeros past them.
+template <typename V, typename S>
+inline void gather(const S* in, V* values, int64_t lanes, int64_t nn) {
+    for (int64_t e = 0; e < nn; ++e) {
+        V value = V{};
+        for (int l = 0; l < lanes; ++l) Lanes<V>::set_lane(value, l, in[l * nn + e]);
+        values[e] = value;
+    }
+}
+
+// out[l·nn + e] = values[e] lane l for the first `lanes` matrices.
+template <typename V, typename S>
+inline void scatter(const V* values, S* out, int64_t lanes, int64_t nn) {
+    for (int64_t e = 0; e < nn; ++e) {
+        const V value = values[e];
+        for (int l = 0; l < lanes; ++l) out[l * nn + e] = Lanes<V>::lane(value, l);
+    }
+}
+
 // Each thread runs its share of the batch, Lanes<V>::count matrices at a time, through
 // one call of these range functions, compiled once per instruction set (TP_CPU_CLONES)
 // and per small size N (N = 0: any n). Lanes past the end of the share hold zeros.
 template <int N, typename S, typename V = Value<N, S>>
 TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, V* work,
                                  typename Lanes<V>::Index* pivots) {
-    using Lane = Lanes<V>;
     const int64_t nn = static_cast<int64_t>(n) * n;
     V* X = work + workspace_size(n);
     V* exp_X = X + nn;
-    for (int64_t b = begin; b < end; b += Lane::count) {
-        const int64_t lanes = std::min<int64_t>(Lane::count, end - b);
-        for (int64_t e = 0; e < nn; ++e) {
-            V value = V{};
-            for (int l = 0; l < lanes; ++l) Lane::set_lane(value, l, A[(b + l) * nn + e]);
-            X[e] = value;
-        }
+    for (int64_t b = begin; b < end; b += Lanes<V>::count) {
+        const int64_t lanes = std::min<int64_t>(Lanes<V>::count, end - b);
+        gather(A + b * nn, X, lanes, nn);
         exp_and_frechet<V, N>(X, nullptr, exp_X, nullptr, n, work, pivots);
-        for (int64_t e = 0; e < nn; ++e) {
-            const V value = exp_X[e];
-            for (int l = 0; l < lanes; ++l) out[(b + l) * nn + e] = Lane::lane(value, l);
-        }
+        scatter(exp_X, out + b * nn, lanes, nn);
     }
 }
 
@@ -69,17 +81,9 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
     V* d = exp_X + nn;
     for (int64_t b = begin; b < end; b += Lane::count) {
         const int64_t lanes = std::min<int64_t>(Lane::count, end - b);
-        V up = Lane::broadcast(S(1));
-        for (int l = 0; l < Lane::count; ++l) {
-            if (l >= lanes) {
-                for (int64_t e = 0; e < nn; ++e) {
-                    Lane::set_lane(X[e], l, S(0));
-                    Lane::set_lane(E[e], l, S(0));
-                }
-                continue;
-            }
+        V down = Lane::broadcast(S(1)), up = down;
+        for (int l = 0; l < lanes; ++l) {
             const S* g = grad + (b + l) * nn;
-            const S* a = A + (b + l) * nn;
             double norm = 0;
             for (int j = 0; j < n; ++j) {
                 double column = 0;
@@ -87,17 +91,17 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
                 norm = column > norm || column != column ? column : norm;
             }
             const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;
-            const S down = std::ldexp(S(1), -shift);  // powers of two: exact
+            Lane::set_lane(down, l, std::ldexp(S(1), -shift));  // powers of two: exact
             Lane::set_lane(up, l, std::ldexp(S(1), shift));
-            for (int i = 0; i < n; ++i)
-                for (int j = 0; j < n; ++j) {
-                    Lane::set_lane(X[i * n + j], l, a[j * n + i]);
-                    Lane::set_lane(E[i * n + j], l, down * g[i * n + j]);
-                }
         }
+        gather(A + b * nn, X, lanes, nn);
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j < i; ++j) std::swap(X[i * n + j], X[j * n + i]);
+        gather(grad + b * nn, E, lanes, nn);
+        for (int64_t e = 0; e < nn; ++e) E[e] *= down;
         exp_and_frechet<V, N>(X, E, exp_X, d, n, work, pivots);
-        for (int l = 0; l < lanes; ++l)
-            for (int64_t e = 0; e < nn; ++e) dA[(b + l) * nn + e] = Lane::lane(d[e] * up, l);
+        for (int64_t e = 0; e < nn; ++e) d[e] *= up;
+        scatter(d, dA + b * nn, lanes, nn);
     }
 }
 

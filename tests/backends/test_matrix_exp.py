@@ -132,3 +132,37 @@ def test_non_finite_input_gives_nan_and_huge_norms_return(backend, device):
     assert relative_error(got[:1], scipy_expm(A[:1])) <= 1e-13  # its neighbours do not spill over
     assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
     assert not torch.isfinite(got[3]).all()  # exp overflows: inf/nan, after a bounded number of squarings
+
+
+@backend_param
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", [3, 8])
+def test_a_long_batch_of_mixed_matrices(backend, device, dtype, n):
+    """61 matrices of norms 1e-4 … 5 (float32) or 50 (float64), every third a rotation
+    generator (whose Padé denominator needs row swaps), and a NaN one: the cpu backend runs
+    them 8 or 4 at a time, one per SIMD lane, each thread's share ending in a partial group.
+    Each matrix must still be exact on its own, forward and backward, and only the NaN one
+    gives NaN."""
+    g = torch.Generator().manual_seed(11 * n)
+    norms = torch.logspace(-4, math.log10(5.0 if dtype == torch.float32 else 50.0), 61, dtype=F64)
+    norms = norms[torch.randperm(61, generator=g)]
+    matrices = []
+    for k, norm in enumerate(norms.tolist()):
+        random = torch.randn(n, n, generator=g, dtype=F64)
+        matrices.append(with_norm(random - random.T if k % 3 == 0 else random, norm))
+    A = torch.stack(matrices).to(dtype)
+    A[29, 0, n - 1] = float("nan")
+    G = torch.randn(A.shape, generator=g, dtype=F64).to(dtype)
+    finite = torch.arange(61) != 29
+    # 1e-12, not 1e-13, for float64 below norm 5: SciPy's own error reaches 5e-13 on one of
+    # these (against mpmath); a lane given another's squarings or pivots is off by O(1).
+    bounds = 1e-5 if dtype == torch.float32 else np.where(norms[finite].numpy() <= 5, 1e-12, 1e-11)
+    A_device = A.clone().to(device).requires_grad_()
+    with backends.use(backend):
+        got = ops.matrix_exp(A_device)
+        (grad,) = torch.autograd.grad(got, A_device, G.to(device))
+    got, grad = got.detach().cpu(), grad.cpu()
+    assert torch.isnan(got[29]).all() and torch.isnan(grad[29]).all()
+    assert (relative_error(got[finite], scipy_expm(A[finite].double())) <= bounds).all()
+    expected_grad = _frechet_adjoint_scipy(A[finite].double(), G[finite].double())
+    assert (relative_error(grad[finite], expected_grad) <= bounds).all()

@@ -1,16 +1,15 @@
 // The matrix exponential and its Fréchet derivative by scaling and squaring with Padé
 // approximants (Higham 2005; the derivative by Al-Mohy & Higham 2009), shared by the CPU
 // and CUDA kernels. One call handles one n×n row-major matrix X and, optionally, a
-// direction E: it returns exp(X) and L(X, E), the Fréchet derivative of exp at X applied
-// to E. The pair is exp of the block matrix [[X, E], [0, X]] = [[exp(X), L(X, E)],
-// [0, exp(X)]], computed on the blocks directly: each product of such block matrices
-// costs three n×n products, not eight.
+// direction E (or one such pair per SIMD lane, see Lanes): it returns exp(X) and L(X, E),
+// the Fréchet derivative of exp at X applied to E. The pair is exp of the block matrix
+// [[X, E], [0, X]] = [[exp(X), L(X, E)], [0, exp(X)]], computed on the blocks directly:
+// each product of such block matrices costs three n×n products, not eight.
 //
 // The degree m and the number of squarings s come from the 1-norm of each matrix X and
-// the θ_m of the arithmetic's precision T: m ∈ {3, 5, 7,
-// 9, 13} in double, m ∈ {3, 5, 7} in float; the truncation error is then below T's unit
-// roundoff. A non-finite norm gives NaN everywhere; a finite one needs at most ~1030
-// squarings (~130 in float), never a hang.
+// the θ_m of the arithmetic's precision T: m ∈ {3, 5, 7, 9, 13} in double, m ∈ {3, 5, 7}
+// in float; the truncation error is then below T's unit roundoff. A non-finite norm gives
+// NaN everywhere; a finite one needs at most ~1030 squarings (~130 in float), never a hang.
 #pragma once
 
 #include <cmath>
