@@ -153,10 +153,12 @@ def extensions() -> list[Extension]:
         depends=headers,
         # -fno-math-errno, -fno-trapping-math: nothing reads errno or the floating-point
         # exception flags, and without them sqrt loops and loops with selects (vector_exp's
-        # clamps, the masks) stay scalar; results are unchanged (IEEE rounding, inf and NaN)
+        # clamps, the masks) stay scalar; results are unchanged (IEEE rounding, inf and NaN).
+        # -Wno-psabi: GCC warns that lanes.h's 32-byte vectors would be passed by value
+        # differently with and without AVX; between code of different ISAs they go by pointer
         extra_compile_args={
             "cxx": [
-                *cxx, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *march_flags,
+                *cxx, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi", *march_flags,
                 f'-DTP_MARCH="{march or "default"}"',
             ]
         },
