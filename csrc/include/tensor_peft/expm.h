@@ -140,16 +140,16 @@ TP_INLINE void combine(V* out, int n_, double identity, const V* const* powers, 
         for (int i = 0; i < n; ++i) out[i * n + i] += Lanes<V>::broadcast(Scalar(identity));
 }
 
-// Swaps rows k and pivots[k] of B (n columns from `first`) in each lane where they differ.
+// Swaps rows k and `pivot` of B in each lane where they differ.
 template <typename V, int N>
-TP_INLINE void swap_rows(V* B, int k, typename Lanes<V>::Index pivot, int first, int n_) {
+TP_INLINE void swap_rows(V* B, int k, typename Lanes<V>::Index pivot, int n_) {
     using Lane = Lanes<V>;
     const int n = size<N>(n_);
     if (!Lane::any(pivot != Lane::index(k))) return;  // the usual case
     for (int i = k + 1; i < n; ++i) {
         const auto here = Lane::index(i) == pivot;
         if (!Lane::any(here)) continue;
-        for (int j = first; j < n; ++j) {
+        for (int j = 0; j < n; ++j) {
             const V upper = B[k * n + j], lower = B[i * n + j];
             B[k * n + j] = Lane::select(here, lower, upper);
             B[i * n + j] = Lane::select(here, upper, lower);
@@ -161,7 +161,7 @@ TP_INLINE void swap_rows(V* B, int k, typename Lanes<V>::Index pivot, int first,
 template <typename V, int N>
 TP_INLINE void lu_substitute(const V* Q, const typename Lanes<V>::Index* pivots, V* B, int n_) {
     const int n = size<N>(n_);
-    for (int k = 0; k < n; ++k) swap_rows<V, N>(B, k, pivots[k], 0, n);
+    for (int k = 0; k < n; ++k) swap_rows<V, N>(B, k, pivots[k], n);
     for (int i = 0; i < n; ++i) {  // forward substitution with the unit lower factor
         V local[N > 0 ? N : 1];
         V* row = N > 0 ? local : B + i * n;
@@ -198,7 +198,7 @@ TP_INLINE void solve(V* Q, V* P, V* dQ, V* dP, V* scratch, typename Lanes<V>::In
             pivot = Lane::select(larger, Lane::index(i), pivot);
         }
         pivots[k] = pivot;
-        swap_rows<V, N>(Q, k, pivot, 0, n);
+        swap_rows<V, N>(Q, k, pivot, n);
         const V diagonal = Q[k * n + k];
         for (int i = k + 1; i < n; ++i) {
             const V factor = Q[i * n + k] / diagonal;
