@@ -263,15 +263,17 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
         return;
     }
     const bool all_finite = Lane::all(finite);
-    if (!all_finite)
+    if (!all_finite) {  // such a lane runs on zeros and gives NaN at the end
+        norm = Lane::select(finite, norm, V{});
         for (int i = 0; i < nn; ++i) {
             X[i] = Lane::select(finite, X[i], V{});
             if (derivative) E[i] = Lane::select(finite, E[i], V{});
         }
+    }
     T largest = 0;
     for (int l = 0; l < Lane::count; ++l) {
         const T lane_norm = Lane::lane(norm, l);
-        if (lane_norm > largest) largest = lane_norm;  // false for NaN and inf
+        if (lane_norm > largest) largest = lane_norm;
     }
     const bool single = sizeof(T) == 4;
     const int last = single ? 2 : 4;
@@ -283,7 +285,7 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
     int most = 0;
     for (int l = 0; l < Lane::count; ++l) {
         const T lane_norm = Lane::lane(norm, l);
-        if (!(lane_norm > bound) || !(lane_norm - lane_norm == T(0))) continue;
+        if (!(lane_norm > bound)) continue;
         int exponent;
         const T mantissa = frexp(lane_norm / bound, &exponent);  // norm/θ = mantissa·2^exponent
         const int s = mantissa == T(0.5) ? exponent - 1 : exponent;
