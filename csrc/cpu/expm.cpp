@@ -83,15 +83,8 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
         const int64_t lanes = std::min<int64_t>(Lane::count, end - b);
         V down = Lane::broadcast(S(1)), up = down;
         for (int l = 0; l < lanes; ++l) {
-            const S* g = grad + (b + l) * nn;
-            double norm = 0;
-            for (int j = 0; j < n; ++j) {
-                double column = 0;
-                for (int i = 0; i < n; ++i) column += std::fabs(static_cast<double>(g[i * n + j]));
-                norm = column > norm || column != column ? column : norm;
-            }
-            const int shift = norm > 1 ? static_cast<int>(std::ceil(std::log2(norm))) : 0;
-            Lane::set_lane(down, l, std::ldexp(S(1), -shift));  // powers of two: exact
+            const int shift = tensor_peft::expm::gradient_shift(grad + (b + l) * nn, n);
+            Lane::set_lane(down, l, std::ldexp(S(1), -shift));
             Lane::set_lane(up, l, std::ldexp(S(1), shift));
         }
         gather(A + b * nn, X, lanes, nn);

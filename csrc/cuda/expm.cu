@@ -33,13 +33,7 @@ __global__ void backward_kernel(const T* grad, const T* A, T* dA, int64_t batch,
     T* exp_X = E + nn;
     const T* g = grad + b * nn;
     const T* a = A + b * nn;
-    T norm = 0;
-    for (int j = 0; j < n; ++j) {
-        T column = 0;
-        for (int i = 0; i < n; ++i) column += fabs(g[i * n + j]);
-        norm = column > norm || column != column ? column : norm;
-    }
-    const int shift = norm > T(1) ? static_cast<int>(ceil(log2(norm))) : 0;
+    const int shift = expm::gradient_shift(g, n);
     const T down = ldexp(T(1), -shift), up = ldexp(T(1), shift);  // powers of two: exact
     for (int i = 0; i < n; ++i)
         for (int j = 0; j < n; ++j) {

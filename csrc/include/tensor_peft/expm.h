@@ -73,6 +73,30 @@ struct Lanes {
 // Values V of workspace `exp_and_frechet` needs for an n×n matrix (plus n Index pivots).
 TP_INLINE int64_t workspace_size(int64_t n) { return 18 * n * n; }
 
+// ‖M‖₁, the largest column sum of the n×n matrix M (per lane), NaN if any entry is;
+// summed in V, which may be wider than M's type S.
+template <typename V, typename S = V>
+TP_INLINE V one_norm(const S* M, int n) {
+    using Lane = Lanes<V>;
+    V norm = V{};
+    for (int j = 0; j < n; ++j) {
+        V column = V{};
+        for (int i = 0; i < n; ++i) column += Lane::magnitude(V(M[i * n + j]));
+        norm = Lane::select((column > norm) | (column != column), column, norm);
+    }
+    return norm;
+}
+
+// The backward scales the gradient Γ by 2^−shift to ‖Γ‖₁ ≤ 1 and its result back by
+// 2^shift (exact: powers of two), so a large gradient costs no extra squarings. The norm
+// is summed in double, where a float gradient cannot overflow; shift = 0 for ‖Γ‖₁ ≤ 1
+// and for a non-finite norm.
+template <typename S>
+TP_INLINE int gradient_shift(const S* grad, int n) {
+    const double norm = one_norm<double>(grad, n);
+    return norm > 1 && norm - norm == 0 ? static_cast<int>(ceil(log2(norm))) : 0;
+}
+
 // Every function takes the size n at run time or, for speed on small matrices, as the
 // template argument N (N = 0: use n): loops of a compile-time length unroll and vectorize.
 template <int N>
@@ -248,12 +272,7 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
     // ‖X‖₁, the largest column sum (NaN if any entry is). The Fréchet derivative needs no
     // more than exp(X) does: the same m and s bound its truncation error too (Al-Mohy &
     // Higham 2009, §6).
-    V norm = V{};
-    for (int j = 0; j < n; ++j) {
-        V column = V{};
-        for (int i = 0; i < n; ++i) column += Lane::magnitude(X[i * n + j]);
-        norm = Lane::select((column > norm) | (column != column), column, norm);
-    }
+    V norm = one_norm<V>(X, n);
     const auto finite = norm - norm == V{};  // no NaN or inf in the lane's matrix
     if (!Lane::any(finite)) {
         for (int i = 0; i < nn; ++i) {
