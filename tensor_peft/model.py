@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ from .config import (
     SNELLConfig,
 )
 from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
-from .nn.base import is_supported
+from .nn.attention import AdaptedMultiheadAttention, projection_weights
+from .nn.base import layer_kind
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
@@ -40,18 +42,45 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def _matches(name: str, module: nn.Module, spec: ModuleSpec) -> bool:
-    """Whether module ``name`` is named by ``spec``: a regex (full match), a type, or a
-    list of names (full name or dotted suffix) and types."""
-    if spec is None:
+ALL_LINEAR = "all-linear"
+
+
+def _spec_items(spec: ModuleSpec) -> list:
+    return [spec] if isinstance(spec, (str, type)) else list(spec)
+
+
+def _matches(name: str, module: nn.Module, item: str | type, regex: bool) -> bool:
+    """Whether module ``name`` is named by one spec item: a type, a regex (full match) or
+    a name (the full name or a dotted suffix)."""
+    if isinstance(item, type):
+        return isinstance(module, item)
+    if regex:
+        return re.fullmatch(item, name) is not None
+    return name == item or name.endswith("." + item)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    try:
+        return layer_kind(module) == "linear"
+    except TypeError:
         return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    items = [spec] if isinstance(spec, type) else spec
-    return any(
-        isinstance(module, item) if isinstance(item, type) else name == item or name.endswith("." + item)
-        for item in items
-    )
+
+
+def _selected(model: nn.Module, modules: dict[str, nn.Module], spec: ModuleSpec, field: str) -> set[str]:
+    """The names in ``modules`` that ``spec`` selects; warns about list entries that select none."""
+    if spec is None:
+        return set()
+    if spec == ALL_LINEAR:  # every linear layer but the output head, as peft does
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {name for name, m in modules.items() if _is_linear(m) and m is not head}
+    regex = isinstance(spec, str)
+    selected = set()
+    for item in _spec_items(spec):
+        found = {name for name, module in modules.items() if name and _matches(name, module, item, regex)}
+        if not found and not regex:
+            warnings.warn(f"{field} entry {item!r} matches no module of the model")
+        selected |= found
+    return selected
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -59,42 +88,102 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
-def _inside_adapter_layer(name: str, layers: dict[str, AdapterLayer]) -> bool:
-    return any(name.startswith(prefix + ".") for prefix in layers)
+def _original_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules as the user built them, by name: an adapter layer stands for its
+    base layer, an adapted attention for its ``nn.MultiheadAttention`` (and that one's
+    ``out_proj``); the insides of both are left out."""
+    modules, wrappers = {}, []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrappers):
+            continue
+        if isinstance(module, AdaptedMultiheadAttention):
+            modules[name] = module.base_layer
+            modules[_join(name, "out_proj")] = module.base_layer.out_proj
+            wrappers.append(name)
+        elif isinstance(module, AdapterLayer):
+            modules[name] = module.base_layer
+            wrappers.append(name)
+        else:
+            modules[name] = module
+    return modules
 
 
-def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
-    """The modules ``config`` adapts, checked before anything changes."""
-    layers = adapter_layers(model)
-    targets = {
-        name: module
-        for name, module in model.named_modules()
-        if not _inside_adapter_layer(name, layers)
-        and _matches(name, module, config.target_modules)
-        and not _matches(name, module, config.exclude_modules)
-    }
-    if not targets:
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str] | None]:
+    """What ``config`` adapts, checked before anything changes: layer names (value None),
+    and attention names with the projections to adapt."""
+    modules = _original_modules(model)
+    names = _selected(model, modules, config.target_modules, "target_modules")
+    names -= _selected(model, modules, config.exclude_modules, "exclude_modules")
+    if not names:
         raise ValueError(f"target_modules {config.target_modules!r} matched no module of the model")
-    for name, module in targets.items():
-        if name == "":
-            raise ValueError("target_modules matched the model itself: wrap a layer directly instead")
-        if isinstance(module, AdapterLayer):
-            if module.method != config.method:
+    if "" in names:
+        raise ValueError("target_modules matched the model itself: wrap a layer directly instead")
+    targets: dict[str, list[str] | None] = {}
+    for name in sorted(names):
+        module, parent_name = modules[name], name.rpartition(".")[0]
+        if isinstance(module, nn.MultiheadAttention):
+            targets[name] = list(projection_weights(module))
+        elif isinstance(modules.get(parent_name), nn.MultiheadAttention) and name.endswith(".out_proj"):
+            targets.setdefault(parent_name, []).append("out_proj")  # read by the attention's forward
+        else:
+            try:
+                layer_kind(module)
+            except TypeError as error:
+                raise ValueError(f"module {name!r}: {error}") from None
+            targets[name] = None
+    for name in targets:
+        current = model.get_submodule(name)
+        layers = current.projections().values() if isinstance(current, AdaptedMultiheadAttention) else [current]
+        for layer in layers:
+            if isinstance(layer, AdapterLayer) and layer.method != config.method:
                 raise ValueError(
-                    f"module {name!r} already holds {module.method} adapters; cannot add "
-                    f"{config.method} adapters to it"
+                    f"module {name!r} already holds {layer.method} adapters; cannot add {config.method} adapters to it"
                 )
-        elif not is_supported(module):
-            raise ValueError(
-                f"module {name!r} is a {type(module).__name__}; adapters wrap only nn.Linear, "
-                "nn.Conv1d, nn.Conv2d and nn.Conv3d"
-            )
     return targets
+
+
+def _saved_target_names(targets: dict[str, list[str] | None], model: nn.Module) -> list[str]:
+    """The names a saved adapter records: those that select the same modules again in a
+    fresh model (an attention adapted on ``out_proj`` alone is recorded by that name)."""
+    names = []
+    for name, projections in targets.items():
+        if projections is None or set(projections) == set(projection_weights(_original_modules(model)[name])):
+            names.append(name)
+        else:
+            names.extend(_join(name, projection) for projection in projections)
+    return sorted(names)
+
+
+def _shared_parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Module names by parameter id, for the parameters more than one module holds."""
+    owners: dict[int, list[str]] = {}
+    for name, module in _original_modules(model).items():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    return {key: names for key, names in owners.items() if len(names) > 1}
+
+
+def _check_untied(model: nn.Module, layers: dict[str, AdapterLayer], action: str) -> None:
+    """Refuse to write a weight that another module holds too (tied weights)."""
+    shared = _shared_parameter_owners(model)
+    for name, layer in layers.items():
+        owners = shared.get(id(layer.base_layer.weight), [])
+        others = [owner for owner in owners if owner != name]
+        if others and layer.pending_merge():
+            raise ValueError(
+                f"cannot {action} module {name!r}: its weight is tied to module {others[0]!r}, which the "
+                f"merge would change too; untie the weights first (or unload with merge=False)"
+            )
 
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` to the modules ``config`` targets, in place, make it
-    the active adapter and freeze every parameter but its own. Returns ``model``."""
+    the active adapter and freeze every parameter but its own. Returns ``model``. All or
+    nothing: if any module cannot take the adapter, the model is left as it was."""
     if not isinstance(config, AdapterConfig) or config.method not in METHODS:
         raise TypeError(f"config must be one of {[c.__name__ for c, _ in METHODS.values()]}, got {type(config).__name__}")
     configs = getattr(model, "tensor_peft_configs", {})
@@ -103,18 +192,96 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     targets = _targets(model, config)
     layer_class = METHODS[config.method][1]
     options = config.layer_options()
-    for name, module in targets.items():
-        if isinstance(module, AdapterLayer):
-            module.add_adapter(adapter_name, **options)
-        else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer_class(module, adapter_name=adapter_name, **options))
+    trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    undo = []
+    try:
+        for name, projections in targets.items():
+            try:
+                _inject_one(model, name, projections, layer_class, adapter_name, options, undo)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"module {name!r}: {error}") from None
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+        raise
+    _warn_tied(model, targets)
+    _disable_transformer_fast_paths(model)
     model.tensor_peft_configs = {
         **configs,
-        adapter_name: dataclasses.replace(config, target_modules=sorted(targets), exclude_modules=None),
+        adapter_name: dataclasses.replace(
+            config, target_modules=_saved_target_names(targets, model), exclude_modules=None
+        ),
     }
     set_adapter(model, adapter_name)
     return model
+
+
+def _inject_one(model, name, projections, layer_class, adapter_name, options, undo) -> None:
+    """Adapt module ``name`` (or those ``projections`` of the attention ``name``),
+    appending to ``undo`` how to take each change back."""
+    current = model.get_submodule(name)
+
+    def make_layer(base):
+        return layer_class(base, adapter_name=adapter_name, **options)
+
+    if projections is None:
+        if isinstance(current, AdapterLayer):
+            current.add_adapter(adapter_name, **options)
+            undo.append(lambda: current.delete_adapter(adapter_name))
+        else:
+            _replace(model, name, make_layer(current))
+            undo.append(lambda: _replace(model, name, current))
+        return
+    if not isinstance(current, AdaptedMultiheadAttention):
+        wrapper = AdaptedMultiheadAttention(current)
+        _replace(model, name, wrapper)
+        undo.append(lambda: _replace(model, name, current))
+        current = wrapper
+    for projection in projections:
+        layer = current.projection(projection)
+        if layer is None:
+            current.add_projection(projection, make_layer)
+            undo.append(lambda p=projection: delattr(current, p))
+        else:
+            layer.add_adapter(adapter_name, **options)
+            undo.append(lambda layer=layer: layer.delete_adapter(adapter_name))
+
+
+def _warn_tied(model: nn.Module, targets: dict[str, list[str] | None]) -> None:
+    shared = _shared_parameter_owners(model)
+    for name, projections in targets.items():
+        if projections is None:
+            others = [owner for owner in shared.get(id(model.get_submodule(name).base_layer.weight), []) if owner != name]
+            if others:
+                warnings.warn(
+                    f"module {name!r} shares its weight with module {others[0]!r} (tied weights): merge and "
+                    "unload(merge=True) will refuse to write it"
+                )
+
+
+def _disable_transformer_fast_paths(model: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer`` in eval mode takes a fused fast path that reads its
+    base weights directly, which would skip the adapters. A forward pre-hook is one of the
+    conditions that turns the fast path off, so each encoder layer holding adapters gets a
+    no-op one (removed again by ``unload``)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and not hasattr(module, "_tensor_peft_fast_path_off"):
+            if any(isinstance(m, AdapterLayer) for m in module.modules()):
+                module._tensor_peft_fast_path_off = module.register_forward_pre_hook(_no_op_hook)
+
+
+def _no_op_hook(module, args):
+    return None
+
+
+def _restore_transformer_fast_paths(model: nn.Module) -> None:
+    for module in model.modules():
+        handle = getattr(module, "_tensor_peft_fast_path_off", None)
+        if handle is not None and not any(isinstance(m, AdapterLayer) for m in module.modules()):
+            handle.remove()
+            del module._tensor_peft_fast_path_off
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -140,9 +307,25 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for name, layer in adapter_layers(model).items():
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
-        if not layer.adapters:
-            _replace(model, name, layer.base_layer)
+    _remove_empty_layers(model)
     model.tensor_peft_configs = {k: v for k, v in configs.items() if k != adapter_name}
+
+
+def _remove_empty_layers(model: nn.Module, remove_all: bool = False) -> None:
+    """Put the base layer back in place of each adapter layer without adapters (or of
+    every one), and the attention back in place of an adapted one with no projections left."""
+    for name, layer in adapter_layers(model).items():
+        if remove_all or not layer.adapters:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if isinstance(parent, AdaptedMultiheadAttention):
+                delattr(parent, child)
+            else:
+                _replace(model, name, layer.base_layer)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdaptedMultiheadAttention) and not module.projections():
+            _replace(model, name, module.base_layer)
+    _restore_transformer_fast_paths(model)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -151,8 +334,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every layer's active adapters into its base weight."""
-    for layer in adapter_layers(model).values():
+    """Fold every layer's active adapters into its base weight. Refuses, naming the
+    module, where a weight is tied to another module's."""
+    layers = adapter_layers(model)
+    _check_untied(model, layers, "merge")
+    for layer in layers.values():
         layer.merge()
     return model
 
@@ -167,12 +353,15 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Plain torch modules back: each adapter layer is replaced by its base layer, with
     the active adapters merged in (``merge=True``) or with all adapters taken out."""
-    for name, layer in adapter_layers(model).items():
+    layers = adapter_layers(model)
+    if merge:
+        _check_untied(model, layers, "unload")
+    for layer in layers.values():
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        _replace(model, name, layer.base_layer)
+    _remove_empty_layers(model, remove_all=True)
     if hasattr(model, "tensor_peft_configs"):
         del model.tensor_peft_configs
     return model

@@ -142,7 +142,7 @@ class FLoRALayer(AdapterLayer):
     def projects_gradients(self, adapter: Adapter) -> bool:
         """Whether the merged path's backward takes the projected weight gradients (groups
         = 1 and cheaper than Γ: c_out·r_1 + r_0·c_in < c_out·c_in per kernel tap)."""
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_embedding or (self.is_conv and self.base_layer.groups > 1):
             return False
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
@@ -153,6 +153,8 @@ class FLoRALayer(AdapterLayer):
         ``auto`` the cheaper path of a training step by a flops + bytes cost model."""
         if adapter.mode != "auto":
             return adapter.mode
+        if self.is_embedding:
+            return "factorized"  # a lookup of the indices' rows, never forming ΔW
         if self.is_conv and self.base_layer.groups > 1:
             return "merged"
         merged, factorized = self.step_costs(adapter, x)
@@ -208,10 +210,10 @@ class FLoRALayer(AdapterLayer):
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         if self.is_conv and self.base_layer.groups > 1:
             return super().delta_forward(adapter, x)  # conv(x, ΔW): grouped convs run merged
-        core, (U0, U1, *spatial) = self._params(adapter, x.dtype)
-        if not self.is_conv:
-            return adapter.scale * torch.nn.functional.linear(x @ U1 @ core.T, U0)
-        identities = [torch.eye(k, dtype=x.dtype, device=x.device) for k in adapter.ranks[:2]]
+        core, (U0, U1, *spatial) = self._params(adapter, self.compute_dtype(adapter))
+        if not self.is_conv:  # U_1ᵀx by the base operation: an embedding looks its indices up in U_1
+            return adapter.scale * torch.nn.functional.linear(self.base_operation(x, U1.T) @ core.T, U0)
+        identities = [torch.eye(k, dtype=core.dtype, device=core.device) for k in adapter.ranks[:2]]
         kernel = ops.tucker_delta(core, identities + spatial, 1.0)
         thin = self.base_operation(self.pointwise(x, U1.T), kernel)
         return adapter.scale * self.pointwise(thin, U0)
@@ -222,15 +224,16 @@ class FLoRALayer(AdapterLayer):
         if self.last_execution == "merged":
             if not (torch.is_grad_enabled() and self.projects_gradients(adapter)):
                 weight = self.merge_weight(adapter, self.weight)
-                return self.base_operation(x, weight.to(x.dtype), self.bias)
+                return self.base_operation(x, weight.to(self.operation_dtype(x)), self.bias)
             core, factors = self._params(adapter, self.compute_dtype(adapter))
             with torch.no_grad():
                 weight = ops.tucker_merge(self.weight, core, factors, adapter.scale).to(x.dtype)
             y = self.base_operation(x, weight, self.bias)
             return _ProjectedTuckerGradients.apply(y, x, self, adapter.scale, core, *factors)
         if self.last_execution == "factorized":
-            delta = self.delta_forward(adapter, x.to(self.compute_dtype(adapter)))
-            return self.base_layer(x) + delta.to(x.dtype)
+            delta = self.delta_forward(adapter, self.adapter_input(adapter, x))
+            result = self.base_layer(x)
+            return result + delta.to(result.dtype)
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -85,7 +85,7 @@ class LieRALayer(AdapterLayer):
         check_alpha(alpha)
         return LieRAAdapter(self, r, alpha, group, inner, exp, block_size, scale, ranks, dropout, dtype)
 
-    def _apply(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
+    def group_action(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
         """The group element of ``adapter`` (or its inverse) acting on ``weight``."""
         dtype = torch.promote_types(weight.dtype, self.compute_dtype(adapter))
         if adapter.group != "hadamard":
@@ -108,19 +108,39 @@ class LieRALayer(AdapterLayer):
         return weight / (1 + delta) if inverse else weight * (1 + delta)
 
     def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
-        return self._apply(adapter, weight, inverse=False)
+        return self.group_action(adapter, weight, inverse=False)
 
     def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
-        return self._apply(adapter, weight, inverse=True)
+        return self.group_action(adapter, weight, inverse=True)
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
         """W_eff − W0, for the additive form the base class uses with dropout or several adapters."""
         return self.merge_weight(adapter, self.weight) - self.weight.to(self.compute_dtype(adapter))
 
+    def embedding_rows(self, adapter: Adapter, x: Tensor) -> Tensor:
+        """The rows of W_eff an embedding looks up for indices ``x``, from the same rows of
+        W0 and of ΔW (an inner LoRA's rows by lookup in Aᵀ, never forming ΔW)."""
+        dtype = self.compute_dtype(adapter)
+        rows = self.base_layer(x).to(dtype)
+        if adapter.group != "hadamard":
+            rotation = ops.matrix_exp(adapter.algebra_element().to(dtype))
+            blocks = rows.unflatten(-1, (rotation.shape[0], adapter.block_size))
+            return torch.einsum("bij,...bj->...bi", rotation, blocks).flatten(-2)
+        update = adapter.update
+        if adapter.inner == "lora":
+            A = update.lora_A.to(dtype).reshape(update.r, -1)
+            delta = update.scale * self.base_operation(x, A) @ update.lora_B.to(dtype).T
+        else:
+            delta = self.base_operation(x, self.group_action(adapter, torch.ones_like(self.weight, dtype=dtype), False))
+            return rows * delta
+        return rows * (torch.exp(delta) if adapter.exp == "exact" else 1 + delta)
+
     def forward(self, x: Tensor) -> Tensor:
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
+        if self.is_embedding:
+            return self.embedding_rows(adapter, x).to(self.operation_dtype(x))
         weight = self.merge_weight(adapter, self.weight)
         return self.base_operation(x, weight.to(x.dtype), self.bias)
 

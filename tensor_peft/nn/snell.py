@@ -191,14 +191,14 @@ class SNELLLayer(AdapterLayer):
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
-        if not self.is_conv and not self.weight.requires_grad:
+        if self.kind == "linear" and not self.weight.requires_grad:
             out_emb, in_emb, params = adapter.kernel_inputs(self.compute_dtype(adapter))
             return sparse_linear(
                 x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity, adapter.kernel, adapter.mode, **params
             )  # fmt: skip
 
         def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward
-            return (self.weight + delta).to(x.dtype)
+            return (self.weight + delta).to(self.operation_dtype(x))
 
         delta, tau = self.delta_weight_and_threshold(adapter)
         weight = effective_weight(delta)
