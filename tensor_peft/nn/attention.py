@@ -65,7 +65,7 @@ class AdaptedMultiheadAttention(nn.Module):
         """Wrap projection ``name`` by ``make_layer(linear view of its weight)``."""
         parameter = self.base_layer.get_parameter(projection_weights(self.base_layer)[name])
         layer = make_layer(SharedWeightLinear(parameter))
-        self.add_module(name, layer)
+        setattr(self, name, layer)
         return layer
 
     def forward(self, *args, **kwargs):

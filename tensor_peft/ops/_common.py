@@ -91,6 +91,9 @@ def prepare(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def run(op: str, device: torch.device, *args):
-    """Run ``op`` on the backend the registry selects for ``device``."""
+    """Run ``op`` on the backend the registry selects for ``device``, with autocast off:
+    the ops compute in the dtype the policy above gives them, also inside an autocast
+    region (whose casts would otherwise reach the torch calls a backend makes)."""
     _, kernel = registry.select(op, device.type)
-    return kernel(*args)
+    with torch.autocast(device.type, enabled=False):
+        return kernel(*args)
