@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -368,3 +371,26 @@ def test_every_module_cast_keeps_working():
         model.to(torch.bfloat16).half().bfloat16().float().cpu().to("cpu", torch.float64)
         assert all(p.dtype == torch.float64 for p in model.parameters())
         assert math.isfinite(model(batch("encoder")["ids"]).sum().item())
+
+
+def test_fully_sharded_training_equals_one_process(tmp_path):
+    """FSDP2 (``fully_shard``, gloo, 2 processes) for every method: one SGD step on two
+    ranks' batches equals one step on their summed loss in one process."""
+    from tests import fsdp_worker
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [str(tmp_path / "rendezvous"), str(tmp_path / "out")]
+    script = os.path.join(root, "tests", "fsdp_worker.py")
+    procs = [subprocess.Popen([sys.executable, script, str(rank), *args], cwd=root) for rank in (0, 1)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    results = torch.load(tmp_path / "out")
+    for (method, per_layer), sharded in results.items():
+        model = fsdp_worker.model_for(method)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        loss = sum(model(fsdp_worker.batch(rank)).square().sum() for rank in (0, 1)) / 2  # FSDP averages
+        loss.backward()
+        optimizer.step()
+        expected = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        assert sharded.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(sharded[name], expected[name], msg=f"{method} per_layer={per_layer} {name}")

@@ -72,13 +72,14 @@ class SNELLAdapter(Adapter):
                 self.coeff = nn.Parameter(coeff)
             else:
                 self.register_buffer("coeff", coeff)
+        # scalar parameters are stored with shape (1,): FSDP2 shards no 0-d parameter
         if kernel in ("rbf", "sigmoid", "mixture"):
-            self.alpha = nn.Parameter(torch.tensor(1.0, **factory))
-            self.beta = nn.Parameter(torch.tensor(0.0 if kernel == "mixture" else 1.0, **factory))
+            self.alpha = nn.Parameter(torch.tensor([1.0], **factory))
+            self.beta = nn.Parameter(torch.tensor([0.0 if kernel == "mixture" else 1.0], **factory))
         if kernel in ("rbf", "sigmoid"):
-            self.gamma = nn.Parameter(torch.tensor(0.0, **factory))
+            self.gamma = nn.Parameter(torch.tensor([0.0], **factory))
         if kernel == "mixture":
-            self.gamma_raw = nn.Parameter(torch.tensor(_GAMMA_RAW_INIT, **factory))
+            self.gamma_raw = nn.Parameter(torch.tensor([_GAMMA_RAW_INIT], **factory))
         self.sparsity = check_sparsity(sparsity)
 
     def get_extra_state(self) -> Tensor:
@@ -89,9 +90,11 @@ class SNELLAdapter(Adapter):
 
     def kernel_params(self) -> dict[str, Tensor]:
         """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
-        params = {name: getattr(self, name) for name in ("coeff", "alpha", "beta", "gamma") if hasattr(self, name)}
+        params = {name: getattr(self, name).squeeze(0) for name in ("alpha", "beta", "gamma") if hasattr(self, name)}
+        if hasattr(self, "coeff"):
+            params["coeff"] = self.coeff
         if self.kernel == "mixture":
-            params["gamma"] = F.softplus(self.gamma_raw)  # the temperature stays positive
+            params["gamma"] = F.softplus(self.gamma_raw).squeeze(0)  # the temperature stays positive
         return params
 
     def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
