@@ -9,6 +9,7 @@ base, else the base weight's dtype)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
@@ -16,7 +17,7 @@ from typing import Any, ClassVar, Union
 import torch
 
 from .nn.base import check_dropout
-from .ops._common import check_real
+from .ops._common import FLOAT_DTYPES, check_real
 from .nn.lora import check_alpha, check_rank
 from .nn.flora import MODES as FLORA_MODES
 from .nn.liera import EXP_FORMS, GROUPS, INNERS
@@ -26,6 +27,24 @@ from .ops.kernelized_delta import KERNELS
 from .ops.sparsify import MODES as SPARSIFY_MODES, check_sparsity
 
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
+
+
+def check_module_spec(spec: object, name: str) -> None:
+    """``spec`` as ``target_modules`` takes it: a regex string, a module type, or a list of
+    names and types; else a TypeError/ValueError naming ``name``."""
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise ValueError(f"{name} {spec!r} is not a valid regular expression: {error}") from None
+        return
+    if isinstance(spec, type):
+        return
+    if not isinstance(spec, Sequence):
+        raise TypeError(f"{name} must be a regex string, a module type or a list of names and types, got {spec!r}")
+    for item in spec:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"{name} entries must be module names (str) or module types, got {item!r}")
 
 
 @dataclass
@@ -43,10 +62,13 @@ class AdapterConfig:
             not isinstance(self.target_modules, (str, type)) and len(self.target_modules) == 0
         ):
             raise ValueError("target_modules must name the modules to adapt (names, a regex, or types)")
+        check_module_spec(self.target_modules, "target_modules")
+        if self.exclude_modules is not None:
+            check_module_spec(self.exclude_modules, "exclude_modules")
         check_rank(self.r)
         check_dropout(self.dropout)
-        if self.dtype is not None and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+        if self.dtype is not None and getattr(torch, str(self.dtype), None) not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must name a floating torch dtype such as 'float32', got {self.dtype!r}")
 
     def layer_options(self) -> dict[str, Any]:
         """The keyword arguments of the layer's ``add_adapter`` this config gives."""

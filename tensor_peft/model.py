@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -184,16 +187,39 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     """Add adapter ``adapter_name`` to the modules ``config`` targets, in place, make it
     the active adapter and freeze every parameter but its own. Returns ``model``. All or
     nothing: if any module cannot take the adapter, the model is left as it was."""
+    _inject(model, config, adapter_name)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
+    """Add the adapter (not yet active); returns the call that takes it out again and
+    restores the model as it was."""
     if not isinstance(config, AdapterConfig) or config.method not in METHODS:
         raise TypeError(f"config must be one of {[c.__name__ for c, _ in METHODS.values()]}, got {type(config).__name__}")
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    for name, layer in adapter_layers(model).items():
+        if layer.merged_adapters:
+            raise ValueError(f"module {name!r} has adapter {layer.merged_adapters[0]!r} merged: unmerge before adding adapters")
     targets = _targets(model, config)
     layer_class = METHODS[config.method][1]
     options = config.layer_options()
     trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    undo = []
+    undo: list[Callable[[], None]] = []
+
+    def take_back() -> None:
+        for step in reversed(undo):
+            step()
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+        if configs:
+            model.tensor_peft_configs = configs
+        elif hasattr(model, "tensor_peft_configs"):
+            del model.tensor_peft_configs
+        _restore_transformer_fast_paths(model)
+
     try:
         for name, projections in targets.items():
             try:
@@ -201,21 +227,13 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             except (ValueError, TypeError) as error:
                 raise type(error)(f"module {name!r}: {error}") from None
     except BaseException:
-        for step in reversed(undo):
-            step()
-        for parameter, flag in trainable.items():
-            parameter.requires_grad_(flag)
+        take_back()
         raise
     _warn_tied(model, targets)
     _disable_transformer_fast_paths(model)
-    model.tensor_peft_configs = {
-        **configs,
-        adapter_name: dataclasses.replace(
-            config, target_modules=_saved_target_names(targets, model), exclude_modules=None
-        ),
-    }
-    set_adapter(model, adapter_name)
-    return model
+    saved_config = dataclasses.replace(config, target_modules=_saved_target_names(targets, model), exclude_modules=None)
+    model.tensor_peft_configs = {**configs, adapter_name: saved_config}
+    return take_back
 
 
 def _inject_one(model, name, projections, layer_class, adapter_name, options, undo) -> None:
@@ -228,8 +246,7 @@ def _inject_one(model, name, projections, layer_class, adapter_name, options, un
 
     if projections is None:
         if isinstance(current, AdapterLayer):
-            current.add_adapter(adapter_name, **options)
-            undo.append(lambda: current.delete_adapter(adapter_name))
+            _add_adapter(current, adapter_name, options, undo)
         else:
             _replace(model, name, make_layer(current))
             undo.append(lambda: _replace(model, name, current))
@@ -245,8 +262,18 @@ def _inject_one(model, name, projections, layer_class, adapter_name, options, un
             current.add_projection(projection, make_layer)
             undo.append(lambda p=projection: delattr(current, p))
         else:
-            layer.add_adapter(adapter_name, **options)
-            undo.append(lambda layer=layer: layer.delete_adapter(adapter_name))
+            _add_adapter(layer, adapter_name, options, undo)
+
+
+def _add_adapter(layer: AdapterLayer, adapter_name: str, options: dict, undo: list) -> None:
+    active = list(layer.active_adapters)
+    layer.add_adapter(adapter_name, **options)
+
+    def take_back():
+        layer.delete_adapter(adapter_name)
+        layer.active_adapters = active
+
+    undo.append(take_back)
 
 
 def _warn_tied(model: nn.Module, targets: dict[str, list[str] | None]) -> None:
@@ -289,9 +316,11 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     base) and the only trainable parameters of the model."""
     if adapter_name not in getattr(model, "tensor_peft_configs", {}):
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
+    layers = adapter_layers(model)
+    _per_layer(layers, lambda layer: layer.check_switch([adapter_name] if adapter_name in layer.adapters else []))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for layer in adapter_layers(model).values():
+    for layer in layers.values():
         if adapter_name in layer.adapters:
             layer.set_adapter(adapter_name)
             layer.adapters[adapter_name].requires_grad_(True)
@@ -333,34 +362,45 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
+def _per_layer(layers: dict[str, AdapterLayer], call: Callable[[AdapterLayer], None]) -> None:
+    """``call(layer)`` for each layer; a ValueError names the module."""
+    for name, layer in layers.items():
+        try:
+            call(layer)
+        except ValueError as error:
+            raise ValueError(f"module {name!r}: {error}") from None
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every layer's active adapters into its base weight. Refuses, naming the
-    module, where a weight is tied to another module's."""
-    layers = adapter_layers(model)
-    _check_untied(model, layers, "merge")
-    for layer in layers.values():
-        layer.merge()
+    """Fold every layer's active adapters into its base weight. All or nothing: every
+    layer's merge is checked (finite, restorable, no tied weight) before any is written."""
+    _merge_all(model, "merge")
     return model
 
 
+def _merge_all(model: nn.Module, action: str) -> None:
+    layers = adapter_layers(model)
+    _check_untied(model, layers, action)
+    _per_layer(layers, lambda layer: layer.merge(check_only=True))
+    _per_layer(layers, lambda layer: layer.merge())
+
+
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take every merged adapter out of the base weights again."""
-    for layer in adapter_layers(model).values():
-        layer.unmerge()
+    """Take every merged adapter out of the base weights again (all or nothing, as merge)."""
+    layers = adapter_layers(model)
+    _per_layer(layers, lambda layer: layer.unmerge(check_only=True))
+    _per_layer(layers, lambda layer: layer.unmerge())
     return model
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Plain torch modules back: each adapter layer is replaced by its base layer, with
-    the active adapters merged in (``merge=True``) or with all adapters taken out."""
-    layers = adapter_layers(model)
+    the active adapters merged in (``merge=True``) or with all adapters taken out. All
+    or nothing, as ``merge``."""
     if merge:
-        _check_untied(model, layers, "unload")
-    for layer in layers.values():
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
+        _merge_all(model, "unload")
+    else:
+        unmerge(model)
     _remove_empty_layers(model, remove_all=True)
     if hasattr(model, "tensor_peft_configs"):
         del model.tensor_peft_configs
@@ -373,11 +413,16 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
     """Write adapter ``adapter_name`` to directory ``path``: its config as JSON and its
-    tensors as safetensors (keys ``<module name>.<parameter>``)."""
+    tensors as safetensors (keys ``<module name>.<parameter>``). Each file is written
+    whole under a temporary name and then renamed; nothing is written if either fails to
+    serialize."""
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
     config = configs[adapter_name]
+    config_text = json.dumps(
+        {"tensor_peft_version": __version__, "method": config.method, "config": dataclasses.asdict(config)}, indent=2
+    )
     tensors = {
         f"{name}.{key}": value.detach().cpu().contiguous()
         for name, layer in adapter_layers(model).items()
@@ -386,11 +431,37 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / WEIGHTS_FILE))
-    fields = dataclasses.asdict(config)
-    (path / CONFIG_FILE).write_text(
-        json.dumps({"tensor_peft_version": __version__, "method": config.method, "config": fields}, indent=2)
-    )
+    for file in (WEIGHTS_FILE, CONFIG_FILE):
+        if (path / file).is_dir():
+            raise ValueError(f"path: {path / file} is a directory; cannot save the adapter there")
+    weights_tmp, config_tmp = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
+    try:
+        save_file(tensors, str(weights_tmp))
+        config_tmp.write_text(config_text)
+        os.replace(weights_tmp, path / WEIGHTS_FILE)
+        os.replace(config_tmp, path / CONFIG_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+
+
+def _read_config(path: Path) -> AdapterConfig:
+    """The config saved in ``path``, or a ValueError naming the file and what is wrong."""
+    file = path / CONFIG_FILE
+    try:
+        saved = json.loads(file.read_text())
+        method, fields = saved["method"], dict(saved["config"])
+        names = fields["target_modules"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{file} is not a tensor_peft adapter config: {type(error).__name__}: {error}") from None
+    if method not in METHODS:
+        raise ValueError(f"{file} holds an unknown method {method!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{file}: target_modules must be a list of module names, got {names!r}")
+    try:
+        return METHODS[method][0](**{**fields, "target_modules": names})
+    except TypeError as error:
+        raise ValueError(f"{file} does not fit {METHODS[method][0].__name__}: {error}") from None
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
@@ -398,26 +469,23 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     active. Raises, naming the module, where the model's modules do not fit the file
     (missing module, other method, other shapes); the model is then left as it was."""
     path = Path(path)
-    saved = json.loads((path / CONFIG_FILE).read_text())
-    if saved.get("method") not in METHODS:
-        raise ValueError(f"{path / CONFIG_FILE} holds an unknown method {saved.get('method')!r}")
-    config_class = METHODS[saved["method"]][0]
-    names = saved["config"]["target_modules"]
+    config = _read_config(path)
+    names = config.target_modules
+    modules = _original_modules(model)
     for name in names:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the saved adapter has module {name!r}, which the model lacks") from None
-    config = config_class(**{**saved["config"], "target_modules": "|".join(map(re.escape, names))})
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    inject(model, config, adapter_name)
+        if name not in modules:
+            raise ValueError(f"the saved adapter has module {name!r}, which the model lacks")
+    config = dataclasses.replace(config, target_modules="|".join(map(re.escape, names)))
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{path / WEIGHTS_FILE} could not be read: {error}") from None
+    take_back = _inject(model, config, adapter_name)
     try:
         _load_tensors(model, adapter_name, tensors)
-    except ValueError:
-        delete_adapter(model, adapter_name)
-        for parameter, flag in trainable.items():
-            parameter.requires_grad_(flag)
+        set_adapter(model, adapter_name)
+    except BaseException:
+        take_back()
         raise
     return model
 

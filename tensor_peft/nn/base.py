@@ -211,11 +211,18 @@ class AdapterLayer(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_adapter(self, names: str | list[str]) -> None:
-        """Make ``names`` the active adapters."""
+        """Make ``names`` the active adapters. A merged adapter stays active until unmerged."""
         names = [names] if isinstance(names, str) else list(names)
+        self.check_switch(names)
+        self.active_adapters = names
+
+    def check_switch(self, names: list[str]) -> None:
+        """Raises unless ``set_adapter(names)`` may run: known names, none merged left out."""
         for name in names:
             self._check_adapter(name)
-        self.active_adapters = names
+        dropped = [name for name in self.merged_adapters if name not in names]
+        if dropped:
+            raise ValueError(f"adapter {dropped[0]!r} is merged into the weight: unmerge it before switching adapters")
 
     def _check_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -294,35 +301,48 @@ class AdapterLayer(nn.Module):
         return any(name not in self.merged_adapters for name in self.active_adapters)
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
-        """Fold the active (or the named) adapters into the base weight. Refuses, leaving
-        the weight untouched, if the result would not be finite in the weight's dtype."""
-        for name in self.active_adapters if names is None else names:
+    def merge(self, names: list[str] | None = None, check_only: bool = False) -> None:
+        """Fold the active (or the named) adapters into the base weight. All or nothing:
+        refuses, leaving the weight untouched, where the result would not be finite in
+        the weight's dtype or could not be unmerged again (``merge_refusal``).
+        ``check_only`` runs the checks without writing."""
+        names = self.active_adapters if names is None else names
+        for name in names:
             self._check_adapter(name)
-            if name in self.merged_adapters:
-                continue
-            self._write_weight(self.merge_weight(self.adapters[name], self._wide_weight(name)), name, "merge")
-            self.merged_adapters.append(name)
+        pending = [name for name in dict.fromkeys(names) if name not in self.merged_adapters]
+        weight = self.weight
+        for name in pending:
+            weight = self._checked(self.merge_weight, name, weight, "merge")
+        if pending and not check_only:
+            self.weight.copy_(weight)
+            self.merged_adapters.extend(pending)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (last merged first)."""
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            self._write_weight(self.unmerge_weight(self.adapters[name], self._wide_weight(name)), name, "unmerge")
-            self.merged_adapters.pop()
+    def unmerge(self, check_only: bool = False) -> None:
+        """Take every merged adapter out of the base weight again (last merged first).
+        All or nothing, as ``merge``."""
+        weight = self.weight
+        for name in reversed(self.merged_adapters):
+            weight = self._checked(self.unmerge_weight, name, weight, "unmerge")
+        if self.merged_adapters and not check_only:
+            self.weight.copy_(weight)
+            self.merged_adapters.clear()
 
-    def _wide_weight(self, name: str) -> Tensor:
-        return self.weight.to(torch.promote_types(self.weight.dtype, self.compute_dtype(self.adapters[name])))
+    def _checked(self, transform, name: str, weight: Tensor, action: str) -> Tensor:
+        """``transform(adapter, weight)`` computed in float32 or wider and rounded to the
+        weight's dtype, or a ValueError saying why it may not be written."""
+        wide = weight.to(torch.promote_types(weight.dtype, self.compute_dtype(self.adapters[name])))
+        result = transform(self.adapters[name], wide).to(self.weight.dtype)
+        reason = self.merge_refusal(weight, result)
+        if reason:
+            raise ValueError(f"cannot {action} adapter {name!r}: {reason}; the weight is left unchanged")
+        return result
 
-    def _write_weight(self, new_weight: Tensor, name: str, action: str) -> None:
-        new_weight = new_weight.to(self.weight.dtype)
-        if not torch.isfinite(new_weight).all():
-            raise ValueError(
-                f"cannot {action} adapter {name!r}: the weight would hold non-finite values in "
-                f"{self.weight.dtype}; the weight is left unchanged"
-            )
-        self.weight.copy_(new_weight)
+    def merge_refusal(self, weight: Tensor, result: Tensor) -> str | None:
+        """Why ``result`` may not replace ``weight``, or None: non-finite values."""
+        if not torch.isfinite(result).all():
+            return f"the weight would hold non-finite values in {result.dtype}"
+        return None
 
     def extra_repr(self) -> str:
         return f"method={self.method}, adapters={list(self.adapters)}, active={self.active_adapters}"

@@ -113,6 +113,15 @@ class LieRALayer(AdapterLayer):
     def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
         return self.group_action(adapter, weight, inverse=True)
 
+    def merge_refusal(self, weight: Tensor, result: Tensor) -> str | None:
+        """Also refuses a result that zeroes a non-zero entry of the weight (1 + ΔW = 0 in
+        taylor1, exp(ΔW) underflowing in the weight's dtype): the inverse could not bring
+        that entry back."""
+        reason = super().merge_refusal(weight, result)
+        if reason is None and ((result == 0) & (weight != 0)).any():
+            return "it would zero non-zero entries of the weight, which unmerge could not restore"
+        return reason
+
     def delta_weight(self, adapter: Adapter) -> Tensor:
         """W_eff − W0, for the additive form the base class uses with dropout or several adapters."""
         return self.merge_weight(adapter, self.weight) - self.weight.to(self.compute_dtype(adapter))
