@@ -339,16 +339,15 @@ def test_flora_auto_picks_by_cost_and_says_so(geometry):
     assert layer.output_positions(x) * layer.weight.shape[0] == layer.base_layer(x).numel()
 
 
-def test_liera_taylor1_unmerge_that_would_divide_by_zero_refuses():
+def test_liera_taylor1_merge_that_would_zero_the_weight_refuses():
     layer = LieRALayer(nn.Linear(3, 2).double(), r=1, alpha=1.0, exp="taylor1")
-    with torch.no_grad():  # 1 + ΔW = 0 at entry (0, 0) after merging
+    with torch.no_grad():  # 1 + ΔW = 0 at entry (0, 0): merging would lose W0 there
         layer.adapters["default"].update.lora_B.fill_(1.0)
         layer.adapters["default"].update.lora_A.fill_(-1.0)
-    layer.merge()
-    merged = layer.weight.detach().clone()
-    with pytest.raises(ValueError, match="cannot unmerge adapter 'default'"):
-        layer.unmerge()
-    assert torch.equal(layer.weight, merged)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot merge adapter 'default': it would zero non-zero entries"):
+        layer.merge()
+    assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
 
 
 @pytest.mark.parametrize("make_base", [
