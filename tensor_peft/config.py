@@ -1,8 +1,10 @@
 """Adapter configurations (dataclasses), one per method, for ``tensor_peft.inject``.
 
 Common fields: ``target_modules`` (a list of module names, each matching the full name
-or a dotted suffix; a regex string matched against the full name; or module types),
-``exclude_modules`` (same forms), ``r`` (rank), ``dropout`` (on the adapter's input)
+or a dotted suffix; a regex string matched against the full name; module types; or
+"all-linear"), ``exclude_modules`` (same forms), ``modules_to_save`` (names of modules
+trained whole alongside the adapter, such as a classifier head, and saved with it),
+``r`` (rank), ``dropout`` (on the adapter's input)
 and ``dtype`` (of the adapter parameters; ``None``: float32 over a float16/bfloat16
 base, else the base weight's dtype)."""
 
@@ -53,6 +55,7 @@ class AdapterConfig:
 
     target_modules: ModuleSpec = None
     exclude_modules: ModuleSpec = None
+    modules_to_save: list[str] | None = None
     r: int = 8
     dropout: float = 0.0
     dtype: str | None = None
@@ -65,6 +68,10 @@ class AdapterConfig:
         check_module_spec(self.target_modules, "target_modules")
         if self.exclude_modules is not None:
             check_module_spec(self.exclude_modules, "exclude_modules")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
         check_rank(self.r)
         check_dropout(self.dropout)
         if self.dtype is not None and getattr(torch, str(self.dtype), None) not in FLOAT_DTYPES:
@@ -72,7 +79,7 @@ class AdapterConfig:
 
     def layer_options(self) -> dict[str, Any]:
         """The keyword arguments of the layer's ``add_adapter`` this config gives."""
-        skip = {"target_modules", "exclude_modules"}
+        skip = {"target_modules", "exclude_modules", "modules_to_save"}
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         options["dtype"] = getattr(torch, self.dtype) if self.dtype else None
         return options

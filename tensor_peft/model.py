@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, peft_format
 from .config import (
     AdapterConfig,
     FLoRAConfig,
@@ -32,6 +32,7 @@ from .config import (
 from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from .nn.attention import AdaptedMultiheadAttention, projection_weights
 from .nn.base import layer_kind
+from .ops._common import check_choice
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
@@ -149,6 +150,34 @@ def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str] | N
     return targets
 
 
+def _resolve_modules_to_save(model: nn.Module, config: AdapterConfig, targets: dict) -> list[str] | None:
+    """The full names of ``config.modules_to_save``: each entry must name a module (full
+    name or dotted suffix) that holds no adapter target and lies in none."""
+    if not config.modules_to_save:
+        return None
+    modules = _original_modules(model)
+    names = set()
+    for entry in config.modules_to_save:
+        found = {name for name in modules if name and _matches(name, modules[name], entry, regex=False)}
+        if not found:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
+        names |= found
+    for name in names:
+        clash = next((t for t in targets if t == name or t.startswith(name + ".") or name.startswith(t + ".")), None)
+        if clash is not None:
+            raise ValueError(f"module {name!r} is in modules_to_save and holds adapter target {clash!r}: it can be only one")
+    return sorted(names)
+
+
+def _module_tensors(model: nn.Module, names: list[str] | None) -> dict[str, torch.Tensor]:
+    """The state of the modules ``names`` (modules_to_save), keyed ``<module>.<key>``."""
+    return {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name in names or ()
+        for key, value in model.get_submodule(name).state_dict().items()
+    }
+
+
 def _saved_target_names(targets: dict[str, list[str] | None], model: nn.Module) -> list[str]:
     """The names a saved adapter records: those that select the same modules again in a
     fresh model (an attention adapted on ``out_proj`` alone is recorded by that name)."""
@@ -204,6 +233,7 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Calla
         if layer.merged_adapters:
             raise ValueError(f"module {name!r} has adapter {layer.merged_adapters[0]!r} merged: unmerge before adding adapters")
     targets = _targets(model, config)
+    modules_to_save = _resolve_modules_to_save(model, config, targets)
     layer_class = METHODS[config.method][1]
     options = config.layer_options()
     trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
@@ -231,7 +261,9 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Calla
         raise
     _warn_tied(model, targets)
     _disable_transformer_fast_paths(model)
-    saved_config = dataclasses.replace(config, target_modules=_saved_target_names(targets, model), exclude_modules=None)
+    saved_config = dataclasses.replace(
+        config, target_modules=_saved_target_names(targets, model), exclude_modules=None, modules_to_save=modules_to_save
+    )
     model.tensor_peft_configs = {**configs, adapter_name: saved_config}
     return take_back
 
@@ -313,7 +345,9 @@ def _restore_transformer_fast_paths(model: nn.Module) -> None:
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the active adapter everywhere (layers without it run their
-    base) and the only trainable parameters of the model."""
+    base), and its parameters and its ``modules_to_save`` the only trainable parameters
+    of the model. Modules to save are trained in place: adapters that name the same
+    module share it."""
     if adapter_name not in getattr(model, "tensor_peft_configs", {}):
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
     layers = adapter_layers(model)
@@ -326,6 +360,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.adapters[adapter_name].requires_grad_(True)
         else:
             layer.set_adapter([])
+    for name in model.tensor_peft_configs[adapter_name].modules_to_save or ():
+        model.get_submodule(name).requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -411,24 +447,29 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", format: str = "tensor_peft") -> None:
     """Write adapter ``adapter_name`` to directory ``path``: its config as JSON and its
-    tensors as safetensors (keys ``<module name>.<parameter>``). Each file is written
-    whole under a temporary name and then renamed; nothing is written if either fails to
-    serialize."""
+    tensors as safetensors (keys ``<module name>.<parameter>``, and
+    ``modules_to_save.<module>.<key>``). ``format="peft"`` writes peft's LoRA format
+    instead (``peft.PeftModel.from_pretrained`` loads it), for the methods whose update is
+    exactly a low-rank product; the others raise saying why. Each file is written whole
+    under a temporary name and then renamed; nothing is written if either fails."""
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
+    check_choice(format, "format", ("tensor_peft", "peft"))
     config = configs[adapter_name]
-    config_text = json.dumps(
-        {"tensor_peft_version": __version__, "method": config.method, "config": dataclasses.asdict(config)}, indent=2
-    )
-    tensors = {
-        f"{name}.{key}": value.detach().cpu().contiguous()
-        for name, layer in adapter_layers(model).items()
-        if adapter_name in layer.adapters
-        for key, value in layer.adapters[adapter_name].state_dict().items()
-    }
+    layers = {name: layer for name, layer in adapter_layers(model).items() if adapter_name in layer.adapters}
+    module_tensors = _module_tensors(model, config.modules_to_save)
+    if format == "peft":
+        fields, tensors = peft_format.export_tensors(model, layers, adapter_name, config.modules_to_save, module_tensors)
+    else:
+        fields = {"tensor_peft_version": __version__, "method": config.method, "config": dataclasses.asdict(config)}
+        tensors = {f"{peft_format.MODULES_TO_SAVE}.{key}": value for key, value in module_tensors.items()}
+        for name, layer in layers.items():
+            for key, value in layer.adapters[adapter_name].state_dict().items():
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    config_text = json.dumps(fields, indent=2)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for file in (WEIGHTS_FILE, CONFIG_FILE):
@@ -445,49 +486,70 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         config_tmp.unlink(missing_ok=True)
 
 
-def _read_config(path: Path) -> AdapterConfig:
-    """The config saved in ``path``, or a ValueError naming the file and what is wrong."""
+def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors saved in ``path`` (tensor_peft's format or peft's LoRA), or a
+    ValueError naming the file and what is wrong."""
     file = path / CONFIG_FILE
     try:
         saved = json.loads(file.read_text())
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, ValueError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{path} holds no readable adapter: {type(error).__name__}: {error}") from None
+    if isinstance(saved, dict) and peft_format.is_peft_config(saved):
+        return peft_format.import_config(saved, tensors, str(file))
+    try:
         method, fields = saved["method"], dict(saved["config"])
         names = fields["target_modules"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{file} is not a tensor_peft adapter config: {type(error).__name__}: {error}") from None
     if method not in METHODS:
         raise ValueError(f"{file} holds an unknown method {method!r}")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{file}: target_modules must be a list of module names, got {names!r}")
     try:
-        return METHODS[method][0](**{**fields, "target_modules": names})
+        return METHODS[method][0](**{**fields, "target_modules": names}), tensors
     except TypeError as error:
         raise ValueError(f"{file} does not fit {METHODS[method][0].__name__}: {error}") from None
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Add the adapter saved in ``path`` to ``model`` as ``adapter_name`` and make it
-    active. Raises, naming the module, where the model's modules do not fit the file
-    (missing module, other method, other shapes); the model is then left as it was."""
+    """Add the adapter saved in ``path`` (by ``save_adapter``, or a peft LoRA adapter) to
+    ``model`` as ``adapter_name`` and make it active. Raises, naming the module, where the
+    model's modules do not fit the file (missing module, other method, other shapes); the
+    model is then left as it was."""
     path = Path(path)
-    config = _read_config(path)
-    names = config.target_modules
+    config, tensors = _read_adapter(path)
     modules = _original_modules(model)
-    for name in names:
+    for name in [*config.target_modules, *(config.modules_to_save or ())]:
         if name not in modules:
             raise ValueError(f"the saved adapter has module {name!r}, which the model lacks")
-    config = dataclasses.replace(config, target_modules="|".join(map(re.escape, names)))
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    except (OSError, safetensors.SafetensorError) as error:
-        raise ValueError(f"{path / WEIGHTS_FILE} could not be read: {error}") from None
+    config = dataclasses.replace(config, target_modules="|".join(map(re.escape, config.target_modules)))
+    prefix = peft_format.MODULES_TO_SAVE + "."
+    module_tensors = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    adapter_tensors = {key: value for key, value in tensors.items() if not key.startswith(prefix)}
     take_back = _inject(model, config, adapter_name)
     try:
-        _load_tensors(model, adapter_name, tensors)
+        _load_tensors(model, adapter_name, adapter_tensors)
+        _load_module_tensors(model, model.tensor_peft_configs[adapter_name].modules_to_save, module_tensors)
         set_adapter(model, adapter_name)
     except BaseException:
         take_back()
         raise
     return model
+
+
+def _load_module_tensors(model: nn.Module, names: list[str] | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the saved state of the modules to save into the model, all checked first."""
+    expected = _module_tensors(model, names)
+    if expected.keys() != tensors.keys():
+        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+        raise ValueError(f"saved modules_to_save do not fit the model: missing {missing}, unexpected {unexpected}")
+    for key, value in expected.items():
+        if value.shape != tensors[key].shape:
+            raise ValueError(f"modules_to_save {key!r}: saved shape {tuple(tensors[key].shape)}, the model's {tuple(value.shape)}")
+    for name in names or ():
+        module = model.get_submodule(name)
+        module.load_state_dict({key: tensors[f"{name}.{key}"] for key in module.state_dict()})
 
 
 def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:

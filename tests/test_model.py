@@ -305,7 +305,7 @@ def test_distributed_data_parallel_synchronizes_adapter_gradients(tmp_path):
     [
         (lambda: tp.LoRAConfig(target_modules=["fc"], r=0), "r must be a positive integer"),
         (lambda: tp.LoRAConfig(target_modules=["fc"], dropout=-0.1), "dropout must be a probability"),
-        (lambda: tp.LoRAConfig(target_modules=["fc"], dtype="float8"), "dtype must name a torch dtype"),
+        (lambda: tp.LoRAConfig(target_modules=["fc"], dtype="float8"), "dtype must name a floating torch dtype"),
         (lambda: tp.LoRAConfig(target_modules=[]), "target_modules must name"),
         (lambda: tp.MTLoRAConfig(target_modules=["fc"], variant="full"), "variant must be one of"),
         (lambda: tp.FLoRAConfig(target_modules=["fc"], mode="fused"), "mode must be one of"),

@@ -100,6 +100,7 @@ class AdapterLayer(nn.Module):
     (additive by default)."""
 
     method: str = ""
+    no_low_rank_form = "this update is not a low-rank product B·A: peft's LoRA cannot hold it"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", **options):
         super().__init__()
@@ -244,6 +245,11 @@ class AdapterLayer(nn.Module):
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         return self.base_operation(x, self.delta_weight(adapter))
+
+    def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
+        """(down ``(r, *weight.shape[1:])``, up ``(out, r)``, scale) with ΔW = scale·up·down
+        exactly (peft's LoRA form), or a ValueError saying why the method has none."""
+        raise ValueError(self.no_low_rank_form)
 
     def compute_dtype(self, adapter: Adapter) -> torch.dtype:
         """At least float32, and the adapter parameters' dtype if wider."""

@@ -116,6 +116,15 @@ class FLoRALayer(AdapterLayer):
         core, factors = self._params(adapter, self.compute_dtype(adapter))
         return ops.tucker_delta(core, factors, adapter.scale)
 
+    def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
+        """ΔW = U_0 · (s·R) with R = G ×_1 U_1 ×_2 U_2 … (every mode but the first folded
+        into the core): rank r_0, exact. A grouped conv's ΔW has no such form in peft."""
+        if self.is_conv and self.base_layer.groups > 1:
+            raise ValueError("a grouped conv's FLoRA update has no peft LoRA form")
+        core, (U0, *others) = adapter.core, list(adapter.factors)
+        eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
+        return ops.tucker_delta(core, [eye, *others], adapter.scale), U0, 1.0
+
     def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
         core, factors = self._params(adapter, self.compute_dtype(adapter))
         return ops.tucker_merge(weight, core, factors, adapter.scale)

@@ -59,6 +59,7 @@ class LieRALayer(AdapterLayer):
     """A frozen Linear/Conv1d/Conv2d/Conv3d with LieRA adapters (drop-in replacement)."""
 
     method = "liera"
+    no_low_rank_form = "LieRA's W0 ⊙ exp(ΔW) (or blockdiag(exp(S))·W0) is multiplicative: peft's LoRA (W0 + B·A) cannot hold it"
 
     def __init__(
         self,

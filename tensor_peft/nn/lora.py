@@ -47,6 +47,9 @@ class LowRankLayer(AdapterLayer):
     def down_projection(self, adapter: Adapter) -> Tensor:
         raise NotImplementedError
 
+    def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
+        return self.down_projection(adapter), adapter.lora_B, adapter.scale
+
     def delta_weight(self, adapter: Adapter) -> Tensor:
         down = self.down_projection(adapter).to(self.compute_dtype(adapter))
         up = adapter.lora_B.to(down.dtype)

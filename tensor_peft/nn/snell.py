@@ -152,6 +152,7 @@ class SNELLLayer(AdapterLayer):
     ``chunks`` H (must divide r); ``learnable_coeff`` trains piecewise's chunk coefficients."""
 
     method = "snell"
+    no_low_rank_form = "SNELL's sparsified kernelized ΔW has no low-rank form: peft's LoRA (W0 + B·A) cannot hold it"
     default_kernel = "piecewise_linear"
 
     def __init__(
