@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import tensor_peft as tp
@@ -114,13 +115,14 @@ def test_a_failed_load_under_a_new_name_leaves_the_active_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ("{not json", "is not a tensor_peft adapter config"),
+    ("{not json", "holds no readable adapter: JSONDecodeError"),
     (json.dumps({"method": "lora"}), "is not a tensor_peft adapter config: KeyError"),
     (json.dumps({"method": "lora", "config": {"target_modules": "0"}}), "target_modules must be a list"),
     (json.dumps({"method": "lora", "config": {"target_modules": ["0"], "rank": 3}}), "does not fit LoRAConfig"),
 ])
 def test_a_malformed_config_file_raises_naming_it(tmp_path, content, message):
     (tmp_path / "adapter_config.json").write_text(content)
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
     model = two_layers()
     with pytest.raises(ValueError, match=message):
         tp.load_adapter(model, tmp_path)
