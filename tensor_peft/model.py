@@ -524,13 +524,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if name not in modules:
             raise ValueError(f"the saved adapter has module {name!r}, which the model lacks")
     config = dataclasses.replace(config, target_modules="|".join(map(re.escape, config.target_modules)))
-    prefix = peft_format.MODULES_TO_SAVE + "."
-    module_tensors = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-    adapter_tensors = {key: value for key, value in tensors.items() if not key.startswith(prefix)}
     take_back = _inject(model, config, adapter_name)
     try:
-        _load_tensors(model, adapter_name, adapter_tensors)
-        _load_module_tensors(model, model.tensor_peft_configs[adapter_name].modules_to_save, module_tensors)
+        _load_tensors(model, adapter_name, tensors)
         set_adapter(model, adapter_name)
     except BaseException:
         take_back()
@@ -538,30 +534,30 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return model
 
 
-def _load_module_tensors(model: nn.Module, names: list[str] | None, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy the saved state of the modules to save into the model, all checked first."""
-    expected = _module_tensors(model, names)
-    if expected.keys() != tensors.keys():
-        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-        raise ValueError(f"saved modules_to_save do not fit the model: missing {missing}, unexpected {unexpected}")
-    for key, value in expected.items():
-        if value.shape != tensors[key].shape:
-            raise ValueError(f"modules_to_save {key!r}: saved shape {tuple(tensors[key].shape)}, the model's {tuple(value.shape)}")
-    for name in names or ():
-        module = model.get_submodule(name)
-        module.load_state_dict({key: tensors[f"{name}.{key}"] for key in module.state_dict()})
+def load_adapter_weights(model: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+    """Copy the tensors saved in ``path`` into the model's existing adapter
+    ``adapter_name`` (and its modules_to_save), all checked before any is written."""
+    configs = getattr(model, "tensor_peft_configs", {})
+    if adapter_name not in configs:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}")
+    config, tensors = _read_adapter(Path(path))
+    if config.method != configs[adapter_name].method:
+        raise ValueError(f"{path} holds a {config.method} adapter; adapter {adapter_name!r} is {configs[adapter_name].method}")
+    _load_tensors(model, adapter_name, tensors)
 
 
 def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-    adapters = {
-        name: layer.adapters[adapter_name]
-        for name, layer in adapter_layers(model).items()
-        if adapter_name in layer.adapters
+    """Load the saved tensors into the adapter's modules and its modules_to_save, every
+    key and shape checked before anything is written."""
+    destinations = {
+        name: layer.adapters[adapter_name] for name, layer in adapter_layers(model).items() if adapter_name in layer.adapters
     }
+    for name in model.tensor_peft_configs[adapter_name].modules_to_save or ():
+        destinations[f"{peft_format.MODULES_TO_SAVE}.{name}"] = model.get_submodule(name)
     expected = {
         f"{name}.{key}": (name, key, value)
-        for name, adapter in adapters.items()
-        for key, value in adapter.state_dict().items()
+        for name, module in destinations.items()
+        for key, value in module.state_dict().items()
     }
     if set(expected) != set(tensors):
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -572,5 +568,5 @@ def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.
                 f"module {name!r}: saved {param_key} has shape "
                 f"{tuple(tensors[key].shape)}, the model's has {tuple(value.shape)}"
             )
-    for name, adapter in adapters.items():  # load_state_dict: also the adapters' extra state
-        adapter.load_state_dict({key: tensors[f"{name}.{key}"] for key in adapter.state_dict()})
+    for name, module in destinations.items():  # load_state_dict: also the adapters' extra state
+        module.load_state_dict({key: tensors[f"{name}.{key}"] for key in module.state_dict()})
