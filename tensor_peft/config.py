@@ -22,7 +22,7 @@ from .nn.base import check_dropout
 from .ops._common import FLOAT_DTYPES, check_real
 from .nn.lora import check_alpha, check_rank
 from .nn.flora import MODES as FLORA_MODES
-from .nn.liera import EXP_FORMS, GROUPS, INNERS
+from .nn.liera import EXP_FORMS, GROUPS, INNERS, SIDES
 from .nn.mtlora import VARIANTS
 from .nn.snell import check_chunks
 from .ops.kernelized_delta import KERNELS
@@ -133,7 +133,8 @@ class FLoRAConfig(AdapterConfig):
 class LieRAConfig(AdapterConfig):
     """LieRA: W_eff = W0 ⊙ exp(ΔW) (``group="hadamard"``, ΔW from ``inner`` lora with
     s = alpha/r, or flora with ``scale``/``ranks``; ``exp`` exact or taylor1), or
-    W_eff = blockdiag(exp(S_i))·W0 (``group`` orthogonal or gl, blocks of ``block_size``)."""
+    W_eff = blockdiag(exp(S_i))·W0 (``group`` orthogonal or gl, blocks of ``block_size``;
+    ``side="input"``: W0·blockdiag(exp(S_i)) on the inputs)."""
 
     method: ClassVar[str] = "liera"
     alpha: float = 8.0
@@ -141,6 +142,7 @@ class LieRAConfig(AdapterConfig):
     inner: str = "lora"
     exp: str = "exact"
     block_size: int = 4
+    side: str = "output"
     scale: float = 1.0
     ranks: list[int] | None = None
 
@@ -150,7 +152,7 @@ class LieRAConfig(AdapterConfig):
         check_real(self.scale, "scale")
         check_rank(self.block_size, "block_size")
         for value, name, choices in ((self.group, "group", GROUPS), (self.inner, "inner", INNERS),
-                                     (self.exp, "exp", EXP_FORMS)):  # fmt: skip
+                                     (self.exp, "exp", EXP_FORMS), (self.side, "side", SIDES)):  # fmt: skip
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 

@@ -250,15 +250,19 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Calla
             del model.tensor_peft_configs
         _restore_transformer_fast_paths(model)
 
+    errors = []
     try:
         for name, projections in targets.items():
             try:
                 _inject_one(model, name, projections, layer_class, adapter_name, options, undo)
             except (ValueError, TypeError) as error:
-                raise type(error)(f"module {name!r}: {error}") from None
+                errors.append((type(error), f"module {name!r}: {error}"))
     except BaseException:
         take_back()
         raise
+    if errors:  # every module that cannot take the adapter, not just the first
+        take_back()
+        raise errors[0][0]("; ".join(message for _, message in errors))
     _warn_tied(model, targets)
     _disable_transformer_fast_paths(model)
     saved_config = dataclasses.replace(

@@ -212,3 +212,13 @@ def test_allocator_state_of_other_layers_raises():
     tp.inject(other, tp.SNELLAConfig(target_modules=[nn.Linear], r=2))
     with pytest.raises(ValueError, match="allocator state does not fit this model's layers: missing"):
         tp.SparsityAllocator(other).load_state_dict(state)
+
+
+def test_orthogonal_generators_hold_only_the_free_parameters():
+    """n(n-1)/2 per block of a rotation (not n²), all of the block for gl."""
+    model = tp.inject(two_layers(), tp.LieRAConfig(target_modules=["0"], group="orthogonal", block_size=3))
+    assert tp.trainable_parameter_count(model) == 2 * 3
+    model = tp.inject(two_layers(), tp.LieRAConfig(target_modules=["0"], group="gl", block_size=3))
+    assert tp.trainable_parameter_count(model) == 2 * 9
+    model = tp.inject(two_layers(), tp.LieRAConfig(target_modules=["2"], group="orthogonal", block_size=2, side="input"))
+    assert tp.trainable_parameter_count(model) == 3 * 1

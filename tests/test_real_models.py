@@ -338,12 +338,12 @@ def test_tied_weights_warn_at_inject_and_merge_refuses_leaving_the_model_as_it_w
 
 
 def test_a_failed_inject_leaves_the_model_as_it_was():
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 10))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    # block_size 4 divides 8 but not 6: the second module fails after the first was wrapped
-    with pytest.raises(ValueError, match="module '1': block_size 4 must divide"):
+    # block_size 4 divides 8 but not 6 or 10: the others fail after the first was wrapped, each named
+    with pytest.raises(ValueError, match=r"module '1': block_size 4 must divide .*\(6\); module '2': .*\(10\)"):
         tp.inject(model, tp.LieRAConfig(target_modules=[nn.Linear], group="orthogonal", block_size=4))
-    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear, nn.Linear]
     assert all(p.requires_grad for p in model.parameters())
     assert not hasattr(model, "tensor_peft_configs")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -112,10 +112,15 @@ def spec_weight(layer, adapter) -> torch.Tensor:
     if group == "hadamard":
         delta = spec_delta(layer, adapter.update)
         return W0 * (torch.exp(delta) if adapter.exp == "exact" else 1 + delta)
-    A = adapter.generators
-    S = A - A.transpose(-1, -2) if group == "orthogonal" else A
+    n, A = adapter.block_size, adapter.generators
+    if group == "orthogonal":  # the stored entries fill the strict upper triangle row by row
+        S = torch.stack([torch.zeros(n, n, dtype=A.dtype).masked_scatter(torch.ones(n, n).triu(1).bool(), a) for a in A])
+        S = S - S.transpose(-1, -2)
+    else:
+        S = A.reshape(-1, n, n)
     rotation = torch.block_diag(*[taylor_expm(block) for block in S])
-    return (rotation @ W0.reshape(W0.shape[0], -1)).reshape(W0.shape)
+    matrix = W0.reshape(W0.shape[0], -1)
+    return (rotation @ matrix if adapter.side == "output" else matrix @ rotation).reshape(W0.shape)
 
 
 def spec_forward(layer, adapter, x) -> torch.Tensor:
@@ -136,6 +141,9 @@ METHODS = {
     **{f"liera-{g}": (lambda g: lambda base, **kw: LieRALayer(
         base, group=g, block_size=next(b for b in (3, 2, 1) if base.weight.shape[0] % b == 0), **kw))(g)
        for g in ("orthogonal", "gl")},
+    "liera-orthogonal-input": lambda base, **kw: LieRALayer(
+        base, group="orthogonal", side="input", block_size=next(b for b in (3, 2, 1) if base.weight[0].numel() % b == 0),
+        **kw),
     "snell-piecewise-hard": lambda base, **kw: SNELLLayer(base, r=4, sparsity=0.6, **kw),
     "snell-rbf-soft": lambda base, **kw: SNELLLayer(base, r=2, sparsity=0.3, kernel="rbf", mode="soft", **kw),
     "snell-sigmoid-hard": lambda base, **kw: SNELLLayer(base, r=3, sparsity=0.5, kernel="sigmoid", chunks=3, **kw),
