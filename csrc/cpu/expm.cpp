@@ -1,6 +1,8 @@
 // Batched matrix exponential and its adjoint Fréchet derivative (the backward of exp):
-// each OpenMP thread takes a static share of the batch with its own workspace and runs
-// the math of tensor_peft/expm.h in the data's own precision (with that precision's θ_m).
+// the batch is cut into fixed chunks (tensor_peft/threads.h), each run with its own
+// workspace through the math of tensor_peft/expm.h in the data's own precision (with that
+// precision's θ_m). Chunks start at multiples of kGroup matrices, so the SIMD lane groups,
+// which share a Padé degree, are the same at any thread count.
 //   forward   out[b] = exp(A[b])
 //   backward  dA[b] = L(A[b]ᵀ, Γ[b]), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 first and the
 //             result scaled back (exact): a large gradient costs no extra squarings.
@@ -13,6 +15,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
 #include "tensor_peft/expm.h"
 #include "tensor_peft/lanes.h"
@@ -20,11 +23,12 @@
 
 
 namespace py = pybind11;
+namespace arguments = tensor_peft::arguments;
 
 namespace {
 
 using tensor_peft::cpu::aligned_buffer;
-using tensor_peft::cpu::share;
+using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft::cpu::for_each_chunk;
 using tensor_peft::expm::exp_and_frechet;
 using tensor_peft::expm::Lanes;
 using tensor_peft::expm::workspace_size;
@@ -53,9 +57,9 @@ inline void scatter(const V* values, S* out, int64_t lanes, int64_t nn) {
     }
 }
 
-// Each thread runs its share of the batch, Lanes<V>::count matrices at a time, through
+// Each chunk of the batch runs, Lanes<V>::count matrices at a time, through
 // one call of these range functions, compiled once per instruction set (TP_CPU_CLONES)
-// and per small size N (N = 0: any n). Lanes past the end of the share hold zeros.
+// and per small size N (N = 0: any n). Lanes past the end of the chunk hold zeros.
 template <int N, typename S, typename V = Value<N, S>>
 TP_CPU_CLONES void forward_range(const S* A, S* out, int64_t begin, int64_t end, int n, V* work,
                                  typename Lanes<V>::Index* pivots) {
@@ -98,65 +102,75 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
     }
 }
 
+constexpr int64_t kGroup = 8;  // a multiple of every lane count (8 float, 4 double)
+
+// body(begin, end) for the fixed chunks of the batch, each starting at a multiple of kGroup.
+template <typename Body>
+void for_each_batch_chunk(int64_t batch, Body body) {
+    const int64_t groups = (batch + kGroup - 1) / kGroup;
+    const int64_t chunks = chunk_count(groups, 1);
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t first, last;
+        chunk_range(groups, chunks, c, first, last);
+        body(first * kGroup, std::min(last * kGroup, batch));
+    });
+}
+
 template <int N>
 struct Forward {
     template <typename S>
-    static void run(const S* A, S* out, int64_t begin, int64_t end, int n) {
+    static void run(const S* A, S* out, int64_t batch, int n) {
         using V = Value<N, S>;
-        const auto work = aligned_buffer<V>(workspace_size(n) + 2 * n * n);
-        const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
-        forward_range<N, S>(A, out, begin, end, n, work.get(), pivots.get());
+        for_each_batch_chunk(batch, [&](int64_t begin, int64_t end) {
+            const auto work = aligned_buffer<V>(workspace_size(n) + 2 * int64_t(n) * n);
+            const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
+            forward_range<N, S>(A, out, begin, end, n, work.get(), pivots.get());
+        });
     }
 };
 
 template <int N>
 struct Backward {
     template <typename S>
-    static void run(const S* grad, const S* A, S* dA, int64_t begin, int64_t end, int n) {
+    static void run(const S* grad, const S* A, S* dA, int64_t batch, int n) {
         using V = Value<N, S>;
-        const auto work = aligned_buffer<V>(workspace_size(n) + 4 * n * n);
-        const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
-        backward_range<N, S>(grad, A, dA, begin, end, n, work.get(), pivots.get());
+        for_each_batch_chunk(batch, [&](int64_t begin, int64_t end) {
+            const auto work = aligned_buffer<V>(workspace_size(n) + 4 * int64_t(n) * n);
+            const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
+            backward_range<N, S>(grad, A, dA, begin, end, n, work.get(), pivots.get());
+        });
     }
 };
 
-template <typename S>
-void forward(const S* A, S* out, int64_t batch, int n) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        share(batch, begin, end);
-        tensor_peft::expm::with_size<Forward>(n, A, out, begin, end, n);
-    }
-}
+// The largest n: the kernels index a matrix's n² entries with int.
+constexpr int64_t kMaxSize = 46340;
 
-template <typename S>
-void backward(const S* grad, const S* A, S* dA, int64_t batch, int n) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        share(batch, begin, end);
-        tensor_peft::expm::with_size<Backward>(n, grad, A, dA, begin, end, n);
-    }
-}
-
-template <typename S>
-S* ptr(std::uintptr_t address) {
-    return reinterpret_cast<S*>(address);
+// (batch, n) checked, and the number of values of the batch.
+inline int64_t checked_values(int64_t batch, int64_t n) {
+    arguments::at_most(arguments::size(n, "n"), kMaxSize, "n");
+    return arguments::product(arguments::size(batch, "batch"), n * n, "batch × n²");
 }
 
 template <typename S>
 void bind(py::module_& m, const std::string& suffix) {
+    using arguments::pointer;
     m.def(("matrix_exp_" + suffix).c_str(),
-          [](std::uintptr_t out, std::uintptr_t A, int64_t batch, int n) {
+          [](std::uintptr_t out, std::uintptr_t A, int64_t batch, int64_t n) {
+              const int64_t values = checked_values(batch, n);
+              S* o = pointer<S>(out, values, "out");
+              const S* a = pointer<const S>(A, values, "A");
               py::gil_scoped_release release;
-              forward<S>(ptr<const S>(A), ptr<S>(out), batch, n);
+              tensor_peft::expm::with_size<Forward>(static_cast<int>(n), a, o, batch, static_cast<int>(n));
           },
           "out[b] = exp(A[b]) for a contiguous batch of n×n matrices.");
     m.def(("matrix_exp_backward_" + suffix).c_str(),
-          [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int n) {
+          [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int64_t n) {
+              const int64_t values = checked_values(batch, n);
+              S* d = pointer<S>(d_A, values, "d_A");
+              const S* g = pointer<const S>(grad, values, "grad");
+              const S* a = pointer<const S>(A, values, "A");
               py::gil_scoped_release release;
-              backward<S>(ptr<const S>(grad), ptr<const S>(A), ptr<S>(d_A), batch, n);
+              tensor_peft::expm::with_size<Backward>(static_cast<int>(n), g, a, d, batch, static_cast<int>(n));
           },
           "d_A[b] = L(A[b]ᵀ, grad[b]), the adjoint Fréchet derivative of exp.");
 }

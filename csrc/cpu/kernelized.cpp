@@ -5,7 +5,9 @@
 // unit-stride loops. Kernels (ids as in kKernel*): piecewise Σ_h coeff[h]·sqrt(‖b^h − a^h‖² +
 // eps); rbf alpha·exp(−beta‖b − a‖²) + gamma; sigmoid alpha·σ(beta b·a) + gamma; linear
 // b·a; mixture P + alpha·softmax_j(P/gamma) + beta with P the piecewise kernel (the softmax
-// runs down each column: its max and sum come from passes over the rows first).
+// runs down each column: its max and sum come from passes over the rows first; it is taken
+// as exp((P − max_j P)/gamma)/Σ, the difference before the division, which keeps a small
+// gamma from magnifying the rounding of P/gamma).
 //
 // Sparsification (mode 1 hard, 2 soft): τ = the k-th smallest |ΔW_raw| by radix select
 // (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
@@ -14,7 +16,8 @@
 // (each row as it is computed when τ is given). Backward recomputes the rows from the
 // embeddings (nothing m×n is kept), applies the derivative of the sparsification with τ
 // and |ΔW| (hard) held constant, and reduces into the gradients: rows of Out per row,
-// columns of In and the kernel parameters in per-thread partials summed at the end. For
+// columns of In and the kernel parameters in partials per fixed chunk of rows, added in
+// chunk order (tensor_peft/threads.h: the same bits at any thread count). For
 // ΔW inside a linear layer, ∂L/∂ΔW = grad_outᵀ·input is computed only at the kept entries
 // (sampled_upstream).
 #include <pybind11/pybind11.h>
@@ -26,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
 #include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
@@ -37,7 +41,8 @@ namespace py = pybind11;
 namespace {
 
 using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
-using tensor_peft::cpu::max_thread_count, tensor_peft::cpu::share, tensor_peft::cpu::thread_number;
+using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft::cpu::for_each_chunk;
+namespace arguments = tensor_peft::arguments;
 
 template <typename T>
 struct Problem {
@@ -47,11 +52,11 @@ struct Problem {
     int kernel;
     const T* coeff;   // (H,)
     T alpha, beta, gamma, eps;
-    const T* column_max = nullptr;  // mixture: max_j P/gamma and Σ_j exp(P/gamma − max) per column
+    const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
 };
 
-// Per-thread row buffers of n values.
+// A chunk's row buffers of n values.
 template <typename T>
 struct Rows {
     std::vector<T> distance, scratch, piecewise;
@@ -101,6 +106,32 @@ inline void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* dista
     }
 }
 
+// Mixture's S = softmax_j(P/gamma) at column i for the value `piecewise` of P there.
+template <typename T>
+inline T softmax_term(const Problem<T>& P, T piecewise, int64_t i) {
+    return std::exp((piecewise - P.column_max[i]) / P.gamma) / P.column_sum[i];
+}
+
+// Multiply-adds a chunk of rows takes at least (fewer, larger chunks on small problems).
+constexpr int64_t kChunkWork = 1 << 16;
+
+// The number of fixed chunks the m rows are cut into.
+template <typename T>
+int64_t row_chunks(const Problem<T>& P) {
+    const int64_t row_work = std::max<int64_t>(1, P.n * std::max<int64_t>(1, P.chunks * P.width));
+    return chunk_count(P.m, std::max<int64_t>(1, kChunkWork / row_work));
+}
+
+// body(begin, end) for the fixed chunks of rows, on the OpenMP threads.
+template <typename T, typename Body>
+void for_each_row_chunk(const Problem<T>& P, int64_t chunks, Body body) {
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t begin, end;
+        chunk_range(P.m, chunks, c, begin, end);
+        body(c, begin, end);
+    });
+}
+
 // Row j of ΔW_raw into out (mixture: needs the column statistics).
 template <typename T>
 TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
@@ -115,7 +146,7 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
             const T* mx = P.column_max;
             const T* sum = P.column_sum;
             for (int64_t i = 0; i < n; ++i)
-                out[i] += P.alpha * std::exp(out[i] / P.gamma - mx[i]) / sum[i] + P.beta;
+                out[i] += P.alpha * softmax_term(P, out[i], i);
             return;
         }
         case kRbf: {
@@ -136,32 +167,38 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
     }
 }
 
-// Mixture's column statistics: max_j P/gamma and Σ_j exp(P/gamma − max), two passes.
+// Mixture's column statistics: max_j P and Σ_j exp((P − max)/gamma) (summed in double),
+// two passes, each with a partial per chunk of rows combined in chunk order.
 template <typename T>
 void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum) {
-    const int64_t n = P.n;
-    column_max.assign(n, -std::numeric_limits<T>::infinity());
-    column_sum.assign(n, T(0));
-#pragma omp parallel
-    {
+    const int64_t n = P.n, chunks = row_chunks(P);
+    std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
+    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
         Rows<T> rows(n);
-        std::vector<T> local(n, -std::numeric_limits<T>::infinity());
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < P.m; ++j) {
+        T* local = maxima.data() + c * n;
+        for (int64_t j = begin; j < end; ++j) {
             piecewise_row(P, j, rows.piecewise.data(), rows.distance.data());
-            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], rows.piecewise[i] / P.gamma);
+            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], rows.piecewise[i]);
         }
-#pragma omp critical
-        for (int64_t i = 0; i < n; ++i) column_max[i] = std::max(column_max[i], local[i]);
-#pragma omp barrier
-        std::vector<double> sums(n, 0.0);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < P.m; ++j) {
+    });
+    column_max.assign(n, -std::numeric_limits<T>::infinity());
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t i = 0; i < n; ++i) column_max[i] = std::max(column_max[i], maxima[c * n + i]);
+    std::vector<T>().swap(maxima);
+    std::vector<double> sums(chunks * n, 0.0);
+    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+        Rows<T> rows(n);
+        double* local = sums.data() + c * n;
+        for (int64_t j = begin; j < end; ++j) {
             piecewise_row(P, j, rows.piecewise.data(), rows.distance.data());
-            for (int64_t i = 0; i < n; ++i) sums[i] += std::exp(rows.piecewise[i] / P.gamma - column_max[i]);
+            for (int64_t i = 0; i < n; ++i) local[i] += std::exp((rows.piecewise[i] - column_max[i]) / P.gamma);
         }
-#pragma omp critical
-        for (int64_t i = 0; i < n; ++i) column_sum[i] += static_cast<T>(sums[i]);
+    });
+    column_sum.assign(n, T(0));
+    for (int64_t i = 0; i < n; ++i) {
+        double total = 0;
+        for (int64_t c = 0; c < chunks; ++c) total += sums[c * n + i];
+        column_sum[i] = static_cast<T>(total);
     }
 }
 
@@ -197,17 +234,15 @@ TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode
 
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
-// masked by tau (τ known).
+// masked by tau (τ known). Counts are integers: their sum is exact in any order.
 template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     std::vector<T> column_max, column_sum;
     with_column_statistics(P, column_max, column_sum);
-#pragma omp parallel
-    {
+    for_each_row_chunk(P, row_chunks(P), [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < P.m; ++j) {
+        for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
             raw_row(P, j, row, rows);
             if (first_counts)
@@ -216,33 +251,34 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
                 apply_mask(row, row, P.n, tau, mode);
         }
         if (first_counts) {
-#pragma omp critical
+#pragma omp critical(tensor_peft_counts)
             for (size_t b = 0; b < counts.size(); ++b) first_counts[b] += counts[b];
         }
-    }
+    });
 }
 
 // The radix passes after the first digit, over count keys given by key_at(i): the
 // prefix (found digits) grows until every bit is found; returns the key of rank `rank`.
 template <typename Bits, typename KeyAt>
 Bits select_rest(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask, int64_t rank, int high) {
-    constexpr int kDigit = 11;  // 2048 bins: per-thread counts stay in L1
+    constexpr int kDigit = 11;  // 2048 bins: per-chunk counts stay in L1
     for (; high > 0; high -= kDigit) {
         const int width = std::min(kDigit, high);
         const int shift = high - width;
         const int64_t bins = int64_t(1) << width;
         std::vector<int64_t> counts(bins, 0);
-#pragma omp parallel if (count > (int64_t(1) << 16))
-        {
+        const int64_t chunks = chunk_count(count, int64_t(1) << 16);
+        for_each_chunk(chunks, [&](int64_t c) {
+            int64_t begin, end;
+            chunk_range(count, chunks, c, begin, end);
             std::vector<int64_t> local(bins, 0);
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < count; ++i) {
+            for (int64_t i = begin; i < end; ++i) {
                 const Bits key = key_at(i);
                 if ((key & prefix_mask) == prefix) ++local[(key >> shift) & (bins - 1)];
             }
-#pragma omp critical
+#pragma omp critical(tensor_peft_counts)
             for (int64_t b = 0; b < bins; ++b) counts[b] += local[b];
-        }
+        });
         const int64_t bin = tensor_peft::radix::pick_bin(counts.data(), bins, rank);
         prefix |= Bits(bin) << shift;
         prefix_mask |= Bits(bins - 1) << shift;
@@ -266,18 +302,18 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k, const int64_t* fi
     const auto key_of_x = [x](int64_t i) { return tensor_peft::radix::abs_key(x[i]); };
     if (first_counts[bin] > count / 16)
         return tensor_peft::radix::from_key<T>(select_rest(key_of_x, count, prefix, prefix_mask, rank, shift));
-    std::vector<Bits> candidates;
-#pragma omp parallel
-    {
-        std::vector<Bits> local;
-#pragma omp for schedule(static) nowait
-        for (int64_t i = 0; i < count; ++i) {
+    const int64_t chunks = chunk_count(count, kChunk);
+    std::vector<std::vector<Bits>> chunk_candidates(chunks);
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t begin, end;
+        chunk_range(count, chunks, c, begin, end);
+        for (int64_t i = begin; i < end; ++i) {
             const Bits key = key_of_x(i);
-            if ((key & prefix_mask) == prefix) local.push_back(key);
+            if ((key & prefix_mask) == prefix) chunk_candidates[c].push_back(key);
         }
-#pragma omp critical
-        candidates.insert(candidates.end(), local.begin(), local.end());
-    }
+    });
+    std::vector<Bits> candidates;
+    for (const auto& keys : chunk_candidates) candidates.insert(candidates.end(), keys.begin(), keys.end());
     const auto key_of_candidate = [&candidates](int64_t i) { return candidates[i]; };
     return tensor_peft::radix::from_key<T>(
         select_rest(key_of_candidate, int64_t(candidates.size()), prefix, prefix_mask, rank, shift));
@@ -287,15 +323,15 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k, const int64_t* fi
 template <typename T>
 T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
     std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
-#pragma omp parallel
-    {
+    const int64_t chunks = chunk_count(count, kChunk);
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t begin, end;
+        chunk_range(count, chunks, c, begin, end);
         std::vector<int64_t> local(first_digit_bins<T>(), 0);
-#pragma omp for schedule(static) nowait
-        for (int64_t start = 0; start < count; start += kChunk)
-            count_first_digits(x + start, std::min(kChunk, count - start), local.data());
-#pragma omp critical
+        count_first_digits(x + begin, end - begin, local.data());
+#pragma omp critical(tensor_peft_counts)
         for (size_t b = 0; b < local.size(); ++b) first_counts[b] += local[b];
-    }
+    });
     return kth_smallest_magnitude(x, count, k, first_counts.data());
 }
 
@@ -307,7 +343,7 @@ void mask(const T* x, T* out, int64_t count, T tau, int mode) {
         apply_mask(x + start, out + start, std::min(kChunk, count - start), tau, mode);
 }
 
-// Per-thread gradient partials; sums over all m·n entries accumulate in double.
+// A chunk's gradient partials; sums over all m·n entries accumulate in double.
 template <typename T>
 struct Partials {
     std::vector<T> d_in_t;
@@ -462,19 +498,17 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
     const int64_t m = P.m, n = P.n;
     SparseRows<T> D;
     std::vector<T> factors;
+    const int64_t chunks = row_chunks(P);
     {  // the kept entries of each row and the sparsification's derivative there
-        std::vector<std::vector<int32_t>> thread_columns(max_thread_count());
-        std::vector<std::vector<T>> thread_factors(max_thread_count());
+        std::vector<std::vector<int32_t>> chunk_columns(chunks);
+        std::vector<std::vector<T>> chunk_factors(chunks);
         std::vector<int64_t> row_count(m);
-#pragma omp parallel
-        {
-            int64_t first_row, end_row;
-            share(m, first_row, end_row);
-            std::vector<int32_t>& columns = thread_columns[thread_number()];
-            std::vector<T>& kept_factors = thread_factors[thread_number()];
+        for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+            std::vector<int32_t>& columns = chunk_columns[c];
+            std::vector<T>& kept_factors = chunk_factors[c];
             Rows<T> rows(n);
             std::vector<T> K(n);
-            for (int64_t j = first_row; j < end_row; ++j) {
+            for (int64_t j = begin; j < end; ++j) {
                 raw_row(P, j, K.data(), rows);
                 const size_t before = columns.size();
                 for (int64_t i = 0; i < n; ++i) {
@@ -485,23 +519,21 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
                 }
                 row_count[j] = static_cast<int64_t>(columns.size() - before);
             }
-        }
-        D.row_start.assign(m + 1, 0);  // threads hold runs of consecutive rows, in thread order
+        });
+        D.row_start.assign(m + 1, 0);  // chunks hold runs of consecutive rows, in chunk order
         for (int64_t j = 0; j < m; ++j) D.row_start[j + 1] = D.row_start[j] + row_count[j];
-        for (size_t t = 0; t < thread_columns.size(); ++t) {
-            D.columns.insert(D.columns.end(), thread_columns[t].begin(), thread_columns[t].end());
-            factors.insert(factors.end(), thread_factors[t].begin(), thread_factors[t].end());
+        for (int64_t c = 0; c < chunks; ++c) {
+            D.columns.insert(D.columns.end(), chunk_columns[c].begin(), chunk_columns[c].end());
+            factors.insert(factors.end(), chunk_factors[c].begin(), chunk_factors[c].end());
         }
     }
     D.values.assign(D.columns.size(), T(0));
-    // Per tile of tokens, each thread transposes its rows' slice of grad_out, then per block
+    // Per tile of tokens, each chunk transposes its rows' slice of grad_out, then per block
     // of columns that slice of input (256 KB in float: it stays in L2 while every row's kept
-    // entries in the block are summed). Nothing transposed goes back to memory whole.
+    // entries in the block are summed). Nothing transposed goes back to memory whole. Each
+    // entry sums its tiles in token order, whichever thread runs its chunk.
     constexpr int64_t kTokens = 256, kColumns = 256;
-#pragma omp parallel
-    {
-        int64_t first_row, end_row;
-        share(m, first_row, end_row);
+    for_each_row_chunk(P, chunks, [&](int64_t, int64_t first_row, int64_t end_row) {
         std::vector<T> grad_tile((end_row - first_row) * kTokens), input_tile(kColumns * kTokens);
         std::vector<int64_t> cursor(end_row - first_row);
         for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
@@ -518,7 +550,7 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
                 }
             }
         }
-    }
+    });
 #pragma omp parallel for schedule(static)
     for (int64_t e = 0; e < static_cast<int64_t>(D.values.size()); ++e) D.values[e] *= factors[e];
     return D;
@@ -549,73 +581,72 @@ inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K
 template <typename T>
 void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_emb, T* d_in_t, T* d_coeff,
               T* d_params) {
-    const int64_t n = P.n;
+    const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
     const bool need_raw = mode != kNone && up.sparse == nullptr;  // for the mask of dense Γ
     std::vector<T> column_max_storage, column_sum_storage, column_dot(n, T(0));
-    double total_alpha = 0, total_beta = 0;
     with_column_statistics(P, column_max_storage, column_sum_storage);
-    const T* column_max = P.column_max;
-    const T* column_sum = P.column_sum;
+    std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (P.kernel == kMixture) {
         // c_i = Σ_j D_ji S_ji with D = ∂L/∂K (after the sparsification's derivative)
-#pragma omp parallel
-        {
+        std::vector<std::vector<double>> dots(chunks);
+        for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
             Rows<T> rows(n);
-            std::vector<double> local(n, 0.0);
-            double local_alpha = 0, local_beta = 0;
+            std::vector<double>& local = dots[c];
+            local.assign(n, 0.0);
             std::vector<T> D(n), K(n);
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < P.m; ++j) {
+            for (int64_t j = begin; j < end; ++j) {
                 if (need_raw) raw_row(P, j, K.data(), rows);
                 upstream_row(up, j, n, K.data(), tau, mode, D.data());
                 piecewise_row(P, j, rows.scratch.data(), rows.distance.data());
                 for (int64_t i = 0; i < n; ++i) {
-                    const T S = std::exp(rows.scratch[i] / P.gamma - column_max[i]) / column_sum[i];
+                    const T S = softmax_term(P, rows.scratch[i], i);
                     local[i] += D[i] * S;
-                    local_alpha += D[i] * S;
-                    local_beta += D[i];
+                    partials[c].d_alpha += D[i] * S;
+                    partials[c].d_beta += D[i];
                 }
             }
-#pragma omp critical
-            {
-                for (int64_t i = 0; i < n; ++i) column_dot[i] += static_cast<T>(local[i]);
-                total_alpha += local_alpha;
-                total_beta += local_beta;
-            }
+        });
+        for (int64_t i = 0; i < n; ++i) {
+            double total = 0;
+            for (int64_t c = 0; c < chunks; ++c) total += dots[c][i];
+            column_dot[i] = static_cast<T>(total);
         }
     }
-    std::fill(d_in_t, d_in_t + P.chunks * P.width * n, T(0));
-    std::vector<double> coeff_sum(P.chunks, 0.0);
-    double d_alpha = total_alpha, d_beta = total_beta, d_gamma = 0;
-#pragma omp parallel
-    {
+    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
         Rows<T> rows(n);
-        Partials<T> acc(P);
+        Partials<T>& acc = partials[c];
         std::vector<T> D(n), K(n);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < P.m; ++j) {
+        for (int64_t j = begin; j < end; ++j) {
             if (need_raw) raw_row(P, j, K.data(), rows);
             upstream_row(up, j, n, K.data(), tau, mode, D.data());
-            if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
+            // mixture: ∂L/∂P = D + alpha·S·(D − c)/gamma; ∂gamma from P − max, as the
+            // d_logits of a column sum to 0 (no cancellation of large P terms)
+            if (P.kernel == kMixture) {
                 T* piecewise = rows.piecewise.data();
                 piecewise_row(P, j, piecewise, rows.distance.data());
                 for (int64_t i = 0; i < n; ++i) {
-                    const T S = std::exp(piecewise[i] / P.gamma - column_max[i]) / column_sum[i];
+                    const T S = softmax_term(P, piecewise[i], i);
                     const T d_logit = P.alpha * S * (D[i] - column_dot[i]);
-                    acc.d_gamma -= d_logit * piecewise[i] / (P.gamma * P.gamma);
+                    acc.d_gamma -= d_logit * (piecewise[i] - P.column_max[i]) / (P.gamma * P.gamma);
                     D[i] += d_logit / P.gamma;
                 }
             }
             backward_row(P, j, D.data(), d_out_emb, acc, rows);
         }
-#pragma omp critical
-        {
-            for (size_t i = 0; i < acc.d_in_t.size(); ++i) d_in_t[i] += acc.d_in_t[i];
-            for (int64_t h = 0; h < P.chunks; ++h) coeff_sum[h] += acc.d_coeff[h];
-            d_alpha += acc.d_alpha;
-            d_beta += acc.d_beta;
-            d_gamma += acc.d_gamma;
-        }
+    });
+#pragma omp parallel for schedule(static) if (chunks > 1)
+    for (int64_t i = 0; i < in_size; ++i) {
+        T total = T(0);
+        for (int64_t c = 0; c < chunks; ++c) total += partials[c].d_in_t[i];
+        d_in_t[i] = total;
+    }
+    double d_alpha = 0, d_beta = 0, d_gamma = 0;
+    std::vector<double> coeff_sum(P.chunks, 0.0);
+    for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t h = 0; h < P.chunks; ++h) coeff_sum[h] += partials[c].d_coeff[h];
+        d_alpha += partials[c].d_alpha;
+        d_beta += partials[c].d_beta;
+        d_gamma += partials[c].d_gamma;
     }
     for (int64_t h = 0; h < P.chunks; ++h) d_coeff[h] = static_cast<T>(coeff_sum[h]);
     d_params[0] = static_cast<T>(d_alpha);
@@ -623,83 +654,119 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
     d_params[2] = static_cast<T>(d_gamma);
 }
 
-template <typename T>
-T* ptr(std::uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
+// The embeddings' sizes and the kernel's arguments, checked; pointers checked for the
+// values they address.
 template <typename T>
 Problem<T> problem(std::uintptr_t out_emb, std::uintptr_t in_t, int64_t m, int64_t n, int64_t chunks, int64_t width,
-                   int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps) {
-    const T* p = ptr<const T>(params);
-    return Problem<T>{ptr<const T>(out_emb), ptr<const T>(in_t), m, n, chunks, width, kernel, ptr<const T>(coeff),
-                      p[0], p[1], p[2], static_cast<T>(eps)};
+                   int64_t kernel, std::uintptr_t coeff, std::uintptr_t params, double eps) {
+    using arguments::pointer, arguments::product, arguments::size;
+    const int64_t rank = product(size(chunks, "chunks"), size(width, "width"), "chunks × width");
+    product(size(m, "rows"), size(n, "n"), "rows × n");
+    const T* p = pointer<const T>(params, 3, "params");
+    return Problem<T>{pointer<const T>(out_emb, product(rank, m, "out_emb's size"), "out_emb"),
+                      pointer<const T>(in_t, product(rank, n, "in_t's size"), "in_t"),
+                      m, n, chunks, width,
+                      arguments::choice(kernel, kPiecewise, kMixture, "kernel"),
+                      pointer<const T>(coeff, chunks, "coeff"),
+                      p[0], p[1], p[2], static_cast<T>(eps)};  // fmt: skip
 }
+
+// The gradient outputs of the backward kernels, checked.
+template <typename T>
+struct Gradients {
+    T *d_out_emb, *d_in_t, *d_coeff, *d_params;
+    Gradients(const Problem<T>& P, std::uintptr_t out, std::uintptr_t in, std::uintptr_t coeff, std::uintptr_t params)
+        : d_out_emb(arguments::pointer<T>(out, P.chunks * P.width * P.m, "d_out_emb")),
+          d_in_t(arguments::pointer<T>(in, P.chunks * P.width * P.n, "d_in_t")),
+          d_coeff(arguments::pointer<T>(coeff, P.chunks, "d_coeff")),
+          d_params(arguments::pointer<T>(params, 3, "d_params")) {}
+};
 
 template <typename T>
 void bind(py::module_& m, const std::string& suffix) {
+    using arguments::pointer;
     m.def(("kernelized_forward_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
-             int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, int64_t k, int mode,
-             double given_tau) {
-              py::gil_scoped_release release;
+             int64_t width, int64_t kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, int64_t k,
+             int64_t mode, double given_tau) {
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
-              if (mode == kNone || k == 0) {
-                  raw(P, ptr<T>(out), nullptr, mode, static_cast<T>(k == 0 ? given_tau : 0.0));
+              const int sparsification = arguments::choice(mode, kNone, kSoft, "mode");
+              arguments::at_most(arguments::size(k, "k"), rows * n, "k");
+              T* o = pointer<T>(out, rows * n, "out");
+              py::gil_scoped_release release;
+              if (sparsification == kNone || k == 0) {
+                  raw(P, o, nullptr, sparsification, static_cast<T>(k == 0 ? given_tau : 0.0));
                   return given_tau;
               }
               std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
-              raw(P, ptr<T>(out), first_counts.data(), mode, T(0));
-              const T tau = kth_smallest_magnitude(ptr<const T>(out), rows * n, k, first_counts.data());
-              mask(ptr<const T>(out), ptr<T>(out), rows * n, tau, mode);
+              raw(P, o, first_counts.data(), sparsification, T(0));
+              const T tau = kth_smallest_magnitude(static_cast<const T*>(o), rows * n, k, first_counts.data());
+              mask(o, o, rows * n, tau, sparsification);
               return double(tau);
           },
           "out (m, n) = κ(Out, In) (In given as (H, p, n)); with mode 1/2, sparsified in place by τ: "
           "the k-th smallest magnitude for k > 0, else given_tau. Returns τ.");
     m.def(("kernelized_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
-             int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, double tau, int mode,
-             std::uintptr_t d_out_emb, std::uintptr_t d_in_t, std::uintptr_t d_coeff, std::uintptr_t d_params) {
-              py::gil_scoped_release release;
+             int64_t width, int64_t kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, double tau,
+             int64_t mode, std::uintptr_t d_out_emb, std::uintptr_t d_in_t, std::uintptr_t d_coeff,
+             std::uintptr_t d_params) {
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
-              backward(P, Upstream<T>{ptr<const T>(grad), nullptr}, static_cast<T>(tau), mode, ptr<T>(d_out_emb),
-                       ptr<T>(d_in_t), ptr<T>(d_coeff), ptr<T>(d_params));
+              const int sparsification = arguments::choice(mode, kNone, kSoft, "mode");
+              const T* g = pointer<const T>(grad, rows * n, "grad");
+              const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
+              py::gil_scoped_release release;
+              backward(P, Upstream<T>{g, nullptr}, static_cast<T>(tau), sparsification, d.d_out_emb, d.d_in_t,
+                       d.d_coeff, d.d_params);
           },
           "Gradients of the embeddings (In as (H, p, n)) and kernel parameters from ∂L/∂out, the rows "
           "recomputed; mode 1/2 with the τ of the forward.");
     m.def(("kernelized_linear_backward_" + suffix).c_str(),
           [](std::uintptr_t grad_out, std::uintptr_t input, int64_t tokens, std::uintptr_t out_emb, std::uintptr_t in_t,
-             int64_t rows, int64_t n, int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff,
-             std::uintptr_t params, double eps, double tau, int mode, std::uintptr_t d_out_emb, std::uintptr_t d_in_t,
-             std::uintptr_t d_coeff, std::uintptr_t d_params) {
-              py::gil_scoped_release release;
+             int64_t rows, int64_t n, int64_t chunks, int64_t width, int64_t kernel, std::uintptr_t coeff,
+             std::uintptr_t params, double eps, double tau, int64_t mode, std::uintptr_t d_out_emb,
+             std::uintptr_t d_in_t, std::uintptr_t d_coeff, std::uintptr_t d_params) {
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
+              const int sparsification = arguments::choice(mode, kHard, kSoft, "mode");
+              arguments::at_most(n, INT32_MAX, "n");  // kept entries hold their column in 32 bits
+              arguments::size(tokens, "tokens");
+              const T* g = pointer<const T>(grad_out, arguments::product(tokens, rows, "tokens × rows"), "grad_out");
+              const T* x = pointer<const T>(input, arguments::product(tokens, n, "tokens × n"), "input");
+              const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
+              py::gil_scoped_release release;
               const T t = static_cast<T>(tau);
               std::vector<T> column_max, column_sum;
               with_column_statistics(P, column_max, column_sum);  // the mask needs ΔW_raw's rows
-              const SparseRows<T> D = sampled_upstream(P, ptr<const T>(grad_out), ptr<const T>(input), tokens, t, mode);
-              backward(P, Upstream<T>{nullptr, &D}, t, mode, ptr<T>(d_out_emb), ptr<T>(d_in_t), ptr<T>(d_coeff),
-                       ptr<T>(d_params));
+              const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification);
+              backward(P, Upstream<T>{nullptr, &D}, t, sparsification, d.d_out_emb, d.d_in_t, d.d_coeff, d.d_params);
           },
           "As kernelized_backward (mode 1/2) for ΔW in a linear layer, from grad_out (tokens, m) and input "
           "(tokens, n): ∂L/∂out = grad_outᵀ·input is computed only where the mask keeps an entry.");
     m.def(("sparsify_" + suffix).c_str(),
-          [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int mode) {
+          [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int64_t mode) {
+              arguments::size(count, "count");
+              arguments::at_most(arguments::size(k, "k"), count, "k");
+              const int sparsification = arguments::choice(mode, kHard, kSoft, "mode");
+              T* o = pointer<T>(out, count, "out");
+              const T* x = pointer<const T>(delta, count, "delta");
               py::gil_scoped_release release;
-              const T tau = kth_smallest_magnitude(ptr<const T>(delta), count, k);
-              mask(ptr<const T>(delta), ptr<T>(out), count, tau, mode);
+              const T tau = kth_smallest_magnitude(x, count, k);
+              mask(x, o, count, tau, sparsification);
               return double(tau);
           },
           "out = the sparsified delta (mode 1 hard, 2 soft); returns τ.");
     m.def(("sparsify_backward_" + suffix).c_str(),
-          [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, double tau, int mode) {
+          [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, double tau,
+             int64_t mode) {
+              arguments::size(count, "count");
+              const int sparsification = arguments::choice(mode, kHard, kSoft, "mode");
+              T* d = pointer<T>(d_delta, count, "d_delta");
+              const T* g = pointer<const T>(grad, count, "grad");
+              const T* x = pointer<const T>(delta, count, "delta");
               py::gil_scoped_release release;
               const T t = static_cast<T>(tau);
-              const T* g = ptr<const T>(grad);
-              const T* x = ptr<const T>(delta);
-              T* d = ptr<T>(d_delta);
 #pragma omp parallel for schedule(static)
-              for (int64_t i = 0; i < count; ++i) d[i] = g[i] * mask_factor(x[i], t, mode, true);
+              for (int64_t i = 0; i < count; ++i) d[i] = g[i] * mask_factor(x[i], t, sparsification, true);
           },
           "∂L/∂delta of the sparsification with τ (and, hard, |delta|) held constant.");
 }

@@ -6,7 +6,8 @@
 // Forward makes one pass over the rows of W0. Backward makes one pass over the rows of Γ:
 // with D = ∂L/∂ΔW (Γ for add; Γ ⊙ W_eff, recomputed, for exp; Γ ⊙ W0 for taylor1) it gives
 // dU = scale · D · Rᵀ and dR = scale · Uᵀ · D. Rows are split among OpenMP threads and
-// walked in chunks that keep R's slice in cache.
+// walked in column chunks that keep R's slice in cache; backward's dR is summed per fixed
+// chunk of rows and the chunks' partials added in chunk order (tensor_peft/threads.h).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -15,14 +16,18 @@
 #include <string>
 #include <vector>
 
+#include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
+#include "tensor_peft/threads.h"
 #include "tensor_peft/vector_exp.h"
 
 namespace py = pybind11;
 
 namespace {
 
+using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft::cpu::for_each_chunk;
 using tensor_peft::cpu::vector_exp;
+namespace arguments = tensor_peft::arguments;
 
 enum Epilogue : int { kAdd = 0, kExp = 1, kTaylor1 = 2 };
 constexpr int64_t kChunk = 512;  // columns per chunk: r0 slices of R stay in L1/L2
@@ -120,43 +125,72 @@ void forward(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_
         row_forward(out + i * n, weight ? weight + i * n : nullptr, U + i * r0, R, r0, n, scale, epilogue);
 }
 
+// Multiply-adds a backward chunk of rows takes at least (fewer, larger chunks on small problems).
+constexpr int64_t kChunkWork = 1 << 16;
+
 template <typename T>
 void backward(const T* grad, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
               int epilogue, T* dU, T* dR) {
-    std::fill(dR, dR + r0 * n, T(0));
-#pragma omp parallel
-    {
-        std::vector<T> dR_local(r0 * n, T(0));
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < d0; ++i)
+    const int64_t size = r0 * n;
+    const int64_t chunks = chunk_count(d0, std::max<int64_t>(1, kChunkWork / std::max<int64_t>(1, size)));
+    std::fill(dR, dR + size, T(0));
+    std::vector<T> partials(std::max<int64_t>(chunks - 1, 0) * size, T(0));  // chunk 0 sums into dR
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t begin, end;
+        chunk_range(d0, chunks, c, begin, end);
+        T* sum = c == 0 ? dR : partials.data() + (c - 1) * size;
+        for (int64_t i = begin; i < end; ++i)
             row_backward(grad + i * n, weight ? weight + i * n : nullptr, U + i * r0, R, r0, n, scale, epilogue,
-                         dU + i * r0, dR_local.data());
-#pragma omp critical
-        for (int64_t j = 0; j < r0 * n; ++j) dR[j] += dR_local[j];
-    }
+                         dU + i * r0, sum);
+    });
+#pragma omp parallel for schedule(static) if (chunks > 1)
+    for (int64_t j = 0; j < size; ++j)
+        for (int64_t c = 1; c < chunks; ++c) dR[j] += partials[(c - 1) * size + j];
 }
 
-template <typename T>
-T* ptr(std::uintptr_t address) {
-    return reinterpret_cast<T*>(address);
+// The arguments both kernels share, checked: sizes, the epilogue, and W0 (null only for add).
+struct Shape {
+    int64_t d0, r0, n;
+    int epilogue;
+};
+
+inline Shape checked_shape(std::uintptr_t weight, int64_t d0, int64_t r0, int64_t n, int64_t epilogue) {
+    Shape shape{arguments::size(d0, "d0"), arguments::size(r0, "r0"), arguments::size(n, "n"),
+                arguments::choice(epilogue, kAdd, kTaylor1, "epilogue")};
+    arguments::product(d0, std::max(n, r0), "d0 × max(n, r0)");
+    arguments::product(r0, n, "r0 × n");
+    if (weight == 0 && shape.epilogue != kAdd && d0 * n > 0)
+        throw pybind11::value_error("weight is a null pointer, but the exp and taylor1 epilogues read W0");
+    return shape;
 }
 
 template <typename T>
 void bind(py::module_& m, const std::string& suffix) {
+    using arguments::pointer;
     m.def(("lowrank_forward_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
-             int64_t n, double scale, int epilogue) {
+             int64_t n, double scale, int64_t epilogue) {
+              const Shape s = checked_shape(weight, d0, r0, n, epilogue);
+              T* o = pointer<T>(out, s.d0 * s.n, "out");
+              const T* w = weight ? pointer<const T>(weight, s.d0 * s.n, "weight") : nullptr;
+              const T* u = pointer<const T>(U, s.d0 * s.r0, "U");
+              const T* r = pointer<const T>(R, s.r0 * s.n, "R");
               py::gil_scoped_release release;
-              forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr, ptr<const T>(U), ptr<const T>(R), d0,
-                         r0, n, static_cast<T>(scale), epilogue);
+              forward<T>(o, w, u, r, s.d0, s.r0, s.n, static_cast<T>(scale), s.epilogue);
           },
           "out (d0, n) from W0 and ΔW = scale·U·R by the epilogue (0 add, 1 exp, 2 taylor1; W0 0: ΔW).");
     m.def(("lowrank_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
-             int64_t n, double scale, int epilogue, std::uintptr_t dU, std::uintptr_t dR) {
+             int64_t n, double scale, int64_t epilogue, std::uintptr_t dU, std::uintptr_t dR) {
+              const Shape s = checked_shape(weight, d0, r0, n, epilogue);
+              const T* g = pointer<const T>(grad, s.d0 * s.n, "grad");
+              const T* w = weight ? pointer<const T>(weight, s.d0 * s.n, "weight") : nullptr;
+              const T* u = pointer<const T>(U, s.d0 * s.r0, "U");
+              const T* r = pointer<const T>(R, s.r0 * s.n, "R");
+              T* du = pointer<T>(dU, s.d0 * s.r0, "dU");
+              T* dr = pointer<T>(dR, s.r0 * s.n, "dR");
               py::gil_scoped_release release;
-              backward<T>(ptr<const T>(grad), weight ? ptr<const T>(weight) : nullptr, ptr<const T>(U),
-                          ptr<const T>(R), d0, r0, n, static_cast<T>(scale), epilogue, ptr<T>(dU), ptr<T>(dR));
+              backward<T>(g, w, u, r, s.d0, s.r0, s.n, static_cast<T>(scale), s.epilogue, du, dr);
           },
           "dU = scale·D·Rᵀ and dR = scale·Uᵀ·D with D = ∂L/∂ΔW from Γ by the epilogue, one pass over Γ.");
 }

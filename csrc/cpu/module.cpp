@@ -3,6 +3,10 @@
 // own .cpp files beside this one and are registered from PYBIND11_MODULE below.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
 #include "tensor_peft/threads.h"
 
 #ifndef TP_MARCH
@@ -39,6 +43,12 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "tensor_peft CPU kernels (C++17/OpenMP, raw pointers, no torch headers)";
     m.def("build_info", &build_info, "How this extension was compiled.");
     m.def("max_threads", &tensor_peft::cpu::max_thread_count, "OpenMP threads a parallel region gets.");
+    m.def("set_max_threads",
+          [](int64_t count) {
+              if (count < 1) throw py::value_error("count must be at least 1, got " + std::to_string(count));
+              tensor_peft::cpu::set_max_thread_count(static_cast<int>(std::min<int64_t>(count, 1 << 16)));
+          },
+          "The OpenMP threads parallel regions started from this thread get (results do not depend on it).");
     register_lowrank(m);
     register_expm(m);
     register_kernelized(m);

@@ -13,6 +13,8 @@ select of the threshold), fused, with a backward that recomputes the rows."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
@@ -27,15 +29,23 @@ def unavailable_reason(device_type: str) -> str | None:
     return extension_import_error("_C")
 
 
+def _kernel(name: str, dtype: torch.dtype):
+    """The _C kernel ``name`` for ``dtype``, the extension's OpenMP threads first set to
+    ``torch.get_num_threads()`` for this thread: ``torch.set_num_threads`` governs both (the
+    extension may link another OpenMP runtime than torch's). Results do not depend on it."""
+    importlib.import_module("tensor_peft._C").set_max_threads(torch.get_num_threads())
+    return extension_kernel("_C", name, dtype)
+
+
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
-    extension_kernel("_C", "lowrank_forward", out.dtype)(
+    _kernel("lowrank_forward", out.dtype)(
         out.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(),
         d0, r0, n, scale, _EPILOGUE[epilogue],
     )  # fmt: skip
 
 
 def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
-    extension_kernel("_C", "lowrank_backward", grad.dtype)(
+    _kernel("lowrank_backward", grad.dtype)(
         grad.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(),
         d0, r0, n, scale, _EPILOGUE[epilogue], d_U.data_ptr(), d_R.data_ptr(),
     )  # fmt: skip
@@ -47,21 +57,29 @@ tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_forward, _backwa
 lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_forward, _backward)
 
 
+# The largest n of matrix_exp: the kernels index a matrix's n² entries with a 32-bit int.
+MAX_MATRIX_SIZE = 46340
+
+
 def _matrices(A) -> tuple[int, int]:
-    """(batch, n) of a (..., n, n) tensor (batch 0 when it is empty)."""
+    """(batch, n) of a (..., n, n) tensor (batch 0 when it is empty); n checked first."""
     n = A.shape[-1]
+    if n > MAX_MATRIX_SIZE:
+        raise ValueError(f"A: the cpu backend's matrix_exp takes n ≤ {MAX_MATRIX_SIZE}, got n = {n}")
     return (A.numel() // (n * n) if n else 0), n
 
 
 def matrix_exp(A):
+    batch, n = _matrices(A)
     out = A.new_empty(A.shape)
-    extension_kernel("_C", "matrix_exp", A.dtype)(out.data_ptr(), A.data_ptr(), *_matrices(A))
+    _kernel("matrix_exp", A.dtype)(out.data_ptr(), A.data_ptr(), batch, n)
     return out
 
 
 def matrix_exp_backward(grad, A):
+    batch, n = _matrices(A)
     d_A = A.new_empty(A.shape)
-    extension_kernel("_C", "matrix_exp_backward", A.dtype)(d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), *_matrices(A))
+    _kernel("matrix_exp_backward", A.dtype)(d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), batch, n)
     return d_A
 
 
@@ -72,7 +90,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
     n = in_emb.shape[1]
     out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
     given = float("-inf") if tau is None else tau.item()
-    tau = extension_kernel("_C", "kernelized_forward", out.dtype)(
+    tau = _kernel("kernelized_forward", out.dtype)(
         out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
         kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0 if tau is not None else k, mode_id(mode), given,
     )  # fmt: skip
@@ -87,7 +105,7 @@ def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau,
     d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
     d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
     in_t = in_emb.transpose(1, 2).contiguous()
-    extension_kernel("_C", name, out_emb.dtype)(
+    _kernel(name, out_emb.dtype)(
         *upstream, out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
         kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0.0 if tau is None else tau.item(), mode_id(mode),
         d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
@@ -106,6 +124,7 @@ kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized
 # Above this kept fraction Γ is formed whole by the matrix product instead: measured here
 # (768×3072, 1576 tokens), sampling took 0.8× the dense path's time at 10% kept, 1.2× at 25%.
 _SAMPLED_BELOW = 0.15
+_MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
 _dense_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
 
 
@@ -114,19 +133,23 @@ def kernelized_sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity
     whole when more than _SAMPLED_BELOW of the entries are kept)."""
     if 1 - sparsity > _SAMPLED_BELOW:
         return _dense_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode)
+    if in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:
+        raise ValueError(
+            f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {in_emb.shape[1]}"
+        )
     upstream = [grad_out.data_ptr(), input.data_ptr(), grad_out.shape[0]]
     return _gradients("kernelized_linear_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
-    tau = extension_kernel("_C", "sparsify", delta.dtype)(out.data_ptr(), delta.data_ptr(), delta.numel(), k, mode_id(mode))
+    tau = _kernel("sparsify", delta.dtype)(out.data_ptr(), delta.data_ptr(), delta.numel(), k, mode_id(mode))
     return [out, delta.new_tensor(tau)]
 
 
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
-    extension_kernel("_C", "sparsify_backward", delta.dtype)(
+    _kernel("sparsify_backward", delta.dtype)(
         d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.item(), mode_id(mode)
     )
     return d_delta

@@ -34,7 +34,8 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
 
 def unfold(tensor: Tensor, mode: int) -> Tensor:
     """Mode-k unfolding X_(k): mode k becomes the rows, the other modes (in order) the columns."""
-    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+    rest = math.prod(size for k, size in enumerate(tensor.shape) if k != mode)
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], rest)
 
 
 def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
@@ -42,11 +43,13 @@ def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
     return torch.tensordot(tensor, matrix, dims=([mode], [1])).movedim(-1, mode)
 
 
-def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    """ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}."""
+def tucker_delta(core: Tensor, factors: list[Tensor | None], scale: float) -> Tensor:
+    """ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}; a factor None is the identity (the
+    mode is left as it is)."""
     delta = core
     for mode, factor in enumerate(factors):
-        delta = mode_product(delta, factor, mode)
+        if factor is not None:
+            delta = mode_product(delta, factor, mode)
     return scale * delta
 
 
@@ -56,21 +59,16 @@ def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: flo
 
 
 def tucker_delta_backward(
-    grad: Tensor, core: Tensor, factors: list[Tensor], scale: float
-) -> list[Tensor]:
+    grad: Tensor, core: Tensor, factors: list[Tensor | None], scale: float
+) -> list[Tensor | None]:
     """[∂L/∂G, ∂L/∂U_0, …]: ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …, and
-    ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ."""
-    d_core = grad
-    for mode, factor in enumerate(factors):
-        d_core = mode_product(d_core, factor.T, mode)
+    ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ (None for a factor None, the identity)."""
+    d_core = tucker_delta(grad, [None if f is None else f.T for f in factors], scale)
     d_factors = []
-    for k in range(len(factors)):
-        partial = core
-        for mode, factor in enumerate(factors):
-            if mode != k:
-                partial = mode_product(partial, factor, mode)
-        d_factors.append(scale * unfold(grad, k) @ unfold(partial, k).T)
-    return [scale * d_core, *d_factors]
+    for k, factor in enumerate(factors):
+        partial = tucker_delta(core, [None if j == k else f for j, f in enumerate(factors)], scale)
+        d_factors.append(None if factor is None else unfold(grad, k) @ unfold(partial, k).T)
+    return [d_core, *d_factors]
 
 
 # --------------------------------------------------------------------------- matrix exponential
@@ -137,10 +135,9 @@ def _concat_chunks(emb: Tensor) -> Tensor:
     return emb.permute(1, 0, 2).reshape(rows, chunks * width)
 
 
-def _split_chunks(full: Tensor, chunks: int) -> Tensor:
+def _split_chunks(full: Tensor, chunks: int, width: int) -> Tensor:
     """(rows, H·p) -> (H, rows, p), the inverse of ``_concat_chunks``."""
-    rows = full.shape[0]
-    return full.reshape(rows, chunks, -1).permute(1, 0, 2).contiguous()
+    return full.reshape(full.shape[0], chunks, width).permute(1, 0, 2).contiguous()
 
 
 def squared_distances(rows: Tensor, cols: Tensor) -> Tensor:
@@ -161,7 +158,8 @@ def _radii(b: Tensor, a: Tensor, eps: float) -> Tensor:
 
 def _piecewise(out_emb: Tensor, in_emb: Tensor, coeff: Tensor, eps: float) -> Tensor:
     """P = Σ_h coeff[h]·r_h, one chunk at a time (never H m×n matrices at once)."""
-    return sum(c * _radii(b, a, eps) for c, b, a in zip(coeff, out_emb, in_emb))
+    total = out_emb.new_zeros(out_emb.shape[1], in_emb.shape[1])
+    return sum((c * _radii(b, a, eps) for c, b, a in zip(coeff, out_emb, in_emb)), total)
 
 
 def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,14 +176,14 @@ def kernelized_delta(
     """ΔW_raw[j, i] = κ(b_j, a_i); (alpha, beta, gamma) = params, r_h as in ``_radii``:
     piecewise_linear P = Σ_h coeff[h]·r_h; rbf alpha·exp(−beta‖b_j − a_i‖²) + gamma;
     sigmoid alpha·σ(beta b_j·a_i) + gamma; linear b_j·a_i;
-    mixture P + alpha·softmax_j(P/gamma) + beta."""
+    mixture P + alpha·softmax_j(P/gamma) + beta, the softmax as ``_softmax``."""
     _check_choice(kernel, KERNELS, "kernel")
     alpha, beta, gamma = params
     if kernel == "piecewise_linear":
         return _piecewise(out_emb, in_emb, coeff, eps)
     if kernel == "mixture":
         piecewise = _piecewise(out_emb, in_emb, coeff, eps)
-        return piecewise + alpha * torch.softmax(piecewise / gamma, dim=0) + beta
+        return piecewise + alpha * _softmax(piecewise, gamma) + beta
     b, a = _concat_chunks(out_emb), _concat_chunks(in_emb)
     if kernel == "rbf":
         return alpha * torch.exp(-beta * squared_distances(b, a)) + gamma
@@ -194,14 +192,23 @@ def kernelized_delta(
     return b @ a.T
 
 
+def _softmax(piecewise: Tensor, gamma: Tensor) -> Tensor:
+    """softmax_j(P/gamma) over each column, taken as softmax_j((P − max_j P)/gamma): the
+    difference is formed before the division, so a small gamma magnifies only the rounding
+    of P, not that of P/gamma (whose ulp, for P/gamma ~ 1e6 in float32, is 0.06)."""
+    return torch.softmax((piecewise - piecewise.amax(0, keepdim=True)) / gamma, dim=0)
+
+
 def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂P, ∂L/∂params) of K = P + alpha·S + beta, S = softmax_j(Z), Z = P/gamma:
     ∂L/∂Z = S ⊙ (alpha Γ − Σ_j alpha Γ ⊙ S) (softmax Jacobian along j),
-    ∂L/∂P = Γ + ∂L/∂Z / gamma; ∂alpha = Σ Γ⊙S, ∂beta = Σ Γ, ∂gamma = Σ ∂L/∂Z ⊙ (−P/gamma²)."""
+    ∂L/∂P = Γ + ∂L/∂Z / gamma; ∂alpha = Σ Γ⊙S, ∂beta = Σ Γ, ∂gamma = Σ ∂L/∂Z ⊙ (−P/gamma²),
+    with P − max_j P for P (each column of ∂L/∂Z sums to 0): no cancellation of large terms."""
     alpha, _, gamma = params
-    soft = torch.softmax(piecewise / gamma, dim=0)
+    soft = _softmax(piecewise, gamma)
     d_logits = alpha * soft * (grad - (grad * soft).sum(0, keepdim=True))
-    d_gamma = (d_logits * -piecewise).sum() / gamma**2
+    shifted = piecewise - piecewise.amax(0, keepdim=True)
+    d_gamma = (d_logits * -shifted).sum() / gamma**2
     d_params = torch.stack([(grad * soft).sum(), grad.sum(), d_gamma])
     return grad + d_logits / gamma, d_params
 
@@ -227,14 +234,12 @@ def kernelized_delta_backward(
         if kernel == "mixture":
             piecewise = _piecewise(out_emb, in_emb, coeff, eps)
             grad, d_params = _mixture_backward(grad, piecewise, params)
-        d_out, d_in, d_coeff = [], [], []
-        for c, b, a in zip(coeff, out_emb, in_emb):
+        d_out, d_in, d_coeff = torch.zeros_like(out_emb), torch.zeros_like(in_emb), torch.zeros_like(coeff)
+        for h, (c, b, a) in enumerate(zip(coeff, out_emb, in_emb)):
             radii = _radii(b, a, eps)
-            d_b, d_a = _weighted_distance_grads(grad * c / radii, b, a)
-            d_out.append(d_b)
-            d_in.append(d_a)
-            d_coeff.append((grad * radii).sum())
-        return [torch.stack(d_out), torch.stack(d_in), torch.stack(d_coeff), d_params]
+            d_out[h], d_in[h] = _weighted_distance_grads(grad * c / radii, b, a)
+            d_coeff[h] = (grad * radii).sum()
+        return [d_out, d_in, d_coeff, d_params]
     b, a = _concat_chunks(out_emb), _concat_chunks(in_emb)
     if kernel == "rbf":
         squared = squared_distances(b, a)
@@ -250,8 +255,8 @@ def kernelized_delta_backward(
         d_b, d_a = beta * d_pre @ a, beta * d_pre.T @ b
     else:  # linear
         d_b, d_a = grad @ a, grad.T @ b
-    chunks = out_emb.shape[0]
-    d_out, d_in = _split_chunks(d_b, chunks), _split_chunks(d_a, chunks)
+    chunks, _, width = out_emb.shape
+    d_out, d_in = _split_chunks(d_b, chunks, width), _split_chunks(d_a, chunks, width)
     return [d_out, d_in, torch.zeros_like(coeff), d_params]
 
 

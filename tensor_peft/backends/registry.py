@@ -10,6 +10,13 @@ Selection for an op on tensors of a device type: the backend asked for by
 was asked for, the first backend of the default order that can run and implements the
 op. A backend that was asked for but cannot run the op raises
 ``BackendUnavailableError`` with the reason: it never silently falls back.
+
+Scope of ``use(name)``: the request is held in a ``contextvars.ContextVar``, so it holds in
+the thread (or asyncio task) that entered the block, while the block runs. Other threads,
+including ones started inside the block and the threads autograd runs GPU backward on,
+do not see it: they select by ``TENSOR_PEFT_BACKEND`` or the default order. An op's
+backward runs on the backend its forward ran on (the op records it with the forward),
+whenever and on whichever thread backward runs.
 """
 
 from __future__ import annotations
@@ -132,7 +139,9 @@ def requested() -> str | None:
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
     """Run every op inside the ``with`` block on backend ``name`` (overrides
-    ``TENSOR_PEFT_BACKEND``). Raises at once if the backend cannot run on any device here."""
+    ``TENSOR_PEFT_BACKEND``), in this thread only (see the module doc); the backward of an
+    op run inside runs there too, even after the block. Raises at once if the backend
+    cannot run on any device here."""
     reason = why_unavailable(_check_name(name, "name"))
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")

@@ -16,13 +16,15 @@ from torch import Tensor
 from . import reference
 
 
-def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """R (contiguous, shape (r0, d_1, …)) and the factors that give it from the core."""
-    factors_of_R = [torch.eye(core.shape[0], dtype=core.dtype, device=core.device), *factors[1:]]
+def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+    """R (contiguous, shape (r0, d_1, …)) and the factors that give it from the core (None
+    for mode 0, left as it is: no product with an identity, whose zeros would meet an
+    infinite entry of the core as 0·inf = NaN)."""
+    factors_of_R = [None, *factors[1:]]
     return reference.tucker_delta(core, factors_of_R, 1.0).contiguous(), factors_of_R
 
 
-def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor]) -> list[Tensor]:
+def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor | None]) -> list[Tensor]:
     """[dG, dU_0, dU_1, …] from the kernel's dU_0 and dR."""
     d_core, _, *d_others = reference.tucker_delta_backward(d_R, core, factors_of_R, 1.0)
     return [d_core, d_U0, *d_others]

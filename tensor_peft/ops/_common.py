@@ -10,6 +10,7 @@ tensors of one dtype on one device.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -97,3 +98,18 @@ def run(op: str, device: torch.device, *args):
     _, kernel = registry.select(op, device.type)
     with torch.autocast(device.type, enabled=False):
         return kernel(*args)
+
+
+def record_backend(ctx, op: str, device: torch.device) -> None:
+    """Keep on ``ctx`` the backend that ran the forward ``op`` (selected in this thread and
+    context now, as the forward just was), so that ``forward_backend`` runs the backward
+    there: after a ``backends.use`` block has ended, or on another thread."""
+    try:
+        ctx.backend = registry.select(op, device.type)[0]
+    except registry.BackendUnavailableError:
+        ctx.backend = None  # nothing ran (shapes only): the backward selects, and says why it cannot
+
+
+def forward_backend(ctx):
+    """A context in which ops run on the backend recorded by ``record_backend``."""
+    return contextlib.nullcontext() if ctx.backend is None else registry.use(ctx.backend)

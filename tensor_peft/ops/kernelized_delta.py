@@ -9,9 +9,13 @@ Kernels κ giving ΔW_raw[j, i]:
 - ``sigmoid``: alpha·σ(beta·b_j·a_i) + gamma
 - ``linear``: b_j·a_i (plain LoRA)
 - ``mixture`` (SNELLA): P + alpha·softmax(P/gamma over j, for each i) + beta, with P the
-  piecewise_linear kernel; gamma must be positive (layers keep it so by a softplus).
+  piecewise_linear kernel; gamma must be positive (layers keep it so by a softplus): 0 or
+  less raises ValueError (a tensor gamma is read for this check, except under
+  torch.compile).
 
-Every parameter given as a tensor is differentiable; floats are constants.
+Every parameter given as a tensor is differentiable; floats are constants. With m = 0 or
+n = 0, ΔW is empty and every gradient zero, without running a backend; H = 0 or p = 0 are
+empty sums (b_j·a_i = 0, ‖b_j − a_i‖² = 0) that the backends compute.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from ._common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    forward_backend,
     prepare,
+    record_backend,
     run,
 )
 
@@ -55,6 +61,8 @@ def default_coeff(chunks: int) -> list[float]:
 def _kernelized_delta(
     out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
 ) -> Tensor:
+    if is_empty(out_emb, in_emb):
+        return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1])
     return run("kernelized_delta", out_emb.device, out_emb, in_emb, kernel, coeff, params, eps)
 
 
@@ -75,6 +83,8 @@ def _kernelized_delta_backward(
     params: Tensor,
     eps: float,
 ) -> list[Tensor]:
+    if is_empty(out_emb, in_emb):
+        return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
         "kernelized_delta_backward", out_emb.device, grad, out_emb, in_emb, kernel, coeff, params, eps
     )
@@ -82,6 +92,16 @@ def _kernelized_delta_backward(
 
 def fake_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
     return [torch.empty_like(t) for t in (out_emb, in_emb, coeff, params)]
+
+
+def is_empty(out_emb: Tensor, in_emb: Tensor) -> bool:
+    """ΔW (m, n) has no entries."""
+    return out_emb.shape[1] == 0 or in_emb.shape[1] == 0
+
+
+def zero_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
+    """The gradients when ΔW has no entries: the loss does not depend on the inputs."""
+    return [torch.zeros_like(t) for t in (out_emb, in_emb, coeff, params)]
 
 
 @_kernelized_delta_backward.register_fake
@@ -93,13 +113,15 @@ def _setup_context(ctx, inputs, output):
     out_emb, in_emb, kernel, coeff, params, eps = inputs
     ctx.save_for_backward(out_emb, in_emb, coeff, params)
     ctx.kernel, ctx.eps = kernel, eps
+    record_backend(ctx, "kernelized_delta", out_emb.device)
 
 
 def _backward(ctx, grad):
     out_emb, in_emb, coeff, params = ctx.saved_tensors
-    d_out, d_in, d_coeff, d_params = _kernelized_delta_backward(
-        grad.contiguous(), out_emb, in_emb, ctx.kernel, coeff, params, ctx.eps
-    )
+    with forward_backend(ctx):
+        d_out, d_in, d_coeff, d_params = _kernelized_delta_backward(
+            grad.contiguous(), out_emb, in_emb, ctx.kernel, coeff, params, ctx.eps
+        )
     return d_out, d_in, None, d_coeff, d_params, None
 
 
@@ -121,6 +143,16 @@ def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) ->
             raise ValueError(f"coeff must hold one coefficient per chunk ({shape[0]}), got {value!r}")
         return torch.tensor([check_real(v, "coeff") for v in value], dtype=like.dtype, device=like.device)
     return torch.tensor(check_real(value, name), dtype=like.dtype, device=like.device)
+
+
+def _check_positive(value: Tensor, name: str) -> None:
+    """ValueError naming ``name`` if ``value`` is 0 or less (NaN passes: it propagates).
+    Reads the value (a device sync on a GPU); skipped for meta tensors and under
+    torch.compile, which cannot branch on data."""
+    if value.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if bool(value <= 0):
+        raise ValueError(f"{name} must be positive, got {value.item()}")
 
 
 def check_kernel_inputs(
@@ -157,6 +189,8 @@ def check_kernel_inputs(
         _as_param(given[name], name, (), like) if name in accepted else like.new_zeros(())
         for name in SCALAR_PARAMS
     ]
+    if kernel == "mixture":
+        _check_positive(scalars[SCALAR_PARAMS.index("gamma")], "gamma")
     params = torch.stack([s.to(compute_dtype(*scalars)) for s in scalars])
     eps = check_real(given.get("eps", 0.0), "eps")
     if eps < 0:

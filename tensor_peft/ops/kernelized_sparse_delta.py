@@ -10,12 +10,23 @@ cost of κ alone."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_choice, check_same_device, check_tensor, compute_dtype, prepare, run
-from .kernelized_delta import check_kernel_inputs, fake_kernel_grads
+from ._common import (
+    check_choice,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    forward_backend,
+    prepare,
+    record_backend,
+    run,
+)
+from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
 from .sparsify import MODES, check_sparsity, dropped_count
 
 
@@ -33,12 +44,20 @@ def _kernelized_sparse_delta(
     mode: str,
     threshold: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
+    out, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold)
+    return out, tau if threshold is None else tau.clone()  # an output must not be an input
+
+
+def _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold) -> list[Tensor]:
+    """[ΔW sparsified, τ] by the backend; an empty ΔW keeps all (τ = −inf, or the threshold given)."""
+    if is_empty(out_emb, in_emb):
+        tau = out_emb.new_full((), -math.inf) if threshold is None else threshold
+        return [out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), tau]
     dropped = dropped_count(sparsity, out_emb.shape[1] * in_emb.shape[1])
-    out, tau = run(
+    return run(
         "kernelized_sparse_delta", out_emb.device,
         out_emb, in_emb, dropped, kernel, coeff, params, eps, mode, threshold,
     )  # fmt: skip
-    return out, tau if threshold is None else tau.clone()  # an output must not be an input
 
 
 @_kernelized_sparse_delta.register_fake
@@ -60,6 +79,8 @@ def _kernelized_sparse_delta_backward(
     eps: float,
     mode: str,
 ) -> list[Tensor]:
+    if is_empty(out_emb, in_emb):
+        return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
         "kernelized_sparse_delta_backward", out_emb.device,
         grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode,
@@ -77,13 +98,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(tau)
     ctx.save_for_backward(out_emb, in_emb, coeff, params, tau)
     ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
+    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
 
 
 def _backward(ctx, grad, grad_tau):
     out_emb, in_emb, coeff, params, tau = ctx.saved_tensors
-    d_out, d_in, d_coeff, d_params = _kernelized_sparse_delta_backward(
-        grad.contiguous(), out_emb, in_emb, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode
-    )
+    with forward_backend(ctx):
+        d_out, d_in, d_coeff, d_params = _kernelized_sparse_delta_backward(
+            grad.contiguous(), out_emb, in_emb, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode
+        )
     return d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
@@ -157,11 +180,7 @@ def _kernelized_sparse_linear(
     eps: float,
     mode: str,
 ) -> tuple[Tensor, Tensor]:
-    dropped = dropped_count(sparsity, weight.numel())
-    delta, tau = run(
-        "kernelized_sparse_delta", out_emb.device,
-        out_emb, in_emb, dropped, kernel, coeff, params, eps, mode, None,
-    )  # fmt: skip
+    delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, None)
     return F.linear(input, (weight + delta).to(input.dtype), bias), tau
 
 
@@ -186,6 +205,8 @@ def _kernelized_sparse_linear_backward(
     eps: float,
     mode: str,
 ) -> list[Tensor]:
+    if is_empty(out_emb, in_emb):
+        return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
         "kernelized_sparse_linear_backward", out_emb.device,
         grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
@@ -203,9 +224,20 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(tau)
     ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau)
     ctx.sparsity, ctx.kernel, ctx.eps, ctx.mode = sparsity, kernel, eps, mode
+    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
 
 
 def _linear_backward(ctx, grad, grad_tau):
+    with forward_backend(ctx):
+        return _linear_gradients(ctx, grad)
+
+
+def _tokens(tensor: Tensor) -> Tensor:
+    """(tokens, features): the leading dimensions flattened (any of them may be 0)."""
+    return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
+
+
+def _linear_gradients(ctx, grad):
     input, weight, out_emb, in_emb, coeff, params, tau = ctx.saved_tensors
     grad_input = grad_bias = d_out = d_in = d_coeff = d_params = None
     if ctx.needs_input_grad[0]:  # through W0 + ΔW, rebuilt from τ
@@ -214,11 +246,11 @@ def _linear_backward(ctx, grad, grad_tau):
         )  # fmt: skip
         grad_input = grad @ (weight + delta).to(grad.dtype)
     if ctx.needs_input_grad[2]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        grad_bias = _tokens(grad).sum(0)
     if any(ctx.needs_input_grad[3:]):
 
-        def tokens(tensor: Tensor) -> Tensor:  # (tokens, features) in the kernel's dtype
-            return tensor.reshape(-1, tensor.shape[-1]).to(out_emb.dtype).contiguous()
+        def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
+            return _tokens(tensor).to(out_emb.dtype).contiguous()
 
         d_out, d_in, d_coeff, d_params = _kernelized_sparse_linear_backward(
             tokens(grad), tokens(input), out_emb, in_emb, ctx.sparsity, tau, ctx.kernel, coeff, params, ctx.eps,

@@ -22,17 +22,26 @@ from ._common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    forward_backend,
     prepare,
+    record_backend,
     run,
 )
 
 EXP_FORMS = ("exact", "taylor1")
 
 
+def _vanishes(weight: Tensor, B: Tensor) -> bool:
+    """W0 has no entries, or the rank is 0 (ΔW = 0: the merge is W0, the gradients zero)."""
+    return weight.numel() == 0 or B.shape[1] == 0
+
+
 @torch.library.custom_op(
     "tensor_peft::lowrank_hadamard_merge", mutates_args=(), device_types=("cpu", "cuda")
 )
 def _lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+    if _vanishes(weight, B):
+        return weight.clone()
     return run("lowrank_hadamard_merge", weight.device, weight, B, A, scale, exp)
 
 
@@ -47,6 +56,8 @@ def _(weight, B, A, scale, exp):
 def _lowrank_hadamard_merge_backward(
     grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
 ) -> list[Tensor]:
+    if _vanishes(weight, B):
+        return [torch.zeros_like(B), torch.zeros_like(A)]
     return run("lowrank_hadamard_merge_backward", weight.device, grad, weight, B, A, scale, exp)
 
 
@@ -59,13 +70,13 @@ def _setup_context(ctx, inputs, output):
     weight, B, A, scale, exp = inputs
     ctx.save_for_backward(weight, B, A)
     ctx.scale, ctx.exp = scale, exp
+    record_backend(ctx, "lowrank_hadamard_merge", weight.device)
 
 
 def _backward(ctx, grad):
     weight, B, A = ctx.saved_tensors
-    d_B, d_A = _lowrank_hadamard_merge_backward(
-        grad.contiguous(), weight, B, A, ctx.scale, ctx.exp
-    )
+    with forward_backend(ctx):
+        d_B, d_A = _lowrank_hadamard_merge_backward(grad.contiguous(), weight, B, A, ctx.scale, ctx.exp)
     return None, d_B, d_A, None, None
 
 

@@ -2,18 +2,21 @@
 
 Backward is the adjoint Fréchet derivative, ∂L/∂A = L(Aᴴ, Γ), computed by the
 backend's ``matrix_exp_backward`` (not by autograd through the forward). Non-finite
-entries give non-finite results (NaN), never an error or a hang."""
+entries give non-finite results (NaN), never an error or a hang. An empty batch (or
+n = 0) gives an empty result without running a backend."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._common import check_tensor, compute_dtype, prepare, run
+from ._common import check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
 
 
 @torch.library.custom_op("tensor_peft::matrix_exp", mutates_args=(), device_types=("cpu", "cuda"))
 def _matrix_exp(A: Tensor) -> Tensor:
+    if A.numel() == 0:
+        return torch.empty_like(A)
     return run("matrix_exp", A.device, A)
 
 
@@ -26,6 +29,8 @@ def _(A):
     "tensor_peft::matrix_exp_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
 def _matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
+    if A.numel() == 0:
+        return torch.empty_like(A)
     return run("matrix_exp_backward", A.device, grad, A)
 
 
@@ -37,11 +42,13 @@ def _(grad, A):
 def _setup_context(ctx, inputs, output):
     (A,) = inputs
     ctx.save_for_backward(A)
+    record_backend(ctx, "matrix_exp", A.device)
 
 
 def _backward(ctx, grad):
     (A,) = ctx.saved_tensors
-    return _matrix_exp_backward(grad.contiguous(), A)
+    with forward_backend(ctx):
+        return _matrix_exp_backward(grad.contiguous(), A)
 
 
 _matrix_exp.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ._common import check_choice, check_real, check_tensor, compute_dtype, prepare, run
+from ._common import check_choice, check_real, check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
 
 MODES = ("hard", "soft")
 
@@ -38,6 +38,8 @@ def check_sparsity(sparsity: object) -> float:
 
 @torch.library.custom_op("tensor_peft::sparsify", mutates_args=(), device_types=("cpu", "cuda"))
 def _sparsify(delta: Tensor, sparsity: float, mode: str) -> tuple[Tensor, Tensor]:
+    if delta.numel() == 0:  # nothing to drop: k = 0
+        return torch.empty_like(delta), delta.new_full((), -math.inf)
     out, tau = run("sparsify", delta.device, delta, dropped_count(sparsity, delta.numel()), mode)
     return out, tau
 
@@ -51,6 +53,8 @@ def _(delta, sparsity, mode):
     "tensor_peft::sparsify_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
 def _sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Tensor:
+    if delta.numel() == 0:
+        return torch.empty_like(delta)
     return run("sparsify_backward", delta.device, grad, delta, tau, mode)
 
 
@@ -65,11 +69,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(tau)
     ctx.save_for_backward(delta, tau)
     ctx.mode = mode
+    record_backend(ctx, "sparsify", delta.device)
 
 
 def _backward(ctx, grad, grad_tau):
     delta, tau = ctx.saved_tensors
-    return _sparsify_backward(grad.contiguous(), delta, tau, ctx.mode), None, None
+    with forward_backend(ctx):
+        return _sparsify_backward(grad.contiguous(), delta, tau, ctx.mode), None, None
 
 
 _sparsify.register_autograd(_backward, setup_context=_setup_context)

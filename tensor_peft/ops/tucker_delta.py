@@ -2,7 +2,10 @@
 
 Gradients (SPEC §1 FLoRA): ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …,
 ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ, computed by the backend's
-``tucker_delta_backward`` (also the backward of ``tucker_merge``)."""
+``tucker_delta_backward`` (also the backward of ``tucker_merge``).
+
+A factor with no entries (some d_k = 0: ΔW is empty; some r_k = 0: ΔW is an empty sum,
+zero) gives ΔW = 0 and zero gradients here, before any backend runs."""
 
 from __future__ import annotations
 
@@ -11,11 +14,27 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import check_real, check_same_device, check_tensor, compute_dtype, prepare, run
+from ._common import (
+    check_real,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    forward_backend,
+    prepare,
+    record_backend,
+    run,
+)
+
+
+def vanishes(factors: Sequence[Tensor]) -> bool:
+    """ΔW is zero or empty: a factor has no entries (some d_k or r_k is 0)."""
+    return any(factor.numel() == 0 for factor in factors)
 
 
 @torch.library.custom_op("tensor_peft::tucker_delta", mutates_args=(), device_types=("cpu", "cuda"))
 def _tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    if vanishes(factors):
+        return core.new_zeros([factor.shape[0] for factor in factors])
     return run("tucker_delta", core.device, core, factors, scale)
 
 
@@ -31,6 +50,8 @@ def tucker_delta_backward(
     grad: Tensor, core: Tensor, factors: list[Tensor], scale: float
 ) -> list[Tensor]:
     """[∂L/∂G, ∂L/∂U_0, …] from Γ = ``grad`` (shape of ΔW)."""
+    if vanishes(factors):
+        return [torch.zeros_like(core)] + [torch.zeros_like(factor) for factor in factors]
     return run("tucker_delta_backward", core.device, grad, core, factors, scale)
 
 
@@ -39,20 +60,22 @@ def _(grad, core, factors, scale):
     return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
 
 
-def save_tucker_inputs(ctx, core: Tensor, factors: Sequence[Tensor], scale: float) -> None:
+def save_tucker_inputs(ctx, op: str, core: Tensor, factors: Sequence[Tensor], scale: float) -> None:
     ctx.save_for_backward(core, *factors)
     ctx.scale = scale
+    record_backend(ctx, op, core.device)
 
 
 def tucker_grads(ctx, grad: Tensor) -> tuple[Tensor, list[Tensor]]:
     core, *factors = ctx.saved_tensors
-    d_core, *d_factors = tucker_delta_backward(grad.contiguous(), core, factors, ctx.scale)
+    with forward_backend(ctx):
+        d_core, *d_factors = tucker_delta_backward(grad.contiguous(), core, factors, ctx.scale)
     return d_core, d_factors
 
 
 def _setup_context(ctx, inputs, output):
     core, factors, scale = inputs
-    save_tucker_inputs(ctx, core, factors, scale)
+    save_tucker_inputs(ctx, "tucker_delta", core, factors, scale)
 
 
 def _backward(ctx, grad):

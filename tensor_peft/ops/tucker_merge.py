@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 
 from ._common import check_frozen, check_same_device, check_tensor, compute_dtype, prepare, run
-from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads
+from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads, vanishes
 
 
 @torch.library.custom_op("tensor_peft::tucker_merge", mutates_args=(), device_types=("cpu", "cuda"))
 def _tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    if vanishes(factors):
+        return weight.clone()
     return run("tucker_merge", weight.device, weight, core, factors, scale)
 
 
@@ -26,7 +28,7 @@ def _(weight, core, factors, scale):
 
 def _setup_context(ctx, inputs, output):
     weight, core, factors, scale = inputs
-    save_tucker_inputs(ctx, core, factors, scale)
+    save_tucker_inputs(ctx, "tucker_merge", core, factors, scale)
 
 
 def _backward(ctx, grad):

@@ -3,6 +3,8 @@ variable), and the errors for backends that cannot run."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -77,3 +79,56 @@ def test_reasons_without_gpu():
     with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run here"):
         with backends.use("cuda"):
             pass
+
+
+def _spy_on(monkeypatch, backend: str, op: str) -> list:
+    """Calls of ``op`` on ``backend`` from now on (the registry looks functions up per call)."""
+    module = registry._module(backend)
+    original, calls = getattr(module, op), []
+
+    def spy(*args):
+        calls.append(op)
+        return original(*args)
+
+    monkeypatch.setattr(module, op, spy)
+    return calls
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="needs a second backend")
+def test_backward_runs_on_the_backend_of_its_forward_after_the_block(monkeypatch):
+    """The forward ran inside use("reference"); backward, after the block, still runs there
+    (not on the default order's cpu backend)."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    reference_calls = _spy_on(monkeypatch, "reference", "matrix_exp_backward")
+    cpu_calls = _spy_on(monkeypatch, "cpu", "matrix_exp_backward")
+    A = torch.randn(2, 3, 3, requires_grad=True)
+    with backends.use("reference"):
+        out = ops.matrix_exp(A)
+    out.sum().backward()
+    assert reference_calls == ["matrix_exp_backward"] and cpu_calls == []
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="needs a second backend")
+def test_backward_on_another_thread_runs_on_the_backend_of_its_forward(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    reference_calls = _spy_on(monkeypatch, "reference", "tucker_delta_backward")
+    core = torch.randn(2, 3, requires_grad=True)
+    factors = [torch.randn(4, 2, requires_grad=True), torch.randn(5, 3, requires_grad=True)]
+    with backends.use("reference"):
+        out = ops.tucker_delta(core, factors)
+        worker = threading.Thread(target=lambda: out.sum().backward())
+        worker.start()
+        worker.join()
+    assert reference_calls == ["tucker_delta_backward"] and core.grad is not None
+
+
+def test_use_holds_only_in_the_thread_that_entered_it(monkeypatch):
+    """use() is per thread: a thread started inside the block selects by the default order."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    seen = {}
+    with backends.use("reference"):
+        worker = threading.Thread(target=lambda: seen.update(requested=backends.requested()))
+        worker.start()
+        worker.join()
+        assert backends.requested() == "reference"
+    assert seen == {"requested": None}

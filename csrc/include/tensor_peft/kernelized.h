@@ -11,14 +11,15 @@ enum Mode : int { kNone = 0, kHard = 1, kSoft = 2 };
 
 // The sparsification is out = x·factor with factor = |x| (hard) or |x| − τ⁺ (soft) where
 // |x| > τ, else 0. backward: ∂out/∂x with τ and, hard, |x| held constant: |x| (hard) or
-// 2|x| − τ⁺ (soft) where |x| > τ.
+// 2|x| − τ⁺ (soft) where |x| > τ. A dropped entry's factor is the formula's value times 0,
+// as in the reference's formula·mask: NaN where |x| or τ is NaN or infinite, so that a
+// non-finite input is never turned into a zero gradient. τ⁺ = max(τ, 0) keeps a NaN τ.
 template <typename T>
 TP_INLINE T mask_factor(T x, T tau, int mode, bool backward) {
     const T magnitude = x < T(0) ? -x : x;
-    if (!(magnitude > tau)) return T(0);
-    const T tau_plus = tau > T(0) ? tau : T(0);
-    if (mode == kHard) return magnitude;
-    return backward ? T(2) * magnitude - tau_plus : magnitude - tau_plus;
+    const T tau_plus = tau < T(0) ? T(0) : tau;
+    const T factor = mode == kHard ? magnitude : (backward ? T(2) * magnitude - tau_plus : magnitude - tau_plus);
+    return magnitude > tau ? factor : factor * T(0);
 }
 
 }  // namespace tensor_peft::kernelized
