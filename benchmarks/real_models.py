@@ -15,7 +15,9 @@ Per model and method:
   ``benchmarks/memory.py``).
 
 Run from the repository root: ``python -m benchmarks.real_models`` (``--help`` for
-options); writes ``benchmarks/results/real-models-<machine>.{json,md}``."""
+options); writes ``benchmarks/results/real-models-<machine>.{json,md}``. On a machine shared
+with other work, run it with ``OMP_NUM_THREADS=1``: torch's threads spin-wait for each
+other, and a busy machine makes multi-threaded step times swing by several times."""
 
 from __future__ import annotations
 
@@ -168,8 +170,8 @@ def step_times(model_name: str, methods: list[str], device: str, repeats: int) -
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# tensor_peft vs peft on real models ({results['machine']}, torch {results['torch']}, "
-             f"peft {results['peft']}, {results['device']})", "",
+    lines = [f"# tensor_peft vs peft on real models ({results['machine']}, {results['device']}, "
+             f"{results['threads']} torch threads, torch {results['torch']}, peft {results['peft']})", "",
              f"Command: `{results['command']}`. Rank {RANK} everywhere; every method adapts "
              f"{', '.join(TARGETS)}. Step: forward, backward, AdamW (and SNELLA's allocator), median of "
              f"{results['repeats']} interleaved steps after 2 warm-up steps. Peak: adapter state (trainable "
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     import peft
 
     results = {
-        "machine": default_name(), "device": device, "torch": torch.__version__, "peft": peft.__version__,
+        "machine": default_name(), "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "peft": peft.__version__,
         "command": "python -m benchmarks.real_models" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
         "repeats": args.repeats,
         "memory_method": "CUDA allocator peak" if device == "cuda" else "peak resident set, fresh process per method",

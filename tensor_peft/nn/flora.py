@@ -187,15 +187,22 @@ class FLoRALayer(AdapterLayer):
 
     def execution_key(self, adapter: Adapter, x: Tensor) -> tuple:
         """What the timed choice depends on: the layer's type, weight and geometry, the
-        ranks, the input's shape, dtype and device, the adapter's dtype, grad mode and autocast."""
+        ranks, the input's shape, dtype and device, the adapter's dtype, grad mode and
+        autocast. A Linear's input counts by its rows rounded up to a power of two, so
+        that varying sequence lengths share a few timings."""
         base = self.base_layer
         geometry = (base.stride, base.padding, base.dilation, base.padding_mode) if self.is_conv else ()
+        if self.is_conv:
+            shape = tuple(x.shape)
+        else:
+            rows = x.numel() // x.shape[-1]
+            shape = (1 << max(rows - 1, 0).bit_length(), x.shape[-1])
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         device_type = x.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return (
             type(base), tuple(self.weight.shape), self.weight.dtype, geometry, base.bias is not None,
-            tuple(adapter.ranks), tuple(x.shape), x.dtype, x.requires_grad, str(x.device), adapter.core.dtype,
+            tuple(adapter.ranks), shape, x.dtype, x.requires_grad, str(x.device), adapter.core.dtype,
             trains, autocast,
         )  # fmt: skip
 

@@ -73,6 +73,14 @@ def test_choice_is_timed_once_per_input_shape_and_cache_can_be_cleared(monkeypat
     assert len(calls) == 4
 
 
+def test_linear_inputs_share_a_timing_by_rows_rounded_to_a_power_of_two(monkeypatch):
+    calls = stub_timer(monkeypatch, "merged")
+    layer, _ = linear_layer_and_input()
+    for shape in [(2, 3, 7), (5, 7), (8, 7), (9, 7), (4, 4, 7)]:  # 6, 5, 8 rows: 8; 9, 16 rows: 16
+        layer(torch.randn(shape, dtype=torch.float64))
+    assert calls == [(2, 3, 7), (9, 7)]
+
+
 @pytest.mark.parametrize("faster", ["merged", "factorized"])
 @pytest.mark.parametrize("make", [conv_layer_and_input, linear_layer_and_input])
 def test_auto_follows_the_timer_and_runs_the_chosen_path_exactly(monkeypatch, make, faster):
