@@ -338,7 +338,8 @@ def test_flora_init_ranks_and_clipping():
 
 
 @pytest.mark.parametrize("geometry", ["linear", "conv2d-same-reflect", "conv3d"])
-def test_flora_auto_picks_by_cost_and_says_so(geometry):
+def test_flora_auto_picks_by_cost_and_says_so(geometry, monkeypatch):
+    monkeypatch.setattr("tensor_peft.nn.flora.AUTOTUNE", False)
     layer, x = make("flora-auto", geometry)
     layer(x)
     merged, factorized = layer.step_costs(layer.adapters["default"], x)
