@@ -262,7 +262,8 @@ def backward_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, colum
             D *= _mask_factor(value, tl.load(tau), MODE, True)
         if KERNEL == MIXTURE:  # ∂L/∂P = D + alpha·S·(D − c)/gamma
             D = tl.where(inside, D, 0.0)
-            d_logits = alpha * soft * (D - tl.load(column_dot + cols, mask=cols < n, other=0.0)[None, :])
+            column_dot_tile = tl.load(column_dot + cols, mask=cols < n, other=0.0)[None, :]
+            d_logits = tl.where(inside, alpha * soft * (D - column_dot_tile), 0.0)
             tl.atomic_add(d_params, _total(D * soft))
             tl.atomic_add(d_params + 1, _total(D))
             tl.atomic_add(d_params + 2, -_total(d_logits * piecewise) / (gamma * gamma))
