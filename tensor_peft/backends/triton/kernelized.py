@@ -124,13 +124,13 @@ def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl
 
 
 @triton.jit
-def delta_kernel(out, out_emb, in_emb, coeff, params, column_max, column_sum, counts, shift,
+def delta_kernel(out, out_emb, in_emb, coeff, kernel_params, column_max, column_sum, counts, shift,
                  m, n, chunks, width, eps,
                  KERNEL: tl.constexpr, COUNT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
-    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
                        KERNEL, BM, BN)  # fmt: skip
     if KERNEL == MIXTURE:
@@ -180,13 +180,13 @@ def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.const
 
 
 @triton.jit
-def columns_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
+def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                    m, n, chunks, width, eps,
                    MODE: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """Mixture, one block of columns over all rows: max_j P/gamma and Σ_j exp(P/gamma − max)
     (online), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
     cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
-    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     top = tl.full((BN,), float("-inf"), dtype=out_emb.dtype.element_ty)
     total = tl.zeros((BN,), dtype=out_emb.dtype.element_ty)
     for start in range(0, m, BM):
@@ -242,14 +242,14 @@ def _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, w
 
 
 @triton.jit
-def backward_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
+def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                     d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
                     KERNEL: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BP: tl.constexpr):  # fmt: skip
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     inside = (rows[:, None] < m) & (cols[None, :] < n)
-    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)  # ∂L/∂K
     if KERNEL == MIXTURE or MODE != 0:
         value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
