@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .precise import div
+from .shared import div
 
 MAX_SIZE = 128
 KERNEL_MAX_SIZE = 32  # one matrix per program, in registers

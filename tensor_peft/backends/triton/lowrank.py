@@ -12,7 +12,7 @@ with an epilogue per method (as the cpu backend's row kernels):
   rank), summed into them with atomic adds (float atomics: the summation order, and so
   the last bits of dU and dR, vary between runs).
 Written for the interpreter too (``TRITON_INTERPRET=1``): plain masked loads, exp by
-``precise.exp``, IEEE-precision dots (no TF32), the scale passed as float64."""
+``shared.exp``, IEEE-precision dots (no TF32), the scale passed as float64."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..tucker_split import hadamard_ops, tucker_ops
-from .precise import exp, scalar
+from .shared import exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -31,8 +31,7 @@ EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
 @triton.jit
 def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: tl.constexpr, EPILOGUE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    rows, cols = tile(d0, n, BM, BN)
     acc = tl.zeros((BM, BN), dtype=out.dtype.element_ty)
     for k0 in range(0, r0, BK):
         ks = k0 + tl.arange(0, BK)
@@ -56,8 +55,7 @@ def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: t
 @triton.jit
 def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, EPILOGUE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    rows, cols = tile(d0, n, BM, BN)
     row_in, col_in = rows < d0, cols < n
     tile = row_in[:, None] & col_in[None, :]
     g = tl.load(grad + rows[:, None] * n + cols[None, :], mask=tile, other=0.0)
@@ -84,7 +82,7 @@ def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, 
 
 
 def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
-    grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
     merge_kernel[grid](
         out, out if weight is None else weight, U0, R, d0, r0, n, scale,
         HAS_WEIGHT=weight is not None, EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
@@ -93,7 +91,7 @@ def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
 
 def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue="add"):
     """Adds s·D·Rᵀ into d_U0 and s·U0ᵀ·D into d_R (both must start at zero)."""
-    grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
     backward_kernel[grid](
         grad, grad if weight is None else weight, U0, R, d_U0, d_R, d0, r0, n, scale,
         EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
