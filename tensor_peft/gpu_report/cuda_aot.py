@@ -1,22 +1,36 @@
-"""Resource usage of the CUDA kernels (``csrc/cuda``): each ``.cu`` compiled for one
-architecture by nvcc with ``-Xptxas -v`` (the flags of setup.py), the log parsed per
-kernel."""
+"""Resource usage of the CUDA kernels (``csrc/cuda``) as the build compiled them: the
+SASS of every architecture in the built extension ``tensor_peft._cuda``, read by
+``cuobjdump -res-usage`` (registers, stack frame, static shared memory per kernel).
+Spills live in the stack frame, so a kernel with no stack frame does not spill."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-from .triton_aot import parse_ptxas
-
-ROOT = Path(__file__).resolve().parents[2]
+_FUNCTION = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def find_nvcc() -> str | None:
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+def cuobjdump_path() -> str | None:
+    """cuobjdump on PATH, in CUDA's bin, or the one Triton bundles."""
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def built_extension() -> Path | None:
+    """The file of the built ``tensor_peft._cuda``, if there is one."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensor_peft._cuda")
+    return Path(spec.origin) if spec and spec.origin else None
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -27,30 +41,27 @@ def demangle(names: list[str]) -> list[str]:
     return result.stdout.splitlines()
 
 
-def compile_rows(arch: int, nvcc: str) -> list[dict]:
-    """One row per ``__global__`` kernel of ``csrc/cuda/*.cu`` for ``sm_<arch>``."""
+def resource_rows(extension: Path, archs: list[int]) -> list[dict]:
+    """One row per kernel × arch of ``extension`` (archs it was not built for are absent)."""
+    tool = cuobjdump_path()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (CUDA toolkit or triton's bundled copy)")
     rows = []
-    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        command = [
-            nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v",
-            f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{ROOT / 'csrc' / 'include'}", "-c", str(source),
-        ]  # fmt: skip
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            result = subprocess.run([*command, "-o", f"{folder}/out.o"], capture_output=True, text=True)
-        seconds = time.perf_counter() - start
+    for arch in archs:
+        result = subprocess.run([tool, "-res-usage", "-arch", f"sm_{arch}", str(extension)], capture_output=True,
+                                text=True)  # fmt: skip
         if result.returncode != 0:
-            rows.append({"kernel": source.name, "config": "", "arch": arch, "status": "error: " + result.stderr[-2000:],
-                         "compile_s": round(seconds, 1)})  # fmt: skip
+            rows.append({"kernel": extension.name, "config": "", "arch": arch,
+                         "status": f"error: cuobjdump: {result.stderr.strip()[-300:]}"})  # fmt: skip
             continue
-        usage = parse_ptxas(result.stderr + result.stdout)
-        for name, readable in zip(usage, demangle(list(usage))):
-            kernel, _, config = readable.partition("<")
+        found = _FUNCTION.findall(result.stdout)
+        for (name, registers, stack, shared, _), readable in zip(found, demangle([f[0] for f in found])):
+            kernel, _, config = readable.removeprefix("void ").partition("<")
+            source = re.search(r"_\d+_([A-Za-z]\w*?)_cu_", name)
             rows.append({
-                "kernel": f"{source.stem}.cu {kernel.removeprefix('void ').split('::')[-1]}",
+                "kernel": f"{source.group(1) if source else ''}.cu {kernel.split('::')[-1]}",
                 "config": ("<" + config.split(">(")[0] + ">") if config else "",
-                "arch": arch, "status": "ok", "compile_s": round(seconds, 1),
-                "registers": usage[name]["registers"], "spill_bytes": usage[name]["spill_bytes"],
-                "stack_bytes": usage[name]["stack_bytes"], "shared_bytes": usage[name]["static_shared_bytes"],
+                "arch": arch, "status": "ok", "registers": int(registers), "stack_bytes": int(stack),
+                "shared_bytes": int(shared),
             })  # fmt: skip
     return rows
