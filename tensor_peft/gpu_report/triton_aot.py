@@ -136,3 +136,25 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
         raise RuntimeError(f"ptxas failed: {result.stderr[-2000:]}")
     (usage,) = parse_ptxas(result.stderr + result.stdout).values()
     return usage
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[Launch]]:
+    """Within the block, Triton launches (compiled or interpreted kernels) run nothing and
+    are recorded with their grids: a launcher's choices checked on ``meta`` tensors of any
+    size, without a compile."""
+    from triton.runtime import interpreter, jit
+
+    launches: list[Launch] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}", tuple(grid), {}, kwargs))
+
+    originals = {kind: kind.run for kind in (jit.JITFunction, interpreter.InterpretedFunction)}
+    for kind in originals:
+        kind.run = record
+    try:
+        yield launches
+    finally:
+        for kind, run in originals.items():
+            kind.run = run

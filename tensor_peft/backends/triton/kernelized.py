@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..determinism import check_deterministic
 from ..kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
 from ..reference import KERNELS
 from .shared import div, exp, scalar, tile, tile_grid
@@ -376,6 +377,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
 
 
 def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+    check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "triton")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in = torch.zeros_like(out_emb), torch.zeros_like(in_emb)

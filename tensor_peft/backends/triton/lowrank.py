@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..determinism import check_deterministic
 from ..tucker_split import hadamard_ops, tucker_ops
 from .shared import exp, scalar, tile, tile_grid
 
@@ -91,6 +92,7 @@ def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
 
 def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue="add"):
     """Adds s·D·Rᵀ into d_U0 and s·U0ᵀ·D into d_R (both must start at zero)."""
+    check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", "triton")
     grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
     backward_kernel[grid](
         grad, grad if weight is None else weight, U0, R, d_U0, d_R, d0, r0, n, scale,
