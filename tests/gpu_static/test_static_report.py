@@ -3,8 +3,9 @@ Triton kernel configuration the launchers use for sm_80 and sm_90 (through Trito
 binder, in a process with the interpreter off) and reads the built CUDA kernels; every
 row must meet its budgets (``tensor_peft.gpu_report.problems``): compiled, compile time ≤
 30 s, no spills, shared memory within the limit, grids within CUDA's limits, no float32
-scalar into a float64 kernel, no stack frame in the hot CUDA kernels. Several minutes on
-two cores: marked ``gpu_static`` (CI runs it as its own step)."""
+scalar into a float64 kernel, no stack frame in the hot CUDA kernels. About 5 minutes on
+two cores (about 180 compiles); marked ``gpu_static`` so that ``-m "not gpu_static"``
+leaves it out of a quick run."""
 
 from __future__ import annotations
 

@@ -59,15 +59,16 @@ def _chunk_sums(out_emb, in_emb, first, last, rows, cols, m, n, width,
     near 0) or, DOT, of b_j^h·a_i^h, on a tile."""
     row_in, col_in = rows < m, cols < n
     acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
-    for h in range(first, last):
-        for d in range(width):
-            b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0)
-            a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0)
-            if DOT:
-                acc += b[:, None] * a[None, :]
-            else:
-                diff = b[:, None] - a[None, :]
-                acc += diff * diff
+    for step in range(first * width, last * width):  # (chunk h, dimension d) = divmod(step, width)
+        h = step // width
+        d = step - h * width
+        b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0)
+        a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0)
+        if DOT:
+            acc += b[:, None] * a[None, :]
+        else:
+            diff = b[:, None] - a[None, :]
+            acc += diff * diff
     return acc
 
 
