@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "machine": default_name(), "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "peft": peft.__version__,
-        "command": "python -m benchmarks.real_models" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+        + "python -m benchmarks.real_models" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
         "repeats": args.repeats,
         "memory_method": "CUDA allocator peak" if device == "cuda" else "peak resident set, fresh process per method",
         "models": {},

@@ -161,7 +161,9 @@ LOAD_SCRIPT = textwrap.dedent(
     tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], group="gl", block_size=2),
     tp.SNELLAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, learnable_coeff=True),
 ])  # fmt: skip
-def test_save_then_load_in_a_fresh_process_reproduces_outputs(tmp_path, config):
+def test_save_then_load_in_a_fresh_process_reproduces_outputs(tmp_path, config, monkeypatch):
+    monkeypatch.setenv("TENSOR_PEFT_FLORA_AUTOTUNE", "0")  # FLoRA auto: the same path in both processes
+    monkeypatch.setattr("tensor_peft.nn.flora.AUTOTUNE", False)
     model, x = small_net(), inputs()
     tp.inject(model, config)
     randomize(model)

@@ -14,15 +14,20 @@ Execution per layer (``mode``):
 - ``auto``: the faster of the two, timed on this machine (``choose_execution``): at first
   use per layer geometry, ranks, input shape, dtypes, device and grad mode, both paths run
   a few training steps (forward + backward) on a copy of the input, and the faster one is
-  cached in this module for every later call (as cuDNN's benchmark mode does). With
-  ``AUTOTUNE = False``, and while torch.compile traces a layer whose choice is not cached
-  yet, a flops + bytes cost model (``step_costs``) chooses instead. The last choice is in
-  ``layer.last_execution``; ``clear_execution_cache()`` forgets the timed choices.
+  cached in this module for every later call (as cuDNN's benchmark mode does). Timing
+  makes the choice, and so the output's last bits, depend on the machine's load: with
+  ``AUTOTUNE = False`` (its default is False when the environment variable
+  ``TENSOR_PEFT_FLORA_AUTOTUNE`` is ``0``, so that subprocesses and every rank of a
+  distributed run agree), under ``torch.use_deterministic_algorithms(True)``, and while
+  torch.compile traces a layer whose choice is not cached yet, a flops + bytes cost model
+  (``step_costs``) chooses instead. The last choice is in ``layer.last_execution``;
+  ``clear_execution_cache()`` forgets the timed choices.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import warnings
@@ -39,7 +44,7 @@ MODES = ("auto", "merged", "factorized")
 BYTES_PER_FLOP = 8  # machine balance in MACs per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
 EXECUTIONS = ("merged", "factorized")
 
-AUTOTUNE = True
+AUTOTUNE = os.environ.get("TENSOR_PEFT_FLORA_AUTOTUNE", "1") != "0"
 """Whether mode ``auto`` times the two paths (True) or uses the cost model (False)."""
 AUTOTUNE_REPEATS = 3
 _execution_cache: dict[tuple, str] = {}
@@ -178,14 +183,15 @@ class FLoRALayer(AdapterLayer):
     def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
         """``merged`` or ``factorized`` for this input: the adapter's mode, or under
         ``auto`` the path timed faster for this layer and input (cached), or the cost
-        model's choice when timing is off or torch.compile traces an uncached case."""
+        model's choice when timing is off, deterministic algorithms are asked for, or
+        torch.compile traces an uncached case."""
         if adapter.mode != "auto":
             return adapter.mode
         if self.is_embedding:
             return "factorized"  # a lookup of the indices' rows, never forming ΔW
         if self.is_conv and self.base_layer.groups > 1:
             return "merged"
-        if not AUTOTUNE:
+        if not AUTOTUNE or torch.are_deterministic_algorithms_enabled():
             return self.cheaper_by_cost_model(adapter, x)
         key = self.execution_key(adapter, x)
         choice = _execution_cache.get(key)

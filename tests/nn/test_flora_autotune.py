@@ -1,8 +1,13 @@
 """FLoRA's ``auto`` mode by measurement: the timed choice is cached per layer and input,
 follows the timer, runs the chosen path exactly, and leaves no trace on the caller's
-gradients, RNG or checkpointed graph; with timing off the cost model chooses."""
+gradients, RNG or checkpointed graph; with timing off (the switch, its environment
+variable, deterministic algorithms, or torch.compile tracing) the cost model chooses."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,6 +144,30 @@ def test_timing_off_uses_the_cost_model(monkeypatch):
         merged, factorized = layer.step_costs(layer.adapters["default"], x)
         assert layer.last_execution == ("factorized" if factorized <= merged else "merged")
     assert calls == []
+
+
+def test_deterministic_algorithms_use_the_cost_model(monkeypatch):
+    calls = stub_timer(monkeypatch, "factorized")
+    layer, x = conv_layer_and_input()
+    merged, factorized = layer.step_costs(layer.adapters["default"], x)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        layer(x)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert layer.last_execution == ("factorized" if factorized <= merged else "merged")
+    assert calls == []
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("1", True), (None, True)])
+def test_environment_variable_sets_the_default(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "TENSOR_PEFT_FLORA_AUTOTUNE"}
+    if value is not None:
+        env["TENSOR_PEFT_FLORA_AUTOTUNE"] = value
+    code = "from tensor_peft.nn import flora; print(flora.AUTOTUNE)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(expected)
 
 
 def test_under_torch_compile_no_trial_runs(monkeypatch):
