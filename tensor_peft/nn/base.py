@@ -19,7 +19,9 @@ is computed in at least float32 before it is added to the base output.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +180,14 @@ class AdapterLayer(nn.Module):
             mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
             x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=mode), 0
         return _CONV_WEIGHT_GRAD[self.spatial_dims](x, weight_shape, grad, base.stride, padding, base.dilation)
+
+    def operation_with_weight(self, x: Tensor, make_weight: Callable[[], Tensor]) -> Tensor:
+        """The base operation (with the bias) and the weight ``make_weight()`` gives, which
+        autograd does not keep for backward: it is made again there, so that a merged path
+        keeps nothing of the weight's size (training memory as LoRA's)."""
+        weight = make_weight()
+        with recomputed_in_backward(weight, make_weight):
+            return self.base_operation(x, weight, self.bias)
 
     def pointwise(self, x: Tensor, matrix: Tensor) -> Tensor:
         """Channel mixing by ``matrix`` (out, in): a 1×1 conv for conv inputs, linear otherwise."""
@@ -352,3 +362,38 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, adapters={list(self.adapters)}, active={self.active_adapters}"
+
+
+@contextlib.contextmanager
+def recomputed_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator[None]:
+    """Autograd, inside this block, keeps no copy of ``tensor`` (nor of a view of it) for
+    backward: it keeps the view's geometry and calls ``recompute()`` (which must return
+    ``tensor``'s values again) when backward needs it. Memory only: the math is unchanged.
+    Under torch.compile the block is a no-op (the compiler makes its own choices)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        yield
+        return
+    # plain values, not the tensor: autograd keeps the hooks, and they must not keep it alive
+    # (its address cannot be reused while the block runs: the caller holds the tensor)
+    device, address = tensor.device, tensor.untyped_storage().data_ptr()
+
+    def pack(saved: Tensor):
+        if saved.device == device and saved.untyped_storage().data_ptr() == address:
+            return _Recompute(saved.size(), saved.stride(), saved.storage_offset())
+        return saved
+
+    def unpack(packed):
+        if isinstance(packed, _Recompute):
+            with torch.no_grad():
+                return recompute().as_strided(packed.size, packed.stride, packed.offset)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Recompute:
+    """A saved tensor left out: the geometry of the view of the recomputed tensor."""
+
+    def __init__(self, size, stride, offset):
+        self.size, self.stride, self.offset = size, stride, offset

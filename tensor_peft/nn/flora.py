@@ -290,12 +290,16 @@ class FLoRALayer(AdapterLayer):
         self.last_execution = None if adapter is None else self.choose_execution(adapter, x)
         if self.last_execution == "merged":
             if not (torch.is_grad_enabled() and self.projects_gradients(adapter)):
-                weight = self.merge_weight(adapter, self.weight)
-                return self.base_operation(x, weight.to(self.operation_dtype(x)), self.bias)
+                return self.operation_with_weight(
+                    x, lambda: self.merge_weight(adapter, self.weight).to(self.operation_dtype(x))
+                )
             core, factors = self._params(adapter, self.compute_dtype(adapter))
-            with torch.no_grad():
-                weight = ops.tucker_merge(self.weight, core, factors, adapter.scale).to(x.dtype)
-            y = self.base_operation(x, weight, self.bias)
+
+            @torch.no_grad()
+            def merged_weight():
+                return ops.tucker_merge(self.weight, core, factors, adapter.scale).to(x.dtype)
+
+            y = self.operation_with_weight(x, merged_weight)
             return _ProjectedTuckerGradients.apply(y, x, self, adapter.scale, core, *factors)
         if self.last_execution == "factorized":
             delta = self.delta_forward(adapter, self.adapter_input(adapter, x))

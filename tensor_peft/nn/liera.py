@@ -171,6 +171,5 @@ class LieRALayer(AdapterLayer):
             return super().forward(x)
         if self.is_embedding:
             return self.embedding_rows(adapter, x).to(self.operation_dtype(x))
-        weight = self.merge_weight(adapter, self.weight)
-        return self.base_operation(x, weight.to(x.dtype), self.bias)
+        return self.operation_with_weight(x, lambda: self.merge_weight(adapter, self.weight).to(x.dtype))
 

@@ -20,9 +20,7 @@ set per layer during training by ``SparsityAllocator`` (``tensor_peft.allocator`
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from torch import Tensor, nn
 from ..ops.kernelized_delta import KERNELS, default_coeff
 from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
 from ..ops.sparsify import MODES, check_sparsity
-from .base import Adapter, AdapterLayer, adapter_dtype_for
+from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
 from .lora import check_rank
 
 # softplus⁻¹(1): mixture's temperature gamma = softplus(gamma_raw) starts at 1
@@ -107,41 +105,6 @@ class SNELLAdapter(Adapter):
         an earlier call (the parameters unchanged since), the selection is skipped."""
         out_emb, in_emb, params = self.kernel_inputs(dtype)
         return sparse_delta_and_threshold(out_emb, in_emb, self.sparsity, self.kernel, self.mode, threshold, **params)
-
-
-@contextlib.contextmanager
-def recomputed_in_backward(tensor: Tensor, recompute: Callable[[], Tensor]) -> Iterator[None]:
-    """Autograd, inside this block, keeps no copy of ``tensor`` (nor of a view of it) for
-    backward: it keeps the view's geometry and calls ``recompute()`` (which must return
-    ``tensor``'s values again) when backward needs it. Memory only: the math is unchanged.
-    Under torch.compile the block is a no-op (the compiler makes its own choices)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        yield
-        return
-    # plain values, not the tensor: autograd keeps the hooks, and they must not keep it alive
-    # (its address cannot be reused while the block runs: the caller holds the tensor)
-    device, address = tensor.device, tensor.untyped_storage().data_ptr()
-
-    def pack(saved: Tensor):
-        if saved.device == device and saved.untyped_storage().data_ptr() == address:
-            return _Recompute(saved.size(), saved.stride(), saved.storage_offset())
-        return saved
-
-    def unpack(packed):
-        if isinstance(packed, _Recompute):
-            with torch.no_grad():
-                return recompute().as_strided(packed.size, packed.stride, packed.offset)
-        return packed
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
-class _Recompute:
-    """A saved tensor left out: the geometry of the view of the recomputed tensor."""
-
-    def __init__(self, size, stride, offset):
-        self.size, self.stride, self.offset = size, stride, offset
 
 
 class SNELLLayer(AdapterLayer):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from tensor_peft import ops as tp_ops
 from tensor_peft.nn import FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 
 GEOMETRIES = {
@@ -377,3 +378,31 @@ def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_b
     x = torch.randn(2, *((3, base.in_features) if isinstance(base, nn.Linear) else (base.in_channels, *spatial)),
                     dtype=torch.float64)  # fmt: skip
     assert_matches_spec(layer, x)
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: LieRALayer(nn.Linear(12, 10), r=2),
+    lambda: LieRALayer(nn.Conv2d(4, 6, 3), group="orthogonal", block_size=3),
+    lambda: FLoRALayer(nn.Linear(12, 10), r=2, mode="merged"),  # projected weight gradients
+    lambda: FLoRALayer(nn.Conv2d(4, 6, 3, groups=2), r=2, mode="merged"),  # autograd through the merge
+])  # fmt: skip
+def test_merged_paths_keep_no_effective_weight_for_backward(make_layer, monkeypatch):
+    """The effective weight is made again in backward instead of being kept: made twice
+    per step, and the gradients still equal those of the formula."""
+    torch.manual_seed(0)
+    layer = make_layer().double()
+    with torch.no_grad():
+        for parameter in layer.adapters.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    made = []
+    owner, name = (tp_ops, "tucker_merge") if isinstance(layer, FLoRALayer) else (layer, "merge_weight")
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: made.append(1) or original(*args))
+    x = torch.randn(3, *((12,) if isinstance(layer.base_layer, nn.Linear) else (4, 5, 5)), dtype=torch.float64)
+    x.requires_grad_(True)  # as inside a model: ∂L/∂x needs the effective weight
+    layer(x).square().sum().backward()
+    assert len(made) == 2
+    adapter = layer.adapters["default"]
+    expected = torch.autograd.grad(spec_forward(layer, adapter, x).square().sum(), [x, *adapter.parameters()])
+    for value, grad in zip([x, *adapter.parameters()], expected):
+        torch.testing.assert_close(value.grad, grad)
