@@ -33,6 +33,21 @@ def median_seconds(fn, device: str = "cpu", repeats: int = 9) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(steps: dict, device: str = "cpu", repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each of ``steps`` (name: callable), run in turn ``repeats`` times
+    after ``warmup`` rounds, so that a change of load on the machine hits them alike."""
+    times = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,7 +7,8 @@
 # GPU's own), runs the whole test suite (the op tests then run every backend on CUDA
 # tensors too: cuda, triton, reference), and runs the benchmark suites on the GPU, writing
 # everything into RESULTS_DIR (default benchmarks/results/<gpu-name>/): build.log, info.txt,
-# tests.log, bench.log, bench.json, bench.md. Each step has a time limit so that the
+# tests.log, floors.log (each memory-bound op's time against its bytes at 3.0 and 4.8 TB/s),
+# bench.log, bench.json, bench.md. Each step has a time limit so that the
 # whole fits in 10 minutes; a failing step is reported and the next one still runs.
 # The exit status is that of the first failing step (0 when all passed).
 set -uo pipefail
@@ -40,6 +41,7 @@ export TENSOR_PEFT_CUDA=1 TENSOR_PEFT_CUDA_ARCHS=${TENSOR_PEFT_CUDA_ARCHS:-$arch
 step build 240 build.log "$python" setup.py build_ext --inplace || exit "$status"
 step info 60 info.txt "$python" -m tensor_peft info
 step tests 270 tests.log "$python" -m pytest tests -q -p no:cacheprovider -rs
+step floors 60 floors.log "$python" -m tensor_peft.gpu_report.floors && cat "$results/floors.log"
 step bench 240 bench.log "$python" -m tensor_peft bench --name bench --out "$results"
 echo "gpu_check: $gpu: done, status $status; results in $results"
 exit "$status"

@@ -24,6 +24,7 @@ from torch import nn
 
 import tensor_peft as tp
 
+from . import memory
 from .conftest import run
 
 TOKENS, WIDTH, HIDDEN, BLOCKS = 8 * 197, 768, 3072, 12
@@ -85,11 +86,6 @@ def training_step(model, x) -> None:
     model(x).square().mean().backward()
 
 
-def _rss_kib(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")))
-
-
 def peak_step_mib(variant: str, device: str, shape: tuple[int, int] | None = None) -> float:
     """Memory a training step needs above what the model and input already hold (MiB)."""
     model, x = build(variant, device, shape)
@@ -103,10 +99,7 @@ def peak_step_mib(variant: str, device: str, shape: tuple[int, int] | None = Non
         training_step(model, x)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    training_step(model, x)
-    return (_rss_kib("VmHWM") - before) / 2**10
+    return memory.peak_growth_mib(lambda: training_step(model, x))
 
 
 def measure_in_fresh_process(variant: str, device: str, shape: tuple[int, int] | None = None) -> float:
@@ -115,7 +108,7 @@ def measure_in_fresh_process(variant: str, device: str, shape: tuple[int, int] |
         "import json, sys; from benchmarks.test_snell_memory import peak_step_mib; "
         "print(json.dumps(peak_step_mib(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))))"
     )
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    env = {**os.environ, **memory.MMAP_THRESHOLD_ENV}
     result = subprocess.run(
         [sys.executable, "-c", code, variant, device, json.dumps(shape)],
         cwd=root, env=env, capture_output=True, text=True, check=True,
@@ -125,7 +118,7 @@ def measure_in_fresh_process(variant: str, device: str, shape: tuple[int, int] |
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_vit_mlp_blocks_training_step(benchmark, device, variant):
-    if device == "cpu" and not Path("/proc/self/clear_refs").exists():
+    if device == "cpu" and not memory.available():
         pytest.skip("peak memory on CPU is read from Linux's /proc")
     peak = measure_in_fresh_process(variant, device)
     model, x = build(variant, device)

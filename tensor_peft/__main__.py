@@ -1,7 +1,9 @@
 """Command line: ``python -m tensor_peft info`` reports versions, which compiled
 extensions were built, and which backends can run here (and why the others cannot);
 ``python -m tensor_peft bench`` runs the benchmark suites and writes their results;
-``python -m tensor_peft demo`` fine-tunes a small CNN to a shifted domain with each method."""
+``python -m tensor_peft demo`` fine-tunes a small CNN to a shifted domain with each method;
+``python -m tensor_peft gpu-report --static`` compiles every GPU kernel ahead of time and
+reports registers, spills, shared memory and compile times (no GPU needed)."""
 
 from __future__ import annotations
 
@@ -78,7 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=40, help="adaptation epochs per method")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a tiny setting (for tests)")
+    report = commands.add_parser("gpu-report", help="compile the GPU kernels ahead of time; write static.{json,md}")
+    report.add_argument("--static", action="store_true", required=True, help="the ahead-of-time check (no GPU)")
+    report.add_argument("--arch", type=lambda text: [int(a) for a in text.split(",")], default=[80, 90],
+                        help="comma-separated compute capabilities (default 80,90)")  # fmt: skip
+    report.add_argument("--out", type=Path, default=Path("gpu_report"), help="folder for static.json and static.md")
+    report.add_argument("-k", dest="select", help="only the op configurations whose label contains this")
+    report.add_argument("--cuda-extension", type=Path, help="a built _cuda to read (default: the installed one)")
     args = parser.parse_args(argv)
+    if args.command == "gpu-report":
+        from tensor_peft.gpu_report import main as gpu_report
+
+        return gpu_report(args.arch, args.out, args.select, args.cuda_extension)
     if args.command == "demo":
         from tensor_peft.demo import main as run_demo
 

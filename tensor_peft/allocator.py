@@ -18,6 +18,7 @@ both and loading them into a fresh model and allocator resumes training exactly.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -62,6 +63,12 @@ def distribute(budget: int, scores: list[float], capacities: list[int]) -> list[
             kept[i] += share
 
 
+def statistics_key(module_name: str) -> str:
+    """The key of a layer's statistics (module names hold dots, ModuleDict keys cannot):
+    an escape that keeps distinct names distinct."""
+    return module_name.replace("%", "%25").replace(".", "%2E")
+
+
 class _LayerStatistics(nn.Module):
     """Ī (importance EMA) and Ū (its uncertainty EMA) for a layer's In and Out embeddings."""
 
@@ -84,14 +91,12 @@ class SparsityAllocator(nn.Module):
             raise ValueError(
                 f"the model has no SNELLA adapter named {adapter_name!r} (inject a SNELLAConfig first)"
             )
-        self.config = config
-        self.adapters = {
-            name: layer.adapters[adapter_name]
-            for name, layer in adapter_layers(model).items()
-            if adapter_name in layer.adapters
-        }  # a plain dict: the model's modules are not the allocator's state
+        self.config, self.adapter_name = config, adapter_name
+        # plain dicts: the model's modules are not the allocator's state
+        self.layers = {name: layer for name, layer in adapter_layers(model).items() if adapter_name in layer.adapters}
+        self.adapters = {name: layer.adapters[adapter_name] for name, layer in self.layers.items()}
         self.statistics = nn.ModuleDict(
-            {name.replace(".", "-"): _LayerStatistics(adapter) for name, adapter in self.adapters.items()}
+            {statistics_key(name): _LayerStatistics(adapter) for name, adapter in self.adapters.items()}
         )
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.sizes = [adapter.snell_out.shape[1] * adapter.snell_in.shape[1] for adapter in self.adapters.values()]
@@ -122,10 +127,20 @@ class SparsityAllocator(nn.Module):
     def step(self) -> None:
         """Update the importance statistics from the current gradients (call after
         ``optimizer.step()``, before ``zero_grad``); every ``interval`` steps from the end
-        of warmup on, reallocate the layers' sparsities."""
+        of warmup on, reallocate the layers' sparsities.
+
+        A step whose gradients are not all finite (an overflowing float16 step, which
+        GradScaler skips too) leaves the statistics as they were, with a warning; the step
+        still counts for the schedule. Refuses while the adapter is merged into a layer
+        (a new sparsity would change the ΔW that unmerge takes out)."""
         c = self.config
+        merged = [name for name, layer in self.layers.items() if self.adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"adapter {self.adapter_name!r} is merged into module {merged[0]!r}: unmerge before allocator.step()"
+            )
+        importances = {}
         for name, adapter in self.adapters.items():
-            statistics = self.statistics[name.replace(".", "-")]
             for side in ("in", "out"):
                 embedding = getattr(adapter, f"snell_{side}")
                 if embedding.grad is None:
@@ -133,11 +148,17 @@ class SparsityAllocator(nn.Module):
                         f"{name}: snell_{side} has no gradient; call allocator.step() after "
                         "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
                     )
-                importance = (embedding * embedding.grad).abs().nan_to_num(nan=0.0).float()
-                mean = getattr(statistics, f"importance_{side}")
-                mean.mul_(c.beta1).add_(importance, alpha=1 - c.beta1)
-                deviation = (importance - mean).abs()
-                getattr(statistics, f"uncertainty_{side}").mul_(c.beta2).add_(deviation, alpha=1 - c.beta2)
+                importances[name, side] = (embedding * embedding.grad).abs().float()
+        finite = all(bool(torch.isfinite(importance).all()) for importance in importances.values())
+        if not finite:
+            bad = next(name for (name, _), value in importances.items() if not torch.isfinite(value).all())
+            warnings.warn(f"module {bad!r} has non-finite gradients: this step leaves the importance statistics as they were")
+        for (name, side), importance in importances.items() if finite else ():
+            statistics = self.statistics[statistics_key(name)]
+            mean = getattr(statistics, f"importance_{side}")
+            mean.mul_(c.beta1).add_(importance, alpha=1 - c.beta1)
+            deviation = (importance - mean).abs()
+            getattr(statistics, f"uncertainty_{side}").mul_(c.beta2).add_(deviation, alpha=1 - c.beta2)
         self.steps += 1
         step = int(self.steps)
         if step >= c.warmup_steps and step % c.interval == 0:
@@ -150,6 +171,18 @@ class SparsityAllocator(nn.Module):
         for adapter, sparsity in zip(self.adapters.values(), sparsities):
             adapter.sparsity = sparsity
         return sparsities
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; a state of other layers raises a ValueError
+        naming them."""
+        own = {key: value.shape for key, value in self.state_dict().items()}
+        missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+        if strict and (missing or unexpected):
+            raise ValueError(f"allocator state does not fit this model's layers: missing {missing}, unexpected {unexpected}")
+        for key in own.keys() & state_dict.keys():
+            if tuple(state_dict[key].shape) != tuple(own[key]):
+                raise ValueError(f"allocator state {key!r} has shape {tuple(state_dict[key].shape)}, this model's {tuple(own[key])}")
+        return super().load_state_dict(state_dict, strict, assign)
 
     def sparsities(self) -> dict[str, float]:
         """The layers' current sparsities by module name."""

@@ -1,14 +1,17 @@
 """Adapter configurations (dataclasses), one per method, for ``tensor_peft.inject``.
 
 Common fields: ``target_modules`` (a list of module names, each matching the full name
-or a dotted suffix; a regex string matched against the full name; or module types),
-``exclude_modules`` (same forms), ``r`` (rank), ``dropout`` (on the adapter's input)
+or a dotted suffix; a regex string matched against the full name; module types; or
+"all-linear"), ``exclude_modules`` (same forms), ``modules_to_save`` (names of modules
+trained whole alongside the adapter, such as a classifier head, and saved with it),
+``r`` (rank), ``dropout`` (on the adapter's input)
 and ``dtype`` (of the adapter parameters; ``None``: float32 over a float16/bfloat16
 base, else the base weight's dtype)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
@@ -16,10 +19,10 @@ from typing import Any, ClassVar, Union
 import torch
 
 from .nn.base import check_dropout
-from .ops._common import check_real
+from .ops._common import FLOAT_DTYPES, check_real
 from .nn.lora import check_alpha, check_rank
 from .nn.flora import MODES as FLORA_MODES
-from .nn.liera import EXP_FORMS, GROUPS, INNERS
+from .nn.liera import EXP_FORMS, GROUPS, INNERS, SIDES
 from .nn.mtlora import VARIANTS
 from .nn.snell import check_chunks
 from .ops.kernelized_delta import KERNELS
@@ -28,12 +31,31 @@ from .ops.sparsify import MODES as SPARSIFY_MODES, check_sparsity
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
 
 
+def check_module_spec(spec: object, name: str) -> None:
+    """``spec`` as ``target_modules`` takes it: a regex string, a module type, or a list of
+    names and types; else a TypeError/ValueError naming ``name``."""
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise ValueError(f"{name} {spec!r} is not a valid regular expression: {error}") from None
+        return
+    if isinstance(spec, type):
+        return
+    if not isinstance(spec, Sequence):
+        raise TypeError(f"{name} must be a regex string, a module type or a list of names and types, got {spec!r}")
+    for item in spec:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"{name} entries must be module names (str) or module types, got {item!r}")
+
+
 @dataclass
 class AdapterConfig:
     method: ClassVar[str] = ""
 
     target_modules: ModuleSpec = None
     exclude_modules: ModuleSpec = None
+    modules_to_save: list[str] | None = None
     r: int = 8
     dropout: float = 0.0
     dtype: str | None = None
@@ -43,14 +65,21 @@ class AdapterConfig:
             not isinstance(self.target_modules, (str, type)) and len(self.target_modules) == 0
         ):
             raise ValueError("target_modules must name the modules to adapt (names, a regex, or types)")
+        check_module_spec(self.target_modules, "target_modules")
+        if self.exclude_modules is not None:
+            check_module_spec(self.exclude_modules, "exclude_modules")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
         check_rank(self.r)
         check_dropout(self.dropout)
-        if self.dtype is not None and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+        if self.dtype is not None and getattr(torch, str(self.dtype), None) not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must name a floating torch dtype such as 'float32', got {self.dtype!r}")
 
     def layer_options(self) -> dict[str, Any]:
         """The keyword arguments of the layer's ``add_adapter`` this config gives."""
-        skip = {"target_modules", "exclude_modules"}
+        skip = {"target_modules", "exclude_modules", "modules_to_save"}
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         options["dtype"] = getattr(torch, self.dtype) if self.dtype else None
         return options
@@ -104,7 +133,8 @@ class FLoRAConfig(AdapterConfig):
 class LieRAConfig(AdapterConfig):
     """LieRA: W_eff = W0 ⊙ exp(ΔW) (``group="hadamard"``, ΔW from ``inner`` lora with
     s = alpha/r, or flora with ``scale``/``ranks``; ``exp`` exact or taylor1), or
-    W_eff = blockdiag(exp(S_i))·W0 (``group`` orthogonal or gl, blocks of ``block_size``)."""
+    W_eff = blockdiag(exp(S_i))·W0 (``group`` orthogonal or gl, blocks of ``block_size``;
+    ``side="input"``: W0·blockdiag(exp(S_i)) on the inputs)."""
 
     method: ClassVar[str] = "liera"
     alpha: float = 8.0
@@ -112,6 +142,7 @@ class LieRAConfig(AdapterConfig):
     inner: str = "lora"
     exp: str = "exact"
     block_size: int = 4
+    side: str = "output"
     scale: float = 1.0
     ranks: list[int] | None = None
 
@@ -121,7 +152,7 @@ class LieRAConfig(AdapterConfig):
         check_real(self.scale, "scale")
         check_rank(self.block_size, "block_size")
         for value, name, choices in ((self.group, "group", GROUPS), (self.inner, "inner", INNERS),
-                                     (self.exp, "exp", EXP_FORMS)):  # fmt: skip
+                                     (self.exp, "exp", EXP_FORMS), (self.side, "side", SIDES)):  # fmt: skip
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 

@@ -79,13 +79,35 @@ void check_launch(const char* name) {
     if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
 }
 
+// Above 48 KB a kernel's dynamic shared memory must be allowed explicitly, up to the
+// device's opt-in limit (227 KB on sm_90, 163 KB on sm_80).
+template <typename T>
+void allow_shared_memory(const char* name, void (*kernel)(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t,
+                                                          T, int),
+                         size_t bytes) {
+    constexpr size_t kDefaultLimit = 48 * 1024;
+    if (bytes <= kDefaultLimit) return;
+    int device = 0, limit = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (bytes > static_cast<size_t>(limit))
+        throw std::invalid_argument(std::string(name) + ": the rank needs " + std::to_string(bytes) +
+                                    " bytes of shared memory per block, more than this GPU's " +
+                                    std::to_string(limit));
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
+}
+
 }  // namespace
 
 template <typename T>
 void lowrank_forward(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
                      int epilogue, std::uintptr_t stream) {
     const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(std::min(d0, kMaxGridY)));
-    forward_kernel<T><<<grid, kThreads, r0 * sizeof(T), reinterpret_cast<cudaStream_t>(stream)>>>(
+    const size_t shared = static_cast<size_t>(r0) * sizeof(T);
+    allow_shared_memory<T>("lowrank_forward", forward_kernel<T>, shared);
+    forward_kernel<T><<<grid, kThreads, shared, reinterpret_cast<cudaStream_t>(stream)>>>(
         out, weight, U, R, d0, r0, n, scale, epilogue);
     check_launch("lowrank_forward");
 }

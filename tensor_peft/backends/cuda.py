@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .determinism import check_deterministic
 from .kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
 from .registry import extension_import_error, extension_kernel
 from .tucker_split import hadamard_ops, tucker_ops
@@ -40,6 +41,7 @@ def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
 
 
 def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
+    check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", "cuda")
     with torch.cuda.device(grad.device):
         extension_kernel("_cuda", "lowrank_backward", grad.dtype)(
             grad.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(), d0, r0, n, scale,
@@ -106,6 +108,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
 
 
 def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+    check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "cuda")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in_t = torch.zeros_like(out_emb), in_emb.new_zeros(chunks, width, n)

@@ -1,7 +1,14 @@
-"""The shared base of every adapter layer: wraps a frozen ``nn.Linear`` / ``nn.Conv1d`` /
-``nn.Conv2d`` / ``nn.Conv3d`` and keeps its whole geometry (stride, padding including
-"same"/"valid", dilation, groups, padding_mode, kernel shape, bias) by calling the base
-layer itself for the frozen path and its ``_conv_forward`` for conv-shaped updates.
+"""The shared base of every adapter layer: wraps a frozen linear, conv, or embedding layer
+and keeps its whole geometry (stride, padding including "same"/"valid", dilation, groups,
+padding_mode, kernel shape, bias) by calling the base layer itself for the frozen path and
+its operation (``F.linear``, ``_conv_forward``, ``F.embedding``) for the updates.
+
+Layers the adapters wrap (``layer_kind``): ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
+``nn.Embedding``, and any subclass of them whose ``forward`` is the parent's (such as
+``nn.MultiheadAttention``'s ``out_proj``); transformers' ``Conv1D`` (a linear layer whose
+weight is stored (in, out)). Every method sees the weight in one layout, ``layer.weight``:
+(out, in, *kernel); for ``Conv1D`` and ``nn.Embedding`` (a linear map from the one-hot
+index to the embedding) that is a transposed view of the stored weight.
 
 It holds any number of named adapters of one method, and does what all methods share:
 adapter dropout, enable/disable, the active adapters, merge/unmerge (refusing a merge
@@ -12,17 +19,52 @@ is computed in at least float32 before it is added to the base output.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+# Subclasses that override forward() with the parent's operation (timm's Linear only adds a
+# cast under TorchScript), by qualified name so that their package need not be imported.
+SAME_OPERATION_SUBCLASSES = ("timm.layers.linear.Linear",)
 _POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
-def is_supported(module: nn.Module) -> bool:
-    return type(module) in SUPPORTED_LAYERS
+def _transformers_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (looked up only if transformers is loaded)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def layer_kind(module: nn.Module) -> str:
+    """"linear", "conv" or "embedding": how the adapters see ``module``. Raises a TypeError
+    saying why for a module they cannot wrap."""
+    if _transformers_conv1d(module):
+        return "linear"
+    parent = next((c for c in SUPPORTED_LAYERS if isinstance(module, c)), None)
+    if parent is None:
+        names = ", ".join(c.__name__ for c in SUPPORTED_LAYERS)
+        raise TypeError(
+            f"adapters wrap {names} (and their subclasses), transformers' Conv1D and "
+            f"nn.MultiheadAttention; got {type(module).__name__}"
+        )
+    if type(module).forward is not parent.forward and _qualified_name(type(module)) not in SAME_OPERATION_SUBCLASSES:
+        raise TypeError(
+            f"{type(module).__name__} subclasses nn.{parent.__name__} but overrides forward(); the adapters "
+            f"run nn.{parent.__name__}'s operation with other weights, which would skip what that forward does"
+        )
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            raise TypeError("an nn.Embedding with max_norm renormalizes its weight in forward; adapters cannot wrap it")
+        return "embedding"
+    return "linear" if isinstance(module, nn.Linear) else "conv"
 
 
 def adapter_dtype_for(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -58,14 +100,11 @@ class AdapterLayer(nn.Module):
     (additive by default)."""
 
     method: str = ""
+    no_low_rank_form = "this update is not a low-rank product B·A: peft's LoRA cannot hold it"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", **options):
         super().__init__()
-        if not is_supported(base_layer):
-            raise TypeError(
-                f"base_layer must be one of {', '.join(c.__name__ for c in SUPPORTED_LAYERS)}, "
-                f"got {type(base_layer).__name__}"
-            )
+        self.kind = layer_kind(base_layer)
         self.base_layer = base_layer
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
@@ -88,18 +127,41 @@ class AdapterLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     @property
+    def weight(self) -> Tensor:
+        """The base weight in the (out, in, *kernel) layout every method works in: the
+        stored parameter, or a transposed view of it (``Conv1D``, ``nn.Embedding``)."""
+        weight = self.base_layer.weight
+        return weight if self.kind == "conv" or isinstance(self.base_layer, nn.Linear) else weight.T
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def is_conv(self) -> bool:
-        return not isinstance(self.base_layer, nn.Linear)
+        return self.kind == "conv"
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.kind == "embedding"
 
     @property
     def spatial_dims(self) -> int:
         return self.weight.dim() - 2
 
+    def operation_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the base operation runs in: the input's (an embedding's: its weight's)."""
+        return self.base_layer.weight.dtype if self.is_embedding else x.dtype
+
     def base_operation(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """The base layer's operation with another weight (and no bias unless given):
-        every conv geometry (padding modes, groups, dilation) comes from the base layer."""
+        """The base layer's operation with another weight (in ``self.weight``'s layout) and
+        no bias unless given: conv geometry (padding modes, groups, dilation) and the
+        embedding's options come from the base layer."""
         if self.is_conv:
             return self.base_layer._conv_forward(x, weight, bias)
+        if self.is_embedding:
+            base = self.base_layer
+            return F.embedding(x, weight.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
         return F.linear(x, weight, bias)
 
     def weight_gradient(self, x: Tensor, grad: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
@@ -134,6 +196,8 @@ class AdapterLayer(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         adapter = self._new_adapter(**options)
+        if self.is_embedding and not isinstance(adapter.dropout, nn.Identity):
+            raise ValueError("dropout must be 0 on an nn.Embedding: its inputs are indices")
         self.adapters[name] = adapter.to(self.weight.device)
         self.active_adapters = [name]
 
@@ -148,11 +212,18 @@ class AdapterLayer(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_adapter(self, names: str | list[str]) -> None:
-        """Make ``names`` the active adapters."""
+        """Make ``names`` the active adapters. A merged adapter stays active until unmerged."""
         names = [names] if isinstance(names, str) else list(names)
+        self.check_switch(names)
+        self.active_adapters = names
+
+    def check_switch(self, names: list[str]) -> None:
+        """Raises unless ``set_adapter(names)`` may run: known names, none merged left out."""
         for name in names:
             self._check_adapter(name)
-        self.active_adapters = names
+        dropped = [name for name in self.merged_adapters if name not in names]
+        if dropped:
+            raise ValueError(f"adapter {dropped[0]!r} is merged into the weight: unmerge it before switching adapters")
 
     def _check_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -174,6 +245,11 @@ class AdapterLayer(nn.Module):
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         return self.base_operation(x, self.delta_weight(adapter))
+
+    def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
+        """(down ``(r, *weight.shape[1:])``, up ``(out, r)``, scale) with ΔW = scale·up·down
+        exactly (peft's LoRA form), or a ValueError saying why the method has none."""
+        raise ValueError(self.no_low_rank_form)
 
     def compute_dtype(self, adapter: Adapter) -> torch.dtype:
         """At least float32, and the adapter parameters' dtype if wider."""
@@ -198,9 +274,24 @@ class AdapterLayer(nn.Module):
             if name in self.merged_adapters:
                 continue
             adapter = self.adapters[name]
-            adapter_input = adapter.dropout(x).to(self.compute_dtype(adapter))
-            result = result + self.delta_forward(adapter, adapter_input).to(result.dtype)
+            result = result + self.delta_forward(adapter, self.adapter_input(adapter, x)).to(result.dtype)
         return result
+
+    def adapter_input(self, adapter: Adapter, x: Tensor) -> Tensor:
+        """``x`` as the update sees it: through the adapter's dropout, in its compute dtype
+        (an embedding's indices as they are)."""
+        return x if self.is_embedding else adapter.dropout(x).to(self.compute_dtype(adapter))
+
+    def effective_weight(self) -> Tensor:
+        """The base weight with every active, unmerged adapter applied in turn, with
+        gradients to the adapters: for a module that reads the weight itself (the
+        projections of ``nn.MultiheadAttention``)."""
+        weight = self.weight
+        if self.adapters_enabled:
+            for name in self.active_adapters:
+                if name not in self.merged_adapters:
+                    weight = self.merge_weight(self.adapters[name], weight)
+        return weight
 
     # ------------------------------------------------------------------ merging
 
@@ -211,36 +302,53 @@ class AdapterLayer(nn.Module):
     def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
         return weight - self.delta_weight(adapter)
 
+    def pending_merge(self) -> bool:
+        """Whether ``merge()`` would write the weight: an active adapter is not merged yet."""
+        return any(name not in self.merged_adapters for name in self.active_adapters)
+
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
-        """Fold the active (or the named) adapters into the base weight. Refuses, leaving
-        the weight untouched, if the result would not be finite in the weight's dtype."""
-        for name in self.active_adapters if names is None else names:
+    def merge(self, names: list[str] | None = None, check_only: bool = False) -> None:
+        """Fold the active (or the named) adapters into the base weight. All or nothing:
+        refuses, leaving the weight untouched, where the result would not be finite in
+        the weight's dtype or could not be unmerged again (``merge_refusal``).
+        ``check_only`` runs the checks without writing."""
+        names = self.active_adapters if names is None else names
+        for name in names:
             self._check_adapter(name)
-            if name in self.merged_adapters:
-                continue
-            self._write_weight(self.merge_weight(self.adapters[name], self._wide_weight(name)), name, "merge")
-            self.merged_adapters.append(name)
+        pending = [name for name in dict.fromkeys(names) if name not in self.merged_adapters]
+        weight = self.weight
+        for name in pending:
+            weight = self._checked(self.merge_weight, name, weight, "merge")
+        if pending and not check_only:
+            self.weight.copy_(weight)
+            self.merged_adapters.extend(pending)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (last merged first)."""
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            self._write_weight(self.unmerge_weight(self.adapters[name], self._wide_weight(name)), name, "unmerge")
-            self.merged_adapters.pop()
+    def unmerge(self, check_only: bool = False) -> None:
+        """Take every merged adapter out of the base weight again (last merged first).
+        All or nothing, as ``merge``."""
+        weight = self.weight
+        for name in reversed(self.merged_adapters):
+            weight = self._checked(self.unmerge_weight, name, weight, "unmerge")
+        if self.merged_adapters and not check_only:
+            self.weight.copy_(weight)
+            self.merged_adapters.clear()
 
-    def _wide_weight(self, name: str) -> Tensor:
-        return self.weight.to(torch.promote_types(self.weight.dtype, self.compute_dtype(self.adapters[name])))
+    def _checked(self, transform, name: str, weight: Tensor, action: str) -> Tensor:
+        """``transform(adapter, weight)`` computed in float32 or wider and rounded to the
+        weight's dtype, or a ValueError saying why it may not be written."""
+        wide = weight.to(torch.promote_types(weight.dtype, self.compute_dtype(self.adapters[name])))
+        result = transform(self.adapters[name], wide).to(self.weight.dtype)
+        reason = self.merge_refusal(weight, result)
+        if reason:
+            raise ValueError(f"cannot {action} adapter {name!r}: {reason}; the weight is left unchanged")
+        return result
 
-    def _write_weight(self, new_weight: Tensor, name: str, action: str) -> None:
-        new_weight = new_weight.to(self.weight.dtype)
-        if not torch.isfinite(new_weight).all():
-            raise ValueError(
-                f"cannot {action} adapter {name!r}: the weight would hold non-finite values in "
-                f"{self.weight.dtype}; the weight is left unchanged"
-            )
-        self.weight.copy_(new_weight)
+    def merge_refusal(self, weight: Tensor, result: Tensor) -> str | None:
+        """Why ``result`` may not replace ``weight``, or None: non-finite values."""
+        if not torch.isfinite(result).all():
+            return f"the weight would hold non-finite values in {result.dtype}"
+        return None
 
     def extra_repr(self) -> str:
         return f"method={self.method}, adapters={list(self.adapters)}, active={self.active_adapters}"

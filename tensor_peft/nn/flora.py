@@ -11,13 +11,20 @@ Execution per layer (``mode``):
 - ``factorized`` (groups = 1): Linear s·U_0(G(U_1ᵀx)); conv: a 1×1 conv by U_1ᵀ
   (c_in→r_1), the small conv K = G ×_2 U_2 ×_3 U_3 … (r_0×r_1×kernel) with the base
   geometry, a 1×1 conv by U_0 (r_0→c_out). Exactly conv(x, ΔW), never building ΔW;
-- ``auto``: the cheaper of the two for the layer's shapes and the batch (``choose_execution``);
-  the last choice is in ``layer.last_execution``.
+- ``auto``: the faster of the two, timed on this machine (``choose_execution``): at first
+  use per layer geometry, ranks, input shape, dtypes, device and grad mode, both paths run
+  a few training steps (forward + backward) on a copy of the input, and the faster one is
+  cached in this module for every later call (as cuDNN's benchmark mode does). With
+  ``AUTOTUNE = False``, and while torch.compile traces a layer whose choice is not cached
+  yet, a flops + bytes cost model (``step_costs``) chooses instead. The last choice is in
+  ``layer.last_execution``; ``clear_execution_cache()`` forgets the timed choices.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 import warnings
 
 import torch
@@ -30,6 +37,17 @@ from .lora import check_rank
 
 MODES = ("auto", "merged", "factorized")
 BYTES_PER_FLOP = 8  # machine balance in MACs per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
+EXECUTIONS = ("merged", "factorized")
+
+AUTOTUNE = True
+"""Whether mode ``auto`` times the two paths (True) or uses the cost model (False)."""
+AUTOTUNE_REPEATS = 3
+_execution_cache: dict[tuple, str] = {}
+
+
+def clear_execution_cache() -> None:
+    """Forget every timed choice of mode ``auto`` (the next call of each layer times again)."""
+    _execution_cache.clear()
 
 
 def default_ranks(weight: Tensor, r: int) -> list[int]:
@@ -116,6 +134,15 @@ class FLoRALayer(AdapterLayer):
         core, factors = self._params(adapter, self.compute_dtype(adapter))
         return ops.tucker_delta(core, factors, adapter.scale)
 
+    def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
+        """ΔW = U_0 · (s·R) with R = G ×_1 U_1 ×_2 U_2 … (every mode but the first folded
+        into the core): rank r_0, exact. A grouped conv's ΔW has no such form in peft."""
+        if self.is_conv and self.base_layer.groups > 1:
+            raise ValueError("a grouped conv's FLoRA update has no peft LoRA form")
+        core, (U0, *others) = adapter.core, list(adapter.factors)
+        eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
+        return ops.tucker_delta(core, [eye, *others], adapter.scale), U0, 1.0
+
     def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
         core, factors = self._params(adapter, self.compute_dtype(adapter))
         return ops.tucker_merge(weight, core, factors, adapter.scale)
@@ -142,7 +169,7 @@ class FLoRALayer(AdapterLayer):
     def projects_gradients(self, adapter: Adapter) -> bool:
         """Whether the merged path's backward takes the projected weight gradients (groups
         = 1 and cheaper than Γ: c_out·r_1 + r_0·c_in < c_out·c_in per kernel tap)."""
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_embedding or (self.is_conv and self.base_layer.groups > 1):
             return False
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
@@ -150,11 +177,47 @@ class FLoRALayer(AdapterLayer):
 
     def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
         """``merged`` or ``factorized`` for this input: the adapter's mode, or under
-        ``auto`` the cheaper path of a training step by a flops + bytes cost model."""
+        ``auto`` the path timed faster for this layer and input (cached), or the cost
+        model's choice when timing is off or torch.compile traces an uncached case."""
         if adapter.mode != "auto":
             return adapter.mode
+        if self.is_embedding:
+            return "factorized"  # a lookup of the indices' rows, never forming ΔW
         if self.is_conv and self.base_layer.groups > 1:
             return "merged"
+        if not AUTOTUNE:
+            return self.cheaper_by_cost_model(adapter, x)
+        key = self.execution_key(adapter, x)
+        choice = _execution_cache.get(key)
+        if choice is None:
+            if torch.compiler.is_compiling():
+                return self.cheaper_by_cost_model(adapter, x)
+            seconds = time_executions(self, adapter, x)
+            choice = _execution_cache[key] = min(EXECUTIONS, key=seconds.__getitem__)
+        return choice
+
+    def execution_key(self, adapter: Adapter, x: Tensor) -> tuple:
+        """What the timed choice depends on: the layer's type, weight and geometry, the
+        ranks, the input's shape, dtype and device, the adapter's dtype, grad mode and
+        autocast. A Linear's input counts by its rows rounded up to a power of two, so
+        that varying sequence lengths share a few timings."""
+        base = self.base_layer
+        geometry = (base.stride, base.padding, base.dilation, base.padding_mode) if self.is_conv else ()
+        if self.is_conv:
+            shape = tuple(x.shape)
+        else:
+            rows = x.numel() // x.shape[-1]
+            shape = (1 << max(rows - 1, 0).bit_length(), x.shape[-1])
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        device_type = x.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        return (
+            type(base), tuple(self.weight.shape), self.weight.dtype, geometry, base.bias is not None,
+            tuple(adapter.ranks), shape, x.dtype, x.requires_grad, str(x.device), adapter.core.dtype,
+            trains, autocast,
+        )  # fmt: skip
+
+    def cheaper_by_cost_model(self, adapter: Adapter, x: Tensor) -> str:
         merged, factorized = self.step_costs(adapter, x)
         return "factorized" if factorized <= merged else "merged"
 
@@ -208,10 +271,10 @@ class FLoRALayer(AdapterLayer):
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         if self.is_conv and self.base_layer.groups > 1:
             return super().delta_forward(adapter, x)  # conv(x, ΔW): grouped convs run merged
-        core, (U0, U1, *spatial) = self._params(adapter, x.dtype)
-        if not self.is_conv:
-            return adapter.scale * torch.nn.functional.linear(x @ U1 @ core.T, U0)
-        identities = [torch.eye(k, dtype=x.dtype, device=x.device) for k in adapter.ranks[:2]]
+        core, (U0, U1, *spatial) = self._params(adapter, self.compute_dtype(adapter))
+        if not self.is_conv:  # U_1ᵀx by the base operation: an embedding looks its indices up in U_1
+            return adapter.scale * torch.nn.functional.linear(self.base_operation(x, U1.T) @ core.T, U0)
+        identities = [torch.eye(k, dtype=core.dtype, device=core.device) for k in adapter.ranks[:2]]
         kernel = ops.tucker_delta(core, identities + spatial, 1.0)
         thin = self.base_operation(self.pointwise(x, U1.T), kernel)
         return adapter.scale * self.pointwise(thin, U0)
@@ -222,16 +285,63 @@ class FLoRALayer(AdapterLayer):
         if self.last_execution == "merged":
             if not (torch.is_grad_enabled() and self.projects_gradients(adapter)):
                 weight = self.merge_weight(adapter, self.weight)
-                return self.base_operation(x, weight.to(x.dtype), self.bias)
+                return self.base_operation(x, weight.to(self.operation_dtype(x)), self.bias)
             core, factors = self._params(adapter, self.compute_dtype(adapter))
             with torch.no_grad():
                 weight = ops.tucker_merge(self.weight, core, factors, adapter.scale).to(x.dtype)
             y = self.base_operation(x, weight, self.bias)
             return _ProjectedTuckerGradients.apply(y, x, self, adapter.scale, core, *factors)
         if self.last_execution == "factorized":
-            delta = self.delta_forward(adapter, x.to(self.compute_dtype(adapter)))
-            return self.base_layer(x) + delta.to(x.dtype)
+            delta = self.delta_forward(adapter, self.adapter_input(adapter, x))
+            result = self.base_layer(x)
+            return result + delta.to(result.dtype)
         return super().forward(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", last_execution={self.last_execution}"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _unchanged(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def time_executions(layer: FLoRALayer, adapter: Adapter, x: Tensor) -> dict[str, float]:
+    """Median seconds of one step of ``layer`` on a copy of ``x`` by each path: forward,
+    and backward to the trainable parameters and the input when grad mode is on. One
+    warm-up step per path, then ``AUTOTUNE_REPEATS`` steps with the paths interleaved.
+
+    The caller sees no trace of the trial: gradients come from ``torch.autograd.grad``
+    (no ``.grad`` is written), the RNG state is forked, and the caller's saved-tensor
+    hooks (gradient checkpointing) do not see the trial's graph."""
+    trial_input = x.detach().clone().requires_grad_(x.requires_grad)
+    wanted = [p for p in layer.parameters() if p.requires_grad] + ([trial_input] if x.requires_grad else [])
+    backward = torch.is_grad_enabled() and bool(wanted)
+    mode, last_execution = adapter.mode, layer.last_execution
+
+    def step(execution: str) -> float:
+        _synchronize(x.device)
+        start = time.perf_counter()
+        adapter.mode = execution
+        out = layer.forward(trial_input)
+        if backward:
+            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=True)
+        _synchronize(x.device)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {execution: [] for execution in EXECUTIONS}
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices), torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+            for execution in EXECUTIONS:
+                step(execution)
+            for _ in range(AUTOTUNE_REPEATS):
+                for execution in EXECUTIONS:
+                    times[execution].append(step(execution))
+    finally:
+        adapter.mode, layer.last_execution = mode, last_execution
+    return {execution: statistics.median(seconds) for execution, seconds in times.items()}

@@ -6,9 +6,11 @@ mapped back by the exponential (Si et al., ICCV 2025).
   its spatial structure; A kaiming-uniform(a=√5), B = 0) or ``inner="flora"`` (the FLoRA
   Tucker update). ``exp="exact"`` (fused by ``ops.lowrank_hadamard_merge`` for LoRA) or
   ``"taylor1"``: W0 ⊙ (1 + ΔW), the authors' released form. Zero entries of W0 never move.
-- ``group="orthogonal"`` / ``"gl"`` (matrix groups, beyond the paper): W_eff = R·W0 on the
-  matrix view, R = blockdiag(exp(S_1), …, exp(S_nb)) acting on output channels in blocks
-  of ``block_size``, S_i = A_i − A_iᵀ (rotations) or A_i (gl); A_i = 0 at init, so R = I.
+- ``group="orthogonal"`` / ``"gl"`` (matrix groups, beyond the paper): W_eff = R·W0
+  (``side="output"``, R acting on output channels) or W0·R (``side="input"``, on the
+  matrix view's columns, as peft's OFT), R = blockdiag(exp(S_1), …, exp(S_nb)) in blocks
+  of ``block_size``; S_i skew-symmetric (rotations; only its n(n−1)/2 upper entries are
+  parameters) or any matrix (gl). S_i = 0 at init, so R = I.
 
 Every update is multiplicative, so the layer runs one conv/linear with W_eff, merging
 multiplies the weight in, and unmerging multiplies by the inverse (exp(−ΔW), 1/(1 + ΔW),
@@ -27,38 +29,51 @@ from .lora import LoRAAdapter, check_alpha, check_rank
 GROUPS = ("hadamard", "orthogonal", "gl")
 INNERS = ("lora", "flora")
 EXP_FORMS = ("exact", "taylor1")
+SIDES = ("output", "input")
 
 
 class LieRAAdapter(Adapter):
-    def __init__(self, layer: AdapterLayer, r, alpha, group, inner, exp, block_size, scale, ranks, dropout, dtype):
+    def __init__(self, layer: AdapterLayer, r, alpha, group, inner, exp, block_size, side, scale, ranks, dropout,
+                 dtype):  # fmt: skip
         super().__init__(dropout)
-        for value, name, choices in ((group, "group", GROUPS), (inner, "inner", INNERS), (exp, "exp", EXP_FORMS)):
+        for value, name, choices in ((group, "group", GROUPS), (inner, "inner", INNERS), (exp, "exp", EXP_FORMS),
+                                     (side, "side", SIDES)):  # fmt: skip
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-        self.group, self.inner, self.exp = group, inner, exp
+        self.group, self.inner, self.exp, self.side = group, inner, exp, side
         if group != "hadamard":
-            rows = layer.weight.shape[0]
+            size = layer.weight.shape[0] if side == "output" else layer.weight[0].numel()
             block_size = check_rank(block_size, "block_size")
-            if rows % block_size:
-                raise ValueError(f"block_size {block_size} must divide the output channels ({rows})")
+            if size % block_size:
+                channels = "output channels" if side == "output" else "inputs (in_features × kernel)"
+                raise ValueError(f"block_size {block_size} must divide the {channels} ({size})")
             factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
             self.block_size = block_size
-            self.generators = nn.Parameter(torch.zeros(rows // block_size, block_size, block_size, **factory))
+            # the free parameters only: S_i's strictly upper triangle (orthogonal), all of A_i (gl)
+            free = block_size * (block_size - 1) // 2 if group == "orthogonal" else block_size * block_size
+            self.generators = nn.Parameter(torch.zeros(size // block_size, free, **factory))
         elif inner == "lora":
             self.update = LoRAAdapter(layer, r, alpha, 0.0, dtype)
         else:
             self.update = FLoRAAdapter(layer, r, ranks, scale, "merged", 0.0, dtype)
 
     def algebra_element(self) -> Tensor:
-        """The generators S_i of the matrix groups: A_i − A_iᵀ (orthogonal) or A_i (gl)."""
-        A = self.generators
-        return A - A.transpose(-1, -2) if self.group == "orthogonal" else A
+        """The generators S_i of the matrix groups: skew-symmetric from their upper
+        triangle (orthogonal), or the block itself (gl)."""
+        blocks, size = self.generators.shape[0], self.block_size
+        if self.group == "gl":
+            return self.generators.reshape(blocks, size, size)
+        rows, columns = torch.triu_indices(size, size, 1, device=self.generators.device)
+        upper = self.generators.new_zeros(blocks, size, size)
+        upper[:, rows, columns] = self.generators
+        return upper - upper.transpose(-1, -2)
 
 
 class LieRALayer(AdapterLayer):
     """A frozen Linear/Conv1d/Conv2d/Conv3d with LieRA adapters (drop-in replacement)."""
 
     method = "liera"
+    no_low_rank_form = "LieRA's W0 ⊙ exp(ΔW) (or blockdiag(exp(S))·W0) is multiplicative: peft's LoRA (W0 + B·A) cannot hold it"
 
     def __init__(
         self,
@@ -69,6 +84,7 @@ class LieRALayer(AdapterLayer):
         inner: str = "lora",
         exp: str = "exact",
         block_size: int = 4,
+        side: str = "output",
         scale: float = 1.0,
         ranks: list[int] | None = None,
         dropout: float = 0.0,
@@ -77,22 +93,25 @@ class LieRALayer(AdapterLayer):
     ):
         super().__init__(
             base_layer, adapter_name, r=r, alpha=alpha, group=group, inner=inner, exp=exp,
-            block_size=block_size, scale=scale, ranks=ranks, dropout=dropout, dtype=dtype,
+            block_size=block_size, side=side, scale=scale, ranks=ranks, dropout=dropout, dtype=dtype,
         )  # fmt: skip
 
-    def _new_adapter(self, r=8, alpha=8.0, group="hadamard", inner="lora", exp="exact", block_size=4, scale=1.0,
-                     ranks=None, dropout=0.0, dtype=None) -> Adapter:  # fmt: skip
+    def _new_adapter(self, r=8, alpha=8.0, group="hadamard", inner="lora", exp="exact", block_size=4, side="output",
+                     scale=1.0, ranks=None, dropout=0.0, dtype=None) -> Adapter:  # fmt: skip
         check_alpha(alpha)
-        return LieRAAdapter(self, r, alpha, group, inner, exp, block_size, scale, ranks, dropout, dtype)
+        return LieRAAdapter(self, r, alpha, group, inner, exp, block_size, side, scale, ranks, dropout, dtype)
 
-    def _apply(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
+    def group_action(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
         """The group element of ``adapter`` (or its inverse) acting on ``weight``."""
         dtype = torch.promote_types(weight.dtype, self.compute_dtype(adapter))
         if adapter.group != "hadamard":
             S = adapter.algebra_element().to(dtype)
             rotation = ops.matrix_exp(-S if inverse else S)
-            blocks = weight.to(dtype).reshape(rotation.shape[0], adapter.block_size, -1)
-            return (rotation @ blocks).reshape(weight.shape)
+            if adapter.side == "output":  # R·W0 on the matrix view, R acting on blocks of rows
+                blocks = weight.to(dtype).reshape(rotation.shape[0], adapter.block_size, -1)
+                return (rotation @ blocks).reshape(weight.shape)
+            blocks = weight.to(dtype).reshape(weight.shape[0], rotation.shape[0], adapter.block_size)
+            return torch.einsum("onj,nji->oni", blocks, rotation).reshape(weight.shape)  # W0·R on blocks of columns
         update = adapter.update
         if adapter.inner == "lora" and not inverse:
             B, A = update.lora_B.to(dtype), update.lora_A.to(dtype)
@@ -108,19 +127,50 @@ class LieRALayer(AdapterLayer):
         return weight / (1 + delta) if inverse else weight * (1 + delta)
 
     def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
-        return self._apply(adapter, weight, inverse=False)
+        return self.group_action(adapter, weight, inverse=False)
 
     def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
-        return self._apply(adapter, weight, inverse=True)
+        return self.group_action(adapter, weight, inverse=True)
+
+    def merge_refusal(self, weight: Tensor, result: Tensor) -> str | None:
+        """Also refuses a result that zeroes a non-zero entry of the weight (1 + ΔW = 0 in
+        taylor1, exp(ΔW) underflowing in the weight's dtype): the inverse could not bring
+        that entry back."""
+        reason = super().merge_refusal(weight, result)
+        if reason is None and ((result == 0) & (weight != 0)).any():
+            return "it would zero non-zero entries of the weight, which unmerge could not restore"
+        return reason
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
         """W_eff − W0, for the additive form the base class uses with dropout or several adapters."""
         return self.merge_weight(adapter, self.weight) - self.weight.to(self.compute_dtype(adapter))
 
+    def embedding_rows(self, adapter: Adapter, x: Tensor) -> Tensor:
+        """The rows of W_eff an embedding looks up for indices ``x``, from the same rows of
+        W0 and of ΔW (an inner LoRA's rows by lookup in Aᵀ, never forming ΔW)."""
+        dtype = self.compute_dtype(adapter)
+        rows = self.base_layer(x).to(dtype)
+        if adapter.side == "input":  # the rows mix columns of W0: formed whole
+            return self.base_operation(x, self.merge_weight(adapter, self.weight.to(dtype)))
+        if adapter.group != "hadamard":
+            rotation = ops.matrix_exp(adapter.algebra_element().to(dtype))
+            blocks = rows.unflatten(-1, (rotation.shape[0], adapter.block_size))
+            return torch.einsum("bij,...bj->...bi", rotation, blocks).flatten(-2)
+        update = adapter.update
+        if adapter.inner == "lora":
+            A = update.lora_A.to(dtype).reshape(update.r, -1)
+            delta = update.scale * self.base_operation(x, A) @ update.lora_B.to(dtype).T
+        else:
+            delta = self.base_operation(x, self.group_action(adapter, torch.ones_like(self.weight, dtype=dtype), False))
+            return rows * delta
+        return rows * (torch.exp(delta) if adapter.exp == "exact" else 1 + delta)
+
     def forward(self, x: Tensor) -> Tensor:
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
+        if self.is_embedding:
+            return self.embedding_rows(adapter, x).to(self.operation_dtype(x))
         weight = self.merge_weight(adapter, self.weight)
         return self.base_operation(x, weight.to(x.dtype), self.bias)
 

@@ -1,6 +1,7 @@
 """LoRA (the baseline, same math and init as ``peft``): ΔW = s·B·A with s = alpha/r.
 
-Linear: A ``(r, d_in)``, B ``(d_out, r)``. Conv: A ``(r, c_in/groups, *kernel)`` applied
+Linear: A ``(r, d_in)``, B ``(d_out, r)``; an embedding looks its indices up in Aᵀ
+(``(num_embeddings, r)``), as peft does, never forming ΔW. Conv: A ``(r, c_in/groups, *kernel)`` applied
 as a conv with the base layer's geometry, B ``(c_out, r)`` as a 1×1 conv; with
 ``groups > 1`` the update runs in merged form (one conv with ΔW). Init: A
 kaiming-uniform(a=√5), B = 0, so the layer starts equal to its base."""
@@ -46,6 +47,9 @@ class LowRankLayer(AdapterLayer):
     def down_projection(self, adapter: Adapter) -> Tensor:
         raise NotImplementedError
 
+    def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
+        return self.down_projection(adapter), adapter.lora_B, adapter.scale
+
     def delta_weight(self, adapter: Adapter) -> Tensor:
         down = self.down_projection(adapter).to(self.compute_dtype(adapter))
         up = adapter.lora_B.to(down.dtype)
@@ -54,9 +58,10 @@ class LowRankLayer(AdapterLayer):
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         if self.is_conv and self.base_layer.groups > 1:
             return super().delta_forward(adapter, x)  # merged form
-        down = self.down_projection(adapter).to(x.dtype)
+        dtype = self.compute_dtype(adapter)
+        down = self.down_projection(adapter).to(dtype)
         hidden = adapter.scale * self.base_operation(x, down)  # scaled on r channels, not on the output's
-        return self.pointwise(hidden, adapter.lora_B.to(x.dtype))
+        return self.pointwise(hidden, adapter.lora_B.to(dtype))
 
 
 class LoRALayer(LowRankLayer):

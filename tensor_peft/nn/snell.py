@@ -72,13 +72,14 @@ class SNELLAdapter(Adapter):
                 self.coeff = nn.Parameter(coeff)
             else:
                 self.register_buffer("coeff", coeff)
+        # scalar parameters are stored with shape (1,): FSDP2 shards no 0-d parameter
         if kernel in ("rbf", "sigmoid", "mixture"):
-            self.alpha = nn.Parameter(torch.tensor(1.0, **factory))
-            self.beta = nn.Parameter(torch.tensor(0.0 if kernel == "mixture" else 1.0, **factory))
+            self.alpha = nn.Parameter(torch.tensor([1.0], **factory))
+            self.beta = nn.Parameter(torch.tensor([0.0 if kernel == "mixture" else 1.0], **factory))
         if kernel in ("rbf", "sigmoid"):
-            self.gamma = nn.Parameter(torch.tensor(0.0, **factory))
+            self.gamma = nn.Parameter(torch.tensor([0.0], **factory))
         if kernel == "mixture":
-            self.gamma_raw = nn.Parameter(torch.tensor(_GAMMA_RAW_INIT, **factory))
+            self.gamma_raw = nn.Parameter(torch.tensor([_GAMMA_RAW_INIT], **factory))
         self.sparsity = check_sparsity(sparsity)
 
     def get_extra_state(self) -> Tensor:
@@ -89,9 +90,11 @@ class SNELLAdapter(Adapter):
 
     def kernel_params(self) -> dict[str, Tensor]:
         """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
-        params = {name: getattr(self, name) for name in ("coeff", "alpha", "beta", "gamma") if hasattr(self, name)}
+        params = {name: getattr(self, name).squeeze(0) for name in ("alpha", "beta", "gamma") if hasattr(self, name)}
+        if hasattr(self, "coeff"):
+            params["coeff"] = self.coeff
         if self.kernel == "mixture":
-            params["gamma"] = F.softplus(self.gamma_raw)  # the temperature stays positive
+            params["gamma"] = F.softplus(self.gamma_raw).squeeze(0)  # the temperature stays positive
         return params
 
     def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -149,6 +152,7 @@ class SNELLLayer(AdapterLayer):
     ``chunks`` H (must divide r); ``learnable_coeff`` trains piecewise's chunk coefficients."""
 
     method = "snell"
+    no_low_rank_form = "SNELL's sparsified kernelized ΔW has no low-rank form: peft's LoRA (W0 + B·A) cannot hold it"
     default_kernel = "piecewise_linear"
 
     def __init__(
@@ -191,14 +195,14 @@ class SNELLLayer(AdapterLayer):
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
-        if not self.is_conv and not self.weight.requires_grad:
+        if self.kind == "linear" and not self.weight.requires_grad:
             out_emb, in_emb, params = adapter.kernel_inputs(self.compute_dtype(adapter))
             return sparse_linear(
                 x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity, adapter.kernel, adapter.mode, **params
             )  # fmt: skip
 
         def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward
-            return (self.weight + delta).to(x.dtype)
+            return (self.weight + delta).to(self.operation_dtype(x))
 
         delta, tau = self.delta_weight_and_threshold(adapter)
         weight = effective_weight(delta)

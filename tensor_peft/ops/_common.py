@@ -58,9 +58,13 @@ def check_real(value: object, name: str) -> float:
     """``value`` as a finite Python float, or a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
+    if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return result
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
@@ -92,9 +96,12 @@ def prepare(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def run(op: str, device: torch.device, *args):
-    """Run ``op`` on the backend the registry selects for ``device``."""
+    """Run ``op`` on the backend the registry selects for ``device``, with autocast off:
+    the ops compute in the dtype the policy above gives them, also inside an autocast
+    region (whose casts would otherwise reach the torch calls a backend makes)."""
     _, kernel = registry.select(op, device.type)
-    return kernel(*args)
+    with torch.autocast(device.type, enabled=False):
+        return kernel(*args)
 
 
 def record_backend(ctx, op: str, device: torch.device) -> None:

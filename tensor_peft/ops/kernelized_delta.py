@@ -133,6 +133,7 @@ def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) ->
     a number becomes a constant on ``like``'s device, in ``like``'s dtype)."""
     if isinstance(value, Tensor):
         tensor = check_tensor(value, name)
+        check_same_device({"out_emb": like, name: tensor})
         if tensor.numel() != math.prod(shape):
             raise ValueError(
                 f"{name} must have {math.prod(shape)} element(s), got shape {tuple(tensor.shape)}"

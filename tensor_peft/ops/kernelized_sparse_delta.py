@@ -290,6 +290,11 @@ def sparse_linear(
             f"weight must have the shape {shape} of the embeddings' rows and input's last dimension {shape[1]}; "
             f"got weight {tuple(weight.shape)} and input {tuple(input.shape)}"
         )
+    if bias is not None:
+        bias = check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != shape[0]:
+            raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
+    check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
     output, _ = _kernelized_sparse_linear(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode
     )  # fmt: skip

@@ -112,10 +112,15 @@ def spec_weight(layer, adapter) -> torch.Tensor:
     if group == "hadamard":
         delta = spec_delta(layer, adapter.update)
         return W0 * (torch.exp(delta) if adapter.exp == "exact" else 1 + delta)
-    A = adapter.generators
-    S = A - A.transpose(-1, -2) if group == "orthogonal" else A
+    n, A = adapter.block_size, adapter.generators
+    if group == "orthogonal":  # the stored entries fill the strict upper triangle row by row
+        S = torch.stack([torch.zeros(n, n, dtype=A.dtype).masked_scatter(torch.ones(n, n).triu(1).bool(), a) for a in A])
+        S = S - S.transpose(-1, -2)
+    else:
+        S = A.reshape(-1, n, n)
     rotation = torch.block_diag(*[taylor_expm(block) for block in S])
-    return (rotation @ W0.reshape(W0.shape[0], -1)).reshape(W0.shape)
+    matrix = W0.reshape(W0.shape[0], -1)
+    return (rotation @ matrix if adapter.side == "output" else matrix @ rotation).reshape(W0.shape)
 
 
 def spec_forward(layer, adapter, x) -> torch.Tensor:
@@ -136,6 +141,9 @@ METHODS = {
     **{f"liera-{g}": (lambda g: lambda base, **kw: LieRALayer(
         base, group=g, block_size=next(b for b in (3, 2, 1) if base.weight.shape[0] % b == 0), **kw))(g)
        for g in ("orthogonal", "gl")},
+    "liera-orthogonal-input": lambda base, **kw: LieRALayer(
+        base, group="orthogonal", side="input", block_size=next(b for b in (3, 2, 1) if base.weight[0].numel() % b == 0),
+        **kw),
     "snell-piecewise-hard": lambda base, **kw: SNELLLayer(base, r=4, sparsity=0.6, **kw),
     "snell-rbf-soft": lambda base, **kw: SNELLLayer(base, r=2, sparsity=0.3, kernel="rbf", mode="soft", **kw),
     "snell-sigmoid-hard": lambda base, **kw: SNELLLayer(base, r=3, sparsity=0.5, kernel="sigmoid", chunks=3, **kw),
@@ -297,7 +305,7 @@ def test_several_adapters_switch_disable_and_delete():
 @pytest.mark.parametrize(
     "make_layer,error,message",
     [
-        (lambda: LoRALayer(nn.ReLU()), TypeError, "base_layer must be one of"),
+        (lambda: LoRALayer(nn.ReLU()), TypeError, "adapters wrap Linear, Conv1d"),
         (lambda: LoRALayer(nn.Linear(3, 2), r=0), ValueError, "r must be a positive integer"),
         (lambda: LoRALayer(nn.Linear(3, 2), alpha=float("inf")), ValueError, "alpha must be finite"),
         (lambda: LoRALayer(nn.Linear(3, 2), alpha="8"), TypeError, "alpha must be a real number"),
@@ -330,7 +338,8 @@ def test_flora_init_ranks_and_clipping():
 
 
 @pytest.mark.parametrize("geometry", ["linear", "conv2d-same-reflect", "conv3d"])
-def test_flora_auto_picks_by_cost_and_says_so(geometry):
+def test_flora_auto_picks_by_cost_and_says_so(geometry, monkeypatch):
+    monkeypatch.setattr("tensor_peft.nn.flora.AUTOTUNE", False)
     layer, x = make("flora-auto", geometry)
     layer(x)
     merged, factorized = layer.step_costs(layer.adapters["default"], x)
@@ -339,16 +348,15 @@ def test_flora_auto_picks_by_cost_and_says_so(geometry):
     assert layer.output_positions(x) * layer.weight.shape[0] == layer.base_layer(x).numel()
 
 
-def test_liera_taylor1_unmerge_that_would_divide_by_zero_refuses():
+def test_liera_taylor1_merge_that_would_zero_the_weight_refuses():
     layer = LieRALayer(nn.Linear(3, 2).double(), r=1, alpha=1.0, exp="taylor1")
-    with torch.no_grad():  # 1 + ΔW = 0 at entry (0, 0) after merging
+    with torch.no_grad():  # 1 + ΔW = 0 at entry (0, 0): merging would lose W0 there
         layer.adapters["default"].update.lora_B.fill_(1.0)
         layer.adapters["default"].update.lora_A.fill_(-1.0)
-    layer.merge()
-    merged = layer.weight.detach().clone()
-    with pytest.raises(ValueError, match="cannot unmerge adapter 'default'"):
-        layer.unmerge()
-    assert torch.equal(layer.weight, merged)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot merge adapter 'default': it would zero non-zero entries"):
+        layer.merge()
+    assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
 
 
 @pytest.mark.parametrize("make_base", [

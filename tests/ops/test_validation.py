@@ -95,3 +95,17 @@ def test_matrix_exp_of_non_finite_input_is_nan_not_an_error_or_hang():
     out = ops.matrix_exp(A)
     assert torch.isnan(out[1:]).all()
     torch.testing.assert_close(out[0], torch.linalg.matrix_exp(A[0]))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda o, i: ops.kernelized_delta(o, i, "rbf", alpha=torch.tensor(1.0, device="meta"), beta=1.0, gamma=0.0),
+     "alpha is on meta but out_emb is on cpu"),
+    (lambda o, i: ops.tucker_delta(torch.randn(2, 2), [torch.randn(3, 2), torch.randn(3, 2)], 10**400),
+     "scale must be finite, got an integer too large"),
+    (lambda o, i: sparse_linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4), o, i, 0.5),
+     r"bias must have shape \(5,\)"),
+])
+def test_argument_errors_name_the_argument(call, message):
+    out_emb, in_emb = torch.randn(2, 5, 3), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match=message):
+        call(out_emb, in_emb)

@@ -1,13 +1,20 @@
-"""Triton kernels for ``matrix_exp`` and its adjoint Fréchet backward: one program per
-matrix, zero-padded to a power-of-two block (16 ≤ B ≤ 128) held in registers, products
-by ``tl.dot``.
+"""``matrix_exp`` and its adjoint Fréchet backward on the triton backend.
 
-Scaling and squaring with the Taylor polynomial, which needs no linear solve: each matrix
-is scaled by its own power of two 2^-s to ‖X‖₁ ≤ 1, Σ_{k≤m} X^k/k! is evaluated by Horner
-(m = 18 in float64, 10 in float32: the first dropped term, 1/(m+1)!, is below the unit
-roundoff), and the result squared s times. The Fréchet derivative L(X, E) runs the same
-recurrences on the pair (X, E), the derivative of each step by the product rule. The
-padding stays zero (the identity is masked to the n×n part), so it changes nothing.
+n ≤ 32: a Triton kernel, one program per matrix, zero-padded to a power-of-two block
+(16 ≤ B ≤ 32) held in registers, products by ``tl.dot``. Scaling and squaring with the
+Taylor polynomial, which needs no linear solve: each matrix is scaled by its own power of
+two 2^-s to ‖X‖₁ ≤ 1, Σ_{k≤m} X^k/k! is evaluated by Horner (m = 18 in float64, 10 in
+float32: the first dropped term, 1/(m+1)!, is below the unit roundoff), and the result
+squared s times. The Fréchet derivative L(X, E) runs the same recurrences on the pair
+(X, E), the derivative of each step by the product rule. The Horner steps are a loop, not
+unrolled, so that a kernel compiles in seconds. The padding stays zero (the identity is
+masked to the n×n part), so it changes nothing.
+
+32 < n ≤ 128: ``torch.linalg.matrix_exp`` (one batched call; L(X, E) as the upper right
+block of exp([[X, E], [0, X]])). A whole 64×64 or 128×128 block per program does not fit
+in registers (the kernel spilled and took minutes to compile); torch's batched products
+run on the tensor cores' cuBLAS path instead.
+
 A non-finite matrix gives NaN; the squarings are bounded by the exponent range."""
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SIZE = 128  # one matrix per program, in registers
+from .shared import div
+
+MAX_SIZE = 128
+KERNEL_MAX_SIZE = 32  # one matrix per program, in registers
 _ORDER = {torch.float32: 10, torch.float64: 18}
 
 
@@ -37,10 +47,11 @@ def expm_kernel(A, E, out, L, squarings, scales, n,
     if DERIVATIVE:
         dX = tl.load(E + offsets, mask=inside, other=0.0) * scale
     # Horner: P ← I + X·P/k for k = m … 1, and dP ← (dX·P + X·dP)/k with the P before the step
-    for k in tl.static_range(ORDER, 0, -1):
+    for step in range(ORDER):
+        k = tl.full((B, B), ORDER - step, X.dtype)
         if DERIVATIVE:
-            dP = (tl.dot(dX, P, input_precision="ieee") + tl.dot(X, dP, input_precision="ieee")) / k
-        P = eye + tl.dot(X, P, input_precision="ieee") / k
+            dP = div(tl.dot(dX, P, input_precision="ieee") + tl.dot(X, dP, input_precision="ieee"), k)
+        P = eye + div(tl.dot(X, P, input_precision="ieee"), k)
     for _ in range(tl.load(squarings + b)):  # (P, dP) ← (P·P, P·dP + dP·P)
         if DERIVATIVE:
             dP = tl.dot(P, dP, input_precision="ieee") + tl.dot(dP, P, input_precision="ieee")
@@ -50,25 +61,46 @@ def expm_kernel(A, E, out, L, squarings, scales, n,
         tl.store(L + offsets, dP, mask=inside)
 
 
+def _by_torch(X: torch.Tensor, E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """exp(X) and L(X, E) by ``torch.linalg.matrix_exp`` (the block form for L)."""
+    if E is None:
+        return torch.linalg.matrix_exp(X), None
+    n = X.shape[-1]
+    block = X.new_zeros(*X.shape[:-2], 2 * n, 2 * n)
+    block[..., :n, :n] = X
+    block[..., n:, n:] = X
+    block[..., :n, n:] = E
+    both = torch.linalg.matrix_exp(block)
+    return both[..., :n, :n], both[..., :n, n:]
+
+
+def _by_kernel(X: torch.Tensor, E: torch.Tensor | None, finite: torch.Tensor, norms: torch.Tensor):
+    out = torch.empty_like(X)
+    L = None if E is None else torch.empty_like(X)
+    squarings = torch.where(finite, torch.log2(norms).ceil().clamp_min(0), 0).to(torch.int32)
+    scales = torch.ldexp(torch.ones_like(norms), -squarings)  # exact powers of two
+    n = X.shape[-1]
+    expm_kernel[(norms.numel(),)](
+        X, X if E is None else E, out, out if L is None else L, squarings, scales, n,
+        ORDER=_ORDER[X.dtype], B=max(16, triton.next_power_of_2(n)), DERIVATIVE=E is not None,
+    )  # fmt: skip
+    return out, L
+
+
 def _exp_and_frechet(X: torch.Tensor, E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """exp(X) and, when E is given, L(X, E), for a batch (..., n, n)."""
     n = X.shape[-1]
     if n > MAX_SIZE:
         raise ValueError(f"A: the triton backend's matrix_exp takes n ≤ {MAX_SIZE}, got n = {n}")
-    out = torch.empty_like(X)
-    L = None if E is None else torch.empty_like(X)
     if X.numel() == 0:
-        return out, L
+        return torch.empty_like(X), None if E is None else torch.empty_like(X)
     norms = torch.linalg.matrix_norm(X, ord=1).reshape(-1)
     finite = torch.isfinite(norms)
-    squarings = torch.where(finite, torch.log2(norms).ceil().clamp_min(0), 0).to(torch.int32)
-    scales = torch.ldexp(torch.ones_like(norms), -squarings)  # exact powers of two
-    grid = (norms.numel(),)
-    block = max(16, triton.next_power_of_2(n))
-    expm_kernel[grid](
-        X, X if E is None else E, out, out if L is None else L, squarings, scales, n,
-        ORDER=_ORDER[X.dtype], B=block, DERIVATIVE=E is not None,
-    )  # fmt: skip
+    if n <= KERNEL_MAX_SIZE:
+        out, L = _by_kernel(X, E, finite, norms)
+    else:
+        zero = ~finite.reshape(X.shape[:-2])[..., None, None]  # no inf/NaN into torch's scaling
+        out, L = _by_torch(X.masked_fill(zero, 0), None if E is None else E.masked_fill(zero, 0))
     nan = ~finite.reshape(X.shape[:-2])[..., None, None]
     out = out.masked_fill(nan, float("nan"))
     return out, None if L is None else L.masked_fill(nan, float("nan"))

@@ -19,8 +19,10 @@ competition sparsification and the backward of both, with nothing m×n kept betw
   with atomic adds.
 - ``columns_kernel``: mixture's per-column passes over all rows: the softmax's max and
   sum (online), and for the backward c_i = Σ_j D_ji S_ji.
-Written for the interpreter too (``TRITON_INTERPRET=1``): no libdevice, masked loads,
-IEEE-precision dots."""
+Written for the interpreter too (``TRITON_INTERPRET=1``): masked loads, IEEE-precision
+dots, exp and division by ``shared`` (libdevice exp, IEEE division on a GPU), ``eps``
+passed as float64. Float atomics (nondeterministic summation order): ``backward_kernel``'s
+embedding and parameter gradients; the radix counts are integer atomics (exact)."""
 
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..determinism import check_deterministic
 from ..kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
 from ..reference import KERNELS
+from .shared import div, exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
@@ -55,15 +59,16 @@ def _chunk_sums(out_emb, in_emb, first, last, rows, cols, m, n, width,
     near 0) or, DOT, of b_j^h·a_i^h, on a tile."""
     row_in, col_in = rows < m, cols < n
     acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
-    for h in range(first, last):
-        for d in range(width):
-            b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0)
-            a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0)
-            if DOT:
-                acc += b[:, None] * a[None, :]
-            else:
-                diff = b[:, None] - a[None, :]
-                acc += diff * diff
+    for step in range(first * width, last * width):  # (chunk h, dimension d) = divmod(step, width)
+        h = step // width
+        d = step - h * width
+        b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0)
+        a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0)
+        if DOT:
+            acc += b[:, None] * a[None, :]
+        else:
+            diff = b[:, None] - a[None, :]
+            acc += diff * diff
     return acc
 
 
@@ -75,14 +80,14 @@ def _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n
         acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
         for h in range(chunks):
             squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, BM, BN)
-            acc += tl.load(coeff + h) * _sqrt(squares + eps)
+            acc += tl.load(coeff + h) * _sqrt(squares + scalar(eps, acc.dtype))
     elif KERNEL == RBF:
         squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, BM, BN)
-        acc = alpha * tl.exp(-beta * squares) + gamma
+        acc = alpha * exp(-beta * squares) + gamma
     else:
         acc = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, BM, BN)
         if KERNEL == SIGMOID:
-            acc = alpha / (1.0 + tl.exp(-beta * acc)) + gamma
+            acc = div(alpha, 1.0 + exp(-beta * acc)) + gamma
     return acc
 
 
@@ -92,7 +97,7 @@ def _softmax(piecewise, gamma, column_max, column_sum, cols, n):
     col_in = cols < n
     top = tl.load(column_max + cols, mask=col_in, other=0.0)
     total = tl.load(column_sum + cols, mask=col_in, other=1.0)
-    return tl.exp(piecewise / gamma - top[None, :]) / total[None, :]
+    return div(exp(div(piecewise, gamma) - top[None, :]), total[None, :])
 
 
 @triton.jit
@@ -120,17 +125,16 @@ def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl
     match = inside & ((keys & prefix_mask) == prefix)
     digits = ((keys >> shift) & (BINS - 1)).to(tl.int32)
     histogram = tl.histogram(digits, BINS, mask=match)
-    tl.atomic_add(counts + tl.arange(0, BINS), histogram.to(tl.int64))
+    tl.atomic_add(counts + tl.arange(0, BINS), histogram.to(tl.int64), mask=histogram > 0, sem="relaxed")
 
 
 @triton.jit
-def delta_kernel(out, out_emb, in_emb, coeff, params, column_max, column_sum, counts, shift,
-                 m, n, chunks, width, eps,
+def delta_kernel(out, out_emb, in_emb, coeff, kernel_params, column_max, column_sum, counts, shift,
+                 m, n, chunks, width, eps: tl.float64,
                  KERNEL: tl.constexpr, COUNT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
-    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    rows, cols = tile(m, n, BM, BN)
+    alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
                        KERNEL, BM, BN)  # fmt: skip
     if KERNEL == MIXTURE:
@@ -180,13 +184,13 @@ def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.const
 
 
 @triton.jit
-def columns_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
-                   m, n, chunks, width, eps,
+def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
+                   m, n, chunks, width, eps: tl.float64,
                    MODE: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """Mixture, one block of columns over all rows: max_j P/gamma and Σ_j exp(P/gamma − max)
     (online), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
     cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
-    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     top = tl.full((BN,), float("-inf"), dtype=out_emb.dtype.element_ty)
     total = tl.zeros((BN,), dtype=out_emb.dtype.element_ty)
     for start in range(0, m, BM):
@@ -202,9 +206,9 @@ def columns_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column
                 D *= _mask_factor(piecewise + alpha * soft + beta, tl.load(tau), MODE, True)
             total += tl.sum(tl.where(inside, D * soft, 0.0), 0)
         else:
-            logits = tl.where(row_in[:, None], piecewise / gamma, float("-inf"))
+            logits = tl.where(row_in[:, None], div(piecewise, gamma), float("-inf"))
             new_top = tl.maximum(top, tl.max(logits, 0))
-            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(logits - new_top[None, :]), 0)
+            total = total * exp(top - new_top) + tl.sum(exp(logits - new_top[None, :]), 0)
             top = new_top
     col_in = cols < n
     if DOT:
@@ -237,19 +241,18 @@ def _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, w
     if DISTANCE:
         d_b = tl.sum(W, 1)[:, None] * b - d_b
         d_a = tl.sum(W, 0)[:, None] * a - d_a
-    tl.atomic_add(d_out + b_at, d_b, mask=b_in)
-    tl.atomic_add(d_in + a_at, d_a, mask=a_in)
+    tl.atomic_add(d_out + b_at, d_b, mask=b_in, sem="relaxed")
+    tl.atomic_add(d_in + a_at, d_a, mask=a_in, sem="relaxed")
 
 
 @triton.jit
-def backward_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
-                    d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
+def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
+                    d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps: tl.float64,
                     KERNEL: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BP: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    rows, cols = tile(m, n, BM, BN)
     inside = (rows[:, None] < m) & (cols[None, :] < n)
-    alpha, beta, gamma = tl.load(params), tl.load(params + 1), tl.load(params + 2)
+    alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)  # ∂L/∂K
     if KERNEL == MIXTURE or MODE != 0:
         value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
@@ -262,25 +265,26 @@ def backward_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, colum
             D *= _mask_factor(value, tl.load(tau), MODE, True)
         if KERNEL == MIXTURE:  # ∂L/∂P = D + alpha·S·(D − c)/gamma
             D = tl.where(inside, D, 0.0)
-            d_logits = alpha * soft * (D - tl.load(column_dot + cols, mask=cols < n, other=0.0)[None, :])
-            tl.atomic_add(d_params, _total(D * soft))
-            tl.atomic_add(d_params + 1, _total(D))
-            tl.atomic_add(d_params + 2, -_total(d_logits * piecewise) / (gamma * gamma))
-            D += d_logits / gamma
+            column_dot_tile = tl.load(column_dot + cols, mask=cols < n, other=0.0)[None, :]
+            d_logits = tl.where(inside, alpha * soft * (D - column_dot_tile), 0.0)
+            tl.atomic_add(d_params, _total(D * soft), sem="relaxed")
+            tl.atomic_add(d_params + 1, _total(D), sem="relaxed")
+            tl.atomic_add(d_params + 2, -_total(d_logits * piecewise) / (gamma * gamma).to(tl.float64), sem="relaxed")
+            D += div(d_logits, gamma)
     D = tl.where(inside, D, 0.0)
     if KERNEL == PIECEWISE or KERNEL == MIXTURE:
         for h in range(chunks):  # W_h = D·coeff[h]/r_h, ∂coeff[h] = Σ D·r_h
             squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, BM, BN)
-            radii = _sqrt(squares + eps)
-            tl.atomic_add(d_coeff + h, _total(D * radii))
-            W = tl.where(inside, D * tl.load(coeff + h) / radii, 0.0)
+            radii = _sqrt(squares + scalar(eps, squares.dtype))
+            tl.atomic_add(d_coeff + h, _total(D * radii), sem="relaxed")
+            W = tl.where(inside, div(D * tl.load(coeff + h), radii), 0.0)
             _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, True, BP)
     elif KERNEL == RBF:  # W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
         squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, BM, BN)
-        bump = tl.exp(-beta * squares)
-        tl.atomic_add(d_params, _total(D * bump))
-        tl.atomic_add(d_params + 1, -alpha * _total(D * squares * bump))
-        tl.atomic_add(d_params + 2, _total(D))
+        bump = exp(-beta * squares)
+        tl.atomic_add(d_params, _total(D * bump), sem="relaxed")
+        tl.atomic_add(d_params + 1, -alpha * _total(D * squares * bump), sem="relaxed")
+        tl.atomic_add(d_params + 2, _total(D), sem="relaxed")
         W = D * (-2.0 * alpha * beta) * bump
         for h in range(chunks):
             _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, True, BP)
@@ -288,18 +292,14 @@ def backward_kernel(grad, out_emb, in_emb, coeff, params, tau, column_max, colum
         W = D
         if KERNEL == SIGMOID:  # ∂L/∂(b·a) = beta·D·alpha·σ(1 − σ)
             dots = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, BM, BN)
-            sig = 1.0 / (1.0 + tl.exp(-beta * dots))
+            sig = div(tl.full((), 1.0, dots.dtype), 1.0 + exp(-beta * dots))
             pre = D * alpha * sig * (1.0 - sig)
-            tl.atomic_add(d_params, _total(D * sig))
-            tl.atomic_add(d_params + 1, _total(pre * dots))
-            tl.atomic_add(d_params + 2, _total(D))
+            tl.atomic_add(d_params, _total(D * sig), sem="relaxed")
+            tl.atomic_add(d_params + 1, _total(pre * dots), sem="relaxed")
+            tl.atomic_add(d_params + 2, _total(D), sem="relaxed")
             W = beta * pre
         for h in range(chunks):
             _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, False, BP)
-
-
-def _grid_2d(m: int, n: int) -> tuple[int, int]:
-    return triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
 
 
 def _shifts(dtype: torch.dtype) -> list[int]:
@@ -321,7 +321,8 @@ def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | Non
     if k == 0:
         return x.new_full((), float("-inf"))
     counts = _new_counts(x) if counted is None else counted
-    state = torch.tensor([0, 0, k], dtype=torch.int64, device=x.device)  # prefix, its mask, rank
+    state = torch.zeros(3, dtype=torch.int64, device=x.device)  # prefix, its mask, rank
+    state[2] = k  # a fill on the device: no copy from the host, no synchronization
     double = x.dtype == torch.float64
     for index, shift in enumerate(_shifts(x.dtype)):
         if index > 0 or counted is None:
@@ -364,7 +365,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
     stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
     selecting = mode is not None and tau is None and k > 0
     counted = _new_counts(out) if selecting else None  # filled by delta_kernel
-    delta_kernel[_grid_2d(m, n)](
+    delta_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
         out, out_emb, in_emb, coeff, params, *stats, out if counted is None else counted, _shifts(out.dtype)[0],
         m, n, chunks, width, eps, KERNEL=kernel_id(kernel), COUNT=counted is not None,
         DOUBLE=out.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
@@ -377,6 +378,7 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
 
 
 def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+    check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "triton")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in = torch.zeros_like(out_emb), torch.zeros_like(in_emb)
@@ -393,7 +395,7 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
             grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
             m, n, chunks, width, eps, MODE=mode_id(mode), DOT=True, BM=BLOCK_M, BN=BLOCK_N,
         )  # fmt: skip
-    backward_kernel[_grid_2d(m, n)](
+    backward_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
         grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
         d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
         KERNEL=kernel_id(kernel), MODE=mode_id(mode), BM=BLOCK_M, BN=BLOCK_N,

@@ -8,16 +8,20 @@ with an epilogue per method (as the cpu backend's row kernels):
   BK-wide steps: one read of W0, one write of the result.
 - ``backward_kernel``: one tile of Γ per program, read once, D = ∂L/∂ΔW from it (Γ; Γ ⊙
   W0 ⊙ exp(ΔW) with the tile of ΔW recomputed; Γ ⊙ W0), and that tile's share of
-  dU = s·D·Rᵀ and dR = s·Uᵀ·D, summed into them with atomic adds.
-Written for the interpreter too (``TRITON_INTERPRET=1``): no libdevice, plain masked loads,
-IEEE-precision dots (no TF32)."""
+  dU = s·D·Rᵀ and dR = s·Uᵀ·D, BK ranks at a time (registers do not grow with the
+  rank), summed into them with atomic adds (float atomics: the summation order, and so
+  the last bits of dU and dR, vary between runs).
+Written for the interpreter too (``TRITON_INTERPRET=1``): plain masked loads, exp by
+``shared.exp``, IEEE-precision dots (no TF32), the scale passed as float64."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from ..determinism import check_deterministic
 from ..tucker_split import hadamard_ops, tucker_ops
+from .shared import exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -26,17 +30,16 @@ EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
 
 
 @triton.jit
-def merge_kernel(out, weight, U0, R, d0, r0, n, scale, HAS_WEIGHT: tl.constexpr, EPILOGUE: tl.constexpr,
+def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: tl.constexpr, EPILOGUE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    rows, cols = tile(d0, n, BM, BN)
     acc = tl.zeros((BM, BN), dtype=out.dtype.element_ty)
     for k0 in range(0, r0, BK):
         ks = k0 + tl.arange(0, BK)
         u = tl.load(U0 + rows[:, None] * r0 + ks[None, :], mask=(rows[:, None] < d0) & (ks[None, :] < r0), other=0.0)
         r = tl.load(R + ks[:, None] * n + cols[None, :], mask=(ks[:, None] < r0) & (cols[None, :] < n), other=0.0)
         acc += tl.dot(u, r, input_precision="ieee")
-    acc = acc * scale
+    acc = acc * scalar(scale, acc.dtype)
     inside = (rows[:, None] < d0) & (cols[None, :] < n)
     offsets = rows[:, None] * n + cols[None, :]
     if HAS_WEIGHT:
@@ -44,35 +47,43 @@ def merge_kernel(out, weight, U0, R, d0, r0, n, scale, HAS_WEIGHT: tl.constexpr,
         if EPILOGUE == 0:
             acc = w + acc
         elif EPILOGUE == 1:
-            acc = w * tl.exp(acc)
+            acc = w * exp(acc)
         else:
             acc = w * (1.0 + acc)
     tl.store(out + offsets, acc, mask=inside)
 
 
 @triton.jit
-def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale, EPILOGUE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
-    ks = tl.arange(0, BR)
-    row_in, col_in, rank_in = rows < d0, cols < n, ks < r0
+def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, EPILOGUE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    rows, cols = tile(d0, n, BM, BN)
+    row_in, col_in = rows < d0, cols < n
     tile = row_in[:, None] & col_in[None, :]
     g = tl.load(grad + rows[:, None] * n + cols[None, :], mask=tile, other=0.0)
-    r = tl.load(R + ks[:, None] * n + cols[None, :], mask=rank_in[:, None] & col_in[None, :], other=0.0)
-    u = tl.load(U0 + rows[:, None] * r0 + ks[None, :], mask=row_in[:, None] & rank_in[None, :], other=0.0)
+    s = scalar(scale, g.dtype)
     if EPILOGUE != 0:  # D = Γ ⊙ W0 ⊙ exp(ΔW) (exact) or Γ ⊙ W0 (taylor1)
         g = g * tl.load(weight + rows[:, None] * n + cols[None, :], mask=tile, other=0.0)
         if EPILOGUE == 1:
-            g = g * tl.exp(tl.dot(u, r, input_precision="ieee") * scale)
-    d_u0 = tl.dot(g, tl.trans(r), input_precision="ieee") * scale
-    tl.atomic_add(dU0 + rows[:, None] * r0 + ks[None, :], d_u0, mask=row_in[:, None] & rank_in[None, :])
-    d_r = tl.dot(tl.trans(u), g, input_precision="ieee") * scale
-    tl.atomic_add(dR + ks[:, None] * n + cols[None, :], d_r, mask=rank_in[:, None] & col_in[None, :])
+            delta = tl.zeros((BM, BN), dtype=g.dtype)
+            for k0 in range(0, r0, BK):
+                ks = k0 + tl.arange(0, BK)
+                u = tl.load(U0 + rows[:, None] * r0 + ks[None, :], mask=row_in[:, None] & (ks[None, :] < r0), other=0.0)
+                r = tl.load(R + ks[:, None] * n + cols[None, :], mask=(ks[:, None] < r0) & col_in[None, :], other=0.0)
+                delta += tl.dot(u, r, input_precision="ieee")
+            g = g * exp(delta * s)
+    for k0 in range(0, r0, BK):
+        ks = k0 + tl.arange(0, BK)
+        u_in, r_in = row_in[:, None] & (ks[None, :] < r0), (ks[:, None] < r0) & col_in[None, :]
+        u = tl.load(U0 + rows[:, None] * r0 + ks[None, :], mask=u_in, other=0.0)
+        r = tl.load(R + ks[:, None] * n + cols[None, :], mask=r_in, other=0.0)
+        tl.atomic_add(dU0 + rows[:, None] * r0 + ks[None, :], tl.dot(g, tl.trans(r), input_precision="ieee") * s,
+                      mask=u_in, sem="relaxed")  # fmt: skip
+        tl.atomic_add(dR + ks[:, None] * n + cols[None, :], tl.dot(tl.trans(u), g, input_precision="ieee") * s,
+                      mask=r_in, sem="relaxed")  # fmt: skip
 
 
 def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
-    grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
     merge_kernel[grid](
         out, out if weight is None else weight, U0, R, d0, r0, n, scale,
         HAS_WEIGHT=weight is not None, EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
@@ -81,11 +92,11 @@ def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
 
 def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue="add"):
     """Adds s·D·Rᵀ into d_U0 and s·U0ᵀ·D into d_R (both must start at zero)."""
-    grid = (triton.cdiv(d0, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    rank_block = max(16, triton.next_power_of_2(r0))
+    check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", "triton")
+    grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
     backward_kernel[grid](
         grad, grad if weight is None else weight, U0, R, d_U0, d_R, d0, r0, n, scale,
-        EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BR=rank_block,
+        EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
     )  # fmt: skip
 
 

@@ -1,0 +1,66 @@
+"""What the Triton kernel modules share: ``tile``, the 1-D grid over a matrix's tiles,
+and math whose results on a GPU match what Triton's interpreter computes.
+
+``tile``: every grid dimension but x is limited to 65,535 programs, so the tiles of an
+(m, n) matrix are numbered along x alone (limit 2^31 − 1), row-major.
+
+Compiled for a GPU, float32 ``tl.exp`` becomes a multiply by log2(e) and ``ex2.approx``
+(relative error up to ~4e-6) and float32 ``/`` an approximate division (2 ulp); the
+interpreter computes both with NumPy. ``exp`` uses libdevice's ``exp`` on a GPU (the CUDA
+``expf``/``exp``, at most 2 ulp / 1 ulp) and ``div`` IEEE round-to-nearest division, so
+the tolerances the tests check in the interpreter hold on a GPU too. libdevice is not
+available in the interpreter, where ``tl.exp`` is already NumPy's ``exp``.
+
+``scalar`` turns a kernel's float64-annotated scalar argument into the kernel's compute
+dtype: Python floats reach a float64 kernel as float64 (unannotated they would arrive as
+float32) and a float32 kernel rounds them once."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def exp(x):
+    if INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def div(numerator, denominator):
+    """numerator / denominator, correctly rounded in float32 too (tensors of one dtype,
+    broadcast against each other)."""
+    if denominator.dtype == tl.float32:
+        numerator, denominator = tl.broadcast(numerator, denominator)
+        return tl.div_rn(numerator, denominator)
+    else:
+        return numerator / denominator
+
+
+@triton.jit
+def scalar(value, dtype: tl.constexpr):
+    """A float64 kernel argument as a 0-d value of ``dtype``."""
+    return tl.full((), value, dtype)
+
+
+@triton.jit
+def tile(m, n, BM: tl.constexpr, BN: tl.constexpr):
+    """The rows and columns (int64) of this program's BM × BN tile of an (m, n) matrix."""
+    index = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(n, BN)
+    rows = (index // col_tiles) * BM + tl.arange(0, BM)
+    cols = (index % col_tiles) * BN + tl.arange(0, BN)
+    return rows, cols
+
+
+def tile_grid(m: int, n: int, BM: int, BN: int) -> tuple[int]:
+    """The launch grid of ``tile``."""
+    return (triton.cdiv(m, BM) * triton.cdiv(n, BN),)

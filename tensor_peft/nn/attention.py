@@ -1,0 +1,77 @@
+"""Adapters on ``nn.MultiheadAttention``: its forward reads ``in_proj_weight`` (or
+``q/k/v_proj_weight``) and ``out_proj.weight`` itself, so a wrapped ``out_proj`` alone
+would be ignored. ``AdaptedMultiheadAttention`` gives each adapted projection an adapter
+layer over a view of the attention's own weight parameter, and runs the attention's own
+forward (fast path included) with the projections' effective weights in their place."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterLayer
+
+
+def projection_weights(attention: nn.MultiheadAttention) -> dict[str, str]:
+    """The attention's projections by name, each with the parameter its forward reads."""
+    if attention._qkv_same_embed_dim:
+        inputs = {"in_proj": "in_proj_weight"}
+    else:
+        inputs = {name: f"{name}_weight" for name in ("q_proj", "k_proj", "v_proj")}
+    return {**inputs, "out_proj": "out_proj.weight"}
+
+
+class SharedWeightLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a parameter another module owns (one of an
+    attention's projections): merging into it writes that parameter. It saves and loads
+    nothing itself, so the owner's state dict keeps its keys."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        pass
+
+
+class AdaptedMultiheadAttention(nn.Module):
+    """``base_layer`` (an ``nn.MultiheadAttention``) with adapter layers on some of its
+    projections (children named as in ``projection_weights``). Attributes not its own
+    read through to the attention."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        self.base_layer = attention
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def projection(self, name: str) -> AdapterLayer | None:
+        return self._modules.get(name)
+
+    def projections(self) -> dict[str, AdapterLayer]:
+        return {name: m for name, m in self.named_children() if isinstance(m, AdapterLayer)}
+
+    def add_projection(self, name: str, make_layer) -> AdapterLayer:
+        """Wrap projection ``name`` by ``make_layer(linear view of its weight)``."""
+        parameter = self.base_layer.get_parameter(projection_weights(self.base_layer)[name])
+        layer = make_layer(SharedWeightLinear(parameter))
+        setattr(self, name, layer)
+        return layer
+
+    def forward(self, *args, **kwargs):
+        weights = {}
+        for name, layer in self.projections().items():
+            parameter_name = projection_weights(self.base_layer)[name]
+            base = self.base_layer.get_parameter(parameter_name)
+            weights[parameter_name] = layer.effective_weight().to(base.dtype)
+        return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)

@@ -1,0 +1,122 @@
+"""Adapters in peft's LoRA format, so that they can be served wherever peft LoRA adapters
+are, and peft LoRA adapters loaded here.
+
+Export writes an adapter whose update is exactly a rank-r product ΔW = scale·B·A
+(``AdapterLayer.low_rank_form``: LoRA; MTLoRA with T folded into A; FLoRA with every mode
+but the first folded into A), the scale carried by ``lora_alpha`` (peft's scale is
+lora_alpha / r), per-module ranks and scales by ``rank_pattern`` / ``alpha_pattern``.
+Import reads a peft LoRA adapter as a tensor_peft LoRA adapter; options peft has and
+LoRA here does not (DoRA, LoRA bias, layer selection, per-module ranks) raise."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .nn import AdapterLayer
+from .nn.attention import AdaptedMultiheadAttention
+
+PREFIX = "base_model.model."
+MODULES_TO_SAVE = "modules_to_save"  # the key prefix of those modules' tensors in tensor_peft's files
+# peft config fields that change the math and that LoRA here does not have
+_UNSUPPORTED = ("use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "target_parameters",
+                "trainable_token_indices", "layer_replication", "use_qalora", "alora_invocation_tokens")  # fmt: skip
+
+
+def is_peft_config(saved: dict[str, Any]) -> bool:
+    return "peft_type" in saved
+
+
+def export_tensors(model: nn.Module, layers: dict[str, AdapterLayer], adapter_name: str, modules_to_save: list[str],
+                   module_tensors: dict[str, Tensor]) -> tuple[dict, dict]:  # fmt: skip
+    """(peft's adapter_config.json fields, its safetensors tensors) for the adapter's layers
+    and its ``modules_to_save`` (their tensors keyed ``<module>.<key>``)."""
+    tensors = {f"{PREFIX}{key}": value for key, value in module_tensors.items()}
+    ranks, alphas, conv1d = {}, {}, False
+    for name, layer in layers.items():
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), AdaptedMultiheadAttention):
+            raise ValueError(f"module {name!r}: an nn.MultiheadAttention projection has no peft LoRA form here")
+        try:
+            down, up, scale = layer.low_rank_form(layer.adapters[adapter_name])
+        except ValueError as error:
+            raise ValueError(f"module {name!r}: {error}") from None
+        r = up.shape[1]
+        down, up = down.detach().float().cpu().contiguous(), up.detach().float().cpu().contiguous()
+        if layer.is_embedding:
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = down
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = up
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = down
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = up.reshape(*up.shape, *[1] * (down.dim() - 2))
+        conv1d |= layer.kind == "linear" and not isinstance(layer.base_layer, nn.Linear)
+        ranks[name], alphas[name] = r, scale * r
+    r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(layers),
+        "rank_pattern": {name: k for name, k in ranks.items() if k != r},
+        "alpha_pattern": {name: a for name, a in alphas.items() if a != alpha},
+        "fan_in_fan_out": conv1d,
+        "modules_to_save": modules_to_save or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": None,
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+def _most_common(values):
+    values = list(values)
+    return max(values, key=values.count)
+
+
+def import_config(saved: dict[str, Any], tensors: dict[str, Tensor], file: str) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """A LoRA config and tensor_peft's tensors (``<module>.lora_A`` / ``.lora_B``, and
+    ``modules_to_save.<module>.<key>``) for a peft LoRA adapter; a ValueError naming the
+    field for what LoRA here cannot hold."""
+    if saved.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type {saved.get('peft_type')!r} cannot be loaded; only peft's LORA can")
+    for field in _UNSUPPORTED:
+        if saved.get(field) not in (None, False, {}, []):
+            raise ValueError(f"{file}: {field}={saved[field]!r} has no equivalent in tensor_peft's LoRA")
+    to_save = list(saved.get("modules_to_save") or [])
+    ours = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{file}: tensor {key!r} is not a peft LoRA tensor")
+        key = key[len(PREFIX):]
+        name, _, part = key.rpartition(".lora_")
+        kind = {"A.weight": "lora_A", "B.weight": "lora_B", "embedding_A": "lora_A", "embedding_B": "lora_B"}.get(part)
+        if name and kind:
+            ours[f"{name}.{kind}"] = value.flatten(1) if kind == "lora_B" else value  # a conv B is (out, r, 1, …)
+        elif any(key.startswith(module + ".") for module in to_save):
+            ours[f"{MODULES_TO_SAVE}.{key}"] = value
+        else:
+            raise ValueError(f"{file}: tensor {key!r} is neither a LoRA factor nor of modules_to_save")
+    names = sorted(key.rpartition(".")[0] for key in ours if key.endswith(".lora_A"))
+    scales = set()
+    for name in names:
+        r = ours[f"{name}.lora_A"].shape[0]
+        alpha = float(_pattern_value(saved.get("alpha_pattern") or {}, name, saved.get("lora_alpha", 8)))
+        scales.add((r, alpha * math.sqrt(r) if saved.get("use_rslora") else alpha))  # rsLoRA: alpha/√r
+    if len(scales) != 1:
+        raise ValueError(f"{file}: modules differ in rank or lora_alpha ({sorted(scales)}); tensor_peft's LoRA has one of each")
+    ((r, alpha),) = scales
+    config = LoRAConfig(target_modules=names, r=r, alpha=alpha, dropout=float(saved.get("lora_dropout") or 0.0),
+                        modules_to_save=to_save or None)  # fmt: skip
+    return config, ours
+
+
+def _pattern_value(pattern: dict[str, Any], name: str, default):
+    """peft's per-module override: a key equal to the module name or a dotted suffix of it."""
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key):
+            return value
+    return default

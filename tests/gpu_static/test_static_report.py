@@ -1,0 +1,68 @@
+"""The ahead-of-time check: ``python -m tensor_peft gpu-report --static`` compiles every
+Triton kernel configuration the launchers use for sm_80 and sm_90 (through Triton's launch
+binder, in a process with the interpreter off) and reads the built CUDA kernels; every
+row must meet its budgets (``tensor_peft.gpu_report.problems``): compiled, compile time ≤
+30 s, no spills, shared memory within the limit, grids within CUDA's limits, no float32
+scalar into a float64 kernel, no stack frame in the hot CUDA kernels. About 5 minutes on
+two cores (about 180 compiles); marked ``gpu_static`` so that ``-m "not gpu_static"``
+leaves it out of a quick run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+from tensor_peft.gpu_report import COMPILE_BUDGET_S, problems  # noqa: E402
+
+pytestmark = pytest.mark.gpu_static
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    try:
+        from tensor_peft.gpu_report.triton_aot import ptxas_path
+
+        if not os.path.isfile(ptxas_path(90)):
+            pytest.skip("triton's ptxas is missing")
+    except ImportError as error:
+        pytest.skip(f"triton has no NVIDIA backend here ({error})")
+    out = tmp_path_factory.mktemp("gpu_report")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "cache")  # a cold cache: compile times are real
+    result = subprocess.run([sys.executable, "-m", "tensor_peft", "gpu-report", "--static", "--arch", "80,90",
+                             "--out", str(out)], env=env, capture_output=True, text=True)  # fmt: skip
+    if not (out / "static.json").exists():
+        pytest.fail(f"gpu-report wrote nothing: {result.stderr[-3000:]}")
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    return json.loads((out / "static.json").read_text())
+
+
+def test_every_kernel_family_and_arch_is_covered(rows):
+    triton_kernels = {(row["kernel"], row["arch"]) for row in rows if row["config"] != "launcher"}
+    for kernel in ("lowrank.merge_kernel", "lowrank.backward_kernel", "expm.expm_kernel", "kernelized.delta_kernel",
+                   "kernelized.backward_kernel", "kernelized.columns_kernel", "kernelized.count_kernel",
+                   "kernelized.search_kernel", "kernelized.mask_kernel"):  # fmt: skip
+        assert {(kernel, 80), (kernel, 90)} <= triton_kernels, kernel
+
+
+def test_every_row_meets_its_budgets(rows):
+    failing = {f"{row['kernel']} [{row['config']}] sm_{row['arch']}": problems(row) for row in rows if problems(row)}
+    assert not failing, json.dumps(failing, indent=1)
+
+
+def test_compile_times_are_measured_and_within_budget(rows):
+    times = [row["compile_s"] for row in rows if "compile_s" in row]
+    assert times and max(times) <= COMPILE_BUDGET_S
+
+
+def test_float64_kernels_take_float64_scalars(rows):
+    float64 = [row for row in rows if row["config"].startswith("fp64")]
+    assert float64
+    for row in float64:
+        assert "fp32" not in row["scalars"].values(), (row["kernel"], row["config"], row["scalars"])

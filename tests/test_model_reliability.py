@@ -1,0 +1,224 @@
+"""Model-level calls are all or nothing and fail cleanly: a refused merge, unmerge,
+unload, set_adapter, load or save leaves the model (and the disk) as it was, and the
+error names the module or the argument. The SNELLA allocator survives non-finite
+gradients, refuses to reallocate a merged adapter, keeps layers with similar names apart
+and refuses state of other layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import tensor_peft as tp
+
+
+def two_layers(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)).to(dtype)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, state):
+    assert snapshot(model).keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_a_merge_refused_by_one_layer_writes_no_layer():
+    model = two_layers(torch.float16)
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
+    with torch.no_grad():
+        model[0].adapters["default"].lora_B.fill_(0.01)
+        model[2].adapters["default"].lora_B.fill_(1e6)  # ΔW overflows float16 in the second layer only
+    x = torch.randn(3, 6, dtype=torch.float16)
+    before, state = model(x), snapshot(model)
+    for call in (tp.merge, tp.unload):
+        with pytest.raises(ValueError, match="module '2': cannot merge adapter 'default': the weight would hold non-finite"):
+            call(model)
+        assert_unchanged(model, state)
+        assert model[0].merged_adapters == [] and "default" in model.tensor_peft_configs
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_taylor1_merge_that_would_zero_the_weight_refuses_before_writing():
+    model = two_layers(torch.float64)
+    tp.inject(model, tp.LieRAConfig(target_modules=["0"], r=1, alpha=1.0, exp="taylor1"))
+    adapter = model[0].adapters["default"].update
+    with torch.no_grad():  # 1 + ΔW = 0 at entry (0, 0): ΔW = B·A with B[0] = -1, A[0, 0] = 1
+        adapter.lora_A.zero_()
+        adapter.lora_A[0, 0] = 1.0
+        adapter.lora_B.zero_()
+        adapter.lora_B[0, 0] = -1.0
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="module '0': .*zero non-zero entries of the weight"):
+        tp.merge(model)
+    assert_unchanged(model, state)
+
+
+def test_exact_merge_whose_exponential_underflows_refuses():
+    model = two_layers(torch.float16)
+    tp.inject(model, tp.LieRAConfig(target_modules=["0"], r=1, alpha=1.0))
+    with torch.no_grad():
+        model[0].adapters["default"].update.lora_A.fill_(1.0)
+        model[0].adapters["default"].update.lora_B.fill_(-20.0)  # W0·exp(-20) is below float16's smallest subnormal
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="module '0': .*unmerge could not restore"):
+        tp.merge(model)
+    assert_unchanged(model, state)
+
+
+def test_set_adapter_while_another_is_merged_refuses():
+    model = two_layers()
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
+    tp.inject(model, tp.LoRAConfig(target_modules=["0"], r=2), "other")
+    tp.set_adapter(model, "default")
+    tp.merge(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="module '0': adapter 'default' is merged into the weight"):
+        tp.set_adapter(model, "other")
+    assert model[0].active_adapters == ["default"] and model[2].active_adapters == ["default"]
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="module '0' has adapter 'default' merged"):
+        tp.inject(model, tp.LoRAConfig(target_modules=["2"], r=2), "third")
+    tp.unmerge(model)
+    tp.set_adapter(model, "other")
+    assert model[0].active_adapters == ["other"] and model[2].active_adapters == []
+
+
+def test_a_failed_load_under_a_new_name_leaves_the_active_adapter(tmp_path):
+    model = two_layers()
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3)
+    other = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 4))  # other widths: does not fit
+    tp.inject(other, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
+    tp.save_adapter(other, tmp_path)
+    x = torch.randn(2, 6)
+    before, state = model(x), snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="module '0': saved lora_B has shape"):
+        tp.load_adapter(model, tmp_path, "second")
+    assert_unchanged(model, state)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert list(model.tensor_peft_configs) == ["default"]
+    assert model[0].active_adapters == ["default"] and list(model[0].adapters) == ["default"]
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "holds no readable adapter: JSONDecodeError"),
+    (json.dumps({"method": "lora"}), "is not a tensor_peft adapter config: KeyError"),
+    (json.dumps({"method": "lora", "config": {"target_modules": "0"}}), "target_modules must be a list"),
+    (json.dumps({"method": "lora", "config": {"target_modules": ["0"], "rank": 3}}), "does not fit LoRAConfig"),
+])
+def test_a_malformed_config_file_raises_naming_it(tmp_path, content, message):
+    (tmp_path / "adapter_config.json").write_text(content)
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    model = two_layers()
+    with pytest.raises(ValueError, match=message):
+        tp.load_adapter(model, tmp_path)
+    assert not hasattr(model, "tensor_peft_configs")
+
+
+def test_a_save_that_cannot_write_writes_nothing(tmp_path):
+    model = two_layers()
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
+    (tmp_path / "adapter_config.json").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        tp.save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json"]
+
+
+@pytest.mark.parametrize("make_config,error,message", [
+    (lambda: tp.LoRAConfig(target_modules="(("), ValueError, "target_modules '\\(\\(' is not a valid regular"),
+    (lambda: tp.LoRAConfig(target_modules=[123]), TypeError, "target_modules entries must be module names"),
+    (lambda: tp.LoRAConfig(target_modules=["a"], exclude_modules="[x"), ValueError, "exclude_modules"),
+    (lambda: tp.LoRAConfig(target_modules=["a"], dtype="int32"), ValueError, "dtype must name a floating"),
+])
+def test_config_errors_name_the_field(make_config, error, message):
+    with pytest.raises(error, match=message):
+        make_config()
+
+
+# --------------------------------------------------------------------------- allocator
+
+
+def snella_model(names=("a.b", "a-b")):
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a = nn.Module()
+    model.a.b = nn.Linear(6, 5)
+    model.add_module("a-b", nn.Linear(6, 5))
+    config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, total_steps=20, interval=1, init_sparsity=0.5,
+                             target_sparsity=0.8)  # fmt: skip
+    tp.inject(model, config)
+    return model
+
+
+def backward(model, scale=1.0):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    (scale * (model.a.b(x).square().sum() + model.get_submodule("a-b")(x).square().sum())).backward()
+
+
+def test_allocator_keeps_similar_names_apart_and_skips_non_finite_steps():
+    model = snella_model()
+    allocator = tp.SparsityAllocator(model)
+    assert len(allocator.statistics) == 2  # "a.b" and "a-b" do not collide
+    backward(model)
+    allocator.step()
+    statistics = {k: v.clone() for k, v in allocator.state_dict().items() if k != "steps"}
+    for bad in (float("inf"), float("nan")):
+        model.zero_grad()
+        backward(model)
+        model.a.b.adapters["default"].snell_in.grad[0, 0, 0] = bad
+        with pytest.warns(UserWarning, match="module 'a.b' has non-finite gradients"):
+            allocator.step()
+        for key, value in statistics.items():
+            assert torch.equal(allocator.state_dict()[key], value), key
+    model.zero_grad()
+    backward(model)
+    allocator.step()  # finite again: statistics move, sparsities stay valid
+    assert int(allocator.steps) == 4
+    assert all(0.0 <= s <= 1.0 for s in allocator.sparsities().values())
+    assert not torch.equal(allocator.state_dict()["statistics.a%2Eb.importance_in"], statistics["statistics.a%2Eb.importance_in"])
+
+
+def test_allocator_refuses_to_step_while_merged():
+    model = snella_model()
+    allocator = tp.SparsityAllocator(model)
+    backward(model)
+    tp.merge(model)
+    sparsities, state = allocator.sparsities(), {k: v.clone() for k, v in allocator.state_dict().items()}
+    with pytest.raises(ValueError, match="merged into module 'a.b': unmerge before allocator.step"):
+        allocator.step()
+    assert allocator.sparsities() == sparsities
+    assert all(torch.equal(v, state[k]) for k, v in allocator.state_dict().items())
+
+
+def test_allocator_state_of_other_layers_raises():
+    model = snella_model()
+    state = tp.SparsityAllocator(model).state_dict()
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(6, 5))
+    tp.inject(other, tp.SNELLAConfig(target_modules=[nn.Linear], r=2))
+    with pytest.raises(ValueError, match="allocator state does not fit this model's layers: missing"):
+        tp.SparsityAllocator(other).load_state_dict(state)
+
+
+def test_orthogonal_generators_hold_only_the_free_parameters():
+    """n(n-1)/2 per block of a rotation (not n²), all of the block for gl."""
+    model = tp.inject(two_layers(), tp.LieRAConfig(target_modules=["0"], group="orthogonal", block_size=3))
+    assert tp.trainable_parameter_count(model) == 2 * 3
+    model = tp.inject(two_layers(), tp.LieRAConfig(target_modules=["0"], group="gl", block_size=3))
+    assert tp.trainable_parameter_count(model) == 2 * 9
+    model = tp.inject(two_layers(), tp.LieRAConfig(target_modules=["2"], group="orthogonal", block_size=2, side="input"))
+    assert tp.trainable_parameter_count(model) == 3 * 1
