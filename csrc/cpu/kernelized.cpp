@@ -93,9 +93,13 @@ inline void dots(const Problem<T>& P, int64_t j, T* out) {
     }
 }
 
-// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps).
+// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps). Never inlined: every pass
+// (mixture's column maxima and sums, ΔW's rows, the backward) gets P from this one
+// compiled code, so P − max_j P is exactly 0 at the maximum and the same everywhere (code
+// inlined into different callers may contract a·b + c into an FMA differently, and the
+// softmax magnifies a difference of one rounding by 1/gamma).
 template <typename T>
-inline void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* distance) {
+TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* distance) {
     const int64_t n = P.n;
     for (int64_t i = 0; i < n; ++i) piecewise[i] = T(0);
     for (int64_t h = 0; h < P.chunks; ++h) {
@@ -146,7 +150,7 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
             const T* mx = P.column_max;
             const T* sum = P.column_sum;
             for (int64_t i = 0; i < n; ++i)
-                out[i] += P.alpha * softmax_term(P, out[i], i);
+                out[i] += P.alpha * softmax_term(P, out[i], i) + P.beta;
             return;
         }
         case kRbf: {
