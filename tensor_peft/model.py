@@ -181,9 +181,9 @@ def _module_tensors(model: nn.Module, names: list[str] | None) -> dict[str, torc
 def _saved_target_names(targets: dict[str, list[str] | None], model: nn.Module) -> list[str]:
     """The names a saved adapter records: those that select the same modules again in a
     fresh model (an attention adapted on ``out_proj`` alone is recorded by that name)."""
-    names = []
+    names, modules = [], _original_modules(model)
     for name, projections in targets.items():
-        if projections is None or set(projections) == set(projection_weights(_original_modules(model)[name])):
+        if projections is None or set(projections) == set(projection_weights(modules[name])):
             names.append(name)
         else:
             names.extend(_join(name, projection) for projection in projections)
