@@ -1,7 +1,7 @@
 // Batched matrix exponential and its adjoint Fréchet derivative (the backward of exp):
 // the batch is cut into fixed chunks (tensor_peft/threads.h), each run with its own
 // workspace through the math of tensor_peft/expm.h in the data's own precision (with that
-// precision's θ_m). Chunks start at multiples of kGroup matrices, so the SIMD lane groups,
+// precision's θ_m). Chunks start at multiples of the SIMD lane count, so the lane groups,
 // which share a Padé degree, are the same at any thread count.
 //   forward   out[b] = exp(A[b])
 //   backward  dA[b] = L(A[b]ᵀ, Γ[b]), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 first and the
@@ -102,17 +102,16 @@ TP_CPU_CLONES void backward_range(const S* grad, const S* A, S* dA, int64_t begi
     }
 }
 
-constexpr int64_t kGroup = 8;  // a multiple of every lane count (8 float, 4 double)
-
-// body(begin, end) for the fixed chunks of the batch, each starting at a multiple of kGroup.
+// body(begin, end) for the fixed chunks of the batch, each starting at a multiple of
+// `group` matrices (the lane count: lane groups are then the same at any thread count).
 template <typename Body>
-void for_each_batch_chunk(int64_t batch, Body body) {
-    const int64_t groups = (batch + kGroup - 1) / kGroup;
+void for_each_batch_chunk(int64_t batch, int64_t group, Body body) {
+    const int64_t groups = (batch + group - 1) / group;
     const int64_t chunks = chunk_count(groups, 1);
     for_each_chunk(chunks, [&](int64_t c) {
         int64_t first, last;
         chunk_range(groups, chunks, c, first, last);
-        body(first * kGroup, std::min(last * kGroup, batch));
+        body(first * group, std::min(last * group, batch));
     });
 }
 
@@ -121,7 +120,7 @@ struct Forward {
     template <typename S>
     static void run(const S* A, S* out, int64_t batch, int n) {
         using V = Value<N, S>;
-        for_each_batch_chunk(batch, [&](int64_t begin, int64_t end) {
+        for_each_batch_chunk(batch, Lanes<V>::count, [&](int64_t begin, int64_t end) {
             const auto work = aligned_buffer<V>(workspace_size(n) + 2 * int64_t(n) * n);
             const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
             forward_range<N, S>(A, out, begin, end, n, work.get(), pivots.get());
@@ -134,7 +133,7 @@ struct Backward {
     template <typename S>
     static void run(const S* grad, const S* A, S* dA, int64_t batch, int n) {
         using V = Value<N, S>;
-        for_each_batch_chunk(batch, [&](int64_t begin, int64_t end) {
+        for_each_batch_chunk(batch, Lanes<V>::count, [&](int64_t begin, int64_t end) {
             const auto work = aligned_buffer<V>(workspace_size(n) + 4 * int64_t(n) * n);
             const auto pivots = aligned_buffer<typename Lanes<V>::Index>(n);
             backward_range<N, S>(grad, A, dA, begin, end, n, work.get(), pivots.get());

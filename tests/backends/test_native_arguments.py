@@ -134,3 +134,18 @@ def test_cpu_backend_checks_sizes_before_the_kernel():
         cpu.matrix_exp(huge)
     with pytest.raises(ValueError, match="A: the cpu backend's matrix_exp takes n ≤ 46340"):
         cpu.matrix_exp_backward(huge, huge)
+
+
+def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel():
+    """The sampled backward keeps each kept entry's column in 32 bits: 2³¹ columns (a
+    stride-0 view, nothing allocated) are refused with a ValueError naming in_emb."""
+    from tensor_peft.backends import cpu
+
+    n = 2**31
+    in_emb, x = torch.zeros(1, 1, 1).expand(1, n, 1), torch.zeros(1, 1).expand(2, n)
+    out_emb, grad_out = torch.zeros(1, 3, 1), torch.zeros(2, 3)
+    coeff, params = torch.ones(1), torch.zeros(3)
+    with pytest.raises(ValueError, match="in_emb: the cpu backend's sampled backward takes n ≤ 2147483647"):
+        cpu.kernelized_sparse_linear_backward(
+            grad_out, x, out_emb, in_emb, 0.9, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard"
+        )

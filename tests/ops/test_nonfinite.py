@@ -122,14 +122,14 @@ CASES = {
 
 # Where backends/triton/kernelized.py does not follow the rule yet (its owner changes it):
 TRITON_MASK = (
-    "triton _mask_factor (backends/triton/kernelized.py:109) gives a dropped non-finite entry the factor 0, "
+    "triton _mask_factor (backends/triton/kernelized.py:114) gives a dropped non-finite entry the factor 0, "
     "not factor·0"
 )
 TRITON_XFAIL = {
     "sparsify-hard-nan-dropped": TRITON_MASK,
     "sparsify-soft-nan-kept": TRITON_MASK,
     "sparsify-soft-inf-dropped": TRITON_MASK,
-    "sigmoid-inf-out": "triton backward_kernel (backends/triton/kernelized.py:296) keeps the padded columns' NaN "
+    "sigmoid-inf-out": "triton backward_kernel (backends/triton/kernelized.py:300) keeps the padded columns' NaN "
     "(inf·0 in the tile's dot products) in W = beta·pre, and tl.dot spreads it over the row's gradient",
 }
 

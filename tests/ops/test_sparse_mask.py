@@ -13,8 +13,8 @@ from ..conftest import DEVICES
 
 BACKENDS = [(name, device) for device in DEVICES for name in backends.available(device)]
 TRITON_ORDER = (
-    "triton adds mixture's terms as P + (alpha·S + beta) in delta_kernel (backends/triton/kernelized.py:137) "
-    "but (P + alpha·S) + beta in backward (:202, :260): one rounding apart, the entry at τ is kept in backward"
+    "triton adds mixture's terms as P + (alpha·S + beta) in delta_kernel (backends/triton/kernelized.py:141) "
+    "but (P + alpha·S) + beta in backward (:206, :263): one rounding apart, the entry at τ is kept in backward"
 )
 
 

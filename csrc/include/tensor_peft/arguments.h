@@ -14,7 +14,8 @@ namespace tensor_peft::arguments {
 
 // `value` ≥ 0.
 inline int64_t size(int64_t value, const char* name) {
-    if (value < 0) throw pybind11::value_error(std::string(name) + " must be non-negative, got " + std::to_string(value));
+    if (value < 0)
+        throw pybind11::value_error(std::string(name) + " must be non-negative, got " + std::to_string(value));
     return value;
 }
 
