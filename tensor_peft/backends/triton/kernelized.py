@@ -399,7 +399,7 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
         grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
         d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
         KERNEL=kernel_id(kernel), MODE=mode_id(mode), BM=BLOCK_M, BN=BLOCK_N,
-        BP=max(16, triton.next_power_of_2(width)),
+        BP=max(16, triton.next_power_of_2(width)), num_warps=8,
     )  # fmt: skip
     return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
 

@@ -58,11 +58,11 @@ def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, 
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows, cols = tile(d0, n, BM, BN)
     row_in, col_in = rows < d0, cols < n
-    tile = row_in[:, None] & col_in[None, :]
-    g = tl.load(grad + rows[:, None] * n + cols[None, :], mask=tile, other=0.0)
+    inside = row_in[:, None] & col_in[None, :]
+    g = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
     s = scalar(scale, g.dtype)
     if EPILOGUE != 0:  # D = Γ ⊙ W0 ⊙ exp(ΔW) (exact) or Γ ⊙ W0 (taylor1)
-        g = g * tl.load(weight + rows[:, None] * n + cols[None, :], mask=tile, other=0.0)
+        g = g * tl.load(weight + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
         if EPILOGUE == 1:
             delta = tl.zeros((BM, BN), dtype=g.dtype)
             for k0 in range(0, r0, BK):
