@@ -18,7 +18,9 @@ both and loading them into a fresh model and allocator resumes training exactly.
 from __future__ import annotations
 
 import math
+import struct
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,23 +30,48 @@ from .model import adapter_layers
 from .ops.sparsify import dropped_count
 
 
-def sparsity_keeping(kept: int, size: int) -> float:
-    """The sparsity s for which the layer keeps exactly ``kept`` of ``size`` entries
-    (ceil(s·size) dropped, s read as its decimal: nudged past float rounding)."""
-    sparsity = (size - kept) / size
-    while sparsity > 0 and dropped_count(sparsity, size) > size - kept:
-        sparsity = math.nextafter(sparsity, 0.0)
-    while sparsity < 1 and dropped_count(sparsity, size) < size - kept:
-        sparsity = math.nextafter(sparsity, 1.0)
+def _float_bits(value: float) -> int:
+    """The bit pattern of a non-negative float64: it orders as the floats do."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def sparsity_keeping(kept: int, size: int, dropped: Callable[[float], int] | None = None) -> float:
+    """The sparsity s for which a layer of ``size`` entries keeps exactly ``kept``, with
+    ``dropped(s)`` the entries it drops (default: the ``count`` rule). The written fraction
+    (size − kept)/size when it fits, else the smallest float that does (a bisection: the
+    count never falls as s grows); a ValueError if no sparsity keeps ``kept``."""
+    dropped = dropped or (lambda sparsity: dropped_count(sparsity, size))
+    target = size - kept
+    guess = target / size if size else 0.0
+    if dropped(guess) == target:
+        return guess
+    low, high = _float_bits(0.0), _float_bits(1.0)  # the first float dropping ≥ target is in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if dropped(_bits_float(middle)) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    sparsity = _bits_float(low)
+    if dropped(sparsity) != target:
+        raise ValueError(f"no sparsity keeps exactly {kept} of {size} entries")
     return sparsity
 
 
-def distribute(budget: int, scores: list[float], capacities: list[int]) -> list[int]:
-    """Split ``budget`` units by ``scores`` (summing to 1), each part at most its
-    capacity: floor(budget·score) first, then what is left goes again by score to the
-    parts with room, and the last units (less than one per part) one each to the parts
-    with room, highest score first."""
-    kept = [min(capacity, math.floor(budget * score)) for score, capacity in zip(scores, capacities)]
+def distribute(budget: int, scores: list[float], capacities: list[int], floors: list[int] | None = None) -> list[int]:
+    """Split ``budget`` units by ``scores`` (summing to 1), each part at least its floor
+    (default 0) and at most its capacity: the floors first, then floor(rest·score) capped
+    at the room left, then what is left goes again by score to the parts with room, and
+    the last units (less than one per part) one each to the parts with room, highest
+    score first."""
+    floors = floors or [0] * len(scores)
+    rest = budget - sum(floors)
+    kept = [floor + min(capacity - floor, math.floor(rest * score))
+            for score, capacity, floor in zip(scores, capacities, floors)]  # fmt: skip
     while True:
         left = budget - sum(kept)
         room = [i for i, capacity in enumerate(capacities) if kept[i] < capacity]
@@ -61,6 +88,15 @@ def distribute(budget: int, scores: list[float], capacities: list[int]) -> list[
             return kept
         for i, share in shares.items():
             kept[i] += share
+
+
+def check_floors(floors: list[int], budget: int, min_keep: float) -> None:
+    """ValueError if the layers' floors add up to more than the smallest budget of the schedule."""
+    if sum(floors) > budget:
+        raise ValueError(
+            f"min_keep={min_keep} keeps {sum(floors)} entries in all, more than the budget of {budget} the "
+            "sparsity schedule comes down to: lower min_keep or target_sparsity"
+        )
 
 
 def statistics_key(module_name: str) -> str:
@@ -100,6 +136,7 @@ class SparsityAllocator(nn.Module):
         )
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.sizes = [adapter.snell_out.shape[1] * adapter.snell_in.shape[1] for adapter in self.adapters.values()]
+        check_floors(self.floors(), min(self.budget(0), self.budget(config.total_steps)), config.min_keep)
 
     def budget(self, step: int) -> int:
         """V(t) = V_T + (V_0 − V_T)·(1 − (t − t_i)/(T − t_i − t_f))³, the fraction clamped
@@ -164,10 +201,21 @@ class SparsityAllocator(nn.Module):
         if step >= c.warmup_steps and step % c.interval == 0:
             self.allocate(step)
 
+    def capacities(self) -> list[int]:
+        """The most entries each layer can keep (all, or all but one under the quantile rule)."""
+        return [n - adapter.dropped_count(0.0) for n, adapter in zip(self.sizes, self.adapters.values())]
+
+    def floors(self) -> list[int]:
+        """The fewest entries each layer keeps: ceil(min_keep·entries), at least 1, at most its capacity."""
+        return [min(capacity, max(1, math.ceil(self.config.min_keep * n)))
+                for n, capacity in zip(self.sizes, self.capacities())]  # fmt: skip
+
     def allocate(self, step: int) -> list[float]:
-        """Give each layer its share of ``budget(step)`` by score; returns the sparsities."""
-        kept = distribute(self.budget(step), self.scores(), self.sizes)
-        sparsities = [sparsity_keeping(k, n) for k, n in zip(kept, self.sizes)]
+        """Give each layer its floor and a share of the rest of ``budget(step)`` by score;
+        returns the sparsities."""
+        kept = distribute(self.budget(step), self.scores(), self.capacities(), self.floors())
+        sparsities = [sparsity_keeping(k, n, adapter.dropped_count)
+                      for k, n, adapter in zip(kept, self.sizes, self.adapters.values())]  # fmt: skip
         for adapter, sparsity in zip(self.adapters.values(), sparsities):
             adapter.sparsity = sparsity
         return sparsities

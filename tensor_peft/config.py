@@ -26,7 +26,7 @@ from .nn.liera import EXP_FORMS, GROUPS, INNERS, SIDES
 from .nn.mtlora import VARIANTS
 from .nn.snell import check_chunks
 from .ops.kernelized_delta import KERNELS
-from .ops.sparsify import MODES as SPARSIFY_MODES, check_sparsity
+from .ops.sparsify import MODES as SPARSIFY_MODES, THRESHOLDS as SPARSIFY_THRESHOLDS, check_sparsity
 
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
 
@@ -160,32 +160,39 @@ class LieRAConfig(AdapterConfig):
 @dataclass
 class KernelizedConfig(AdapterConfig):
     """What SNELL and SNELLA share: rank ``r`` embeddings in ``chunks`` chunks, ``kernel``
-    (piecewise_linear, rbf, sigmoid, linear, mixture), ``mode`` (hard, soft) and
-    ``learnable_coeff`` (train piecewise's chunk coefficients)."""
+    (piecewise_linear, rbf, sigmoid, linear, mixture), ``mode`` (hard, soft),
+    ``learnable_coeff`` (train piecewise's chunk coefficients) and ``threshold``, the rule
+    that turns a sparsity s into the number of entries dropped from n: ``count``
+    (ceil(s·n)) or ``quantile`` (the released code's ``|ΔW| > torch.quantile(|ΔW|, s)``:
+    floor(s·(n − 1)) + 1, see ``ops.sparsify``)."""
 
     kernel: str = "piecewise_linear"
     mode: str = "hard"
     chunks: int = 2
     learnable_coeff: bool = False
+    threshold: str = "count"
 
     def __post_init__(self):
         super().__post_init__()
         check_chunks(self.chunks, self.r)
-        for value, name, choices in ((self.kernel, "kernel", KERNELS), (self.mode, "mode", SPARSIFY_MODES)):
+        for value, name, choices in ((self.kernel, "kernel", KERNELS), (self.mode, "mode", SPARSIFY_MODES),
+                                     (self.threshold, "threshold", SPARSIFY_THRESHOLDS)):  # fmt: skip
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
 class SNELLConfig(KernelizedConfig):
-    """SNELL: ΔW = sparsify(κ(Out, In), sparsity, mode), ``sparsity`` the fraction zeroed."""
+    """SNELL: ΔW = sparsify(κ(Out, In), sparsity, mode), ``sparsity`` the fraction zeroed;
+    ``sparsity=None``: ΔW = κ(Out, In), the released code's kernelized LoRA, unsparsified."""
 
     method: ClassVar[str] = "snell"
-    sparsity: float = 0.9
+    sparsity: float | None = 0.9
 
     def __post_init__(self):
         super().__post_init__()
-        check_sparsity(self.sparsity)
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
 
 
 @dataclass
@@ -196,7 +203,13 @@ class SNELLAConfig(KernelizedConfig):
     Layers start at ``init_sparsity``. The total non-zero budget follows SPEC's cubic
     schedule from that of ``init_sparsity`` to that of ``target_sparsity`` between step
     ``warmup_steps`` and step ``total_steps - final_steps``, and is reallocated across
-    layers by importance every ``interval`` steps (importance EMAs with ``beta1``, ``beta2``)."""
+    layers by importance every ``interval`` steps (importance EMAs with ``beta1``, ``beta2``).
+
+    Every layer keeps at least ``min_keep`` of its entries (rounded up, at least 1) at
+    every reallocation, the rest of the budget going by importance: a layer whose
+    importance is 0 (no entry kept, so no gradient) would otherwise stay off for good.
+    The default 0.01 is a tenth of the average share at the default target 0.9; the
+    released code has no floor (``min_keep=0`` still keeps 1 entry per layer)."""
 
     method: ClassVar[str] = "snella"
     kernel: str = "mixture"
@@ -208,11 +221,14 @@ class SNELLAConfig(KernelizedConfig):
     interval: int = 10
     beta1: float = 0.85
     beta2: float = 0.85
+    min_keep: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         check_sparsity(self.init_sparsity)
         check_sparsity(self.target_sparsity)
+        if not 0.0 <= check_real(self.min_keep, "min_keep") <= 1.0:
+            raise ValueError(f"min_keep must be in [0, 1] (a fraction of each layer's entries), got {self.min_keep!r}")
         check_rank(self.total_steps, "total_steps")
         check_rank(self.interval, "interval")
         for name in ("warmup_steps", "final_steps"):
@@ -231,6 +247,6 @@ class SNELLAConfig(KernelizedConfig):
     def layer_options(self) -> dict[str, Any]:
         """The layer's options: layers start at ``init_sparsity``; the schedule is the allocator's."""
         schedule = ("init_sparsity", "target_sparsity", "total_steps", "warmup_steps", "final_steps",
-                    "interval", "beta1", "beta2")  # fmt: skip
+                    "interval", "beta1", "beta2", "min_keep")  # fmt: skip
         options = {k: v for k, v in super().layer_options().items() if k not in schedule}
         return {**options, "sparsity": self.init_sparsity}

@@ -1,12 +1,20 @@
 """SNELL / SNELLA: a kernelized low-rank update sparsified by competition (Shen et al.,
 NeurIPS 2024; SNELLA 2025).
 
-ΔW = sparsify(κ(Out, In), s, mode) on the weight's matrix view ``(m, n)``: the embeddings
-``Out (H, m, q/H)`` and ``In (H, n, q/H)`` give ΔW_raw[j, i] = κ(b_j, a_i) (see
+ΔW = sparsify(κ(Out, In), s, mode, threshold) on the weight's matrix view ``(m, n)``: the
+embeddings ``Out (H, m, q/H)`` and ``In (H, n, q/H)`` give ΔW_raw[j, i] = κ(b_j, a_i) (see
 ``ops.kernelized_delta``), and only the entries with the largest |ΔW_raw| survive (a
-fraction ``s`` is zeroed, see ``ops.sparsify``). Init: kaiming-uniform(a=√5) of each
-embedding, as in the papers, so ΔW is small but NOT zero: unlike the other methods, the
-layer does not start exactly equal to its base.
+fraction ``s`` is zeroed, counted by the ``threshold`` rule, see ``ops.sparsify``). With
+``sparsity=None`` nothing is sparsified: ΔW = κ(Out, In), the released code's kernelized
+LoRA. Init: kaiming-uniform(a=√5) of each embedding, as in the papers, so ΔW is small but
+NOT zero: unlike the other methods, the layer does not start exactly equal to its base.
+
+The ``mixture`` kernel P + α·softmax_j(P/γ) + β starts at α = 1, γ = 1 as in the released
+code, but at β = −1/m instead of its 0: each column of the softmax sums to 1, so with β = 0
+every entry of ΔW_raw gets about +1/m, a shift of the same sign in every weight that
+changes the layer's output at init by tens of percent. β = −α/m removes the term's mean
+over j, leaving only α·(softmax − 1/m) ≈ (P − mean_j P)/(γm), small like P; α starting at
+0 would also start near W0, but would give γ and the softmax path no gradient at first.
 
 Training memory is the point of the method, so the layer never keeps anything of size
 m×n for backward: ΔW comes from ``ops.kernelized_sparse_delta`` (which saves only the
@@ -26,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.kernelized_delta import KERNELS, default_coeff
+from ..ops.kernelized_delta import KERNELS, default_coeff, kernelized_delta
 from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
-from ..ops.sparsify import MODES, check_sparsity
+from ..ops.sparsify import MODES, THRESHOLDS, check_sparsity, dropped_count
 from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
 from .lora import check_rank
 
@@ -47,9 +55,15 @@ class SNELLAdapter(Adapter):
     """Embeddings ``snell_out (H, m, r/H)``, ``snell_in (H, n, r/H)``, the kernel's
     parameters, and the current sparsity (SNELLA's allocator changes it; it is saved
     with the adapter as its extra state, a float64 tensor no dtype cast of the model
-    rounds)."""
+    rounds; None, no sparsification, is saved as an empty one).
 
-    def __init__(self, layer: AdapterLayer, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype):
+    The sparsity is held as a float64 0-dim CPU tensor, ``sparsity_tensor``, that a new
+    value overwrites in place: a torch.compile'd model reads it as a graph input and does
+    not recompile. It is a plain attribute, not a buffer, so ``model.to(device)`` and
+    dtype casts leave it on the CPU in float64, where the ops read it without a sync."""
+
+    def __init__(self, layer: AdapterLayer, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype,
+                 threshold="count"):  # fmt: skip
         super().__init__(dropout)
         self.r = check_rank(r)
         chunks = check_chunks(chunks, self.r)
@@ -57,7 +71,9 @@ class SNELLAdapter(Adapter):
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        self.kernel, self.mode = kernel, mode
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {', '.join(THRESHOLDS)}; got {threshold!r}")
+        self.kernel, self.mode, self.threshold = kernel, mode, threshold
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         rows, columns = layer.weight.shape[0], layer.weight[0].numel()
         self.snell_out = nn.Parameter(torch.empty(chunks, rows, self.r // chunks, **factory))
@@ -73,18 +89,38 @@ class SNELLAdapter(Adapter):
         # scalar parameters are stored with shape (1,): FSDP2 shards no 0-d parameter
         if kernel in ("rbf", "sigmoid", "mixture"):
             self.alpha = nn.Parameter(torch.tensor([1.0], **factory))
-            self.beta = nn.Parameter(torch.tensor([0.0 if kernel == "mixture" else 1.0], **factory))
+            self.beta = nn.Parameter(torch.tensor([-1.0 / max(rows, 1) if kernel == "mixture" else 1.0], **factory))
         if kernel in ("rbf", "sigmoid"):
             self.gamma = nn.Parameter(torch.tensor([0.0], **factory))
         if kernel == "mixture":
             self.gamma_raw = nn.Parameter(torch.tensor([_GAMMA_RAW_INIT], **factory))
-        self.sparsity = check_sparsity(sparsity)
+        self.sparsity_tensor: Tensor | None = None
+        self.sparsity = sparsity
+
+    @property
+    def sparsity(self) -> float | None:
+        """The fraction of ΔW's entries zeroed (None: no sparsification)."""
+        return None if self.sparsity_tensor is None else float(self.sparsity_tensor)
+
+    @sparsity.setter
+    def sparsity(self, value: float | None) -> None:
+        if value is None:
+            self.sparsity_tensor = None
+        elif self.sparsity_tensor is None:
+            self.sparsity_tensor = torch.tensor(check_sparsity(value), dtype=torch.float64)
+        else:
+            self.sparsity_tensor.fill_(check_sparsity(value))
+
+    def dropped_count(self, sparsity: float) -> int:
+        """The number of ΔW's entries the ops drop at ``sparsity`` (this adapter's rule and dtype)."""
+        numel = self.snell_out.shape[1] * self.snell_in.shape[1]
+        return dropped_count(sparsity, numel, self.threshold, torch.promote_types(self.snell_out.dtype, torch.float32))
 
     def get_extra_state(self) -> Tensor:
-        return torch.tensor(self.sparsity, dtype=torch.float64)
+        return torch.tensor([] if self.sparsity is None else self.sparsity, dtype=torch.float64)
 
     def set_extra_state(self, state: Tensor) -> None:
-        self.sparsity = check_sparsity(float(state))
+        self.sparsity = None if state.numel() == 0 else float(state)
 
     def kernel_params(self) -> dict[str, Tensor]:
         """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
@@ -100,11 +136,16 @@ class SNELLAdapter(Adapter):
         params = {name: value.to(dtype) for name, value in self.kernel_params().items()}
         return self.snell_out.to(dtype), self.snell_in.to(dtype), params
 
-    def delta(self, dtype: torch.dtype, threshold: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(ΔW on the matrix view ``(m, n)`` in ``dtype``, its threshold τ). Given the τ of
-        an earlier call (the parameters unchanged since), the selection is skipped."""
+    def delta(self, dtype: torch.dtype, tau: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(ΔW on the matrix view ``(m, n)`` in ``dtype``, its threshold τ, None without
+        sparsification). Given the τ of an earlier call (the parameters unchanged since),
+        the selection is skipped."""
         out_emb, in_emb, params = self.kernel_inputs(dtype)
-        return sparse_delta_and_threshold(out_emb, in_emb, self.sparsity, self.kernel, self.mode, threshold, **params)
+        if self.sparsity_tensor is None:
+            return kernelized_delta(out_emb, in_emb, self.kernel, **params), None
+        return sparse_delta_and_threshold(
+            out_emb, in_emb, self.sparsity_tensor, self.kernel, self.mode, tau, self.threshold, **params
+        )  # fmt: skip
 
 
 class SNELLLayer(AdapterLayer):
@@ -112,7 +153,9 @@ class SNELLLayer(AdapterLayer):
 
     ``SNELLLayer(nn.Linear(768, 3072), r=8, sparsity=0.9)``; ``kernel`` one of
     piecewise_linear (default), rbf, sigmoid, linear, mixture; ``mode`` hard or soft;
-    ``chunks`` H (must divide r); ``learnable_coeff`` trains piecewise's chunk coefficients."""
+    ``chunks`` H (must divide r); ``learnable_coeff`` trains piecewise's chunk coefficients;
+    ``threshold`` count (default) or quantile (the released code's count, see
+    ``ops.sparsify``); ``sparsity=None`` sparsifies nothing."""
 
     method = "snell"
     no_low_rank_form = "SNELL's sparsified kernelized ΔW has no low-rank form: peft's LoRA (W0 + B·A) cannot hold it"
@@ -130,23 +173,25 @@ class SNELLLayer(AdapterLayer):
         dropout: float = 0.0,
         adapter_name: str = "default",
         dtype: torch.dtype | None = None,
+        threshold: str = "count",
     ):
         super().__init__(
             base_layer, adapter_name, r=r, sparsity=sparsity, kernel=kernel, mode=mode, chunks=chunks,
-            learnable_coeff=learnable_coeff, dropout=dropout, dtype=dtype,
+            learnable_coeff=learnable_coeff, dropout=dropout, dtype=dtype, threshold=threshold,
         )  # fmt: skip
 
     def _new_adapter(
-        self, r=8, sparsity=0.9, kernel=None, mode="hard", chunks=2, learnable_coeff=False, dropout=0.0, dtype=None
-    ) -> Adapter:
+        self, r=8, sparsity=0.9, kernel=None, mode="hard", chunks=2, learnable_coeff=False, dropout=0.0, dtype=None,
+        threshold="count",
+    ) -> Adapter:  # fmt: skip
         kernel = self.default_kernel if kernel is None else kernel
-        return SNELLAdapter(self, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype)
+        return SNELLAdapter(self, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype, threshold)
 
-    def delta_weight(self, adapter: Adapter, threshold: Tensor | None = None) -> Tensor:
-        return self.delta_weight_and_threshold(adapter, threshold)[0]
+    def delta_weight(self, adapter: Adapter, tau: Tensor | None = None) -> Tensor:
+        return self.delta_weight_and_threshold(adapter, tau)[0]
 
-    def delta_weight_and_threshold(self, adapter: Adapter, threshold: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        delta, tau = adapter.delta(self.compute_dtype(adapter), threshold)
+    def delta_weight_and_threshold(self, adapter: Adapter, tau: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        delta, tau = adapter.delta(self.compute_dtype(adapter), tau)
         return delta.reshape(self.weight.shape), tau
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
@@ -158,10 +203,11 @@ class SNELLLayer(AdapterLayer):
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
-        if self.kind == "linear" and not self.weight.requires_grad:
+        if self.kind == "linear" and not self.weight.requires_grad and adapter.sparsity_tensor is not None:
             out_emb, in_emb, params = adapter.kernel_inputs(self.compute_dtype(adapter))
             return sparse_linear(
-                x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity, adapter.kernel, adapter.mode, **params
+                x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, adapter.mode,
+                adapter.threshold, **params,
             )  # fmt: skip
 
         def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward

@@ -27,7 +27,7 @@ from ._common import (
     run,
 )
 from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
-from .sparsify import MODES, check_sparsity, dropped_count
+from .sparsify import MODES, THRESHOLDS, select, sparsity_tensor
 
 
 @torch.library.custom_op(
@@ -36,32 +36,39 @@ from .sparsify import MODES, check_sparsity, dropped_count
 def _kernelized_sparse_delta(
     out_emb: Tensor,
     in_emb: Tensor,
-    sparsity: float,
+    sparsity: Tensor,
     kernel: str,
     coeff: Tensor,
     params: Tensor,
     eps: float,
     mode: str,
-    threshold: Tensor | None,
+    threshold: str,
+    tau: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    out, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold)
-    return out, tau if threshold is None else tau.clone()  # an output must not be an input
+    out, new_tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau)
+    return out, new_tau if tau is None else new_tau.clone()  # an output must not be an input
 
 
-def _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold) -> list[Tensor]:
-    """[ΔW sparsified, τ] by the backend; an empty ΔW keeps all (τ = −inf, or the threshold given)."""
+def _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau) -> list[Tensor]:
+    """[ΔW sparsified, τ] by the backend; an empty ΔW keeps all (τ = −inf, or the τ given).
+    The backends take the dropped count k, read here on the host from ``sparsity``."""
     if is_empty(out_emb, in_emb):
-        tau = out_emb.new_full((), -math.inf) if threshold is None else threshold
+        tau = out_emb.new_full((), -math.inf) if tau is None else tau
         return [out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), tau]
-    dropped = dropped_count(sparsity, out_emb.shape[1] * in_emb.shape[1])
-    return run(
-        "kernelized_sparse_delta", out_emb.device,
-        out_emb, in_emb, dropped, kernel, coeff, params, eps, mode, threshold,
-    )  # fmt: skip
+
+    def compute(dropped: int, tau: Tensor | None) -> list[Tensor]:
+        return run(
+            "kernelized_sparse_delta", out_emb.device,
+            out_emb, in_emb, dropped, kernel, coeff, params, eps, mode, tau,
+        )  # fmt: skip
+
+    if tau is not None:
+        return compute(0, tau)
+    return select(compute, sparsity, out_emb.shape[1] * in_emb.shape[1], threshold, out_emb.dtype)
 
 
 @_kernelized_sparse_delta.register_fake
-def _(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
+def _(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau):
     return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), out_emb.new_empty(())
 
 
@@ -93,7 +100,7 @@ def _(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
 
 
 def _setup_context(ctx, inputs, output):
-    out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, _ = inputs
+    out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, _, _ = inputs
     _, tau = output
     ctx.mark_non_differentiable(tau)
     ctx.save_for_backward(out_emb, in_emb, coeff, params, tau)
@@ -107,7 +114,7 @@ def _backward(ctx, grad, grad_tau):
         d_out, d_in, d_coeff, d_params = _kernelized_sparse_delta_backward(
             grad.contiguous(), out_emb, in_emb, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode
         )
-    return d_out, d_in, None, None, d_coeff, d_params, None, None, None
+    return d_out, d_in, None, None, d_coeff, d_params, None, None, None, None
 
 
 _kernelized_sparse_delta.register_autograd(_backward, setup_context=_setup_context)
@@ -116,49 +123,53 @@ _kernelized_sparse_delta.register_autograd(_backward, setup_context=_setup_conte
 def kernelized_sparse_delta(
     out_emb: Tensor,
     in_emb: Tensor,
-    sparsity: float,
+    sparsity: float | Tensor,
     kernel: str = "piecewise_linear",
     mode: str = "hard",
+    threshold: str = "count",
     **kernel_params,
 ) -> Tensor:
-    """``sparsify(kernelized_delta(out_emb, in_emb, kernel, **kernel_params), sparsity, mode)``
-    without keeping anything m×n for backward. Returns out_emb's dtype."""
-    return sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode, **kernel_params)[0]
+    """``sparsify(kernelized_delta(out_emb, in_emb, kernel, **kernel_params), sparsity, mode,
+    threshold)`` without keeping anything m×n for backward. Returns out_emb's dtype."""
+    return sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode, threshold=threshold, **kernel_params)[0]
 
 
 def sparse_delta_and_threshold(
     out_emb: Tensor,
     in_emb: Tensor,
-    sparsity: float,
+    sparsity: float | Tensor,
     kernel: str = "piecewise_linear",
     mode: str = "hard",
-    threshold: Tensor | None = None,
+    tau: Tensor | None = None,
+    threshold: str = "count",
     **kernel_params,
 ) -> tuple[Tensor, Tensor]:
     """(``kernelized_sparse_delta(...)``, its threshold τ, a 0-dim tensor that stays on the
-    device). Given ``threshold`` (the τ of an earlier call on the same inputs), ΔW is
-    masked by it and nothing is selected: the same ΔW for the cost of κ alone."""
-    (computed_out, computed_in, coeff, params), kernel, eps, sparsity, mode = _checked(
-        out_emb, in_emb, sparsity, kernel, mode, kernel_params
+    device). Given ``tau`` (the τ of an earlier call on the same inputs), ΔW is masked by
+    it and nothing is selected: the same ΔW for the cost of κ alone."""
+    (computed_out, computed_in, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
+        out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params
     )
-    if threshold is not None:
-        threshold = check_tensor(threshold, "threshold", ndim=0)
-        check_same_device({"out_emb": out_emb, "threshold": threshold})
-        threshold = threshold.detach().to(computed_out.dtype)
+    if tau is not None:
+        tau = check_tensor(tau, "tau", ndim=0)
+        check_same_device({"out_emb": out_emb, "tau": tau})
+        tau = tau.detach().to(computed_out.dtype)
     out, tau = _kernelized_sparse_delta(
-        computed_out, computed_in, sparsity, kernel, coeff, params, eps, mode, threshold
+        computed_out, computed_in, sparsity, kernel, coeff, params, eps, mode, threshold, tau
     )  # fmt: skip
     return out.to(out_emb.dtype), tau
 
 
-def _checked(out_emb, in_emb, sparsity, kernel, mode, kernel_params) -> tuple[list[Tensor], str, float, float, str]:
+def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
     """The arguments checked: ([out_emb, in_emb, coeff, params] contiguous in their compute
-    dtype, kernel, eps, sparsity, mode)."""
+    dtype, kernel, eps, sparsity as a 0-dim float64 cpu tensor, mode, threshold)."""
     out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
-    sparsity = check_sparsity(sparsity)
+    sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
+    threshold = check_choice(threshold, "threshold", THRESHOLDS)
     dtype = compute_dtype(out_emb, in_emb, coeff, params)
-    return [prepare(tensor, dtype) for tensor in (out_emb, in_emb, coeff, params)], kernel, eps, sparsity, mode
+    prepared = [prepare(tensor, dtype) for tensor in (out_emb, in_emb, coeff, params)]
+    return prepared, kernel, eps, sparsity, mode, threshold
 
 
 # --------------------------------------------------------------------------- in a linear layer
@@ -173,19 +184,20 @@ def _kernelized_sparse_linear(
     bias: Tensor | None,
     out_emb: Tensor,
     in_emb: Tensor,
-    sparsity: float,
+    sparsity: Tensor,
     kernel: str,
     coeff: Tensor,
     params: Tensor,
     eps: float,
     mode: str,
+    threshold: str,
 ) -> tuple[Tensor, Tensor]:
-    delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, None)
+    delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, None)
     return F.linear(input, (weight + delta).to(input.dtype), bias), tau
 
 
 @_kernelized_sparse_linear.register_fake
-def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode):
+def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
     return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
 
 
@@ -197,7 +209,7 @@ def _kernelized_sparse_linear_backward(
     input: Tensor,
     out_emb: Tensor,
     in_emb: Tensor,
-    sparsity: float,
+    sparsity: Tensor,
     tau: Tensor,
     kernel: str,
     coeff: Tensor,
@@ -209,7 +221,7 @@ def _kernelized_sparse_linear_backward(
         return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
         "kernelized_sparse_linear_backward", out_emb.device,
-        grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
+        grad_out, input, out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
     )  # fmt: skip
 
 
@@ -219,11 +231,11 @@ def _(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, ep
 
 
 def _linear_setup_context(ctx, inputs, output):
-    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode = inputs
+    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold = inputs
     _, tau = output
     ctx.mark_non_differentiable(tau)
-    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau)
-    ctx.sparsity, ctx.kernel, ctx.eps, ctx.mode = sparsity, kernel, eps, mode
+    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
+    ctx.kernel, ctx.eps, ctx.mode, ctx.threshold = kernel, eps, mode, threshold
     record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
 
 
@@ -238,11 +250,11 @@ def _tokens(tensor: Tensor) -> Tensor:
 
 
 def _linear_gradients(ctx, grad):
-    input, weight, out_emb, in_emb, coeff, params, tau = ctx.saved_tensors
+    input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
     grad_input = grad_bias = d_out = d_in = d_coeff = d_params = None
     if ctx.needs_input_grad[0]:  # through W0 + ΔW, rebuilt from τ
         delta, _ = _kernelized_sparse_delta(
-            out_emb, in_emb, ctx.sparsity, ctx.kernel, coeff, params, ctx.eps, ctx.mode, tau
+            out_emb, in_emb, sparsity, ctx.kernel, coeff, params, ctx.eps, ctx.mode, ctx.threshold, tau
         )  # fmt: skip
         grad_input = grad @ (weight + delta).to(grad.dtype)
     if ctx.needs_input_grad[2]:
@@ -253,10 +265,10 @@ def _linear_gradients(ctx, grad):
             return _tokens(tensor).to(out_emb.dtype).contiguous()
 
         d_out, d_in, d_coeff, d_params = _kernelized_sparse_linear_backward(
-            tokens(grad), tokens(input), out_emb, in_emb, ctx.sparsity, tau, ctx.kernel, coeff, params, ctx.eps,
+            tokens(grad), tokens(input), out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps,
             ctx.mode,
         )  # fmt: skip
-    return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None
+    return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
 _kernelized_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -268,17 +280,18 @@ def sparse_linear(
     bias: Tensor | None,
     out_emb: Tensor,
     in_emb: Tensor,
-    sparsity: float,
+    sparsity: float | Tensor,
     kernel: str = "piecewise_linear",
     mode: str = "hard",
+    threshold: str = "count",
     **kernel_params,
 ) -> Tensor:
     """``F.linear(input, weight + kernelized_sparse_delta(out_emb, in_emb, ...), bias)`` for a
     frozen ``weight`` (m, n), keeping neither W0 + ΔW nor anything m×n for backward: ΔW is
     rebuilt from τ for ∂L/∂input, and the embeddings' gradients need Γ = ∂L/∂ΔW only where
     the mask keeps an entry (the cpu backend computes it only there)."""
-    (out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode = _checked(
-        out_emb, in_emb, sparsity, kernel, mode, kernel_params
+    (out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
+        out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params
     )
     input = check_tensor(input, "input", min_ndim=1)
     weight = check_tensor(weight, "weight", ndim=2)
@@ -296,6 +309,6 @@ def sparse_linear(
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
     output, _ = _kernelized_sparse_linear(
-        input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode
+        input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip
     return output

@@ -14,6 +14,7 @@ from torch import nn
 
 import tensor_peft as tp
 from tensor_peft.allocator import distribute, sparsity_keeping
+from tensor_peft import ops
 from tensor_peft.nn import SNELLLayer
 from tensor_peft.nn.snell import SNELLAdapter
 from tensor_peft.ops.sparsify import dropped_count
@@ -190,3 +191,70 @@ def test_allocator_errors_name_the_problem():
 def test_bad_config_values_raise_naming_the_field(make_config, message):
     with pytest.raises(ValueError, match=message):
         make_config()
+
+
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture", "linear"])
+def test_sparsity_none_is_the_unsparsified_kernelized_delta(tmp_path, kernel):
+    """SNELLConfig(sparsity=None): ΔW = κ(Out, In) exactly (not κ⊙|κ|), in the Linear and
+    the conv forward, and None survives a save/load."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(9, 7), nn.Conv1d(7, 5, 2)).double()
+    tp.inject(model, tp.SNELLConfig(target_modules=["0", "1"], r=4, sparsity=None, kernel=kernel))
+    x = torch.randn(3, 9, dtype=torch.float64)
+    expected = x
+    for layer in model:
+        adapter = layer.adapters["default"]
+        kappa = ops.kernelized_delta(adapter.snell_out, adapter.snell_in, kernel, **adapter.kernel_params())
+        weight = layer.weight + kappa.reshape(layer.weight.shape)
+        expected = layer.base_operation(expected if layer.kind == "linear" else expected.T.unsqueeze(0), weight, layer.bias)
+    got = model[1](model[0](x).T.unsqueeze(0))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    tp.save_adapter(model, tmp_path)
+    fresh = tp.load_adapter(nn.Sequential(nn.Linear(9, 7), nn.Conv1d(7, 5, 2)).double(), tmp_path)
+    assert fresh[0].adapters["default"].sparsity is None
+
+
+def test_quantile_threshold_config_keeps_what_torch_quantile_keeps():
+    torch.manual_seed(5)
+    model = tp.inject(nn.Sequential(nn.Linear(13, 11)), tp.SNELLConfig(target_modules=["0"], r=2, sparsity=0.9,
+                                                                       threshold="quantile"))
+    layer = model[0]
+    adapter = layer.adapters["default"]
+    raw = ops.kernelized_delta(adapter.snell_out, adapter.snell_in, **adapter.kernel_params())
+    keep = raw.abs() > torch.quantile(raw.abs(), 0.9)
+    torch.testing.assert_close(layer.delta_weight(adapter), raw * raw.abs() * keep, rtol=0, atol=0)
+
+
+def test_mixture_starts_near_the_base_layer():
+    """SNELLA's mixture term at init moves the output by less than 1% (β = −α/m cancels
+    the softmax's mean; with the released β = 0 it moves it by tens of percent)."""
+    torch.manual_seed(6)
+    base = nn.Linear(48, 40)
+    x = torch.randn(16, 48)
+    expected = base(x)
+    layer = tp.nn.SNELLALayer(base, r=8, sparsity=0.5)
+    distance = (layer(x) - expected).norm() / expected.norm()
+    assert distance < 0.01
+
+
+def test_floor_keeps_a_layer_of_zero_importance_alive():
+    """A layer whose importance is 0 keeps ceil(min_keep·entries) entries at reallocation,
+    and the layers together keep exactly the budget."""
+    config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, min_keep=0.05, **SCHEDULE)
+    model = tp.inject(two_layer_model(), config)
+    allocator = tp.SparsityAllocator(model)
+    model(torch.randn(4, 10, dtype=torch.float64)).sum().backward()
+    allocator.step()
+    for name, statistics in allocator.statistics.items():
+        for buffer in statistics.buffers():
+            buffer.fill_(0.0 if name == "2" else 1.0)  # layer "2" (50 entries) rates 0
+    allocator.allocate(8)  # budget 60
+    kept = [int(torch.count_nonzero(layer.delta_weight(layer.adapters["default"]))) for layer in (model[0], model[2])]
+    assert kept == [57, 3]  # floors 5 and ceil(0.05·50) = 3, the 52 left all to layer 0
+    assert allocator.budget(8) == 60
+
+
+def test_floors_beyond_the_budget_are_refused():
+    config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, min_keep=0.5, **SCHEDULE)
+    with pytest.raises(ValueError, match="min_keep"):
+        tp.SparsityAllocator(tp.inject(two_layer_model(), config))

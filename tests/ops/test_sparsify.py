@@ -63,7 +63,7 @@ def test_given_threshold_rebuilds_the_same_delta(kernel):
     in_emb = torch.randn(2, 30, 3, generator=generator).requires_grad_()
     upstream = torch.randn(40, 30, generator=generator)
     delta, tau = sparse_delta_and_threshold(out_emb, in_emb, 0.8, kernel)
-    rebuilt, returned = sparse_delta_and_threshold(out_emb, in_emb, 0.1, kernel, threshold=tau)
+    rebuilt, returned = sparse_delta_and_threshold(out_emb, in_emb, 0.1, kernel, tau=tau)
     assert torch.equal(rebuilt, delta) and returned.item() == tau.item()
     assert torch.count_nonzero(delta).item() == 40 * 30 - dropped_count(0.8, 40 * 30)
     for got, expected in zip(
@@ -114,3 +114,56 @@ def test_threshold_above_two_to_the_24_entries():
     kept = delta.abs() > tau
     assert torch.equal(out != 0, kept)
     torch.testing.assert_close(out[kept], (delta * delta.abs())[kept], rtol=0, atol=0)
+
+
+def quantile_cases(seed, trials):
+    """(delta, sparsity): random sizes up to a few thousand, random and decimal sparsities
+    and ones that put s·(N − 1) on or next to an integer; half the deltas full of ties."""
+    generator = torch.Generator().manual_seed(seed)
+    for trial in range(trials):
+        numel = int(torch.randint(1, 3000, (1,), generator=generator))
+        choice = trial % 4
+        if choice == 0:
+            sparsity = float(torch.rand((), generator=generator, dtype=torch.float64))
+        elif choice == 1:
+            sparsity = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0][trial % 8]
+        else:  # j/(N − 1), exactly or as the decimal written with 3 digits
+            j = int(torch.randint(0, numel, (1,), generator=generator))
+            sparsity = j / max(numel - 1, 1) if choice == 2 else round(j / max(numel - 1, 1), 3)
+        delta = torch.randn(numel, generator=generator, dtype=torch.float64)
+        if trial % 2:
+            delta = torch.randint(-6, 7, (numel,), generator=generator).double() / 4
+        yield delta, sparsity
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_quantile_threshold_keeps_what_torch_quantile_keeps(dtype):
+    for delta, sparsity in quantile_cases(21, 200):
+        delta = delta.to(dtype)
+        expected = delta.abs() > torch.quantile(delta.abs(), sparsity)
+        out = ops.sparsify(delta, sparsity, threshold="quantile")
+        assert torch.equal(out != 0, expected), (delta.numel(), sparsity)
+
+
+def test_kernelized_sparse_delta_with_the_quantile_threshold():
+    """The fused op and sparse_linear keep what torch.quantile of the dense ΔW keeps."""
+    generator = torch.Generator().manual_seed(22)
+    out_emb = torch.randn(2, 37, 3, generator=generator)
+    in_emb = torch.randn(2, 23, 3, generator=generator)
+    x = torch.randn(5, 23, generator=generator)
+    weight = torch.randn(37, 23, generator=generator)
+    raw = ops.kernelized_delta(out_emb, in_emb)
+    for sparsity in (0.0, 0.25, 0.9, 0.999, 1.0):
+        keep = raw.abs() > torch.quantile(raw.abs(), sparsity)
+        fused = ops.kernelized_sparse_delta(out_emb, in_emb, sparsity, threshold="quantile")
+        torch.testing.assert_close(fused, raw * raw.abs() * keep, rtol=0, atol=0)
+        got = sparse_linear(x, weight, None, out_emb, in_emb, sparsity, threshold="quantile")
+        torch.testing.assert_close(got, x @ (weight + fused).T, rtol=1e-6, atol=1e-6)
+
+
+def test_sparsity_as_a_tensor_is_read_like_the_number():
+    generator = torch.Generator().manual_seed(23)
+    delta = torch.randn(9, 11, generator=generator)
+    for sparsity in (0.0, 0.37, 0.9):
+        as_tensor = ops.sparsify(delta, torch.tensor(sparsity, dtype=torch.float64))
+        assert torch.equal(as_tensor, naive_sparsify(delta, sparsity, "hard"))
