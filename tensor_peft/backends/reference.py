@@ -34,7 +34,7 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
 
 def unfold(tensor: Tensor, mode: int) -> Tensor:
     """Mode-k unfolding X_(k): mode k becomes the rows, the other modes (in order) the columns."""
-    rest = math.prod(size for k, size in enumerate(tensor.shape) if k != mode)
+    rest = math.prod([size for k, size in enumerate(tensor.shape) if k != mode])  # a list: torch.compile traces it
     return tensor.movedim(mode, 0).reshape(tensor.shape[mode], rest)
 
 
