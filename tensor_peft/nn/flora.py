@@ -104,7 +104,8 @@ class _ProjectedTuckerGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, core, *factors = ctx.saved_tensors
-        gradients = ctx.layer.projected_gradients(x, grad, core, factors, ctx.scale)
+        with torch.autocast(x.device.type, enabled=False):  # computed in the core's dtype, as a backward inside autocast would not
+            gradients = ctx.layer.projected_gradients(x, grad, core, factors, ctx.scale)
         return grad, None, None, None, *gradients
 
 
@@ -338,8 +339,9 @@ def time_executions(layer: FLoRALayer, adapter: Adapter, x: Tensor) -> dict[str,
         start = time.perf_counter()
         adapter.mode = execution
         out = layer.forward(trial_input)
-        if backward:
-            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=True)
+        if backward:  # outside autocast, as a training step's backward runs
+            with torch.autocast(x.device.type, enabled=False):
+                torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=True)
         _synchronize(x.device)
         return time.perf_counter() - start
 
