@@ -119,19 +119,23 @@ TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, 
     }
 }
 
-// Mixture's S = softmax_j(P/gamma) at column i for the value `piecewise` of P there
-// (vector_exp: loops calling it vectorize).
+// Mixture's S = softmax_j(P/gamma) for the value `piecewise` of P in a column with the
+// statistics max and sum. vector_exp is plain arithmetic: the loops calling this vectorize
+// when they hold P's members in locals (read through P, they could alias the stores).
 template <typename T>
-inline T softmax_term(const Problem<T>& P, T piecewise, int64_t i) {
-    return vector_exp((piecewise - P.column_max[i]) / P.gamma) / P.column_sum[i];
+inline T softmax_term(T piecewise, T max, T sum, T gamma) {
+    return vector_exp((piecewise - max) / gamma) / sum;
 }
 
 // Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta. Never
 // inlined, like piecewise_row: the forward and the backward's masks get the same bits.
 template <typename T>
 TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>& P, T* row) {
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T alpha = P.alpha, beta = P.beta, gamma = P.gamma;
+    const int64_t n = P.n;
 #pragma omp simd
-    for (int64_t i = 0; i < P.n; ++i) row[i] += P.alpha * softmax_term(P, row[i], i) + P.beta;
+    for (int64_t i = 0; i < n; ++i) row[i] += alpha * softmax_term(row[i], max[i], sum[i], gamma) + beta;
 }
 
 // Multiply-adds a chunk of rows takes at least (fewer, larger chunks on small problems).
@@ -188,8 +192,10 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
 // local[i] += exp((piecewise[i] − column_max[i])/gamma) over a row (summed in double).
 template <typename T>
 TP_CPU_CLONES void add_exp_terms(const Problem<T>& P, const T* piecewise, const T* column_max, double* local) {
+    const T gamma = P.gamma;
+    const int64_t n = P.n;
 #pragma omp simd
-    for (int64_t i = 0; i < P.n; ++i) local[i] += vector_exp((piecewise[i] - column_max[i]) / P.gamma);
+    for (int64_t i = 0; i < n; ++i) local[i] += vector_exp((piecewise[i] - column_max[i]) / gamma);
 }
 
 // Mixture's column statistics: max_j P and Σ_j exp((P − max)/gamma) (summed in double),
@@ -643,10 +649,13 @@ void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, 
 // c_i = Σ_j D_ji S_ji), and ∂alpha, ∂beta.
 template <typename T>
 TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* piecewise, const T* D, double* local, Partials<T>& acc) {
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T gamma = P.gamma;
+    const int64_t n = P.n;
     double d_alpha = 0, d_beta = 0;
 #pragma omp simd reduction(+ : d_alpha, d_beta)
-    for (int64_t i = 0; i < P.n; ++i) {
-        const T weighted = D[i] * softmax_term(P, piecewise[i], i);
+    for (int64_t i = 0; i < n; ++i) {
+        const T weighted = D[i] * softmax_term(piecewise[i], max[i], sum[i], gamma);
         local[i] += weighted;
         d_alpha += weighted;
         d_beta += D[i];
@@ -660,12 +669,15 @@ TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* piecewise, const T
 template <typename T>
 TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, const T* column_dot, T* D,
                                     Partials<T>& acc) {
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T alpha = P.alpha, gamma = P.gamma;
+    const int64_t n = P.n;
     double d_gamma = 0;
 #pragma omp simd reduction(+ : d_gamma)
-    for (int64_t i = 0; i < P.n; ++i) {
-        const T d_logit = P.alpha * softmax_term(P, piecewise[i], i) * (D[i] - column_dot[i]);
-        d_gamma += -(d_logit * (piecewise[i] - P.column_max[i]) / (P.gamma * P.gamma));
-        D[i] += d_logit / P.gamma;
+    for (int64_t i = 0; i < n; ++i) {
+        const T d_logit = alpha * softmax_term(piecewise[i], max[i], sum[i], gamma) * (D[i] - column_dot[i]);
+        d_gamma += -(d_logit * (piecewise[i] - max[i]) / (gamma * gamma));
+        D[i] += d_logit / gamma;
     }
     acc.d_gamma += d_gamma;
 }
