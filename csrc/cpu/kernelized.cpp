@@ -5,7 +5,8 @@
 // unit-stride loops. Kernels (ids as in kKernel*): piecewise Σ_h coeff[h]·sqrt(‖b^h − a^h‖² +
 // eps); rbf alpha·exp(−beta‖b − a‖²) + gamma; sigmoid alpha·σ(beta b·a) + gamma; linear
 // b·a; mixture P + alpha·softmax_j(P/gamma) + beta with P the piecewise kernel (the softmax
-// runs down each column: its max and sum come from passes over the rows first; it is taken
+// runs down each column: its max and sum come from passes over the rows first (the forward
+// writes P into its output for them: P is computed once per row); it is taken
 // as exp((P − max_j P)/gamma)/Σ, the difference before the division, which keeps a small
 // gamma from magnifying the rounding of P/gamma).
 //
@@ -96,12 +97,12 @@ inline void dots(const Problem<T>& P, int64_t j, T* out) {
     }
 }
 
-// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps), the roots kept in
-// rows.roots for the backward. Never inlined: every pass
-// (mixture's column maxima and sums, ΔW's rows, the backward) gets P from this one
-// compiled code, so P − max_j P is exactly 0 at the maximum and the same everywhere (code
-// inlined into different callers may contract a·b + c into an FMA differently, and the
-// softmax magnifies a difference of one rounding by 1/gamma).
+// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps), the roots kept in rows.roots
+// for the backward. Never inlined: every pass (mixture's column maxima and sums, ΔW's
+// rows, the backward) gets P from this one compiled code, so P − max_j P is exactly 0 at
+// the maximum and the same everywhere (code inlined into different callers may contract
+// a·b + c into an FMA differently, and the softmax magnifies a difference of one rounding
+// by 1/gamma).
 template <typename T>
 TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, Rows<T>& rows) {
     const int64_t n = P.n;
@@ -633,8 +634,8 @@ template <typename T>
 void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, bool need_raw, T* K, T* D,
                   Rows<T>& rows) {
     if (P.kernel == kPiecewise || P.kernel == kMixture) {
-        const T* piecewise = rows.piecewise.data();
-        piecewise_row(P, j, rows.piecewise.data(), rows);
+        T* piecewise = rows.piecewise.data();
+        piecewise_row(P, j, piecewise, rows);
         if (need_raw) {
             std::copy(piecewise, piecewise + P.n, K);
             if (P.kernel == kMixture) add_softmax_terms(P, K);
