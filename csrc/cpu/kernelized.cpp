@@ -5,7 +5,8 @@
 // unit-stride loops. Kernels (ids as in kKernel*): piecewise Σ_h coeff[h]·sqrt(‖b^h − a^h‖² +
 // eps); rbf alpha·exp(−beta‖b − a‖²) + gamma; sigmoid alpha·σ(beta b·a) + gamma; linear
 // b·a; mixture P + alpha·softmax_j(P/gamma) + beta with P the piecewise kernel (the softmax
-// runs down each column: its max and sum come from passes over the rows first; it is taken
+// runs down each column: its max and sum come from passes over the rows first (the forward
+// writes P into its output for them: P is computed once per row); it is taken
 // as exp((P − max_j P)/gamma)/Σ, the difference before the division, which keeps a small
 // gamma from magnifying the rounding of P/gamma).
 //
@@ -34,6 +35,7 @@
 #include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
 #include "tensor_peft/threads.h"
+#include "tensor_peft/vector_exp.h"
 
 
 namespace py = pybind11;
@@ -42,6 +44,7 @@ namespace {
 
 using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
 using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft::cpu::for_each_chunk;
+using tensor_peft::cpu::vector_exp;
 namespace arguments = tensor_peft::arguments;
 
 template <typename T>
@@ -56,11 +59,12 @@ struct Problem {
     const T* column_sum = nullptr;
 };
 
-// A chunk's row buffers of n values.
+// A chunk's row buffers of n values, and piecewise's roots sqrt(‖b^h − a^h‖² + eps) of a
+// row for every chunk h (H·n values, chunk h at h·n).
 template <typename T>
 struct Rows {
-    std::vector<T> distance, scratch, piecewise;
-    explicit Rows(int64_t n) : distance(n), scratch(n), piecewise(n) {}
+    std::vector<T> distance, scratch, piecewise, roots;
+    Rows(int64_t n, int64_t chunks) : distance(n), scratch(n), piecewise(n), roots(n * chunks) {}
 };
 
 // distance[i] = ‖b_j^h − a_i^h‖² for chunk h.
@@ -93,27 +97,46 @@ inline void dots(const Problem<T>& P, int64_t j, T* out) {
     }
 }
 
-// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps). Never inlined: every pass
-// (mixture's column maxima and sums, ΔW's rows, the backward) gets P from this one
-// compiled code, so P − max_j P is exactly 0 at the maximum and the same everywhere (code
-// inlined into different callers may contract a·b + c into an FMA differently, and the
-// softmax magnifies a difference of one rounding by 1/gamma).
+// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps), the roots kept in rows.roots
+// for the backward. Never inlined: every pass (mixture's column maxima and sums, ΔW's
+// rows, the backward) gets P from this one compiled code, so P − max_j P is exactly 0 at
+// the maximum and the same everywhere (code inlined into different callers may contract
+// a·b + c into an FMA differently, and the softmax magnifies a difference of one rounding
+// by 1/gamma).
 template <typename T>
-TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* distance) {
+TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, Rows<T>& rows) {
     const int64_t n = P.n;
+    T* distance = rows.distance.data();
     for (int64_t i = 0; i < n; ++i) piecewise[i] = T(0);
     for (int64_t h = 0; h < P.chunks; ++h) {
         squared_distances(P, j, h, distance);
         const T c = P.coeff[h];
+        T* root = rows.roots.data() + h * n;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) piecewise[i] += c * std::sqrt(distance[i] + P.eps);
+        for (int64_t i = 0; i < n; ++i) {
+            root[i] = std::sqrt(distance[i] + P.eps);
+            piecewise[i] += c * root[i];
+        }
     }
 }
 
-// Mixture's S = softmax_j(P/gamma) at column i for the value `piecewise` of P there.
+// Mixture's S = softmax_j(P/gamma) for the value `piecewise` of P in a column with the
+// statistics max and sum. vector_exp is plain arithmetic: the loops calling this vectorize
+// when they hold P's members in locals (read through P, they could alias the stores).
 template <typename T>
-inline T softmax_term(const Problem<T>& P, T piecewise, int64_t i) {
-    return std::exp((piecewise - P.column_max[i]) / P.gamma) / P.column_sum[i];
+inline T softmax_term(T piecewise, T max, T sum, T gamma) {
+    return vector_exp((piecewise - max) / gamma) / sum;
+}
+
+// Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta. Never
+// inlined, like piecewise_row: the forward and the backward's masks get the same bits.
+template <typename T>
+TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>& P, T* row) {
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T alpha = P.alpha, beta = P.beta, gamma = P.gamma;
+    const int64_t n = P.n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) row[i] += alpha * softmax_term(row[i], max[i], sum[i], gamma) + beta;
 }
 
 // Multiply-adds a chunk of rows takes at least (fewer, larger chunks on small problems).
@@ -143,16 +166,12 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
     T* distance = rows.distance.data();
     switch (P.kernel) {
         case kPiecewise:
-            piecewise_row(P, j, out, distance);
+            piecewise_row(P, j, out, rows);
             return;
-        case kMixture: {
-            piecewise_row(P, j, out, distance);
-            const T* mx = P.column_max;
-            const T* sum = P.column_sum;
-            for (int64_t i = 0; i < n; ++i)
-                out[i] += P.alpha * softmax_term(P, out[i], i) + P.beta;
+        case kMixture:
+            piecewise_row(P, j, out, rows);
+            add_softmax_terms(P, out);
             return;
-        }
         case kRbf: {
             for (int64_t i = 0; i < n; ++i) out[i] = T(0);
             for (int64_t h = 0; h < P.chunks; ++h) {
@@ -171,18 +190,33 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
     }
 }
 
-// Mixture's column statistics: max_j P and Σ_j exp((P − max)/gamma) (summed in double),
-// two passes, each with a partial per chunk of rows combined in chunk order.
+// local[i] += exp((piecewise[i] − column_max[i])/gamma) over a row (summed in double).
 template <typename T>
-void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum) {
+TP_CPU_CLONES void add_exp_terms(const Problem<T>& P, const T* piecewise, const T* column_max, double* local) {
+    const T gamma = P.gamma;
+    const int64_t n = P.n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) local[i] += vector_exp((piecewise[i] - column_max[i]) / gamma);
+}
+
+// Mixture's column statistics: max_j P and Σ_j exp((P − max)/gamma) (summed in double),
+// two passes, each with a partial per chunk of rows combined in chunk order. P's rows are
+// read from `held` (m×n) when given, else computed.
+template <typename T>
+void mixture_columns(const Problem<T>& P, const T* held, std::vector<T>& column_max, std::vector<T>& column_sum) {
     const int64_t n = P.n, chunks = row_chunks(P);
+    const auto piecewise_of = [&P, held, n](int64_t j, Rows<T>& rows) -> const T* {
+        if (held != nullptr) return held + j * n;
+        piecewise_row(P, j, rows.piecewise.data(), rows);
+        return rows.piecewise.data();
+    };
     std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        Rows<T> rows(n);
+        Rows<T> rows(n, P.chunks);
         T* local = maxima.data() + c * n;
         for (int64_t j = begin; j < end; ++j) {
-            piecewise_row(P, j, rows.piecewise.data(), rows.distance.data());
-            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], rows.piecewise[i]);
+            const T* piecewise = piecewise_of(j, rows);
+            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], piecewise[i]);
         }
     });
     column_max.assign(n, -std::numeric_limits<T>::infinity());
@@ -191,12 +225,8 @@ void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vecto
     std::vector<T>().swap(maxima);
     std::vector<double> sums(chunks * n, 0.0);
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        Rows<T> rows(n);
-        double* local = sums.data() + c * n;
-        for (int64_t j = begin; j < end; ++j) {
-            piecewise_row(P, j, rows.piecewise.data(), rows.distance.data());
-            for (int64_t i = 0; i < n; ++i) local[i] += std::exp((rows.piecewise[i] - column_max[i]) / P.gamma);
-        }
+        Rows<T> rows(n, P.chunks);
+        for (int64_t j = begin; j < end; ++j) add_exp_terms(P, piecewise_of(j, rows), column_max.data(), sums.data() + c * n);
     });
     column_sum.assign(n, T(0));
     for (int64_t i = 0; i < n; ++i) {
@@ -208,11 +238,13 @@ void mixture_columns(const Problem<T>& P, std::vector<T>& column_max, std::vecto
 
 constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in flat loops
 
-// Mixture's column statistics into P, held by the vectors given, unless P has them.
+// Mixture's column statistics into P, held by the vectors given, unless P has them; P's
+// rows are read from `held` (m×n) when given, else computed.
 template <typename T>
-void with_column_statistics(Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum) {
+void with_column_statistics(Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum,
+                            const T* held = nullptr) {
     if (P.kernel != kMixture || P.column_max != nullptr) return;
-    mixture_columns(P, column_max, column_sum);
+    mixture_columns(P, held, column_max, column_sum);
     P.column_max = column_max.data();
     P.column_sum = column_sum.data();
 }
@@ -238,17 +270,30 @@ TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode
 
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
-// masked by tau (τ known). Counts are integers: their sum is exact in any order.
+// masked by tau (τ known). Counts are integers: their sum is exact in any order. Mixture
+// without its column statistics first writes P into out, for the statistics to read and
+// the rows to be completed in place: P is computed once.
 template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
+    const int64_t chunks = row_chunks(P);
+    const bool piecewise_held = P.kernel == kMixture && P.column_max == nullptr;
     std::vector<T> column_max, column_sum;
-    with_column_statistics(P, column_max, column_sum);
-    for_each_row_chunk(P, row_chunks(P), [&](int64_t, int64_t begin, int64_t end) {
-        Rows<T> rows(P.n);
+    if (piecewise_held) {
+        for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
+            Rows<T> rows(P.n, P.chunks);
+            for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, out + j * P.n, rows);
+        });
+        with_column_statistics(P, column_max, column_sum, static_cast<const T*>(out));
+    }
+    for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
+        Rows<T> rows(P.n, P.chunks);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
-            raw_row(P, j, row, rows);
+            if (piecewise_held)
+                add_softmax_terms(P, row);
+            else
+                raw_row(P, j, row, rows);
             if (first_counts)
                 count_first_digits(row, P.n, counts.data());
             else if (mode != kNone)
@@ -381,7 +426,8 @@ inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const
 }
 
 // Gradients of row j given D = ∂L/∂(the kernel's output before mixture's softmax term)
-// (for mixture: ∂L/∂P): d_out_emb rows j (written), the rest into partials.
+// (for mixture: ∂L/∂P): d_out_emb rows j (written), the rest into partials. Piecewise and
+// mixture read row j's roots from rows (piecewise_row of row j has filled them).
 template <typename T>
 TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Partials<T>& acc,
                                 Rows<T>& rows) {
@@ -422,11 +468,12 @@ TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d
     // distance kernels: per chunk for piecewise (W_h = D·coeff[h]/r_h), one W for rbf
     for (int64_t h = 0; h < P.chunks; ++h) {
         if (piecewise) {
-            squared_distances(P, j, h, distance);
+            const T* root = rows.roots.data() + h * n;
             const T c = P.coeff[h];
             double d_coeff = 0;
+#pragma omp simd reduction(+ : d_coeff)
             for (int64_t i = 0; i < n; ++i) {
-                const T r = std::sqrt(distance[i] + P.eps);
+                const T r = root[i];
                 d_coeff += D[i] * r;
                 W[i] = D[i] * c / r;
             }
@@ -510,7 +557,7 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
         for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
             std::vector<int32_t>& columns = chunk_columns[c];
             std::vector<T>& kept_factors = chunk_factors[c];
-            Rows<T> rows(n);
+            Rows<T> rows(n, P.chunks);
             std::vector<T> K(n);
             for (int64_t j = begin; j < end; ++j) {
                 raw_row(P, j, K.data(), rows);
@@ -580,6 +627,62 @@ inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K
     for (int64_t i = 0; i < n; ++i) D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
 }
 
+// Row j of D = ∂L/∂ΔW_raw (upstream_row; K, ΔW_raw's row, is made when dense Γ is masked)
+// and, for piecewise and mixture, P's row and roots into rows (for backward_row), computed
+// once for all of them.
+template <typename T>
+void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, bool need_raw, T* K, T* D,
+                  Rows<T>& rows) {
+    if (P.kernel == kPiecewise || P.kernel == kMixture) {
+        T* piecewise = rows.piecewise.data();
+        piecewise_row(P, j, piecewise, rows);
+        if (need_raw) {
+            std::copy(piecewise, piecewise + P.n, K);
+            if (P.kernel == kMixture) add_softmax_terms(P, K);
+        }
+    } else if (need_raw) {
+        raw_row(P, j, K, rows);
+    }
+    upstream_row(up, j, P.n, K, tau, mode, D);
+}
+
+// Mixture's first backward pass at row j: local[i] += D_i·S_i (the chunk's share of
+// c_i = Σ_j D_ji S_ji), and ∂alpha, ∂beta.
+template <typename T>
+TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* piecewise, const T* D, double* local, Partials<T>& acc) {
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T gamma = P.gamma;
+    const int64_t n = P.n;
+    double d_alpha = 0, d_beta = 0;
+#pragma omp simd reduction(+ : d_alpha, d_beta)
+    for (int64_t i = 0; i < n; ++i) {
+        const T weighted = D[i] * softmax_term(piecewise[i], max[i], sum[i], gamma);
+        local[i] += weighted;
+        d_alpha += weighted;
+        d_beta += D[i];
+    }
+    acc.d_alpha += d_alpha;
+    acc.d_beta += d_beta;
+}
+
+// Mixture at row j: D = ∂L/∂K into ∂L/∂P = D + alpha·S·(D − c)/gamma in place; ∂gamma from
+// P − max, as the d_logits of a column sum to 0 (no cancellation of large P terms).
+template <typename T>
+TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, const T* column_dot, T* D,
+                                    Partials<T>& acc) {
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T alpha = P.alpha, gamma = P.gamma;
+    const int64_t n = P.n;
+    double d_gamma = 0;
+#pragma omp simd reduction(+ : d_gamma)
+    for (int64_t i = 0; i < n; ++i) {
+        const T d_logit = alpha * softmax_term(piecewise[i], max[i], sum[i], gamma) * (D[i] - column_dot[i]);
+        d_gamma += -(d_logit * (piecewise[i] - max[i]) / (gamma * gamma));
+        D[i] += d_logit / gamma;
+    }
+    acc.d_gamma += d_gamma;
+}
+
 // The whole backward from ∂L/∂(output) (`up`); with mode ≠ kNone the output was sparsified
 // with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3).
 template <typename T>
@@ -594,20 +697,13 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
         // c_i = Σ_j D_ji S_ji with D = ∂L/∂K (after the sparsification's derivative)
         std::vector<std::vector<double>> dots(chunks);
         for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-            Rows<T> rows(n);
+            Rows<T> rows(n, P.chunks);
             std::vector<double>& local = dots[c];
             local.assign(n, 0.0);
             std::vector<T> D(n), K(n);
             for (int64_t j = begin; j < end; ++j) {
-                if (need_raw) raw_row(P, j, K.data(), rows);
-                upstream_row(up, j, n, K.data(), tau, mode, D.data());
-                piecewise_row(P, j, rows.scratch.data(), rows.distance.data());
-                for (int64_t i = 0; i < n; ++i) {
-                    const T S = softmax_term(P, rows.scratch[i], i);
-                    local[i] += D[i] * S;
-                    partials[c].d_alpha += D[i] * S;
-                    partials[c].d_beta += D[i];
-                }
+                row_upstream(P, up, j, tau, mode, need_raw, K.data(), D.data(), rows);
+                softmax_dots(P, rows.piecewise.data(), D.data(), local.data(), partials[c]);
             }
         });
         for (int64_t i = 0; i < n; ++i) {
@@ -617,24 +713,12 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
         }
     }
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        Rows<T> rows(n);
+        Rows<T> rows(n, P.chunks);
         Partials<T>& acc = partials[c];
         std::vector<T> D(n), K(n);
         for (int64_t j = begin; j < end; ++j) {
-            if (need_raw) raw_row(P, j, K.data(), rows);
-            upstream_row(up, j, n, K.data(), tau, mode, D.data());
-            // mixture: ∂L/∂P = D + alpha·S·(D − c)/gamma; ∂gamma from P − max, as the
-            // d_logits of a column sum to 0 (no cancellation of large P terms)
-            if (P.kernel == kMixture) {
-                T* piecewise = rows.piecewise.data();
-                piecewise_row(P, j, piecewise, rows.distance.data());
-                for (int64_t i = 0; i < n; ++i) {
-                    const T S = softmax_term(P, piecewise[i], i);
-                    const T d_logit = P.alpha * S * (D[i] - column_dot[i]);
-                    acc.d_gamma -= d_logit * (piecewise[i] - P.column_max[i]) / (P.gamma * P.gamma);
-                    D[i] += d_logit / P.gamma;
-                }
-            }
+            row_upstream(P, up, j, tau, mode, need_raw, K.data(), D.data(), rows);
+            if (P.kernel == kMixture) softmax_backward(P, rows.piecewise.data(), column_dot.data(), D.data(), acc);
             backward_row(P, j, D.data(), d_out_emb, acc, rows);
         }
     });
