@@ -49,6 +49,10 @@ def test_every_kernel_family_and_arch_is_covered(rows):
                    "kernelized.backward_kernel", "kernelized.columns_kernel", "kernelized.count_kernel",
                    "kernelized.search_kernel", "kernelized.mask_kernel"):  # fmt: skip
         assert {(kernel, 80), (kernel, 90)} <= triton_kernels, kernel
+    from tensor_peft.gpu_report.cuda_aot import built_extension
+
+    if built_extension() is not None:  # the build's CUDA kernels, for both archs
+        assert {row["arch"] for row in rows if ".cu " in row["kernel"] and row["status"] == "ok"} == {80, 90}
 
 
 def test_every_row_meets_its_budgets(rows):
