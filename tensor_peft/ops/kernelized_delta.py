@@ -130,7 +130,7 @@ _kernelized_delta.register_autograd(_backward, setup_context=_setup_context)
 
 def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A kernel parameter as a tensor of ``shape`` (a differentiable view if it was one;
-    a number becomes a constant on ``like``'s device, in ``like``'s dtype)."""
+    a number becomes a constant filled on ``like``'s device, in ``like``'s dtype)."""
     if isinstance(value, Tensor):
         tensor = check_tensor(value, name)
         check_same_device({"out_emb": like, name: tensor})
@@ -142,8 +142,8 @@ def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) ->
     if name == "coeff":
         if not isinstance(value, Sequence) or len(value) != shape[0]:
             raise ValueError(f"coeff must hold one coefficient per chunk ({shape[0]}), got {value!r}")
-        return torch.tensor([check_real(v, "coeff") for v in value], dtype=like.dtype, device=like.device)
-    return torch.tensor(check_real(value, name), dtype=like.dtype, device=like.device)
+        return torch.stack([like.new_full((), check_real(v, "coeff")) for v in value])
+    return like.new_full((), check_real(value, name))  # a fill on the device: no host copy, no sync
 
 
 def _check_positive(value: Tensor, name: str) -> None:
