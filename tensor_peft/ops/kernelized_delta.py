@@ -142,7 +142,8 @@ def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) ->
     if name == "coeff":
         if not isinstance(value, Sequence) or len(value) != shape[0]:
             raise ValueError(f"coeff must hold one coefficient per chunk ({shape[0]}), got {value!r}")
-        return torch.stack([like.new_full((), check_real(v, "coeff")) for v in value])
+        values = [like.new_full((), check_real(v, "coeff")) for v in value]
+        return torch.stack(values) if values else like.new_zeros(0)
     return like.new_full((), check_real(value, name))  # a fill on the device: no host copy, no sync
 
 

@@ -120,20 +120,6 @@ CASES = {
     "sparse-rbf-soft-nan": _sparse("rbf", "soft", NAN),
 }  # fmt: skip
 
-# Where backends/triton/kernelized.py does not follow the rule yet (its owner changes it):
-TRITON_MASK = (
-    "triton _mask_factor (backends/triton/kernelized.py:114) gives a dropped non-finite entry the factor 0, "
-    "not factor·0"
-)
-TRITON_XFAIL = {
-    "sparsify-hard-nan-dropped": TRITON_MASK,
-    "sparsify-soft-nan-kept": TRITON_MASK,
-    "sparsify-soft-inf-dropped": TRITON_MASK,
-    "sigmoid-inf-out": "triton backward_kernel (backends/triton/kernelized.py:300) keeps the padded columns' NaN "
-    "(inf·0 in the tile's dot products) in W = beta·pre, and tl.dot spreads it over the row's gradient",
-}
-
-
 def _results(make, backend):
     op, args, kwargs = make(torch.Generator().manual_seed(0))
     inputs = [t for a in [*args, *kwargs.values()] for t in (a if isinstance(a, list) else [a])]
@@ -147,9 +133,7 @@ def _results(make, backend):
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 @pytest.mark.parametrize("backend,device", OTHERS)
-def test_non_finite_inputs_follow_the_rule(case, backend, device, request):
-    if backend == "triton" and case in TRITON_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_XFAIL[case]))
+def test_non_finite_inputs_follow_the_rule(case, backend, device):
     expected = _results(CASES[case], "reference")
     got = _results(CASES[case], backend)
     assert any(not torch.isfinite(t).all() for t in expected), "the case must produce a non-finite value"
@@ -177,10 +161,8 @@ def test_matrix_exp_overflow_is_non_finite_not_an_error(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu"), *OTHERS])
-def test_a_nan_gradient_of_a_dropped_entry_stays_nan(backend, device, request):
+def test_a_nan_gradient_of_a_dropped_entry_stays_nan(backend, device):
     """The reported discrepancy: sparsify's gradient at a NaN entry was 0 on cpu."""
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_MASK))
     delta = torch.tensor([1.0, NAN, -2.0, 0.5], device=device, requires_grad=True)
     with backends.use(backend):
         ops.sparsify(delta, 0.5, "hard").sum().backward()

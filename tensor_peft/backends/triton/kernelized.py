@@ -93,25 +93,25 @@ def _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n
 
 @triton.jit
 def _softmax(piecewise, gamma, column_max, column_sum, cols, n):
-    """Mixture's S = softmax_j(P/gamma) on a tile, from the columns' max and sum."""
+    """Mixture's S = softmax_j(P/gamma) on a tile, from the columns' max of P and sum."""
     col_in = cols < n
     top = tl.load(column_max + cols, mask=col_in, other=0.0)
     total = tl.load(column_sum + cols, mask=col_in, other=1.0)
-    return div(exp(div(piecewise, gamma) - top[None, :]), total[None, :])
+    return div(exp(div(piecewise - top[None, :], gamma)), total[None, :])
 
 
 @triton.jit
 def _mask_factor(value, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr):
     """out = value·factor, or ∂out/∂value (τ, and hard |value|, held constant)."""
     magnitude = tl.abs(value)
-    tau_plus = tl.maximum(tau, 0.0)
+    tau_plus = tl.where(tau < 0.0, 0.0, tau)  # max(τ, 0), a NaN τ passed on
     if MODE == HARD:
         factor = magnitude
     elif BACKWARD:
         factor = 2.0 * magnitude - tau_plus
     else:
         factor = magnitude - tau_plus
-    return tl.where(magnitude > tau, factor, 0.0)
+    return tl.where(magnitude > tau, factor, factor * 0.0)  # dropped: 0, or NaN for a non-finite entry
 
 
 @triton.jit
@@ -203,12 +203,12 @@ def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max,
             inside = row_in[:, None] & (cols[None, :] < n)
             D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
             if MODE != 0:
-                D *= _mask_factor(piecewise + alpha * soft + beta, tl.load(tau), MODE, True)
+                D *= _mask_factor(piecewise + (alpha * soft + beta), tl.load(tau), MODE, True)  # the forward's order
             total += tl.sum(tl.where(inside, D * soft, 0.0), 0)
         else:
-            logits = tl.where(row_in[:, None], div(piecewise, gamma), float("-inf"))
-            new_top = tl.maximum(top, tl.max(logits, 0))
-            total = total * exp(top - new_top) + tl.sum(exp(logits - new_top[None, :]), 0)
+            values = tl.where(row_in[:, None], piecewise, float("-inf"))  # max of P, not of P/γ: (P − max P)/γ
+            new_top = tl.maximum(top, tl.max(values, 0))  # stays accurate for a small γ
+            total = total * exp(div(top - new_top, gamma)) + tl.sum(exp(div(values - new_top[None, :], gamma)), 0)
             top = new_top
     col_in = cols < n
     if DOT:
@@ -260,7 +260,7 @@ def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max
         if KERNEL == MIXTURE:
             piecewise = value
             soft = _softmax(piecewise, gamma, column_max, column_sum, cols, n)
-            value = piecewise + alpha * soft + beta
+            value = piecewise + (alpha * soft + beta)  # the forward's order: the same bits at τ
         if MODE != 0:
             D *= _mask_factor(value, tl.load(tau), MODE, True)
         if KERNEL == MIXTURE:  # ∂L/∂P = D + alpha·S·(D − c)/gamma
@@ -297,7 +297,7 @@ def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max
             tl.atomic_add(d_params, _total(D * sig), sem="relaxed")
             tl.atomic_add(d_params + 1, _total(pre * dots), sem="relaxed")
             tl.atomic_add(d_params + 2, _total(D), sem="relaxed")
-            W = beta * pre
+            W = tl.where(inside, beta * pre, 0.0)  # the padding's inf·0 must not reach the dot products
         for h in range(chunks):
             _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, False, BP)
 
