@@ -39,6 +39,7 @@ from . import memory
 from .conftest import interleaved_medians
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
+TARGET_REGEX = rf".*\.({'|'.join(TARGETS)})"  # a regex (both libraries match it whole): no name needs to exist in both models
 RANK = 8
 BASELINE = "peft-lora"
 
@@ -65,12 +66,12 @@ def _vit():
 MODELS = {"llama-tiny": _llama, "vit-tiny": _vit}
 
 OURS = {
-    "lora": lambda: tp.LoRAConfig(target_modules=TARGETS, r=RANK, alpha=8.0),
-    "mtlora": lambda: tp.MTLoRAConfig(target_modules=TARGETS, r=RANK, alpha=8.0),
-    "flora": lambda: tp.FLoRAConfig(target_modules=TARGETS, r=RANK),
-    "liera": lambda: tp.LieRAConfig(target_modules=TARGETS, r=RANK, alpha=8.0),
-    "snell": lambda: tp.SNELLConfig(target_modules=TARGETS, r=RANK, sparsity=0.9),
-    "snella": lambda: tp.SNELLAConfig(target_modules=TARGETS, r=RANK),
+    "lora": lambda: tp.LoRAConfig(target_modules=TARGET_REGEX, r=RANK, alpha=8.0),
+    "mtlora": lambda: tp.MTLoRAConfig(target_modules=TARGET_REGEX, r=RANK, alpha=8.0),
+    "flora": lambda: tp.FLoRAConfig(target_modules=TARGET_REGEX, r=RANK),
+    "liera": lambda: tp.LieRAConfig(target_modules=TARGET_REGEX, r=RANK, alpha=8.0),
+    "snell": lambda: tp.SNELLConfig(target_modules=TARGET_REGEX, r=RANK, sparsity=0.9),
+    "snella": lambda: tp.SNELLAConfig(target_modules=TARGET_REGEX, r=RANK),
 }
 
 
@@ -78,9 +79,9 @@ def _peft_configs() -> dict[str, Callable]:
     import peft
 
     return {
-        "peft-lora": lambda: peft.LoraConfig(target_modules=TARGETS, r=RANK, lora_alpha=8),
-        "peft-hira": lambda: peft.HiraConfig(target_modules=TARGETS, r=RANK),
-        "peft-oft": lambda: peft.OFTConfig(target_modules=TARGETS, r=0, oft_block_size=RANK),
+        "peft-lora": lambda: peft.LoraConfig(target_modules=TARGET_REGEX, r=RANK, lora_alpha=8),
+        "peft-hira": lambda: peft.HiraConfig(target_modules=TARGET_REGEX, r=RANK),
+        "peft-oft": lambda: peft.OFTConfig(target_modules=TARGET_REGEX, r=0, oft_block_size=RANK),
     }
 
 
