@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, WrapsBaseLayer
 
 
 def projection_weights(attention: nn.MultiheadAttention) -> dict[str, str]:
@@ -38,22 +38,13 @@ class SharedWeightLinear(nn.Linear):
         pass
 
 
-class AdaptedMultiheadAttention(nn.Module):
+class AdaptedMultiheadAttention(WrapsBaseLayer):
     """``base_layer`` (an ``nn.MultiheadAttention``) with adapter layers on some of its
-    projections (children named as in ``projection_weights``). Attributes not its own
-    read through to the attention."""
+    projections (children named as in ``projection_weights``)."""
 
     def __init__(self, attention: nn.MultiheadAttention):
         super().__init__()
         self.base_layer = attention
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def projection(self, name: str) -> AdapterLayer | None:
         return self._modules.get(name)

@@ -92,7 +92,20 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
-class AdapterLayer(nn.Module):
+class WrapsBaseLayer(nn.Module):
+    """A module around ``self.base_layer`` whose attributes (``weight``, ``in_channels``,
+    ``kernel_size``, ...) read through, so code written for the base layer keeps working."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class AdapterLayer(WrapsBaseLayer):
     """A frozen base layer plus named adapters of one method.
 
     Subclasses implement ``_new_adapter(**options) -> Adapter``, ``delta_weight(adapter)``
@@ -117,16 +130,6 @@ class AdapterLayer(nn.Module):
         self.add_adapter(adapter_name, **options)
 
     # ------------------------------------------------------------------ geometry
-
-    def __getattr__(self, name: str):
-        """Attributes of the base layer (``weight``, ``in_channels``, ``kernel_size``, ...)
-        read through, so code written for the base layer keeps working."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def weight(self) -> Tensor:
