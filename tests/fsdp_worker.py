@@ -63,4 +63,5 @@ if __name__ == "__main__":
     results = {(m, per_layer): sharded_step(m, rank, per_layer) for m in CONFIGS for per_layer in (True, False)}
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # both ranks done with every collective before the group is torn down
     dist.destroy_process_group()
