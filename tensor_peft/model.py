@@ -330,9 +330,12 @@ def _disable_transformer_fast_paths(model: nn.Module) -> None:
     conditions that turns the fast path off, so each encoder layer holding adapters gets a
     no-op one (removed again by ``unload``)."""
     for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer) and not hasattr(module, "_tensor_peft_fast_path_off"):
-            if any(isinstance(m, AdapterLayer) for m in module.modules()):
-                module._tensor_peft_fast_path_off = module.register_forward_pre_hook(_no_op_hook)
+        if _holds_adapters(module) and _no_op_hook not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_no_op_hook)
+
+
+def _holds_adapters(module: nn.Module) -> bool:
+    return isinstance(module, nn.TransformerEncoderLayer) and any(isinstance(m, AdapterLayer) for m in module.modules())
 
 
 def _no_op_hook(module, args):
@@ -341,10 +344,9 @@ def _no_op_hook(module, args):
 
 def _restore_transformer_fast_paths(model: nn.Module) -> None:
     for module in model.modules():
-        handle = getattr(module, "_tensor_peft_fast_path_off", None)
-        if handle is not None and not any(isinstance(m, AdapterLayer) for m in module.modules()):
-            handle.remove()
-            del module._tensor_peft_fast_path_off
+        if isinstance(module, nn.TransformerEncoderLayer) and not _holds_adapters(module):
+            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _no_op_hook]:
+                del module._forward_pre_hooks[key]
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
