@@ -199,12 +199,16 @@ def _shared_parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     return {key: names for key, names in owners.items() if len(names) > 1}
 
 
+def _tied_to(shared: dict[int, list[str]], name: str, layer: AdapterLayer) -> list[str]:
+    """The other modules that hold the weight of layer ``name`` (from ``_shared_parameter_owners``)."""
+    return [owner for owner in shared.get(id(layer.base_layer.weight), []) if owner != name]
+
+
 def _check_untied(model: nn.Module, layers: dict[str, AdapterLayer], action: str) -> None:
     """Refuse to write a weight that another module holds too (tied weights)."""
     shared = _shared_parameter_owners(model)
     for name, layer in layers.items():
-        owners = shared.get(id(layer.base_layer.weight), [])
-        others = [owner for owner in owners if owner != name]
+        others = _tied_to(shared, name, layer)
         if others and layer.pending_merge():
             raise ValueError(
                 f"cannot {action} module {name!r}: its weight is tied to module {others[0]!r}, which the "
@@ -316,7 +320,7 @@ def _warn_tied(model: nn.Module, targets: dict[str, list[str] | None]) -> None:
     shared = _shared_parameter_owners(model)
     for name, projections in targets.items():
         if projections is None:
-            others = [owner for owner in shared.get(id(model.get_submodule(name).base_layer.weight), []) if owner != name]
+            others = _tied_to(shared, name, model.get_submodule(name))
             if others:
                 warnings.warn(
                     f"module {name!r} shares its weight with module {others[0]!r} (tied weights): merge and "

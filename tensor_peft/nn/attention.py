@@ -60,9 +60,8 @@ class AdaptedMultiheadAttention(WrapsBaseLayer):
         return layer
 
     def forward(self, *args, **kwargs):
-        weights = {}
+        weights, parameter_names = {}, projection_weights(self.base_layer)
         for name, layer in self.projections().items():
-            parameter_name = projection_weights(self.base_layer)[name]
-            base = self.base_layer.get_parameter(parameter_name)
-            weights[parameter_name] = layer.effective_weight().to(base.dtype)
+            base = self.base_layer.get_parameter(parameter_names[name])
+            weights[parameter_names[name]] = layer.effective_weight().to(base.dtype)
         return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
