@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..config import EXP_FORMS, KERNELS, MODES
+
 DEVICE_TYPES = ("cpu", "cuda")
 
 # Row blocks of the kernelized ops keep the (rows, n, p) difference tensor at most this big.
@@ -125,9 +127,6 @@ def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- kernelized (SNELL)
-
-KERNELS = ("piecewise_linear", "rbf", "sigmoid", "linear", "mixture")
-
 
 def _concat_chunks(emb: Tensor) -> Tensor:
     """(H, rows, p) -> (rows, H·p): the full vectors b_j or a_i."""
@@ -262,9 +261,6 @@ def kernelized_delta_backward(
 
 # --------------------------------------------------------------------------- sparsification
 
-MODES = ("hard", "soft")
-
-
 def threshold(delta: Tensor, k: int) -> Tensor:
     """τ = the k-th smallest |ΔW| over all entries (1-indexed; ``kthvalue`` works above
     2^24 entries, unlike ``torch.quantile``); −inf when k = 0 (keep all)."""
@@ -359,12 +355,9 @@ def kernelized_sparse_linear_backward(
 
 # --------------------------------------------------------------------------- LieRA merge
 
-EXPS = ("exact", "taylor1")
-
-
 def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
     """W0 ⊙ exp(D) (exact) or W0 ⊙ (1 + D) (taylor1), D = s·B·A reshaped to W0's shape."""
-    _check_choice(exp, EXPS, "exp")
+    _check_choice(exp, EXP_FORMS, "exp")
     delta = (scale * B @ A).reshape(weight.shape)
     return weight * (torch.exp(delta) if exp == "exact" else 1 + delta)
 
@@ -374,7 +367,7 @@ def lowrank_hadamard_merge_backward(
 ) -> list[Tensor]:
     """[∂L/∂B, ∂L/∂A] = [s·∂D·Aᵀ, s·Bᵀ·∂D] on the matrix view, from ∂L/∂D = Γ ⊙ W_eff
     (exact, W_eff recomputed) or Γ ⊙ W0 (taylor1). W0 gets no gradient."""
-    _check_choice(exp, EXPS, "exp")
+    _check_choice(exp, EXP_FORMS, "exp")
     factor = lowrank_hadamard_merge(weight, B, A, scale, exp) if exp == "exact" else weight
     d_delta = (grad * factor).reshape(B.shape[0], A.shape[1])
     return [scale * d_delta @ A.T, scale * B.T @ d_delta]

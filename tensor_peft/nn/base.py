@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check_dropout
+
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 # Subclasses that override forward() with the parent's operation (timm's Linear only adds a
 # cast under TorchScript), by qualified name so that their package need not be imported.
@@ -75,12 +77,6 @@ def adapter_dtype_for(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-
-
-def check_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return float(dropout)
 
 
 class Adapter(nn.Module):

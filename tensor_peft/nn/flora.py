@@ -2,7 +2,7 @@
 ΔW = s · G ×_0 U_0 ×_1 U_1 … with modes in the weight's own order (out, in/groups,
 spatial…). Init: G = 0, U_k ~ N(0, 1/(2 r_k)), so ΔW = 0 and only G moves at step 1.
 
-Execution per layer (``mode``):
+Execution per layer (``execution``):
 - ``merged``: W_eff = W0 + ΔW by the fused ``ops.tucker_merge``, then one conv/linear
   with W_eff (the base layer's geometry, groups and padding modes included). Its backward
   (groups = 1) never forms the dense weight gradient Γ when a projected one is cheaper:
@@ -37,21 +37,21 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends import reference
+from ..config import EXECUTIONS, check_choice, check_rank
 from .base import Adapter, AdapterLayer, adapter_dtype_for
-from .lora import check_rank
 
-MODES = ("auto", "merged", "factorized")
-BYTES_PER_FLOP = 8  # machine balance in MACs per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
-EXECUTIONS = ("merged", "factorized")
+PATHS = ("merged", "factorized")
+"""The two ways a layer runs; execution ``auto`` chooses one of them."""
+MACS_PER_BYTE = 8  # machine balance: multiply-adds per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
 
 AUTOTUNE = os.environ.get("TENSOR_PEFT_FLORA_AUTOTUNE", "1") != "0"
-"""Whether mode ``auto`` times the two paths (True) or uses the cost model (False)."""
+"""Whether execution ``auto`` times the two paths (True) or uses the cost model (False)."""
 AUTOTUNE_REPEATS = 3
 _execution_cache: dict[tuple, str] = {}
 
 
 def clear_execution_cache() -> None:
-    """Forget every timed choice of mode ``auto`` (the next call of each layer times again)."""
+    """Forget every timed choice of execution ``auto`` (the next call of each layer times again)."""
     _execution_cache.clear()
 
 
@@ -69,19 +69,18 @@ def clip_ranks(ranks: list[int], shape: torch.Size) -> list[int]:
 
 
 class FLoRAAdapter(Adapter):
-    def __init__(self, layer: AdapterLayer, r, ranks, scale, mode, dropout, dtype):
+    def __init__(self, layer: AdapterLayer, r, ranks, scale, execution, dropout, dtype):
         super().__init__(dropout)
         shape = layer.weight.shape
         ranks = default_ranks(layer.weight, check_rank(r)) if ranks is None else [check_rank(k, "ranks") for k in ranks]
         if len(ranks) != len(shape):
             raise ValueError(f"ranks must give one rank per weight mode ({len(shape)}), got {list(ranks)}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if mode == "factorized" and layer.is_conv and layer.base_layer.groups > 1:
-            raise ValueError("mode 'factorized' needs groups == 1; grouped convs run merged")
+        check_choice(execution, "execution", EXECUTIONS)
+        if execution == "factorized" and layer.is_conv and layer.base_layer.groups > 1:
+            raise ValueError("execution 'factorized' needs groups == 1; grouped convs run merged")
         self.ranks = clip_ranks(ranks, shape)
         self.scale = float(scale)
-        self.mode = mode
+        self.execution = execution
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         self.core = nn.Parameter(torch.zeros(self.ranks, **factory))
         self.factors = nn.ParameterList(
@@ -120,18 +119,18 @@ class FLoRALayer(AdapterLayer):
         r: int = 8,
         ranks: list[int] | None = None,
         scale: float = 1.0,
-        mode: str = "auto",
+        execution: str = "auto",
         dropout: float = 0.0,
         adapter_name: str = "default",
         dtype: torch.dtype | None = None,
     ):
         self.last_execution: str | None = None
         super().__init__(
-            base_layer, adapter_name, r=r, ranks=ranks, scale=scale, mode=mode, dropout=dropout, dtype=dtype
+            base_layer, adapter_name, r=r, ranks=ranks, scale=scale, execution=execution, dropout=dropout, dtype=dtype
         )
 
-    def _new_adapter(self, r=8, ranks=None, scale=1.0, mode="auto", dropout=0.0, dtype=None) -> Adapter:
-        return FLoRAAdapter(self, r, ranks, scale, mode, dropout, dtype)
+    def _new_adapter(self, r=8, ranks=None, scale=1.0, execution="auto", dropout=0.0, dtype=None) -> Adapter:
+        return FLoRAAdapter(self, r, ranks, scale, execution, dropout, dtype)
 
     def _params(self, adapter: Adapter, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
         return adapter.core.to(dtype), [f.to(dtype) for f in adapter.factors]
@@ -182,12 +181,12 @@ class FLoRALayer(AdapterLayer):
         return c_out * r1 + r0 * c_in < c_out * c_in
 
     def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
-        """``merged`` or ``factorized`` for this input: the adapter's mode, or under
+        """``merged`` or ``factorized`` for this input: the adapter's execution, or under
         ``auto`` the path timed faster for this layer and input (cached), or the cost
         model's choice when timing is off, deterministic algorithms are asked for, or
         torch.compile traces an uncached case."""
-        if adapter.mode != "auto":
-            return adapter.mode
+        if adapter.execution != "auto":
+            return adapter.execution
         if self.is_embedding:
             return "factorized"  # a lookup of the indices' rows, never forming ΔW
         if self.is_conv and self.base_layer.groups > 1:
@@ -200,7 +199,7 @@ class FLoRALayer(AdapterLayer):
             if torch.compiler.is_compiling():
                 return self.cheaper_by_cost_model(adapter, x)
             seconds = time_executions(self, adapter, x)
-            choice = _execution_cache[key] = min(EXECUTIONS, key=seconds.__getitem__)
+            choice = _execution_cache[key] = min(PATHS, key=seconds.__getitem__)
         return choice
 
     def execution_key(self, adapter: Adapter, x: Tensor) -> tuple:
@@ -230,7 +229,7 @@ class FLoRALayer(AdapterLayer):
 
     def step_costs(self, adapter: Adapter, x: Tensor) -> tuple[float, float]:
         """Extra cost of a training step (forward + backward) over the frozen base layer,
-        in multiply-adds + BYTES_PER_FLOP·bytes, for the merged and factorized paths."""
+        in multiply-adds + MACS_PER_BYTE·bytes, for the merged and factorized paths."""
         weight_numel = self.weight.numel()
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
@@ -256,8 +255,8 @@ class FLoRALayer(AdapterLayer):
         channel_passes = rows_in * (c_in + r1) + rows_out * (r1 + r0) + rows_out * (r0 + c_out)
         factorized_bytes = (5 * channel_passes + 3 * rows_out * c_out) * element
         return (
-            float(merged_macs + BYTES_PER_FLOP * merged_bytes),
-            float(factorized_macs + BYTES_PER_FLOP * factorized_bytes),
+            float(merged_macs + MACS_PER_BYTE * merged_bytes),
+            float(factorized_macs + MACS_PER_BYTE * factorized_bytes),
         )
 
     def output_positions(self, x: Tensor) -> int:
@@ -332,12 +331,12 @@ def time_executions(layer: FLoRALayer, adapter: Adapter, x: Tensor) -> dict[str,
     trial_input = x.detach().clone().requires_grad_(x.requires_grad)
     wanted = [p for p in layer.parameters() if p.requires_grad] + ([trial_input] if x.requires_grad else [])
     backward = torch.is_grad_enabled() and bool(wanted)
-    mode, last_execution = adapter.mode, layer.last_execution
+    execution, last_execution = adapter.execution, layer.last_execution
 
-    def step(execution: str) -> float:
+    def step(path: str) -> float:
         _synchronize(x.device)
         start = time.perf_counter()
-        adapter.mode = execution
+        adapter.execution = path
         out = layer.forward(trial_input)
         if backward:  # outside autocast, as a training step's backward runs
             with torch.autocast(x.device.type, enabled=False):
@@ -345,15 +344,15 @@ def time_executions(layer: FLoRALayer, adapter: Adapter, x: Tensor) -> dict[str,
         _synchronize(x.device)
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {execution: [] for execution in EXECUTIONS}
+    times: dict[str, list[float]] = {path: [] for path in PATHS}
     devices = [x.device] if x.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices), torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
-            for execution in EXECUTIONS:
-                step(execution)
+            for path in PATHS:
+                step(path)
             for _ in range(AUTOTUNE_REPEATS):
-                for execution in EXECUTIONS:
-                    times[execution].append(step(execution))
+                for path in PATHS:
+                    times[path].append(step(path))
     finally:
-        adapter.mode, layer.last_execution = mode, last_execution
-    return {execution: statistics.median(seconds) for execution, seconds in times.items()}
+        adapter.execution, layer.last_execution = execution, last_execution
+    return {path: statistics.median(seconds) for path, seconds in times.items()}

@@ -9,30 +9,19 @@ kaiming-uniform(a=√5), B = 0, so the layer starts equal to its base."""
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
 
-from ..ops._common import check_real
+from ..config import check_rank, check_real
 from .base import Adapter, AdapterLayer, adapter_dtype_for
-
-
-def check_rank(r: object, name: str = "r") -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"{name} must be a positive integer, got {r!r}")
-    return int(r)
-
-
-def check_alpha(alpha: object) -> float:
-    return check_real(alpha, "alpha")
 
 
 class LoRAAdapter(Adapter):
     def __init__(self, layer: AdapterLayer, r: int, alpha: float, dropout: float, dtype: torch.dtype | None):
         super().__init__(dropout)
         self.r = check_rank(r)
-        self.alpha = check_alpha(alpha)
+        self.alpha = check_real(alpha, "alpha")
         self.scale = self.alpha / self.r
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         self.lora_A = nn.Parameter(torch.empty(self.r, *layer.weight.shape[1:], **factory))

@@ -34,21 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.kernelized_delta import KERNELS, default_coeff, kernelized_delta
+from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
+from ..ops.kernelized_delta import default_coeff, kernelized_delta
 from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
-from ..ops.sparsify import MODES, THRESHOLDS, check_sparsity, dropped_count
+from ..ops.sparsify import dropped_count
 from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
-from .lora import check_rank
 
 # softplus⁻¹(1): mixture's temperature gamma = softplus(gamma_raw) starts at 1
 _GAMMA_RAW_INIT = math.log(math.e - 1)
-
-
-def check_chunks(chunks: object, r: int) -> int:
-    chunks = check_rank(chunks, "chunks")
-    if r % chunks:
-        raise ValueError(f"chunks ({chunks}) must divide the rank r ({r})")
-    return chunks
 
 
 class SNELLAdapter(Adapter):
@@ -67,13 +60,9 @@ class SNELLAdapter(Adapter):
         super().__init__(dropout)
         self.r = check_rank(r)
         chunks = check_chunks(chunks, self.r)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {', '.join(THRESHOLDS)}; got {threshold!r}")
-        self.kernel, self.mode, self.threshold = kernel, mode, threshold
+        self.kernel = check_choice(kernel, "kernel", KERNELS)
+        self.mode = check_choice(mode, "mode", MODES)
+        self.threshold = check_choice(threshold, "threshold", THRESHOLDS)
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         rows, columns = layer.weight.shape[0], layer.weight[0].numel()
         self.snell_out = nn.Parameter(torch.empty(chunks, rows, self.r // chunks, **factory))

@@ -16,18 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (
-    check_choice,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    forward_backend,
-    prepare,
-    record_backend,
-    run,
-)
+from ..config import MODES, THRESHOLDS, check_choice
+from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
 from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
-from .sparsify import MODES, THRESHOLDS, select, sparsity_tensor
+from .sparsify import select, sparsity_tensor
 
 
 @torch.library.custom_op(
@@ -167,9 +159,7 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    dtype = compute_dtype(out_emb, in_emb, coeff, params)
-    prepared = [prepare(tensor, dtype) for tensor in (out_emb, in_emb, coeff, params)]
-    return prepared, kernel, eps, sparsity, mode, threshold
+    return prepare(out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
 
 
 # --------------------------------------------------------------------------- in a linear layer

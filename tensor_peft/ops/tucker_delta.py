@@ -14,16 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import (
-    check_real,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    forward_backend,
-    prepare,
-    record_backend,
-    run,
-)
+from ..config import check_real
+from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
 
 
 def vanishes(factors: Sequence[Tensor]) -> bool:
@@ -113,6 +105,5 @@ def tucker_delta(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) ->
     core: ``(r_0, …, r_{N-1})``; factors[k]: ``(d_k, r_k)``; returns ``(d_0, …, d_{N-1})``
     in core's dtype (computed in at least float32)."""
     core, factors, scale = check_tucker(core, factors, scale)
-    dtype = compute_dtype(core, *factors)
-    delta = _tucker_delta(prepare(core, dtype), [prepare(f, dtype) for f in factors], scale)
-    return delta.to(core.dtype)
+    computed_core, *factors = prepare(core, *factors)
+    return _tucker_delta(computed_core, factors, scale).to(core.dtype)

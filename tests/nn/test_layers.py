@@ -134,7 +134,7 @@ METHODS = {
     "lora": lambda base, **kw: LoRALayer(base, r=3, alpha=5.0, **kw),
     **{f"mtlora-{v}": (lambda v: lambda base, **kw: MTLoRALayer(base, r=3, alpha=5.0, variant=v, **kw))(v)
        for v in ("shim", "icfm", "ctcm", "dtsm")},
-    **{f"flora-{m}": (lambda m: lambda base, **kw: FLoRALayer(base, r=3, scale=0.8, mode=m, **kw))(m)
+    **{f"flora-{m}": (lambda m: lambda base, **kw: FLoRALayer(base, r=3, scale=0.8, execution=m, **kw))(m)
        for m in ("merged", "factorized", "auto")},
     "liera-lora-exact": lambda base, **kw: LieRALayer(base, r=2, alpha=1.0, **kw),
     "liera-lora-taylor1": lambda base, **kw: LieRALayer(base, r=2, alpha=1.0, exp="taylor1", **kw),
@@ -313,9 +313,9 @@ def test_several_adapters_switch_disable_and_delete():
         (lambda: LoRALayer(nn.Linear(3, 2), dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
         (lambda: LoRALayer(nn.Linear(3, 2), adapter_name="a b"), ValueError, "adapter_name must be"),
         (lambda: MTLoRALayer(nn.Linear(3, 2), variant="xyz"), ValueError, "variant must be one of"),
-        (lambda: FLoRALayer(nn.Linear(3, 2), mode="fast"), ValueError, "mode must be one of"),
+        (lambda: FLoRALayer(nn.Linear(3, 2), execution="fast"), ValueError, "execution must be one of"),
         (lambda: FLoRALayer(nn.Linear(3, 2), ranks=[2, 2, 2]), ValueError, "ranks must give one rank per weight mode"),
-        (lambda: FLoRALayer(nn.Conv2d(4, 4, 3, groups=2), mode="factorized"), ValueError, "needs groups == 1"),
+        (lambda: FLoRALayer(nn.Conv2d(4, 4, 3, groups=2), execution="factorized"), ValueError, "needs groups == 1"),
         (lambda: LieRALayer(nn.Linear(3, 6), group="orthogonal", block_size=4), ValueError, "block_size 4 must divide"),
         (lambda: LieRALayer(nn.Linear(3, 6), inner="hira"), ValueError, "inner must be one of"),
     ],
@@ -371,7 +371,7 @@ def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_b
     """Channels wide enough for the merged path to take the projected gradients."""
     torch.manual_seed(0)
     base = make_base().double()
-    layer = FLoRALayer(base, r=3, scale=0.8, mode="merged")
+    layer = FLoRALayer(base, r=3, scale=0.8, execution="merged")
     randomize(layer)
     assert layer.projects_gradients(layer.adapters["default"])
     spatial = INPUT_SPATIAL.get(base.weight.dim() - 2, ())
@@ -383,8 +383,8 @@ def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_b
 @pytest.mark.parametrize("make_layer", [
     lambda: LieRALayer(nn.Linear(12, 10), r=2),
     lambda: LieRALayer(nn.Conv2d(4, 6, 3), group="orthogonal", block_size=3),
-    lambda: FLoRALayer(nn.Linear(12, 10), r=2, mode="merged"),  # projected weight gradients
-    lambda: FLoRALayer(nn.Conv2d(4, 6, 3, groups=2), r=2, mode="merged"),  # autograd through the merge
+    lambda: FLoRALayer(nn.Linear(12, 10), r=2, execution="merged"),  # projected weight gradients
+    lambda: FLoRALayer(nn.Conv2d(4, 6, 3, groups=2), r=2, execution="merged"),  # autograd through the merge
 ])  # fmt: skip
 def test_merged_paths_keep_no_effective_weight_for_backward(make_layer, monkeypatch):
     """The effective weight is made again in backward instead of being kept: made twice

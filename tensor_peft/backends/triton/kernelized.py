@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..determinism import check_deterministic
 from ..kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
-from ..reference import KERNELS
+from ...config import KERNELS
 from .shared import div, exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
