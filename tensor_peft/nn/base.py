@@ -20,6 +20,7 @@ is computed in at least float32 before it is added to the base output.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 
@@ -104,7 +105,8 @@ class WrapsBaseLayer(nn.Module):
 class AdapterLayer(WrapsBaseLayer):
     """A frozen base layer plus named adapters of one method.
 
-    Subclasses implement ``_new_adapter(**options) -> Adapter``, ``delta_weight(adapter)``
+    Subclasses take their adapters' options, with their defaults, as constructor
+    arguments, and implement ``_new_adapter(**options) -> Adapter``, ``delta_weight(adapter)``
     (ΔW in the base weight's layout, float32 or wider) and may override
     ``delta_forward(adapter, x)`` (the update's output for input ``x``; by default
     the base layer's operation with ΔW) and ``merge_weight``/``unmerge_weight``
@@ -199,16 +201,23 @@ class AdapterLayer(WrapsBaseLayer):
 
     def add_adapter(self, name: str, **options) -> None:
         """Add adapter ``name`` (initialized so that the layer's output does not change)
-        and make it active."""
+        and make it active. ``options`` are the layer's constructor arguments; those not
+        given take the constructor's defaults."""
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"adapter_name must be a Python identifier, got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        adapter = self._new_adapter(**options)
+        adapter = self._new_adapter(**{**self.option_defaults(), **options})
         if self.is_embedding and not isinstance(adapter.dropout, nn.Identity):
             raise ValueError("dropout must be 0 on an nn.Embedding: its inputs are indices")
         self.adapters[name] = adapter.to(self.weight.device)
         self.active_adapters = [name]
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, object]:
+        """The adapter options the constructor takes, with their defaults."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {name: p.default for name, p in parameters.items() if name not in ("self", "base_layer", "adapter_name")}
 
     def _new_adapter(self, **options) -> Adapter:
         raise NotImplementedError

@@ -129,8 +129,8 @@ class FLoRALayer(AdapterLayer):
             base_layer, adapter_name, r=r, ranks=ranks, scale=scale, execution=execution, dropout=dropout, dtype=dtype
         )
 
-    def _new_adapter(self, r=8, ranks=None, scale=1.0, execution="auto", dropout=0.0, dtype=None) -> Adapter:
-        return FLoRAAdapter(self, r, ranks, scale, execution, dropout, dtype)
+    def _new_adapter(self, **options) -> Adapter:
+        return FLoRAAdapter(self, **options)
 
     def _params(self, adapter: Adapter, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
         return adapter.core.to(dtype), [f.to(dtype) for f in adapter.factors]

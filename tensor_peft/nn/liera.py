@@ -32,6 +32,7 @@ class LieRAAdapter(Adapter):
     def __init__(self, layer: AdapterLayer, r, alpha, group, inner, exp, block_size, side, scale, ranks, dropout,
                  dtype):  # fmt: skip
         super().__init__(dropout)
+        check_real(alpha, "alpha")  # also where no inner LoRA takes it
         self.group = check_choice(group, "group", GROUPS)
         self.inner = check_choice(inner, "inner", INNERS)
         self.exp = check_choice(exp, "exp", EXP_FORMS)
@@ -91,10 +92,8 @@ class LieRALayer(AdapterLayer):
             block_size=block_size, side=side, scale=scale, ranks=ranks, dropout=dropout, dtype=dtype,
         )  # fmt: skip
 
-    def _new_adapter(self, r=8, alpha=8.0, group="hadamard", inner="lora", exp="exact", block_size=4, side="output",
-                     scale=1.0, ranks=None, dropout=0.0, dtype=None) -> Adapter:  # fmt: skip
-        check_real(alpha, "alpha")
-        return LieRAAdapter(self, r, alpha, group, inner, exp, block_size, side, scale, ranks, dropout, dtype)
+    def _new_adapter(self, **options) -> Adapter:
+        return LieRAAdapter(self, **options)
 
     def group_action(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
         """The group element of ``adapter`` (or its inverse) acting on ``weight``."""

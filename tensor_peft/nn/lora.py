@@ -72,8 +72,8 @@ class LoRALayer(LowRankLayer):
     ):
         super().__init__(base_layer, adapter_name, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
 
-    def _new_adapter(self, r=8, alpha=8.0, dropout=0.0, dtype=None) -> Adapter:
-        return LoRAAdapter(self, r, alpha, dropout, dtype)
+    def _new_adapter(self, **options) -> Adapter:
+        return LoRAAdapter(self, **options)
 
     def down_projection(self, adapter: Adapter) -> Tensor:
         return adapter.lora_A

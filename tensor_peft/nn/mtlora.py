@@ -57,8 +57,8 @@ class MTLoRALayer(LowRankLayer):
             base_layer, adapter_name, r=r, alpha=alpha, variant=variant, dropout=dropout, dtype=dtype
         )
 
-    def _new_adapter(self, r=8, alpha=8.0, variant="shim", dropout=0.0, dtype=None) -> Adapter:
-        return MTLoRAAdapter(self, r, alpha, dropout, dtype, variant)
+    def _new_adapter(self, **options) -> Adapter:
+        return MTLoRAAdapter(self, **options)
 
     def down_projection(self, adapter: Adapter) -> Tensor:
         A = adapter.lora_A

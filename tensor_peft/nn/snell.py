@@ -169,12 +169,8 @@ class SNELLLayer(AdapterLayer):
             learnable_coeff=learnable_coeff, dropout=dropout, dtype=dtype, threshold=threshold,
         )  # fmt: skip
 
-    def _new_adapter(
-        self, r=8, sparsity=0.9, kernel=None, mode="hard", chunks=2, learnable_coeff=False, dropout=0.0, dtype=None,
-        threshold="count",
-    ) -> Adapter:  # fmt: skip
-        kernel = self.default_kernel if kernel is None else kernel
-        return SNELLAdapter(self, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype, threshold)
+    def _new_adapter(self, kernel: str | None, **options) -> Adapter:
+        return SNELLAdapter(self, kernel=self.default_kernel if kernel is None else kernel, **options)
 
     def delta_weight(self, adapter: Adapter, tau: Tensor | None = None) -> Tensor:
         return self.delta_weight_and_threshold(adapter, tau)[0]

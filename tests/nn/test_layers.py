@@ -279,6 +279,30 @@ def test_merge_that_would_overflow_refuses_and_keeps_the_weight():
     assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
 
 
+HYPER_PARAMETERS = ("r", "scale", "variant", "ranks", "execution", "group", "inner", "exp", "side", "kernel", "mode",
+                    "threshold", "sparsity")
+
+
+@pytest.mark.parametrize("layer_class", [LoRALayer, MTLoRALayer, FLoRALayer, LieRALayer, SNELLLayer, SNELLALayer])
+def test_add_adapter_takes_the_constructor_defaults_for_the_options_not_given(layer_class):
+    """``add_adapter("second", r=2)`` adds the adapter ``layer_class(base, r=2)`` makes (the
+    same hyper-parameters, and the same init from the same seed), and the layer runs it."""
+    base = nn.Linear(6, 4).double()
+    torch.manual_seed(0)
+    layer = layer_class(base, r=2)
+    torch.manual_seed(0)
+    layer.add_adapter("second", r=2)
+    first, second = layer.adapters["default"], layer.adapters["second"]
+    for name in HYPER_PARAMETERS:
+        assert getattr(first, name, None) == getattr(second, name, None), name
+    assert first.state_dict().keys() == second.state_dict().keys()
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    randomize(layer, "second")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), spec_forward(layer, second, x))
+
+
 def test_several_adapters_switch_disable_and_delete():
     layer, x = make("lora", "conv2d-nonsquare")
     randomize(layer)
