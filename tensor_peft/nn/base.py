@@ -149,6 +149,11 @@ class AdapterLayer(WrapsBaseLayer):
         return self.kind == "embedding"
 
     @property
+    def is_grouped_conv(self) -> bool:
+        """A conv with groups > 1, whose update runs in merged form (one conv with ΔW)."""
+        return self.is_conv and self.base_layer.groups > 1
+
+    @property
     def spatial_dims(self) -> int:
         return self.weight.dim() - 2
 

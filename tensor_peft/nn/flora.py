@@ -76,7 +76,7 @@ class FLoRAAdapter(Adapter):
         if len(ranks) != len(shape):
             raise ValueError(f"ranks must give one rank per weight mode ({len(shape)}), got {list(ranks)}")
         check_choice(execution, "execution", EXECUTIONS)
-        if execution == "factorized" and layer.is_conv and layer.base_layer.groups > 1:
+        if execution == "factorized" and layer.is_grouped_conv:
             raise ValueError("execution 'factorized' needs groups == 1; grouped convs run merged")
         self.ranks = clip_ranks(ranks, shape)
         self.scale = float(scale)
@@ -142,7 +142,7 @@ class FLoRALayer(AdapterLayer):
     def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
         """ΔW = U_0 · (s·R) with R = G ×_1 U_1 ×_2 U_2 … (every mode but the first folded
         into the core): rank r_0, exact. A grouped conv's ΔW has no such form in peft."""
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             raise ValueError("a grouped conv's FLoRA update has no peft LoRA form")
         core, (U0, *others) = adapter.core, list(adapter.factors)
         eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
@@ -174,7 +174,7 @@ class FLoRALayer(AdapterLayer):
     def projects_gradients(self, adapter: Adapter) -> bool:
         """Whether the merged path's backward takes the projected weight gradients (groups
         = 1 and cheaper than Γ: c_out·r_1 + r_0·c_in < c_out·c_in per kernel tap)."""
-        if self.is_embedding or (self.is_conv and self.base_layer.groups > 1):
+        if self.is_embedding or self.is_grouped_conv:
             return False
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
@@ -189,7 +189,7 @@ class FLoRALayer(AdapterLayer):
             return adapter.execution
         if self.is_embedding:
             return "factorized"  # a lookup of the indices' rows, never forming ΔW
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             return "merged"
         if not AUTOTUNE or torch.are_deterministic_algorithms_enabled():
             return self.cheaper_by_cost_model(adapter, x)
@@ -275,7 +275,7 @@ class FLoRALayer(AdapterLayer):
         return positions
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             return super().delta_forward(adapter, x)  # conv(x, ΔW): grouped convs run merged
         core, (U0, U1, *spatial) = self._params(adapter, self.compute_dtype(adapter))
         if not self.is_conv:  # U_1ᵀx by the base operation: an embedding looks its indices up in U_1

@@ -45,7 +45,7 @@ class LowRankLayer(AdapterLayer):
         return adapter.scale * (up @ down.reshape(adapter.r, -1)).reshape(self.weight.shape)
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             return super().delta_forward(adapter, x)  # merged form
         dtype = self.compute_dtype(adapter)
         down = self.down_projection(adapter).to(dtype)
