@@ -1,4 +1,4 @@
-"""Differentiable, backend-dispatched ops (SPEC §2), each a ``torch.library`` op
+"""Differentiable, backend-dispatched ops, each a ``torch.library`` op
 (``tensor_peft::<name>``) with a fake implementation, a registered autograd formula and
 per-device kernels chosen by ``tensor_peft.backends``."""
 
