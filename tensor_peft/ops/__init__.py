@@ -3,7 +3,7 @@
 per-device kernels chosen by ``tensor_peft.backends``."""
 
 from .kernelized_delta import kernelized_delta
-from .kernelized_sparse_delta import kernelized_sparse_delta
+from .kernelized_sparse_delta import kernelized_sparse_delta, sparse_linear
 from .lowrank_hadamard_merge import lowrank_hadamard_merge
 from .matrix_exp import matrix_exp
 from .sparsify import sparsify
@@ -15,6 +15,7 @@ __all__ = [
     "kernelized_sparse_delta",
     "lowrank_hadamard_merge",
     "matrix_exp",
+    "sparse_linear",
     "sparsify",
     "tucker_delta",
     "tucker_merge",
