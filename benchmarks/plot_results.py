@@ -65,7 +65,7 @@ def ops_against_reference(results: dict, path: Path) -> None:
     axes.set_yticks([p + height for p in range(len(rows))], [label for label, _ in rows], fontsize=8)
     axes.invert_yaxis()
     axes.set(xscale="log", xlabel="median ms (log scale)",
-             title="Ops on CPU: the cpu backend's kernels against the reference backend (and torch)")  # fmt: skip
+             title="Ops on CPU: cpu kernels, reference backend, torch")  # fmt: skip
     save(figure, path)
 
 
