@@ -1,4 +1,4 @@
-"""SNELLA's bi-level sparsity allocation (SPEC §1): across layers, a non-zero budget that
+"""SNELLA's bi-level sparsity allocation (docs/methods/snell.md): across layers, a non-zero budget that
 shrinks on a cubic schedule and is split by layer importance; inside a layer, SNELL's
 competition keeps that many entries.
 

@@ -1,5 +1,5 @@
 """The competition sparsification through the public ops: how many entries drop, the
-threshold above 2^24 entries, and the gradients with SPEC's stop-gradients."""
+threshold above 2^24 entries, and the gradients with τ (and hard mode's |ΔW|) held constant."""
 
 from __future__ import annotations
 
