@@ -56,7 +56,7 @@ def clear_execution_cache() -> None:
 
 
 def default_ranks(weight: Tensor, r: int) -> list[int]:
-    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv, per SPEC."""
+    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv."""
     return [r, r] + [2] * (weight.dim() - 2)
 
 
@@ -153,7 +153,7 @@ class FLoRALayer(AdapterLayer):
         return ops.tucker_merge(weight, core, factors, adapter.scale)
 
     def projected_gradients(self, x: Tensor, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float):
-        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by SPEC's
+        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by the
         Tucker gradients applied to the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ and
         T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (which is never formed)."""
         dtype = core.dtype
