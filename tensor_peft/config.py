@@ -6,7 +6,11 @@ or a dotted suffix; a regex string matched against the full name; module types; 
 trained whole alongside the adapter, such as a classifier head, and saved with it),
 ``r`` (rank), ``dropout`` (on the adapter's input)
 and ``dtype`` (of the adapter parameters; ``None``: float32 over a float16/bfloat16
-base, else the base weight's dtype)."""
+base, else the base weight's dtype).
+
+It also holds what the layers, ops and backends share about options: the choices each
+takes (``KERNELS``, ``MODES``, …) and the checks of their values. It imports nothing from
+tensor_peft, so that every part of the package can import it."""
 
 from __future__ import annotations
 
@@ -20,8 +24,7 @@ from typing import Any, ClassVar, Union
 
 import torch
 
-# The choices each option takes, defined here once: the ops, layers and backends import
-# them (this module imports nothing from tensor_peft).
+# The choices each option takes.
 KERNELS = ("piecewise_linear", "rbf", "sigmoid", "linear", "mixture")
 """SNELL's kernel functions κ; the native kernels number them by their place here."""
 MODES = ("hard", "soft")
@@ -71,6 +74,7 @@ def check_rank(r: object, name: str = "r") -> int:
 
 
 def check_dropout(dropout: object) -> float:
+    """``dropout`` as a float probability in [0, 1), or a ValueError."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     return float(dropout)
@@ -85,6 +89,7 @@ def check_chunks(chunks: object, r: int) -> int:
 
 
 def check_sparsity(sparsity: object) -> float:
+    """``sparsity``, the fraction of entries zeroed, as a float in [0, 1], or a TypeError/ValueError."""
     sparsity = check_real(sparsity, "sparsity")
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1] (the fraction of entries zeroed), got {sparsity}")
