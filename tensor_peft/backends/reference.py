@@ -3,7 +3,9 @@
 This is the executable form of SPEC §2 and the oracle the other backends are tested
 against, so it is written for clarity, not speed. Calling convention (the op layer in
 ``tensor_peft.ops`` checks and prepares the inputs): tensors are contiguous, of one
-dtype (float32 or float64) and on one device; results come back in that dtype.
+dtype (float32 or float64) and on one device; results come back in that dtype. The
+Tucker algebra (mode products, unfoldings) is ``tensor_algebra``, which the native
+backends share.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import math
 
 import torch
 from torch import Tensor
+
+from .registry import register
+from .tensor_algebra import projected_tucker_gradients, tucker_gradients, tucker_product
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -32,43 +37,32 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
 # --------------------------------------------------------------------------- Tucker
 
 
-def unfold(tensor: Tensor, mode: int) -> Tensor:
-    """Mode-k unfolding X_(k): mode k becomes the rows, the other modes (in order) the columns."""
-    rest = math.prod([size for k, size in enumerate(tensor.shape) if k != mode])  # a list: torch.compile traces it
-    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], rest)
+@register("tucker_delta", "reference")
+def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    """ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}."""
+    return tucker_product(core, factors, scale)
 
 
-def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """T ×_k M: contract mode k of T (size r) with the columns of M (d, r); mode k becomes d."""
-    return torch.tensordot(tensor, matrix, dims=([mode], [1])).movedim(-1, mode)
-
-
-def tucker_delta(core: Tensor, factors: list[Tensor | None], scale: float) -> Tensor:
-    """ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}; a factor None is the identity (the
-    mode is left as it is)."""
-    delta = core
-    for mode, factor in enumerate(factors):
-        if factor is not None:
-            delta = mode_product(delta, factor, mode)
-    return scale * delta
-
-
+@register("tucker_merge", "reference")
 def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
     """W0 + ΔW."""
-    return weight + tucker_delta(core, factors, scale)
+    return weight + tucker_product(core, factors, scale)
 
 
-def tucker_delta_backward(
-    grad: Tensor, core: Tensor, factors: list[Tensor | None], scale: float
-) -> list[Tensor | None]:
+@register("tucker_delta_backward", "reference")
+def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
     """[∂L/∂G, ∂L/∂U_0, …]: ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …, and
-    ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ (None for a factor None, the identity)."""
-    d_core = tucker_delta(grad, [None if f is None else f.T for f in factors], scale)
-    d_factors = []
-    for k, factor in enumerate(factors):
-        partial = tucker_delta(core, [None if j == k else f for j, f in enumerate(factors)], scale)
-        d_factors.append(None if factor is None else unfold(grad, k) @ unfold(partial, k).T)
-    return [d_core, *d_factors]
+    ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ."""
+    return tucker_gradients(grad, core, factors, scale)
+
+
+@register("tucker_projected_backward", "reference")
+def tucker_projected_backward(
+    T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: list[Tensor], scale: float
+) -> list[Tensor]:
+    """[∂L/∂G, ∂L/∂U_0, ∂L/∂U_1, …] from the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ
+    and T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (FLoRA's merged path)."""
+    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
 
 
 # --------------------------------------------------------------------------- matrix exponential
@@ -82,6 +76,7 @@ _PADE13 = (64764752532480000.0, 32382376266240000.0, 7771770303897600.0, 1187353
 _THETA13 = 5.371920351148152
 
 
+@register("matrix_exp", "reference")
 def matrix_exp(A: Tensor) -> Tensor:
     """exp(A) by scaling and squaring with the Padé [13/13] approximant, each matrix scaled
     by its own power of two (Higham 2005): to about one rounding in float64, where
@@ -106,6 +101,7 @@ def matrix_exp(A: Tensor) -> Tensor:
     return torch.where(finite[..., None, None], result, torch.nan).contiguous()
 
 
+@register("matrix_exp_backward", "reference")
 def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     """∂L/∂A = L(Aᴴ, Γ), the adjoint Fréchet derivative, read off the upper-right block of
     exp([[Aᴴ, E], [0, Aᴴ]]) = [[exp(Aᴴ), L(Aᴴ, E)], [0, exp(Aᴴ)]]. L is linear in E, so a
@@ -170,6 +166,7 @@ def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tup
     return d_rows, d_cols
 
 
+@register("kernelized_delta", "reference")
 def kernelized_delta(
     out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
 ) -> Tensor:
@@ -213,6 +210,7 @@ def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[
     return grad + d_logits / gamma, d_params
 
 
+@register("kernelized_delta_backward", "reference")
 def kernelized_delta_backward(
     grad: Tensor,
     out_emb: Tensor,
@@ -273,6 +271,7 @@ def threshold(delta: Tensor, k: int) -> Tensor:
     return delta.abs().flatten().kthvalue(k).values
 
 
+@register("sparsify", "reference")
 def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
     """[out, τ] with mask = 1[|ΔW| > τ] (ties at τ dropped) and τ⁺ = max(τ, 0):
     hard ΔW ⊙ |ΔW| ⊙ mask; soft ΔW ⊙ max(|ΔW| − τ⁺, 0) = ΔW ⊙ (|ΔW| − τ⁺) ⊙ mask."""
@@ -290,6 +289,7 @@ def masked(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     return delta * (magnitude - tau.clamp_min(0)) * keep
 
 
+@register("sparsify_backward", "reference")
 def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     """τ and, in hard mode, |ΔW| are stop-gradients: hard Γ ⊙ |ΔW| ⊙ mask,
     soft Γ ⊙ (2|ΔW| − τ⁺) ⊙ mask."""
@@ -301,6 +301,7 @@ def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Te
     return grad * (2 * magnitude - tau.clamp_min(0)) * keep
 
 
+@register("kernelized_sparse_delta", "reference")
 def kernelized_sparse_delta(
     out_emb: Tensor,
     in_emb: Tensor,
@@ -320,6 +321,7 @@ def kernelized_sparse_delta(
     return [masked(delta, tau, mode), tau]
 
 
+@register("kernelized_sparse_delta_backward", "reference")
 def kernelized_sparse_delta_backward(
     grad: Tensor,
     out_emb: Tensor,
@@ -338,7 +340,8 @@ def kernelized_sparse_delta_backward(
     return kernelized_delta_backward(d_delta, out_emb, in_emb, kernel, coeff, params, eps)
 
 
-def kernelized_sparse_linear_backward(
+@register("sparse_linear_backward", "reference")
+def sparse_linear_backward(
     grad_out: Tensor,
     input: Tensor,
     out_emb: Tensor,
@@ -362,6 +365,7 @@ def kernelized_sparse_linear_backward(
 EXPS = ("exact", "taylor1")
 
 
+@register("lowrank_hadamard_merge", "reference")
 def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
     """W0 ⊙ exp(D) (exact) or W0 ⊙ (1 + D) (taylor1), D = s·B·A reshaped to W0's shape."""
     _check_choice(exp, EXPS, "exp")
@@ -369,6 +373,7 @@ def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, e
     return weight * (torch.exp(delta) if exp == "exact" else 1 + delta)
 
 
+@register("lowrank_hadamard_merge_backward", "reference")
 def lowrank_hadamard_merge_backward(
     grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
 ) -> list[Tensor]:

@@ -176,9 +176,9 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
 
 
 @torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
+    "tensor_peft::sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
 )
-def _kernelized_sparse_linear(
+def _sparse_linear(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -196,15 +196,15 @@ def _kernelized_sparse_linear(
     return F.linear(input, (weight + delta).to(input.dtype), bias), tau
 
 
-@_kernelized_sparse_linear.register_fake
+@_sparse_linear.register_fake
 def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
     return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
 
 
 @torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
+    "tensor_peft::sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
-def _kernelized_sparse_linear_backward(
+def _sparse_linear_backward(
     grad_out: Tensor,
     input: Tensor,
     out_emb: Tensor,
@@ -220,12 +220,12 @@ def _kernelized_sparse_linear_backward(
     if is_empty(out_emb, in_emb):
         return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
-        "kernelized_sparse_linear_backward", out_emb.device,
+        "sparse_linear_backward", out_emb.device,
         grad_out, input, out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
     )  # fmt: skip
 
 
-@_kernelized_sparse_linear_backward.register_fake
+@_sparse_linear_backward.register_fake
 def _(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
     return fake_kernel_grads(out_emb, in_emb, coeff, params)
 
@@ -264,14 +264,14 @@ def _linear_gradients(ctx, grad):
         def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
             return _tokens(tensor).to(out_emb.dtype).contiguous()
 
-        d_out, d_in, d_coeff, d_params = _kernelized_sparse_linear_backward(
+        d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
             tokens(grad), tokens(input), out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps,
             ctx.mode,
         )  # fmt: skip
     return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
-_kernelized_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def sparse_linear(
@@ -308,7 +308,7 @@ def sparse_linear(
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
-    output, _ = _kernelized_sparse_linear(
+    output, _ = _sparse_linear(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip
     return output
