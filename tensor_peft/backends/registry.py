@@ -137,6 +137,15 @@ def implemented_ops(name: str) -> tuple[str, ...]:
     return tuple(op for op in OPS if (op, name) in _KERNELS)
 
 
+def kernel(op: str, name: str) -> Callable:
+    """Backend ``name``'s function for ``op``, whether or not it can run on this machine's
+    tensors (``select`` picks the one that runs)."""
+    _check_name(op, "op", OPS)
+    if op not in implemented_ops(name):
+        raise BackendUnavailableError(f"backend {name!r} has no kernels here: {why_unavailable(name)}")
+    return _KERNELS[op, name]
+
+
 def requested() -> str | None:
     """The backend asked for by ``use()`` or ``TENSOR_PEFT_BACKEND``; ``None`` for the default order."""
     name = _requested.get()
@@ -174,8 +183,8 @@ def select(op: str, device_type: str) -> tuple[str, Callable]:
                 f"backend {name!r} was asked for but cannot run {op} on {device_type} "
                 f"tensors: {reason}"
             )
-        return name, _KERNELS[op, name]
+        return name, kernel(op, name)
     for name in DEFAULT_ORDER.get(device_type, ("reference",)):
         if _reason_for_device(name, device_type) is None:
-            return name, _KERNELS[op, name]
+            return name, kernel(op, name)
     raise BackendUnavailableError(f"no backend can run {op} on {device_type} tensors")

@@ -80,9 +80,19 @@ def test_every_backend_registers_every_op_as_a_function_of_its_own(name):
         return
     assert implemented == registry.OPS
     for op in registry.OPS:
-        function = registry._KERNELS[op, name]
+        function = registry.kernel(op, name)
         assert function.__name__ == op
         assert function.__module__.startswith(f"tensor_peft.backends.{name}")
+
+
+def test_kernel_is_the_registered_function_and_refuses_unknown_names():
+    from tensor_peft.backends import reference
+
+    assert registry.kernel("sparsify", "reference") is reference.sparsify
+    with pytest.raises(ValueError, match="op must be one of"):
+        registry.kernel("kernelized_sparse_linear_backward", "reference")
+    with pytest.raises(ValueError, match="name must be one of"):
+        registry.kernel("sparsify", "numpy")
 
 
 def test_op_names_are_the_custom_op_names():
