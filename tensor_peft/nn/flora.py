@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._common import forward_backend, record_backend
 from ..ops.tucker_delta import tucker_projected_backward
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .lora import check_rank
@@ -100,13 +99,12 @@ class _ProjectedTuckerGradients(torch.autograd.Function):
     def forward(ctx, y, x, layer, scale, core, *factors):
         ctx.save_for_backward(x, core, *factors)
         ctx.layer, ctx.scale = layer, scale
-        record_backend(ctx, "tucker_projected_backward", core.device)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
         x, core, *factors = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False), forward_backend(ctx):  # in the core's dtype (not autocast's)
+        with torch.autocast(x.device.type, enabled=False):  # computed in the core's dtype, as a backward inside autocast would not
             gradients = ctx.layer.projected_gradients(x, grad, core, factors, ctx.scale)
         return grad, None, None, None, *gradients
 
