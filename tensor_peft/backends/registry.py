@@ -7,8 +7,8 @@ the calling convention of ``reference.py``; importing the module registers them.
 
 Selection for an op on tensors of a device type: the backend asked for by
 ``use(name)`` or else by the environment variable ``TENSOR_PEFT_BACKEND``; when none
-was asked for, the first backend of the default order that can run and implements the
-op. A backend that was asked for but cannot run the op raises
+was asked for, the first backend of the default order that can run on those tensors.
+A backend that was asked for but cannot run the op raises
 ``BackendUnavailableError`` with the reason: it never silently falls back.
 
 Scope of ``use(name)``: the request is held in a ``contextvars.ContextVar``, so it holds in
@@ -140,10 +140,11 @@ def implemented_ops(name: str) -> tuple[str, ...]:
 def kernel(op: str, name: str) -> Callable:
     """Backend ``name``'s function for ``op``, whether or not it can run on this machine's
     tensors (``select`` picks the one that runs)."""
-    _check_name(op, "op", OPS)
-    if op not in implemented_ops(name):
+    _module(_check_name(name, "name"))
+    function = _KERNELS.get((_check_name(op, "op", OPS), name))
+    if function is None:
         raise BackendUnavailableError(f"backend {name!r} has no kernels here: {why_unavailable(name)}")
-    return _KERNELS[op, name]
+    return function
 
 
 def requested() -> str | None:
