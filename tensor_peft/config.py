@@ -200,7 +200,7 @@ class SNELLAConfig(KernelizedConfig):
     """SNELLA: the ``mixture`` kernel and per-layer sparsities set during training by
     ``SparsityAllocator`` (call its ``step()`` after every optimizer step).
 
-    Layers start at ``init_sparsity``. The total non-zero budget follows SPEC's cubic
+    Layers start at ``init_sparsity``. The total non-zero budget follows the paper's cubic
     schedule from that of ``init_sparsity`` to that of ``target_sparsity`` between step
     ``warmup_steps`` and step ``total_steps - final_steps``, and is reallocated across
     layers by importance every ``interval`` steps (importance EMAs with ``beta1``, ``beta2``).

@@ -1,6 +1,6 @@
 """The ``reference`` backend: every op in plain torch, with explicit backward formulas.
 
-This is the executable form of SPEC §2 and the oracle the other backends are tested
+This is the executable form of the ops' definitions and the oracle the other backends are tested
 against, so it is written for clarity, not speed. Calling convention (the op layer in
 ``tensor_peft.ops`` checks and prepares the inputs): tensors are contiguous, of one
 dtype (float32 or float64) and on one device; results come back in that dtype. The

@@ -56,7 +56,7 @@ def clear_execution_cache() -> None:
 
 
 def default_ranks(weight: Tensor, r: int) -> list[int]:
-    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv, per SPEC."""
+    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv."""
     return [r, r] + [2] * (weight.dim() - 2)
 
 

@@ -205,8 +205,9 @@ def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps
     "tensor_peft::sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
 def _sparse_linear_backward(
-    grad_out: Tensor,
+    grad: Tensor,
     input: Tensor,
+    weight: Tensor,
     out_emb: Tensor,
     in_emb: Tensor,
     sparsity: Tensor,
@@ -216,32 +217,37 @@ def _sparse_linear_backward(
     params: Tensor,
     eps: float,
     mode: str,
+    input_grad: bool,
+    kernel_grads: bool,
 ) -> list[Tensor]:
+    """[∂input, ∂out_emb, ∂in_emb, ∂coeff, ∂params] from the output's gradient ``grad``, in
+    one op (one dispatch per backward): ∂input through W0 + ΔW rebuilt from τ when
+    ``input_grad``, the kernel's gradients when ``kernel_grads`` (empty tensors for those
+    not asked for)."""
+    grad_input = input.new_empty(0)
+    if input_grad:
+        delta, _ = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)
+        grad_input = grad @ (weight + delta).to(grad.dtype)
+    if not kernel_grads:
+        return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
     if is_empty(out_emb, in_emb):
-        return zero_kernel_grads(out_emb, in_emb, coeff, params)
-    return run(
+        return [grad_input, *zero_kernel_grads(out_emb, in_emb, coeff, params)]
+
+    def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
+        return _tokens(tensor).to(out_emb.dtype).contiguous()
+
+    return [grad_input, *run(
         "sparse_linear_backward", out_emb.device,
-        grad_out, input, out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
-    )  # fmt: skip
+        tokens(grad), tokens(input), out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
+    )]  # fmt: skip
 
 
 @_sparse_linear_backward.register_fake
-def _(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
-    return fake_kernel_grads(out_emb, in_emb, coeff, params)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold = inputs
-    _, tau = output
-    ctx.mark_non_differentiable(tau)
-    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
-    ctx.kernel, ctx.eps, ctx.mode, ctx.threshold = kernel, eps, mode, threshold
-    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
-
-
-def _linear_backward(ctx, grad, grad_tau):
-    with forward_backend(ctx):
-        return _linear_gradients(ctx, grad)
+def _(grad, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode, input_grad, kernel_grads):
+    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
+    if not kernel_grads:
+        return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
+    return [grad_input, *fake_kernel_grads(out_emb, in_emb, coeff, params)]
 
 
 def _tokens(tensor: Tensor) -> Tensor:
@@ -249,25 +255,28 @@ def _tokens(tensor: Tensor) -> Tensor:
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
-def _linear_gradients(ctx, grad):
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold = inputs
+    _, tau = output
+    ctx.mark_non_differentiable(tau)
+    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
+    ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
+    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
+
+
+def _linear_backward(ctx, grad, grad_tau):
     input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
-    grad_input = grad_bias = d_out = d_in = d_coeff = d_params = None
-    if ctx.needs_input_grad[0]:  # through W0 + ΔW, rebuilt from τ
-        delta, _ = _kernelized_sparse_delta(
-            out_emb, in_emb, sparsity, ctx.kernel, coeff, params, ctx.eps, ctx.mode, ctx.threshold, tau
+    input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+    with forward_backend(ctx):
+        grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+            grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
+            input_grad, kernel_grads,
         )  # fmt: skip
-        grad_input = grad @ (weight + delta).to(grad.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_bias = _tokens(grad).sum(0)
-    if any(ctx.needs_input_grad[3:]):
-
-        def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
-            return _tokens(tensor).to(out_emb.dtype).contiguous()
-
-        d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
-            tokens(grad), tokens(input), out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps,
-            ctx.mode,
-        )  # fmt: skip
+    grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
+    if not input_grad:
+        grad_input = None
+    if not kernel_grads:
+        d_out = d_in = d_coeff = d_params = None
     return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 

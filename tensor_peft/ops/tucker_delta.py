@@ -1,6 +1,6 @@
 """``tucker_delta``: the FLoRA Tucker update ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}.
 
-Gradients (SPEC §1 FLoRA): ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …,
+Gradients (FLoRA's Tucker update): ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …,
 ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ, computed by the backend's
 ``tucker_delta_backward`` (also the backward of ``tucker_merge``); from projections of Γ
 by ``tucker_projected_backward``.

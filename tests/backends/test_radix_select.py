@@ -43,7 +43,7 @@ def test_threshold_equals_a_brute_force_sort(backend, device, dtype, kind, mode)
     for k in sorted({0, 1, 2, x.numel() // 3, x.numel() // 2, x.numel() - 1, x.numel()}):
         out, tau = sparsify(x, k, mode)
         assert tau.item() == brute_force_tau(x.cpu(), k), (k, tau.item())
-        magnitude = x.abs()  # the kept set is exactly |x| > τ, each entry by SPEC's formula
+        magnitude = x.abs()  # the kept set is exactly |x| > τ, each entry by the sparsification's formula
         factor = magnitude if mode == "hard" else magnitude - max(tau.item(), 0.0)
         assert torch.equal(out, torch.where(magnitude > tau, x * factor, torch.zeros_like(x)))
 
@@ -96,7 +96,7 @@ def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_fused_mask_by_a_given_threshold(backend, device, mode):
     """Given τ, kernelized_sparse_delta masks by it and selects nothing (k is ignored):
-    a tied value, a value between two, 0 and −inf give SPEC's mask exactly, and returned
+    a tied value, a value between two, 0 and −inf give the mask 1[|ΔW| > τ] exactly, and returned
     is the τ given."""
     out_emb, in_emb, coeff, params, raw = exact_linear_case(torch.float32, device)
     kernelized_sparse_delta = kernel("kernelized_sparse_delta", backend)

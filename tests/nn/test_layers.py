@@ -1,5 +1,5 @@
 """Adapter-layer conformance for every method over every base layer type and conv
-geometry: identical output at init, the forward and every gradient against SPEC's
+geometry: identical output at init, the forward and every gradient against the method's
 formula applied independently (the base layer run with W0 + ΔW), merge/unmerge,
 dropout, the dtype policy and the refusal of non-finite merges."""
 
@@ -37,7 +37,7 @@ INPUT_SPATIAL = {1: (9,), 2: (7, 6), 3: (4, 5, 3)}
 
 
 def transform(adapter) -> torch.Tensor:
-    """SPEC's T per MTLoRA variant, written out here (identity for LoRA)."""
+    """MTLoRA's T per variant, written out here (identity for LoRA)."""
     variant = getattr(adapter, "variant", None)
     if variant is None:
         return torch.eye(adapter.r, dtype=adapter.lora_A.dtype)
@@ -53,7 +53,7 @@ def tucker_einsum(core, factors, scale) -> torch.Tensor:
 
 
 def snell_kernel(adapter) -> torch.Tensor:
-    """ΔW_raw[j, i] = κ(b_j, a_i) by SPEC §1, from broadcast differences and dot products."""
+    """ΔW_raw[j, i] = κ(b_j, a_i) by SNELL's definition, from broadcast differences and dot products."""
     out, into = adapter.snell_out, adapter.snell_in  # (H, m, p), (H, n, p)
     b, a = out.transpose(0, 1).flatten(1), into.transpose(0, 1).flatten(1)  # chunks concatenated
     squared = ((b[:, None, :] - a[None, :, :]) ** 2).sum(-1)
@@ -72,7 +72,7 @@ def snell_kernel(adapter) -> torch.Tensor:
 
 
 def snell_delta(adapter) -> torch.Tensor:
-    """SPEC's competition: drop the k = ceil(s·m·n) smallest |ΔW_raw| (τ from a full sort),
+    """SNELL's competition: drop the k = ceil(s·m·n) smallest |ΔW_raw| (τ from a full sort),
     hard ΔW_raw ⊙ sg(|ΔW_raw|), soft ΔW_raw ⊙ (|ΔW_raw| − sg(τ))⁺."""
     raw = snell_kernel(adapter)
     magnitude = raw.abs()
@@ -85,7 +85,7 @@ def snell_delta(adapter) -> torch.Tensor:
 
 
 def spec_delta(layer, adapter) -> torch.Tensor:
-    """ΔW from the adapter's parameters by SPEC §1: FLoRA's Tucker update (one einsum),
+    """ΔW from the adapter's parameters by each method's definition: FLoRA's Tucker update (one einsum),
     SNELL's kernelized sparse update, or s·B·T·A on the matrix view for LoRA / MTLoRA."""
     if hasattr(adapter, "snell_out"):
         return snell_delta(adapter).reshape(layer.weight.shape)
@@ -106,7 +106,7 @@ def taylor_expm(S: torch.Tensor, terms: int = 40) -> torch.Tensor:
 
 
 def spec_weight(layer, adapter) -> torch.Tensor:
-    """W_eff by SPEC §1: W0 + ΔW; LieRA W0 ⊙ exp(ΔW) or W0 ⊙ (1 + ΔW) (hadamard), or
+    """W_eff by each method's definition: W0 + ΔW; LieRA W0 ⊙ exp(ΔW) or W0 ⊙ (1 + ΔW) (hadamard), or
     blockdiag(exp(S_i))·W0 with S_i = A_i − A_iᵀ (orthogonal) or A_i (gl)."""
     W0 = layer.base_layer.weight
     group = getattr(adapter, "group", None)
@@ -184,7 +184,7 @@ geometry_param = pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @geometry_param
 def test_equals_base_at_init(method, geometry):
     if method.startswith("snell"):
-        pytest.skip("SNELL's embeddings start random (SPEC), so ΔW is small but not zero at init")
+        pytest.skip("SNELL's embeddings start random (as in the paper), so ΔW is small but not zero at init")
     layer, x = make(method, geometry)
     assert torch.equal(layer(x), layer.base_layer(x))
     assert layer.weight is layer.base_layer.weight  # the base layer's attributes read through
@@ -201,7 +201,7 @@ def test_forward_and_gradients_match_spec(method, geometry):
 
 
 def assert_matches_spec(layer, x):
-    """The layer's output and the gradients of x and every adapter parameter equal SPEC's
+    """The layer's output and the gradients of x and every adapter parameter equal the method's
     formula (float64)."""
     adapter = layer.adapters["default"]
     x.requires_grad_()
