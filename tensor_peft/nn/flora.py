@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..backends import reference
 from ..config import EXECUTIONS, check_choice, check_rank
+from ..ops.tucker_delta import tucker_projected_backward
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 
 PATHS = tuple(execution for execution in EXECUTIONS if execution != "auto")
@@ -153,23 +153,19 @@ class FLoRALayer(AdapterLayer):
         return ops.tucker_merge(weight, core, factors, adapter.scale)
 
     def projected_gradients(self, x: Tensor, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float):
-        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by the
-        Tucker gradients applied to the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ and
-        T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (which is never formed)."""
+        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by the op
+        ``tucker_projected_backward`` on the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ
+        and T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (which is never formed)."""
         dtype = core.dtype
         x, grad = x.to(dtype), grad.to(dtype)
-        U0, U1, *spatial = factors
+        U0, U1 = factors[:2]
         r0, r1 = core.shape[:2]
         kernel = tuple(self.weight.shape[2:])
         # T_1 = Γ ×_1 U_1ᵀ: the weight gradient of U_1ᵀx; T_0 = Γ ×_0 U_0ᵀ: that of x against U_0ᵀ·grad
         T1 = self.weight_gradient(self.pointwise(x, U1.T), grad, (U0.shape[0], r1, *kernel))
         T0 = self.weight_gradient(x, self.pointwise(grad, U0.T), (r0, U1.shape[0], *kernel))
         T01 = torch.tensordot(T0, U1, dims=([1], [0])).movedim(-1, 1)
-        eye0, eye1 = (torch.eye(r, dtype=dtype, device=core.device) for r in (r0, r1))
-        d_core, _, _, *d_spatial = reference.tucker_delta_backward(T01, core, [eye0, eye1, *spatial], scale)
-        d_U0 = reference.tucker_delta_backward(T1, core, [U0, eye1, *spatial], scale)[1]
-        d_U1 = reference.tucker_delta_backward(T0, core, [eye0, U1, *spatial], scale)[2]
-        return [d_core, d_U0, d_U1, *d_spatial]
+        return tucker_projected_backward(T0, T1, T01, core, factors, scale)
 
     def projects_gradients(self, adapter: Adapter) -> bool:
         """Whether the merged path's backward takes the projected weight gradients (groups

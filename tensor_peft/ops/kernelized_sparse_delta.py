@@ -166,9 +166,9 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
 
 
 @torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
+    "tensor_peft::sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
 )
-def _kernelized_sparse_linear(
+def _sparse_linear(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -186,15 +186,15 @@ def _kernelized_sparse_linear(
     return F.linear(input, (weight + delta).to(input.dtype), bias), tau
 
 
-@_kernelized_sparse_linear.register_fake
+@_sparse_linear.register_fake
 def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
     return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
 
 
 @torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
+    "tensor_peft::sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
-def _kernelized_sparse_linear_backward(
+def _sparse_linear_backward(
     grad: Tensor,
     input: Tensor,
     weight: Tensor,
@@ -227,12 +227,12 @@ def _kernelized_sparse_linear_backward(
         return _tokens(tensor).to(out_emb.dtype).contiguous()
 
     return [grad_input, *run(
-        "kernelized_sparse_linear_backward", out_emb.device,
+        "sparse_linear_backward", out_emb.device,
         tokens(grad), tokens(input), out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
     )]  # fmt: skip
 
 
-@_kernelized_sparse_linear_backward.register_fake
+@_sparse_linear_backward.register_fake
 def _(grad, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode, input_grad, kernel_grads):
     grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
     if not kernel_grads:
@@ -258,7 +258,7 @@ def _linear_backward(ctx, grad, grad_tau):
     input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
     input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
     with forward_backend(ctx):
-        grad_input, d_out, d_in, d_coeff, d_params = _kernelized_sparse_linear_backward(
+        grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
             grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
             input_grad, kernel_grads,
         )  # fmt: skip
@@ -270,7 +270,7 @@ def _linear_backward(ctx, grad, grad_tau):
     return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
-_kernelized_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def sparse_linear(
@@ -307,7 +307,7 @@ def sparse_linear(
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
-    output, _ = _kernelized_sparse_linear(
+    output, _ = _sparse_linear(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip
     return output

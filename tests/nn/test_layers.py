@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from tensor_peft import backends
 from tensor_peft import ops as tp_ops
+from tensor_peft.backends import registry
 from tensor_peft.nn import FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 
 GEOMETRIES = {
@@ -402,6 +404,21 @@ def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_b
     x = torch.randn(2, *((3, base.in_features) if isinstance(base, nn.Linear) else (base.in_channels, *spatial)),
                     dtype=torch.float64)  # fmt: skip
     assert_matches_spec(layer, x)
+
+
+@pytest.mark.parametrize("backend", backends.available("cpu"))
+def test_flora_projected_gradients_run_on_the_backend_asked_for(backend, monkeypatch):
+    """The merged path's projected gradients are an op dispatched like the others: under
+    use(backend) that backend's kernel computes them, and they equal the formula's."""
+    torch.manual_seed(0)
+    layer = FLoRALayer(nn.Conv2d(12, 10, 3, padding=1).double(), r=2, scale=0.8, execution="merged")
+    randomize(layer)
+    original, calls = registry.kernel("tucker_projected_backward", backend), []
+    spy = lambda *args: calls.append(backend) or original(*args)  # noqa: E731
+    monkeypatch.setitem(registry._KERNELS, ("tucker_projected_backward", backend), spy)
+    with backends.use(backend):
+        assert_matches_spec(layer, torch.randn(2, 12, 5, 4, dtype=torch.float64))
+    assert calls == [backend]
 
 
 @pytest.mark.parametrize("make_layer", [

@@ -72,7 +72,7 @@ def test_given_threshold_rebuilds_the_same_delta(kernel):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-LINEAR_BACKENDS = backends_with("kernelized_sparse_linear_backward")
+LINEAR_BACKENDS = backends_with("sparse_linear_backward")
 
 
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
