@@ -124,8 +124,10 @@ def _mask_factor(value, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr):
 def _keys(values, DOUBLE: tl.constexpr):
     """The radix keys of |values|: their bits without the sign, as int64."""
     if DOUBLE:
-        return values.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
-    return (values.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+        keys = values.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+    else:
+        keys = (values.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    return keys
 
 
 @triton.jit
