@@ -1,7 +1,8 @@
 """The Triton threshold search with its candidates buffer: τ is bitwise the k-th smallest
 |x| of ``torch.kthvalue`` on random data, heavy ties, all-equal and zero inputs, for
 k = 1 … numel, float32 and float64, both when the candidates fit in the buffer and when
-they do not (a buffer of 1 or 5 entries: the passes fall back to the whole input)."""
+they do not (a buffer of 1 or 5 entries: passes read the whole input again, and float64's
+copy out the candidates of a longer prefix)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def inputs(kind: str, dtype: torch.dtype, generator: torch.Generator) -> torch.T
         levels = torch.tensor([0.5, 1.5, 2.0], dtype=dtype)
         signs = (torch.randint(0, 2, (23, 31), generator=generator) * 2 - 1).to(dtype)
         return levels[torch.randint(0, 3, (23, 31), generator=generator)] * signs
+    if kind == "narrow":  # magnitudes within 0.1% of 1, as κ of an RBF kernel near its peak
+        signs = (torch.randint(0, 2, (25, 27), generator=generator) * 2 - 1).to(torch.float64)
+        return ((1 + 1e-3 * torch.rand(25, 27, generator=generator, dtype=torch.float64)) * signs).to(dtype)
     if kind == "equal":
         return torch.full((17, 19), -0.3, dtype=dtype)
     zeros = torch.zeros(21, 13, dtype=dtype)  # mostly ±0, a few small values
@@ -43,9 +47,25 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.reshape(1).view(integer), b.reshape(1).view(integer))
 
 
+def recorded_lengths(monkeypatch, kernelized) -> list[tuple[int, int]]:
+    """A list that receives, per refine_kernel launch, (candidates before the pass, after it)."""
+    seen, refine = [], kernelized.refine_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(x, count, candidates, lengths, *args, **kwargs):
+                refine[grid](x, count, candidates, lengths, *args, **kwargs)
+                seen.append((int(lengths[0]), int(lengths[1])))
+
+            return launch
+
+    monkeypatch.setattr(kernelized, "refine_kernel", Recording())
+    return seen
+
+
 @pytest.mark.parametrize("capacity", [None, 1, 5], ids=["buffer", "fallback-1", "fallback-5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["random", "ties", "equal", "zeros"])
+@pytest.mark.parametrize("kind", ["random", "ties", "narrow", "equal", "zeros"])
 def test_sparsify_threshold_is_the_kth_smallest_magnitude(monkeypatch, kind, dtype, capacity):
     kernelized = _kernelized()
     if capacity is not None:
@@ -58,24 +78,14 @@ def test_sparsify_threshold_is_the_kth_smallest_magnitude(monkeypatch, kind, dty
 
 @pytest.mark.parametrize("capacity", [None, 1], ids=["buffer", "fallback"])
 def test_the_compaction_finds_exactly_the_keys_of_the_kths_bin(monkeypatch, capacity):
-    """The candidates counted are the entries whose magnitude shares the k-th's first
-    digit (counted here from the float bits); on normal data they fit the default buffer,
-    and a buffer of 1 entry does not hold them."""
+    """float32: the compacting pass counts the entries whose magnitude shares the k-th's
+    first digit (counted here from the float bits); on normal data they fit the default
+    buffer and the last pass reads them only, and a buffer of 1 entry does not hold them
+    and the last pass reads everything."""
     kernelized = _kernelized()
     if capacity is not None:
         monkeypatch.setattr(kernelized, "_candidate_capacity", lambda numel: capacity)
-    found_counts = []
-    refine = kernelized.refine_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(x, count, candidates, found, *args, **kwargs):
-                refine[grid](x, count, candidates, found, *args, **kwargs)
-                found_counts.append(int(found[0]))
-
-            return launch
-
-    monkeypatch.setattr(kernelized, "refine_kernel", Recording())
+    lengths_seen = recorded_lengths(monkeypatch, kernelized)
     x = torch.randn(40, 50, generator=torch.Generator().manual_seed(3))
     k = x.numel() // 2
     _, tau = kernelized.sparsify(x, k, "soft")
@@ -83,8 +93,9 @@ def test_the_compaction_finds_exactly_the_keys_of_the_kths_bin(monkeypatch, capa
     first_shift = kernelized._shifts(x.dtype)[0]
     keys = x.abs().view(torch.int32) >> first_shift
     in_bin = int((keys == (expected_tau(x, k).view(torch.int32) >> first_shift)).sum())
-    assert found_counts and set(found_counts) == {in_bin}
-    assert (in_bin <= kernelized._candidate_capacity(x.numel())) == (capacity is None)
+    buffer = kernelized._candidate_capacity(x.numel())
+    assert len(lengths_seen) == 2 and lengths_seen[0] == (buffer + 1, in_bin) and lengths_seen[1][0] == in_bin
+    assert (in_bin <= buffer) == (capacity is None)
 
 
 @pytest.mark.parametrize("capacity", [None, 1], ids=["buffer", "fallback"])
@@ -103,3 +114,19 @@ def test_fused_threshold_with_and_without_the_buffer(monkeypatch, dtype, capacit
     for k in (1, raw.numel() // 4, raw.numel()):
         _, tau = kernelized.kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
         assert same_bits(tau, expected_tau(raw, k)), k
+
+
+def test_float64_copies_out_a_longer_prefix_when_the_first_candidates_overflow(monkeypatch):
+    """Magnitudes within 0.1% of 1 share their first two digits: the compacting pass
+    overflows the buffer, the next reads everything and copies out the few that share
+    three digits, and the last two read only those."""
+    kernelized = _kernelized()
+    lengths_seen = recorded_lengths(monkeypatch, kernelized)
+    x = inputs("narrow", torch.float64, torch.Generator().manual_seed(4))
+    k = x.numel() // 3
+    _, tau = kernelized.sparsify(x, k, "hard")
+    assert same_bits(tau, expected_tau(x, k))
+    buffer = kernelized._candidate_capacity(x.numel())
+    (start, overflowed), (_, copied), *later = lengths_seen
+    assert start > buffer and overflowed > buffer and 0 < copied <= buffer
+    assert later == [(copied, copied)] * 2

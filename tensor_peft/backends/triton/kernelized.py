@@ -11,10 +11,10 @@ competition sparsification and the backward of both, with nothing m×n kept betw
   ``search_kernel`` picks the bin holding the k-th on the device, so no pass waits on the
   host; counts are int64, any number of entries. Once the digits found narrow the keys to
   an eighth of an octave (float32: after the first digit; float64: after two),
-  ``count_kernel`` copies the keys that still match into a candidates buffer of
-  ``_candidate_capacity`` entries while it counts, and ``refine_kernel`` counts the later
-  digits over those candidates only, or over all of ΔW_raw again when they did not fit
-  (decided on the device).
+  ``refine_kernel`` copies the values whose keys still match into a candidates buffer of
+  ``_candidate_capacity`` entries while it counts, and counts the later digits over those
+  candidates only; when they did not fit, the next pass reads all of ΔW_raw again and
+  copies out the fewer that match its longer prefix (decided on the device).
 - ``mask_kernel``: the sparsification ΔW·|ΔW|·1[|ΔW| > τ] (hard) or ΔW·(|ΔW| − τ⁺)·1[…]
   (soft) and, for the backward, its derivative with τ (and, hard, |ΔW|) held constant.
 - ``backward_kernel``: one tile of Γ per program; recomputes the tile of κ, applies the
@@ -44,7 +44,7 @@ BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
 DIGIT = 11  # bits per radix pass
 BINS = 1 << DIGIT
-REFINE_PROGRAMS = 1024  # refine_kernel's grid: enough programs to fill a GPU, looping over the entries
+REFINE_PROGRAMS = 2048  # refine_kernel's grid at most: about as many programs as a GPU holds at once
 # Globals that kernels read must be constexpr.
 PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = (tl.constexpr(kernel_id(name)) for name in KERNELS)
 HARD = tl.constexpr(mode_id("hard"))
@@ -162,45 +162,41 @@ def delta_kernel(out, out_emb, in_emb, coeff, kernel_params, column_max, column_
 
 
 @triton.jit
-def count_kernel(x, count, counts, state, shift, candidates, found, capacity,
-                 COMPACT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """A radix pass over all of x; COMPACT: the matching values are also copied into
-    candidates[capacity], in any order (the counts do not depend on it), found[0]
-    counting them all, those beyond the capacity included."""
+def count_kernel(x, count, counts, state, shift, DOUBLE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < count
     values = tl.load(x + offsets, mask=inside, other=0.0)
-    match = _count_digits(values, inside, counts, tl.load(state), tl.load(state + 1), shift, DOUBLE, BINS)
-    if COMPACT:
-        matched = tl.sum(match.to(tl.int64), 0)
-        if matched > 0:
-            first = tl.atomic_add(found, matched, sem="relaxed")
-            slots = first + tl.cumsum(match.to(tl.int64), 0) - 1
-            tl.store(candidates + slots, values, mask=match & (slots < capacity))
+    _count_digits(values, inside, counts, tl.load(state), tl.load(state + 1), shift, DOUBLE, BINS)
 
 
 @triton.jit
-def _count_all(x, length, counts, prefix, prefix_mask, shift, DOUBLE: tl.constexpr, BINS: tl.constexpr,
-               BLOCK: tl.constexpr):  # fmt: skip
-    """This program's share of a radix pass over x[:length], block by block."""
+def refine_kernel(x, count, candidates, lengths, capacity, counts, state, shift,
+                  COMPACT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """A radix pass from the compaction on, each program looping over blocks: over the
+    lengths[0] candidates when they fit the buffer (lengths[1] = lengths[0]), else over
+    all of x, COMPACT: copying the values whose keys match into candidates[capacity], in
+    any order (the counts do not depend on it), lengths[1] counting them all."""
+    prefix, prefix_mask, length = tl.load(state), tl.load(state + 1), tl.load(lengths)
     first, stride = tl.program_id(0).to(tl.int64) * BLOCK, tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(first, length, stride):
-        offsets = start + tl.arange(0, BLOCK)
-        inside = offsets < length
-        values = tl.load(x + offsets, mask=inside, other=0.0)
-        _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
-
-
-@triton.jit
-def refine_kernel(x, count, candidates, found, capacity, counts, state, shift,
-                  DOUBLE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """A radix pass after the compaction: over the found[0] candidates when they fit in
-    the buffer, else over all of x."""
-    prefix, prefix_mask, total = tl.load(state), tl.load(state + 1), tl.load(found)
-    if total <= capacity:
-        _count_all(candidates, total, counts, prefix, prefix_mask, shift, DOUBLE, BINS, BLOCK)
+    if length <= capacity:
+        for start in range(first, length, stride):
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < length
+            values = tl.load(candidates + offsets, mask=inside, other=0.0)
+            _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
+        if tl.program_id(0) == 0:
+            tl.store(lengths + 1, length)
     else:
-        _count_all(x, count, counts, prefix, prefix_mask, shift, DOUBLE, BINS, BLOCK)
+        for start in range(first, count, stride):
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < count
+            values = tl.load(x + offsets, mask=inside, other=0.0)
+            match = _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
+            if COMPACT:
+                matched = tl.sum(match.to(tl.int64), 0)
+                if matched > 0:
+                    slots = tl.atomic_add(lengths + 1, matched, sem="relaxed") + tl.cumsum(match.to(tl.int64), 0) - 1
+                    tl.store(candidates + slots, values, mask=match & (slots < capacity))
 
 
 @triton.jit
@@ -359,15 +355,15 @@ def _shifts(dtype: torch.dtype) -> list[int]:
 
 
 def _compacting_pass(dtype: torch.dtype) -> int:
-    """The index of the pass that copies out the candidates: the first whose prefix holds
-    the exponent and 3 bits of mantissa (a bin of an eighth of an octave)."""
+    """The index of the first pass that copies out candidates: the first whose prefix
+    holds the exponent and 3 bits of mantissa (a bin of an eighth of an octave)."""
     exponent_bits = 11 if dtype == torch.float64 else 8
     return -(-(exponent_bits + 3) // DIGIT)
 
 
 def _candidate_capacity(numel: int) -> int:
     """Entries of the candidates buffer: an eighth of the input (a bin of an eighth of an
-    octave holds less for most data; more falls back to passes over the whole input)."""
+    octave holds less for most data; more falls back to a pass over the whole input)."""
     return max(numel // 8, 1)
 
 
@@ -379,27 +375,29 @@ def _new_counts(x: torch.Tensor) -> torch.Tensor:
 def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | None = None) -> torch.Tensor:
     """τ (a 0-dim tensor, never read on the host) = the k-th smallest |x| (1-based); −inf
     when k = 0. ``counted``: counts from ``_new_counts`` whose first pass a producer
-    kernel has already filled."""
+    kernel has already filled. The passes before ``_compacting_pass`` read all of x; from
+    it on, a pass reads the candidates the pass before copied out when they fit the
+    buffer, else all of x again, copying out the (fewer) keys that match the longer prefix."""
     if k == 0:
         return x.new_full((), float("-inf"))
+    shifts, numel, double = _shifts(x.dtype), x.numel(), x.dtype == torch.float64
     counts = _new_counts(x) if counted is None else counted
     state = torch.zeros(3, dtype=torch.int64, device=x.device)  # prefix, its mask, rank
     state[2] = k  # a fill on the device: no copy from the host, no synchronization
-    found = torch.zeros(1, dtype=torch.int64, device=x.device)
-    capacity = _candidate_capacity(x.numel())
+    capacity, compacting = _candidate_capacity(numel), _compacting_pass(x.dtype)
     candidates = x.new_empty(capacity)
-    double, numel, compacting = x.dtype == torch.float64, x.numel(), _compacting_pass(x.dtype)
-    for index, shift in enumerate(_shifts(x.dtype)):
-        if index > compacting:
+    lengths = torch.zeros(len(shifts) + 1, dtype=torch.int64, device=x.device)  # candidates before each pass
+    lengths[compacting] = capacity + 1  # none yet: the compacting pass reads all of x
+    for index, shift in enumerate(shifts):
+        if index >= compacting:
             refine_kernel[(min(triton.cdiv(numel, BLOCK), REFINE_PROGRAMS),)](
-                x, numel, candidates, found, capacity, counts[index], state, shift,
-                DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
+                x, numel, candidates, lengths[index:], capacity, counts[index], state, shift,
+                COMPACT=index < len(shifts) - 1, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
             )  # fmt: skip
         elif index > 0 or counted is None:
             count_kernel[(triton.cdiv(numel, BLOCK),)](
-                x, numel, counts[index], state, shift, candidates, found, capacity,
-                COMPACT=index == compacting, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
-            )  # fmt: skip
+                x, numel, counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
+            )
         search_kernel[(1,)](counts[index], state, shift, BINS=BINS)
     bits = state[:1] if double else state[:1].to(torch.int32)
     return bits.view(x.dtype).reshape(())
