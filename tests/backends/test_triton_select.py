@@ -130,3 +130,20 @@ def test_float64_copies_out_a_longer_prefix_when_the_first_candidates_overflow(m
     (start, overflowed), (_, copied), *later = lengths_seen
     assert start > buffer and overflowed > buffer and 0 < copied <= buffer
     assert later == [(copied, copied)] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_bytes_in_the_benchmark_note_follow_the_passes(dtype):
+    """``sparse_delta_bytes`` against the passes counted by hand: float32 writes ΔW, reads
+    it once to copy out C candidates, reads those once, and masks ΔW (4N + 2C entries);
+    float64 reads ΔW twice before its copy and reads the candidates 3 times (5N + 4C);
+    overflowing candidates cost the buffer (N/8) and one more read of ΔW."""
+    from tensor_peft.gpu_report.floors import sparse_delta_bytes
+
+    numel, few = 8000, 200
+    if dtype == torch.float32:
+        fits, overflowed = 4 * numel + 2 * few, 5 * numel + numel // 8
+    else:
+        fits, overflowed = 5 * numel + 4 * few, 6 * numel + numel // 8
+    assert sparse_delta_bytes(numel, dtype, few) == fits * dtype.itemsize
+    assert sparse_delta_bytes(numel, dtype, numel) == overflowed * dtype.itemsize
