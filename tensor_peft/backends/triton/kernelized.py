@@ -177,26 +177,21 @@ def refine_kernel(x, count, candidates, lengths, capacity, counts, state, shift,
     all of x, COMPACT: copying the values whose keys match into candidates[capacity], in
     any order (the counts do not depend on it), lengths[1] counting them all."""
     prefix, prefix_mask, length = tl.load(state), tl.load(state + 1), tl.load(lengths)
+    fits = length <= capacity
+    source, end = tl.where(fits, candidates, x), tl.where(fits, length, count)
+    if tl.program_id(0) == 0:
+        tl.store(lengths + 1, length, mask=fits)
     first, stride = tl.program_id(0).to(tl.int64) * BLOCK, tl.num_programs(0).to(tl.int64) * BLOCK
-    if length <= capacity:
-        for start in range(first, length, stride):
-            offsets = start + tl.arange(0, BLOCK)
-            inside = offsets < length
-            values = tl.load(candidates + offsets, mask=inside, other=0.0)
-            _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
-        if tl.program_id(0) == 0:
-            tl.store(lengths + 1, length)
-    else:
-        for start in range(first, count, stride):
-            offsets = start + tl.arange(0, BLOCK)
-            inside = offsets < count
-            values = tl.load(x + offsets, mask=inside, other=0.0)
-            match = _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
-            if COMPACT:
-                matched = tl.sum(match.to(tl.int64), 0)
-                if matched > 0:
-                    slots = tl.atomic_add(lengths + 1, matched, sem="relaxed") + tl.cumsum(match.to(tl.int64), 0) - 1
-                    tl.store(candidates + slots, values, mask=match & (slots < capacity))
+    for start in range(first, end, stride):
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < end
+        values = tl.load(source + offsets, mask=inside, other=0.0)
+        match = _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
+        if COMPACT:
+            total = tl.sum(match.to(tl.int64), 0)
+            if (total > 0) & (length > capacity):
+                slots = tl.atomic_add(lengths + 1, total, sem="relaxed") + tl.cumsum(match.to(tl.int64), 0) - 1
+                tl.store(candidates + slots, values, mask=match & (slots < capacity))
 
 
 @triton.jit
