@@ -102,7 +102,8 @@ def test_the_compaction_finds_exactly_the_keys_of_the_kths_bin(monkeypatch, capa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_threshold_with_and_without_the_buffer(monkeypatch, dtype, capacity):
     """kernelized_sparse_delta counts the first digit while computing κ; τ against a sort
-    of the dense update (linear kernel of small integers: exact products, many ties)."""
+    of the dense update (linear kernel of small multiples of 1/8: exact products, many
+    ties)."""
     kernelized = _kernelized()
     if capacity is not None:
         monkeypatch.setattr(kernelized, "_candidate_capacity", lambda numel: capacity)
