@@ -6,7 +6,10 @@ of grid, block sizes and constexprs matter).
   r = 8 and 64;
 - ``matrix_exp`` with and without the derivative: n = 3, 8, 16, 32, 64, 128;
 - SNELL (``kernelized.py``): 768×3072 and 4096×11008 at r = 8 in two chunks, every kernel
-  function, dense, sparsified (hard, soft) and sparsify alone, forward and backward."""
+  function, dense, sparsified (hard, soft) and sparsify alone, forward and backward; the
+  sparsified calls launch every kernel of the threshold search (``count_kernel``,
+  ``refine_kernel`` with and without the compaction, ``search_kernel``: which source a
+  refine pass reads is decided on the device, so one compile covers both)."""
 
 from __future__ import annotations
 

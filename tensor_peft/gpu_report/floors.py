@@ -4,11 +4,14 @@ A floor is the bytes an op must move (each input read once, the output written o
 over the memory bandwidth: 3.0 TB/s (H100 SXM) and 4.8 TB/s (H200). ``python -m
 tensor_peft.gpu_report.floors`` (run by ``benchmarks/gpu_check.sh``) times each op on
 every backend that runs on CUDA tensors (CUDA events, median of 20 after warm-up) and
-prints the time against both floors."""
+prints the time against both floors. ``python -m tensor_peft.gpu_report.floors --traffic``
+prints, without a GPU, the bytes the Triton SNELL sparsified update moves
+(``sparse_delta_bytes``) against the floor."""
 
 from __future__ import annotations
 
 import statistics
+import sys
 
 import torch
 
@@ -38,6 +41,44 @@ def cases(device: torch.device):
     yield "sparsify 4096x11008", 2 * delta.numel() * F32, lambda: ops.sparsify(delta, 0.9)
 
 
+def sparse_delta_bytes(numel: int, dtype: torch.dtype, candidates: int) -> int:
+    """Bytes the Triton ``kernelized_sparse_delta`` moves for ΔW of numel entries when the
+    k-th's bin at the compacting pass holds ``candidates`` entries: ΔW written by the κ
+    pass, read by every pass up to the compacting one, the candidates written there and
+    read by each later pass, and ΔW read and written by the mask. Candidates that
+    overflow the buffer: the buffer written full and ΔW read by the next pass, whose
+    candidates (a longer prefix) are taken as negligible. ``sparsify`` moves the same (its
+    first pass reads x where the κ pass writes ΔW)."""
+    from ..backends.triton import kernelized
+
+    passes, compacting = len(kernelized._shifts(dtype)), kernelized._compacting_pass(dtype)
+    capacity, later = kernelized._candidate_capacity(numel), passes - 1 - compacting
+    entries = numel + compacting * numel + 2 * numel
+    if candidates <= capacity:
+        entries += candidates * (1 + later)
+    elif later:
+        entries += capacity + numel
+    return entries * dtype.itemsize
+
+
+def traffic_table() -> str:
+    """A markdown table of ``sparse_delta_bytes`` for SNELL's typical shapes: normal-like
+    data (the k-th's bin holding 4% of float32 entries, 0.02% of float64 ones) and data
+    concentrated in one bin (more than the buffer), against the floor (ΔW written once)."""
+    lines = ["| ΔW | dtype | candidates | bytes | × floor | µs at " + " | µs at ".join(BANDWIDTH) + " |",
+             "|---|---|---|---|---|" + "---|" * len(BANDWIDTH)]  # fmt: skip
+    for m, n in ((768, 3072), (4096, 11008)):
+        for dtype, share in ((torch.float32, 0.04), (torch.float64, 0.0002)):
+            numel = m * n
+            for label, candidates in ((f"{share:.2%}", int(numel * share)), ("overflow", numel)):
+                nbytes = sparse_delta_bytes(numel, dtype, candidates)
+                times = " | ".join(f"{nbytes / bandwidth * 1e6:.1f}" for bandwidth in BANDWIDTH.values())
+                floor = numel * dtype.itemsize
+                lines.append(f"| {m}×{n} | {str(dtype).removeprefix('torch.')} | {label} | {nbytes / 1e6:.1f} MB | "
+                             f"{nbytes / floor:.2f} | {times} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def median_seconds(call, repeats: int = 20) -> float:
     for _ in range(3):
         call()
@@ -55,6 +96,9 @@ def median_seconds(call, repeats: int = 20) -> float:
 def main() -> int:
     from tensor_peft import backends
 
+    if sys.argv[1:] == ["--traffic"]:
+        print(traffic_table())
+        return 0
     if not torch.cuda.is_available():
         print("floors: no CUDA GPU here")
         return 2

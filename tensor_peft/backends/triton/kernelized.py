@@ -6,10 +6,15 @@ competition sparsification and the backward of both, with nothing m×n kept betw
   statistics computed before; when a threshold follows, the tile also counts the first
   radix digit of its magnitudes.
 - The threshold τ, the exact k-th smallest |ΔW_raw|, by radix select on the float bits
-  (as ``csrc/include/tensor_peft/radix_select.h``, 8-bit digits): per pass, ``count_kernel``
-  histograms the digit of the keys that share the digits found so far and a one-program
+  (as ``csrc/include/tensor_peft/radix_select.h``, 11-bit digits): per pass, the digit of
+  the keys that share the digits found so far is histogrammed and a one-program
   ``search_kernel`` picks the bin holding the k-th on the device, so no pass waits on the
-  host; counts are int64, any number of entries.
+  host; counts are int64, any number of entries. Once the digits found narrow the keys to
+  an eighth of an octave (float32: after the first digit; float64: after two),
+  ``refine_kernel`` copies the values whose keys still match into a candidates buffer of
+  ``_candidate_capacity`` entries while it counts, and counts the later digits over those
+  candidates only; when they did not fit, the next pass reads all of ΔW_raw again and
+  copies out the fewer that match its longer prefix (decided on the device).
 - ``mask_kernel``: the sparsification ΔW·|ΔW|·1[|ΔW| > τ] (hard) or ΔW·(|ΔW| − τ⁺)·1[…]
   (soft) and, for the backward, its derivative with τ (and, hard, |ΔW|) held constant.
 - ``backward_kernel``: one tile of Γ per program; recomputes the tile of κ, applies the
@@ -38,8 +43,9 @@ from .shared import div, exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
-DIGIT = 8  # bits per radix pass
+DIGIT = 11  # bits per radix pass
 BINS = 1 << DIGIT
+REFINE_PROGRAMS = 2048  # refine_kernel's grid at most: about as many programs as a GPU holds at once
 # Globals that kernels read must be constexpr.
 PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = (tl.constexpr(kernel_id(name)) for name in KERNELS)
 HARD = tl.constexpr(mode_id("hard"))
@@ -116,17 +122,26 @@ def _mask_factor(value, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr):
 
 
 @triton.jit
-def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl.constexpr, BINS: tl.constexpr):
-    """Adds into counts[BINS] the digit (key >> shift) of the keys |value| (the bits
-    without the sign) that match prefix on prefix_mask."""
+def _keys(values, DOUBLE: tl.constexpr):
+    """The radix keys of |values|: their bits without the sign, as int64."""
     if DOUBLE:
         keys = values.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
     else:
         keys = (values.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    return keys
+
+
+@triton.jit
+def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl.constexpr, BINS: tl.constexpr):
+    """Adds into counts[BINS] the digit (key >> shift) of the keys |value| that match
+    prefix on prefix_mask, with atomics only for the bins this block fills; returns
+    which entries matched."""
+    keys = _keys(values, DOUBLE)
     match = inside & ((keys & prefix_mask) == prefix)
     digits = ((keys >> shift) & (BINS - 1)).to(tl.int32)
     histogram = tl.histogram(digits, BINS, mask=match)
     tl.atomic_add(counts + tl.arange(0, BINS), histogram.to(tl.int64), mask=histogram > 0, sem="relaxed")
+    return match
 
 
 @triton.jit
@@ -153,6 +168,31 @@ def count_kernel(x, count, counts, state, shift, DOUBLE: tl.constexpr, BINS: tl.
     inside = offsets < count
     values = tl.load(x + offsets, mask=inside, other=0.0)
     _count_digits(values, inside, counts, tl.load(state), tl.load(state + 1), shift, DOUBLE, BINS)
+
+
+@triton.jit
+def refine_kernel(x, count, candidates, lengths, capacity, counts, state, shift,
+                  COMPACT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """A radix pass from the compaction on, each program looping over blocks: over the
+    lengths[0] candidates when they fit the buffer (lengths[1] = lengths[0]), else over
+    all of x, COMPACT: copying the values whose keys match into candidates[capacity], in
+    any order (the counts do not depend on it), lengths[1] counting them all."""
+    prefix, prefix_mask, length = tl.load(state), tl.load(state + 1), tl.load(lengths)
+    fits = length <= capacity
+    source, end = tl.where(fits, candidates, x), tl.where(fits, length, count)
+    if tl.program_id(0) == 0:
+        tl.store(lengths + 1, length, mask=fits)
+    first, stride = tl.program_id(0).to(tl.int64) * BLOCK, tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(first, end, stride):
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < end
+        values = tl.load(source + offsets, mask=inside, other=0.0)
+        match = _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE, BINS)
+        if COMPACT:
+            total = tl.sum(match.to(tl.int64), 0)
+            if (total > 0) & (length > capacity):
+                slots = tl.atomic_add(lengths + 1, total, sem="relaxed") + tl.cumsum(match.to(tl.int64), 0) - 1
+                tl.store(candidates + slots, values, mask=match & (slots < capacity))
 
 
 @triton.jit
@@ -310,6 +350,19 @@ def _shifts(dtype: torch.dtype) -> list[int]:
     return [max(shift, 0) for shift in range(key_bits - DIGIT, -DIGIT, -DIGIT)]
 
 
+def _compacting_pass(dtype: torch.dtype) -> int:
+    """The index of the first pass that copies out candidates: the first whose prefix
+    holds the exponent and 3 bits of mantissa (a bin of an eighth of an octave)."""
+    exponent_bits = 11 if dtype == torch.float64 else 8
+    return -(-(exponent_bits + 3) // DIGIT)
+
+
+def _candidate_capacity(numel: int) -> int:
+    """Entries of the candidates buffer: an eighth of the input (a bin of an eighth of an
+    octave holds less for most data; more falls back to a pass over the whole input)."""
+    return max(numel // 8, 1)
+
+
 def _new_counts(x: torch.Tensor) -> torch.Tensor:
     """Zeroed int64 counts, one row of BINS per radix pass of x's dtype."""
     return torch.zeros(len(_shifts(x.dtype)), BINS, dtype=torch.int64, device=x.device)
@@ -318,17 +371,28 @@ def _new_counts(x: torch.Tensor) -> torch.Tensor:
 def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | None = None) -> torch.Tensor:
     """τ (a 0-dim tensor, never read on the host) = the k-th smallest |x| (1-based); −inf
     when k = 0. ``counted``: counts from ``_new_counts`` whose first pass a producer
-    kernel has already filled."""
+    kernel has already filled. The passes before ``_compacting_pass`` read all of x; from
+    it on, a pass reads the candidates the pass before copied out when they fit the
+    buffer, else all of x again, copying out the (fewer) keys that match the longer prefix."""
     if k == 0:
         return x.new_full((), float("-inf"))
+    shifts, numel, double = _shifts(x.dtype), x.numel(), x.dtype == torch.float64
     counts = _new_counts(x) if counted is None else counted
     state = torch.zeros(3, dtype=torch.int64, device=x.device)  # prefix, its mask, rank
     state[2] = k  # a fill on the device: no copy from the host, no synchronization
-    double = x.dtype == torch.float64
-    for index, shift in enumerate(_shifts(x.dtype)):
-        if index > 0 or counted is None:
-            count_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-                x, x.numel(), counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
+    capacity, compacting = _candidate_capacity(numel), _compacting_pass(x.dtype)
+    candidates = x.new_empty(capacity)
+    lengths = torch.zeros(len(shifts) + 1, dtype=torch.int64, device=x.device)  # candidates before each pass
+    lengths[compacting] = capacity + 1  # none yet: the compacting pass reads all of x
+    for index, shift in enumerate(shifts):
+        if index >= compacting:
+            refine_kernel[(min(triton.cdiv(numel, BLOCK), REFINE_PROGRAMS),)](
+                x, numel, candidates, lengths[index:], capacity, counts[index], state, shift,
+                COMPACT=index < len(shifts) - 1, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
+            )  # fmt: skip
+        elif index > 0 or counted is None:
+            count_kernel[(triton.cdiv(numel, BLOCK),)](
+                x, numel, counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
             )
         search_kernel[(1,)](counts[index], state, shift, BINS=BINS)
     bits = state[:1] if double else state[:1].to(torch.int32)
