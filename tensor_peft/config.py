@@ -43,7 +43,8 @@ SIDES = ("output", "input")
 """The side of the weight LieRA's matrix groups act on."""
 EXECUTIONS = ("auto", "merged", "factorized")
 """How a FLoRA layer runs its update."""
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (*HALF_DTYPES, torch.float32, torch.float64)
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:

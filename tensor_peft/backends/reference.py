@@ -41,8 +41,9 @@ def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
 
 @register("tucker_merge", "reference")
 def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    """W0 + ΔW."""
-    return weight + tucker_product(core, factors, scale)
+    """W0 + ΔW, in the weight's dtype (computed in the factors' dtype)."""
+    delta = tucker_product(core, factors, scale)
+    return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
 
 @register("tucker_delta_backward", "reference")

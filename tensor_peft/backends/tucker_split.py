@@ -31,14 +31,19 @@ def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor
     return [d_core, d_U0, *d_others]
 
 
-def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-    """W0 + ΔW (or ΔW when ``weight`` is None) by a backend's forward kernel,
-    ``launch(out, weight, U0, R, d0, r0, n, scale)`` on the (d0, n) matrix views."""
+def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float,
+                  reads_half_weight: bool = False) -> Tensor:  # fmt: skip
+    """W0 + ΔW (or ΔW when ``weight`` is None) in the weight's dtype by a backend's forward
+    kernel, ``launch(out, weight, U0, R, d0, r0, n, scale)`` on the (d0, n) matrix views.
+    A float16/bfloat16 weight goes to the kernel as it is when it ``reads_half_weight``
+    (and writes ``out`` in that dtype), else upcast to the factors' dtype around it."""
     R, _ = split_first_mode(core, factors)
     d0, r0 = factors[0].shape
-    out = R.new_empty([d0, *R.shape[1:]])
-    launch(out, weight, factors[0], R, d0, r0, R[0].numel(), scale)
-    return out
+    upcast = weight is not None and weight.dtype != R.dtype and not reads_half_weight
+    source = weight.to(R.dtype) if upcast else weight
+    out = R.new_empty([d0, *R.shape[1:]], dtype=R.dtype if source is None else source.dtype)
+    launch(out, source, factors[0], R, d0, r0, R[0].numel(), scale)
+    return out.to(weight.dtype) if upcast else out
 
 
 def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:

@@ -3,7 +3,7 @@ method, in float32 and float64, on ``meta`` tensors (no data: only the launchers
 of grid, block sizes and constexprs matter).
 
 - Tucker / LieRA hadamard (``lowrank.py``): a 4096×4096 linear and a 512×512×3×3 conv at
-  r = 8 and 64;
+  r = 8 and 64 (``tucker_merge`` also with a bfloat16 weight);
 - ``matrix_exp`` with and without the derivative: n = 3, 8, 16, 32, 64, 128;
 - SNELL (``kernelized.py``): 768×3072 and 4096×11008 at r = 8 in two chunks, every kernel
   function, dense, sparsified (hard, soft) and sparsify alone, forward and backward; the
@@ -41,6 +41,9 @@ def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
             name = f"{layer} r={r}"
             yield f"tucker_delta {name}", partial(lowrank.tucker_delta, core, factors, 0.5)
             yield f"tucker_merge {name}", partial(lowrank.tucker_merge, weight, core, factors, 0.5)
+            if dtype == torch.float32:  # a bfloat16 model's weight, read and written in its dtype
+                half_weight = _empty(*weight_shape, dtype=torch.bfloat16)
+                yield f"tucker_merge bf16 weight {name}", partial(lowrank.tucker_merge, half_weight, core, factors, 0.5)
             yield f"tucker_delta_backward {name}", partial(lowrank.tucker_delta_backward, weight, core, factors, 0.5)
             for exp in EXP_FORMS:
                 yield f"lowrank_hadamard_merge {exp} {name}", partial(lowrank.lowrank_hadamard_merge, weight, B, A, 0.5, exp)

@@ -4,8 +4,9 @@ Dtype policy: inputs may mix floating dtypes; an op computes in the widest of th
 at least float32 (float16/bfloat16 are upcast), returns its result in the dtype of its
 main input, and each gradient comes back in its own input's dtype. The casts happen in
 the public wrappers, as ordinary differentiable ``Tensor.to`` calls, so the registered
-``torch.library`` ops and the backends only ever see contiguous float32 or float64
-tensors of one dtype on one device.
+``torch.library`` ops and the backends see contiguous float32 or float64 tensors of one
+dtype on one device. One exception: ``tucker_merge`` passes a float16/bfloat16 weight in
+its own dtype (the frozen weight, read and written once; see that op).
 """
 
 from __future__ import annotations

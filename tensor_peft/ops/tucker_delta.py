@@ -90,7 +90,7 @@ def save_tucker_inputs(ctx, op: str, core: Tensor, factors: Sequence[Tensor], sc
 def tucker_grads(ctx, grad: Tensor) -> tuple[Tensor, list[Tensor]]:
     core, *factors = ctx.saved_tensors
     with forward_backend(ctx):
-        d_core, *d_factors = tucker_delta_backward(grad.contiguous(), core, factors, ctx.scale)
+        d_core, *d_factors = tucker_delta_backward(grad.to(core.dtype).contiguous(), core, factors, ctx.scale)
     return d_core, d_factors
 
 

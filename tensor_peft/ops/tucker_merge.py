@@ -1,7 +1,12 @@
 """``tucker_merge``: W0 + ΔW with the Tucker update of ``tucker_delta``, in one pass.
 
 The base weight is frozen and gets no gradient; G and U_k get the gradients of
-``tucker_delta`` (Γ flows unchanged through the addition)."""
+``tucker_delta`` (Γ flows unchanged through the addition).
+
+A float16/bfloat16 weight goes to the backend in its own dtype, not upcast: the backend
+computes W0 + ΔW in the factors' dtype (at least float32) and rounds it once into the
+weight's dtype, the result of the upcast path, with one read and one write of the weight
+on the triton backend (the others upcast around their kernels)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..config import HALF_DTYPES
 from ._common import check_frozen, check_same_device, check_tensor, prepare, run
 from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads, vanishes
 
@@ -54,5 +60,8 @@ def tucker_merge(
         )
     check_same_device({"weight": weight, "core": core})
     check_frozen(weight)
+    if weight.dtype in HALF_DTYPES:  # the factors' compute dtype is the one with the weight
+        core, *factors = prepare(core, *factors)
+        return _tucker_merge(weight.contiguous(), core, factors, scale)
     computed_weight, core, *factors = prepare(weight, core, *factors)
     return _tucker_merge(computed_weight, core, factors, scale).to(weight.dtype)

@@ -161,6 +161,47 @@ def test_backend_matches_reference(case: Case, backend: str, device: str, dtype)
 
 
 @pytest.mark.parametrize("backend,device", [*_other_backends(), ("reference", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tucker_merge_of_a_half_weight_equals_the_float32_merge_rounded_once(backend: str, device: str, dtype):
+    """A float16/bfloat16 weight with float32 factors (a half model's FLoRA merge), which
+    the backend takes in its own dtype: the result is, bit for bit, the merge of the
+    float32 weight rounded once to the weight's dtype, and the factors' gradients are
+    those of the float32 merge."""
+    generator = _generator(9)
+    weight = torch.randn(37, 70, 3, generator=generator).to(dtype).to(device)
+    core = torch.randn(4, 5, 2, generator=generator).to(device).requires_grad_()
+    factors = [torch.randn(d, r, generator=generator).to(device).requires_grad_() for d, r in ((37, 4), (70, 5), (3, 2))]
+    upstream = torch.randn(37, 70, 3, generator=generator).to(dtype).to(device)
+    with backends.use(backend):
+        merged = ops.tucker_merge(weight, core, factors, 0.7)
+        grads = torch.autograd.grad(merged, [core, *factors], upstream)
+        merged32 = ops.tucker_merge(weight.float(), core, factors, 0.7)
+        grads32 = torch.autograd.grad(merged32, [core, *factors], upstream.float())
+    assert merged.dtype == dtype
+    torch.testing.assert_close(merged, merged32.to(dtype), rtol=0, atol=0)
+    for grad, grad32 in zip(grads, grads32):
+        torch.testing.assert_close(grad, grad32, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", [*_other_backends(), ("reference", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tucker_merge_rounds_a_half_weight_to_nearest_even(backend: str, device: str, dtype):
+    """Ties (halfway between two values of the weight's dtype) round to the even one,
+    values past the largest finite to inf, NaN stays NaN: torch's conversion of the
+    float32 sums."""
+    eps = torch.finfo(dtype).eps
+    largest = torch.finfo(dtype).max
+    sums = torch.tensor([1 + eps / 2, 1 + 3 * eps / 2, -(1 + eps / 2), 2 - eps / 4, largest * (1 + eps / 4),
+                         largest * (1 + eps), float("nan"), float("-inf"), 0.0, 1e-30, 0.1, 1 / 3])  # fmt: skip
+    weight = torch.ones(sums.numel(), 1, dtype=dtype, device=device)
+    core, factors = torch.ones(1, 1, device=device), [(sums - 1).reshape(-1, 1).to(device), torch.ones(1, 1, device=device)]
+    with backends.use(backend):
+        merged = ops.tucker_merge(weight, core, factors, 1.0)
+    expected = (weight.float() + factors[0]).to(dtype)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", [*_other_backends(), ("reference", "cpu")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exact_hadamard_merge_over_the_whole_range_of_exp(backend: str, device: str, dtype):
     """W0 ⊙ exp(ΔW) with ΔW = B·A exact (B = 1, rank 1) across exp's whole range, from

@@ -23,7 +23,7 @@ from .. import tucker_split
 from ..determinism import check_deterministic
 from ..registry import register
 from ..tensor_algebra import projected_tucker_gradients
-from .shared import exp, scalar, tile, tile_grid
+from .shared import exp, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -35,7 +35,7 @@ EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
 def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: tl.constexpr, EPILOGUE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows, cols = tile(d0, n, BM, BN)
-    acc = tl.zeros((BM, BN), dtype=out.dtype.element_ty)
+    acc = tl.zeros((BM, BN), dtype=U0.dtype.element_ty)  # out may be a half weight's dtype
     for k0 in range(0, r0, BK):
         ks = k0 + tl.arange(0, BK)
         u = tl.load(U0 + rows[:, None] * r0 + ks[None, :], mask=(rows[:, None] < d0) & (ks[None, :] < r0), other=0.0)
@@ -45,14 +45,14 @@ def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: t
     inside = (rows[:, None] < d0) & (cols[None, :] < n)
     offsets = rows[:, None] * n + cols[None, :]
     if HAS_WEIGHT:
-        w = tl.load(weight + offsets, mask=inside, other=0.0)
+        w = tl.load(weight + offsets, mask=inside, other=0.0).to(acc.dtype)
         if EPILOGUE == 0:
             acc = w + acc
         elif EPILOGUE == 1:
             acc = w * exp(acc)
         else:
             acc = w * (1.0 + acc)
-    tl.store(out + offsets, acc, mask=inside)
+    tl.store(out + offsets, rounded(acc, out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def tucker_delta(core, factors, scale):
 
 @register("tucker_merge", "triton")
 def tucker_merge(weight, core, factors, scale):
-    return tucker_split.fused_forward(_launch_forward, weight, core, factors, scale)
+    return tucker_split.fused_forward(_launch_forward, weight, core, factors, scale, reads_half_weight=True)
 
 
 @register("tucker_delta_backward", "triton")

@@ -11,6 +11,11 @@ interpreter computes both with NumPy. ``exp`` uses libdevice's ``exp`` on a GPU 
 the tolerances the tests check in the interpreter hold on a GPU too. libdevice is not
 available in the interpreter, where ``tl.exp`` is already NumPy's ``exp``.
 
+``rounded`` stores a float32 value in float16/bfloat16 rounded to nearest even, as the
+GPU's conversion and torch's ``.to`` round; the interpreter's own float32 → bfloat16
+conversion truncates (its "rtne" mode rounds ties up), so bfloat16 is rounded here on the
+float bits, the same on both.
+
 ``scalar`` turns a kernel's float64-annotated scalar argument into the kernel's compute
 dtype: Python floats reach a float64 kernel as float64 (unannotated they would arrive as
 float32) and a float32 kernel rounds them once."""
@@ -43,6 +48,18 @@ def div(numerator, denominator):
         return tl.div_rn(numerator, denominator)
     else:
         return numerator / denominator
+
+
+@triton.jit
+def rounded(x, dtype: tl.constexpr):
+    """x in ``dtype`` (a narrower float type than x's), rounded to nearest even."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        kept = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # ties to the even last kept bit
+        kept = tl.where(x != x, 0x7FC0, kept)  # NaN stays a quiet NaN
+        return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
