@@ -47,7 +47,7 @@ def test_every_kernel_family_and_arch_is_covered(rows):
     triton_kernels = {(row["kernel"], row["arch"]) for row in rows if row["config"] != "launcher"}
     for kernel in ("lowrank.merge_kernel", "lowrank.backward_kernel", "expm.expm_kernel", "kernelized.delta_kernel",
                    "kernelized.backward_kernel", "kernelized.columns_kernel", "kernelized.count_kernel",
-                   "kernelized.search_kernel", "kernelized.mask_kernel"):  # fmt: skip
+                   "kernelized.search_kernel", "kernelized.refine_kernel", "kernelized.mask_kernel"):  # fmt: skip
         assert {(kernel, 80), (kernel, 90)} <= triton_kernels, kernel
     from tensor_peft.gpu_report.cuda_aot import built_extension
 
