@@ -28,6 +28,10 @@ def cases(device: torch.device):
 
     W, core, U0, U1 = randn(4096, 4096), randn(8, 8), randn(4096, 8), randn(4096, 8)
     yield "tucker_merge 4096x4096 r=8", 2 * W.numel() * F32, lambda: ops.tucker_merge(W, core, [U0, U1], 0.5)
+    W_bf16 = W.bfloat16()  # read and written in its dtype: 2 bytes each way
+    yield "tucker_merge 4096x4096 bf16 weight r=8", 2 * W.numel() * 2, lambda: ops.tucker_merge(
+        W_bf16, core, [U0, U1], 0.5
+    )
     yield "tucker_delta 4096x4096 r=8", W.numel() * F32, lambda: ops.tucker_delta(core, [U0, U1], 0.5)
     B, A = randn(4096, 8) * 0.01, randn(8, 4096) * 0.01
     yield "lowrank_hadamard_merge 4096x4096 r=8", 2 * W.numel() * F32, lambda: ops.lowrank_hadamard_merge(
