@@ -183,7 +183,9 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
         return;
     }
     reductions(P, j, out, rows);
-    for (int64_t i = 0; i < P.n; ++i) out[i] = value(P.kernel, out[i], P.alpha, P.beta, P.gamma);
+    with_kernel(P.kernel, [&](auto kernel) {
+        for (int64_t i = 0; i < P.n; ++i) out[i] = value<T>(kernel, out[i], P.alpha, P.beta, P.gamma);
+    });
 }
 
 // local[i] += exp((piecewise[i] − column_max[i])/gamma) over a row (summed in double).
@@ -432,8 +434,10 @@ TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d
     T* W = rows.scratch.data();
     if (!is_piecewise(P.kernel)) {
         if (backward_reads_x(P.kernel)) reductions(P, j, W, rows);
-        for (int64_t i = 0; i < n; ++i)
-            W[i] = backward<T>(P.kernel, D[i], W[i], P.alpha, P.beta, acc.d_alpha, acc.d_beta, acc.d_gamma);
+        with_kernel(P.kernel, [&](auto kernel) {
+            for (int64_t i = 0; i < n; ++i)
+                W[i] = backward<T>(kernel, D[i], W[i], P.alpha, P.beta, acc.d_alpha, acc.d_beta, acc.d_gamma);
+        });
         for (int64_t h = 0; h < P.chunks; ++h) {
             if (is_dot_product(P.kernel))
                 embedding_gradients<false>(P, j, h, W, d_out_emb, acc);

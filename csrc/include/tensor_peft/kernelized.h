@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "tensor_peft/common.h"
 
@@ -28,6 +29,24 @@ TP_INLINE bool is_piecewise(int kernel) { return kernel == kPiecewise || kernel 
 TP_INLINE bool is_dot_product(int kernel) { return kernel == kSigmoid || kernel == kLinear; }
 // Whether `backward` reads x (linear's gradient does not: the caller may skip it).
 TP_INLINE bool backward_reads_x(int kernel) { return kernel != kLinear; }
+
+// f(std::integral_constant<int, kernel>()): the kernel as a compile-time constant, so that
+// a loop calling `value` or `backward` in f is compiled for that kernel alone.
+template <typename F>
+TP_INLINE void with_kernel(int kernel, F&& f) {
+    switch (kernel) {
+        case kPiecewise:
+            return f(std::integral_constant<int, kPiecewise>());
+        case kRbf:
+            return f(std::integral_constant<int, kRbf>());
+        case kSigmoid:
+            return f(std::integral_constant<int, kSigmoid>());
+        case kLinear:
+            return f(std::integral_constant<int, kLinear>());
+        default:
+            return f(std::integral_constant<int, kMixture>());
+    }
+}
 
 // r_h = sqrt(‖b^h − a^h‖² + eps).
 template <typename T>
