@@ -23,7 +23,7 @@ LAYERS = {
     "linear-128x344-512tok-r8": (lambda: nn.Linear(128, 344), (8, 64, 128), [8, 8]),
     "linear-2048x2048-16tok-r16": (lambda: nn.Linear(2048, 2048), (16, 2048), [16, 16]),
 }
-MODES = ("merged", "factorized", "auto")
+EXECUTIONS = ("merged", "factorized", "auto")
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
@@ -31,15 +31,15 @@ def test_flora_auto_against_the_faster_path(benchmark, device, layer):
     make_base, shape, ranks = LAYERS[layer]
     torch.manual_seed(0)
     base = make_base().to(device)
-    layers = {mode: tp.nn.FLoRALayer(base, ranks=ranks, mode=mode) for mode in MODES}
+    layers = {execution: tp.nn.FLoRALayer(base, ranks=ranks, execution=execution) for execution in EXECUTIONS}
     x = torch.randn(shape, device=device, requires_grad=True)
     flora.clear_execution_cache()
 
-    def step(mode):
-        out = layers[mode](x)
+    def step(execution):
+        out = layers[execution](x)
         out.backward(torch.ones_like(out))
 
-    steps = {mode: (lambda mode=mode: step(mode)) for mode in MODES}
+    steps = {execution: (lambda execution=execution: step(execution)) for execution in EXECUTIONS}
     medians = interleaved_medians(steps, device, repeats=7)
     faster = min(("merged", "factorized"), key=medians.__getitem__)
     benchmark.group = f"FLoRA auto against its faster path, training step ({device})"

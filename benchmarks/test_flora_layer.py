@@ -49,7 +49,7 @@ def test_flora_conv2d_training_step(benchmark, device, variant):
     if variant == "base":
         layer = base
     elif variant.startswith("flora-"):
-        layer = tp.nn.FLoRALayer(base, ranks=[16, 16, 2, 2], mode=variant.split("-")[1])
+        layer = tp.nn.FLoRALayer(base, ranks=[16, 16, 2, 2], execution=variant.split("-")[1])
     elif variant == "upstream":
         layer = _upstream(base)
     elif variant == "peft-lora-r8":

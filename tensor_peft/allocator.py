@@ -1,4 +1,4 @@
-"""SNELLA's bi-level sparsity allocation (SPEC §1): across layers, a non-zero budget that
+"""SNELLA's bi-level sparsity allocation (docs/methods/snell.md): across layers, a non-zero budget that
 shrinks on a cubic schedule and is split by layer importance; inside a layer, SNELL's
 competition keeps that many entries.
 
@@ -176,7 +176,7 @@ class SparsityAllocator(nn.Module):
             raise ValueError(
                 f"adapter {self.adapter_name!r} is merged into module {merged[0]!r}: unmerge before allocator.step()"
             )
-        importances = {}
+        keys, embeddings, grads = [], [], []
         for name, adapter in self.adapters.items():
             for side in ("in", "out"):
                 embedding = getattr(adapter, f"snell_{side}")
@@ -185,17 +185,23 @@ class SparsityAllocator(nn.Module):
                         f"{name}: snell_{side} has no gradient; call allocator.step() after "
                         "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
                     )
-                importances[name, side] = (embedding * embedding.grad).abs().float()
-        finite = all(bool(torch.isfinite(importance).all()) for importance in importances.values())
-        if not finite:
-            bad = next(name for (name, _), value in importances.items() if not torch.isfinite(value).all())
+                keys.append((name, side))
+                embeddings.append(embedding)
+                grads.append(embedding.grad)
+        # one multi-tensor op per stage for all layers (a step's cost is launches, not flops)
+        importances = [importance.float() for importance in torch._foreach_abs(torch._foreach_mul(embeddings, grads))]
+        if not bool(torch.cat([importance.reshape(-1) for importance in importances]).isfinite().all()):
+            bad = next(key[0] for key, importance in zip(keys, importances) if not importance.isfinite().all())
             warnings.warn(f"module {bad!r} has non-finite gradients: this step leaves the importance statistics as they were")
-        for (name, side), importance in importances.items() if finite else ():
-            statistics = self.statistics[statistics_key(name)]
-            mean = getattr(statistics, f"importance_{side}")
-            mean.mul_(c.beta1).add_(importance, alpha=1 - c.beta1)
-            deviation = (importance - mean).abs()
-            getattr(statistics, f"uncertainty_{side}").mul_(c.beta2).add_(deviation, alpha=1 - c.beta2)
+        else:
+            statistics = [self.statistics[statistics_key(name)] for name, _ in keys]
+            means = [getattr(stats, f"importance_{side}") for stats, (_, side) in zip(statistics, keys)]
+            uncertainties = [getattr(stats, f"uncertainty_{side}") for stats, (_, side) in zip(statistics, keys)]
+            torch._foreach_mul_(means, c.beta1)
+            torch._foreach_add_(means, importances, alpha=1 - c.beta1)
+            deviations = torch._foreach_abs(torch._foreach_sub(importances, means))
+            torch._foreach_mul_(uncertainties, c.beta2)
+            torch._foreach_add_(uncertainties, deviations, alpha=1 - c.beta2)
         self.steps += 1
         step = int(self.steps)
         if step >= c.warmup_steps and step % c.interval == 0:

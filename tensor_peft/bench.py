@@ -53,7 +53,10 @@ def markdown(results: dict) -> str:
 def main(name: str | None, select: str | None, root: Path = Path("benchmarks"), out: Path | None = None) -> int:
     """Run the suites under ``root``; write ``<out>/<name>.{json,md}`` (out: root/results)."""
     if not root.is_dir():
-        print(f"no {root}/ here: run from the repository root", file=sys.stderr)
+        print(f"python -m tensor_peft bench needs a source checkout of tensor_peft: it runs the suites in "
+              f"{root}/, which an installed package does not ship, and there is no {root.resolve()}. "
+              f'Clone the repository, pip install -e ".[test]" and run it from the repository root.',
+              file=sys.stderr)  # fmt: skip
         return 2
     name = name or default_name()
     out = out or root / "results"

@@ -6,11 +6,17 @@ or a dotted suffix; a regex string matched against the full name; module types; 
 trained whole alongside the adapter, such as a classifier head, and saved with it),
 ``r`` (rank), ``dropout`` (on the adapter's input)
 and ``dtype`` (of the adapter parameters; ``None``: float32 over a float16/bfloat16
-base, else the base weight's dtype)."""
+base, else the base weight's dtype).
+
+It also holds what the layers, ops and backends share about options: the choices each
+takes (``KERNELS``, ``MODES``, …) and the checks of their values. It imports nothing from
+tensor_peft, so that every part of the package can import it."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,15 +24,77 @@ from typing import Any, ClassVar, Union
 
 import torch
 
-from .nn.base import check_dropout
-from .ops._common import FLOAT_DTYPES, check_real
-from .nn.lora import check_alpha, check_rank
-from .nn.flora import MODES as FLORA_MODES
-from .nn.liera import EXP_FORMS, GROUPS, INNERS, SIDES
-from .nn.mtlora import VARIANTS
-from .nn.snell import check_chunks
-from .ops.kernelized_delta import KERNELS
-from .ops.sparsify import MODES as SPARSIFY_MODES, THRESHOLDS as SPARSIFY_THRESHOLDS, check_sparsity
+# The choices each option takes.
+KERNELS = ("piecewise_linear", "rbf", "sigmoid", "linear", "mixture")
+"""SNELL's kernel functions κ; the native kernels number them by their place here."""
+MODES = ("hard", "soft")
+"""How ``sparsify`` scales the entries it keeps."""
+THRESHOLDS = ("count", "quantile")
+"""How ``sparsify`` turns a sparsity into the number of entries dropped."""
+EXP_FORMS = ("exact", "taylor1")
+"""LieRA's exponential: exp(ΔW), or its first-order Taylor form 1 + ΔW."""
+VARIANTS = ("shim", "icfm", "ctcm", "dtsm")
+"""MTLoRA's transformation T."""
+GROUPS = ("hadamard", "orthogonal", "gl")
+"""LieRA's group."""
+INNERS = ("lora", "flora")
+"""The method giving LieRA's ΔW in the Hadamard group."""
+SIDES = ("output", "input")
+"""The side of the weight LieRA's matrix groups act on."""
+EXECUTIONS = ("auto", "merged", "factorized")
+"""How a FLoRA layer runs its update."""
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_real(value: object, name: str) -> float:
+    """``value`` as a finite Python float, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return result
+
+
+def check_rank(r: object, name: str = "r") -> int:
+    """``r`` as a positive int, or a ValueError naming ``name``."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"{name} must be a positive integer, got {r!r}")
+    return int(r)
+
+
+def check_dropout(dropout: object) -> float:
+    """``dropout`` as a float probability in [0, 1), or a ValueError."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def check_chunks(chunks: object, r: int) -> int:
+    """SNELL's number of chunks H: a positive divisor of the rank ``r``."""
+    chunks = check_rank(chunks, "chunks")
+    if r % chunks:
+        raise ValueError(f"chunks ({chunks}) must divide the rank r ({r})")
+    return chunks
+
+
+def check_sparsity(sparsity: object) -> float:
+    """``sparsity``, the fraction of entries zeroed, as a float in [0, 1], or a TypeError/ValueError."""
+    sparsity = check_real(sparsity, "sparsity")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1] (the fraction of entries zeroed), got {sparsity}")
+    return sparsity
+
 
 ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
 
@@ -52,6 +120,8 @@ def check_module_spec(spec: object, name: str) -> None:
 @dataclass
 class AdapterConfig:
     method: ClassVar[str] = ""
+    renamed_fields: ClassVar[dict[str, str]] = {}
+    """Earlier names of fields (earlier name -> name) that saved configs may carry."""
 
     target_modules: ModuleSpec = None
     exclude_modules: ModuleSpec = None
@@ -77,6 +147,17 @@ class AdapterConfig:
         if self.dtype is not None and getattr(torch, str(self.dtype), None) not in FLOAT_DTYPES:
             raise ValueError(f"dtype must name a floating torch dtype such as 'float32', got {self.dtype!r}")
 
+    @classmethod
+    def from_saved(cls, fields: dict[str, Any]) -> AdapterConfig:
+        """The config saved as ``fields``, reading a field's earlier name as its name."""
+        fields = dict(fields)
+        for earlier, name in cls.renamed_fields.items():
+            if earlier in fields:
+                if name in fields:
+                    raise ValueError(f"the saved config gives both {name!r} and {earlier!r}, its earlier name")
+                fields[name] = fields.pop(earlier)
+        return cls(**fields)
+
     def layer_options(self) -> dict[str, Any]:
         """The keyword arguments of the layer's ``add_adapter`` this config gives."""
         skip = {"target_modules", "exclude_modules", "modules_to_save"}
@@ -94,7 +175,7 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_alpha(self.alpha)
+        check_real(self.alpha, "alpha")
 
 
 @dataclass
@@ -106,27 +187,27 @@ class MTLoRAConfig(LoRAConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        check_choice(self.variant, "variant", VARIANTS)
 
 
 @dataclass
 class FLoRAConfig(AdapterConfig):
     """FLoRA: ΔW = scale · G ×_0 U_0 ×_1 U_1 … (Tucker). ``ranks`` overrides the per-mode
-    ranks ([r, r] for Linear, [r, r, 2, …] for conv); ``mode``: auto, merged, factorized."""
+    ranks ([r, r] for Linear, [r, r, 2, …] for conv); ``execution``: auto, merged, factorized.
+    A saved config's ``mode``, this option's earlier name, is read as ``execution``."""
 
     method: ClassVar[str] = "flora"
+    renamed_fields: ClassVar[dict[str, str]] = {"mode": "execution"}
     ranks: list[int] | None = None
     scale: float = 1.0
-    mode: str = "auto"
+    execution: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         check_real(self.scale, "scale")
         if self.ranks is not None:
             self.ranks = [check_rank(k, "ranks") for k in self.ranks]
-        if self.mode not in FLORA_MODES:
-            raise ValueError(f"mode must be one of {', '.join(FLORA_MODES)}; got {self.mode!r}")
+        check_choice(self.execution, "execution", EXECUTIONS)
 
 
 @dataclass
@@ -148,13 +229,13 @@ class LieRAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_alpha(self.alpha)
+        check_real(self.alpha, "alpha")
         check_real(self.scale, "scale")
         check_rank(self.block_size, "block_size")
-        for value, name, choices in ((self.group, "group", GROUPS), (self.inner, "inner", INNERS),
-                                     (self.exp, "exp", EXP_FORMS), (self.side, "side", SIDES)):  # fmt: skip
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        check_choice(self.group, "group", GROUPS)
+        check_choice(self.inner, "inner", INNERS)
+        check_choice(self.exp, "exp", EXP_FORMS)
+        check_choice(self.side, "side", SIDES)
 
 
 @dataclass
@@ -175,10 +256,9 @@ class KernelizedConfig(AdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         check_chunks(self.chunks, self.r)
-        for value, name, choices in ((self.kernel, "kernel", KERNELS), (self.mode, "mode", SPARSIFY_MODES),
-                                     (self.threshold, "threshold", SPARSIFY_THRESHOLDS)):  # fmt: skip
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        check_choice(self.kernel, "kernel", KERNELS)
+        check_choice(self.mode, "mode", MODES)
+        check_choice(self.threshold, "threshold", THRESHOLDS)
 
 
 @dataclass
@@ -200,7 +280,7 @@ class SNELLAConfig(KernelizedConfig):
     """SNELLA: the ``mixture`` kernel and per-layer sparsities set during training by
     ``SparsityAllocator`` (call its ``step()`` after every optimizer step).
 
-    Layers start at ``init_sparsity``. The total non-zero budget follows SPEC's cubic
+    Layers start at ``init_sparsity``. The total non-zero budget follows the paper's cubic
     schedule from that of ``init_sparsity`` to that of ``target_sparsity`` between step
     ``warmup_steps`` and step ``total_steps - final_steps``, and is reallocated across
     layers by importance every ``interval`` steps (importance EMAs with ``beta1``, ``beta2``).

@@ -13,10 +13,14 @@ each method must beat, and full fine-tuning is the other end.
 Reported per method: test accuracy on held-out images of the shifted domain, trainable
 parameters, adaptation time, and the peak growth of the process's resident memory during
 adaptation (Linux: VmHWM after resetting it; an upper bound that includes allocator
-caching). Written to ``<out>/results.md``, ``results.json`` and ``accuracy.png``."""
+caching). Written to ``<out>/results.md``, ``results.json`` and ``accuracy.png``.
+
+scikit-learn (the digits) and matplotlib (the plot) serve only the demo: they come with
+the ``demo`` extra, ``pip install "tensor_peft[demo]"``."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -32,6 +36,7 @@ from torch import nn
 import tensor_peft as tp
 
 BACKBONE = ["conv1", "conv2", "conv3", "fc1"]
+DEPENDENCIES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # module: the package that installs it
 BATCH = 32
 
 
@@ -221,7 +226,23 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def missing_dependencies() -> list[str]:
+    """The packages of the ``demo`` extra that do not import here."""
+    missing = []
+    for module, package in DEPENDENCIES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
 def main(out: Path, methods: list[str] | None, epochs: int, seed: int, quick: bool) -> int:
+    missing = missing_dependencies()
+    if missing:  # checked first: the plot comes after minutes of training
+        print(f"the demo needs {' and '.join(missing)}, not installed here: "
+              f'pip install "tensor_peft[demo]"', file=sys.stderr)  # fmt: skip
+        return 1
     from tqdm import tqdm
 
     data = load_data(seed, target_train_size=450)

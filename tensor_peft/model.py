@@ -28,11 +28,11 @@ from .config import (
     MTLoRAConfig,
     SNELLAConfig,
     SNELLConfig,
+    check_choice,
 )
 from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from .nn.attention import AdaptedMultiheadAttention, projection_weights
 from .nn.base import layer_kind
-from .ops._common import check_choice
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
@@ -229,7 +229,8 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Calla
     """Add the adapter (not yet active); returns the call that takes it out again and
     restores the model as it was."""
     if not isinstance(config, AdapterConfig) or config.method not in METHODS:
-        raise TypeError(f"config must be one of {[c.__name__ for c, _ in METHODS.values()]}, got {type(config).__name__}")
+        names = ", ".join(c.__name__ for c, _ in METHODS.values())
+        raise TypeError(f"config must be an adapter config ({names}), got {type(config).__name__}")
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
@@ -517,7 +518,7 @@ def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{file}: target_modules must be a list of module names, got {names!r}")
     try:
-        return METHODS[method][0](**{**fields, "target_modules": names}), tensors
+        return METHODS[method][0].from_saved({**fields, "target_modules": names}), tensors
     except TypeError as error:
         raise ValueError(f"{file} does not fit {METHODS[method][0].__name__}: {error}") from None
 

@@ -14,7 +14,7 @@ import tensor_peft as tp
 CONFIGS = {
     "lora": lambda: tp.LoRAConfig(target_modules=[nn.Linear], r=2),
     "mtlora": lambda: tp.MTLoRAConfig(target_modules=[nn.Linear], r=2, variant="ctcm"),
-    "flora": lambda: tp.FLoRAConfig(target_modules=[nn.Linear], r=2, mode="merged"),
+    "flora": lambda: tp.FLoRAConfig(target_modules=[nn.Linear], r=2, execution="merged"),
     "liera": lambda: tp.LieRAConfig(target_modules=[nn.Linear], r=2),
     "liera-orthogonal": lambda: tp.LieRAConfig(target_modules=[nn.Linear], group="orthogonal", block_size=2),
     "snell": lambda: tp.SNELLConfig(target_modules=[nn.Linear], r=2),

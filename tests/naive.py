@@ -1,4 +1,4 @@
-"""Naive formulations shared by the tests: SPEC's formulas written directly, with
+"""Naive formulations shared by the tests: the methods' formulas written directly, with
 autograd for their gradients, independent of the code under test."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from tensor_peft.ops.sparsify import dropped_count
 
 
 def naive_sparsify(delta: torch.Tensor, sparsity: float, mode: str) -> torch.Tensor:
-    """SPEC's competition sparsification by a full sort, with τ (and |ΔW| in hard mode)
-    detached, as SPEC's stop-gradients say."""
+    """SNELL's competition sparsification by a full sort, with τ (and |ΔW| in hard mode)
+    detached: both are stop-gradients in the method."""
     k = dropped_count(sparsity, delta.numel())
     magnitude = delta.abs().detach()
     tau = magnitude.flatten().sort().values[k - 1] if k > 0 else delta.new_tensor(-math.inf)

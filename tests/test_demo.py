@@ -1,9 +1,13 @@
 """``python -m tensor_peft demo`` in its quick setting: the table, the JSON and the plot are
-written, every run reports real numbers, and adapting the backbone beats the frozen one."""
+written, every run reports real numbers, and adapting the backbone beats the frozen one;
+without the ``demo`` extra it says how to install it."""
 
 from __future__ import annotations
 
 import json
+import sys
+
+import pytest
 
 from tensor_peft.__main__ import main
 
@@ -22,3 +26,12 @@ def test_quick_demo_writes_its_results_and_adaptation_beats_the_frozen_backbone(
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in table for name in methods) and table in capsys.readouterr().out
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("module, package", [("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")])
+def test_demo_without_its_extra_says_how_to_install_it_before_training(tmp_path, capsys, monkeypatch, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    assert main(["demo", "--quick", "--epochs", "1", "--out", str(tmp_path), "--methods", "lora"]) == 1
+    error = capsys.readouterr().err
+    assert f"the demo needs {package}," in error and 'pip install "tensor_peft[demo]"' in error
+    assert not any(tmp_path.iterdir())  # nothing ran

@@ -1,10 +1,11 @@
-"""``python -m tensor_peft info`` and the import guarantees."""
+"""``python -m tensor_peft info``, ``bench`` outside a source checkout, and the import guarantees."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+from tensor_peft.__main__ import main
 from tensor_peft.backends import registry
 
 
@@ -36,3 +37,11 @@ def test_import_and_cpu_ops_do_not_initialize_cuda():
         "print(torch.cuda.is_initialized())",
     ])  # fmt: skip
     assert out.strip() == "False"
+
+
+def test_bench_outside_a_source_checkout_says_it_needs_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no benchmarks/ here, as for an installed package
+    assert main(["bench"]) == 2
+    error = capsys.readouterr().err
+    assert "needs a source checkout" in error and str(tmp_path / "benchmarks") in error
+    assert not (tmp_path / "benchmarks").exists()

@@ -4,6 +4,7 @@ parity with peft's LoRA, torch.compile, and DistributedDataParallel (gloo, 2 pro
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_exclude_and_target_errors():
         tp.inject(model, tp.MTLoRAConfig(target_modules=["head.fc1"]), "other")
     with pytest.raises(ValueError, match="target_modules must name"):
         tp.LoRAConfig()
-    with pytest.raises(TypeError, match="config must be one of"):
+    with pytest.raises(TypeError, match=r"config must be an adapter config \(LoRAConfig, .*got dict"):
         tp.inject(small_net(), {"target_modules": ["head.fc1"]})
 
 
@@ -207,6 +208,28 @@ def test_load_errors_name_the_module_and_leave_the_model_as_it_was(tmp_path):
         tp.load_adapter(missing, tmp_path / "a")
 
 
+def test_a_flora_config_saved_with_mode_loads_it_as_execution(tmp_path):
+    """Adapters saved while FLoRA's ``execution`` was called ``mode`` still load; a config
+    that gives both is refused."""
+    model, x = small_net(), inputs()
+    tp.inject(model, tp.FLoRAConfig(target_modules=["head.fc1", "head.fc2"], r=2, execution="factorized"))
+    randomize(model)
+    expected = model.eval()(x)
+    tp.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / tp.model.CONFIG_FILE
+    saved = json.loads(file.read_text())
+    saved["config"]["mode"] = saved["config"].pop("execution")
+    file.write_text(json.dumps(saved))
+    restored = tp.load_adapter(small_net(), tmp_path / "a").eval()
+    assert restored.tensor_peft_configs["default"].execution == "factorized"
+    assert restored.head.fc1.adapters["default"].execution == "factorized"
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    saved["config"]["execution"] = "merged"
+    file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="gives both 'execution' and 'mode'"):
+        tp.load_adapter(small_net(), tmp_path / "a")
+
+
 @pytest.mark.parametrize("r,alpha", [(4, 8.0), (3, 3.0)])
 def test_lora_matches_peft(r, alpha):
     """Same init distribution and, for the same weights, the same outputs as peft's LoRA."""
@@ -310,7 +333,7 @@ def test_distributed_data_parallel_synchronizes_adapter_gradients(tmp_path):
         (lambda: tp.LoRAConfig(target_modules=["fc"], dtype="float8"), "dtype must name a floating torch dtype"),
         (lambda: tp.LoRAConfig(target_modules=[]), "target_modules must name"),
         (lambda: tp.MTLoRAConfig(target_modules=["fc"], variant="full"), "variant must be one of"),
-        (lambda: tp.FLoRAConfig(target_modules=["fc"], mode="fused"), "mode must be one of"),
+        (lambda: tp.FLoRAConfig(target_modules=["fc"], execution="fused"), "execution must be one of"),
         (lambda: tp.LieRAConfig(target_modules=["fc"], group="unitary"), "group must be one of"),
         (lambda: tp.LieRAConfig(target_modules=["fc"], exp="pade"), "exp must be one of"),
         (lambda: tp.LieRAConfig(target_modules=["fc"], block_size=0), "block_size must be a positive integer"),

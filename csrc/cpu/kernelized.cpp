@@ -56,6 +56,7 @@ struct Problem {
     T alpha, beta, gamma, eps;
     const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
+    const T* piecewise_rows = nullptr;  // mixture in backward: P's rows (m, n), computed once
 };
 
 // A chunk's row buffers of n values, and piecewise's roots sqrt(‖b^h − a^h‖² + eps) of a
@@ -178,7 +179,10 @@ inline void reductions(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
 template <typename T>
 TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     if (is_piecewise(P.kernel)) {
-        piecewise_row(P, j, out, rows);
+        if (P.piecewise_rows != nullptr)
+            std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, out);
+        else
+            piecewise_row(P, j, out, rows);
         if (P.kernel == kMixture) add_softmax_terms(P, out);
         return;
     }
@@ -245,6 +249,27 @@ void with_column_statistics(Problem<T>& P, std::vector<T>& column_max, std::vect
     mixture_columns(P, held, column_max, column_sum);
     P.column_max = column_max.data();
     P.column_sum = column_sum.data();
+}
+
+// Mixture's P rows (m, n), held, and its column statistics from them, into P unless P
+// has the statistics: the backward's passes read P's rows there instead of computing
+// them again (the same bits: piecewise_row is the one code for P). Transient: m·n values
+// while the backward runs.
+template <typename T>
+struct HeldMixture {
+    std::vector<T> rows, column_max, column_sum;
+};
+
+template <typename T>
+void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held) {
+    if (P.kernel != kMixture || P.column_max != nullptr) return;
+    held.rows.resize(P.m * P.n);
+    for_each_row_chunk(P, row_chunks(P), [&](int64_t, int64_t begin, int64_t end) {
+        Rows<T> rows(P.n, P.chunks);
+        for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, held.rows.data() + j * P.n, rows);
+    });
+    with_column_statistics(P, held.column_max, held.column_sum, static_cast<const T*>(held.rows.data()));
+    P.piecewise_rows = held.rows.data();
 }
 
 // Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
@@ -606,14 +631,17 @@ inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K
 }
 
 // Row j of D = ∂L/∂ΔW_raw (upstream_row; K, ΔW_raw's row, is made when dense Γ is masked)
-// and, for piecewise and mixture, P's row and roots into rows (for backward_row), computed
-// once for all of them.
+// and, for piecewise and mixture, P's row (and its roots when need_roots, for
+// backward_row) into rows, computed once for all of them (copied when P holds its rows).
 template <typename T>
-void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, bool need_raw, T* K, T* D,
-                  Rows<T>& rows) {
+void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, bool need_raw,
+                  bool need_roots, T* K, T* D, Rows<T>& rows) {
     if (P.kernel == kPiecewise || P.kernel == kMixture) {
         T* piecewise = rows.piecewise.data();
-        piecewise_row(P, j, piecewise, rows);
+        if (P.piecewise_rows != nullptr && !need_roots)
+            std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, piecewise);
+        else
+            piecewise_row(P, j, piecewise, rows);
         if (need_raw) {
             std::copy(piecewise, piecewise + P.n, K);
             if (P.kernel == kMixture) add_softmax_terms(P, K);
@@ -670,8 +698,9 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
     const bool need_raw = mode != kNone && up.sparse == nullptr;  // for the mask of dense Γ
-    std::vector<T> column_max_storage, column_sum_storage, column_dot(n, T(0));
-    with_column_statistics(P, column_max_storage, column_sum_storage);
+    std::vector<T> column_dot(n, T(0));
+    HeldMixture<T> held;
+    hold_mixture_rows(P, held);
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (P.kernel == kMixture) {
         // c_i = Σ_j D_ji S_ji with D = ∂L/∂K (after the sparsification's derivative)
@@ -682,7 +711,7 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
             local.assign(n, 0.0);
             std::vector<T> D(n), K(n);
             for (int64_t j = begin; j < end; ++j) {
-                row_upstream(P, up, j, tau, mode, need_raw, K.data(), D.data(), rows);
+                row_upstream(P, up, j, tau, mode, need_raw, false, K.data(), D.data(), rows);
                 softmax_dots(P, rows.piecewise.data(), D.data(), local.data(), partials[c]);
             }
         });
@@ -697,7 +726,7 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
         Partials<T>& acc = partials[c];
         std::vector<T> D(n), K(n);
         for (int64_t j = begin; j < end; ++j) {
-            row_upstream(P, up, j, tau, mode, need_raw, K.data(), D.data(), rows);
+            row_upstream(P, up, j, tau, mode, need_raw, true, K.data(), D.data(), rows);
             if (P.kernel == kMixture) softmax_backward(P, rows.piecewise.data(), column_dot.data(), D.data(), acc);
             backward_row(P, j, D.data(), d_out_emb, acc, rows);
         }
@@ -809,8 +838,8 @@ void bind(py::module_& m, const std::string& suffix) {
               const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
               py::gil_scoped_release release;
               const T t = static_cast<T>(tau);
-              std::vector<T> column_max, column_sum;
-              with_column_statistics(P, column_max, column_sum);  // the mask needs ΔW_raw's rows
+              HeldMixture<T> held;
+              hold_mixture_rows(P, held);  // the mask needs ΔW_raw's rows
               const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification);
               backward(P, Upstream<T>{nullptr, &D}, t, sparsification, d.d_out_emb, d.d_in_t, d.d_coeff, d.d_params);
           },

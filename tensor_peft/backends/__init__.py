@@ -1,4 +1,4 @@
-"""Backends that run the ops: ``reference`` (pure torch, the executable spec), ``cpu``
+"""Backends that run the ops: ``reference`` (pure torch, the ops' definitions made executable), ``cpu``
 (C++/OpenMP extension ``tensor_peft._C``), ``triton`` and ``cuda`` (CUDA C++ extension
 ``tensor_peft._cuda``). Pick one with ``use(name)`` or ``TENSOR_PEFT_BACKEND``; see
 ``registry`` for the selection rules."""

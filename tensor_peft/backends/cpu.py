@@ -1,15 +1,16 @@
 """The ``cpu`` backend: C++17/OpenMP kernels of the compiled extension ``tensor_peft._C``.
 
 Tensors reach the kernels as raw pointers: the op layer has checked their shapes and
-made them contiguous float32/float64 on one device. Ops without a kernel here are
-reported by the registry as not implemented.
+made them contiguous float32/float64 on one device. Each op is a function registered
+with ``@register(op, "cpu")``.
 
 The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
 pass over W0 or Γ: the Tucker ops after the split of ``tucker_split`` (U = U_0), and
 LieRA's ``lowrank_hadamard_merge`` (U = B, R = A) with its exp / taylor1 epilogue.
 ``csrc/cpu/expm.cpp`` is the batched ``matrix_exp`` and its adjoint Fréchet backward.
 ``csrc/cpu/kernelized.cpp`` is SNELL's kernelized update and its sparsification (radix
-select of the threshold), fused, with a backward that recomputes the rows."""
+select of the threshold), fused, with a backward that recomputes the rows. FLoRA's
+projected gradients are small contractions in plain torch (``tensor_algebra``)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import importlib
 
 import torch
 
-from .kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
-from .registry import extension_import_error, extension_kernel
-from .tucker_split import hadamard_ops, tucker_ops
+from . import tucker_split
+from .kernelized_ops import kernel_id, mode_id
+from .registry import extension_import_error, extension_kernel, register
+from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cpu",)
 
@@ -56,10 +58,34 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     )  # fmt: skip
 
 
-tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_forward, _backward)
+@register("tucker_delta", "cpu")
+def tucker_delta(core, factors, scale):
+    return tucker_split.fused_forward(_forward, None, core, factors, scale)
 
 
-lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_forward, _backward)
+@register("tucker_merge", "cpu")
+def tucker_merge(weight, core, factors, scale):
+    return tucker_split.fused_forward(_forward, weight, core, factors, scale)
+
+
+@register("tucker_delta_backward", "cpu")
+def tucker_delta_backward(grad, core, factors, scale):
+    return tucker_split.fused_backward(_backward, grad, core, factors, scale)
+
+
+@register("tucker_projected_backward", "cpu")
+def tucker_projected_backward(T0, T1, T01, core, factors, scale):
+    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
+
+
+@register("lowrank_hadamard_merge", "cpu")
+def lowrank_hadamard_merge(weight, B, A, scale, exp):
+    return tucker_split.hadamard_forward(_forward, weight, B, A, scale, exp)
+
+
+@register("lowrank_hadamard_merge_backward", "cpu")
+def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
+    return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
 
 
 # The largest n of matrix_exp: the kernels index a matrix's n² entries with a 32-bit int.
@@ -74,6 +100,7 @@ def _matrices(A) -> tuple[int, int]:
     return (A.numel() // (n * n) if n else 0), n
 
 
+@register("matrix_exp", "cpu")
 def matrix_exp(A):
     batch, n = _matrices(A)
     out = A.new_empty(A.shape)
@@ -81,6 +108,7 @@ def matrix_exp(A):
     return out
 
 
+@register("matrix_exp_backward", "cpu")
 def matrix_exp_backward(grad, A):
     batch, n = _matrices(A)
     d_A = A.new_empty(A.shape)
@@ -125,22 +153,39 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
     return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
-kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
-    kernelized_ops(_kernelized, _kernelized_grads)
-)
+@register("kernelized_delta", "cpu")
+def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
+
+
+@register("kernelized_delta_backward", "cpu")
+def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+@register("kernelized_sparse_delta", "cpu")
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
+
+
+@register("kernelized_sparse_delta_backward", "cpu")
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+
 
 # Above this kept fraction Γ is formed whole by the matrix product instead: measured here
 # (768×3072, 1576 tokens), sampling took 0.8× the dense path's time at 10% kept, 1.2× at 25%.
 _SAMPLED_BELOW = 0.15
 _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
-_dense_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
 
 
-def kernelized_sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+@register("sparse_linear_backward", "cpu")
+def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
     """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry (formed
     whole when more than _SAMPLED_BELOW of the entries are kept)."""
     if 1 - sparsity > _SAMPLED_BELOW:
-        return _dense_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode)
+        grad = grad_out.t() @ input
+        return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
     if in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:
         raise ValueError(
             f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {in_emb.shape[1]}"
@@ -149,6 +194,7 @@ def kernelized_sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity
     return _gradients("sparse_linear_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
+@register("sparsify", "cpu")
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
     tau = _kernel("sparsify", delta.dtype)(
@@ -157,6 +203,7 @@ def sparsify(delta, k, mode):
     return [out, delta.new_tensor(tau)]
 
 
+@register("sparsify_backward", "cpu")
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
     _kernel("sparsify_backward", delta.dtype)(

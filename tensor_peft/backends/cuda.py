@@ -6,7 +6,9 @@ on one device. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilog
 over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
 ``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; ``matrix_exp`` with its
 backward (one thread per matrix, the math of the CPU kernel); and SNELL's kernelized and
-sparsification ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device)."""
+sparsification ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device).
+FLoRA's projected gradients are small contractions in plain torch (``tensor_algebra``).
+Each op is a function registered with ``@register(op, "cuda")``."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from torch import Tensor
 
 from .determinism import check_deterministic
-from .kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
-from .registry import extension_import_error, extension_kernel
-from .tucker_split import hadamard_ops, tucker_ops
+from . import tucker_split
+from .kernelized_ops import kernel_id, mode_id
+from .registry import extension_import_error, extension_kernel, register
+from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cuda",)
 
@@ -54,8 +57,34 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
         )  # fmt: skip
 
 
-tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_forward, _backward)
-lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_forward, _backward)
+@register("tucker_delta", "cuda")
+def tucker_delta(core, factors, scale):
+    return tucker_split.fused_forward(_forward, None, core, factors, scale)
+
+
+@register("tucker_merge", "cuda")
+def tucker_merge(weight, core, factors, scale):
+    return tucker_split.fused_forward(_forward, weight, core, factors, scale)
+
+
+@register("tucker_delta_backward", "cuda")
+def tucker_delta_backward(grad, core, factors, scale):
+    return tucker_split.fused_backward(_backward, grad, core, factors, scale)
+
+
+@register("tucker_projected_backward", "cuda")
+def tucker_projected_backward(T0, T1, T01, core, factors, scale):
+    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
+
+
+@register("lowrank_hadamard_merge", "cuda")
+def lowrank_hadamard_merge(weight, B, A, scale, exp):
+    return tucker_split.hadamard_forward(_forward, weight, B, A, scale, exp)
+
+
+@register("lowrank_hadamard_merge_backward", "cuda")
+def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
+    return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
 
 
 def _expm_launch(name, A, backward, **pointers):
@@ -71,12 +100,14 @@ def _expm_launch(name, A, backward, **pointers):
         )
 
 
+@register("matrix_exp", "cuda")
 def matrix_exp(A: Tensor) -> Tensor:
     out = torch.empty_like(A)
     _expm_launch("matrix_exp", A, False, out=out.data_ptr(), A=A.data_ptr())
     return out
 
 
+@register("matrix_exp_backward", "cuda")
 def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     d_A = torch.empty_like(A)
     _expm_launch("matrix_exp_backward", A, True, d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr())
@@ -137,12 +168,35 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
 
 
-kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
-    kernelized_ops(_kernelized, _kernelized_grads)
-)
-kernelized_sparse_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
+@register("kernelized_delta", "cuda")
+def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
 
 
+@register("kernelized_delta_backward", "cuda")
+def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+@register("kernelized_sparse_delta", "cuda")
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
+
+
+@register("kernelized_sparse_delta_backward", "cuda")
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+
+
+@register("sparse_linear_backward", "cuda")
+def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+    """Γ = grad_outᵀ·input formed whole by a matrix product: it runs on the tensor cores,
+    faster than gathering the kept entries."""
+    grad = grad_out.t() @ input
+    return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+
+
+@register("sparsify", "cuda")
 def sparsify(delta, k, mode):
     out, tau = torch.empty_like(delta), delta.new_full((), float("-inf"))
     work = _select_work(delta)
@@ -154,6 +208,7 @@ def sparsify(delta, k, mode):
     return [out, tau]
 
 
+@register("sparsify_backward", "cuda")
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
     with torch.cuda.device(delta.device):

@@ -16,7 +16,7 @@ import torch
 
 NONDETERMINISTIC = {
     "tucker_delta_backward", "lowrank_hadamard_merge_backward", "kernelized_delta_backward",
-    "kernelized_sparse_delta_backward", "kernelized_sparse_linear_backward",
+    "kernelized_sparse_delta_backward", "sparse_linear_backward",
 }  # fmt: skip
 
 

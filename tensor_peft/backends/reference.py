@@ -1,9 +1,11 @@
 """The ``reference`` backend: every op in plain torch, with explicit backward formulas.
 
-This is the executable form of SPEC §2 and the oracle the other backends are tested
+This is the executable form of the ops' definitions and the oracle the other backends are tested
 against, so it is written for clarity, not speed. Calling convention (the op layer in
 ``tensor_peft.ops`` checks and prepares the inputs): tensors are contiguous, of one
-dtype (float32 or float64) and on one device; results come back in that dtype.
+dtype (float32 or float64) and on one device; results come back in that dtype. The
+Tucker algebra (mode products, unfoldings) is ``tensor_algebra``, which the native
+backends share.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import math
 
 import torch
 from torch import Tensor
+
+from ..config import EXP_FORMS, KERNELS, MODES, check_choice
+from .registry import register
+from .tensor_algebra import projected_tucker_gradients, tucker_gradients, tucker_product
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -24,51 +30,35 @@ def unavailable_reason(device_type: str) -> str | None:
     return None
 
 
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-
-
 # --------------------------------------------------------------------------- Tucker
 
 
-def unfold(tensor: Tensor, mode: int) -> Tensor:
-    """Mode-k unfolding X_(k): mode k becomes the rows, the other modes (in order) the columns."""
-    rest = math.prod([size for k, size in enumerate(tensor.shape) if k != mode])  # a list: torch.compile traces it
-    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], rest)
+@register("tucker_delta", "reference")
+def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    """ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}."""
+    return tucker_product(core, factors, scale)
 
 
-def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """T ×_k M: contract mode k of T (size r) with the columns of M (d, r); mode k becomes d."""
-    return torch.tensordot(tensor, matrix, dims=([mode], [1])).movedim(-1, mode)
-
-
-def tucker_delta(core: Tensor, factors: list[Tensor | None], scale: float) -> Tensor:
-    """ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}; a factor None is the identity (the
-    mode is left as it is)."""
-    delta = core
-    for mode, factor in enumerate(factors):
-        if factor is not None:
-            delta = mode_product(delta, factor, mode)
-    return scale * delta
-
-
+@register("tucker_merge", "reference")
 def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
     """W0 + ΔW."""
-    return weight + tucker_delta(core, factors, scale)
+    return weight + tucker_product(core, factors, scale)
 
 
-def tucker_delta_backward(
-    grad: Tensor, core: Tensor, factors: list[Tensor | None], scale: float
-) -> list[Tensor | None]:
+@register("tucker_delta_backward", "reference")
+def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
     """[∂L/∂G, ∂L/∂U_0, …]: ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …, and
-    ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ (None for a factor None, the identity)."""
-    d_core = tucker_delta(grad, [None if f is None else f.T for f in factors], scale)
-    d_factors = []
-    for k, factor in enumerate(factors):
-        partial = tucker_delta(core, [None if j == k else f for j, f in enumerate(factors)], scale)
-        d_factors.append(None if factor is None else unfold(grad, k) @ unfold(partial, k).T)
-    return [d_core, *d_factors]
+    ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ."""
+    return tucker_gradients(grad, core, factors, scale)
+
+
+@register("tucker_projected_backward", "reference")
+def tucker_projected_backward(
+    T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: list[Tensor], scale: float
+) -> list[Tensor]:
+    """[∂L/∂G, ∂L/∂U_0, ∂L/∂U_1, …] from the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ
+    and T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (FLoRA's merged path)."""
+    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
 
 
 # --------------------------------------------------------------------------- matrix exponential
@@ -82,6 +72,7 @@ _PADE13 = (64764752532480000.0, 32382376266240000.0, 7771770303897600.0, 1187353
 _THETA13 = 5.371920351148152
 
 
+@register("matrix_exp", "reference")
 def matrix_exp(A: Tensor) -> Tensor:
     """exp(A) by scaling and squaring with the Padé [13/13] approximant, each matrix scaled
     by its own power of two (Higham 2005): to about one rounding in float64, where
@@ -106,6 +97,7 @@ def matrix_exp(A: Tensor) -> Tensor:
     return torch.where(finite[..., None, None], result, torch.nan).contiguous()
 
 
+@register("matrix_exp_backward", "reference")
 def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     """∂L/∂A = L(Aᴴ, Γ), the adjoint Fréchet derivative, read off the upper-right block of
     exp([[Aᴴ, E], [0, Aᴴ]]) = [[exp(Aᴴ), L(Aᴴ, E)], [0, exp(Aᴴ)]]. L is linear in E, so a
@@ -125,9 +117,6 @@ def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- kernelized (SNELL)
-
-KERNELS = ("piecewise_linear", "rbf", "sigmoid", "linear", "mixture")
-
 
 def _concat_chunks(emb: Tensor) -> Tensor:
     """(H, rows, p) -> (rows, H·p): the full vectors b_j or a_i."""
@@ -170,6 +159,7 @@ def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tup
     return d_rows, d_cols
 
 
+@register("kernelized_delta", "reference")
 def kernelized_delta(
     out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
 ) -> Tensor:
@@ -177,7 +167,7 @@ def kernelized_delta(
     piecewise_linear P = Σ_h coeff[h]·r_h; rbf alpha·exp(−beta‖b_j − a_i‖²) + gamma;
     sigmoid alpha·σ(beta b_j·a_i) + gamma; linear b_j·a_i;
     mixture P + alpha·softmax_j(P/gamma) + beta, the softmax as ``_softmax``."""
-    _check_choice(kernel, KERNELS, "kernel")
+    check_choice(kernel, "kernel", KERNELS)
     alpha, beta, gamma = params
     if kernel == "piecewise_linear":
         return _piecewise(out_emb, in_emb, coeff, eps)
@@ -213,6 +203,7 @@ def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[
     return grad + d_logits / gamma, d_params
 
 
+@register("kernelized_delta_backward", "reference")
 def kernelized_delta_backward(
     grad: Tensor,
     out_emb: Tensor,
@@ -227,7 +218,7 @@ def kernelized_delta_backward(
     W_h = Γ ⊙ coeff[h] / r_h gives ∂b_j, ∂a_i by ``_weighted_distance_grads``,
     ∂coeff[h] = Σ Γ ⊙ r_h. rbf: W = Γ ⊙ (−2 alpha beta E), E = exp(−beta D);
     sigmoid: ∂(b_j·a_i) = Γ ⊙ alpha beta σ(1 − σ)."""
-    _check_choice(kernel, KERNELS, "kernel")
+    check_choice(kernel, "kernel", KERNELS)
     alpha, beta, _ = params
     d_params = torch.zeros_like(params)
     if kernel in ("piecewise_linear", "mixture"):
@@ -262,9 +253,6 @@ def kernelized_delta_backward(
 
 # --------------------------------------------------------------------------- sparsification
 
-MODES = ("hard", "soft")
-
-
 def threshold(delta: Tensor, k: int) -> Tensor:
     """τ = the k-th smallest |ΔW| over all entries (1-indexed; ``kthvalue`` works above
     2^24 entries, unlike ``torch.quantile``); −inf when k = 0 (keep all)."""
@@ -273,6 +261,7 @@ def threshold(delta: Tensor, k: int) -> Tensor:
     return delta.abs().flatten().kthvalue(k).values
 
 
+@register("sparsify", "reference")
 def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
     """[out, τ] with mask = 1[|ΔW| > τ] (ties at τ dropped) and τ⁺ = max(τ, 0):
     hard ΔW ⊙ |ΔW| ⊙ mask; soft ΔW ⊙ max(|ΔW| − τ⁺, 0) = ΔW ⊙ (|ΔW| − τ⁺) ⊙ mask."""
@@ -282,7 +271,7 @@ def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
 
 def masked(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     """ΔW sparsified with the threshold τ (see ``sparsify``)."""
-    _check_choice(mode, MODES, "mode")
+    check_choice(mode, "mode", MODES)
     magnitude = delta.abs()
     keep = magnitude > tau
     if mode == "hard":
@@ -290,10 +279,11 @@ def masked(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     return delta * (magnitude - tau.clamp_min(0)) * keep
 
 
+@register("sparsify_backward", "reference")
 def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     """τ and, in hard mode, |ΔW| are stop-gradients: hard Γ ⊙ |ΔW| ⊙ mask,
     soft Γ ⊙ (2|ΔW| − τ⁺) ⊙ mask."""
-    _check_choice(mode, MODES, "mode")
+    check_choice(mode, "mode", MODES)
     magnitude = delta.abs()
     keep = magnitude > tau
     if mode == "hard":
@@ -301,6 +291,7 @@ def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Te
     return grad * (2 * magnitude - tau.clamp_min(0)) * keep
 
 
+@register("kernelized_sparse_delta", "reference")
 def kernelized_sparse_delta(
     out_emb: Tensor,
     in_emb: Tensor,
@@ -320,6 +311,7 @@ def kernelized_sparse_delta(
     return [masked(delta, tau, mode), tau]
 
 
+@register("kernelized_sparse_delta_backward", "reference")
 def kernelized_sparse_delta_backward(
     grad: Tensor,
     out_emb: Tensor,
@@ -338,7 +330,8 @@ def kernelized_sparse_delta_backward(
     return kernelized_delta_backward(d_delta, out_emb, in_emb, kernel, coeff, params, eps)
 
 
-def kernelized_sparse_linear_backward(
+@register("sparse_linear_backward", "reference")
+def sparse_linear_backward(
     grad_out: Tensor,
     input: Tensor,
     out_emb: Tensor,
@@ -359,22 +352,21 @@ def kernelized_sparse_linear_backward(
 
 # --------------------------------------------------------------------------- LieRA merge
 
-EXPS = ("exact", "taylor1")
-
-
+@register("lowrank_hadamard_merge", "reference")
 def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
     """W0 ⊙ exp(D) (exact) or W0 ⊙ (1 + D) (taylor1), D = s·B·A reshaped to W0's shape."""
-    _check_choice(exp, EXPS, "exp")
+    check_choice(exp, "exp", EXP_FORMS)
     delta = (scale * B @ A).reshape(weight.shape)
     return weight * (torch.exp(delta) if exp == "exact" else 1 + delta)
 
 
+@register("lowrank_hadamard_merge_backward", "reference")
 def lowrank_hadamard_merge_backward(
     grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
 ) -> list[Tensor]:
     """[∂L/∂B, ∂L/∂A] = [s·∂D·Aᵀ, s·Bᵀ·∂D] on the matrix view, from ∂L/∂D = Γ ⊙ W_eff
     (exact, W_eff recomputed) or Γ ⊙ W0 (taylor1). W0 gets no gradient."""
-    _check_choice(exp, EXPS, "exp")
+    check_choice(exp, "exp", EXP_FORMS)
     factor = lowrank_hadamard_merge(weight, B, A, scale, exp) if exp == "exact" else weight
     d_delta = (grad * factor).reshape(B.shape[0], A.shape[1])
     return [scale * d_delta @ A.T, scale * B.T @ d_delta]

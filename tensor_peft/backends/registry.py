@@ -1,14 +1,14 @@
 """Which backends exist, which can run here (and why not), and which one runs an op.
 
 A backend is a module of this package exposing ``DEVICE_TYPES`` (the tensor device
-types it serves), ``unavailable_reason(device_type)`` (``None`` when it can run) and
-one function per op it implements, named like the op (``tucker_delta``,
-``tucker_delta_backward``, ...), with the calling convention of ``reference.py``.
+types it serves) and ``unavailable_reason(device_type)`` (``None`` when it can run). It
+implements every op of ``OPS``, each by a function under ``@register(op, backend)`` with
+the calling convention of ``reference.py``; importing the module registers them.
 
 Selection for an op on tensors of a device type: the backend asked for by
 ``use(name)`` or else by the environment variable ``TENSOR_PEFT_BACKEND``; when none
-was asked for, the first backend of the default order that can run and implements the
-op. A backend that was asked for but cannot run the op raises
+was asked for, the first backend of the default order that can run on those tensors.
+A backend that was asked for but cannot run the op raises
 ``BackendUnavailableError`` with the reason: it never silently falls back.
 
 Scope of ``use(name)``: the request is held in a ``contextvars.ContextVar``, so it holds in
@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..config import check_choice
+
 ENV_VAR = "TENSOR_PEFT_BACKEND"
 NAMES = ("reference", "cpu", "triton", "cuda")
 DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -38,9 +40,11 @@ OPS = (
     "matrix_exp", "matrix_exp_backward",
     "kernelized_delta", "kernelized_delta_backward",
     "sparsify", "sparsify_backward",
-    "kernelized_sparse_delta", "kernelized_sparse_delta_backward", "kernelized_sparse_linear_backward",
+    "kernelized_sparse_delta", "kernelized_sparse_delta_backward", "sparse_linear_backward",
     "lowrank_hadamard_merge", "lowrank_hadamard_merge_backward",
+    "tucker_projected_backward",
 )  # fmt: skip
+_KERNELS: dict[tuple[str, str], Callable] = {}  # (op, backend) -> the function that runs it
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "tensor_peft_backend", default=None
@@ -66,10 +70,18 @@ def extension_kernel(module: str, name: str, dtype: torch.dtype) -> Callable:
     return getattr(importlib.import_module(f"tensor_peft.{module}"), f"{name}_{suffix}")
 
 
-def _check_name(name: object, where: str) -> str:
-    if not isinstance(name, str) or name not in NAMES:
-        raise ValueError(f"{where} must be one of {', '.join(NAMES)}; got {name!r}")
-    return name
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: the function below is backend ``backend``'s kernel for ``op`` (one per
+    pair; ValueError for an unknown op or backend, or a pair registered twice)."""
+    key = (check_choice(op, "op", OPS), check_choice(backend, "backend", NAMES))
+    if key in _KERNELS:
+        raise ValueError(f"{op} is already registered for backend {backend!r}")
+
+    def add(function: Callable) -> Callable:
+        _KERNELS[key] = function
+        return function
+
+    return add
 
 
 @functools.cache
@@ -99,7 +111,7 @@ def _reason_for_device(name: str, device_type: str) -> str | None:
 def why_unavailable(name: str, device: str | torch.device | None = None) -> str | None:
     """Why backend ``name`` cannot run on ``device`` (any device of this machine when
     ``None``); ``None`` when it can."""
-    _check_name(name, "name")
+    check_choice(name, "name", NAMES)
     device_type = _device_type(device)
     if device_type is not None:
         return _reason_for_device(name, device_type)
@@ -115,14 +127,20 @@ def available(device: str | torch.device | None = None) -> list[str]:
 
 
 def implemented_ops(name: str) -> tuple[str, ...]:
-    """The ops (forward and backward) backend ``name`` has kernels for."""
-    return _implemented_ops(_check_name(name, "name"))
+    """The ops (forward and backward) backend ``name`` has registered kernels for: all of
+    ``OPS``, or none when its kernels cannot load (Triton missing)."""
+    _module(check_choice(name, "name", NAMES))
+    return tuple(op for op in OPS if (op, name) in _KERNELS)
 
 
-@functools.cache
-def _implemented_ops(name: str) -> tuple[str, ...]:
-    backend = _module(name)
-    return tuple(op for op in OPS if callable(getattr(backend, op, None)))
+def kernel(op: str, name: str) -> Callable:
+    """Backend ``name``'s function for ``op``, whether or not it can run on this machine's
+    tensors (``select`` picks the one that runs)."""
+    _module(check_choice(name, "name", NAMES))
+    function = _KERNELS.get((check_choice(op, "op", OPS), name))
+    if function is None:
+        raise BackendUnavailableError(f"backend {name!r} has no kernels here: {why_unavailable(name)}")
+    return function
 
 
 def requested() -> str | None:
@@ -133,7 +151,7 @@ def requested() -> str | None:
     env = os.environ.get(ENV_VAR, "").strip()
     if env in ("", "auto"):
         return None
-    return _check_name(env, f"environment variable {ENV_VAR}")
+    return check_choice(env, f"environment variable {ENV_VAR}", NAMES)
 
 
 @contextlib.contextmanager
@@ -142,7 +160,7 @@ def use(name: str) -> Iterator[None]:
     ``TENSOR_PEFT_BACKEND``), in this thread only (see the module doc); the backward of an
     op run inside runs there too, even after the block. Raises at once if the backend
     cannot run on any device here."""
-    reason = why_unavailable(_check_name(name, "name"))
+    reason = why_unavailable(check_choice(name, "name", NAMES))
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
     token = _requested.set(name)
@@ -152,25 +170,18 @@ def use(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
-def _reason_for_op(name: str, op: str, device_type: str) -> str | None:
-    reason = _reason_for_device(name, device_type)
-    if reason is None and op not in _implemented_ops(name):
-        reason = f"backend {name!r} does not implement {op} yet"
-    return reason
-
-
 def select(op: str, device_type: str) -> tuple[str, Callable]:
     """The backend (name, function) that runs ``op`` on ``device_type`` tensors now."""
     name = requested()
     if name is not None:
-        reason = _reason_for_op(name, op, device_type)
+        reason = _reason_for_device(name, device_type)
         if reason is not None:
             raise BackendUnavailableError(
                 f"backend {name!r} was asked for but cannot run {op} on {device_type} "
                 f"tensors: {reason}"
             )
-        return name, getattr(_module(name), op)
+        return name, kernel(op, name)
     for name in DEFAULT_ORDER.get(device_type, ("reference",)):
-        if _reason_for_op(name, op, device_type) is None:
-            return name, getattr(_module(name), op)
+        if _reason_for_device(name, device_type) is None:
+            return name, kernel(op, name)
     raise BackendUnavailableError(f"no backend can run {op} on {device_type} tensors")

@@ -1,6 +1,7 @@
-"""What the native backends share for updates ΔW = s·U·R on a weight's matrix view: the
-backends' launchers of forward (with an epilogue: add, exp, taylor1) and backward
-kernels become their op functions here (``tucker_ops``, ``hadamard_ops``).
+"""What the native backends share for updates ΔW = s·U·R on a weight's matrix view: their
+op functions for the Tucker ops and LieRA's ``lowrank_hadamard_merge`` call the helpers
+here with the backend's launchers of a forward kernel (with an epilogue: add, exp,
+taylor1) and a backward kernel.
 
 The Tucker split: every mode but the first is contracted
 into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from .tensor_algebra import tucker_gradients, tucker_product
 
 
 def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
@@ -21,12 +22,12 @@ def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[
     for mode 0, left as it is: no product with an identity, whose zeros would meet an
     infinite entry of the core as 0·inf = NaN)."""
     factors_of_R = [None, *factors[1:]]
-    return reference.tucker_delta(core, factors_of_R, 1.0).contiguous(), factors_of_R
+    return tucker_product(core, factors_of_R, 1.0).contiguous(), factors_of_R
 
 
 def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor | None]) -> list[Tensor]:
     """[dG, dU_0, dU_1, …] from the kernel's dU_0 and dR."""
-    d_core, _, *d_others = reference.tucker_delta_backward(d_R, core, factors_of_R, 1.0)
+    d_core, _, *d_others = tucker_gradients(d_R, core, factors_of_R, 1.0)
     return [d_core, d_U0, *d_others]
 
 
@@ -51,36 +52,19 @@ def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], sc
     return gradients(d_U0, d_R, core, factors_of_R)
 
 
-def tucker_ops(launch_forward, launch_backward):
-    """A backend's (tucker_delta, tucker_merge, tucker_delta_backward) from its two launchers."""
-
-    def tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-        return fused_forward(launch_forward, None, core, factors, scale)
-
-    def tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
-        return fused_forward(launch_forward, weight, core, factors, scale)
-
-    def tucker_delta_backward(grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
-        return fused_backward(launch_backward, grad, core, factors, scale)
-
-    return tucker_delta, tucker_merge, tucker_delta_backward
+def hadamard_forward(launch, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+    """LieRA's W0 ⊙ exp(s·B·A) (or the taylor1 form) with U = B, R = A on W0's (d0, n)
+    view, by ``launch(out, weight, U, R, d0, r0, n, scale, epilogue)``."""
+    out = torch.empty_like(weight)
+    launch(out, weight, B, A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
+    return out
 
 
-def hadamard_ops(launch_forward, launch_backward):
-    """A backend's (lowrank_hadamard_merge, lowrank_hadamard_merge_backward): LieRA's
-    W0 ⊙ exp(s·B·A) (or the taylor1 form) with U = B, R = A on W0's (d0, n) view, by the
-    launchers ``launch_forward(out, weight, U, R, d0, r0, n, scale, epilogue)`` and
-    ``launch_backward(grad, weight, U, R, dU, dR, d0, r0, n, scale, epilogue)`` (which adds
-    into dU and dR, zero at the start)."""
-
-    def lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
-        out = torch.empty_like(weight)
-        launch_forward(out, weight, B, A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
-        return out
-
-    def lowrank_hadamard_merge_backward(grad, weight, B, A, scale: float, exp: str) -> list[Tensor]:
-        d_B, d_A = torch.zeros_like(B), torch.zeros_like(A)
-        launch_backward(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
-        return [d_B, d_A]
-
-    return lowrank_hadamard_merge, lowrank_hadamard_merge_backward
+def hadamard_backward(
+    launch, grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
+) -> list[Tensor]:
+    """[dB, dA] by ``launch(grad, weight, U, R, dU, dR, d0, r0, n, scale, epilogue)``, which
+    adds into dU and dR (both start at zero)."""
+    d_B, d_A = torch.zeros_like(B), torch.zeros_like(A)
+    launch(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
+    return [d_B, d_A]

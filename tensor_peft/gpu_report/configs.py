@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..config import EXP_FORMS, KERNELS, MODES
+
 DTYPES = (torch.float32, torch.float64)
 META = torch.device("meta")
 
@@ -37,7 +39,7 @@ def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
             yield f"tucker_delta {name}", partial(lowrank.tucker_delta, core, factors, 0.5)
             yield f"tucker_merge {name}", partial(lowrank.tucker_merge, weight, core, factors, 0.5)
             yield f"tucker_delta_backward {name}", partial(lowrank.tucker_delta_backward, weight, core, factors, 0.5)
-            for exp in ("exact", "taylor1"):
+            for exp in EXP_FORMS:
                 yield f"lowrank_hadamard_merge {exp} {name}", partial(lowrank.lowrank_hadamard_merge, weight, B, A, 0.5, exp)
                 yield f"lowrank_hadamard_merge_backward {exp} {name}", partial(
                     lowrank.lowrank_hadamard_merge_backward, weight, weight, B, A, 0.5, exp
@@ -54,7 +56,6 @@ def _expm(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
 
 
 def _kernelized(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
-    from ..backends.reference import KERNELS
     from ..backends.triton import kernelized
 
     chunks, width = 2, 4
@@ -70,14 +71,14 @@ def _kernelized(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]
             yield f"kernelized_delta_backward {kernel} {shape}", partial(
                 kernelized.kernelized_delta_backward, delta, out_emb, in_emb, *args
             )
-            for mode in ("hard", "soft"):
+            for mode in MODES:
                 yield f"kernelized_sparse_delta {kernel} {mode} {shape}", partial(
                     kernelized.kernelized_sparse_delta, out_emb, in_emb, k, *args, mode
                 )
                 yield f"kernelized_sparse_delta_backward {kernel} {mode} {shape}", partial(
                     kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, tau, *args, mode
                 )
-        for mode in ("hard", "soft"):
+        for mode in MODES:
             yield f"sparsify {mode} {shape}", partial(kernelized.sparsify, delta, k, mode)
             yield f"sparsify_backward {mode} {shape}", partial(kernelized.sparsify_backward, delta, delta, tau, mode)
 

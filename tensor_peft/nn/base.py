@@ -20,12 +20,15 @@ is computed in at least float32 before it is added to the base output.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..config import check_dropout
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 # Subclasses that override forward() with the parent's operation (timm's Linear only adds a
@@ -77,12 +80,6 @@ def adapter_dtype_for(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-def check_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
 class Adapter(nn.Module):
     """One named adapter's parameters and hyper-parameters (one subclass per method)."""
 
@@ -108,7 +105,8 @@ class WrapsBaseLayer(nn.Module):
 class AdapterLayer(WrapsBaseLayer):
     """A frozen base layer plus named adapters of one method.
 
-    Subclasses implement ``_new_adapter(**options) -> Adapter``, ``delta_weight(adapter)``
+    Subclasses take their adapters' options, with their defaults, as constructor
+    arguments, and implement ``_new_adapter(**options) -> Adapter``, ``delta_weight(adapter)``
     (ΔW in the base weight's layout, float32 or wider) and may override
     ``delta_forward(adapter, x)`` (the update's output for input ``x``; by default
     the base layer's operation with ΔW) and ``merge_weight``/``unmerge_weight``
@@ -149,6 +147,11 @@ class AdapterLayer(WrapsBaseLayer):
     @property
     def is_embedding(self) -> bool:
         return self.kind == "embedding"
+
+    @property
+    def is_grouped_conv(self) -> bool:
+        """A conv with groups > 1, whose update runs in merged form (one conv with ΔW)."""
+        return self.is_conv and self.base_layer.groups > 1
 
     @property
     def spatial_dims(self) -> int:
@@ -203,16 +206,23 @@ class AdapterLayer(WrapsBaseLayer):
 
     def add_adapter(self, name: str, **options) -> None:
         """Add adapter ``name`` (initialized so that the layer's output does not change)
-        and make it active."""
+        and make it active. ``options`` are the layer's constructor arguments; those not
+        given take the constructor's defaults."""
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"adapter_name must be a Python identifier, got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        adapter = self._new_adapter(**options)
+        adapter = self._new_adapter(**{**self.option_defaults(), **options})
         if self.is_embedding and not isinstance(adapter.dropout, nn.Identity):
             raise ValueError("dropout must be 0 on an nn.Embedding: its inputs are indices")
         self.adapters[name] = adapter.to(self.weight.device)
         self.active_adapters = [name]
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, object]:
+        """The adapter options the constructor takes, with their defaults."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {name: p.default for name, p in parameters.items() if name not in ("self", "base_layer", "adapter_name")}
 
     def _new_adapter(self, **options) -> Adapter:
         raise NotImplementedError

@@ -2,7 +2,7 @@
 ΔW = s · G ×_0 U_0 ×_1 U_1 … with modes in the weight's own order (out, in/groups,
 spatial…). Init: G = 0, U_k ~ N(0, 1/(2 r_k)), so ΔW = 0 and only G moves at step 1.
 
-Execution per layer (``mode``):
+Execution per layer (``execution``):
 - ``merged``: W_eff = W0 + ΔW by the fused ``ops.tucker_merge``, then one conv/linear
   with W_eff (the base layer's geometry, groups and padding modes included). Its backward
   (groups = 1) never forms the dense weight gradient Γ when a projected one is cheaper:
@@ -36,27 +36,27 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..backends import reference
+from ..config import EXECUTIONS, check_choice, check_rank
+from ..ops.tucker_delta import tucker_projected_backward
 from .base import Adapter, AdapterLayer, adapter_dtype_for
-from .lora import check_rank
 
-MODES = ("auto", "merged", "factorized")
-BYTES_PER_FLOP = 8  # machine balance in MACs per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
-EXECUTIONS = ("merged", "factorized")
+PATHS = tuple(execution for execution in EXECUTIONS if execution != "auto")
+"""The two ways a layer runs (merged, factorized); execution ``auto`` chooses one of them."""
+MACS_PER_BYTE = 8  # machine balance: multiply-adds per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
 
 AUTOTUNE = os.environ.get("TENSOR_PEFT_FLORA_AUTOTUNE", "1") != "0"
-"""Whether mode ``auto`` times the two paths (True) or uses the cost model (False)."""
+"""Whether execution ``auto`` times the two paths (True) or uses the cost model (False)."""
 AUTOTUNE_REPEATS = 3
 _execution_cache: dict[tuple, str] = {}
 
 
 def clear_execution_cache() -> None:
-    """Forget every timed choice of mode ``auto`` (the next call of each layer times again)."""
+    """Forget every timed choice of execution ``auto`` (the next call of each layer times again)."""
     _execution_cache.clear()
 
 
 def default_ranks(weight: Tensor, r: int) -> list[int]:
-    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv, per SPEC."""
+    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv."""
     return [r, r] + [2] * (weight.dim() - 2)
 
 
@@ -69,19 +69,18 @@ def clip_ranks(ranks: list[int], shape: torch.Size) -> list[int]:
 
 
 class FLoRAAdapter(Adapter):
-    def __init__(self, layer: AdapterLayer, r, ranks, scale, mode, dropout, dtype):
+    def __init__(self, layer: AdapterLayer, r, ranks, scale, execution, dropout, dtype):
         super().__init__(dropout)
         shape = layer.weight.shape
         ranks = default_ranks(layer.weight, check_rank(r)) if ranks is None else [check_rank(k, "ranks") for k in ranks]
         if len(ranks) != len(shape):
             raise ValueError(f"ranks must give one rank per weight mode ({len(shape)}), got {list(ranks)}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if mode == "factorized" and layer.is_conv and layer.base_layer.groups > 1:
-            raise ValueError("mode 'factorized' needs groups == 1; grouped convs run merged")
+        check_choice(execution, "execution", EXECUTIONS)
+        if execution == "factorized" and layer.is_grouped_conv:
+            raise ValueError("execution 'factorized' needs groups == 1; grouped convs run merged")
         self.ranks = clip_ranks(ranks, shape)
         self.scale = float(scale)
-        self.mode = mode
+        self.execution = execution
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         self.core = nn.Parameter(torch.zeros(self.ranks, **factory))
         self.factors = nn.ParameterList(
@@ -120,18 +119,18 @@ class FLoRALayer(AdapterLayer):
         r: int = 8,
         ranks: list[int] | None = None,
         scale: float = 1.0,
-        mode: str = "auto",
+        execution: str = "auto",
         dropout: float = 0.0,
         adapter_name: str = "default",
         dtype: torch.dtype | None = None,
     ):
         self.last_execution: str | None = None
         super().__init__(
-            base_layer, adapter_name, r=r, ranks=ranks, scale=scale, mode=mode, dropout=dropout, dtype=dtype
+            base_layer, adapter_name, r=r, ranks=ranks, scale=scale, execution=execution, dropout=dropout, dtype=dtype
         )
 
-    def _new_adapter(self, r=8, ranks=None, scale=1.0, mode="auto", dropout=0.0, dtype=None) -> Adapter:
-        return FLoRAAdapter(self, r, ranks, scale, mode, dropout, dtype)
+    def _new_adapter(self, **options) -> Adapter:
+        return FLoRAAdapter(self, **options)
 
     def _params(self, adapter: Adapter, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
         return adapter.core.to(dtype), [f.to(dtype) for f in adapter.factors]
@@ -143,7 +142,7 @@ class FLoRALayer(AdapterLayer):
     def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
         """ΔW = U_0 · (s·R) with R = G ×_1 U_1 ×_2 U_2 … (every mode but the first folded
         into the core): rank r_0, exact. A grouped conv's ΔW has no such form in peft."""
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             raise ValueError("a grouped conv's FLoRA update has no peft LoRA form")
         core, (U0, *others) = adapter.core, list(adapter.factors)
         eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
@@ -154,43 +153,39 @@ class FLoRALayer(AdapterLayer):
         return ops.tucker_merge(weight, core, factors, adapter.scale)
 
     def projected_gradients(self, x: Tensor, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float):
-        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by SPEC's
-        Tucker gradients applied to the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ and
-        T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (which is never formed)."""
+        """[dG, dU_0, dU_1, …] of the merged path from the output gradient, by the op
+        ``tucker_projected_backward`` on the projections T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ
+        and T_01 = T_0 ×_1 U_1ᵀ of the weight gradient Γ (which is never formed)."""
         dtype = core.dtype
         x, grad = x.to(dtype), grad.to(dtype)
-        U0, U1, *spatial = factors
+        U0, U1 = factors[:2]
         r0, r1 = core.shape[:2]
         kernel = tuple(self.weight.shape[2:])
         # T_1 = Γ ×_1 U_1ᵀ: the weight gradient of U_1ᵀx; T_0 = Γ ×_0 U_0ᵀ: that of x against U_0ᵀ·grad
         T1 = self.weight_gradient(self.pointwise(x, U1.T), grad, (U0.shape[0], r1, *kernel))
         T0 = self.weight_gradient(x, self.pointwise(grad, U0.T), (r0, U1.shape[0], *kernel))
         T01 = torch.tensordot(T0, U1, dims=([1], [0])).movedim(-1, 1)
-        eye0, eye1 = (torch.eye(r, dtype=dtype, device=core.device) for r in (r0, r1))
-        d_core, _, _, *d_spatial = reference.tucker_delta_backward(T01, core, [eye0, eye1, *spatial], scale)
-        d_U0 = reference.tucker_delta_backward(T1, core, [U0, eye1, *spatial], scale)[1]
-        d_U1 = reference.tucker_delta_backward(T0, core, [eye0, U1, *spatial], scale)[2]
-        return [d_core, d_U0, d_U1, *d_spatial]
+        return tucker_projected_backward(T0, T1, T01, core, factors, scale)
 
     def projects_gradients(self, adapter: Adapter) -> bool:
         """Whether the merged path's backward takes the projected weight gradients (groups
         = 1 and cheaper than Γ: c_out·r_1 + r_0·c_in < c_out·c_in per kernel tap)."""
-        if self.is_embedding or (self.is_conv and self.base_layer.groups > 1):
+        if self.is_embedding or self.is_grouped_conv:
             return False
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
         return c_out * r1 + r0 * c_in < c_out * c_in
 
     def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
-        """``merged`` or ``factorized`` for this input: the adapter's mode, or under
+        """``merged`` or ``factorized`` for this input: the adapter's execution, or under
         ``auto`` the path timed faster for this layer and input (cached), or the cost
         model's choice when timing is off, deterministic algorithms are asked for, or
         torch.compile traces an uncached case."""
-        if adapter.mode != "auto":
-            return adapter.mode
+        if adapter.execution != "auto":
+            return adapter.execution
         if self.is_embedding:
             return "factorized"  # a lookup of the indices' rows, never forming ΔW
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             return "merged"
         if not AUTOTUNE or torch.are_deterministic_algorithms_enabled():
             return self.cheaper_by_cost_model(adapter, x)
@@ -200,7 +195,7 @@ class FLoRALayer(AdapterLayer):
             if torch.compiler.is_compiling():
                 return self.cheaper_by_cost_model(adapter, x)
             seconds = time_executions(self, adapter, x)
-            choice = _execution_cache[key] = min(EXECUTIONS, key=seconds.__getitem__)
+            choice = _execution_cache[key] = min(PATHS, key=seconds.__getitem__)
         return choice
 
     def execution_key(self, adapter: Adapter, x: Tensor) -> tuple:
@@ -230,7 +225,7 @@ class FLoRALayer(AdapterLayer):
 
     def step_costs(self, adapter: Adapter, x: Tensor) -> tuple[float, float]:
         """Extra cost of a training step (forward + backward) over the frozen base layer,
-        in multiply-adds + BYTES_PER_FLOP·bytes, for the merged and factorized paths."""
+        in multiply-adds + MACS_PER_BYTE·bytes, for the merged and factorized paths."""
         weight_numel = self.weight.numel()
         r0, r1 = adapter.ranks[:2]
         c_out, c_in = self.weight.shape[:2]
@@ -256,8 +251,8 @@ class FLoRALayer(AdapterLayer):
         channel_passes = rows_in * (c_in + r1) + rows_out * (r1 + r0) + rows_out * (r0 + c_out)
         factorized_bytes = (5 * channel_passes + 3 * rows_out * c_out) * element
         return (
-            float(merged_macs + BYTES_PER_FLOP * merged_bytes),
-            float(factorized_macs + BYTES_PER_FLOP * factorized_bytes),
+            float(merged_macs + MACS_PER_BYTE * merged_bytes),
+            float(factorized_macs + MACS_PER_BYTE * factorized_bytes),
         )
 
     def output_positions(self, x: Tensor) -> int:
@@ -276,7 +271,7 @@ class FLoRALayer(AdapterLayer):
         return positions
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             return super().delta_forward(adapter, x)  # conv(x, ΔW): grouped convs run merged
         core, (U0, U1, *spatial) = self._params(adapter, self.compute_dtype(adapter))
         if not self.is_conv:  # U_1ᵀx by the base operation: an embedding looks its indices up in U_1
@@ -332,12 +327,12 @@ def time_executions(layer: FLoRALayer, adapter: Adapter, x: Tensor) -> dict[str,
     trial_input = x.detach().clone().requires_grad_(x.requires_grad)
     wanted = [p for p in layer.parameters() if p.requires_grad] + ([trial_input] if x.requires_grad else [])
     backward = torch.is_grad_enabled() and bool(wanted)
-    mode, last_execution = adapter.mode, layer.last_execution
+    execution, last_execution = adapter.execution, layer.last_execution
 
-    def step(execution: str) -> float:
+    def step(path: str) -> float:
         _synchronize(x.device)
         start = time.perf_counter()
-        adapter.mode = execution
+        adapter.execution = path
         out = layer.forward(trial_input)
         if backward:  # outside autocast, as a training step's backward runs
             with torch.autocast(x.device.type, enabled=False):
@@ -345,15 +340,15 @@ def time_executions(layer: FLoRALayer, adapter: Adapter, x: Tensor) -> dict[str,
         _synchronize(x.device)
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {execution: [] for execution in EXECUTIONS}
+    times: dict[str, list[float]] = {path: [] for path in PATHS}
     devices = [x.device] if x.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices), torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
-            for execution in EXECUTIONS:
-                step(execution)
+            for path in PATHS:
+                step(path)
             for _ in range(AUTOTUNE_REPEATS):
-                for execution in EXECUTIONS:
-                    times[execution].append(step(execution))
+                for path in PATHS:
+                    times[path].append(step(path))
     finally:
-        adapter.mode, layer.last_execution = mode, last_execution
-    return {execution: statistics.median(seconds) for execution, seconds in times.items()}
+        adapter.execution, layer.last_execution = execution, last_execution
+    return {path: statistics.median(seconds) for path, seconds in times.items()}

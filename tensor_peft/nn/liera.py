@@ -22,25 +22,21 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..config import EXP_FORMS, GROUPS, INNERS, SIDES, check_choice, check_rank, check_real
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .flora import FLoRAAdapter
-from .lora import LoRAAdapter, check_alpha, check_rank
-
-GROUPS = ("hadamard", "orthogonal", "gl")
-INNERS = ("lora", "flora")
-EXP_FORMS = ("exact", "taylor1")
-SIDES = ("output", "input")
+from .lora import LoRAAdapter
 
 
 class LieRAAdapter(Adapter):
     def __init__(self, layer: AdapterLayer, r, alpha, group, inner, exp, block_size, side, scale, ranks, dropout,
                  dtype):  # fmt: skip
         super().__init__(dropout)
-        for value, name, choices in ((group, "group", GROUPS), (inner, "inner", INNERS), (exp, "exp", EXP_FORMS),
-                                     (side, "side", SIDES)):  # fmt: skip
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-        self.group, self.inner, self.exp, self.side = group, inner, exp, side
+        check_real(alpha, "alpha")  # also where no inner LoRA takes it
+        self.group = check_choice(group, "group", GROUPS)
+        self.inner = check_choice(inner, "inner", INNERS)
+        self.exp = check_choice(exp, "exp", EXP_FORMS)
+        self.side = check_choice(side, "side", SIDES)
         if group != "hadamard":
             size = layer.weight.shape[0] if side == "output" else layer.weight[0].numel()
             block_size = check_rank(block_size, "block_size")
@@ -96,10 +92,8 @@ class LieRALayer(AdapterLayer):
             block_size=block_size, side=side, scale=scale, ranks=ranks, dropout=dropout, dtype=dtype,
         )  # fmt: skip
 
-    def _new_adapter(self, r=8, alpha=8.0, group="hadamard", inner="lora", exp="exact", block_size=4, side="output",
-                     scale=1.0, ranks=None, dropout=0.0, dtype=None) -> Adapter:  # fmt: skip
-        check_alpha(alpha)
-        return LieRAAdapter(self, r, alpha, group, inner, exp, block_size, side, scale, ranks, dropout, dtype)
+    def _new_adapter(self, **options) -> Adapter:
+        return LieRAAdapter(self, **options)
 
     def group_action(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
         """The group element of ``adapter`` (or its inverse) acting on ``weight``."""

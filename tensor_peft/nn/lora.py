@@ -9,30 +9,19 @@ kaiming-uniform(a=√5), B = 0, so the layer starts equal to its base."""
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
 
-from ..ops._common import check_real
+from ..config import check_rank, check_real
 from .base import Adapter, AdapterLayer, adapter_dtype_for
-
-
-def check_rank(r: object, name: str = "r") -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"{name} must be a positive integer, got {r!r}")
-    return int(r)
-
-
-def check_alpha(alpha: object) -> float:
-    return check_real(alpha, "alpha")
 
 
 class LoRAAdapter(Adapter):
     def __init__(self, layer: AdapterLayer, r: int, alpha: float, dropout: float, dtype: torch.dtype | None):
         super().__init__(dropout)
         self.r = check_rank(r)
-        self.alpha = check_alpha(alpha)
+        self.alpha = check_real(alpha, "alpha")
         self.scale = self.alpha / self.r
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         self.lora_A = nn.Parameter(torch.empty(self.r, *layer.weight.shape[1:], **factory))
@@ -56,7 +45,7 @@ class LowRankLayer(AdapterLayer):
         return adapter.scale * (up @ down.reshape(adapter.r, -1)).reshape(self.weight.shape)
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
-        if self.is_conv and self.base_layer.groups > 1:
+        if self.is_grouped_conv:
             return super().delta_forward(adapter, x)  # merged form
         dtype = self.compute_dtype(adapter)
         down = self.down_projection(adapter).to(dtype)
@@ -83,8 +72,8 @@ class LoRALayer(LowRankLayer):
     ):
         super().__init__(base_layer, adapter_name, r=r, alpha=alpha, dropout=dropout, dtype=dtype)
 
-    def _new_adapter(self, r=8, alpha=8.0, dropout=0.0, dtype=None) -> Adapter:
-        return LoRAAdapter(self, r, alpha, dropout, dtype)
+    def _new_adapter(self, **options) -> Adapter:
+        return LoRAAdapter(self, **options)
 
     def down_projection(self, adapter: Adapter) -> Tensor:
         return adapter.lora_A

@@ -11,18 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..config import VARIANTS, check_choice
 from .base import Adapter
 from .lora import LoRAAdapter, LowRankLayer
-
-VARIANTS = ("shim", "icfm", "ctcm", "dtsm")
 
 
 class MTLoRAAdapter(LoRAAdapter):
     def __init__(self, layer, r, alpha, dropout, dtype, variant: str):
         super().__init__(layer, r, alpha, dropout, dtype)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-        self.variant = variant
+        self.variant = check_choice(variant, "variant", VARIANTS)
         factory = dict(dtype=self.lora_A.dtype, device=self.lora_A.device)
         self.C = nn.Parameter(torch.eye(self.r, **factory))
         if variant == "ctcm":
@@ -60,8 +57,8 @@ class MTLoRALayer(LowRankLayer):
             base_layer, adapter_name, r=r, alpha=alpha, variant=variant, dropout=dropout, dtype=dtype
         )
 
-    def _new_adapter(self, r=8, alpha=8.0, variant="shim", dropout=0.0, dtype=None) -> Adapter:
-        return MTLoRAAdapter(self, r, alpha, dropout, dtype, variant)
+    def _new_adapter(self, **options) -> Adapter:
+        return MTLoRAAdapter(self, **options)
 
     def down_projection(self, adapter: Adapter) -> Tensor:
         A = adapter.lora_A

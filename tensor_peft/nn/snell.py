@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.kernelized_delta import KERNEL_PARAMS, KERNELS, POSITIVE_PARAMS, default_coeff, kernelized_delta
+from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
+from ..ops.kernelized_delta import KERNEL_PARAMS, POSITIVE_PARAMS, default_coeff, kernelized_delta
 from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
-from ..ops.sparsify import MODES, THRESHOLDS, check_sparsity, dropped_count
+from ..ops.sparsify import dropped_count
 from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
-from .lora import check_rank
-
 
 
 def learned_params(kernel: str) -> tuple[str, ...]:
@@ -63,13 +62,6 @@ def initial_value(kernel: str, name: str, rows: int) -> float:
     return defaults[name]
 
 
-def check_chunks(chunks: object, r: int) -> int:
-    chunks = check_rank(chunks, "chunks")
-    if r % chunks:
-        raise ValueError(f"chunks ({chunks}) must divide the rank r ({r})")
-    return chunks
-
-
 class SNELLAdapter(Adapter):
     """Embeddings ``snell_out (H, m, r/H)``, ``snell_in (H, n, r/H)``, the kernel's
     parameters, and the current sparsity (SNELLA's allocator changes it; it is saved
@@ -86,13 +78,9 @@ class SNELLAdapter(Adapter):
         super().__init__(dropout)
         self.r = check_rank(r)
         chunks = check_chunks(chunks, self.r)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {', '.join(THRESHOLDS)}; got {threshold!r}")
-        self.kernel, self.mode, self.threshold = kernel, mode, threshold
+        self.kernel = check_choice(kernel, "kernel", KERNELS)
+        self.mode = check_choice(mode, "mode", MODES)
+        self.threshold = check_choice(threshold, "threshold", THRESHOLDS)
         factory = dict(dtype=adapter_dtype_for(layer.weight, dtype), device=layer.weight.device)
         rows, columns = layer.weight.shape[0], layer.weight[0].numel()
         self.snell_out = nn.Parameter(torch.empty(chunks, rows, self.r // chunks, **factory))
@@ -202,12 +190,8 @@ class SNELLLayer(AdapterLayer):
             learnable_coeff=learnable_coeff, dropout=dropout, dtype=dtype, threshold=threshold,
         )  # fmt: skip
 
-    def _new_adapter(
-        self, r=8, sparsity=0.9, kernel=None, mode="hard", chunks=2, learnable_coeff=False, dropout=0.0, dtype=None,
-        threshold="count",
-    ) -> Adapter:  # fmt: skip
-        kernel = self.default_kernel if kernel is None else kernel
-        return SNELLAdapter(self, r, sparsity, kernel, mode, chunks, learnable_coeff, dropout, dtype, threshold)
+    def _new_adapter(self, kernel: str | None, **options) -> Adapter:
+        return SNELLAdapter(self, kernel=self.default_kernel if kernel is None else kernel, **options)
 
     def delta_weight(self, adapter: Adapter, tau: Tensor | None = None) -> Tensor:
         return self.delta_weight_and_threshold(adapter, tau)[0]

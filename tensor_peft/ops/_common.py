@@ -11,16 +11,13 @@ tensors of one dtype on one device.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from ..backends import registry
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..config import FLOAT_DTYPES
 DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, through the fake impls
 
 
@@ -54,25 +51,6 @@ def check_same_device(tensors: Mapping[str, Tensor]) -> None:
             )
 
 
-def check_real(value: object, name: str) -> float:
-    """``value`` as a finite Python float, or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        result = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
-    if not math.isfinite(result):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return result
-
-
-def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
 def check_frozen(weight: Tensor, name: str = "weight") -> None:
     """The merge ops give the base weight no gradient: refuse one that asks for it."""
     if weight.requires_grad and torch.is_grad_enabled():
@@ -90,9 +68,10 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def prepare(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor`` in ``dtype`` and contiguous, both steps differentiable."""
-    return tensor.to(dtype).contiguous()
+def prepare(*tensors: Tensor) -> list[Tensor]:
+    """``tensors`` in their ``compute_dtype`` and contiguous, both steps differentiable."""
+    dtype = compute_dtype(*tensors)
+    return [tensor.to(dtype).contiguous() for tensor in tensors]
 
 
 def run(op: str, device: torch.device, *args):

@@ -26,19 +26,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import (
-    check_choice,
-    check_real,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    forward_backend,
-    prepare,
-    record_backend,
-    run,
-)
+from ..config import KERNELS, check_choice, check_real
+from ._common import check_same_device, check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
 
-# The parameters each kernel takes, with their defaults (coeff's default depends on H).
+# The parameters each kernel (each of config.KERNELS) takes, with their defaults (coeff's
+# default depends on H).
 KERNEL_PARAMS: dict[str, dict[str, float | None]] = {
     "piecewise_linear": {"coeff": None, "eps": 1e-12},
     "rbf": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0},
@@ -46,7 +38,6 @@ KERNEL_PARAMS: dict[str, dict[str, float | None]] = {
     "linear": {},
     "mixture": {"coeff": None, "eps": 1e-12, "alpha": 1.0, "beta": 0.0, "gamma": 1.0},
 }
-KERNELS = tuple(KERNEL_PARAMS)
 SCALAR_PARAMS = ("alpha", "beta", "gamma")
 # The parameters that must be positive (ValueError otherwise).
 POSITIVE_PARAMS = {"mixture": ("gamma",)}
@@ -214,9 +205,5 @@ def kernelized_delta(
     out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(
         out_emb, in_emb, kernel, kernel_params
     )
-    dtype = compute_dtype(out_emb, in_emb, coeff, params)
-    delta = _kernelized_delta(
-        prepare(out_emb, dtype), prepare(in_emb, dtype), kernel, prepare(coeff, dtype),
-        prepare(params, dtype), eps,
-    )  # fmt: skip
-    return delta.to(out_emb.dtype)
+    computed_out, computed_in, coeff, params = prepare(out_emb, in_emb, coeff, params)
+    return _kernelized_delta(computed_out, computed_in, kernel, coeff, params, eps).to(out_emb.dtype)

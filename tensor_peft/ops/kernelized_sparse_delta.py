@@ -16,18 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (
-    check_choice,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    forward_backend,
-    prepare,
-    record_backend,
-    run,
-)
+from ..config import MODES, THRESHOLDS, check_choice
+from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
 from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
-from .sparsify import MODES, THRESHOLDS, select, sparsity_tensor
+from .sparsify import select, sparsity_tensor
 
 
 @torch.library.custom_op(
@@ -167,18 +159,16 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    dtype = compute_dtype(out_emb, in_emb, coeff, params)
-    prepared = [prepare(tensor, dtype) for tensor in (out_emb, in_emb, coeff, params)]
-    return prepared, kernel, eps, sparsity, mode, threshold
+    return prepare(out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
 
 
 # --------------------------------------------------------------------------- in a linear layer
 
 
 @torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
+    "tensor_peft::sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
 )
-def _kernelized_sparse_linear(
+def _sparse_linear(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -196,17 +186,18 @@ def _kernelized_sparse_linear(
     return F.linear(input, (weight + delta).to(input.dtype), bias), tau
 
 
-@_kernelized_sparse_linear.register_fake
+@_sparse_linear.register_fake
 def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
     return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
 
 
 @torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
+    "tensor_peft::sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
-def _kernelized_sparse_linear_backward(
-    grad_out: Tensor,
+def _sparse_linear_backward(
+    grad: Tensor,
     input: Tensor,
+    weight: Tensor,
     out_emb: Tensor,
     in_emb: Tensor,
     sparsity: Tensor,
@@ -216,32 +207,37 @@ def _kernelized_sparse_linear_backward(
     params: Tensor,
     eps: float,
     mode: str,
+    input_grad: bool,
+    kernel_grads: bool,
 ) -> list[Tensor]:
+    """[∂input, ∂out_emb, ∂in_emb, ∂coeff, ∂params] from the output's gradient ``grad``, in
+    one op (one dispatch per backward): ∂input through W0 + ΔW rebuilt from τ when
+    ``input_grad``, the kernel's gradients when ``kernel_grads`` (empty tensors for those
+    not asked for)."""
+    grad_input = input.new_empty(0)
+    if input_grad:
+        delta, _ = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)
+        grad_input = grad @ (weight + delta).to(grad.dtype)
+    if not kernel_grads:
+        return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
     if is_empty(out_emb, in_emb):
-        return zero_kernel_grads(out_emb, in_emb, coeff, params)
-    return run(
-        "kernelized_sparse_linear_backward", out_emb.device,
-        grad_out, input, out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
-    )  # fmt: skip
+        return [grad_input, *zero_kernel_grads(out_emb, in_emb, coeff, params)]
+
+    def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
+        return _tokens(tensor).to(out_emb.dtype).contiguous()
+
+    return [grad_input, *run(
+        "sparse_linear_backward", out_emb.device,
+        tokens(grad), tokens(input), out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
+    )]  # fmt: skip
 
 
-@_kernelized_sparse_linear_backward.register_fake
-def _(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
-    return fake_kernel_grads(out_emb, in_emb, coeff, params)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold = inputs
-    _, tau = output
-    ctx.mark_non_differentiable(tau)
-    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
-    ctx.kernel, ctx.eps, ctx.mode, ctx.threshold = kernel, eps, mode, threshold
-    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
-
-
-def _linear_backward(ctx, grad, grad_tau):
-    with forward_backend(ctx):
-        return _linear_gradients(ctx, grad)
+@_sparse_linear_backward.register_fake
+def _(grad, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode, input_grad, kernel_grads):
+    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
+    if not kernel_grads:
+        return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
+    return [grad_input, *fake_kernel_grads(out_emb, in_emb, coeff, params)]
 
 
 def _tokens(tensor: Tensor) -> Tensor:
@@ -249,29 +245,32 @@ def _tokens(tensor: Tensor) -> Tensor:
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
-def _linear_gradients(ctx, grad):
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold = inputs
+    _, tau = output
+    ctx.mark_non_differentiable(tau)
+    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
+    ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
+    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
+
+
+def _linear_backward(ctx, grad, grad_tau):
     input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
-    grad_input = grad_bias = d_out = d_in = d_coeff = d_params = None
-    if ctx.needs_input_grad[0]:  # through W0 + ΔW, rebuilt from τ
-        delta, _ = _kernelized_sparse_delta(
-            out_emb, in_emb, sparsity, ctx.kernel, coeff, params, ctx.eps, ctx.mode, ctx.threshold, tau
+    input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+    with forward_backend(ctx):
+        grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+            grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
+            input_grad, kernel_grads,
         )  # fmt: skip
-        grad_input = grad @ (weight + delta).to(grad.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_bias = _tokens(grad).sum(0)
-    if any(ctx.needs_input_grad[3:]):
-
-        def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
-            return _tokens(tensor).to(out_emb.dtype).contiguous()
-
-        d_out, d_in, d_coeff, d_params = _kernelized_sparse_linear_backward(
-            tokens(grad), tokens(input), out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps,
-            ctx.mode,
-        )  # fmt: skip
+    grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
+    if not input_grad:
+        grad_input = None
+    if not kernel_grads:
+        d_out = d_in = d_coeff = d_params = None
     return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
-_kernelized_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def sparse_linear(
@@ -308,7 +307,7 @@ def sparse_linear(
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
-    output, _ = _kernelized_sparse_linear(
+    output, _ = _sparse_linear(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip
     return output

@@ -15,20 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import (
-    check_choice,
-    check_frozen,
-    check_real,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    forward_backend,
-    prepare,
-    record_backend,
-    run,
-)
-
-EXP_FORMS = ("exact", "taylor1")
+from ..config import EXP_FORMS, check_choice, check_real
+from ._common import check_frozen, check_same_device, check_tensor, forward_backend, prepare, record_backend, run
 
 
 def _vanishes(weight: Tensor, B: Tensor) -> bool:
@@ -107,8 +95,5 @@ def lowrank_hadamard_merge(
         )
     check_same_device({"weight": weight, "B": B, "A": A})
     check_frozen(weight)
-    dtype = compute_dtype(weight, B, A)
-    merged = _lowrank_hadamard_merge(
-        prepare(weight, dtype), prepare(B, dtype), prepare(A.reshape(rank, cols), dtype), scale, exp
-    )
-    return merged.to(weight.dtype)
+    computed_weight, B, A = prepare(weight, B, A.reshape(rank, cols))
+    return _lowrank_hadamard_merge(computed_weight, B, A, scale, exp).to(weight.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
+from ._common import check_tensor, forward_backend, prepare, record_backend, run
 
 
 @torch.library.custom_op("tensor_peft::matrix_exp", mutates_args=(), device_types=("cpu", "cuda"))
@@ -59,4 +59,5 @@ def matrix_exp(A: Tensor) -> Tensor:
     A = check_tensor(A, "A", min_ndim=2)
     if A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must hold square matrices (..., n, n), got shape {tuple(A.shape)}")
-    return _matrix_exp(prepare(A, compute_dtype(A))).to(A.dtype)
+    (computed,) = prepare(A)
+    return _matrix_exp(computed).to(A.dtype)

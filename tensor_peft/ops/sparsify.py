@@ -31,10 +31,8 @@ import torch
 from torch import Tensor
 
 from ..backends.reference import masked
-from ._common import check_choice, check_real, check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
-
-MODES = ("hard", "soft")
-THRESHOLDS = ("count", "quantile")
+from ..config import MODES, THRESHOLDS, check_choice, check_sparsity
+from ._common import check_tensor, forward_backend, prepare, record_backend, run
 
 
 def dropped_count(sparsity: float, numel: int, threshold: str = "count", dtype: torch.dtype = torch.float32) -> int:
@@ -76,13 +74,6 @@ def select(compute: Callable[[int, Tensor | None], list[Tensor]], sparsity: Tens
     if bool(interpolated == upper[1]):
         return upper
     return compute(dropped, interpolated)
-
-
-def check_sparsity(sparsity: object) -> float:
-    sparsity = check_real(sparsity, "sparsity")
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1] (the fraction of entries zeroed), got {sparsity}")
-    return sparsity
 
 
 def sparsity_tensor(sparsity: object) -> Tensor:
@@ -160,5 +151,6 @@ def sparsify(delta: Tensor, sparsity: float | Tensor, mode: str = "hard", thresh
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    out, _ = _sparsify(prepare(delta, compute_dtype(delta)), sparsity, mode, threshold)
+    (computed,) = prepare(delta)
+    out, _ = _sparsify(computed, sparsity, mode, threshold)
     return out.to(delta.dtype)

@@ -1,8 +1,9 @@
 """``tucker_delta``: the FLoRA Tucker update ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}.
 
-Gradients (SPEC §1 FLoRA): ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …,
+Gradients (FLoRA's Tucker update): ∂L/∂G = s · Γ ×_0 U_0ᵀ ×_1 U_1ᵀ …,
 ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ, computed by the backend's
-``tucker_delta_backward`` (also the backward of ``tucker_merge``).
+``tucker_delta_backward`` (also the backward of ``tucker_merge``); from projections of Γ
+by ``tucker_projected_backward``.
 
 A factor with no entries (some d_k = 0: ΔW is empty; some r_k = 0: ΔW is an empty sum,
 zero) gives ΔW = 0 and zero gradients here, before any backend runs."""
@@ -14,16 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import (
-    check_real,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    forward_backend,
-    prepare,
-    record_backend,
-    run,
-)
+from ..config import check_real
+from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
 
 
 def vanishes(factors: Sequence[Tensor]) -> bool:
@@ -58,6 +51,36 @@ def tucker_delta_backward(
 @tucker_delta_backward.register_fake
 def _(grad, core, factors, scale):
     return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
+
+
+@torch.library.custom_op(
+    "tensor_peft::tucker_projected_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def _tucker_projected_backward(
+    T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: list[Tensor], scale: float
+) -> list[Tensor]:
+    if vanishes(factors):
+        return [torch.zeros_like(core)] + [torch.zeros_like(factor) for factor in factors]
+    return run("tucker_projected_backward", core.device, T0, T1, T01, core, factors, scale)
+
+
+@_tucker_projected_backward.register_fake
+def _(T0, T1, T01, core, factors, scale):
+    return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
+
+
+def tucker_projected_backward(
+    T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: Sequence[Tensor], scale: float
+) -> list[Tensor]:
+    """[∂L/∂G, ∂L/∂U_0, ∂L/∂U_1, …] of ``tucker_delta`` from projections of the weight
+    gradient Γ, which need not exist: T0 = Γ ×_0 U_0ᵀ, T1 = Γ ×_1 U_1ᵀ, T01 = T0 ×_1 U_1ᵀ
+    (FLoRA's merged path, whose layer computes them from its input and output gradient).
+    Each gradient comes back in its own input's dtype."""
+    dtype = compute_dtype(T0, T1, T01, core, *factors)
+    d_core, *d_factors = _tucker_projected_backward(
+        *(prepare(t, dtype) for t in (T0, T1, T01, core)), [prepare(f, dtype) for f in factors], scale
+    )
+    return [d_core.to(core.dtype), *(d.to(f.dtype) for d, f in zip(d_factors, factors))]
 
 
 def save_tucker_inputs(ctx, op: str, core: Tensor, factors: Sequence[Tensor], scale: float) -> None:
@@ -113,6 +136,5 @@ def tucker_delta(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) ->
     core: ``(r_0, …, r_{N-1})``; factors[k]: ``(d_k, r_k)``; returns ``(d_0, …, d_{N-1})``
     in core's dtype (computed in at least float32)."""
     core, factors, scale = check_tucker(core, factors, scale)
-    dtype = compute_dtype(core, *factors)
-    delta = _tucker_delta(prepare(core, dtype), [prepare(f, dtype) for f in factors], scale)
-    return delta.to(core.dtype)
+    computed_core, *factors = prepare(core, *factors)
+    return _tucker_delta(computed_core, factors, scale).to(core.dtype)

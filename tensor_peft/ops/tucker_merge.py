@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import check_frozen, check_same_device, check_tensor, compute_dtype, prepare, run
+from ._common import check_frozen, check_same_device, check_tensor, prepare, run
 from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads, vanishes
 
 
@@ -54,8 +54,5 @@ def tucker_merge(
         )
     check_same_device({"weight": weight, "core": core})
     check_frozen(weight)
-    dtype = compute_dtype(weight, core, *factors)
-    merged = _tucker_merge(
-        prepare(weight, dtype), prepare(core, dtype), [prepare(f, dtype) for f in factors], scale
-    )
-    return merged.to(weight.dtype)
+    computed_weight, core, *factors = prepare(weight, core, *factors)
+    return _tucker_merge(computed_weight, core, factors, scale).to(weight.dtype)

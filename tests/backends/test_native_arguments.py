@@ -148,6 +148,6 @@ def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel():
     out_emb, grad_out = torch.zeros(1, 3, 1), torch.zeros(2, 3)
     coeff, params = torch.ones(1), torch.zeros(3)
     with pytest.raises(ValueError, match="in_emb: the cpu backend's sampled backward takes n ≤ 2147483647"):
-        cpu.kernelized_sparse_linear_backward(
+        cpu.sparse_linear_backward(
             grad_out, x, out_emb, in_emb, 0.9, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard"
         )

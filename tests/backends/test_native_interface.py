@@ -11,7 +11,7 @@ import importlib
 import pytest
 
 from tensor_peft.backends.kernelized_ops import kernel_id, mode_id
-from tensor_peft.backends.reference import KERNELS, MODES
+from tensor_peft.config import KERNELS, MODES
 
 
 def _extension(name: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensor_peft.backends.registry import _module
+from tensor_peft.backends.registry import kernel
 
 from ..conftest import backends_with
 
@@ -39,11 +39,11 @@ def inputs(kind: str, dtype, generator) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_threshold_equals_a_brute_force_sort(backend, device, dtype, kind, mode):
     x = inputs(kind, dtype, torch.Generator().manual_seed(5)).to(device)
-    sparsify = _module(backend).sparsify
+    sparsify = kernel("sparsify", backend)
     for k in sorted({0, 1, 2, x.numel() // 3, x.numel() // 2, x.numel() - 1, x.numel()}):
         out, tau = sparsify(x, k, mode)
         assert tau.item() == brute_force_tau(x.cpu(), k), (k, tau.item())
-        magnitude = x.abs()  # the kept set is exactly |x| > τ, each entry by SPEC's formula
+        magnitude = x.abs()  # the kept set is exactly |x| > τ, each entry by the sparsification's formula
         factor = magnitude if mode == "hard" else magnitude - max(tau.item(), 0.0)
         assert torch.equal(out, torch.where(magnitude > tau, x * factor, torch.zeros_like(x)))
 
@@ -56,7 +56,7 @@ def test_above_two_to_the_24_entries():
         if device != "cpu" or name == "triton":
             continue  # the interpreter is too slow for this size
         for k in (1, 2**23 + 5, 2**24 + 3):
-            _, tau = _module(name).sparsify(x, k, "hard")
+            _, tau = kernel("sparsify", name)(x, k, "hard")
             assert tau.item() == x.abs().kthvalue(k).values.item()
 
 
@@ -85,9 +85,9 @@ def spec_mask(raw: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
 def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
     """kernelized_sparse_delta's τ, found while κ is computed, against a sort."""
     out_emb, in_emb, coeff, params, raw = exact_linear_case(dtype, device)
-    module = _module(backend)
+    kernelized_sparse_delta = kernel("kernelized_sparse_delta", backend)
     for k in (1, 100, raw.numel() // 2, raw.numel()):
-        out, tau = module.kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
+        out, tau = kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
         assert tau.item() == brute_force_tau(raw.cpu(), k), k
         assert torch.equal(out, spec_mask(raw, tau.item(), "hard"))
 
@@ -96,13 +96,13 @@ def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_fused_mask_by_a_given_threshold(backend, device, mode):
     """Given τ, kernelized_sparse_delta masks by it and selects nothing (k is ignored):
-    a tied value, a value between two, 0 and −inf give SPEC's mask exactly, and returned
+    a tied value, a value between two, 0 and −inf give the mask 1[|ΔW| > τ] exactly, and returned
     is the τ given."""
     out_emb, in_emb, coeff, params, raw = exact_linear_case(torch.float32, device)
-    module = _module(backend)
+    kernelized_sparse_delta = kernel("kernelized_sparse_delta", backend)
     for given in (4.0, 2.5, 0.0, -float("inf")):
         tau = torch.tensor(given, device=device)
-        out, returned = module.kernelized_sparse_delta(
+        out, returned = kernelized_sparse_delta(
             out_emb, in_emb, 7, "linear", coeff, params, 0.0, mode, tau
         )  # fmt: skip
         assert returned.item() == given

@@ -185,7 +185,7 @@ def test_matrix_exp_backward_float32_and_complex():
 
 
 def naive_kernel(out_emb, in_emb, kernel, coeff, params, eps):
-    """ΔW_raw by broadcasting over (m, n, p), written from SPEC §1 (SNELL/SNELLA)."""
+    """ΔW_raw by broadcasting over (m, n, p), written from the SNELL/SNELLA kernel definitions."""
     alpha, beta, gamma = params
     sqdist = lambda b, a: ((b[:, None, :] - a[None, :, :]) ** 2).sum(-1)  # noqa: E731
     if kernel in ("piecewise_linear", "mixture"):
@@ -296,8 +296,8 @@ def test_piecewise_gradient_is_finite_at_zero_distance(kernel):
 
 
 def naive_sparsify(delta, k, mode):
-    """SPEC's competition sparsification by a full sort, with τ (and |ΔW| in hard mode)
-    detached, as SPEC's stop-gradients say; the mask drops ties at τ."""
+    """SNELL's competition sparsification by a full sort, with τ (and |ΔW| in hard mode)
+    detached, as stop-gradients; the mask drops ties at τ."""
     magnitude = delta.detach().abs()
     tau = magnitude.flatten().sort().values[k - 1] if k > 0 else delta.new_tensor(-math.inf).detach()
     keep = magnitude > tau

@@ -59,16 +59,61 @@ def test_unknown_backend_name():
 @pytest.mark.parametrize("name", ["cpu", "triton", "cuda"])
 def test_asking_for_a_backend_that_cannot_run_raises_with_the_reason(name, monkeypatch):
     """Each op asked of a native backend either runs there or raises saying why
-    (not built, no device, or no kernel yet): never a silent fallback."""
+    (not built, no device): never a silent fallback."""
     monkeypatch.setenv(backends.ENV_VAR, name)
     weight = torch.randn(4, 3)
     reason = backends.why_unavailable(name, "cpu")
-    if reason is None and "matrix_exp" in backends.implemented_ops(name):
-        pytest.skip(f"{name} runs matrix_exp on cpu tensors here")
-    expected = reason if reason is not None else "does not implement matrix_exp yet"
+    if reason is None:
+        pytest.skip(f"{name} runs on cpu tensors here")
     with pytest.raises(BackendUnavailableError, match=f"backend '{name}' was asked for") as error:
         ops.matrix_exp(weight[:3])
-    assert expected in str(error.value)
+    assert reason in str(error.value)
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_backend_registers_every_op_as_a_function_of_its_own(name):
+    """Each backend has a kernel for each op, a function named like the op in the backend's
+    module (or its kernel modules); only triton without Triton has none, and says why."""
+    implemented = backends.implemented_ops(name)
+    if name == "triton" and not implemented:
+        assert "triton is not installed or does not load" in backends.why_unavailable("triton")
+        return
+    assert implemented == registry.OPS
+    for op in registry.OPS:
+        function = registry.kernel(op, name)
+        assert function.__name__ == op
+        assert function.__module__.startswith(f"tensor_peft.backends.{name}")
+
+
+def test_kernel_is_the_registered_function_and_refuses_unknown_names():
+    from tensor_peft.backends import reference
+
+    assert registry.kernel("sparsify", "reference") is reference.sparsify
+    with pytest.raises(ValueError, match="op must be one of"):
+        registry.kernel("kernelized_sparse_linear_backward", "reference")
+    with pytest.raises(ValueError, match="name must be one of"):
+        registry.kernel("sparsify", "numpy")
+
+
+def test_op_names_are_the_custom_op_names():
+    """Every op of the registry is a ``tensor_peft::`` torch.library op of the same name."""
+    for op in registry.OPS:
+        assert hasattr(torch.ops.tensor_peft, op), op
+
+
+@pytest.mark.parametrize(("op", "backend", "message"), [
+    ("tucker_mrege", "cpu", "op must be one of tucker_delta, "),
+    ("kernelized_sparse_linear_backward", "cpu", "op must be one of"),
+    ("tucker_merge", "numpy", "backend must be one of reference, cpu, triton, cuda; got 'numpy'"),
+    (None, "cpu", "op must be one of"),
+    ("tucker_merge", "cpu", "tucker_merge is already registered for backend 'cpu'"),
+])  # fmt: skip
+def test_register_refuses_unknown_names_and_a_second_kernel(op, backend, message):
+    registry.kernel("tucker_merge", "cpu")  # the cpu kernels registered
+    before = dict(registry._KERNELS)
+    with pytest.raises(ValueError, match=message):
+        registry.register(op, backend)(lambda *args: None)
+    assert registry._KERNELS == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU reasons")
@@ -83,14 +128,13 @@ def test_reasons_without_gpu():
 
 def _spy_on(monkeypatch, backend: str, op: str) -> list:
     """Calls of ``op`` on ``backend`` from now on (the registry looks functions up per call)."""
-    module = registry._module(backend)
-    original, calls = getattr(module, op), []
+    original, calls = registry.kernel(op, backend), []
 
     def spy(*args):
         calls.append(op)
         return original(*args)
 
-    monkeypatch.setattr(module, op, spy)
+    monkeypatch.setitem(registry._KERNELS, (op, backend), spy)
     return calls
 
 

@@ -1,5 +1,5 @@
 """Adapter-layer conformance for every method over every base layer type and conv
-geometry: identical output at init, the forward and every gradient against SPEC's
+geometry: identical output at init, the forward and every gradient against the method's
 formula applied independently (the base layer run with W0 + ΔW), merge/unmerge,
 dropout, the dtype policy and the refusal of non-finite merges."""
 
@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from tensor_peft import backends
 from tensor_peft import ops as tp_ops
+from tensor_peft.backends import registry
 from tensor_peft.nn import FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 
 GEOMETRIES = {
@@ -35,7 +37,7 @@ INPUT_SPATIAL = {1: (9,), 2: (7, 6), 3: (4, 5, 3)}
 
 
 def transform(adapter) -> torch.Tensor:
-    """SPEC's T per MTLoRA variant, written out here (identity for LoRA)."""
+    """MTLoRA's T per variant, written out here (identity for LoRA)."""
     variant = getattr(adapter, "variant", None)
     if variant is None:
         return torch.eye(adapter.r, dtype=adapter.lora_A.dtype)
@@ -51,7 +53,7 @@ def tucker_einsum(core, factors, scale) -> torch.Tensor:
 
 
 def snell_kernel(adapter) -> torch.Tensor:
-    """ΔW_raw[j, i] = κ(b_j, a_i) by SPEC §1, from broadcast differences and dot products."""
+    """ΔW_raw[j, i] = κ(b_j, a_i) by SNELL's definition, from broadcast differences and dot products."""
     out, into = adapter.snell_out, adapter.snell_in  # (H, m, p), (H, n, p)
     b, a = out.transpose(0, 1).flatten(1), into.transpose(0, 1).flatten(1)  # chunks concatenated
     squared = ((b[:, None, :] - a[None, :, :]) ** 2).sum(-1)
@@ -70,7 +72,7 @@ def snell_kernel(adapter) -> torch.Tensor:
 
 
 def snell_delta(adapter) -> torch.Tensor:
-    """SPEC's competition: drop the k = ceil(s·m·n) smallest |ΔW_raw| (τ from a full sort),
+    """SNELL's competition: drop the k = ceil(s·m·n) smallest |ΔW_raw| (τ from a full sort),
     hard ΔW_raw ⊙ sg(|ΔW_raw|), soft ΔW_raw ⊙ (|ΔW_raw| − sg(τ))⁺."""
     raw = snell_kernel(adapter)
     magnitude = raw.abs()
@@ -83,7 +85,7 @@ def snell_delta(adapter) -> torch.Tensor:
 
 
 def spec_delta(layer, adapter) -> torch.Tensor:
-    """ΔW from the adapter's parameters by SPEC §1: FLoRA's Tucker update (one einsum),
+    """ΔW from the adapter's parameters by each method's definition: FLoRA's Tucker update (one einsum),
     SNELL's kernelized sparse update, or s·B·T·A on the matrix view for LoRA / MTLoRA."""
     if hasattr(adapter, "snell_out"):
         return snell_delta(adapter).reshape(layer.weight.shape)
@@ -104,7 +106,7 @@ def taylor_expm(S: torch.Tensor, terms: int = 40) -> torch.Tensor:
 
 
 def spec_weight(layer, adapter) -> torch.Tensor:
-    """W_eff by SPEC §1: W0 + ΔW; LieRA W0 ⊙ exp(ΔW) or W0 ⊙ (1 + ΔW) (hadamard), or
+    """W_eff by each method's definition: W0 + ΔW; LieRA W0 ⊙ exp(ΔW) or W0 ⊙ (1 + ΔW) (hadamard), or
     blockdiag(exp(S_i))·W0 with S_i = A_i − A_iᵀ (orthogonal) or A_i (gl)."""
     W0 = layer.base_layer.weight
     group = getattr(adapter, "group", None)
@@ -134,7 +136,7 @@ METHODS = {
     "lora": lambda base, **kw: LoRALayer(base, r=3, alpha=5.0, **kw),
     **{f"mtlora-{v}": (lambda v: lambda base, **kw: MTLoRALayer(base, r=3, alpha=5.0, variant=v, **kw))(v)
        for v in ("shim", "icfm", "ctcm", "dtsm")},
-    **{f"flora-{m}": (lambda m: lambda base, **kw: FLoRALayer(base, r=3, scale=0.8, mode=m, **kw))(m)
+    **{f"flora-{m}": (lambda m: lambda base, **kw: FLoRALayer(base, r=3, scale=0.8, execution=m, **kw))(m)
        for m in ("merged", "factorized", "auto")},
     "liera-lora-exact": lambda base, **kw: LieRALayer(base, r=2, alpha=1.0, **kw),
     "liera-lora-taylor1": lambda base, **kw: LieRALayer(base, r=2, alpha=1.0, exp="taylor1", **kw),
@@ -182,7 +184,7 @@ geometry_param = pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @geometry_param
 def test_equals_base_at_init(method, geometry):
     if method.startswith("snell"):
-        pytest.skip("SNELL's embeddings start random (SPEC), so ΔW is small but not zero at init")
+        pytest.skip("SNELL's embeddings start random (as in the paper), so ΔW is small but not zero at init")
     layer, x = make(method, geometry)
     assert torch.equal(layer(x), layer.base_layer(x))
     assert layer.weight is layer.base_layer.weight  # the base layer's attributes read through
@@ -199,7 +201,7 @@ def test_forward_and_gradients_match_spec(method, geometry):
 
 
 def assert_matches_spec(layer, x):
-    """The layer's output and the gradients of x and every adapter parameter equal SPEC's
+    """The layer's output and the gradients of x and every adapter parameter equal the method's
     formula (float64)."""
     adapter = layer.adapters["default"]
     x.requires_grad_()
@@ -279,6 +281,30 @@ def test_merge_that_would_overflow_refuses_and_keeps_the_weight():
     assert torch.equal(layer.weight, weight) and layer.merged_adapters == []
 
 
+HYPER_PARAMETERS = ("r", "scale", "variant", "ranks", "execution", "group", "inner", "exp", "side", "kernel", "mode",
+                    "threshold", "sparsity")
+
+
+@pytest.mark.parametrize("layer_class", [LoRALayer, MTLoRALayer, FLoRALayer, LieRALayer, SNELLLayer, SNELLALayer])
+def test_add_adapter_takes_the_constructor_defaults_for_the_options_not_given(layer_class):
+    """``add_adapter("second", r=2)`` adds the adapter ``layer_class(base, r=2)`` makes (the
+    same hyper-parameters, and the same init from the same seed), and the layer runs it."""
+    base = nn.Linear(6, 4).double()
+    torch.manual_seed(0)
+    layer = layer_class(base, r=2)
+    torch.manual_seed(0)
+    layer.add_adapter("second", r=2)
+    first, second = layer.adapters["default"], layer.adapters["second"]
+    for name in HYPER_PARAMETERS:
+        assert getattr(first, name, None) == getattr(second, name, None), name
+    assert first.state_dict().keys() == second.state_dict().keys()
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    randomize(layer, "second")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), spec_forward(layer, second, x))
+
+
 def test_several_adapters_switch_disable_and_delete():
     layer, x = make("lora", "conv2d-nonsquare")
     randomize(layer)
@@ -313,9 +339,9 @@ def test_several_adapters_switch_disable_and_delete():
         (lambda: LoRALayer(nn.Linear(3, 2), dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
         (lambda: LoRALayer(nn.Linear(3, 2), adapter_name="a b"), ValueError, "adapter_name must be"),
         (lambda: MTLoRALayer(nn.Linear(3, 2), variant="xyz"), ValueError, "variant must be one of"),
-        (lambda: FLoRALayer(nn.Linear(3, 2), mode="fast"), ValueError, "mode must be one of"),
+        (lambda: FLoRALayer(nn.Linear(3, 2), execution="fast"), ValueError, "execution must be one of"),
         (lambda: FLoRALayer(nn.Linear(3, 2), ranks=[2, 2, 2]), ValueError, "ranks must give one rank per weight mode"),
-        (lambda: FLoRALayer(nn.Conv2d(4, 4, 3, groups=2), mode="factorized"), ValueError, "needs groups == 1"),
+        (lambda: FLoRALayer(nn.Conv2d(4, 4, 3, groups=2), execution="factorized"), ValueError, "needs groups == 1"),
         (lambda: LieRALayer(nn.Linear(3, 6), group="orthogonal", block_size=4), ValueError, "block_size 4 must divide"),
         (lambda: LieRALayer(nn.Linear(3, 6), inner="hira"), ValueError, "inner must be one of"),
     ],
@@ -371,7 +397,7 @@ def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_b
     """Channels wide enough for the merged path to take the projected gradients."""
     torch.manual_seed(0)
     base = make_base().double()
-    layer = FLoRALayer(base, r=3, scale=0.8, mode="merged")
+    layer = FLoRALayer(base, r=3, scale=0.8, execution="merged")
     randomize(layer)
     assert layer.projects_gradients(layer.adapters["default"])
     spatial = INPUT_SPATIAL.get(base.weight.dim() - 2, ())
@@ -380,11 +406,26 @@ def test_flora_merged_backward_by_projected_weight_gradients_matches_spec(make_b
     assert_matches_spec(layer, x)
 
 
+@pytest.mark.parametrize("backend", backends.available("cpu"))
+def test_flora_projected_gradients_run_on_the_backend_asked_for(backend, monkeypatch):
+    """The merged path's projected gradients are an op dispatched like the others: under
+    use(backend) that backend's kernel computes them, and they equal the formula's."""
+    torch.manual_seed(0)
+    layer = FLoRALayer(nn.Conv2d(12, 10, 3, padding=1).double(), r=2, scale=0.8, execution="merged")
+    randomize(layer)
+    original, calls = registry.kernel("tucker_projected_backward", backend), []
+    spy = lambda *args: calls.append(backend) or original(*args)  # noqa: E731
+    monkeypatch.setitem(registry._KERNELS, ("tucker_projected_backward", backend), spy)
+    with backends.use(backend):
+        assert_matches_spec(layer, torch.randn(2, 12, 5, 4, dtype=torch.float64))
+    assert calls == [backend]
+
+
 @pytest.mark.parametrize("make_layer", [
     lambda: LieRALayer(nn.Linear(12, 10), r=2),
     lambda: LieRALayer(nn.Conv2d(4, 6, 3), group="orthogonal", block_size=3),
-    lambda: FLoRALayer(nn.Linear(12, 10), r=2, mode="merged"),  # projected weight gradients
-    lambda: FLoRALayer(nn.Conv2d(4, 6, 3, groups=2), r=2, mode="merged"),  # autograd through the merge
+    lambda: FLoRALayer(nn.Linear(12, 10), r=2, execution="merged"),  # projected weight gradients
+    lambda: FLoRALayer(nn.Conv2d(4, 6, 3, groups=2), r=2, execution="merged"),  # autograd through the merge
 ])  # fmt: skip
 def test_merged_paths_keep_no_effective_weight_for_backward(make_layer, monkeypatch):
     """The effective weight is made again in backward instead of being kept: made twice

@@ -1,6 +1,6 @@
 """SNELL / SNELLA beyond the shared layer conformance: nothing of the weight's size is
 kept for backward, the sparsity survives dtype casts and save/load, and the
-SNELLA allocator: SPEC's budget schedule and split on worked examples, its importance
+SNELLA allocator: the paper's cubic budget schedule and split on worked examples, its importance
 statistics against the formulas, and an exact resume from saved state."""
 
 from __future__ import annotations

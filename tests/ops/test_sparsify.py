@@ -1,5 +1,5 @@
 """The competition sparsification through the public ops: how many entries drop, the
-threshold above 2^24 entries, and the gradients with SPEC's stop-gradients."""
+threshold above 2^24 entries, and the gradients with τ (and hard mode's |ΔW|) held constant."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_given_threshold_rebuilds_the_same_delta(kernel):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-LINEAR_BACKENDS = backends_with("kernelized_sparse_linear_backward")
+LINEAR_BACKENDS = backends_with("sparse_linear_backward")
 
 
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
@@ -101,6 +101,30 @@ def test_sparse_linear_equals_linear_of_the_merged_weight(backend, device, kerne
         expected_grads = torch.autograd.grad(expected, inputs, upstream)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     for got_t, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
+@pytest.mark.parametrize("trained", ["input", "embeddings", "bias"])
+def test_sparse_linear_gives_just_the_gradients_asked_for(backend, device, trained):
+    """With only the input, only the embeddings or only the bias asking for a gradient
+    (a first layer, a frozen adapter), sparse_linear's gradients still equal F.linear's with
+    W0 + ΔW by the reference backend."""
+    generator = torch.Generator().manual_seed(15)
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device).requires_grad_(grad)
+
+    x, weight, bias = randn(3, 20, grad=trained == "input"), randn(24, 20), randn(24, grad=trained == "bias")
+    out_emb, in_emb = randn(2, 24, 2, grad=trained == "embeddings"), randn(2, 20, 2, grad=trained == "embeddings")
+    inputs = {"input": [x], "embeddings": [out_emb, in_emb], "bias": [bias]}[trained]
+    upstream = randn(3, 24)
+    with backends.use(backend):
+        got = torch.autograd.grad(sparse_linear(x, weight, bias, out_emb, in_emb, 0.4, "mixture"), inputs, upstream)
+    with backends.use("reference"):
+        delta = ops.kernelized_sparse_delta(out_emb, in_emb, 0.4, "mixture")
+        expected = torch.autograd.grad(torch.nn.functional.linear(x, weight + delta, bias), inputs, upstream)
+    for got_t, want in zip(got, expected):
         torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
 
 

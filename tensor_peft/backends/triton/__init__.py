@@ -3,45 +3,33 @@ Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined)
 
 Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``),
 ``matrix_exp`` (``expm.py``) and SNELL's kernelized and sparsification ops
-(``kernelized.py``). The kernel modules import Triton, so they are imported only once
-Triton is known to load."""
+(``kernelized.py``), each op registered there with ``@register(op, "triton")``. The
+kernel modules import Triton: they are imported (and so registered) here once Triton is
+known to load; without it the backend has no kernels and says why."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
-DEVICE_TYPES = ("cpu", "cuda")
 
-
-def unavailable_reason(device_type: str) -> str | None:
+def _load_kernels() -> str | None:
+    """Imports the kernel modules; why they do not load, or ``None``."""
     try:
         import triton  # noqa: F401
+
+        from . import expm, kernelized, lowrank  # noqa: F401
     except ImportError as error:
         return f"triton is not installed or does not load ({error})"
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1"
     return None
 
 
-_KERNEL_MODULES = {
-    "tucker_delta": "lowrank", "tucker_merge": "lowrank", "tucker_delta_backward": "lowrank",
-    "lowrank_hadamard_merge": "lowrank", "lowrank_hadamard_merge_backward": "lowrank",
-    "matrix_exp": "expm", "matrix_exp_backward": "expm",
-    "kernelized_delta": "kernelized", "kernelized_delta_backward": "kernelized",
-    "kernelized_sparse_delta": "kernelized", "kernelized_sparse_delta_backward": "kernelized",
-    "kernelized_sparse_linear_backward": "kernelized",
-    "sparsify": "kernelized", "sparsify_backward": "kernelized",
-}  # fmt: skip
+DEVICE_TYPES = ("cpu", "cuda")
+_LOAD_ERROR = _load_kernels()
 
 
-def __getattr__(name: str):
-    """The op functions, from their kernel modules, imported on first use (an op whose
-    module cannot load, Triton missing, is not there)."""
-    if name not in _KERNEL_MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        module = importlib.import_module(f"{__name__}.{_KERNEL_MODULES[name]}")
-    except ImportError as error:
-        raise AttributeError(f"{name}: the Triton kernels do not load ({error})") from None
-    return getattr(module, name)
+def unavailable_reason(device_type: str) -> str | None:
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1"
+    return None

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..registry import register
 from .shared import div
 
 MAX_SIZE = 128
@@ -106,10 +107,12 @@ def _exp_and_frechet(X: torch.Tensor, E: torch.Tensor | None) -> tuple[torch.Ten
     return out, None if L is None else L.masked_fill(nan, float("nan"))
 
 
+@register("matrix_exp", "triton")
 def matrix_exp(A: torch.Tensor) -> torch.Tensor:
     return _exp_and_frechet(A, None)[0]
 
 
+@register("matrix_exp_backward", "triton")
 def matrix_exp_backward(grad: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """L(Aᵀ, Γ), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 first and the result scaled back."""
     grad_norms = torch.linalg.matrix_norm(grad, ord=1)

@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...config import KERNELS
 from ..determinism import check_deterministic
-from ..kernelized_ops import dense_linear_backward, kernel_id, kernelized_ops, mode_id
-from ..reference import KERNELS
+from ..kernelized_ops import kernel_id, mode_id
+from ..registry import register
 from .shared import div, exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
@@ -404,16 +405,40 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
     return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
 
 
-kernelized_delta, kernelized_delta_backward, kernelized_sparse_delta, kernelized_sparse_delta_backward = (
-    kernelized_ops(_kernelized, _kernelized_grads)
-)
-kernelized_sparse_linear_backward = dense_linear_backward(kernelized_sparse_delta_backward)
+@register("kernelized_delta", "triton")
+def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
 
 
+@register("kernelized_delta_backward", "triton")
+def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
+
+
+@register("kernelized_sparse_delta", "triton")
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
+
+
+@register("kernelized_sparse_delta_backward", "triton")
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+
+
+@register("sparse_linear_backward", "triton")
+def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+    """Γ = grad_outᵀ·input formed whole by a matrix product: on a GPU it runs on the tensor
+    cores, faster than gathering the kept entries."""
+    grad = grad_out.t() @ input
+    return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+
+
+@register("sparsify", "triton")
 def sparsify(delta, k, mode):
     tau = _kth_smallest_magnitude(delta, k)
     return [_mask(torch.empty_like(delta), delta, delta, tau, mode, backward=False), tau]
 
 
+@register("sparsify_backward", "triton")
 def sparsify_backward(grad, delta, tau, mode):
     return _mask(torch.empty_like(delta), delta, grad, tau, mode, backward=True)

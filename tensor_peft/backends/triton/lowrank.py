@@ -19,8 +19,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import tucker_split
 from ..determinism import check_deterministic
-from ..tucker_split import hadamard_ops, tucker_ops
+from ..registry import register
+from ..tensor_algebra import projected_tucker_gradients
 from .shared import exp, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
@@ -100,7 +102,32 @@ def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue=
     )  # fmt: skip
 
 
-tucker_delta, tucker_merge, tucker_delta_backward = tucker_ops(_launch_forward, _launch_backward)
+@register("tucker_delta", "triton")
+def tucker_delta(core, factors, scale):
+    return tucker_split.fused_forward(_launch_forward, None, core, factors, scale)
 
 
-lowrank_hadamard_merge, lowrank_hadamard_merge_backward = hadamard_ops(_launch_forward, _launch_backward)
+@register("tucker_merge", "triton")
+def tucker_merge(weight, core, factors, scale):
+    return tucker_split.fused_forward(_launch_forward, weight, core, factors, scale)
+
+
+@register("tucker_delta_backward", "triton")
+def tucker_delta_backward(grad, core, factors, scale):
+    return tucker_split.fused_backward(_launch_backward, grad, core, factors, scale)
+
+
+@register("tucker_projected_backward", "triton")
+def tucker_projected_backward(T0, T1, T01, core, factors, scale):
+    """Small contractions, no kernel of their own: plain torch (``tensor_algebra``)."""
+    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
+
+
+@register("lowrank_hadamard_merge", "triton")
+def lowrank_hadamard_merge(weight, B, A, scale, exp):
+    return tucker_split.hadamard_forward(_launch_forward, weight, B, A, scale, exp)
+
+
+@register("lowrank_hadamard_merge_backward", "triton")
+def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
+    return tucker_split.hadamard_backward(_launch_backward, grad, weight, B, A, scale, exp)

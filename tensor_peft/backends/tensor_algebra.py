@@ -1,0 +1,58 @@
+"""Tucker tensor algebra in plain torch, shared by the backends: mode-k unfoldings and
+products, the Tucker product and its gradients, and FLoRA's gradients from projected
+weight gradients. No kernels and no backend selection here: every backend may call it.
+
+A factor ``None`` stands for the identity: its mode is left as it is (no product with an
+identity matrix, whose zeros would meet an infinite entry as 0·inf = NaN)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def unfold(tensor: Tensor, mode: int) -> Tensor:
+    """Mode-k unfolding X_(k): mode k becomes the rows, the other modes (in order) the columns."""
+    rest = math.prod([size for k, size in enumerate(tensor.shape) if k != mode])  # a list: torch.compile traces it
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], rest)
+
+
+def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """T ×_k M: contract mode k of T (size r) with the columns of M (d, r); mode k becomes d."""
+    return torch.tensordot(tensor, matrix, dims=([mode], [1])).movedim(-1, mode)
+
+
+def tucker_product(core: Tensor, factors: list[Tensor | None], scale: float) -> Tensor:
+    """s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}."""
+    delta = core
+    for mode, factor in enumerate(factors):
+        if factor is not None:
+            delta = mode_product(delta, factor, mode)
+    return scale * delta
+
+
+def tucker_gradients(grad: Tensor, core: Tensor, factors: list[Tensor | None], scale: float) -> list[Tensor | None]:
+    """[∂L/∂G, ∂L/∂U_0, …] of ``tucker_product`` for Γ = ``grad``: ∂L/∂G = s · Γ ×_0 U_0ᵀ
+    ×_1 U_1ᵀ …, and ∂L/∂U_k = s · Γ_(k) · [(G ×_{j≠k} U_j)_(k)]ᵀ (None for a factor None)."""
+    d_core = tucker_product(grad, [None if f is None else f.T for f in factors], scale)
+    d_factors = []
+    for k, factor in enumerate(factors):
+        partial = tucker_product(core, [None if j == k else f for j, f in enumerate(factors)], scale)
+        d_factors.append(None if factor is None else unfold(grad, k) @ unfold(partial, k).T)
+    return [d_core, *d_factors]
+
+
+def projected_tucker_gradients(
+    T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: list[Tensor], scale: float
+) -> list[Tensor]:
+    """[∂L/∂G, ∂L/∂U_0, ∂L/∂U_1, …] of ΔW = s · G ×_0 U_0 ×_1 U_1 … from projections of the
+    weight gradient Γ, which itself is never needed: T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ and
+    T_01 = T_0 ×_1 U_1ᵀ. ∂L/∂G and the spatial ∂L/∂U_k take T_01 (modes 0 and 1 already
+    projected), ∂L/∂U_0 takes T_1 and ∂L/∂U_1 takes T_0."""
+    U0, U1, *spatial = factors
+    d_core, _, _, *d_spatial = tucker_gradients(T01, core, [None, None, *spatial], scale)
+    d_U0 = tucker_gradients(T1, core, [U0, None, *spatial], scale)[1]
+    d_U1 = tucker_gradients(T0, core, [None, U1, *spatial], scale)[2]
+    return [d_core, d_U0, d_U1, *d_spatial]
