@@ -54,7 +54,7 @@ def info() -> str:
     for name in registry.NAMES:
         ops = registry.implemented_ops(name)
         forward_ops = [op for op in ops if not op.endswith("_backward")]
-        lines.append(f"  {name:9} kernels: {', '.join(forward_ops) or 'none yet'}")
+        lines.append(f"  {name:9} kernels: {', '.join(forward_ops) or 'none (its kernel modules do not load)'}")
         for device_type in ("cpu", "cuda"):
             reason = registry.why_unavailable(name, device_type)
             lines.append(f"    {device_type:5} {'runs' if reason is None else 'no: ' + reason}")

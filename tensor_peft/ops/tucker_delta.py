@@ -76,10 +76,8 @@ def tucker_projected_backward(
     gradient Γ, which need not exist: T0 = Γ ×_0 U_0ᵀ, T1 = Γ ×_1 U_1ᵀ, T01 = T0 ×_1 U_1ᵀ
     (FLoRA's merged path, whose layer computes them from its input and output gradient).
     Each gradient comes back in its own input's dtype."""
-    dtype = compute_dtype(T0, T1, T01, core, *factors)
-    d_core, *d_factors = _tucker_projected_backward(
-        *(prepare(t, dtype) for t in (T0, T1, T01, core)), [prepare(f, dtype) for f in factors], scale
-    )
+    T0, T1, T01, computed_core, *computed_factors = prepare(T0, T1, T01, core, *factors)
+    d_core, *d_factors = _tucker_projected_backward(T0, T1, T01, computed_core, computed_factors, scale)
     return [d_core.to(core.dtype), *(d.to(f.dtype) for d, f in zip(d_factors, factors))]
 
 

@@ -51,7 +51,7 @@ def test_use_overrides_environment_variable(monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="name must be one of reference, cpu, triton, cuda"):
+    with pytest.raises(ValueError, match="name must be one of 'reference', 'cpu', 'triton', 'cuda'"):
         with backends.use("numpy"):
             pass
 
@@ -102,9 +102,9 @@ def test_op_names_are_the_custom_op_names():
 
 
 @pytest.mark.parametrize(("op", "backend", "message"), [
-    ("tucker_mrege", "cpu", "op must be one of tucker_delta, "),
+    ("tucker_mrege", "cpu", "op must be one of 'tucker_delta', "),
     ("kernelized_sparse_linear_backward", "cpu", "op must be one of"),
-    ("tucker_merge", "numpy", "backend must be one of reference, cpu, triton, cuda; got 'numpy'"),
+    ("tucker_merge", "numpy", "backend must be one of 'reference', 'cpu', 'triton', 'cuda'; got 'numpy'"),
     (None, "cpu", "op must be one of"),
     ("tucker_merge", "cpu", "tucker_merge is already registered for backend 'cpu'"),
 ])  # fmt: skip
