@@ -161,6 +161,7 @@ void bind(py::module_& m, const std::string& suffix) {
               py::gil_scoped_release release;
               tensor_peft::expm::with_size<Forward>(static_cast<int>(n), a, o, batch, static_cast<int>(n));
           },
+          py::arg("out"), py::arg("A"), py::arg("batch"), py::arg("n"),
           "out[b] = exp(A[b]) for a contiguous batch of n×n matrices.");
     m.def(("matrix_exp_backward_" + suffix).c_str(),
           [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int64_t n) {
@@ -171,6 +172,7 @@ void bind(py::module_& m, const std::string& suffix) {
               py::gil_scoped_release release;
               tensor_peft::expm::with_size<Backward>(static_cast<int>(n), g, a, d, batch, static_cast<int>(n));
           },
+          py::arg("d_A"), py::arg("grad"), py::arg("A"), py::arg("batch"), py::arg("n"),
           "d_A[b] = L(A[b]ᵀ, grad[b]), the adjoint Fréchet derivative of exp.");
 }
 

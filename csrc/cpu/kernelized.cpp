@@ -2,13 +2,12 @@
 //
 // ΔW_raw[j, i] = κ(b_j, a_i) for the m rows of Out (H, m, p) and the n columns of In,
 // passed transposed as (H, p, n) so that each row j is computed for all i at once with
-// unit-stride loops. Kernels (ids as in kKernel*): piecewise Σ_h coeff[h]·sqrt(‖b^h − a^h‖² +
-// eps); rbf alpha·exp(−beta‖b − a‖²) + gamma; sigmoid alpha·σ(beta b·a) + gamma; linear
-// b·a; mixture P + alpha·softmax_j(P/gamma) + beta with P the piecewise kernel (the softmax
-// runs down each column: its max and sum come from passes over the rows first (the forward
-// writes P into its output for them: P is computed once per row); it is taken
-// as exp((P − max_j P)/gamma)/Σ, the difference before the division, which keeps a small
-// gamma from magnifying the rounding of P/gamma).
+// unit-stride loops; each entry's κ and gradient are those of tensor_peft/kernelized.h.
+// Mixture P + alpha·softmax_j(P/gamma) + beta: the softmax runs down each column, its max
+// and sum come from passes over the rows first (the forward writes P into its output for
+// them: P is computed once per row); it is taken as exp((P − max_j P)/gamma)/Σ, the
+// difference before the division, which keeps a small gamma from magnifying the rounding
+// of P/gamma.
 //
 // Sparsification (mode 1 hard, 2 soft): τ = the k-th smallest |ΔW_raw| by radix select
 // (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
@@ -42,7 +41,7 @@ namespace py = pybind11;
 
 namespace {
 
-using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
+using namespace tensor_peft::kernelized;  // ids, κ and its gradient per entry, mask_factor
 using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft::cpu::for_each_chunk;
 using tensor_peft::cpu::vector_exp;
 namespace arguments = tensor_peft::arguments;
@@ -115,7 +114,7 @@ TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, 
         T* root = rows.roots.data() + h * n;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            root[i] = std::sqrt(distance[i] + P.eps);
+            root[i] = piecewise_root(distance[i], P.eps);
             piecewise[i] += c * root[i];
         }
     }
@@ -160,38 +159,37 @@ void for_each_row_chunk(const Problem<T>& P, int64_t chunks, Body body) {
     });
 }
 
+// x of row j into out (kernels not built on P): ‖b_j − a_i‖² or b_j·a_i for every i.
+template <typename T>
+inline void reductions(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
+    if (is_dot_product(P.kernel)) {
+        dots(P, j, out);
+        return;
+    }
+    const int64_t n = P.n;
+    T* distance = rows.distance.data();
+    for (int64_t i = 0; i < n; ++i) out[i] = T(0);
+    for (int64_t h = 0; h < P.chunks; ++h) {
+        squared_distances(P, j, h, distance);
+        for (int64_t i = 0; i < n; ++i) out[i] += distance[i];
+    }
+}
+
 // Row j of ΔW_raw into out (mixture: needs the column statistics).
 template <typename T>
 TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
-    const int64_t n = P.n;
-    T* distance = rows.distance.data();
-    switch (P.kernel) {
-        case kPiecewise:
+    if (is_piecewise(P.kernel)) {
+        if (P.piecewise_rows != nullptr)
+            std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, out);
+        else
             piecewise_row(P, j, out, rows);
-            return;
-        case kMixture:
-            if (P.piecewise_rows != nullptr)
-                std::copy(P.piecewise_rows + j * n, P.piecewise_rows + (j + 1) * n, out);
-            else
-                piecewise_row(P, j, out, rows);
-            add_softmax_terms(P, out);
-            return;
-        case kRbf: {
-            for (int64_t i = 0; i < n; ++i) out[i] = T(0);
-            for (int64_t h = 0; h < P.chunks; ++h) {
-                squared_distances(P, j, h, distance);
-                for (int64_t i = 0; i < n; ++i) out[i] += distance[i];
-            }
-            for (int64_t i = 0; i < n; ++i) out[i] = P.alpha * std::exp(-P.beta * out[i]) + P.gamma;
-            return;
-        }
-        case kSigmoid:
-            dots(P, j, out);
-            for (int64_t i = 0; i < n; ++i) out[i] = P.alpha / (T(1) + std::exp(-P.beta * out[i])) + P.gamma;
-            return;
-        default:
-            dots(P, j, out);
+        if (P.kernel == kMixture) add_softmax_terms(P, out);
+        return;
     }
+    reductions(P, j, out, rows);
+    with_kernel(P.kernel, [&](auto kernel) {
+        for (int64_t i = 0; i < P.n; ++i) out[i] = value<T>(kernel, out[i], P.alpha, P.beta, P.gamma);
+    });
 }
 
 // local[i] += exp((piecewise[i] − column_max[i])/gamma) over a row (summed in double).
@@ -451,59 +449,39 @@ inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const
 }
 
 // Gradients of row j given D = ∂L/∂(the kernel's output before mixture's softmax term)
-// (for mixture: ∂L/∂P): d_out_emb rows j (written), the rest into partials. Piecewise and
-// mixture read row j's roots from rows (piecewise_row of row j has filled them).
+// (for mixture: ∂L/∂P), entry by entry as tensor_peft/kernelized.h: d_out_emb rows j
+// (written), the rest into partials. Piecewise and mixture read row j's roots from rows
+// (piecewise_row of row j has filled them).
 template <typename T>
 TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Partials<T>& acc,
                                 Rows<T>& rows) {
     const int64_t n = P.n;
-    T* distance = rows.distance.data();
     T* W = rows.scratch.data();
-    const bool piecewise = P.kernel == kPiecewise || P.kernel == kMixture;
-    if (P.kernel == kRbf) {  // W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
-        for (int64_t i = 0; i < n; ++i) W[i] = T(0);
+    if (!is_piecewise(P.kernel)) {
+        if (backward_reads_x(P.kernel)) reductions(P, j, W, rows);
+        with_kernel(P.kernel, [&](auto kernel) {
+            for (int64_t i = 0; i < n; ++i)
+                W[i] = backward<T>(kernel, D[i], W[i], P.alpha, P.beta, acc.d_alpha, acc.d_beta, acc.d_gamma);
+        });
         for (int64_t h = 0; h < P.chunks; ++h) {
-            squared_distances(P, j, h, distance);
-            for (int64_t i = 0; i < n; ++i) W[i] += distance[i];
+            if (is_dot_product(P.kernel))
+                embedding_gradients<false>(P, j, h, W, d_out_emb, acc);
+            else
+                embedding_gradients<true>(P, j, h, W, d_out_emb, acc);
         }
-        for (int64_t i = 0; i < n; ++i) {
-            const T e = std::exp(-P.beta * W[i]);
-            acc.d_alpha += D[i] * e;
-            acc.d_beta -= D[i] * P.alpha * W[i] * e;
-            acc.d_gamma += D[i];
-            W[i] = D[i] * T(-2) * P.alpha * P.beta * e;
-        }
-    } else if (P.kernel == kSigmoid || P.kernel == kLinear) {
-        dots(P, j, W);
-        for (int64_t i = 0; i < n; ++i) {
-            if (P.kernel == kLinear) {
-                W[i] = D[i];
-                continue;
-            }
-            const T s = T(1) / (T(1) + std::exp(-P.beta * W[i]));
-            const T pre = D[i] * P.alpha * s * (T(1) - s);  // ∂L/∂(beta b·a)
-            acc.d_alpha += D[i] * s;
-            acc.d_beta += pre * W[i];
-            acc.d_gamma += D[i];
-            W[i] = P.beta * pre;  // ∂L/∂(b·a)
-        }
-        for (int64_t h = 0; h < P.chunks; ++h) embedding_gradients<false>(P, j, h, W, d_out_emb, acc);
         return;
     }
-    // distance kernels: per chunk for piecewise (W_h = D·coeff[h]/r_h), one W for rbf
     for (int64_t h = 0; h < P.chunks; ++h) {
-        if (piecewise) {
-            const T* root = rows.roots.data() + h * n;
-            const T c = P.coeff[h];
-            double d_coeff = 0;
+        const T* root = rows.roots.data() + h * n;
+        const T c = P.coeff[h];
+        double d_coeff = 0;
 #pragma omp simd reduction(+ : d_coeff)
-            for (int64_t i = 0; i < n; ++i) {
-                const T r = root[i];
-                d_coeff += D[i] * r;
-                W[i] = D[i] * c / r;
-            }
-            acc.d_coeff[h] += d_coeff;
+        for (int64_t i = 0; i < n; ++i) {
+            const ChunkGradient<T, T> g = piecewise_backward<T>(D[i], c, root[i]);
+            d_coeff += g.coeff;
+            W[i] = g.weight;
         }
+        acc.d_coeff[h] += d_coeff;
         embedding_gradients<true>(P, j, h, W, d_out_emb, acc);
     }
 }
@@ -693,8 +671,8 @@ TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* piecewise, const T
     acc.d_beta += d_beta;
 }
 
-// Mixture at row j: D = ∂L/∂K into ∂L/∂P = D + alpha·S·(D − c)/gamma in place; ∂gamma from
-// P − max, as the d_logits of a column sum to 0 (no cancellation of large P terms).
+// Mixture at row j: D = ∂L/∂K into ∂L/∂P in place, and ∂gamma (mixture_backward, with
+// z = P − max).
 template <typename T>
 TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, const T* column_dot, T* D,
                                     Partials<T>& acc) {
@@ -704,9 +682,11 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
     double d_gamma = 0;
 #pragma omp simd reduction(+ : d_gamma)
     for (int64_t i = 0; i < n; ++i) {
-        const T d_logit = alpha * softmax_term(piecewise[i], max[i], sum[i], gamma) * (D[i] - column_dot[i]);
-        d_gamma += -(d_logit * (piecewise[i] - max[i]) / (gamma * gamma));
-        D[i] += d_logit / gamma;
+        const T soft = softmax_term(piecewise[i], max[i], sum[i], gamma);
+        const MixtureGradient<T, T> g =
+            mixture_backward<T>(D[i], soft, column_dot[i], alpha, gamma, piecewise[i] - max[i]);
+        d_gamma += g.gamma;
+        D[i] = g.piecewise;
     }
     acc.d_gamma += d_gamma;
 }
@@ -821,6 +801,9 @@ void bind(py::module_& m, const std::string& suffix) {
               mask(o, o, rows * n, tau, sparsification);
               return double(tau);
           },
+          py::arg("out"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
+          py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("k"),
+          py::arg("mode"), py::arg("given_tau"),
           "out (m, n) = κ(Out, In) (In given as (H, p, n)); with mode 1/2, sparsified in place by τ: "
           "the k-th smallest magnitude for k > 0, else given_tau. Returns τ.");
     m.def(("kernelized_backward_" + suffix).c_str(),
@@ -836,9 +819,12 @@ void bind(py::module_& m, const std::string& suffix) {
               backward(P, Upstream<T>{g, nullptr}, static_cast<T>(tau), sparsification, d.d_out_emb, d.d_in_t,
                        d.d_coeff, d.d_params);
           },
+          py::arg("grad"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
+          py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("tau"),
+          py::arg("mode"), py::arg("d_out_emb"), py::arg("d_in_t"), py::arg("d_coeff"), py::arg("d_params"),
           "Gradients of the embeddings (In as (H, p, n)) and kernel parameters from ∂L/∂out, the rows "
           "recomputed; mode 1/2 with the τ of the forward.");
-    m.def(("kernelized_linear_backward_" + suffix).c_str(),
+    m.def(("sparse_linear_backward_" + suffix).c_str(),
           [](std::uintptr_t grad_out, std::uintptr_t input, int64_t tokens, std::uintptr_t out_emb, std::uintptr_t in_t,
              int64_t rows, int64_t n, int64_t chunks, int64_t width, int64_t kernel, std::uintptr_t coeff,
              std::uintptr_t params, double eps, double tau, int64_t mode, std::uintptr_t d_out_emb,
@@ -857,6 +843,10 @@ void bind(py::module_& m, const std::string& suffix) {
               const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification);
               backward(P, Upstream<T>{nullptr, &D}, t, sparsification, d.d_out_emb, d.d_in_t, d.d_coeff, d.d_params);
           },
+          py::arg("grad_out"), py::arg("input"), py::arg("tokens"), py::arg("out_emb"), py::arg("in_t"),
+          py::arg("rows"), py::arg("n"), py::arg("chunks"), py::arg("width"), py::arg("kernel"), py::arg("coeff"),
+          py::arg("params"), py::arg("eps"), py::arg("tau"), py::arg("mode"), py::arg("d_out_emb"), py::arg("d_in_t"),
+          py::arg("d_coeff"), py::arg("d_params"),
           "As kernelized_backward (mode 1/2) for ΔW in a linear layer, from grad_out (tokens, m) and input "
           "(tokens, n): ∂L/∂out = grad_outᵀ·input is computed only where the mask keeps an entry.");
     m.def(("sparsify_" + suffix).c_str(),
@@ -871,6 +861,7 @@ void bind(py::module_& m, const std::string& suffix) {
               mask(x, o, count, tau, sparsification);
               return double(tau);
           },
+          py::arg("out"), py::arg("delta"), py::arg("count"), py::arg("k"), py::arg("mode"),
           "out = the sparsified delta (mode 1 hard, 2 soft); returns τ.");
     m.def(("sparsify_backward_" + suffix).c_str(),
           [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, double tau,
@@ -885,6 +876,7 @@ void bind(py::module_& m, const std::string& suffix) {
 #pragma omp parallel for schedule(static)
               for (int64_t i = 0; i < count; ++i) d[i] = g[i] * mask_factor(x[i], t, sparsification, true);
           },
+          py::arg("d_delta"), py::arg("grad"), py::arg("delta"), py::arg("count"), py::arg("tau"), py::arg("mode"),
           "∂L/∂delta of the sparsification with τ (and, hard, |delta|) held constant.");
 }
 

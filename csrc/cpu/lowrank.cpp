@@ -1,8 +1,7 @@
 // Row kernels for updates of the form ΔW = scale · U · R on a weight's matrix view
-// (d0, n), with U (d0, r0) and R (r0, n) small in r0, and an epilogue per method:
-//   add      out = W0 + ΔW (or ΔW alone when W0 is null)        Tucker (FLoRA): U = U_0, R = G ×_{k≥1} U_k
-//   exp      out = W0 ⊙ exp(ΔW)                                 LieRA exact:    U = B, R = A
-//   taylor1  out = W0 ⊙ (1 + ΔW)                                LieRA taylor1
+// (d0, n), with U (d0, r0) and R (r0, n) small in r0, and an epilogue per method
+// (tensor_peft/lowrank.h): add for Tucker (FLoRA: U = U_0, R = G ×_{k≥1} U_k), exp and
+// taylor1 for LieRA (U = B, R = A).
 // Forward makes one pass over the rows of W0. Backward makes one pass over the rows of Γ:
 // with D = ∂L/∂ΔW (Γ for add; Γ ⊙ W_eff, recomputed, for exp; Γ ⊙ W0 for taylor1) it gives
 // dU = scale · D · Rᵀ and dR = scale · Uᵀ · D. Rows are split among OpenMP threads and
@@ -18,6 +17,7 @@
 
 #include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
+#include "tensor_peft/lowrank.h"
 #include "tensor_peft/threads.h"
 #include "tensor_peft/vector_exp.h"
 
@@ -29,7 +29,7 @@ using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft:
 using tensor_peft::cpu::vector_exp;
 namespace arguments = tensor_peft::arguments;
 
-enum Epilogue : int { kAdd = 0, kExp = 1, kTaylor1 = 2 };
+using namespace tensor_peft::lowrank;  // Epilogue
 constexpr int64_t kChunk = 512;  // columns per chunk: r0 slices of R stay in L1/L2
 
 // acc[j] = scale · Σ_a u[a] R[a, start + j]: a chunk of one row of ΔW.
@@ -178,6 +178,8 @@ void bind(py::module_& m, const std::string& suffix) {
               py::gil_scoped_release release;
               forward<T>(o, w, u, r, s.d0, s.r0, s.n, static_cast<T>(scale), s.epilogue);
           },
+          py::arg("out"), py::arg("weight"), py::arg("U"), py::arg("R"), py::arg("d0"), py::arg("r0"),
+          py::arg("n"), py::arg("scale"), py::arg("epilogue"),
           "out (d0, n) from W0 and ΔW = scale·U·R by the epilogue (0 add, 1 exp, 2 taylor1; W0 0: ΔW).");
     m.def(("lowrank_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
@@ -192,6 +194,8 @@ void bind(py::module_& m, const std::string& suffix) {
               py::gil_scoped_release release;
               backward<T>(g, w, u, r, s.d0, s.r0, s.n, static_cast<T>(scale), s.epilogue, du, dr);
           },
+          py::arg("grad"), py::arg("weight"), py::arg("U"), py::arg("R"), py::arg("d0"), py::arg("r0"),
+          py::arg("n"), py::arg("scale"), py::arg("epilogue"), py::arg("dU"), py::arg("dR"),
           "dU = scale·D·Rᵀ and dR = scale·Uᵀ·D with D = ∂L/∂ΔW from Γ by the epilogue, one pass over Γ.");
 }
 

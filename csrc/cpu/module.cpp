@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "tensor_peft/binding.h"
 #include "tensor_peft/threads.h"
 
 #ifndef TP_MARCH
@@ -48,7 +49,9 @@ PYBIND11_MODULE(_C, m) {
               if (count < 1) throw py::value_error("count must be at least 1, got " + std::to_string(count));
               tensor_peft::cpu::set_max_thread_count(static_cast<int>(std::min<int64_t>(count, 1 << 16)));
           },
+          py::arg("count"),
           "The OpenMP threads parallel regions started from this thread get (results do not depend on it).");
+    tensor_peft::binding::export_ids(m);
     register_lowrank(m);
     register_expm(m);
     register_kernelized(m);

@@ -1,9 +1,7 @@
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "expm.h"
+#include "launch.h"
 #include "tensor_peft/expm.h"
 
 namespace tensor_peft::cuda {
@@ -11,12 +9,15 @@ namespace {
 
 constexpr int kThreads = 128;
 
+// The n×n matrices a thread keeps past expm's workspace: X (forward); X, E and exp(X).
+constexpr int kForwardCopies = 1, kBackwardCopies = 3;
+
 template <typename T, int N>
 __global__ void forward_kernel(const T* A, T* out, int64_t batch, int n, T* work, int* pivots) {
     const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (b >= batch) return;
     const int64_t nn = static_cast<int64_t>(n) * n;
-    T* scratch = work + b * (expm::workspace_size(n) + nn);
+    T* scratch = work + b * (expm::workspace_size(n) + kForwardCopies * nn);
     T* X = scratch + expm::workspace_size(n);  // A, scaled in place
     for (int64_t i = 0; i < nn; ++i) X[i] = A[b * nn + i];
     expm::exp_and_frechet<T, N>(X, nullptr, out + b * nn, nullptr, n, scratch, pivots + b * n);
@@ -27,7 +28,7 @@ __global__ void backward_kernel(const T* grad, const T* A, T* dA, int64_t batch,
     const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (b >= batch) return;
     const int64_t nn = static_cast<int64_t>(n) * n;
-    T* scratch = work + b * (expm::workspace_size(n) + 3 * nn);
+    T* scratch = work + b * (expm::workspace_size(n) + kBackwardCopies * nn);
     T* X = scratch + expm::workspace_size(n);  // Aᵀ
     T* E = X + nn;                              // c·Γ
     T* exp_X = E + nn;
@@ -43,11 +44,6 @@ __global__ void backward_kernel(const T* grad, const T* A, T* dA, int64_t batch,
     T* d = dA + b * nn;
     expm::exp_and_frechet<T, N>(X, E, exp_X, d, n, scratch, pivots + b * n);
     for (int64_t i = 0; i < nn; ++i) d[i] *= up;
-}
-
-void check_launch(const char* name) {
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
 }
 
 unsigned blocks(int64_t batch) {
@@ -71,6 +67,10 @@ struct Backward {
 };
 
 }  // namespace
+
+int64_t matrix_exp_workspace(int64_t n, bool backward) {
+    return expm::workspace_size(n) + (backward ? kBackwardCopies : kForwardCopies) * n * n;
+}
 
 template <typename T>
 void matrix_exp_forward(const T* A, T* out, int64_t batch, int n, T* work, int* pivots, std::uintptr_t stream) {

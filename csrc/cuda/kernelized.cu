@@ -1,5 +1,5 @@
 // SNELL on CUDA: the kernelized update, its competition sparsification and the backward
-// of both (see kernelized.h), the math of csrc/cpu/kernelized.cpp entry by entry.
+// of both (see kernelized.h), each entry's κ and gradient those of tensor_peft/kernelized.h.
 //
 // Tiles are blocks of 32 columns × kWarps rows: a warp is one row j over 32 columns i, so
 // its reads of In (transposed) are coalesced and row sums are warp shuffles. The radix
@@ -9,23 +9,21 @@
 
 #include <algorithm>
 #include <limits>
-#include <stdexcept>
-#include <string>
 
 #include "kernelized.h"
+#include "launch.h"
 #include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
 
 namespace tensor_peft::cuda {
 namespace {
 
-using namespace tensor_peft::kernelized;  // Kernel, Mode, mask_factor
+using namespace tensor_peft::kernelized;  // ids, κ and its gradient per entry, mask_factor
 
 constexpr int kDigit = 8;
 constexpr int kBins = 1 << kDigit;
 constexpr int kWarps = 8;           // rows of a tile
 constexpr int kThreads = 256;       // elementwise and per-column kernels
-constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kBackwardRowBlocks = 64;  // blocks down the rows in backward: fewer parameter atomics
 constexpr int64_t kMaxCountBlocks = 4096;
 
@@ -49,11 +47,18 @@ __device__ T chunk_sum(const Kernelized<T>& P, int64_t j, int64_t i, int64_t fir
     return acc;
 }
 
+// x of the kernels not built on P: b_j·a_i or ‖b_j − a_i‖² (each loop compiled for its own).
+template <typename T>
+__device__ T reduction(const Kernelized<T>& P, int64_t j, int64_t i) {
+    return is_dot_product(P.kernel) ? chunk_sum(P, j, i, 0, P.chunks, true) : chunk_sum(P, j, i, 0, P.chunks, false);
+}
+
 // P = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps).
 template <typename T>
 __device__ T piecewise_value(const Kernelized<T>& P, int64_t j, int64_t i) {
     T acc = 0;
-    for (int64_t h = 0; h < P.chunks; ++h) acc += P.coeff[h] * sqrt(chunk_sum(P, j, i, h, h + 1, false) + P.eps);
+    for (int64_t h = 0; h < P.chunks; ++h)
+        acc += P.coeff[h] * piecewise_root(chunk_sum(P, j, i, h, h + 1, false), P.eps);
     return acc;
 }
 
@@ -67,19 +72,11 @@ __device__ T softmax(const Kernelized<T>& P, T piecewise, int64_t i) {
 template <typename T>
 __device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piecewise) {
     const T alpha = P.params[0], beta = P.params[1], gamma = P.params[2];
-    switch (P.kernel) {
-        case kRbf:
-            return alpha * exp(-beta * chunk_sum(P, j, i, 0, P.chunks, false)) + gamma;
-        case kSigmoid:
-            return alpha / (T(1) + exp(-beta * chunk_sum(P, j, i, 0, P.chunks, true))) + gamma;
-        case kLinear:
-            return chunk_sum(P, j, i, 0, P.chunks, true);
-        default: {
-            piecewise = piecewise_value(P, j, i);
-            if (P.kernel == kPiecewise) return piecewise;
-            return piecewise + alpha * softmax(P, piecewise, i) + beta;
-        }
-    }
+    if (!is_piecewise(P.kernel))
+        return value(P.kernel, reduction(P, j, i), alpha, beta, gamma);
+    piecewise = piecewise_value(P, j, i);
+    if (P.kernel == kPiecewise) return piecewise;
+    return piecewise + alpha * softmax(P, piecewise, i) + beta;
 }
 
 template <typename T>
@@ -172,7 +169,7 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
     const int64_t i = col_in ? i_raw : P.n - 1;  // reads stay in bounds; W is 0 outside
     const T alpha = P.params[0], beta = P.params[1], gamma = P.params[2];
     const T tau = mode != kNone ? *tau_ptr : T(0);
-    const bool piecewise_kernel = P.kernel == kPiecewise || P.kernel == kMixture;
+    const bool piecewise_kernel = is_piecewise(P.kernel);
     double sums[3] = {0, 0, 0};  // this thread's shares of ∂alpha, ∂beta, ∂gamma
     for (int64_t j0 = blockIdx.y * int64_t(kWarps); j0 < P.m; j0 += int64_t(gridDim.y) * kWarps) {
         const bool row_in = j0 + threadIdx.y < P.m;
@@ -183,46 +180,32 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
             T piecewise;
             const T value = kernel_value(P, j, i, piecewise);
             if (mode != kNone) D *= mask_factor(value, tau, mode, true);
-            if (P.kernel == kMixture) {  // ∂L/∂P = D + alpha·S·(D − c)/gamma
+            if (P.kernel == kMixture) {
                 const T soft = softmax(P, piecewise, i);
-                const T d_logit = alpha * soft * (D - P.columns[2 * P.n + i]);
+                const MixtureGradient<double, T> g =
+                    mixture_backward<double>(D, soft, P.columns[2 * P.n + i], alpha, gamma, piecewise);
                 sums[0] += double(D) * double(soft);
                 sums[1] += double(D);
-                sums[2] -= double(d_logit) * double(piecewise) / (double(gamma) * double(gamma));
-                D += d_logit / gamma;
+                sums[2] += g.gamma;
+                D = g.piecewise;
             }
         }
         if (piecewise_kernel) {
-            for (int64_t h = 0; h < P.chunks; ++h) {  // W_h = D·coeff[h]/r_h, ∂coeff[h] = Σ D·r_h
-                const T r = sqrt(chunk_sum(P, j, i, h, h + 1, false) + P.eps);
-                const double share = warp_sum(in ? double(D) * double(r) : 0.0);
+            for (int64_t h = 0; h < P.chunks; ++h) {
+                const T r = piecewise_root(chunk_sum(P, j, i, h, h + 1, false), P.eps);
+                const ChunkGradient<double, T> g = piecewise_backward<double>(D, P.coeff[h], r);
+                const double share = warp_sum(in ? g.coeff : 0.0);
                 if (threadIdx.x == 0) atomicAdd(&block_sums[h], share);
-                embedding_gradients(P, h, j, i, row_in, col_in, in ? D * P.coeff[h] / r : T(0), true, d_out_emb,
-                                    d_in_t, column_part);
+                embedding_gradients(P, h, j, i, row_in, col_in, in ? g.weight : T(0), true, d_out_emb, d_in_t,
+                                    column_part);
             }
             continue;
         }
-        T W = D;
-        bool distance = false;
-        if (P.kernel == kRbf) {  // W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
-            const T squares = chunk_sum(P, j, i, 0, P.chunks, false);
-            const T e = exp(-beta * squares);
-            sums[0] += double(D) * double(e);
-            sums[1] -= double(D) * double(alpha) * double(squares) * double(e);
-            sums[2] += double(D);
-            W = D * T(-2) * alpha * beta * e;
-            distance = true;
-        } else if (P.kernel == kSigmoid) {  // W = ∂L/∂(b·a) = beta·D·alpha·σ(1 − σ)
-            const T dots = chunk_sum(P, j, i, 0, P.chunks, true);
-            const T s = T(1) / (T(1) + exp(-beta * dots));
-            const T pre = D * alpha * s * (T(1) - s);
-            sums[0] += double(D) * double(s);
-            sums[1] += double(pre) * double(dots);
-            sums[2] += double(D);
-            W = beta * pre;
-        }
+        const T x = backward_reads_x(P.kernel) ? reduction(P, j, i) : T(0);
+        const T W = backward<double>(P.kernel, D, x, alpha, beta, sums[0], sums[1], sums[2]);
         for (int64_t h = 0; h < P.chunks; ++h)
-            embedding_gradients(P, h, j, i, row_in, col_in, in ? W : T(0), distance, d_out_emb, d_in_t, column_part);
+            embedding_gradients(P, h, j, i, row_in, col_in, in ? W : T(0), !is_dot_product(P.kernel), d_out_emb,
+                                d_in_t, column_part);
     }
     for (int p = 0; p < 3; ++p) {
         const double share = warp_sum(sums[p]);
@@ -275,11 +258,6 @@ __global__ void mask_kernel(const T* x, const T* grad, T* out, int64_t count, co
     }
 }
 
-void check_launch(const char* name) {
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
-}
-
 unsigned elementwise_blocks(int64_t count) {
     return static_cast<unsigned>(std::max<int64_t>(1, std::min((count + kThreads - 1) / kThreads, kMaxCountBlocks)));
 }
@@ -315,6 +293,8 @@ void column_pass(const Kernelized<T>& P, const T* grad, const T* tau, int mode, 
 int64_t select_workspace(bool is_double) {
     return int64_t(is_double ? passes<double>() : passes<float>()) * kBins + 3;
 }
+
+int64_t columns_workspace(int64_t n, int kernel) { return kernel == kMixture ? 3 * n : 0; }
 
 template <typename T>
 void kernelized_forward(const Kernelized<T>& P, T* out, int64_t k, int mode, T* tau, int64_t* select_work,

@@ -18,12 +18,15 @@ struct Kernelized {
     const T* out_emb;  // (H, m, p)
     const T* in_t;     // (H, p, n): In transposed, so that a warp reads 32 columns at once
     int64_t m, n, chunks, width;
-    int kernel;        // 0 piecewise_linear, 1 rbf, 2 sigmoid, 3 linear, 4 mixture
+    int kernel;        // tensor_peft/kernelized.h's Kernel
     const T* coeff;    // (H,)
     const T* params;   // (alpha, beta, gamma)
     T eps;
-    T* columns;        // mixture: 3n values of workspace (softmax max, sum, and Σ_j D·S)
+    T* columns;        // columns_workspace values (mixture: softmax max, sum, and Σ_j D·S)
 };
+
+// Values of `columns` the kernel takes for n columns.
+int64_t columns_workspace(int64_t n, int kernel);
 
 // int64 values of workspace the radix select needs for a float32 (false) or float64 matrix.
 int64_t select_workspace(bool is_double);

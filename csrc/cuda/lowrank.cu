@@ -4,15 +4,16 @@
 #include <stdexcept>
 #include <string>
 
+#include "launch.h"
 #include "lowrank.h"
+#include "tensor_peft/lowrank.h"
 
 namespace tensor_peft::cuda {
 namespace {
 
-enum Epilogue : int { kAdd = 0, kExp = 1, kTaylor1 = 2 };
+using namespace tensor_peft::lowrank;  // Epilogue
 constexpr int kThreads = 256;
 constexpr int kRowsPerTile = 16;  // rows of Γ one backward block reads (fewer atomics into dR)
-constexpr int64_t kMaxGridY = 65535;
 
 // One block: kThreads columns of rows blockIdx.y, blockIdx.y + gridDim.y, …; the row
 // of U (times scale) sits in shared memory.
@@ -72,11 +73,6 @@ __global__ void backward_kernel(const T* grad, const T* weight, const T* U, cons
         }
         if (column_in) atomicAdd(&dR[a * n + j], scale * dr);
     }
-}
-
-void check_launch(const char* name) {
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
 }
 
 // Above 48 KB a kernel's dynamic shared memory must be allowed explicitly, up to the

@@ -1,8 +1,5 @@
 // Launchers of the CUDA kernels for updates ΔW = scale·U·R on a weight's (d0, n) matrix
-// view, U (d0, r0) and R (r0, n) thin, with the epilogue of the cpu row kernels:
-//   0 add      out = W0 + ΔW (or ΔW alone when weight is null)   Tucker (FLoRA), U = U_0
-//   1 exp      out = W0 ⊙ exp(ΔW)                               LieRA exact, U = B, R = A
-//   2 taylor1  out = W0 ⊙ (1 + ΔW)                              LieRA taylor1
+// view, U (d0, r0) and R (r0, n) thin, with the epilogues of tensor_peft/lowrank.h.
 // Backward reads Γ once: D = Γ (add), Γ ⊙ W0 ⊙ exp(ΔW) recomputed (exp) or Γ ⊙ W0, and
 // dU += scale·D·Rᵀ, dR += scale·Uᵀ·D. Callable from the g++-compiled binding: no CUDA
 // types here, the stream travels as an integer (torch's cuda_stream).

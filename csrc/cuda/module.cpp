@@ -8,8 +8,10 @@
 
 #include "expm.h"
 #include "kernelized.h"
-#include "runtime.h"
 #include "lowrank.h"
+#include "runtime.h"
+#include "tensor_peft/arguments.h"
+#include "tensor_peft/binding.h"
 
 #ifndef TP_CUDA_ARCHS
 #define TP_CUDA_ARCHS "unknown"
@@ -19,10 +21,7 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(std::uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
+using tensor_peft::arguments::ptr;
 
 template <typename T>
 void bind_lowrank(py::module_& m, const std::string& suffix) {
@@ -33,6 +32,8 @@ void bind_lowrank(py::module_& m, const std::string& suffix) {
                                                     ptr<const T>(U), ptr<const T>(R), d0, r0, n,
                                                     static_cast<T>(scale), epilogue, stream);
           },
+          py::arg("out"), py::arg("weight"), py::arg("U"), py::arg("R"), py::arg("d0"), py::arg("r0"),
+          py::arg("n"), py::arg("scale"), py::arg("epilogue"), py::arg("stream"),
           "out (d0, n) from W0 and ΔW = scale·U·R by the epilogue (0 add, 1 exp, 2 taylor1; W0 0: ΔW).");
     m.def(("lowrank_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
@@ -41,6 +42,8 @@ void bind_lowrank(py::module_& m, const std::string& suffix) {
                                                      ptr<const T>(U), ptr<const T>(R), ptr<T>(dU), ptr<T>(dR), d0,
                                                      r0, n, static_cast<T>(scale), epilogue, stream);
           },
+          py::arg("grad"), py::arg("weight"), py::arg("U"), py::arg("R"), py::arg("d0"), py::arg("r0"),
+          py::arg("n"), py::arg("scale"), py::arg("epilogue"), py::arg("dU"), py::arg("dR"), py::arg("stream"),
           "dU += scale·D·Rᵀ and dR += scale·Uᵀ·D with D = ∂L/∂ΔW from Γ by the epilogue, one read of Γ.");
 }
 
@@ -52,14 +55,18 @@ void bind_expm(py::module_& m, const std::string& suffix) {
               tensor_peft::cuda::matrix_exp_forward<T>(ptr<const T>(A), ptr<T>(out), batch, n, ptr<T>(work),
                                                        ptr<int>(pivots), stream);
           },
-          "out[b] = exp(A[b]); work: batch·19n² values, pivots: batch·n int32.");
+          py::arg("out"), py::arg("A"), py::arg("batch"), py::arg("n"), py::arg("work"), py::arg("pivots"),
+          py::arg("stream"),
+          "out[b] = exp(A[b]); work: batch·matrix_exp_workspace(n, False) values, pivots: batch·n int32.");
     m.def(("matrix_exp_backward_" + suffix).c_str(),
           [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work,
              std::uintptr_t pivots, std::uintptr_t stream) {
               tensor_peft::cuda::matrix_exp_backward<T>(ptr<const T>(grad), ptr<const T>(A), ptr<T>(d_A), batch, n,
                                                         ptr<T>(work), ptr<int>(pivots), stream);
           },
-          "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·21n² values, pivots: batch·n int32.");
+          py::arg("d_A"), py::arg("grad"), py::arg("A"), py::arg("batch"), py::arg("n"), py::arg("work"),
+          py::arg("pivots"), py::arg("stream"),
+          "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·matrix_exp_workspace(n, True) values, pivots: batch·n int32.");
 }
 
 template <typename T>
@@ -80,8 +87,12 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
                   problem(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps, columns), ptr<T>(out), k,
                   mode, ptr<T>(tau), ptr<int64_t>(select_work), stream);
           },
+          py::arg("out"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
+          py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("k"),
+          py::arg("mode"), py::arg("tau"), py::arg("columns"), py::arg("select_work"), py::arg("stream"),
           "out (m, n) = κ(Out, In) (In as (H, p, n)); mode 1/2: sparsified in place with τ, written to tau "
-          "when k > 0. columns: 3n values (mixture); select_work: kernelized_select_workspace int64 values.");
+          "when k > 0. columns: kernelized_columns_workspace values; select_work: kernelized_select_workspace "
+          "int64 values.");
     m.def(("kernelized_backward_" + suffix).c_str(),
           [problem](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n,
                     int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps,
@@ -92,6 +103,10 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
                   ptr<const T>(grad), tau ? ptr<const T>(tau) : nullptr, mode, ptr<T>(d_out_emb), ptr<T>(d_in_t),
                   ptr<double>(d_coeff), ptr<double>(d_params), stream);
           },
+          py::arg("grad"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
+          py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("tau"),
+          py::arg("mode"), py::arg("d_out_emb"), py::arg("d_in_t"), py::arg("d_coeff"), py::arg("d_params"),
+          py::arg("columns"), py::arg("stream"),
           "Adds the gradients of the embeddings (In as (H, p, n)) into d_out_emb, d_in_t and of the kernel "
           "parameters into float64 d_coeff, d_params; κ recomputed, mode 1/2 with the forward's τ.");
     m.def(("sparsify_" + suffix).c_str(),
@@ -100,6 +115,8 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
               tensor_peft::cuda::sparsify<T>(ptr<const T>(delta), ptr<T>(out), count, k, mode, ptr<T>(tau),
                                              ptr<int64_t>(select_work), stream);
           },
+          py::arg("out"), py::arg("delta"), py::arg("count"), py::arg("k"), py::arg("mode"), py::arg("tau"),
+          py::arg("select_work"), py::arg("stream"),
           "out = the sparsified delta (mode 1 hard, 2 soft); τ written to tau when k > 0.");
     m.def(("sparsify_backward_" + suffix).c_str(),
           [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, std::uintptr_t tau,
@@ -107,6 +124,8 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
               tensor_peft::cuda::sparsify_backward<T>(ptr<const T>(grad), ptr<const T>(delta), ptr<T>(d_delta), count,
                                                       ptr<const T>(tau), mode, stream);
           },
+          py::arg("d_delta"), py::arg("grad"), py::arg("delta"), py::arg("count"), py::arg("tau"), py::arg("mode"),
+          py::arg("stream"),
           "∂L/∂delta of the sparsification with τ (and, hard, |delta|) held constant.");
     m.def(("kernelized_select_workspace_" + suffix).c_str(),
           [] { return tensor_peft::cuda::select_workspace(sizeof(T) == sizeof(double)); },
@@ -129,6 +148,11 @@ PYBIND11_MODULE(_cuda, m) {
         "How this extension was compiled.");
     m.def("device_count", &tensor_peft::cuda::device_count,
           "CUDA devices visible; raises RuntimeError with CUDA's reason when none can be used.");
+    m.def("matrix_exp_workspace", &tensor_peft::cuda::matrix_exp_workspace, py::arg("n"), py::arg("backward"),
+          "Values of workspace matrix_exp (backward False) or matrix_exp_backward takes per n×n matrix.");
+    m.def("kernelized_columns_workspace", &tensor_peft::cuda::columns_workspace, py::arg("n"), py::arg("kernel"),
+          "Values of the columns workspace the kernelized kernels take for n columns and this kernel.");
+    tensor_peft::binding::export_ids(m);
     bind_lowrank<float>(m, "f32");
     bind_lowrank<double>(m, "f64");
     bind_expm<float>(m, "f32");

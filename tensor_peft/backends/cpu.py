@@ -24,32 +24,37 @@ from .registry import extension_import_error, extension_kernel, register
 from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cpu",)
-_EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
 
 
 def unavailable_reason(device_type: str) -> str | None:
     return extension_import_error("_C")
 
 
+def _extension():
+    """The compiled extension ``tensor_peft._C`` (imported when a kernel first runs)."""
+    return importlib.import_module("tensor_peft._C")
+
+
 def _kernel(name: str, dtype: torch.dtype):
     """The _C kernel ``name`` for ``dtype``, the extension's OpenMP threads first set to
     ``torch.get_num_threads()`` for this thread: ``torch.set_num_threads`` governs both (the
     extension may link another OpenMP runtime than torch's). Results do not depend on it."""
-    importlib.import_module("tensor_peft._C").set_max_threads(torch.get_num_threads())
+    _extension().set_max_threads(count=torch.get_num_threads())
     return extension_kernel("_C", name, dtype)
 
 
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
     _kernel("lowrank_forward", out.dtype)(
-        out.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(),
-        d0, r0, n, scale, _EPILOGUE[epilogue],
+        out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue],
     )  # fmt: skip
 
 
 def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     _kernel("lowrank_backward", grad.dtype)(
-        grad.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(),
-        d0, r0, n, scale, _EPILOGUE[epilogue], d_U.data_ptr(), d_R.data_ptr(),
+        grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+        dR=d_R.data_ptr(),
     )  # fmt: skip
 
 
@@ -99,7 +104,7 @@ def _matrices(A) -> tuple[int, int]:
 def matrix_exp(A):
     batch, n = _matrices(A)
     out = A.new_empty(A.shape)
-    _kernel("matrix_exp", A.dtype)(out.data_ptr(), A.data_ptr(), batch, n)
+    _kernel("matrix_exp", A.dtype)(out=out.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
     return out
 
 
@@ -107,7 +112,7 @@ def matrix_exp(A):
 def matrix_exp_backward(grad, A):
     batch, n = _matrices(A)
     d_A = A.new_empty(A.shape)
-    _kernel("matrix_exp_backward", A.dtype)(d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), batch, n)
+    _kernel("matrix_exp_backward", A.dtype)(d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
     return d_A
 
 
@@ -119,30 +124,33 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
     out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
     given = float("-inf") if tau is None else tau.item()
     tau = _kernel("kernelized_forward", out.dtype)(
-        out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
-        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0 if tau is not None else k, mode_id(mode), given,
+        out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
+        kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        k=0 if tau is not None else k, mode=mode_id(mode, _extension()), given_tau=given,
     )  # fmt: skip
     return out, out.new_tensor(tau)
 
 
 def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
     """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
-    ``upstream`` arguments (its pointers and sizes) first. In goes in as (H, p, n)."""
+    ``upstream`` keyword arguments (its pointers and sizes) too. In goes in as (H, p, n)."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
     d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
     in_t = in_emb.transpose(1, 2).contiguous()
     _kernel(name, out_emb.dtype)(
-        *upstream, out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width,
-        kernel_id(kernel), coeff.data_ptr(), params.data_ptr(), eps, 0.0 if tau is None else tau.item(), mode_id(mode),
-        d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(),
+        **upstream, out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
+        kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, _extension()), d_out_emb=d_out.data_ptr(),
+        d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
 def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
-    return _gradients("kernelized_backward", [grad.data_ptr()], out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+    upstream = {"grad": grad.data_ptr()}
+    return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 @register("kernelized_delta", "cpu")
@@ -182,14 +190,16 @@ def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kern
         raise ValueError(
             f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {in_emb.shape[1]}"
         )
-    upstream = [grad_out.data_ptr(), input.data_ptr(), grad_out.shape[0]]
-    return _gradients("kernelized_linear_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+    upstream = {"grad_out": grad_out.data_ptr(), "input": input.data_ptr(), "tokens": grad_out.shape[0]}
+    return _gradients("sparse_linear_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 @register("sparsify", "cpu")
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
-    tau = _kernel("sparsify", delta.dtype)(out.data_ptr(), delta.data_ptr(), delta.numel(), k, mode_id(mode))
+    tau = _kernel("sparsify", delta.dtype)(
+        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, _extension())
+    )
     return [out, delta.new_tensor(tau)]
 
 
@@ -197,6 +207,7 @@ def sparsify(delta, k, mode):
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
     _kernel("sparsify_backward", delta.dtype)(
-        d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.item(), mode_id(mode)
+        d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), tau=tau.item(),
+        mode=mode_id(mode, _extension()),
     )
     return d_delta

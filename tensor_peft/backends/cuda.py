@@ -12,6 +12,8 @@ Each op is a function registered with ``@register(op, "cuda")``."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -32,14 +34,16 @@ def _stream(tensor: Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-_EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
+def _extension():
+    """The compiled extension ``tensor_peft._cuda`` (imported when a kernel first runs)."""
+    return importlib.import_module("tensor_peft._cuda")
 
 
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
     with torch.cuda.device(out.device):
         extension_kernel("_cuda", "lowrank_forward", out.dtype)(
-            out.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(), d0, r0, n, scale,
-            _EPILOGUE[epilogue], _stream(out),
+            out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
+            d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue], stream=_stream(out),
         )  # fmt: skip
 
 
@@ -47,8 +51,9 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", "cuda")
     with torch.cuda.device(grad.device):
         extension_kernel("_cuda", "lowrank_backward", grad.dtype)(
-            grad.data_ptr(), 0 if weight is None else weight.data_ptr(), U.data_ptr(), R.data_ptr(), d0, r0, n, scale,
-            _EPILOGUE[epilogue], d_U.data_ptr(), d_R.data_ptr(), _stream(grad),
+            grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
+            d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+            dR=d_R.data_ptr(), stream=_stream(grad),
         )  # fmt: skip
 
 
@@ -82,32 +87,36 @@ def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
     return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
 
 
-def _expm_launch(name, A, *pointers, extra_per_matrix):
-    """Runs ``matrix_exp[_backward]`` over A's matrices with a workspace of
-    18n² (the kernel's ``workspace_size``) + ``extra_per_matrix`` values and n pivots per
-    matrix."""
+def _expm_launch(name, A, backward, **pointers):
+    """Runs ``matrix_exp[_backward]`` over A's matrices with the workspace the extension
+    asks for and n pivots per matrix."""
     n = A.shape[-1]
     batch = A.numel() // (n * n) if n else 0
-    work = A.new_empty(batch * (18 * n * n + extra_per_matrix))
+    work = A.new_empty(batch * _extension().matrix_exp_workspace(n=n, backward=backward))
     pivots = torch.empty(batch * n, dtype=torch.int32, device=A.device)
     with torch.cuda.device(A.device):
-        extension_kernel("_cuda", name, A.dtype)(*pointers, batch, n, work.data_ptr(), pivots.data_ptr(), _stream(A))
+        extension_kernel("_cuda", name, A.dtype)(
+            **pointers, batch=batch, n=n, work=work.data_ptr(), pivots=pivots.data_ptr(), stream=_stream(A)
+        )
 
 
 @register("matrix_exp", "cuda")
 def matrix_exp(A: Tensor) -> Tensor:
     out = torch.empty_like(A)
-    n = A.shape[-1]
-    _expm_launch("matrix_exp", A, out.data_ptr(), A.data_ptr(), extra_per_matrix=n * n)
+    _expm_launch("matrix_exp", A, False, out=out.data_ptr(), A=A.data_ptr())
     return out
 
 
 @register("matrix_exp_backward", "cuda")
 def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     d_A = torch.empty_like(A)
-    n = A.shape[-1]
-    _expm_launch("matrix_exp_backward", A, d_A.data_ptr(), grad.data_ptr(), A.data_ptr(), extra_per_matrix=3 * n * n)
+    _expm_launch("matrix_exp_backward", A, True, d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr())
     return d_A
+
+
+def _columns(out_emb: Tensor, n: int, kernel: str) -> Tensor:
+    """The columns workspace of the kernelized kernels (mixture's column statistics)."""
+    return out_emb.new_empty(_extension().kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, _extension())))
 
 
 def _select_work(x: Tensor) -> Tensor:
@@ -127,13 +136,14 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
     else:
         k = 0  # read, not written
     in_t = in_emb.transpose(1, 2).contiguous()
-    columns = out_emb.new_empty(3 * n if kernel == "mixture" else 0)
+    columns = _columns(out_emb, n, kernel)
     work = _select_work(out)
     with torch.cuda.device(out.device):
         extension_kernel("_cuda", "kernelized_forward", out.dtype)(
-            out.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width, kernel_id(kernel),
-            coeff.data_ptr(), params.data_ptr(), eps, k, mode_id(mode), tau.data_ptr(), columns.data_ptr(),
-            work.data_ptr(), _stream(out),
+            out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
+            width=width, kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(),
+            eps=eps, k=k, mode=mode_id(mode, _extension()), tau=tau.data_ptr(), columns=columns.data_ptr(),
+            select_work=work.data_ptr(), stream=_stream(out),
         )  # fmt: skip
     return out, tau
 
@@ -146,13 +156,14 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
     d_coeff = torch.zeros_like(coeff, dtype=torch.float64)  # sums over m·n entries
     d_params = torch.zeros_like(params, dtype=torch.float64)
     in_t = in_emb.transpose(1, 2).contiguous()
-    columns = out_emb.new_empty(3 * n if kernel == "mixture" else 0)
+    columns = _columns(out_emb, n, kernel)
     with torch.cuda.device(grad.device):
         extension_kernel("_cuda", "kernelized_backward", grad.dtype)(
-            grad.data_ptr(), out_emb.data_ptr(), in_t.data_ptr(), m, n, chunks, width, kernel_id(kernel),
-            coeff.data_ptr(), params.data_ptr(), eps, 0 if tau is None else tau.data_ptr(), mode_id(mode),
-            d_out.data_ptr(), d_in_t.data_ptr(), d_coeff.data_ptr(), d_params.data_ptr(), columns.data_ptr(),
-            _stream(grad),
+            grad=grad.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
+            width=width, kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(),
+            eps=eps, tau=0 if tau is None else tau.data_ptr(), mode=mode_id(mode, _extension()),
+            d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(),
+            d_params=d_params.data_ptr(), columns=columns.data_ptr(), stream=_stream(grad),
         )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
 
@@ -191,8 +202,8 @@ def sparsify(delta, k, mode):
     work = _select_work(delta)
     with torch.cuda.device(delta.device):
         extension_kernel("_cuda", "sparsify", delta.dtype)(
-            out.data_ptr(), delta.data_ptr(), delta.numel(), k, mode_id(mode), tau.data_ptr(), work.data_ptr(),
-            _stream(delta),
+            out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, _extension()),
+            tau=tau.data_ptr(), select_work=work.data_ptr(), stream=_stream(delta),
         )  # fmt: skip
     return [out, tau]
 
@@ -202,7 +213,7 @@ def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
     with torch.cuda.device(delta.device):
         extension_kernel("_cuda", "sparsify_backward", delta.dtype)(
-            d_delta.data_ptr(), grad.data_ptr(), delta.data_ptr(), delta.numel(), tau.data_ptr(), mode_id(mode),
-            _stream(delta),
+            d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(),
+            tau=tau.data_ptr(), mode=mode_id(mode, _extension()), stream=_stream(delta),
         )  # fmt: skip
     return d_delta

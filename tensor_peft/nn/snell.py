@@ -35,13 +35,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
-from ..ops.kernelized_delta import default_coeff, kernelized_delta
+from ..ops.kernelized_delta import KERNEL_PARAMS, POSITIVE_PARAMS, default_coeff, kernelized_delta
 from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
 from ..ops.sparsify import dropped_count
 from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
 
-# softplus⁻¹(1): mixture's temperature gamma = softplus(gamma_raw) starts at 1
-_GAMMA_RAW_INIT = math.log(math.e - 1)
+
+def learned_params(kernel: str) -> tuple[str, ...]:
+    """The parameters of ``kernel`` (``ops.kernelized_delta.KERNEL_PARAMS``) an adapter
+    learns, in the table's order: all but ``eps``, the op's constant."""
+    return tuple(name for name in KERNEL_PARAMS[kernel] if name != "eps")
+
+
+def stored_name(kernel: str, name: str) -> str:
+    """The attribute that holds parameter ``name``: ``<name>_raw`` for one that must be
+    positive (mixture's temperature gamma = softplus(gamma_raw)), else ``name``."""
+    return f"{name}_raw" if name in POSITIVE_PARAMS.get(kernel, ()) else name
+
+
+def initial_value(kernel: str, name: str, rows: int) -> float:
+    """A learned scalar's start: the op's default, except mixture's beta = −alpha/m (see
+    the module doc)."""
+    defaults = KERNEL_PARAMS[kernel]
+    if (kernel, name) == ("mixture", "beta"):
+        return -defaults["alpha"] / max(rows, 1)
+    return defaults[name]
 
 
 class SNELLAdapter(Adapter):
@@ -69,20 +87,19 @@ class SNELLAdapter(Adapter):
         self.snell_in = nn.Parameter(torch.empty(chunks, columns, self.r // chunks, **factory))
         for embedding in (self.snell_out, self.snell_in):
             nn.init.kaiming_uniform_(embedding, a=math.sqrt(5))
-        if kernel in ("piecewise_linear", "mixture"):
-            coeff = torch.tensor(default_coeff(chunks), **factory)
-            if learnable_coeff:
-                self.coeff = nn.Parameter(coeff)
-            else:
-                self.register_buffer("coeff", coeff)
-        # scalar parameters are stored with shape (1,): FSDP2 shards no 0-d parameter
-        if kernel in ("rbf", "sigmoid", "mixture"):
-            self.alpha = nn.Parameter(torch.tensor([1.0], **factory))
-            self.beta = nn.Parameter(torch.tensor([-1.0 / max(rows, 1) if kernel == "mixture" else 1.0], **factory))
-        if kernel in ("rbf", "sigmoid"):
-            self.gamma = nn.Parameter(torch.tensor([0.0], **factory))
-        if kernel == "mixture":
-            self.gamma_raw = nn.Parameter(torch.tensor([_GAMMA_RAW_INIT], **factory))
+        for name in learned_params(kernel):
+            if name == "coeff":
+                coeff = torch.tensor(default_coeff(chunks), **factory)
+                if learnable_coeff:
+                    self.coeff = nn.Parameter(coeff)
+                else:
+                    self.register_buffer("coeff", coeff)
+                continue
+            value = initial_value(kernel, name, rows)
+            if stored_name(kernel, name) != name:
+                value = math.log(math.expm1(value))  # softplus⁻¹
+            # shape (1,): FSDP2 shards no 0-d parameter
+            setattr(self, stored_name(kernel, name), nn.Parameter(torch.tensor([value], **factory)))
         self.sparsity_tensor: Tensor | None = None
         self.sparsity = sparsity
 
@@ -113,11 +130,15 @@ class SNELLAdapter(Adapter):
 
     def kernel_params(self) -> dict[str, Tensor]:
         """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
-        params = {name: getattr(self, name).squeeze(0) for name in ("alpha", "beta", "gamma") if hasattr(self, name)}
-        if hasattr(self, "coeff"):
-            params["coeff"] = self.coeff
-        if self.kernel == "mixture":
-            params["gamma"] = F.softplus(self.gamma_raw).squeeze(0)  # the temperature stays positive
+        params = {}
+        for name in learned_params(self.kernel):
+            stored = getattr(self, stored_name(self.kernel, name))
+            if name == "coeff":
+                params[name] = stored
+            elif stored_name(self.kernel, name) != name:
+                params[name] = F.softplus(stored).squeeze(0)  # stays positive
+            else:
+                params[name] = stored.squeeze(0)
         return params
 
     def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -39,6 +39,8 @@ KERNEL_PARAMS: dict[str, dict[str, float | None]] = {
     "mixture": {"coeff": None, "eps": 1e-12, "alpha": 1.0, "beta": 0.0, "gamma": 1.0},
 }
 SCALAR_PARAMS = ("alpha", "beta", "gamma")
+# The parameters that must be positive (ValueError otherwise).
+POSITIVE_PARAMS = {"mixture": ("gamma",)}
 
 
 def default_coeff(chunks: int) -> list[float]:
@@ -182,8 +184,8 @@ def check_kernel_inputs(
         _as_param(given[name], name, (), like) if name in accepted else like.new_zeros(())
         for name in SCALAR_PARAMS
     ]
-    if kernel == "mixture":
-        _check_positive(scalars[SCALAR_PARAMS.index("gamma")], "gamma")
+    for name in POSITIVE_PARAMS.get(kernel, ()):
+        _check_positive(scalars[SCALAR_PARAMS.index(name)], name)
     params = torch.stack([s.to(compute_dtype(*scalars)) for s in scalars])
     eps = check_real(given.get("eps", 0.0), "eps")
     if eps < 0:

@@ -56,8 +56,10 @@ def _raw_calls():
         ("kernelized-kernel", lambda: forward(kernel=9), r"kernel must be in \[0, 4\]"),
         ("kernelized-mode", lambda: forward(mode=-1), r"mode must be in \[0, 2\]"),
         ("kernelized-k", lambda: forward(k=5, mode=1), "k must be at most 4"),
-        ("kernelized-n-near-2^31", lambda: C.kernelized_linear_backward_f32(
-            p, p, 0, p, p, 1, 2**31, 1, 1, 0, p, params, 0.0, 0.0, 1, p, p, p, p), "n must be at most 2147483647"),
+        ("kernelized-n-near-2^31", lambda: C.sparse_linear_backward_f32(
+            grad_out=p, input=p, tokens=0, out_emb=p, in_t=p, rows=1, n=2**31, chunks=1, width=1, kernel=0, coeff=p,
+            params=params, eps=0.0, tau=0.0, mode=1, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p,
+        ), "n must be at most 2147483647"),
         ("sparsify-null", lambda: C.sparsify_f64(p, 0, 4, 1, 1), "delta is a null pointer"),
         ("sparsify-negative-count", lambda: C.sparsify_f32(p, p, -4, 0, 1), "count must be non-negative"),
         ("sparsify-mode", lambda: C.sparsify_backward_f32(p, p, p, 4, 0.0, 0), r"mode must be in \[1, 2\]"),

@@ -17,6 +17,7 @@ from tensor_peft.allocator import distribute, sparsity_keeping
 from tensor_peft import ops
 from tensor_peft.nn import SNELLLayer
 from tensor_peft.nn.snell import SNELLAdapter
+from tensor_peft.ops.kernelized_delta import KERNEL_PARAMS
 from tensor_peft.ops.sparsify import dropped_count
 
 
@@ -258,3 +259,28 @@ def test_floors_beyond_the_budget_are_refused():
     config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, min_keep=0.5, **SCHEDULE)
     with pytest.raises(ValueError, match="min_keep"):
         tp.SparsityAllocator(tp.inject(two_layer_model(), config))
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_PARAMS))
+def test_adapter_learns_exactly_the_parameters_of_the_ops_table(kernel):
+    """The adapter's kernel parameters are those of ops.kernelized_delta.KERNEL_PARAMS (eps,
+    a constant, aside), starting at the table's defaults (mixture: beta = −alpha/m, and gamma
+    through a softplus); each one is trained: it gets a gradient through the op."""
+    torch.manual_seed(7)
+    layer = SNELLLayer(nn.Linear(6, 5), r=2, sparsity=None, kernel=kernel, learnable_coeff=True)
+    adapter = layer.adapters["default"]
+    params = adapter.kernel_params()
+    assert set(params) == set(KERNEL_PARAMS[kernel]) - {"eps"}
+    for name, value in params.items():
+        default = KERNEL_PARAMS[kernel][name]
+        if name == "coeff":
+            assert value.tolist() == pytest.approx([0.1, -0.1])
+        elif (kernel, name) == ("mixture", "beta"):
+            assert value.item() == pytest.approx(-KERNEL_PARAMS[kernel]["alpha"] / 5)
+        else:
+            assert value.item() == pytest.approx(default)
+    learned = {name for name, p in adapter.named_parameters() if name not in ("snell_out", "snell_in")}
+    assert len(learned) == len(params)
+    ops.kernelized_delta(adapter.snell_out, adapter.snell_in, kernel, **params).square().sum().backward()
+    for name in learned:
+        assert getattr(adapter, name).grad is not None, name

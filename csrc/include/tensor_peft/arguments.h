@@ -44,6 +44,12 @@ inline int choice(int64_t value, int low, int high, const char* name) {
     return static_cast<int>(value);
 }
 
+// The pointer an integer address holds, unchecked (the CUDA binding's device addresses).
+template <typename T>
+T* ptr(std::uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
 // The address of `count` values of T: non-null when count > 0 (an empty tensor may have a
 // null address) and aligned for T.
 template <typename T>
@@ -53,7 +59,7 @@ T* pointer(std::uintptr_t address, int64_t count, const char* name) {
                                     std::to_string(count) + " values");
     if (address % alignof(T) != 0)
         throw pybind11::value_error(std::string(name) + " is not aligned for its dtype");
-    return reinterpret_cast<T*>(address);
+    return ptr<T>(address);
 }
 
 }  // namespace tensor_peft::arguments

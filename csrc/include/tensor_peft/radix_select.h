@@ -15,18 +15,20 @@ namespace tensor_peft::radix {
 template <typename T>
 struct Key;
 
+// kBits: the bits of a key (the sign bit is cleared); kDigit: the bits of the CPU kernel's
+// first pass (its later passes take 11 bits each, the CUDA kernel's all passes 8).
 template <>
 struct Key<float> {
     using type = uint32_t;
-    static constexpr int kBits = 31;    // the sign bit is cleared
-    static constexpr int kDigit = 11;   // 3 passes
+    static constexpr int kBits = 31;
+    static constexpr int kDigit = 11;
 };
 
 template <>
 struct Key<double> {
     using type = uint64_t;
     static constexpr int kBits = 63;
-    static constexpr int kDigit = 16;   // 4 passes
+    static constexpr int kDigit = 16;
 };
 
 // The key of |x|: its bits without the sign (−0 and +0 both give 0; NaN sorts last).
