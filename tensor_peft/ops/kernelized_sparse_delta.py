@@ -245,32 +245,43 @@ def _tokens(tensor: Tensor) -> Tensor:
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
-def _linear_setup_context(ctx, inputs, output):
-    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold = inputs
-    _, tau = output
-    ctx.mark_non_differentiable(tau)
-    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
-    ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
-    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
+class _SparseLinear(torch.autograd.Function):
+    """sparse_linear's autograd, a Function around the forward op instead of the op's
+    registered autograd: that wrapper fills the op's 12-argument schema again on every
+    call (about 40 µs, a tenth of a small layer's step). Under torch.compile the backend is
+    not recorded (reading the request would break the graph there): the backward selects
+    its own, as the FLoRA layer's projected gradients do."""
 
-
-def _linear_backward(ctx, grad, grad_tau):
-    input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
-    input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-    with forward_backend(ctx):
-        grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
-            grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
-            input_grad, kernel_grads,
+    @staticmethod
+    def forward(ctx, input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
+        output, tau = _sparse_linear(
+            input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
         )  # fmt: skip
-    grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
-    if not input_grad:
-        grad_input = None
-    if not kernel_grads:
-        d_out = d_in = d_coeff = d_params = None
-    return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
+        ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
+        ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
+        if torch.compiler.is_compiling():
+            ctx.backend = None
+        else:
+            record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
+        input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        with forward_backend(ctx):
+            grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+                grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
+                input_grad, kernel_grads,
+            )  # fmt: skip
+        grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
+        if not input_grad:
+            grad_input = None
+        if not kernel_grads:
+            d_out = d_in = d_coeff = d_params = None
+        return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
-_sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def sparse_linear(
@@ -307,7 +318,6 @@ def sparse_linear(
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
-    output, _ = _sparse_linear(
+    return _SparseLinear.apply(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip
-    return output
