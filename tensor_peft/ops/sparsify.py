@@ -23,6 +23,7 @@ then never recompiles a torch.compile'd model); the ops read it on the host.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -43,10 +44,17 @@ def dropped_count(sparsity: float, numel: int, threshold: str = "count", dtype: 
     may drop one more entry: see ``select``)."""
     sparsity = float(sparsity)
     if threshold == "count":
-        return math.ceil(Fraction(repr(sparsity)) * numel)
+        return _count_dropped(sparsity, numel)
     if numel == 0:
         return 0
     return min(math.floor(quantile_rank(sparsity, numel, dtype)) + 1, numel)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_dropped(sparsity: float, numel: int) -> int:
+    """ceil(sparsity · numel) with sparsity as written, exact (a Fraction: kept per
+    argument, as every forward asks again for the same layer's count)."""
+    return math.ceil(Fraction(repr(sparsity)) * numel)
 
 
 def quantile_rank(sparsity: float, numel: int, dtype: torch.dtype) -> Tensor:
