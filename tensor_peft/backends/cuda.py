@@ -124,10 +124,11 @@ def _select_work(x: Tensor) -> Tensor:
     return torch.empty(size, dtype=torch.int64, device=x.device)
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
-    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n).
-    The kernel selects τ when k > 0 and otherwise masks by the τ it is given: −inf
-    (keep all) for k = 0, or ``tau``."""
+@register("kernelized_sparse_delta", "cuda")
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+    """[ΔW, τ]: κ(Out, In), sparsified when ``mode`` is given (None: the dense op). In goes
+    in as (H, p, n). The kernel selects τ when k > 0 and otherwise masks by the τ it is
+    given: −inf (keep all) for k = 0, or ``tau``."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out = out_emb.new_empty(m, n)
@@ -145,10 +146,11 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
             eps=eps, k=k, mode=mode_id(mode, _extension()), tau=tau.data_ptr(), columns=columns.data_ptr(),
             select_work=work.data_ptr(), stream=_stream(out),
         )  # fmt: skip
-    return out, tau
+    return [out, tau]
 
 
-def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+@register("kernelized_sparse_delta_backward", "cuda")
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
     check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "cuda")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
@@ -166,26 +168,6 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
             d_params=d_params.data_ptr(), columns=columns.data_ptr(), stream=_stream(grad),
         )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
-
-
-@register("kernelized_delta", "cuda")
-def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
-
-
-@register("kernelized_delta_backward", "cuda")
-def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
-
-
-@register("kernelized_sparse_delta", "cuda")
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
-
-
-@register("kernelized_sparse_delta_backward", "cuda")
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 @register("sparse_linear_backward", "cuda")

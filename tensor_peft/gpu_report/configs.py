@@ -73,9 +73,11 @@ def _kernelized(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]
         shape = f"{m}x{n}"
         for kernel in KERNELS:
             args = (kernel, coeff, params, 1e-6)
-            yield f"kernelized_delta {kernel} {shape}", partial(kernelized.kernelized_delta, out_emb, in_emb, *args)
+            yield f"kernelized_delta {kernel} {shape}", partial(
+                kernelized.kernelized_sparse_delta, out_emb, in_emb, 0, *args, None
+            )
             yield f"kernelized_delta_backward {kernel} {shape}", partial(
-                kernelized.kernelized_delta_backward, delta, out_emb, in_emb, *args
+                kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, None, *args, None
             )
             for mode in MODES:
                 yield f"kernelized_sparse_delta {kernel} {mode} {shape}", partial(

@@ -59,8 +59,8 @@ def huge_calls():
     yield "kernelized_sparse_delta", lambda: kernelized.kernelized_sparse_delta(
         empty(2, 64, 4), empty(2, wide, 4), 1000, "mixture", empty(2), empty(3), 1e-6, "hard"
     )
-    yield "kernelized_delta_backward", lambda: kernelized.kernelized_delta_backward(
-        empty(64, wide), empty(2, 64, 4), empty(2, wide, 4), "rbf", empty(2), empty(3), 1e-6
+    yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
+        empty(64, wide), empty(2, 64, 4), empty(2, wide, 4), None, "rbf", empty(2), empty(3), 1e-6, None
     )
     yield "matrix_exp", lambda: expm.matrix_exp(empty(100_000, 8, 8))
 
@@ -101,8 +101,8 @@ def backward_calls():
     yield "lowrank_hadamard_merge_backward", lambda: lowrank.lowrank_hadamard_merge_backward(
         empty(64, 48), empty(64, 48), empty(64, 8), empty(8, 48), 0.5, "exact"
     )
-    yield "kernelized_delta_backward", lambda: kernelized.kernelized_delta_backward(
-        empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), "rbf", empty(2), empty(3), 1e-6
+    yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
+        empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2), empty(3), 1e-6, None
     )
     yield "kernelized_sparse_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
         empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2), empty(3), 1e-6, "hard"
