@@ -2,7 +2,7 @@
 
 Tensors reach the kernels as raw pointers: the op layer has checked their shapes and
 made them contiguous float32/float64 on one device. Each op is a function registered
-with ``@register(op, "cpu")``.
+with ``@register(op, "cpu")``, the Tucker and hadamard ops by ``tucker_split.register_ops``.
 
 The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
 pass over W0 or Γ: the Tucker ops after the split of ``tucker_split`` (U = U_0), and
@@ -21,7 +21,6 @@ import torch
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
 from .registry import extension_import_error, extension_kernel, register
-from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cpu",)
 
@@ -58,34 +57,7 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     )  # fmt: skip
 
 
-@register("tucker_delta", "cpu")
-def tucker_delta(core, factors, scale):
-    return tucker_split.fused_forward(_forward, None, core, factors, scale)
-
-
-@register("tucker_merge", "cpu")
-def tucker_merge(weight, core, factors, scale):
-    return tucker_split.fused_forward(_forward, weight, core, factors, scale)
-
-
-@register("tucker_delta_backward", "cpu")
-def tucker_delta_backward(grad, core, factors, scale):
-    return tucker_split.fused_backward(_backward, grad, core, factors, scale)
-
-
-@register("tucker_projected_backward", "cpu")
-def tucker_projected_backward(T0, T1, T01, core, factors, scale):
-    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
-
-
-@register("lowrank_hadamard_merge", "cpu")
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    return tucker_split.hadamard_forward(_forward, weight, B, A, scale, exp)
-
-
-@register("lowrank_hadamard_merge_backward", "cpu")
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
+tucker_split.register_ops("cpu", _forward, _backward)
 
 
 # The largest n of matrix_exp: the kernels index a matrix's n² entries with a 32-bit int.

@@ -8,7 +8,8 @@ over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
 backward (one thread per matrix, the math of the CPU kernel); and SNELL's kernelized and
 sparsification ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device).
 FLoRA's projected gradients are small contractions in plain torch (``tensor_algebra``).
-Each op is a function registered with ``@register(op, "cuda")``."""
+Each op is a function registered with ``@register(op, "cuda")``, the Tucker and hadamard
+ops by ``tucker_split.register_ops``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from .determinism import check_deterministic
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
 from .registry import extension_import_error, extension_kernel, register
-from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cuda",)
 
@@ -57,34 +57,7 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
         )  # fmt: skip
 
 
-@register("tucker_delta", "cuda")
-def tucker_delta(core, factors, scale):
-    return tucker_split.fused_forward(_forward, None, core, factors, scale)
-
-
-@register("tucker_merge", "cuda")
-def tucker_merge(weight, core, factors, scale):
-    return tucker_split.fused_forward(_forward, weight, core, factors, scale)
-
-
-@register("tucker_delta_backward", "cuda")
-def tucker_delta_backward(grad, core, factors, scale):
-    return tucker_split.fused_backward(_backward, grad, core, factors, scale)
-
-
-@register("tucker_projected_backward", "cuda")
-def tucker_projected_backward(T0, T1, T01, core, factors, scale):
-    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
-
-
-@register("lowrank_hadamard_merge", "cuda")
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    return tucker_split.hadamard_forward(_forward, weight, B, A, scale, exp)
-
-
-@register("lowrank_hadamard_merge_backward", "cuda")
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
+tucker_split.register_ops("cuda", _forward, _backward)
 
 
 def _expm_launch(name, A, backward, **pointers):

@@ -80,8 +80,9 @@ def _kernelized_delta_backward(
     if is_empty(out_emb, in_emb):
         return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
-        "kernelized_sparse_delta_backward", out_emb.device, grad, out_emb, in_emb, None, kernel, coeff, params, eps, None
-    )
+        "kernelized_sparse_delta_backward", out_emb.device,
+        grad, out_emb, in_emb, None, kernel, coeff, params, eps, None,
+    )  # fmt: skip
 
 
 def fake_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
