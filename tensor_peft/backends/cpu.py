@@ -2,7 +2,7 @@
 
 Tensors reach the kernels as raw pointers: the op layer has checked their shapes and
 made them contiguous float32/float64 on one device. Each op is a function registered
-with ``@register(op, "cpu")``.
+with ``@register(op, "cpu")``, the Tucker and hadamard ops by ``tucker_split.register_ops``.
 
 The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
 pass over W0 or Γ: the Tucker ops after the split of ``tucker_split`` (U = U_0), and
@@ -21,7 +21,6 @@ import torch
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
 from .registry import extension_import_error, extension_kernel, register
-from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cpu",)
 
@@ -58,34 +57,7 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     )  # fmt: skip
 
 
-@register("tucker_delta", "cpu")
-def tucker_delta(core, factors, scale):
-    return tucker_split.fused_forward(_forward, None, core, factors, scale)
-
-
-@register("tucker_merge", "cpu")
-def tucker_merge(weight, core, factors, scale):
-    return tucker_split.fused_forward(_forward, weight, core, factors, scale)
-
-
-@register("tucker_delta_backward", "cpu")
-def tucker_delta_backward(grad, core, factors, scale):
-    return tucker_split.fused_backward(_backward, grad, core, factors, scale)
-
-
-@register("tucker_projected_backward", "cpu")
-def tucker_projected_backward(T0, T1, T01, core, factors, scale):
-    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
-
-
-@register("lowrank_hadamard_merge", "cpu")
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    return tucker_split.hadamard_forward(_forward, weight, B, A, scale, exp)
-
-
-@register("lowrank_hadamard_merge_backward", "cpu")
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
+tucker_split.register_ops("cpu", _forward, _backward)
 
 
 # The largest n of matrix_exp: the kernels index a matrix's n² entries with a 32-bit int.
@@ -116,21 +88,6 @@ def matrix_exp_backward(grad, A):
     return d_A
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
-    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given, by ``tau`` or else by the
-    k-th smallest magnitude (the kernel selects when k > 0). In goes in as (H, p, n)."""
-    chunks, m, width = out_emb.shape
-    n = in_emb.shape[1]
-    out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
-    given = float("-inf") if tau is None else tau.item()
-    tau = _kernel("kernelized_forward", out.dtype)(
-        out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        k=0 if tau is not None else k, mode=mode_id(mode, _extension()), given_tau=given,
-    )  # fmt: skip
-    return out, out.new_tensor(tau)
-
-
 def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
     """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
     ``upstream`` keyword arguments (its pointers and sizes) too. In goes in as (H, p, n)."""
@@ -148,29 +105,27 @@ def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau,
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
-def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
-    upstream = {"grad": grad.data_ptr()}
-    return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
-
-
-@register("kernelized_delta", "cpu")
-def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
-
-
-@register("kernelized_delta_backward", "cpu")
-def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
-
-
 @register("kernelized_sparse_delta", "cpu")
 def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
+    """[ΔW, τ]: κ(Out, In), sparsified when ``mode`` is given (None: the dense op), by ``tau``
+    or else by the k-th smallest magnitude (the kernel selects when k > 0). In goes in as
+    (H, p, n)."""
+    chunks, m, width = out_emb.shape
+    n = in_emb.shape[1]
+    out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
+    given = float("-inf") if tau is None else tau.item()
+    tau = _kernel("kernelized_forward", out.dtype)(
+        out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
+        kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        k=0 if tau is not None else k, mode=mode_id(mode, _extension()), given_tau=given,
+    )  # fmt: skip
+    return [out, out.new_tensor(tau)]
 
 
 @register("kernelized_sparse_delta_backward", "cpu")
 def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+    upstream = {"grad": grad.data_ptr()}
+    return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 # Above this kept fraction Γ is formed whole by the matrix product instead: measured here

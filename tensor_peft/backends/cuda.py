@@ -8,7 +8,8 @@ over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
 backward (one thread per matrix, the math of the CPU kernel); and SNELL's kernelized and
 sparsification ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device).
 FLoRA's projected gradients are small contractions in plain torch (``tensor_algebra``).
-Each op is a function registered with ``@register(op, "cuda")``."""
+Each op is a function registered with ``@register(op, "cuda")``, the Tucker and hadamard
+ops by ``tucker_split.register_ops``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from .determinism import check_deterministic
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
 from .registry import extension_import_error, extension_kernel, register
-from .tensor_algebra import projected_tucker_gradients
 
 DEVICE_TYPES = ("cuda",)
 
@@ -57,34 +57,7 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
         )  # fmt: skip
 
 
-@register("tucker_delta", "cuda")
-def tucker_delta(core, factors, scale):
-    return tucker_split.fused_forward(_forward, None, core, factors, scale)
-
-
-@register("tucker_merge", "cuda")
-def tucker_merge(weight, core, factors, scale):
-    return tucker_split.fused_forward(_forward, weight, core, factors, scale)
-
-
-@register("tucker_delta_backward", "cuda")
-def tucker_delta_backward(grad, core, factors, scale):
-    return tucker_split.fused_backward(_backward, grad, core, factors, scale)
-
-
-@register("tucker_projected_backward", "cuda")
-def tucker_projected_backward(T0, T1, T01, core, factors, scale):
-    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
-
-
-@register("lowrank_hadamard_merge", "cuda")
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    return tucker_split.hadamard_forward(_forward, weight, B, A, scale, exp)
-
-
-@register("lowrank_hadamard_merge_backward", "cuda")
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    return tucker_split.hadamard_backward(_backward, grad, weight, B, A, scale, exp)
+tucker_split.register_ops("cuda", _forward, _backward)
 
 
 def _expm_launch(name, A, backward, **pointers):
@@ -124,10 +97,11 @@ def _select_work(x: Tensor) -> Tensor:
     return torch.empty(size, dtype=torch.int64, device=x.device)
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
-    """(ΔW, τ): κ(Out, In), sparsified when ``mode`` is given. In goes in as (H, p, n).
-    The kernel selects τ when k > 0 and otherwise masks by the τ it is given: −inf
-    (keep all) for k = 0, or ``tau``."""
+@register("kernelized_sparse_delta", "cuda")
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+    """[ΔW, τ]: κ(Out, In), sparsified when ``mode`` is given (None: the dense op). In goes
+    in as (H, p, n). The kernel selects τ when k > 0 and otherwise masks by the τ it is
+    given: −inf (keep all) for k = 0, or ``tau``."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out = out_emb.new_empty(m, n)
@@ -145,10 +119,11 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
             eps=eps, k=k, mode=mode_id(mode, _extension()), tau=tau.data_ptr(), columns=columns.data_ptr(),
             select_work=work.data_ptr(), stream=_stream(out),
         )  # fmt: skip
-    return out, tau
+    return [out, tau]
 
 
-def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+@register("kernelized_sparse_delta_backward", "cuda")
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
     check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "cuda")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
@@ -166,26 +141,6 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
             d_params=d_params.data_ptr(), columns=columns.data_ptr(), stream=_stream(grad),
         )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
-
-
-@register("kernelized_delta", "cuda")
-def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
-
-
-@register("kernelized_delta_backward", "cuda")
-def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
-
-
-@register("kernelized_sparse_delta", "cuda")
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
-
-
-@register("kernelized_sparse_delta_backward", "cuda")
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 @register("sparse_linear_backward", "cuda")

@@ -160,7 +160,6 @@ def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tup
     return d_rows, d_cols
 
 
-@register("kernelized_delta", "reference")
 def kernelized_delta(
     out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
 ) -> Tensor:
@@ -204,7 +203,6 @@ def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[
     return grad + d_logits / gamma, d_params
 
 
-@register("kernelized_delta_backward", "reference")
 def kernelized_delta_backward(
     grad: Tensor,
     out_emb: Tensor,
@@ -301,15 +299,15 @@ def kernelized_sparse_delta(
     coeff: Tensor,
     params: Tensor,
     eps: float,
-    mode: str,
+    mode: str | None,
     tau: Tensor | None = None,
 ) -> list[Tensor]:
     """[out, τ] = sparsify(kernelized_delta(...), k, mode); with ``tau`` given, ΔW is
-    masked by it instead (k unused)."""
+    masked by it instead (k unused). Mode None is the dense op: ΔW as it is (k = 0, τ = −inf)."""
     delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
     if tau is None:
-        return sparsify(delta, k, mode)
-    return [masked(delta, tau, mode), tau]
+        tau = threshold(delta, k)
+    return [delta if mode is None else masked(delta, tau, mode), tau]
 
 
 @register("kernelized_sparse_delta_backward", "reference")
@@ -317,18 +315,19 @@ def kernelized_sparse_delta_backward(
     grad: Tensor,
     out_emb: Tensor,
     in_emb: Tensor,
-    tau: Tensor,
+    tau: Tensor | None,
     kernel: str,
     coeff: Tensor,
     params: Tensor,
     eps: float,
-    mode: str,
+    mode: str | None,
 ) -> list[Tensor]:
     """Recomputes ΔW_raw from the parameters (nothing m×n was saved), rebuilds the mask
-    from the saved τ, then goes back through the kernel."""
-    delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
-    d_delta = sparsify_backward(grad, delta, tau, mode)
-    return kernelized_delta_backward(d_delta, out_emb, in_emb, kernel, coeff, params, eps)
+    from the saved τ, then goes back through the kernel (mode None: no mask, τ unused)."""
+    if mode is not None:
+        delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
+        grad = sparsify_backward(grad, delta, tau, mode)
+    return kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps)
 
 
 @register("sparse_linear_backward", "reference")

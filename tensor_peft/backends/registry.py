@@ -38,7 +38,6 @@ DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "refere
 OPS = (
     "tucker_delta", "tucker_delta_backward", "tucker_merge",
     "matrix_exp", "matrix_exp_backward",
-    "kernelized_delta", "kernelized_delta_backward",
     "sparsify", "sparsify_backward",
     "kernelized_sparse_delta", "kernelized_sparse_delta_backward", "sparse_linear_backward",
     "lowrank_hadamard_merge", "lowrank_hadamard_merge_backward",

@@ -1,7 +1,7 @@
-"""What the native backends share for updates ΔW = s·U·R on a weight's matrix view: their
-op functions for the Tucker ops and LieRA's ``lowrank_hadamard_merge`` call the helpers
-here with the backend's launchers of a forward kernel (with an epilogue: add, exp,
-taylor1) and a backward kernel.
+"""What the native backends share for updates ΔW = s·U·R on a weight's matrix view:
+``register_ops`` registers a backend's Tucker ops and LieRA's ``lowrank_hadamard_merge``,
+the helpers here run on the backend's launchers of a forward kernel (with an epilogue:
+add, exp, taylor1) and a backward kernel.
 
 The Tucker split: every mode but the first is contracted
 into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .tensor_algebra import tucker_gradients, tucker_product
+from .registry import register
+from .tensor_algebra import projected_tucker_gradients, tucker_gradients, tucker_product
 
 
 def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
@@ -73,3 +74,31 @@ def hadamard_backward(
     d_B, d_A = torch.zeros_like(B), torch.zeros_like(A)
     launch(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
     return [d_B, d_A]
+
+
+def register_ops(backend: str, launch_forward, launch_backward, reads_half_weight: bool = False) -> None:
+    """Registers for ``backend`` the Tucker ops and ``lowrank_hadamard_merge``, forward and
+    backward, by the helpers above on its launchers, and FLoRA's projected gradients (small
+    contractions, no kernel of their own: plain torch)."""
+
+    @register("tucker_delta", backend)
+    def tucker_delta(core, factors, scale):
+        return fused_forward(launch_forward, None, core, factors, scale)
+
+    @register("tucker_merge", backend)
+    def tucker_merge(weight, core, factors, scale):
+        return fused_forward(launch_forward, weight, core, factors, scale, reads_half_weight)
+
+    @register("tucker_delta_backward", backend)
+    def tucker_delta_backward(grad, core, factors, scale):
+        return fused_backward(launch_backward, grad, core, factors, scale)
+
+    @register("lowrank_hadamard_merge", backend)
+    def lowrank_hadamard_merge(weight, B, A, scale, exp):
+        return hadamard_forward(launch_forward, weight, B, A, scale, exp)
+
+    @register("lowrank_hadamard_merge_backward", backend)
+    def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
+        return hadamard_backward(launch_backward, grad, weight, B, A, scale, exp)
+
+    register("tucker_projected_backward", backend)(projected_tucker_gradients)

@@ -29,7 +29,9 @@ def _empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
-    from ..backends.triton import lowrank
+    from ..backends import registry
+
+    kernel = partial(registry.kernel, name="triton")
 
     for layer, weight_shape in (("linear 4096x4096", (4096, 4096)), ("conv 512x512x3x3", (512, 512, 3, 3))):
         for r in (8, 64):
@@ -39,16 +41,18 @@ def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
             weight = _empty(*weight_shape, dtype=dtype)
             B, A = _empty(weight_shape[0], r, dtype=dtype), _empty(r, *weight_shape[1:], dtype=dtype)
             name = f"{layer} r={r}"
-            yield f"tucker_delta {name}", partial(lowrank.tucker_delta, core, factors, 0.5)
-            yield f"tucker_merge {name}", partial(lowrank.tucker_merge, weight, core, factors, 0.5)
+            yield f"tucker_delta {name}", partial(kernel("tucker_delta"), core, factors, 0.5)
+            yield f"tucker_merge {name}", partial(kernel("tucker_merge"), weight, core, factors, 0.5)
             if dtype == torch.float32:  # a bfloat16 model's weight, read and written in its dtype
                 half_weight = _empty(*weight_shape, dtype=torch.bfloat16)
-                yield f"tucker_merge bf16 weight {name}", partial(lowrank.tucker_merge, half_weight, core, factors, 0.5)
-            yield f"tucker_delta_backward {name}", partial(lowrank.tucker_delta_backward, weight, core, factors, 0.5)
+                yield f"tucker_merge bf16 weight {name}", partial(kernel("tucker_merge"), half_weight, core, factors, 0.5)
+            yield f"tucker_delta_backward {name}", partial(kernel("tucker_delta_backward"), weight, core, factors, 0.5)
             for exp in EXP_FORMS:
-                yield f"lowrank_hadamard_merge {exp} {name}", partial(lowrank.lowrank_hadamard_merge, weight, B, A, 0.5, exp)
+                yield f"lowrank_hadamard_merge {exp} {name}", partial(
+                    kernel("lowrank_hadamard_merge"), weight, B, A, 0.5, exp
+                )
                 yield f"lowrank_hadamard_merge_backward {exp} {name}", partial(
-                    lowrank.lowrank_hadamard_merge_backward, weight, weight, B, A, 0.5, exp
+                    kernel("lowrank_hadamard_merge_backward"), weight, weight, B, A, 0.5, exp
                 )
 
 
@@ -73,9 +77,11 @@ def _kernelized(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]
         shape = f"{m}x{n}"
         for kernel in KERNELS:
             args = (kernel, coeff, params, 1e-6)
-            yield f"kernelized_delta {kernel} {shape}", partial(kernelized.kernelized_delta, out_emb, in_emb, *args)
+            yield f"kernelized_delta {kernel} {shape}", partial(
+                kernelized.kernelized_sparse_delta, out_emb, in_emb, 0, *args, None
+            )
             yield f"kernelized_delta_backward {kernel} {shape}", partial(
-                kernelized.kernelized_delta_backward, delta, out_emb, in_emb, *args
+                kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, None, *args, None
             )
             for mode in MODES:
                 yield f"kernelized_sparse_delta {kernel} {mode} {shape}", partial(

@@ -15,7 +15,8 @@ Kernels κ giving ΔW_raw[j, i]:
 
 Every parameter given as a tensor is differentiable; floats are constants. With m = 0 or
 n = 0, ΔW is empty and every gradient zero, without running a backend; H = 0 or p = 0 are
-empty sums (b_j·a_i = 0, ‖b_j − a_i‖² = 0) that the backends compute.
+empty sums (b_j·a_i = 0, ‖b_j − a_i‖² = 0) that the backends compute. The backends run
+it as their ``kernelized_sparse_delta`` with no sparsification (mode None, k = 0).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _kernelized_delta(
 ) -> Tensor:
     if is_empty(out_emb, in_emb):
         return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1])
-    return run("kernelized_delta", out_emb.device, out_emb, in_emb, kernel, coeff, params, eps)
+    return run("kernelized_sparse_delta", out_emb.device, out_emb, in_emb, 0, kernel, coeff, params, eps, None)[0]
 
 
 @_kernelized_delta.register_fake
@@ -79,8 +80,9 @@ def _kernelized_delta_backward(
     if is_empty(out_emb, in_emb):
         return zero_kernel_grads(out_emb, in_emb, coeff, params)
     return run(
-        "kernelized_delta_backward", out_emb.device, grad, out_emb, in_emb, kernel, coeff, params, eps
-    )
+        "kernelized_sparse_delta_backward", out_emb.device,
+        grad, out_emb, in_emb, None, kernel, coeff, params, eps, None,
+    )  # fmt: skip
 
 
 def fake_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
@@ -106,7 +108,7 @@ def _setup_context(ctx, inputs, output):
     out_emb, in_emb, kernel, coeff, params, eps = inputs
     ctx.save_for_backward(out_emb, in_emb, coeff, params)
     ctx.kernel, ctx.eps = kernel, eps
-    record_backend(ctx, "kernelized_delta", out_emb.device)
+    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
 
 
 def _backward(ctx, grad):

@@ -12,7 +12,7 @@ from tensor_peft import backends, ops
 
 from ..conftest import backends_with
 
-BACKENDS = [pair for pair in backends_with("kernelized_delta_backward") if pair[0] != "reference"]
+BACKENDS = [pair for pair in backends_with("kernelized_sparse_delta_backward") if pair[0] != "reference"]
 
 
 def gradients(backend: str, device: str, seed: int, kernel: str) -> list[torch.Tensor]:

@@ -12,13 +12,18 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tensor_peft.backends import determinism  # noqa: E402
+from tensor_peft.backends import determinism, registry  # noqa: E402
 from tensor_peft.backends.triton import expm, kernelized, lowrank  # noqa: E402
 from tensor_peft.gpu_report.triton_aot import GRID_LIMITS, recording_launches  # noqa: E402
 
 KERNELS = [value for module in (expm, kernelized, lowrank) for value in vars(module).values()
            if hasattr(value, "fn") and hasattr(value, "arg_names")]  # fmt: skip
 META = torch.device("meta")
+
+
+def triton_op(op: str):
+    """The triton backend's function for ``op``."""
+    return registry.kernel(op, "triton")
 
 
 def binder_locals() -> set[str]:
@@ -52,15 +57,17 @@ def empty(*shape, dtype=torch.float32):
 def huge_calls():
     """Launchers at sizes past every grid dimension's 65,535 but x."""
     wide = 5_000_000  # columns: 78,125 tiles of 64, 156,250 of 32
-    yield "tucker_merge", lambda: lowrank.tucker_merge(empty(64, wide), empty(8, 8), [empty(64, 8), empty(wide, 8)], 0.5)
-    yield "tucker_delta_backward", lambda: lowrank.tucker_delta_backward(
+    yield "tucker_merge", lambda: triton_op("tucker_merge")(
+        empty(64, wide), empty(8, 8), [empty(64, 8), empty(wide, 8)], 0.5
+    )
+    yield "tucker_delta_backward", lambda: triton_op("tucker_delta_backward")(
         empty(64, wide), empty(8, 8), [empty(64, 8), empty(wide, 8)], 0.5
     )
     yield "kernelized_sparse_delta", lambda: kernelized.kernelized_sparse_delta(
         empty(2, 64, 4), empty(2, wide, 4), 1000, "mixture", empty(2), empty(3), 1e-6, "hard"
     )
-    yield "kernelized_delta_backward", lambda: kernelized.kernelized_delta_backward(
-        empty(64, wide), empty(2, 64, 4), empty(2, wide, 4), "rbf", empty(2), empty(3), 1e-6
+    yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
+        empty(64, wide), empty(2, 64, 4), empty(2, wide, 4), None, "rbf", empty(2), empty(3), 1e-6, None
     )
     yield "matrix_exp", lambda: expm.matrix_exp(empty(100_000, 8, 8))
 
@@ -95,14 +102,14 @@ def test_snell_forward_copies_nothing_from_the_host(monkeypatch):
 
 
 def backward_calls():
-    yield "tucker_delta_backward", lambda: lowrank.tucker_delta_backward(
+    yield "tucker_delta_backward", lambda: triton_op("tucker_delta_backward")(
         empty(64, 48), empty(8, 8), [empty(64, 8), empty(48, 8)], 0.5
     )
-    yield "lowrank_hadamard_merge_backward", lambda: lowrank.lowrank_hadamard_merge_backward(
+    yield "lowrank_hadamard_merge_backward", lambda: triton_op("lowrank_hadamard_merge_backward")(
         empty(64, 48), empty(64, 48), empty(64, 8), empty(8, 48), 0.5, "exact"
     )
-    yield "kernelized_delta_backward", lambda: kernelized.kernelized_delta_backward(
-        empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), "rbf", empty(2), empty(3), 1e-6
+    yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
+        empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2), empty(3), 1e-6, None
     )
     yield "kernelized_sparse_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
         empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2), empty(3), 1e-6, "hard"
@@ -133,7 +140,7 @@ def test_float_atomic_kernels_refuse_deterministic_mode(name, call, deterministi
 def test_deterministic_ops_still_run_in_deterministic_mode(deterministic):
     torch.use_deterministic_algorithms(True)
     with recording_launches() as launches:
-        lowrank.tucker_merge(empty(64, 48), empty(8, 8), [empty(64, 8), empty(48, 8)], 0.5)
+        triton_op("tucker_merge")(empty(64, 48), empty(8, 8), [empty(64, 8), empty(48, 8)], 0.5)
         expm.matrix_exp_backward(empty(4, 8, 8), empty(4, 8, 8))
         kernelized.sparsify(empty(96, 80), 100, "hard")
     assert launches
@@ -146,9 +153,12 @@ def test_cuda_float_atomic_launchers_refuse_deterministic_mode(deterministic):
     torch.use_deterministic_algorithms(True)
     grad, U, R = empty(64, 48), empty(64, 8), empty(8, 48)
     with pytest.raises(RuntimeError, match="tucker_delta_backward on the cuda backend"):
-        cuda.tucker_delta_backward(grad, empty(8, 8), [U, empty(48, 8)], 0.5)
+        registry.kernel("tucker_delta_backward", "cuda")(grad, empty(8, 8), [U, empty(48, 8)], 0.5)
     with pytest.raises(RuntimeError, match="lowrank_hadamard_merge_backward on the cuda backend"):
-        cuda.lowrank_hadamard_merge_backward(grad, grad, U, R, 0.5, "taylor1")
+        registry.kernel("lowrank_hadamard_merge_backward", "cuda")(grad, grad, U, R, 0.5, "taylor1")
     with pytest.raises(RuntimeError, match="kernelized_sparse_delta_backward on the cuda backend"):
         cuda.kernelized_sparse_delta_backward(grad, empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2),
                                               empty(3), 1e-6, "hard")  # fmt: skip
+    with pytest.raises(RuntimeError, match="kernelized_delta_backward on the cuda backend"):
+        cuda.kernelized_sparse_delta_backward(grad, empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2),
+                                              empty(3), 1e-6, None)  # fmt: skip

@@ -3,7 +3,8 @@ Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined)
 
 Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``),
 ``matrix_exp`` (``expm.py``) and SNELL's kernelized and sparsification ops
-(``kernelized.py``), each op registered there with ``@register(op, "triton")``. The
+(``kernelized.py``), each op registered there (``@register(op, "triton")``, or
+``tucker_split.register_ops`` for the Tucker and hadamard ops). The
 kernel modules import Triton: they are imported (and so registered) here once Triton is
 known to load; without it the backend has no kernels and says why."""
 

@@ -419,14 +419,15 @@ def _column_stats(out_emb, in_emb, coeff, params, eps):
     return column_max, column_sum
 
 
-def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau=None):
-    """(ΔW, τ): κ(Out, In), sparsified in place when ``mode`` is given, by ``tau`` or else
-    by the k-th smallest magnitude."""
+@register("kernelized_sparse_delta", "triton")
+def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
+    """[ΔW, τ]: κ(Out, In), sparsified in place when ``mode`` is given (None: the dense op,
+    τ = −inf), by ``tau`` or else by the k-th smallest magnitude."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out = out_emb.new_empty(m, n)
     if out.numel() == 0:
-        return out, out.new_full((), float("-inf")) if tau is None else tau
+        return [out, out.new_full((), float("-inf")) if tau is None else tau]
     stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
     selecting = mode is not None and tau is None and k > 0
     counted = _new_counts(out) if selecting else None  # filled by delta_kernel
@@ -436,13 +437,14 @@ def _kernelized(out_emb, in_emb, kernel, coeff, params, eps, k=0, mode=None, tau
         DOUBLE=out.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
     )  # fmt: skip
     if mode is None:
-        return out, None
+        return [out, out.new_full((), float("-inf"))]
     if tau is None:
         tau = _kth_smallest_magnitude(out, k, counted)
-    return _mask(out, out, out, tau, mode, backward=False), tau
+    return [_mask(out, out, out, tau, mode, backward=False), tau]
 
 
-def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=None, mode=None):
+@register("kernelized_sparse_delta_backward", "triton")
+def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
     check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "triton")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
@@ -467,26 +469,6 @@ def _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau=Non
         BP=max(16, triton.next_power_of_2(width)), num_warps=8,
     )  # fmt: skip
     return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
-
-
-@register("kernelized_delta", "triton")
-def kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized(out_emb, in_emb, kernel, coeff, params, eps)[0]
-
-
-@register("kernelized_delta_backward", "triton")
-def kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps)
-
-
-@register("kernelized_sparse_delta", "triton")
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    return list(_kernelized(out_emb, in_emb, kernel, coeff, params, eps, k, mode, tau))
-
-
-@register("kernelized_sparse_delta_backward", "triton")
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return _kernelized_grads(grad, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 @register("sparse_linear_backward", "triton")

@@ -21,8 +21,6 @@ import triton.language as tl
 
 from .. import tucker_split
 from ..determinism import check_deterministic
-from ..registry import register
-from ..tensor_algebra import projected_tucker_gradients
 from .shared import exp, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
@@ -102,32 +100,4 @@ def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue=
     )  # fmt: skip
 
 
-@register("tucker_delta", "triton")
-def tucker_delta(core, factors, scale):
-    return tucker_split.fused_forward(_launch_forward, None, core, factors, scale)
-
-
-@register("tucker_merge", "triton")
-def tucker_merge(weight, core, factors, scale):
-    return tucker_split.fused_forward(_launch_forward, weight, core, factors, scale, reads_half_weight=True)
-
-
-@register("tucker_delta_backward", "triton")
-def tucker_delta_backward(grad, core, factors, scale):
-    return tucker_split.fused_backward(_launch_backward, grad, core, factors, scale)
-
-
-@register("tucker_projected_backward", "triton")
-def tucker_projected_backward(T0, T1, T01, core, factors, scale):
-    """Small contractions, no kernel of their own: plain torch (``tensor_algebra``)."""
-    return projected_tucker_gradients(T0, T1, T01, core, factors, scale)
-
-
-@register("lowrank_hadamard_merge", "triton")
-def lowrank_hadamard_merge(weight, B, A, scale, exp):
-    return tucker_split.hadamard_forward(_launch_forward, weight, B, A, scale, exp)
-
-
-@register("lowrank_hadamard_merge_backward", "triton")
-def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
-    return tucker_split.hadamard_backward(_launch_backward, grad, weight, B, A, scale, exp)
+tucker_split.register_ops("triton", _launch_forward, _launch_backward, reads_half_weight=True)
