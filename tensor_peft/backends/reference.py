@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config import EXP_FORMS, KERNELS, MODES, check_choice
 from .registry import register
-from .tensor_algebra import projected_tucker_gradients, tucker_gradients, tucker_product
+from .tensor_algebra import masked, projected_tucker_gradients, tucker_gradients, tucker_product
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -266,16 +266,6 @@ def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
     hard ΔW ⊙ |ΔW| ⊙ mask; soft ΔW ⊙ max(|ΔW| − τ⁺, 0) = ΔW ⊙ (|ΔW| − τ⁺) ⊙ mask."""
     tau = threshold(delta, k)
     return [masked(delta, tau, mode), tau]
-
-
-def masked(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
-    """ΔW sparsified with the threshold τ (see ``sparsify``)."""
-    check_choice(mode, "mode", MODES)
-    magnitude = delta.abs()
-    keep = magnitude > tau
-    if mode == "hard":
-        return delta * magnitude * keep
-    return delta * (magnitude - tau.clamp_min(0)) * keep
 
 
 @register("sparsify_backward", "reference")

@@ -1,6 +1,7 @@
-"""Tucker tensor algebra in plain torch, shared by the backends: mode-k unfoldings and
-products, the Tucker product and its gradients, and FLoRA's gradients from projected
-weight gradients. No kernels and no backend selection here: every backend may call it.
+"""Tensor algebra in plain torch, shared by the backends and the ops: mode-k unfoldings and
+products, the Tucker product and its gradients, FLoRA's gradients from projected weight
+gradients, and SNELL's mask by a known threshold. No kernels and no backend selection
+here: every backend may call it.
 
 A factor ``None`` stands for the identity: its mode is left as it is (no product with an
 identity matrix, whose zeros would meet an infinite entry as 0·inf = NaN)."""
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from ..config import MODES, check_choice
 
 
 def unfold(tensor: Tensor, mode: int) -> Tensor:
@@ -56,3 +59,14 @@ def projected_tucker_gradients(
     d_U0 = tucker_gradients(T1, core, [U0, None, *spatial], scale)[1]
     d_U1 = tucker_gradients(T0, core, [None, U1, *spatial], scale)[2]
     return [d_core, d_U0, d_U1, *d_spatial]
+
+
+def masked(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
+    """ΔW sparsified with the threshold τ: hard ΔW·|ΔW|·1[|ΔW| > τ], soft
+    ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ]."""
+    check_choice(mode, "mode", MODES)
+    magnitude = delta.abs()
+    keep = magnitude > tau
+    if mode == "hard":
+        return delta * magnitude * keep
+    return delta * (magnitude - tau.clamp_min(0)) * keep

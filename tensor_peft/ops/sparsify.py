@@ -31,7 +31,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..backends.reference import masked
+from ..backends.tensor_algebra import masked
 from ..config import MODES, THRESHOLDS, check_choice, check_sparsity
 from ._common import check_tensor, forward_backend, prepare, record_backend, run
 
