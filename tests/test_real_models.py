@@ -382,8 +382,10 @@ def test_fully_sharded_training_equals_one_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [str(tmp_path / "rendezvous"), str(tmp_path / "out")]
     script = os.path.join(root, "tests", "fsdp_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, str(rank), *args], cwd=root) for rank in (0, 1)]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    procs = [subprocess.Popen([sys.executable, script, str(rank), *args], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(f"rank {r}: {out[-3000:]}" for r, out in enumerate(outputs))
     results = torch.load(tmp_path / "out")
     for (method, per_layer), sharded in results.items():
         model = fsdp_worker.model_for(method)
