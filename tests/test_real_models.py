@@ -382,10 +382,11 @@ def test_fully_sharded_training_equals_one_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [str(tmp_path / "rendezvous"), str(tmp_path / "out")]
     script = os.path.join(root, "tests", "fsdp_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, str(rank), *args], cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]  # fmt: skip
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(f"rank {r}: {out[-3000:]}" for r, out in enumerate(outputs))
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, script, str(rank), *args], cwd=root, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]  # fmt: skip
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], "\n".join(f"rank {r}: {log.read_text()[-3000:]}" for r, log in enumerate(logs))
     results = torch.load(tmp_path / "out")
     for (method, per_layer), sharded in results.items():
         model = fsdp_worker.model_for(method)
