@@ -14,13 +14,11 @@ projected gradients are small contractions in plain torch (``tensor_algebra``)."
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
-from .registry import extension_import_error, extension_kernel, register
+from .registry import extension, extension_import_error, extension_kernel, register
 
 DEVICE_TYPES = ("cpu",)
 
@@ -29,30 +27,26 @@ def unavailable_reason(device_type: str) -> str | None:
     return extension_import_error("_C")
 
 
-def _extension():
-    """The compiled extension ``tensor_peft._C`` (imported when a kernel first runs)."""
-    return importlib.import_module("tensor_peft._C")
-
 
 def _kernel(name: str, dtype: torch.dtype):
     """The _C kernel ``name`` for ``dtype``, the extension's OpenMP threads first set to
     ``torch.get_num_threads()`` for this thread: ``torch.set_num_threads`` governs both (the
     extension may link another OpenMP runtime than torch's). Results do not depend on it."""
-    _extension().set_max_threads(count=torch.get_num_threads())
+    extension("_C").set_max_threads(count=torch.get_num_threads())
     return extension_kernel("_C", name, dtype)
 
 
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
     _kernel("lowrank_forward", out.dtype)(
         out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-        d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue],
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_C").EPILOGUE_IDS[epilogue],
     )  # fmt: skip
 
 
 def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     _kernel("lowrank_backward", grad.dtype)(
         grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-        d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_C").EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
         dR=d_R.data_ptr(),
     )  # fmt: skip
 
@@ -98,8 +92,8 @@ def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau,
     in_t = in_emb.transpose(1, 2).contiguous()
     _kernel(name, out_emb.dtype)(
         **upstream, out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, _extension()), d_out_emb=d_out.data_ptr(),
+        kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, extension("_C")), d_out_emb=d_out.data_ptr(),
         d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
@@ -116,8 +110,8 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
     given = float("-inf") if tau is None else tau.item()
     tau = _kernel("kernelized_forward", out.dtype)(
         out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        k=0 if tau is not None else k, mode=mode_id(mode, _extension()), given_tau=given,
+        kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        k=0 if tau is not None else k, mode=mode_id(mode, extension("_C")), given_tau=given,
     )  # fmt: skip
     return [out, out.new_tensor(tau)]
 
@@ -153,7 +147,7 @@ def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kern
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
     tau = _kernel("sparsify", delta.dtype)(
-        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, _extension())
+        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, extension("_C"))
     )
     return [out, delta.new_tensor(tau)]
 
@@ -163,6 +157,6 @@ def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
     _kernel("sparsify_backward", delta.dtype)(
         d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), tau=tau.item(),
-        mode=mode_id(mode, _extension()),
+        mode=mode_id(mode, extension("_C")),
     )
     return d_delta

@@ -13,15 +13,13 @@ ops by ``tucker_split.register_ops``."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
 from .determinism import check_deterministic
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
-from .registry import extension_import_error, extension_kernel, register
+from .registry import extension, extension_import_error, extension_kernel, register
 
 DEVICE_TYPES = ("cuda",)
 
@@ -34,16 +32,12 @@ def _stream(tensor: Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-def _extension():
-    """The compiled extension ``tensor_peft._cuda`` (imported when a kernel first runs)."""
-    return importlib.import_module("tensor_peft._cuda")
-
 
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
     with torch.cuda.device(out.device):
         extension_kernel("_cuda", "lowrank_forward", out.dtype)(
             out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-            d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue], stream=_stream(out),
+            d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_cuda").EPILOGUE_IDS[epilogue], stream=_stream(out),
         )  # fmt: skip
 
 
@@ -52,7 +46,7 @@ def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
     with torch.cuda.device(grad.device):
         extension_kernel("_cuda", "lowrank_backward", grad.dtype)(
             grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-            d0=d0, r0=r0, n=n, scale=scale, epilogue=_extension().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+            d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_cuda").EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
             dR=d_R.data_ptr(), stream=_stream(grad),
         )  # fmt: skip
 
@@ -65,7 +59,7 @@ def _expm_launch(name, A, backward, **pointers):
     asks for and n pivots per matrix."""
     n = A.shape[-1]
     batch = A.numel() // (n * n) if n else 0
-    work = A.new_empty(batch * _extension().matrix_exp_workspace(n=n, backward=backward))
+    work = A.new_empty(batch * extension("_cuda").matrix_exp_workspace(n=n, backward=backward))
     pivots = torch.empty(batch * n, dtype=torch.int32, device=A.device)
     with torch.cuda.device(A.device):
         extension_kernel("_cuda", name, A.dtype)(
@@ -89,7 +83,7 @@ def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
 
 def _columns(out_emb: Tensor, n: int, kernel: str) -> Tensor:
     """The columns workspace of the kernelized kernels (mixture's column statistics)."""
-    return out_emb.new_empty(_extension().kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, _extension())))
+    return out_emb.new_empty(extension("_cuda").kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, extension("_cuda"))))
 
 
 def _select_work(x: Tensor) -> Tensor:
@@ -115,8 +109,8 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
     with torch.cuda.device(out.device):
         extension_kernel("_cuda", "kernelized_forward", out.dtype)(
             out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-            width=width, kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(),
-            eps=eps, k=k, mode=mode_id(mode, _extension()), tau=tau.data_ptr(), columns=columns.data_ptr(),
+            width=width, kernel=kernel_id(kernel, extension("_cuda")), coeff=coeff.data_ptr(), params=params.data_ptr(),
+            eps=eps, k=k, mode=mode_id(mode, extension("_cuda")), tau=tau.data_ptr(), columns=columns.data_ptr(),
             select_work=work.data_ptr(), stream=_stream(out),
         )  # fmt: skip
     return [out, tau]
@@ -135,8 +129,8 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
     with torch.cuda.device(grad.device):
         extension_kernel("_cuda", "kernelized_backward", grad.dtype)(
             grad=grad.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-            width=width, kernel=kernel_id(kernel, _extension()), coeff=coeff.data_ptr(), params=params.data_ptr(),
-            eps=eps, tau=0 if tau is None else tau.data_ptr(), mode=mode_id(mode, _extension()),
+            width=width, kernel=kernel_id(kernel, extension("_cuda")), coeff=coeff.data_ptr(), params=params.data_ptr(),
+            eps=eps, tau=0 if tau is None else tau.data_ptr(), mode=mode_id(mode, extension("_cuda")),
             d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(),
             d_params=d_params.data_ptr(), columns=columns.data_ptr(), stream=_stream(grad),
         )  # fmt: skip
@@ -157,7 +151,7 @@ def sparsify(delta, k, mode):
     work = _select_work(delta)
     with torch.cuda.device(delta.device):
         extension_kernel("_cuda", "sparsify", delta.dtype)(
-            out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, _extension()),
+            out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, extension("_cuda")),
             tau=tau.data_ptr(), select_work=work.data_ptr(), stream=_stream(delta),
         )  # fmt: skip
     return [out, tau]
@@ -169,6 +163,6 @@ def sparsify_backward(grad, delta, tau, mode):
     with torch.cuda.device(delta.device):
         extension_kernel("_cuda", "sparsify_backward", delta.dtype)(
             d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(),
-            tau=tau.data_ptr(), mode=mode_id(mode, _extension()), stream=_stream(delta),
+            tau=tau.data_ptr(), mode=mode_id(mode, extension("_cuda")), stream=_stream(delta),
         )  # fmt: skip
     return d_delta

@@ -27,6 +27,7 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 
@@ -63,10 +64,17 @@ def extension_import_error(module: str) -> str | None:
     return None
 
 
+@functools.cache
+def extension(module: str) -> ModuleType:
+    """The compiled extension ``tensor_peft.<module>``, imported when a kernel first runs
+    (kept: the backends ask for it on every call)."""
+    return importlib.import_module(f"tensor_peft.{module}")
+
+
 def extension_kernel(module: str, name: str, dtype: torch.dtype) -> Callable:
     """The compiled kernel ``tensor_peft.<module>.<name>_f32`` / ``_f64`` for ``dtype``."""
     suffix = {torch.float32: "f32", torch.float64: "f64"}[dtype]
-    return getattr(importlib.import_module(f"tensor_peft.{module}"), f"{name}_{suffix}")
+    return getattr(extension(module), f"{name}_{suffix}")
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
