@@ -282,8 +282,6 @@ class _SparseLinear(torch.autograd.Function):
         return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
 
 
-
-
 def sparse_linear(
     input: Tensor,
     weight: Tensor,
