@@ -57,6 +57,7 @@ struct Problem {
     const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
     const T* piecewise_rows = nullptr;  // mixture in backward: P's rows (m, n), computed once
+    T* softmax_rows = nullptr;          // and where raw_row writes S's rows (over P's, once read)
 };
 
 // A chunk's row buffers of n values, and piecewise's roots sqrt(‖b^h − a^h‖² + eps) of a
@@ -128,15 +129,19 @@ inline T softmax_term(T piecewise, T max, T sum, T gamma) {
     return vector_exp((piecewise - max) / gamma) / sum;
 }
 
-// Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta. Never
-// inlined, like piecewise_row: the forward and the backward's masks get the same bits.
+// Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta, and S into
+// soft (the backward keeps it). Never inlined, like piecewise_row: the forward and the
+// backward's masks get the same bits.
 template <typename T>
-TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>& P, T* row) {
+TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>& P, T* row, T* soft) {
     const T *max = P.column_max, *sum = P.column_sum;
     const T alpha = P.alpha, beta = P.beta, gamma = P.gamma;
     const int64_t n = P.n;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) row[i] += alpha * softmax_term(row[i], max[i], sum[i], gamma) + beta;
+    for (int64_t i = 0; i < n; ++i) {
+        soft[i] = softmax_term(row[i], max[i], sum[i], gamma);
+        row[i] += alpha * soft[i] + beta;
+    }
 }
 
 // Multiply-adds a chunk of rows takes at least (fewer, larger chunks on small problems).
@@ -175,7 +180,8 @@ inline void reductions(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     }
 }
 
-// Row j of ΔW_raw into out (mixture: needs the column statistics).
+// Row j of ΔW_raw into out (mixture: needs the column statistics; S's row goes to
+// P.softmax_rows when set).
 template <typename T>
 TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     if (is_piecewise(P.kernel)) {
@@ -183,7 +189,8 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
             std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, out);
         else
             piecewise_row(P, j, out, rows);
-        if (P.kernel == kMixture) add_softmax_terms(P, out);
+        if (P.kernel == kMixture)
+            add_softmax_terms(P, out, P.softmax_rows != nullptr ? P.softmax_rows + j * P.n : rows.scratch.data());
         return;
     }
     reductions(P, j, out, rows);
@@ -252,9 +259,9 @@ void with_column_statistics(Problem<T>& P, std::vector<T>& column_max, std::vect
 }
 
 // Mixture's P rows (m, n), held, and its column statistics from them, into P unless P
-// has the statistics: the backward's passes read P's rows there instead of computing
-// them again (the same bits: piecewise_row is the one code for P). Transient: m·n values
-// while the backward runs.
+// has the statistics: the backward's first pass reads P's rows there instead of computing
+// them again (the same bits: piecewise_row is the one code for P), and raw_row replaces
+// each row it reads with S's. Transient: m·n values while the backward runs.
 template <typename T>
 struct HeldMixture {
     std::vector<T> rows, column_max, column_sum;
@@ -269,7 +276,7 @@ void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held) {
         for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, held.rows.data() + j * P.n, rows);
     });
     with_column_statistics(P, held.column_max, held.column_sum, static_cast<const T*>(held.rows.data()));
-    P.piecewise_rows = held.rows.data();
+    P.piecewise_rows = P.softmax_rows = held.rows.data();
 }
 
 // Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
@@ -314,7 +321,7 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
             if (piecewise_held)
-                add_softmax_terms(P, row);
+                add_softmax_terms(P, row, rows.scratch.data());
             else
                 raw_row(P, j, row, rows);
             if (first_counts)
@@ -545,10 +552,11 @@ TP_CPU_CLONES int64_t accumulate_row(const T* g, const T* tile, int64_t first_co
 
 // For a linear layer y = x·(W0 + ΔW)ᵀ: D from Γ = grad_outᵀ·input (grad_out (tokens, m),
 // input (tokens, n)) computed only where the mask (|ΔW_raw| > τ) keeps an entry, each as a
-// dot product over the tokens: the dense product's work times the kept fraction.
+// dot product over the tokens: the dense product's work times the kept fraction. Given
+// `delta` (m, n), the sparsified ΔW is written there from the rows the mask is taken of.
 template <typename T>
 SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* input, int64_t tokens, T tau,
-                               int mode) {
+                               int mode, T* delta) {
     const int64_t m = P.m, n = P.n;
     SparseRows<T> D;
     std::vector<T> factors;
@@ -564,6 +572,7 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
             std::vector<T> K(n);
             for (int64_t j = begin; j < end; ++j) {
                 raw_row(P, j, K.data(), rows);
+                if (delta != nullptr) apply_mask(K.data(), delta + j * n, n, tau, mode);
                 const size_t before = columns.size();
                 for (int64_t i = 0; i < n; ++i) {
                     const T factor = mask_factor(K[i], tau, mode, true);
@@ -630,39 +639,32 @@ inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K
     for (int64_t i = 0; i < n; ++i) D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
 }
 
-// Row j of D = ∂L/∂ΔW_raw (upstream_row; K, ΔW_raw's row, is made when dense Γ is masked)
-// and, for piecewise and mixture, P's row (and its roots when need_roots, for
-// backward_row) into rows, computed once for all of them (copied when P holds its rows).
+// Row j of D = ∂L/∂ΔW_raw for a kernel other than mixture, and what backward_row reads:
+// piecewise_linear's P and roots, into rows. ΔW_raw's row K is made when the mask of dense
+// Γ needs it or `delta` (m, n) is given, which gets its sparsified row.
 template <typename T>
-void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, bool need_raw,
-                  bool need_roots, T* K, T* D, Rows<T>& rows) {
-    if (P.kernel == kPiecewise || P.kernel == kMixture) {
-        T* piecewise = rows.piecewise.data();
-        if (P.piecewise_rows != nullptr && !need_roots)
-            std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, piecewise);
-        else
-            piecewise_row(P, j, piecewise, rows);
-        if (need_raw) {
-            std::copy(piecewise, piecewise + P.n, K);
-            if (P.kernel == kMixture) add_softmax_terms(P, K);
-        }
+void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, T* delta, T* K, T* D,
+                  Rows<T>& rows) {
+    const bool need_raw = (mode != kNone && up.sparse == nullptr) || delta != nullptr;
+    if (P.kernel == kPiecewise) {
+        piecewise_row(P, j, rows.piecewise.data(), rows);
+        if (need_raw) std::copy(rows.piecewise.begin(), rows.piecewise.end(), K);
     } else if (need_raw) {
         raw_row(P, j, K, rows);
     }
+    if (delta != nullptr) apply_mask(K, delta + j * P.n, P.n, tau, mode);
     upstream_row(up, j, P.n, K, tau, mode, D);
 }
 
-// Mixture's first backward pass at row j: local[i] += D_i·S_i (the chunk's share of
-// c_i = Σ_j D_ji S_ji), and ∂alpha, ∂beta.
+// Mixture's first backward pass at row j, with S's row `soft`: local[i] += D_i·S_i (the
+// chunk's share of c_i = Σ_j D_ji S_ji), and ∂alpha, ∂beta.
 template <typename T>
-TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* piecewise, const T* D, double* local, Partials<T>& acc) {
-    const T *max = P.column_max, *sum = P.column_sum;
-    const T gamma = P.gamma;
+TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* soft, const T* D, double* local, Partials<T>& acc) {
     const int64_t n = P.n;
     double d_alpha = 0, d_beta = 0;
 #pragma omp simd reduction(+ : d_alpha, d_beta)
     for (int64_t i = 0; i < n; ++i) {
-        const T weighted = D[i] * softmax_term(piecewise[i], max[i], sum[i], gamma);
+        const T weighted = D[i] * soft[i];
         local[i] += weighted;
         d_alpha += weighted;
         d_beta += D[i];
@@ -671,20 +673,19 @@ TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* piecewise, const T
     acc.d_beta += d_beta;
 }
 
-// Mixture at row j: D = ∂L/∂K into ∂L/∂P in place, and ∂gamma (mixture_backward, with
-// z = P − max).
+// Mixture at row j, with P's row and S's row `soft`: D = ∂L/∂K into ∂L/∂P in place, and
+// ∂gamma (mixture_backward, with z = P − max).
 template <typename T>
-TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, const T* column_dot, T* D,
+TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, const T* soft, const T* column_dot, T* D,
                                     Partials<T>& acc) {
-    const T *max = P.column_max, *sum = P.column_sum;
+    const T* max = P.column_max;
     const T alpha = P.alpha, gamma = P.gamma;
     const int64_t n = P.n;
     double d_gamma = 0;
 #pragma omp simd reduction(+ : d_gamma)
     for (int64_t i = 0; i < n; ++i) {
-        const T soft = softmax_term(piecewise[i], max[i], sum[i], gamma);
         const MixtureGradient<T, T> g =
-            mixture_backward<T>(D[i], soft, column_dot[i], alpha, gamma, piecewise[i] - max[i]);
+            mixture_backward<T>(D[i], soft[i], column_dot[i], alpha, gamma, piecewise[i] - max[i]);
         d_gamma += g.gamma;
         D[i] = g.piecewise;
     }
@@ -692,27 +693,36 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 }
 
 // The whole backward from ∂L/∂(output) (`up`); with mode ≠ kNone the output was sparsified
-// with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3).
+// with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3) and,
+// given `delta` (m, n; dense Γ and mode ≠ kNone), the sparsified ΔW the mask was taken of.
+// Mixture takes two passes over the rows: the first makes each row's D and S once and
+// keeps them (S over P's held row, D in an m×n buffer unless the kept entries hold it),
+// with c_i = Σ_j D_ji S_ji; the second computes P's roots again for the gradients.
 template <typename T>
-void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_emb, T* d_in_t, T* d_coeff,
+void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
-    const bool need_raw = mode != kNone && up.sparse == nullptr;  // for the mask of dense Γ
-    std::vector<T> column_dot(n, T(0));
+    const bool dense = up.sparse == nullptr;
+    std::vector<T> column_dot(n, T(0)), held_D;
     HeldMixture<T> held;
     hold_mixture_rows(P, held);
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (P.kernel == kMixture) {
-        // c_i = Σ_j D_ji S_ji with D = ∂L/∂K (after the sparsification's derivative)
+        if (dense) held_D.resize(P.m * n);
         std::vector<std::vector<double>> dots(chunks);
         for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
             Rows<T> rows(n, P.chunks);
             std::vector<double>& local = dots[c];
             local.assign(n, 0.0);
-            std::vector<T> D(n), K(n);
+            std::vector<T> K(dense ? n : 0), sparse_D(dense ? 0 : n);
             for (int64_t j = begin; j < end; ++j) {
-                row_upstream(P, up, j, tau, mode, need_raw, false, K.data(), D.data(), rows);
-                softmax_dots(P, rows.piecewise.data(), D.data(), local.data(), partials[c]);
+                T* D = dense ? held_D.data() + j * n : sparse_D.data();
+                if (dense) {
+                    raw_row(P, j, K.data(), rows);  // and S's row into P.softmax_rows
+                    if (delta != nullptr) apply_mask(K.data(), delta + j * n, n, tau, mode);
+                }
+                upstream_row(up, j, n, K.data(), tau, mode, D);
+                softmax_dots(P, P.softmax_rows + j * n, D, local.data(), partials[c]);
             }
         });
         for (int64_t i = 0; i < n; ++i) {
@@ -720,15 +730,25 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* d_out_em
             for (int64_t c = 0; c < chunks; ++c) total += dots[c][i];
             column_dot[i] = static_cast<T>(total);
         }
+        P.piecewise_rows = nullptr;  // the held rows are S's now
     }
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
         Rows<T> rows(n, P.chunks);
         Partials<T>& acc = partials[c];
-        std::vector<T> D(n), K(n);
+        std::vector<T> row_D(n), K(n);
         for (int64_t j = begin; j < end; ++j) {
-            row_upstream(P, up, j, tau, mode, need_raw, true, K.data(), D.data(), rows);
-            if (P.kernel == kMixture) softmax_backward(P, rows.piecewise.data(), column_dot.data(), D.data(), acc);
-            backward_row(P, j, D.data(), d_out_emb, acc, rows);
+            T* D = row_D.data();
+            if (P.kernel != kMixture) {
+                row_upstream(P, up, j, tau, mode, delta, K.data(), D, rows);
+            } else {
+                piecewise_row(P, j, rows.piecewise.data(), rows);
+                if (dense)
+                    D = held_D.data() + j * n;
+                else
+                    upstream_row(up, j, n, K.data(), tau, mode, D);
+                softmax_backward(P, rows.piecewise.data(), P.softmax_rows + j * n, column_dot.data(), D, acc);
+            }
+            backward_row(P, j, D, d_out_emb, acc, rows);
         }
     });
 #pragma omp parallel for schedule(static) if (chunks > 1)
@@ -779,6 +799,15 @@ struct Gradients {
           d_params(arguments::pointer<T>(params, 3, "d_params")) {}
 };
 
+// The sparsified ΔW's output of a backward kernel: none for address 0, else `count` values;
+// only a sparsified ΔW (mode ≠ kNone) has one.
+template <typename T>
+T* sparsified_output(std::uintptr_t address, int64_t count, int mode) {
+    if (address == 0) return nullptr;
+    if (mode == kNone) throw py::value_error("delta: only a sparsified ΔW (mode 1 or 2) is written by the backward");
+    return arguments::pointer<T>(address, count, "delta");
+}
+
 template <typename T>
 void bind(py::module_& m, const std::string& suffix) {
     using arguments::pointer;
@@ -810,27 +839,31 @@ void bind(py::module_& m, const std::string& suffix) {
           [](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
              int64_t width, int64_t kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, double tau,
              int64_t mode, std::uintptr_t d_out_emb, std::uintptr_t d_in_t, std::uintptr_t d_coeff,
-             std::uintptr_t d_params) {
+             std::uintptr_t d_params, std::uintptr_t delta) {
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
               const int sparsification = arguments::choice(mode, kNone, kSoft, "mode");
               const T* g = pointer<const T>(grad, rows * n, "grad");
               const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
+              T* out_delta = sparsified_output<T>(delta, rows * n, sparsification);
               py::gil_scoped_release release;
-              backward(P, Upstream<T>{g, nullptr}, static_cast<T>(tau), sparsification, d.d_out_emb, d.d_in_t,
-                       d.d_coeff, d.d_params);
+              backward(P, Upstream<T>{g, nullptr}, static_cast<T>(tau), sparsification, out_delta, d.d_out_emb,
+                       d.d_in_t, d.d_coeff, d.d_params);
           },
           py::arg("grad"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
           py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("tau"),
           py::arg("mode"), py::arg("d_out_emb"), py::arg("d_in_t"), py::arg("d_coeff"), py::arg("d_params"),
+          py::arg("delta") = 0,
           "Gradients of the embeddings (In as (H, p, n)) and kernel parameters from ∂L/∂out, the rows "
-          "recomputed; mode 1/2 with the τ of the forward.");
+          "recomputed; mode 1/2 with the τ of the forward, and then, given a delta (m, n) address, the "
+          "sparsified ΔW written there.");
     m.def(("sparse_linear_backward_" + suffix).c_str(),
           [](std::uintptr_t grad_out, std::uintptr_t input, int64_t tokens, std::uintptr_t out_emb, std::uintptr_t in_t,
              int64_t rows, int64_t n, int64_t chunks, int64_t width, int64_t kernel, std::uintptr_t coeff,
              std::uintptr_t params, double eps, double tau, int64_t mode, std::uintptr_t d_out_emb,
-             std::uintptr_t d_in_t, std::uintptr_t d_coeff, std::uintptr_t d_params) {
+             std::uintptr_t d_in_t, std::uintptr_t d_coeff, std::uintptr_t d_params, std::uintptr_t delta) {
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
               const int sparsification = arguments::choice(mode, kHard, kSoft, "mode");
+              T* out_delta = sparsified_output<T>(delta, rows * n, sparsification);
               arguments::at_most(n, INT32_MAX, "n");  // kept entries hold their column in 32 bits
               arguments::size(tokens, "tokens");
               const T* g = pointer<const T>(grad_out, arguments::product(tokens, rows, "tokens × rows"), "grad_out");
@@ -840,13 +873,14 @@ void bind(py::module_& m, const std::string& suffix) {
               const T t = static_cast<T>(tau);
               HeldMixture<T> held;
               hold_mixture_rows(P, held);  // the mask needs ΔW_raw's rows
-              const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification);
-              backward(P, Upstream<T>{nullptr, &D}, t, sparsification, d.d_out_emb, d.d_in_t, d.d_coeff, d.d_params);
+              const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification, out_delta);
+              backward(P, Upstream<T>{nullptr, &D}, t, sparsification, static_cast<T*>(nullptr), d.d_out_emb, d.d_in_t, d.d_coeff,
+                       d.d_params);
           },
           py::arg("grad_out"), py::arg("input"), py::arg("tokens"), py::arg("out_emb"), py::arg("in_t"),
           py::arg("rows"), py::arg("n"), py::arg("chunks"), py::arg("width"), py::arg("kernel"), py::arg("coeff"),
           py::arg("params"), py::arg("eps"), py::arg("tau"), py::arg("mode"), py::arg("d_out_emb"), py::arg("d_in_t"),
-          py::arg("d_coeff"), py::arg("d_params"),
+          py::arg("d_coeff"), py::arg("d_params"), py::arg("delta") = 0,
           "As kernelized_backward (mode 1/2) for ΔW in a linear layer, from grad_out (tokens, m) and input "
           "(tokens, n): ∂L/∂out = grad_outᵀ·input is computed only where the mask keeps an entry.");
     m.def(("sparsify_" + suffix).c_str(),

@@ -82,9 +82,10 @@ def matrix_exp_backward(grad, A):
     return d_A
 
 
-def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
+def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta=None):
     """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
-    ``upstream`` keyword arguments (its pointers and sizes) too. In goes in as (H, p, n)."""
+    ``upstream`` keyword arguments (its pointers and sizes) too, and writes the sparsified
+    ΔW into ``delta`` when given. In goes in as (H, p, n)."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
@@ -95,6 +96,7 @@ def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau,
         kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
         tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, extension("_C")), d_out_emb=d_out.data_ptr(),
         d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
+        delta=0 if delta is None else delta.data_ptr(),
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
@@ -129,18 +131,23 @@ _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
 
 
 @register("sparse_linear_backward", "cpu")
-def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
+def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
+                           with_delta):  # fmt: skip
     """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry (formed
-    whole when more than _SAMPLED_BELOW of the entries are kept)."""
+    whole when more than _SAMPLED_BELOW of the entries are kept); the sparsified ΔW, when
+    ``with_delta``, written by the kernel from the rows it masks Γ by."""
     if 1 - sparsity > _SAMPLED_BELOW:
-        grad = grad_out.t() @ input
-        return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
-    if in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:
+        grad = grad_out.t() @ input  # kept alive for the call
+        name, upstream = "kernelized_backward", {"grad": grad.data_ptr()}
+    elif in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:
         raise ValueError(
             f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {in_emb.shape[1]}"
         )
-    upstream = {"grad_out": grad_out.data_ptr(), "input": input.data_ptr(), "tokens": grad_out.shape[0]}
-    return _gradients("sparse_linear_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+    else:
+        name = "sparse_linear_backward"
+        upstream = {"grad_out": grad_out.data_ptr(), "input": input.data_ptr(), "tokens": grad_out.shape[0]}
+    delta = out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]) if with_delta else None
+    return [*_gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta), delta]
 
 
 @register("sparsify", "cpu")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .determinism import check_deterministic
 from . import tucker_split
-from .kernelized_ops import kernel_id, mode_id
+from .kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
 from .registry import extension, extension_import_error, extension_kernel, register
 
 DEVICE_TYPES = ("cuda",)
@@ -138,11 +138,8 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
 
 
 @register("sparse_linear_backward", "cuda")
-def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
-    """Γ = grad_outᵀ·input formed whole by a matrix product: it runs on the tensor cores,
-    faster than gathering the kept entries."""
-    grad = grad_out.t() @ input
-    return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+def sparse_linear_backward(*args):
+    return sparse_linear_backward_from_dense(kernelized_sparse_delta, kernelized_sparse_delta_backward, *args)
 
 
 @register("sparsify", "cuda")

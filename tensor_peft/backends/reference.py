@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..config import EXP_FORMS, KERNELS, MODES, check_choice
+from .kernelized_ops import sparse_linear_backward_from_dense
 from .registry import register
 from .tensor_algebra import masked, projected_tucker_gradients, tucker_gradients, tucker_product
 
@@ -321,23 +322,8 @@ def kernelized_sparse_delta_backward(
 
 
 @register("sparse_linear_backward", "reference")
-def sparse_linear_backward(
-    grad_out: Tensor,
-    input: Tensor,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    sparsity: float,
-    tau: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str,
-) -> list[Tensor]:
-    """The gradients for ΔW inside a linear layer y = x·(W0 + ΔW)ᵀ, from grad_out (tokens,
-    m) and input (tokens, n): ∂L/∂ΔW = grad_outᵀ·input, then as above."""
-    grad = grad_out.t() @ input
-    return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+def sparse_linear_backward(*args):
+    return sparse_linear_backward_from_dense(kernelized_sparse_delta, kernelized_sparse_delta_backward, *args)
 
 
 # --------------------------------------------------------------------------- LieRA merge

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
-from ..ops.kernelized_delta import KERNEL_PARAMS, POSITIVE_PARAMS, default_coeff, kernelized_delta
-from ..ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
+from ..ops.kernelized_delta import KERNEL_PARAMS, POSITIVE_PARAMS, SCALAR_PARAMS, default_coeff, kernelized_delta
+from ..ops.kernelized_sparse_delta import prepared_sparse_linear, sparse_delta_and_threshold
 from ..ops.sparsify import dropped_count
 from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
 
@@ -141,6 +141,27 @@ class SNELLAdapter(Adapter):
                 params[name] = stored.squeeze(0)
         return params
 
+    def op_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+        """(out_emb, in_emb, coeff ``(H,)``, params (alpha, beta, gamma), eps) in ``dtype``, the
+        form the ops' checks give ``kernel_inputs`` (zeros for what the kernel does not
+        use), built with few operations: a layer's forward runs it every call."""
+        learned = learned_params(self.kernel)
+        out_emb = self.snell_out.to(dtype).contiguous()
+        coeff = self.coeff.to(dtype) if "coeff" in learned else out_emb.new_zeros(out_emb.shape[0])
+
+        def scalar(name: str) -> Tensor:  # shape (1,)
+            if name not in learned:
+                return out_emb.new_zeros(1)
+            stored = getattr(self, stored_name(self.kernel, name))
+            return F.softplus(stored) if stored_name(self.kernel, name) != name else stored
+
+        if any(name in learned for name in SCALAR_PARAMS):
+            params = torch.cat([scalar(name).to(dtype) for name in SCALAR_PARAMS])
+        else:
+            params = out_emb.new_zeros(len(SCALAR_PARAMS))
+        eps = KERNEL_PARAMS[self.kernel].get("eps", 0.0)
+        return out_emb, self.snell_in.to(dtype).contiguous(), coeff.contiguous(), params, eps
+
     def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The embeddings and the kernel's parameters in ``dtype``."""
         params = {name: value.to(dtype) for name, value in self.kernel_params().items()}
@@ -210,10 +231,10 @@ class SNELLLayer(AdapterLayer):
         if adapter is None:
             return super().forward(x)
         if self.kind == "linear" and not self.weight.requires_grad and adapter.sparsity_tensor is not None:
-            out_emb, in_emb, params = adapter.kernel_inputs(self.compute_dtype(adapter))
-            return sparse_linear(
-                x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, adapter.mode,
-                adapter.threshold, **params,
+            out_emb, in_emb, coeff, params, eps = adapter.op_inputs(self.compute_dtype(adapter))
+            return prepared_sparse_linear(
+                x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, coeff, params,
+                eps, adapter.mode, adapter.threshold,
             )  # fmt: skip
 
         def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward

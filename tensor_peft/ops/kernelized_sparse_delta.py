@@ -211,25 +211,27 @@ def _sparse_linear_backward(
     kernel_grads: bool,
 ) -> list[Tensor]:
     """[∂input, ∂out_emb, ∂in_emb, ∂coeff, ∂params] from the output's gradient ``grad``, in
-    one op (one dispatch per backward): ∂input through W0 + ΔW rebuilt from τ when
-    ``input_grad``, the kernel's gradients when ``kernel_grads`` (empty tensors for those
-    not asked for)."""
-    grad_input = input.new_empty(0)
-    if input_grad:
-        delta, _ = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)
-        grad_input = grad @ (weight + delta).to(grad.dtype)
-    if not kernel_grads:
-        return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
-    if is_empty(out_emb, in_emb):
-        return [grad_input, *zero_kernel_grads(out_emb, in_emb, coeff, params)]
+    one op (one dispatch per backward): the kernel's gradients when ``kernel_grads``, and
+    ∂input through W0 + ΔW when ``input_grad``, with the sparsified ΔW the backend makes on
+    the way to the kernel's gradients (rebuilt from τ when only ∂input is asked for).
+    Empty tensors for the gradients not asked for."""
+    if kernel_grads and not is_empty(out_emb, in_emb):
 
-    def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
-        return _tokens(tensor).to(out_emb.dtype).contiguous()
+        def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
+            return _tokens(tensor).to(out_emb.dtype).contiguous()
 
-    return [grad_input, *run(
-        "sparse_linear_backward", out_emb.device,
-        tokens(grad), tokens(input), out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
-    )]  # fmt: skip
+        *gradients, delta = run(
+            "sparse_linear_backward", out_emb.device,
+            tokens(grad), tokens(input), out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
+            input_grad,
+        )  # fmt: skip
+    else:
+        inputs = (out_emb, in_emb, coeff, params)
+        gradients = zero_kernel_grads(*inputs) if kernel_grads else [t.new_empty(0) for t in inputs]
+        if input_grad:
+            delta = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)[0]
+    grad_input = grad @ (weight + delta).to(grad.dtype) if input_grad else input.new_empty(0)
+    return [grad_input, *gradients]
 
 
 @_sparse_linear_backward.register_fake
@@ -316,6 +318,29 @@ def sparse_linear(
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
+    return prepared_sparse_linear(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold)
+
+
+def prepared_sparse_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_emb: Tensor,
+    in_emb: Tensor,
+    sparsity: Tensor,
+    kernel: str,
+    coeff: Tensor,
+    params: Tensor,
+    eps: float,
+    mode: str,
+    threshold: str,
+) -> Tensor:
+    """``sparse_linear`` on arguments already in the form its checks give them, not checked
+    again: the embeddings, ``coeff`` ``(H,)`` and ``params`` (alpha, beta, gamma) contiguous
+    in one float32/float64 dtype on input's device, ``sparsity`` a 0-dim float64 cpu tensor,
+    valid choices, a frozen ``weight`` of the embeddings' shape. For a caller that builds
+    them so on every forward (the SNELL layer), where the checks cost as much as a small
+    layer's kernels."""
     return _SparseLinear.apply(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
     )  # fmt: skip

@@ -60,6 +60,14 @@ def _raw_calls():
             grad_out=p, input=p, tokens=0, out_emb=p, in_t=p, rows=1, n=2**31, chunks=1, width=1, kernel=0, coeff=p,
             params=params, eps=0.0, tau=0.0, mode=1, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p,
         ), "n must be at most 2147483647"),
+        ("kernelized-backward-delta-unsparsified", lambda: C.kernelized_backward_f32(
+            grad=p, out_emb=p, in_t=p, rows=2, n=2, chunks=1, width=1, kernel=0, coeff=p, params=params, eps=0.0,
+            tau=0.0, mode=0, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p, delta=p,
+        ), "delta: only a sparsified ΔW"),
+        ("kernelized-backward-misaligned-delta", lambda: C.kernelized_backward_f32(
+            grad=p, out_emb=p, in_t=p, rows=2, n=2, chunks=1, width=1, kernel=0, coeff=p, params=params, eps=0.0,
+            tau=0.0, mode=1, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p, delta=p + 1,
+        ), "delta is not aligned"),
         ("sparsify-null", lambda: C.sparsify_f64(p, 0, 4, 1, 1), "delta is a null pointer"),
         ("sparsify-negative-count", lambda: C.sparsify_f32(p, p, -4, 0, 1), "count must be non-negative"),
         ("sparsify-mode", lambda: C.sparsify_backward_f32(p, p, p, 4, 0.0, 0), r"mode must be in \[1, 2\]"),
@@ -71,7 +79,8 @@ RAW_LABELS = [
     "lowrank-null-out", "lowrank-null-U", "lowrank-null-weight-exp", "lowrank-negative-d0", "lowrank-epilogue",
     "lowrank-overflow", "lowrank-misaligned", "expm-null", "expm-negative-batch", "expm-negative-n",
     "expm-n-near-2^31", "kernelized-null-out", "kernelized-null-params", "kernelized-negative-rows",
-    "kernelized-kernel", "kernelized-mode", "kernelized-k", "kernelized-n-near-2^31", "sparsify-null",
+    "kernelized-kernel", "kernelized-mode", "kernelized-k", "kernelized-n-near-2^31",
+    "kernelized-backward-delta-unsparsified", "kernelized-backward-misaligned-delta", "sparsify-null",
     "sparsify-negative-count", "sparsify-mode", "threads",
 ]  # fmt: skip
 
@@ -149,5 +158,5 @@ def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel():
     coeff, params = torch.ones(1), torch.zeros(3)
     with pytest.raises(ValueError, match="in_emb: the cpu backend's sampled backward takes n ≤ 2147483647"):
         cpu.sparse_linear_backward(
-            grad_out, x, out_emb, in_emb, 0.9, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard"
+            grad_out, x, out_emb, in_emb, 0.9, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard", True
         )

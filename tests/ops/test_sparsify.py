@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tensor_peft import backends, ops
+from tensor_peft.backends import registry
+from tensor_peft.ops.kernelized_delta import check_kernel_inputs
 from tensor_peft.ops.kernelized_sparse_delta import sparse_delta_and_threshold, sparse_linear
 from tensor_peft.ops.sparsify import dropped_count
 
@@ -126,6 +128,27 @@ def test_sparse_linear_gives_just_the_gradients_asked_for(backend, device, train
         expected = torch.autograd.grad(torch.nn.functional.linear(x, weight + delta, bias), inputs, upstream)
     for got_t, want in zip(got, expected):
         torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture", "rbf", "sigmoid"])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.3])  # the cpu kernel samples Γ at 0.9, forms it whole at 0.3
+def test_sparse_linear_backward_hands_back_the_forward_delta_bit_for_bit(backend, device, kernel, mode, sparsity):
+    """The ΔW a backend's sparse_linear_backward gives for ∂input is the forward's ΔW (by
+    the same backend, from the same τ) bit for bit: the mask of a rebuilt ΔW that differed
+    in one rounding could keep another entry. Float32, where a rounding is likely to show."""
+    generator = torch.Generator().manual_seed(16)
+    out_emb, in_emb = (torch.randn(2, rows, 3, generator=generator).to(device) for rows in (37, 29))
+    grad_out, x = torch.randn(11, 37, generator=generator).to(device), torch.randn(11, 29, generator=generator).to(device)
+    params = {} if kernel == "piecewise_linear" else {"alpha": 0.7, "gamma": 0.3}
+    with backends.use(backend):
+        delta, tau = sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode, **params)
+        (_, _, kernel_name, coeff, params_tensor, eps) = check_kernel_inputs(out_emb, in_emb, kernel, params)
+        *_, backward_delta = registry.select("sparse_linear_backward", device)[1](
+            grad_out, x, out_emb, in_emb, sparsity, tau, kernel_name, coeff, params_tensor, eps, mode, True
+        )  # fmt: skip
+    assert torch.equal(backward_delta, delta)
 
 
 def test_threshold_above_two_to_the_24_entries():

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ...config import KERNELS
 from ..determinism import check_deterministic
-from ..kernelized_ops import kernel_id, mode_id
+from ..kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
 from ..registry import register
 from .shared import div, exp, scalar, tile, tile_grid
 
@@ -472,11 +472,8 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
 
 
 @register("sparse_linear_backward", "triton")
-def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode):
-    """Γ = grad_outᵀ·input formed whole by a matrix product: on a GPU it runs on the tensor
-    cores, faster than gathering the kept entries."""
-    grad = grad_out.t() @ input
-    return kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode)
+def sparse_linear_backward(*args):
+    return sparse_linear_backward_from_dense(kernelized_sparse_delta, kernelized_sparse_delta_backward, *args)
 
 
 @register("sparsify", "triton")
