@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import MODES, THRESHOLDS, check_choice
-from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
+from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run, runs_eagerly
 from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
 from .sparsify import select, sparsity_tensor
 
@@ -165,10 +165,7 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
 # --------------------------------------------------------------------------- in a linear layer
 
 
-@torch.library.custom_op(
-    "tensor_peft::sparse_linear", mutates_args=(), device_types=("cpu", "cuda")
-)
-def _sparse_linear(
+def _sparse_linear_forward(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -186,15 +183,17 @@ def _sparse_linear(
     return F.linear(input, (weight + delta).to(input.dtype), bias), tau
 
 
+_sparse_linear = torch.library.custom_op(
+    "tensor_peft::sparse_linear", _sparse_linear_forward, mutates_args=(), device_types=("cpu", "cuda")
+)
+
+
 @_sparse_linear.register_fake
 def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
     return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
 
 
-@torch.library.custom_op(
-    "tensor_peft::sparse_linear_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
-def _sparse_linear_backward(
+def _sparse_linear_gradients(
     grad: Tensor,
     input: Tensor,
     weight: Tensor,
@@ -234,6 +233,11 @@ def _sparse_linear_backward(
     return [grad_input, *gradients]
 
 
+_sparse_linear_backward = torch.library.custom_op(
+    "tensor_peft::sparse_linear_backward", _sparse_linear_gradients, mutates_args=(), device_types=("cpu", "cuda")
+)
+
+
 @_sparse_linear_backward.register_fake
 def _(grad, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode, input_grad, kernel_grads):
     grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
@@ -250,13 +254,15 @@ def _tokens(tensor: Tensor) -> Tensor:
 class _SparseLinear(torch.autograd.Function):
     """sparse_linear's autograd, a Function around the forward op instead of the op's
     registered autograd: that wrapper fills the op's 12-argument schema again on every
-    call (about 40 µs, a tenth of a small layer's step). Under torch.compile the backend is
-    not recorded (reading the request would break the graph there): the backward selects
-    its own, as the FLoRA layer's projected gradients do."""
+    call (about 40 µs, a tenth of a small layer's step). In eager mode on plain tensors the
+    two ops' implementations are called directly (``runs_eagerly``). Under torch.compile
+    the backend is not recorded (reading the request would break the graph there): the
+    backward selects its own, as the FLoRA layer's projected gradients do."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
-        output, tau = _sparse_linear(
+        eager = runs_eagerly(input, weight, bias, out_emb, in_emb, sparsity, coeff, params)
+        output, tau = (_sparse_linear_forward if eager else _sparse_linear)(
             input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
         )  # fmt: skip
         ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
@@ -271,8 +277,9 @@ class _SparseLinear(torch.autograd.Function):
     def backward(ctx, grad):
         input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
         input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        gradients = _sparse_linear_gradients if runs_eagerly(grad, *ctx.saved_tensors) else _sparse_linear_backward
         with forward_backend(ctx):
-            grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+            grad_input, d_out, d_in, d_coeff, d_params = gradients(
                 grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
                 input_grad, kernel_grads,
             )  # fmt: skip
