@@ -514,19 +514,18 @@ void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* 
 }
 
 // values[e] += Σ_t g[t]·x_e[t] over `width` tokens for row j's kept entries e from `e` on
-// while their column is below `stop`, x_e the row (columns[e] − first_column) of `tile`
-// (rows `width` apart); returns the first entry not done. Four entries at a time share the
-// loads of g and keep four sums in flight.
+// while their column is below `stop`, x_e = x + columns[e]·stride; returns the first entry
+// not done. Four entries at a time share the loads of g and keep four sums in flight.
 template <typename T>
-TP_CPU_CLONES int64_t accumulate_row(const T* g, const T* tile, int64_t first_column, int64_t width,
-                                     const int32_t* columns, T* values, int64_t e, int64_t end, int64_t stop) {
+TP_CPU_CLONES int64_t accumulate_row(const T* g, const T* x, int64_t stride, int64_t width, const int32_t* columns,
+                                     T* values, int64_t e, int64_t end, int64_t stop) {
     int64_t last = e;
     while (last < end && columns[last] < stop) ++last;
     for (; e + 4 <= last; e += 4) {
-        const T* x0 = tile + (columns[e] - first_column) * width;
-        const T* x1 = tile + (columns[e + 1] - first_column) * width;
-        const T* x2 = tile + (columns[e + 2] - first_column) * width;
-        const T* x3 = tile + (columns[e + 3] - first_column) * width;
+        const T* x0 = x + columns[e] * stride;
+        const T* x1 = x + columns[e + 1] * stride;
+        const T* x2 = x + columns[e + 2] * stride;
+        const T* x3 = x + columns[e + 3] * stride;
         T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
         for (int64_t t = 0; t < width; ++t) {
@@ -541,10 +540,10 @@ TP_CPU_CLONES int64_t accumulate_row(const T* g, const T* tile, int64_t first_co
         values[e + 3] += s3;
     }
     for (; e < last; ++e) {
-        const T* x = tile + (columns[e] - first_column) * width;
+        const T* x_e = x + columns[e] * stride;
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < width; ++t) sum += g[t] * x[t];
+        for (int64_t t = 0; t < width; ++t) sum += g[t] * x_e[t];
         values[e] += sum;
     }
     return last;
@@ -591,25 +590,33 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
         }
     }
     D.values.assign(D.columns.size(), T(0));
-    // Per tile of tokens, each chunk transposes its rows' slice of grad_out, then per block
-    // of columns that slice of input (256 KB in float: it stays in L2 while every row's kept
-    // entries in the block are summed). Nothing transposed goes back to memory whole. Each
-    // entry sums its tiles in token order, whichever thread runs its chunk.
-    constexpr int64_t kTokens = 256, kColumns = 256;
-    for_each_row_chunk(P, chunks, [&](int64_t, int64_t first_row, int64_t end_row) {
-        std::vector<T> grad_tile((end_row - first_row) * kTokens), input_tile(kColumns * kTokens);
+    // input is transposed once, to (n, tokens). Then per chunk of rows and tile of tokens,
+    // the chunk transposes its rows' slice of grad_out, and per block of columns every row's
+    // kept entries in the block are summed while the block's slice of input (256 KB in
+    // float) stays in L2. Chunks are large (kSampledRows) so that few of them read input.
+    // Each entry sums its tiles in token order, whichever thread runs its chunk.
+    constexpr int64_t kTokens = 256, kColumns = 256, kSampledRows = 128;
+    std::vector<T> input_t(n * tokens);
+    const int64_t column_blocks = (n + kColumns - 1) / kColumns;
+    for_each_chunk(column_blocks, [&](int64_t b) {
+        const int64_t c0 = b * kColumns;
+        transpose(input + c0, n, tokens, std::min(kColumns, n - c0), input_t.data() + c0 * tokens, tokens);
+    });
+    const int64_t sampled_chunks = chunk_count(m, kSampledRows);
+    for_each_chunk(sampled_chunks, [&](int64_t c) {
+        int64_t first_row, end_row;
+        chunk_range(m, sampled_chunks, c, first_row, end_row);
+        std::vector<T> grad_tile((end_row - first_row) * kTokens);
         std::vector<int64_t> cursor(end_row - first_row);
         for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
             const int64_t width = std::min(kTokens, tokens - t0);
             transpose(grad_out + t0 * m + first_row, m, width, end_row - first_row, grad_tile.data(), width);
             for (int64_t j = first_row; j < end_row; ++j) cursor[j - first_row] = D.row_start[j];
             for (int64_t c0 = 0; c0 < n; c0 += kColumns) {
-                const int64_t columns = std::min(kColumns, n - c0);
-                transpose(input + t0 * n + c0, n, width, columns, input_tile.data(), width);
                 for (int64_t j = first_row; j < end_row; ++j) {
                     int64_t& e = cursor[j - first_row];
-                    e = accumulate_row(grad_tile.data() + (j - first_row) * width, input_tile.data(), c0, width,
-                                       D.columns.data(), D.values.data(), e, D.row_start[j + 1], c0 + columns);
+                    e = accumulate_row(grad_tile.data() + (j - first_row) * width, input_t.data() + t0, tokens, width,
+                                       D.columns.data(), D.values.data(), e, D.row_start[j + 1], c0 + kColumns);
                 }
             }
         }

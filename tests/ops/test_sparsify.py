@@ -79,7 +79,7 @@ LINEAR_BACKENDS = backends_with("sparse_linear_backward")
 
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
 @pytest.mark.parametrize("kernel,mode", [("piecewise_linear", "hard"), ("mixture", "soft"), ("rbf", "hard")])
-@pytest.mark.parametrize("sparsity", [0.9, 0.3])  # the cpu kernel samples Γ at 0.9, forms it whole at 0.3
+@pytest.mark.parametrize("sparsity", [0.97, 0.3])  # the cpu kernel samples Γ at 0.97, forms it whole at 0.3
 def test_sparse_linear_equals_linear_of_the_merged_weight(backend, device, kernel, mode, sparsity):
     """sparse_linear, forward and every gradient, against F.linear with W0 + ΔW by the
     reference backend (Γ formed whole)."""
@@ -104,6 +104,27 @@ def test_sparse_linear_equals_linear_of_the_merged_weight(backend, device, kerne
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     for got_t, want in zip(got_grads, expected_grads):
         torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
+def test_sampled_backward_across_token_tiles_column_blocks_and_row_chunks():
+    """The cpu kernel's sampled Γ in tiles of 256 tokens and blocks of 256 columns, over
+    chunks of 128 rows: 600 tokens, 300 columns, 140 rows cross each boundary. Against the
+    reference backend."""
+    generator = torch.Generator().manual_seed(17)
+
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    x, weight, out_emb, in_emb = randn(600, 300), randn(140, 300, grad=False), randn(2, 140, 2), randn(2, 300, 2)
+    upstream = torch.randn(600, 140, generator=generator, dtype=torch.float64)
+    gradients = {}
+    for backend in ("cpu", "reference"):
+        with backends.use(backend):
+            y = sparse_linear(x, weight, None, out_emb, in_emb, 0.98, "mixture")
+            gradients[backend] = torch.autograd.grad(y, [x, out_emb, in_emb], upstream)
+    for got, want in zip(gradients["cpu"], gradients["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
@@ -133,7 +154,7 @@ def test_sparse_linear_gives_just_the_gradients_asked_for(backend, device, train
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
 @pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture", "rbf", "sigmoid"])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
-@pytest.mark.parametrize("sparsity", [0.9, 0.3])  # the cpu kernel samples Γ at 0.9, forms it whole at 0.3
+@pytest.mark.parametrize("sparsity", [0.97, 0.3])  # the cpu kernel samples Γ at 0.97, forms it whole at 0.3
 def test_sparse_linear_backward_hands_back_the_forward_delta_bit_for_bit(backend, device, kernel, mode, sparsity):
     """The ΔW a backend's sparse_linear_backward gives for ∂input is the forward's ΔW (by
     the same backend, from the same τ) bit for bit: the mask of a rebuilt ΔW that differed
