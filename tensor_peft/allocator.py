@@ -90,6 +90,13 @@ def distribute(budget: int, scores: list[float], capacities: list[int], floors: 
             kept[i] += share
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` (magnitudes, ≥ 0 or NaN) is finite: one read of
+    the largest of each (NaN and inf propagate through max)."""
+    maxima = torch._foreach_max([tensor for tensor in tensors if tensor.numel()])
+    return not maxima or bool(torch.stack(maxima).isfinite().all())
+
+
 def check_floors(floors: list[int], budget: int, min_keep: float) -> None:
     """ValueError if the layers' floors add up to more than the smallest budget of the schedule."""
     if sum(floors) > budget:
@@ -131,8 +138,9 @@ class SparsityAllocator(nn.Module):
         # plain dicts: the model's modules are not the allocator's state
         self.layers = {name: layer for name, layer in adapter_layers(model).items() if adapter_name in layer.adapters}
         self.adapters = {name: layer.adapters[adapter_name] for name, layer in self.layers.items()}
+        self.statistics_keys = {name: statistics_key(name) for name in self.adapters}
         self.statistics = nn.ModuleDict(
-            {statistics_key(name): _LayerStatistics(adapter) for name, adapter in self.adapters.items()}
+            {self.statistics_keys[name]: _LayerStatistics(adapter) for name, adapter in self.adapters.items()}
         )
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.sizes = [adapter.snell_out.shape[1] * adapter.snell_in.shape[1] for adapter in self.adapters.values()]
@@ -188,18 +196,23 @@ class SparsityAllocator(nn.Module):
                 keys.append((name, side))
                 embeddings.append(embedding)
                 grads.append(embedding.grad)
-        # one multi-tensor op per stage for all layers (a step's cost is launches, not flops)
-        importances = [importance.float() for importance in torch._foreach_abs(torch._foreach_mul(embeddings, grads))]
-        if not bool(torch.cat([importance.reshape(-1) for importance in importances]).isfinite().all()):
+        # one multi-tensor op per stage for all layers, in place where it can be (a step's
+        # cost is the calls, not the flops)
+        importances = torch._foreach_mul(embeddings, grads)
+        torch._foreach_abs_(importances)
+        if any(importance.dtype != torch.float32 for importance in importances):
+            importances = [importance.float() for importance in importances]
+        if not _all_finite(importances):
             bad = next(key[0] for key, importance in zip(keys, importances) if not importance.isfinite().all())
             warnings.warn(f"module {bad!r} has non-finite gradients: this step leaves the importance statistics as they were")
         else:
-            statistics = [self.statistics[statistics_key(name)] for name, _ in keys]
+            statistics = [self.statistics[self.statistics_keys[name]] for name, _ in keys]
             means = [getattr(stats, f"importance_{side}") for stats, (_, side) in zip(statistics, keys)]
             uncertainties = [getattr(stats, f"uncertainty_{side}") for stats, (_, side) in zip(statistics, keys)]
             torch._foreach_mul_(means, c.beta1)
             torch._foreach_add_(means, importances, alpha=1 - c.beta1)
-            deviations = torch._foreach_abs(torch._foreach_sub(importances, means))
+            deviations = torch._foreach_sub(importances, means)
+            torch._foreach_abs_(deviations)
             torch._foreach_mul_(uncertainties, c.beta2)
             torch._foreach_add_(uncertainties, deviations, alpha=1 - c.beta2)
         self.steps += 1
