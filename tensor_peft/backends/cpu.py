@@ -124,12 +124,14 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
     return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
-# Above this kept fraction Γ is formed whole by the matrix product instead. Sampling costs a
-# pass of κ more than the dense path (the mask before the products) and its products run
-# slower than the matrix product's: measured on a 2-core Xeon (AVX-512), sampling took 0.70×
-# the dense path's time at 1% kept, 0.97× at 5%, 1.19× at 10% (768×3072, 1576 tokens), and
-# more than the dense path at every fraction on LLaMA-tiny's layers (344×128, 512 tokens).
+# Γ is sampled below this kept fraction and from this many tokens, else formed whole by the
+# matrix product. Sampling costs a pass of κ more than the dense path (the mask before the
+# products), which only a long matrix product outweighs, and its products run slower than
+# the matrix product's: measured on a 2-core Xeon (AVX-512), sampling took 0.70× the dense
+# path's time at 1% kept, 0.97× at 5%, 1.19× at 10% (768×3072, 1576 tokens), and 1.09× at
+# 1% kept, 1.31× at 5% on LLaMA-tiny's layers (344×128, 512 tokens).
 _SAMPLED_BELOW = 0.05
+_SAMPLED_MIN_TOKENS = 1024
 _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
 
 
@@ -137,9 +139,10 @@ _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
 def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
                            with_delta):  # fmt: skip
     """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry (formed
-    whole when more than _SAMPLED_BELOW of the entries are kept); the sparsified ΔW, when
-    ``with_delta``, written by the kernel from the rows it masks Γ by."""
-    if 1 - sparsity > _SAMPLED_BELOW:
+    whole when more than _SAMPLED_BELOW of the entries are kept or there are fewer than
+    _SAMPLED_MIN_TOKENS tokens); the sparsified ΔW, when ``with_delta``, written by the
+    kernel from the rows it masks Γ by."""
+    if 1 - sparsity > _SAMPLED_BELOW or grad_out.shape[0] < _SAMPLED_MIN_TOKENS:
         grad = grad_out.t() @ input  # kept alive for the call
         name, upstream = "kernelized_backward", {"grad": grad.data_ptr()}
     elif in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:

@@ -48,14 +48,14 @@ CASES = {
     "sparse-mixture-soft": lambda g: (
         ops.kernelized_sparse_delta, (_randn(g, 2, 512, 2), _randn(g, 2, 128, 2), 0.6), {"kernel": "mixture", "mode": "soft"}
     ),  # fmt: skip
-    **{f"sparse_linear-mixture-{s}": (lambda s: lambda g: (
+    **{f"sparse_linear-mixture-{s}": (lambda s, tokens: lambda g: (
         sparse_linear,
-        (_randn(g, 64, 128), _randn(g, 512, 128, grad=False), None, _randn(g, 2, 512, 2), _randn(g, 2, 128, 2), s),
+        (_randn(g, tokens, 128), _randn(g, 512, 128, grad=False), None, _randn(g, 2, 512, 2), _randn(g, 2, 128, 2), s),
         {"kernel": "mixture", "mode": "hard"},
-    ))(s) for s in (0.5, 0.97)},  # the dense and the sampled backward  # fmt: skip
+    ))(s, tokens) for s, tokens in ((0.5, 64), (0.97, 1100))},  # the dense and the sampled backward  # fmt: skip
     "sparse_linear-sampled": lambda g: (
         sparse_linear,
-        (_randn(g, 64, 128), _randn(g, 512, 128, grad=False), None, _randn(g, 2, 512, 2), _randn(g, 2, 128, 2), 0.97),
+        (_randn(g, 1100, 128), _randn(g, 512, 128, grad=False), None, _randn(g, 2, 512, 2), _randn(g, 2, 128, 2), 0.97),
         {"kernel": "rbf", "mode": "hard"},
     ),
 }

@@ -147,10 +147,12 @@ def test_cpu_backend_checks_sizes_before_the_kernel():
         cpu.matrix_exp_backward(huge, huge)
 
 
-def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel():
+def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel(monkeypatch):
     """The sampled backward keeps each kept entry's column in 32 bits: 2³¹ columns (a
     stride-0 view, nothing allocated) are refused with a ValueError naming in_emb."""
     from tensor_peft.backends import cpu
+
+    monkeypatch.setattr(cpu, "_SAMPLED_MIN_TOKENS", 1)
 
     n = 2**31
     in_emb, x = torch.zeros(1, 1, 1).expand(1, n, 1), torch.zeros(1, 1).expand(2, n)

@@ -77,9 +77,19 @@ def test_given_threshold_rebuilds_the_same_delta(kernel):
 LINEAR_BACKENDS = backends_with("sparse_linear_backward")
 
 
+@pytest.fixture
+def sampling_short_batches(monkeypatch):
+    """The cpu kernel samples Γ from a few tokens too (it does from _SAMPLED_MIN_TOKENS)."""
+    if backends.why_unavailable("cpu", "cpu") is None:
+        from tensor_peft.backends import cpu
+
+        monkeypatch.setattr(cpu, "_SAMPLED_MIN_TOKENS", 1)
+
+
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
 @pytest.mark.parametrize("kernel,mode", [("piecewise_linear", "hard"), ("mixture", "soft"), ("rbf", "hard")])
 @pytest.mark.parametrize("sparsity", [0.97, 0.3])  # the cpu kernel samples Γ at 0.97, forms it whole at 0.3
+@pytest.mark.usefixtures("sampling_short_batches")
 def test_sparse_linear_equals_linear_of_the_merged_weight(backend, device, kernel, mode, sparsity):
     """sparse_linear, forward and every gradient, against F.linear with W0 + ΔW by the
     reference backend (Γ formed whole)."""
@@ -109,15 +119,15 @@ def test_sparse_linear_equals_linear_of_the_merged_weight(backend, device, kerne
 @pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
 def test_sampled_backward_across_token_tiles_column_blocks_and_row_chunks():
     """The cpu kernel's sampled Γ in tiles of 256 tokens and blocks of 256 columns, over
-    chunks of 128 rows: 600 tokens, 300 columns, 140 rows cross each boundary. Against the
+    chunks of 128 rows: 1100 tokens, 300 columns, 140 rows cross each boundary. Against the
     reference backend."""
     generator = torch.Generator().manual_seed(17)
 
     def randn(*shape, grad=True):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
 
-    x, weight, out_emb, in_emb = randn(600, 300), randn(140, 300, grad=False), randn(2, 140, 2), randn(2, 300, 2)
-    upstream = torch.randn(600, 140, generator=generator, dtype=torch.float64)
+    x, weight, out_emb, in_emb = randn(1100, 300), randn(140, 300, grad=False), randn(2, 140, 2), randn(2, 300, 2)
+    upstream = torch.randn(1100, 140, generator=generator, dtype=torch.float64)
     gradients = {}
     for backend in ("cpu", "reference"):
         with backends.use(backend):
@@ -155,6 +165,7 @@ def test_sparse_linear_gives_just_the_gradients_asked_for(backend, device, train
 @pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture", "rbf", "sigmoid"])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 @pytest.mark.parametrize("sparsity", [0.97, 0.3])  # the cpu kernel samples Γ at 0.97, forms it whole at 0.3
+@pytest.mark.usefixtures("sampling_short_batches")
 def test_sparse_linear_backward_hands_back_the_forward_delta_bit_for_bit(backend, device, kernel, mode, sparsity):
     """The ΔW a backend's sparse_linear_backward gives for ∂input is the forward's ΔW (by
     the same backend, from the same τ) bit for bit: the mask of a rebuilt ΔW that differed
