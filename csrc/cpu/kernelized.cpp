@@ -4,18 +4,19 @@
 // passed transposed as (H, p, n) so that each row j is computed for all i at once with
 // unit-stride loops; each entry's κ and gradient are those of tensor_peft/kernelized.h.
 // Mixture P + alpha·softmax_j(P/gamma) + beta: the softmax runs down each column, its max
-// and sum come from passes over the rows first (the forward writes P into its output for
-// them: P is computed once per row); it is taken as exp((P − max_j P)/gamma)/Σ, the
-// difference before the division, which keeps a small gamma from magnifying the rounding
-// of P/gamma.
+// and sum come from passes over P's rows, held first (the forward holds them in its output),
+// which also hold E = exp((P − max_j P)/gamma): P and E are computed once per entry, and
+// S = E/Σ. The difference is taken before the division, which keeps a small gamma from
+// magnifying the rounding of P/gamma.
 //
 // Sparsification (mode 1 hard, 2 soft): τ = the k-th smallest |ΔW_raw| by radix select
 // (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
 // later digits among the keys of its chosen bin), or a τ given (a layer rebuilding ΔW in
 // backward), then in place hard ΔW·|ΔW|·1[|ΔW| > τ] or soft ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ]
 // (each row as it is computed when τ is given). Backward recomputes the rows from the
-// embeddings (nothing m×n is kept), applies the derivative of the sparsification with τ
-// and |ΔW| (hard) held constant, and reduces into the gradients: rows of Out per row,
+// embeddings (nothing m×n is kept between forward and backward), hands back the sparsified
+// ΔW when asked (a linear layer's ∂input), applies the derivative of the sparsification
+// with τ and |ΔW| (hard) held constant, and reduces into the gradients: rows of Out per row,
 // columns of In and the kernel parameters in partials per fixed chunk of rows, added in
 // chunk order (tensor_peft/threads.h: the same bits at any thread count). For
 // ΔW inside a linear layer, ∂L/∂ΔW = grad_outᵀ·input is computed only at the kept entries
@@ -56,8 +57,8 @@ struct Problem {
     T alpha, beta, gamma, eps;
     const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
-    const T* piecewise_rows = nullptr;  // mixture in backward: P's rows (m, n), computed once
-    T* softmax_rows = nullptr;          // and where raw_row writes S's rows (over P's, once read)
+    const T* piecewise_rows = nullptr;  // mixture: P's rows (m, n), computed once
+    T* softmax_rows = nullptr;          // and E's rows, each made S's by raw_row (hold_mixture_rows)
 };
 
 // A chunk's row buffers of n values, and piecewise's roots sqrt(‖b^h − a^h‖² + eps) of a
@@ -121,25 +122,17 @@ TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, 
     }
 }
 
-// Mixture's S = softmax_j(P/gamma) for the value `piecewise` of P in a column with the
-// statistics max and sum. vector_exp is plain arithmetic: the loops calling this vectorize
-// when they hold P's members in locals (read through P, they could alias the stores).
-template <typename T>
-inline T softmax_term(T piecewise, T max, T sum, T gamma) {
-    return vector_exp((piecewise - max) / gamma) / sum;
-}
-
-// Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta, and S into
-// soft (the backward keeps it). Never inlined, like piecewise_row: the forward and the
-// backward's masks get the same bits.
+// Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta, with
+// S = softmax_j(P/gamma) = E/Σ_j E made in place of E's row `soft` (the backward keeps it).
+// Never inlined, like piecewise_row: the forward and the backward's masks get the same bits.
 template <typename T>
 TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>& P, T* row, T* soft) {
-    const T *max = P.column_max, *sum = P.column_sum;
-    const T alpha = P.alpha, beta = P.beta, gamma = P.gamma;
+    const T* sum = P.column_sum;
+    const T alpha = P.alpha, beta = P.beta;
     const int64_t n = P.n;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        soft[i] = softmax_term(row[i], max[i], sum[i], gamma);
+        soft[i] = soft[i] / sum[i];
         row[i] += alpha * soft[i] + beta;
     }
 }
@@ -180,8 +173,7 @@ inline void reductions(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     }
 }
 
-// Row j of ΔW_raw into out (mixture: needs the column statistics; S's row goes to
-// P.softmax_rows when set).
+// Row j of ΔW_raw into out (mixture: after hold_mixture_rows, once per row).
 template <typename T>
 TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     if (is_piecewise(P.kernel)) {
@@ -189,8 +181,7 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
             std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, out);
         else
             piecewise_row(P, j, out, rows);
-        if (P.kernel == kMixture)
-            add_softmax_terms(P, out, P.softmax_rows != nullptr ? P.softmax_rows + j * P.n : rows.scratch.data());
+        if (P.kernel == kMixture) add_softmax_terms(P, out, P.softmax_rows + j * P.n);
         return;
     }
     reductions(P, j, out, rows);
@@ -199,34 +190,32 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
     });
 }
 
-// local[i] += exp((piecewise[i] − column_max[i])/gamma) over a row (summed in double).
+// E's row, exp((P − column_max)/gamma), into exps, and local[i] += E (summed in double).
+// vector_exp is plain arithmetic: the loop vectorizes with P's members held in locals (read
+// through P, they could alias the stores).
 template <typename T>
-TP_CPU_CLONES void add_exp_terms(const Problem<T>& P, const T* piecewise, const T* column_max, double* local) {
+TP_CPU_CLONES void exp_terms(const Problem<T>& P, const T* piecewise, const T* column_max, T* exps, double* local) {
     const T gamma = P.gamma;
     const int64_t n = P.n;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) local[i] += vector_exp((piecewise[i] - column_max[i]) / gamma);
+    for (int64_t i = 0; i < n; ++i) {
+        exps[i] = vector_exp((piecewise[i] - column_max[i]) / gamma);
+        local[i] += exps[i];
+    }
 }
 
-// Mixture's column statistics: max_j P and Σ_j exp((P − max)/gamma) (summed in double),
-// two passes, each with a partial per chunk of rows combined in chunk order. P's rows are
-// read from `held` (m×n) when given, else computed.
+// Mixture's column statistics from P's rows `held` (m×n): max_j P and Σ_j E (summed in
+// double), E's rows into exps (m×n); two passes, each with a partial per chunk of rows
+// combined in chunk order.
 template <typename T>
-void mixture_columns(const Problem<T>& P, const T* held, std::vector<T>& column_max, std::vector<T>& column_sum) {
+void mixture_columns(const Problem<T>& P, const T* held, T* exps, std::vector<T>& column_max,
+                     std::vector<T>& column_sum) {
     const int64_t n = P.n, chunks = row_chunks(P);
-    const auto piecewise_of = [&P, held, n](int64_t j, Rows<T>& rows) -> const T* {
-        if (held != nullptr) return held + j * n;
-        piecewise_row(P, j, rows.piecewise.data(), rows);
-        return rows.piecewise.data();
-    };
     std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        Rows<T> rows(n, P.chunks);
         T* local = maxima.data() + c * n;
-        for (int64_t j = begin; j < end; ++j) {
-            const T* piecewise = piecewise_of(j, rows);
-            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], piecewise[i]);
-        }
+        for (int64_t j = begin; j < end; ++j)
+            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], held[j * n + i]);
     });
     column_max.assign(n, -std::numeric_limits<T>::infinity());
     for (int64_t c = 0; c < chunks; ++c)
@@ -234,8 +223,8 @@ void mixture_columns(const Problem<T>& P, const T* held, std::vector<T>& column_
     std::vector<T>().swap(maxima);
     std::vector<double> sums(chunks * n, 0.0);
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        Rows<T> rows(n, P.chunks);
-        for (int64_t j = begin; j < end; ++j) add_exp_terms(P, piecewise_of(j, rows), column_max.data(), sums.data() + c * n);
+        for (int64_t j = begin; j < end; ++j)
+            exp_terms(P, held + j * n, column_max.data(), exps + j * n, sums.data() + c * n);
     });
     column_sum.assign(n, T(0));
     for (int64_t i = 0; i < n; ++i) {
@@ -247,36 +236,34 @@ void mixture_columns(const Problem<T>& P, const T* held, std::vector<T>& column_
 
 constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in flat loops
 
-// Mixture's column statistics into P, held by the vectors given, unless P has them; P's
-// rows are read from `held` (m×n) when given, else computed.
-template <typename T>
-void with_column_statistics(Problem<T>& P, std::vector<T>& column_max, std::vector<T>& column_sum,
-                            const T* held = nullptr) {
-    if (P.kernel != kMixture || P.column_max != nullptr) return;
-    mixture_columns(P, held, column_max, column_sum);
-    P.column_max = column_max.data();
-    P.column_sum = column_sum.data();
-}
-
-// Mixture's P rows (m, n), held, and its column statistics from them, into P unless P
-// has the statistics: the backward's first pass reads P's rows there instead of computing
-// them again (the same bits: piecewise_row is the one code for P), and raw_row replaces
-// each row it reads with S's. Transient: m·n values while the backward runs.
+// What mixture holds while it runs: P's rows (unless the caller's buffer holds them), E's
+// rows, and the column statistics. Transient: two m×n buffers.
 template <typename T>
 struct HeldMixture {
-    std::vector<T> rows, column_max, column_sum;
+    std::vector<T> rows, exps, column_max, column_sum;
 };
 
+// Mixture's P rows into `rows` (m×n; held.rows when null) by piecewise_row (the one code
+// for P: every pass gets the same bits), E's rows and the column statistics from them,
+// all into P, unless P has the statistics. raw_row then copies P's row j and turns E's row
+// j into S's, once.
 template <typename T>
-void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held) {
+void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, T* rows = nullptr) {
     if (P.kernel != kMixture || P.column_max != nullptr) return;
-    held.rows.resize(P.m * P.n);
+    if (rows == nullptr) {
+        held.rows.resize(P.m * P.n);
+        rows = held.rows.data();
+    }
     for_each_row_chunk(P, row_chunks(P), [&](int64_t, int64_t begin, int64_t end) {
-        Rows<T> rows(P.n, P.chunks);
-        for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, held.rows.data() + j * P.n, rows);
+        Rows<T> buffers(P.n, P.chunks);
+        for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, rows + j * P.n, buffers);
     });
-    with_column_statistics(P, held.column_max, held.column_sum, static_cast<const T*>(held.rows.data()));
-    P.piecewise_rows = P.softmax_rows = held.rows.data();
+    held.exps.resize(P.m * P.n);
+    mixture_columns(P, static_cast<const T*>(rows), held.exps.data(), held.column_max, held.column_sum);
+    P.column_max = held.column_max.data();
+    P.column_sum = held.column_sum.data();
+    P.piecewise_rows = rows;
+    P.softmax_rows = held.exps.data();
 }
 
 // Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
@@ -301,27 +288,19 @@ TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
 // masked by tau (τ known). Counts are integers: their sum is exact in any order. Mixture
-// without its column statistics first writes P into out, for the statistics to read and
-// the rows to be completed in place: P is computed once.
+// first holds P's rows in out, and each row is completed there in place.
 template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     const int64_t chunks = row_chunks(P);
-    const bool piecewise_held = P.kernel == kMixture && P.column_max == nullptr;
-    std::vector<T> column_max, column_sum;
-    if (piecewise_held) {
-        for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
-            Rows<T> rows(P.n, P.chunks);
-            for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, out + j * P.n, rows);
-        });
-        with_column_statistics(P, column_max, column_sum, static_cast<const T*>(out));
-    }
+    HeldMixture<T> held;
+    hold_mixture_rows(P, held, out);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
-            if (piecewise_held)
-                add_softmax_terms(P, row, rows.scratch.data());
+            if (P.kernel == kMixture)
+                add_softmax_terms(P, row, P.softmax_rows + j * P.n);
             else
                 raw_row(P, j, row, rows);
             if (first_counts)
@@ -703,7 +682,7 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 // with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3) and,
 // given `delta` (m, n; dense Γ and mode ≠ kNone), the sparsified ΔW the mask was taken of.
 // Mixture takes two passes over the rows: the first makes each row's D and S once and
-// keeps them (S over P's held row, D in an m×n buffer unless the kept entries hold it),
+// keeps them (S over E's held row, D in an m×n buffer unless the kept entries hold it),
 // with c_i = Σ_j D_ji S_ji; the second computes P's roots again for the gradients.
 template <typename T>
 void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
@@ -737,7 +716,6 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
             for (int64_t c = 0; c < chunks; ++c) total += dots[c][i];
             column_dot[i] = static_cast<T>(total);
         }
-        P.piecewise_rows = nullptr;  // the held rows are S's now
     }
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
         Rows<T> rows(n, P.chunks);
