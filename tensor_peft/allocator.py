@@ -209,12 +209,10 @@ class SparsityAllocator(nn.Module):
             statistics = [self.statistics[self.statistics_keys[name]] for name, _ in keys]
             means = [getattr(stats, f"importance_{side}") for stats, (_, side) in zip(statistics, keys)]
             uncertainties = [getattr(stats, f"uncertainty_{side}") for stats, (_, side) in zip(statistics, keys)]
-            torch._foreach_mul_(means, c.beta1)
-            torch._foreach_add_(means, importances, alpha=1 - c.beta1)
+            torch._foreach_lerp_(means, importances, 1 - c.beta1)  # β1·Ī + (1 − β1)·I
             deviations = torch._foreach_sub(importances, means)
             torch._foreach_abs_(deviations)
-            torch._foreach_mul_(uncertainties, c.beta2)
-            torch._foreach_add_(uncertainties, deviations, alpha=1 - c.beta2)
+            torch._foreach_lerp_(uncertainties, deviations, 1 - c.beta2)
         self.steps += 1
         step = int(self.steps)
         if step >= c.warmup_steps and step % c.interval == 0:

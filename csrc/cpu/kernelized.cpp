@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -236,11 +237,23 @@ void mixture_columns(const Problem<T>& P, const T* held, T* exps, std::vector<T>
 
 constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in flat loops
 
+// count values of T, left uninitialized (a vector would first zero them: a pass for nothing).
+template <typename T>
+struct Buffer {
+    std::unique_ptr<T[]> values;
+    T* allocate(int64_t count) {
+        values.reset(new T[count]);
+        return values.get();
+    }
+    T* data() const { return values.get(); }
+};
+
 // What mixture holds while it runs: P's rows (unless the caller's buffer holds them), E's
 // rows, and the column statistics. Transient: two m×n buffers.
 template <typename T>
 struct HeldMixture {
-    std::vector<T> rows, exps, column_max, column_sum;
+    Buffer<T> rows, exps;
+    std::vector<T> column_max, column_sum;
 };
 
 // Mixture's P rows into `rows` (m×n; held.rows when null) by piecewise_row (the one code
@@ -250,15 +263,12 @@ struct HeldMixture {
 template <typename T>
 void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, T* rows = nullptr) {
     if (P.kernel != kMixture || P.column_max != nullptr) return;
-    if (rows == nullptr) {
-        held.rows.resize(P.m * P.n);
-        rows = held.rows.data();
-    }
+    if (rows == nullptr) rows = held.rows.allocate(P.m * P.n);
     for_each_row_chunk(P, row_chunks(P), [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> buffers(P.n, P.chunks);
         for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, rows + j * P.n, buffers);
     });
-    held.exps.resize(P.m * P.n);
+    held.exps.allocate(P.m * P.n);
     mixture_columns(P, static_cast<const T*>(rows), held.exps.data(), held.column_max, held.column_sum);
     P.column_max = held.column_max.data();
     P.column_sum = held.column_sum.data();
@@ -689,12 +699,13 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
     const bool dense = up.sparse == nullptr;
-    std::vector<T> column_dot(n, T(0)), held_D;
+    std::vector<T> column_dot(n, T(0));
+    Buffer<T> held_D;
     HeldMixture<T> held;
     hold_mixture_rows(P, held);
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (P.kernel == kMixture) {
-        if (dense) held_D.resize(P.m * n);
+        if (dense) held_D.allocate(P.m * n);
         std::vector<std::vector<double>> dots(chunks);
         for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
             Rows<T> rows(n, P.chunks);
