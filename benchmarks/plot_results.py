@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 IMAGES = Path(__file__).parent.parent / "docs" / "images"
 CPU_RUN = "cpu-2core-amd-epyc"
+REAL_MODELS_RUN = "cpu-2core-intel-xeon"
 
 
 def load(name: str) -> dict:
@@ -136,7 +137,7 @@ def main() -> None:
     cpu = load(CPU_RUN)
     ops_against_reference(cpu, IMAGES / "ops-cpu.png")
     layer_training_steps(cpu, IMAGES / "layers-cpu.png")
-    real_models(load(f"real-models-{CPU_RUN}"), IMAGES / "real-models-cpu.png")
+    real_models(load(f"real-models-{REAL_MODELS_RUN}"), IMAGES / "real-models-cpu.png")
     flora_autotune(load("flora-autotune"), IMAGES / "flora-autotune.png")
 
 
