@@ -275,9 +275,10 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        input, weight, out_emb, in_emb, coeff, params, tau, sparsity = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each tensor once
+        input, weight, out_emb, in_emb, coeff, params, tau, sparsity = saved
         input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        gradients = _sparse_linear_gradients if runs_eagerly(grad, *ctx.saved_tensors) else _sparse_linear_backward
+        gradients = _sparse_linear_gradients if runs_eagerly(grad, *saved) else _sparse_linear_backward
         with forward_backend(ctx):
             grad_input, d_out, d_in, d_coeff, d_params = gradients(
                 grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
