@@ -32,7 +32,7 @@ from .config import (
 )
 from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from .nn.attention import AdaptedMultiheadAttention, projection_weights
-from .nn.base import layer_kind
+from .nn.base import Adapter, layer_kind
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
@@ -565,6 +565,10 @@ def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.
     }
     for name in model.tensor_peft_configs[adapter_name].modules_to_save or ():
         destinations[f"{peft_format.MODULES_TO_SAVE}.{name}"] = model.get_submodule(name)
+    tensors = dict(tensors)
+    for name, module in destinations.items():
+        if isinstance(module, Adapter):
+            module.upgrade_saved(tensors, f"{name}.")
     expected = {
         f"{name}.{key}": (name, key, value)
         for name, module in destinations.items()

@@ -88,6 +88,15 @@ class Adapter(nn.Module):
         dropout = check_dropout(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def upgrade_saved(self, tensors: dict, prefix: str) -> None:
+        """Rename in place the keys (``prefix`` + name) under which an earlier version saved
+        this adapter's tensors to today's (none renamed by default). Both loading paths call
+        it: ``load_state_dict`` and the adapter files of ``tensor_peft.load_adapter``."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.upgrade_saved(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class WrapsBaseLayer(nn.Module):
     """A module around ``self.base_layer`` whose attributes (``weight``, ``in_channels``,

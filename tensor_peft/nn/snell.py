@@ -47,10 +47,16 @@ def learned_params(kernel: str) -> tuple[str, ...]:
     return tuple(name for name in KERNEL_PARAMS[kernel] if name != "eps")
 
 
-def stored_name(kernel: str, name: str) -> str:
-    """The attribute that holds parameter ``name``: ``<name>_raw`` for one that must be
-    positive (mixture's temperature gamma = softplus(gamma_raw)), else ``name``."""
-    return f"{name}_raw" if name in POSITIVE_PARAMS.get(kernel, ()) else name
+def is_positive(kernel: str, name: str) -> bool:
+    """Whether parameter ``name`` must be positive (mixture's temperature gamma): the
+    adapter stores it through a softplus, gamma = softplus(raw)."""
+    return name in POSITIVE_PARAMS.get(kernel, ())
+
+
+def legacy_key(kernel: str, name: str) -> str:
+    """The key of scalar ``name`` in adapters saved with a parameter per scalar:
+    ``<name>_raw`` for a positive one, else ``name``."""
+    return f"{name}_raw" if is_positive(kernel, name) else name
 
 
 def initial_value(kernel: str, name: str, rows: int) -> float:
@@ -67,6 +73,11 @@ class SNELLAdapter(Adapter):
     parameters, and the current sparsity (SNELLA's allocator changes it; it is saved
     with the adapter as its extra state, a float64 tensor no dtype cast of the model
     rounds; None, no sparsification, is saved as an empty one).
+
+    The kernel's learned scalars (``scalar_names``, in ``SCALAR_PARAMS`` order) are one
+    parameter, ``scalars``, a positive one stored as softplus⁻¹ of its value: a
+    parameter each would cost an optimizer's per-tensor loop a step each. Adapters saved
+    with a parameter per scalar (``legacy_key``) still load.
 
     The sparsity is held as a float64 0-dim CPU tensor, ``sparsity_tensor``, that a new
     value overwrites in place: a torch.compile'd model reads it as a graph input and does
@@ -87,19 +98,18 @@ class SNELLAdapter(Adapter):
         self.snell_in = nn.Parameter(torch.empty(chunks, columns, self.r // chunks, **factory))
         for embedding in (self.snell_out, self.snell_in):
             nn.init.kaiming_uniform_(embedding, a=math.sqrt(5))
-        for name in learned_params(kernel):
-            if name == "coeff":
-                coeff = torch.tensor(default_coeff(chunks), **factory)
-                if learnable_coeff:
-                    self.coeff = nn.Parameter(coeff)
-                else:
-                    self.register_buffer("coeff", coeff)
-                continue
-            value = initial_value(kernel, name, rows)
-            if stored_name(kernel, name) != name:
-                value = math.log(math.expm1(value))  # softplus⁻¹
-            # shape (1,): FSDP2 shards no 0-d parameter
-            setattr(self, stored_name(kernel, name), nn.Parameter(torch.tensor([value], **factory)))
+        if "coeff" in learned_params(kernel):
+            coeff = torch.tensor(default_coeff(chunks), **factory)
+            if learnable_coeff:
+                self.coeff = nn.Parameter(coeff)
+            else:
+                self.register_buffer("coeff", coeff)
+        self.scalar_names = tuple(name for name in SCALAR_PARAMS if name in learned_params(kernel))
+        if self.scalar_names:
+            values = [initial_value(kernel, name, rows) for name in self.scalar_names]
+            values = [math.log(math.expm1(v)) if is_positive(kernel, name) else v  # softplus⁻¹
+                      for v, name in zip(values, self.scalar_names)]  # fmt: skip
+            self.scalars = nn.Parameter(torch.tensor(values, **factory))
         self.sparsity_tensor: Tensor | None = None
         self.sparsity = sparsity
 
@@ -128,35 +138,33 @@ class SNELLAdapter(Adapter):
     def set_extra_state(self, state: Tensor) -> None:
         self.sparsity = None if state.numel() == 0 else float(state)
 
+    def upgrade_saved(self, tensors: dict, prefix: str) -> None:
+        old = [prefix + legacy_key(self.kernel, name) for name in self.scalar_names]
+        if old and prefix + "scalars" not in tensors and all(key in tensors for key in old):
+            tensors[prefix + "scalars"] = torch.cat([tensors.pop(key).reshape(1) for key in old])
+
+    def scalar(self, name: str) -> Tensor:
+        """Learned scalar ``name`` as the ops take it, shape (1,) (a positive one through its softplus)."""
+        index = self.scalar_names.index(name)
+        stored = self.scalars[index : index + 1]
+        return F.softplus(stored) if is_positive(self.kernel, name) else stored
+
     def kernel_params(self) -> dict[str, Tensor]:
         """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
-        params = {}
-        for name in learned_params(self.kernel):
-            stored = getattr(self, stored_name(self.kernel, name))
-            if name == "coeff":
-                params[name] = stored
-            elif stored_name(self.kernel, name) != name:
-                params[name] = F.softplus(stored).squeeze(0)  # stays positive
-            else:
-                params[name] = stored.squeeze(0)
-        return params
+        params = {"coeff": self.coeff} if "coeff" in learned_params(self.kernel) else {}
+        return params | {name: self.scalar(name).squeeze(0) for name in self.scalar_names}
 
     def op_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         """(out_emb, in_emb, coeff ``(H,)``, params (alpha, beta, gamma), eps) in ``dtype``, the
         form the ops' checks give ``kernel_inputs`` (zeros for what the kernel does not
         use), built with few operations: a layer's forward runs it every call."""
-        learned = learned_params(self.kernel)
         out_emb = self.snell_out.to(dtype).contiguous()
-        coeff = self.coeff.to(dtype) if "coeff" in learned else out_emb.new_zeros(out_emb.shape[0])
-
-        def scalar(name: str) -> Tensor:  # shape (1,)
-            if name not in learned:
-                return out_emb.new_zeros(1)
-            stored = getattr(self, stored_name(self.kernel, name))
-            return F.softplus(stored) if stored_name(self.kernel, name) != name else stored
-
-        if any(name in learned for name in SCALAR_PARAMS):
-            params = torch.cat([scalar(name).to(dtype) for name in SCALAR_PARAMS])
+        coeff = self.coeff.to(dtype) if "coeff" in learned_params(self.kernel) else out_emb.new_zeros(out_emb.shape[0])
+        if self.scalar_names == SCALAR_PARAMS and not POSITIVE_PARAMS.get(self.kernel):
+            params = self.scalars.to(dtype)
+        elif self.scalar_names:
+            zero = out_emb.new_zeros(1)
+            params = torch.cat([self.scalar(n).to(dtype) if n in self.scalar_names else zero for n in SCALAR_PARAMS])
         else:
             params = out_emb.new_zeros(len(SCALAR_PARAMS))
         eps = KERNEL_PARAMS[self.kernel].get("eps", 0.0)

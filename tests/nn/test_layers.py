@@ -62,12 +62,13 @@ def snell_kernel(adapter) -> torch.Tensor:
         piecewise = (adapter.coeff[:, None, None] * chunk_distances).sum(0)
         if adapter.kernel == "piecewise_linear":
             return piecewise
-        gamma = F.softplus(adapter.gamma_raw)
-        return piecewise + adapter.alpha * torch.softmax(piecewise / gamma, dim=0) + adapter.beta
+        alpha, beta, gamma_raw = adapter.scalars
+        return piecewise + alpha * torch.softmax(piecewise / F.softplus(gamma_raw), dim=0) + beta
+    alpha, beta, gamma = adapter.scalars if adapter.kernel in ("rbf", "sigmoid") else (None,) * 3
     if adapter.kernel == "rbf":
-        return adapter.alpha * torch.exp(-adapter.beta * squared) + adapter.gamma
+        return alpha * torch.exp(-beta * squared) + gamma
     if adapter.kernel == "sigmoid":
-        return adapter.alpha * torch.sigmoid(adapter.beta * b @ a.T) + adapter.gamma
+        return alpha * torch.sigmoid(beta * b @ a.T) + gamma
     return b @ a.T
 
 

@@ -9,6 +9,7 @@ import copy
 import gc
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -280,7 +281,53 @@ def test_adapter_learns_exactly_the_parameters_of_the_ops_table(kernel):
         else:
             assert value.item() == pytest.approx(default)
     learned = {name for name, p in adapter.named_parameters() if name not in ("snell_out", "snell_in")}
-    assert len(learned) == len(params)
+    scalars = {"alpha", "beta", "gamma"} & set(params)
+    assert learned == {"coeff"} & set(params) | ({"scalars"} if scalars else set())  # the scalars in one
+    assert set(adapter.scalar_names) == scalars
     ops.kernelized_delta(adapter.snell_out, adapter.snell_in, kernel, **params).square().sum().backward()
     for name in learned:
         assert getattr(adapter, name).grad is not None, name
+        assert getattr(adapter, name).grad.ne(0).all(), name  # every scalar is trained
+
+
+@pytest.mark.parametrize("kernel", ["mixture", "rbf"])
+def test_adapters_saved_with_a_parameter_per_scalar_still_load(kernel, tmp_path):
+    """Adapters saved before the scalars became one parameter (keys alpha, beta and gamma,
+    mixture's gamma as gamma_raw) load, by load_state_dict and from an adapter file, into
+    the same function."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 5))
+    tp.inject(model, tp.SNELLConfig(target_modules=[nn.Linear], r=2, kernel=kernel, sparsity=0.4))
+    with torch.no_grad():
+        model[0].adapters["default"].scalars.copy_(torch.tensor([0.3, -0.2, 0.7]))
+    x = torch.randn(3, 6)
+    expected = model(x)
+    names = {"alpha": "alpha", "beta": "beta", "gamma": "gamma_raw" if kernel == "mixture" else "gamma"}
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(".scalars"):
+            old.update({key.replace("scalars", names[n]): value[i : i + 1].clone() for i, n in enumerate(names)})
+        else:
+            old[key] = value
+    assert "0.adapters.default.scalars" not in old and "0.adapters.default.alpha" in old
+
+    def fresh():
+        torch.manual_seed(9)
+        other = nn.Sequential(nn.Linear(6, 5))
+        other[0].load_state_dict(model[0].base_layer.state_dict())
+        return tp.inject(other, tp.SNELLConfig(target_modules=[nn.Linear], r=2, kernel=kernel, sparsity=0.4))
+
+    loaded = fresh()
+    loaded.load_state_dict(old)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    tp.save_adapter(model, tmp_path / "adapter")
+    weights = next((tmp_path / "adapter").glob("*.safetensors"))
+    saved = safetensors.torch.load_file(weights)
+    (key,) = [k for k in saved if k.endswith(".scalars")]
+    scalars = saved.pop(key)
+    saved.update({key.replace("scalars", names[n]): scalars[i : i + 1].clone() for i, n in enumerate(names)})
+    safetensors.torch.save_file(saved, weights)
+    base = nn.Sequential(nn.Linear(6, 5))
+    base[0].load_state_dict(model[0].base_layer.state_dict())
+    from_file = tp.load_adapter(base, tmp_path / "adapter")
+    torch.testing.assert_close(from_file(x), expected, rtol=0, atol=0)
