@@ -107,9 +107,9 @@ class SNELLAdapter(Adapter):
         self.scalar_names = tuple(name for name in SCALAR_PARAMS if name in learned_params(kernel))
         if self.scalar_names:
             values = [initial_value(kernel, name, rows) for name in self.scalar_names]
-            values = [math.log(math.expm1(v)) if is_positive(kernel, name) else v  # softplus⁻¹
-                      for v, name in zip(values, self.scalar_names)]  # fmt: skip
-            self.scalars = nn.Parameter(torch.tensor(values, **factory))
+            stored = [math.log(math.expm1(value)) if is_positive(kernel, name) else value  # softplus⁻¹
+                      for name, value in zip(self.scalar_names, values)]  # fmt: skip
+            self.scalars = nn.Parameter(torch.tensor(stored, **factory))
         self.sparsity_tensor: Tensor | None = None
         self.sparsity = sparsity
 
@@ -160,9 +160,7 @@ class SNELLAdapter(Adapter):
         use), built with few operations: a layer's forward runs it every call."""
         out_emb = self.snell_out.to(dtype).contiguous()
         coeff = self.coeff.to(dtype) if "coeff" in learned_params(self.kernel) else out_emb.new_zeros(out_emb.shape[0])
-        if self.scalar_names == SCALAR_PARAMS and not POSITIVE_PARAMS.get(self.kernel):
-            params = self.scalars.to(dtype)
-        elif self.scalar_names:
+        if self.scalar_names:
             zero = out_emb.new_zeros(1)
             params = torch.cat([self.scalar(n).to(dtype) if n in self.scalar_names else zero for n in SCALAR_PARAMS])
         else:

@@ -86,17 +86,18 @@ def run(op: str, device: torch.device, *args):
         return kernel(*args)
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def runs_eagerly(*tensors: Tensor | None) -> bool:
     """Whether a custom op's Python implementation may be called directly instead of the
     registered op, skipping the dispatcher (tens of µs a call, as much as a small layer's
-    kernels): in eager mode, on plain tensors (and parameters) on a real device. torch.compile, tensor
-    subclasses (fake, functional, DTensor) and meta tensors need the registered op."""
+    kernels): in eager mode, on plain tensors (and parameters) on a real device.
+    torch.compile, tensor subclasses (fake, functional, DTensor) and meta tensors need the
+    registered op."""
     return not torch.compiler.is_compiling() and all(
         tensor is None or (type(tensor) in _PLAIN_TENSORS and tensor.device.type != "meta") for tensor in tensors
     )
-
-
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def record_backend(ctx, op: str, device: torch.device) -> None:
