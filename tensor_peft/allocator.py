@@ -145,6 +145,40 @@ class SparsityAllocator(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.sizes = [adapter.snell_out.shape[1] * adapter.snell_in.shape[1] for adapter in self.adapters.values()]
         check_floors(self.floors(), min(self.budget(0), self.budget(config.total_steps)), config.min_keep)
+        self._pack()
+
+    def _slots(self) -> list[tuple[str, str]]:
+        """(module name, side) of every embedding, in the order step() reads them."""
+        return [(name, side) for name in self.adapters for side in ("in", "out")]
+
+    def _pack(self) -> None:
+        """Make the statistics buffers views of one flat tensor per kind (in ``_slots``
+        order) when they are plain tensors of one device and dtype: step() then updates
+        them in a few whole-tensor ops, where a multi-tensor op is a loop of per-tensor
+        ops on the CPU. Otherwise (DTensors, several devices) nothing is packed."""
+        self.packed = None
+        stats = [(self.statistics[self.statistics_keys[name]], side) for name, side in self._slots()]
+        kinds = {kind: [getattr(layer, f"{kind}_{side}") for layer, side in stats]
+                 for kind in ("importance", "uncertainty")}  # fmt: skip
+        tensors = [tensor for group in kinds.values() for tensor in group]
+        if not tensors or any(type(t) is not torch.Tensor for t in tensors):
+            return
+        if len({(tensor.device, tensor.dtype) for tensor in tensors}) > 1:
+            return
+        packed = {}
+        for kind, group in kinds.items():
+            flat, offset = torch.cat([tensor.reshape(-1) for tensor in group]), 0
+            for (layer, side), tensor in zip(stats, group):
+                setattr(layer, f"{kind}_{side}", flat[offset : offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
+            packed[kind] = flat
+        self.packed = packed
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``to``, ``cuda``, casts), the buffers packed again."""
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
 
     def budget(self, step: int) -> int:
         """V(t) = V_T + (V_0 − V_T)·(1 − (t − t_i)/(T − t_i − t_f))³, the fraction clamped
@@ -184,31 +218,34 @@ class SparsityAllocator(nn.Module):
             raise ValueError(
                 f"adapter {self.adapter_name!r} is merged into module {merged[0]!r}: unmerge before allocator.step()"
             )
-        keys, embeddings, grads = [], [], []
-        for name, adapter in self.adapters.items():
-            for side in ("in", "out"):
-                embedding = getattr(adapter, f"snell_{side}")
-                if embedding.grad is None:
-                    raise RuntimeError(
-                        f"{name}: snell_{side} has no gradient; call allocator.step() after "
-                        "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
-                    )
-                keys.append((name, side))
-                embeddings.append(embedding)
-                grads.append(embedding.grad)
-        # one multi-tensor op per stage for all layers, in place where it can be (a step's
-        # cost is the calls, not the flops)
-        importances = torch._foreach_mul(embeddings, grads)
-        torch._foreach_abs_(importances)
-        if any(importance.dtype != torch.float32 for importance in importances):
-            importances = [importance.float() for importance in importances]
-        if not _all_finite(importances):
-            bad = next(key[0] for key, importance in zip(keys, importances) if not importance.isfinite().all())
-            warnings.warn(f"module {bad!r} has non-finite gradients: this step leaves the importance statistics as they were")
-        else:
+        keys, embeddings, grads = self._slots(), [], []
+        for name, side in keys:
+            embedding = getattr(self.adapters[name], f"snell_{side}")
+            if embedding.grad is None:
+                raise RuntimeError(
+                    f"{name}: snell_{side} has no gradient; call allocator.step() after "
+                    "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
+                )
+            embeddings.append(embedding)
+            grads.append(embedding.grad)
+        # one multi-tensor op per stage for all layers, or one op on the packed buffers, in
+        # place where it can be (a step's cost is the calls, not the flops)
+        products = torch._foreach_mul(embeddings, grads)
+        if self.packed is None:
+            torch._foreach_abs_(products)
+            importances = products
             statistics = [self.statistics[self.statistics_keys[name]] for name, _ in keys]
             means = [getattr(stats, f"importance_{side}") for stats, (_, side) in zip(statistics, keys)]
             uncertainties = [getattr(stats, f"uncertainty_{side}") for stats, (_, side) in zip(statistics, keys)]
+        else:
+            importances = [torch.cat([product.reshape(-1) for product in products]).abs_()]
+            means, uncertainties = [self.packed["importance"]], [self.packed["uncertainty"]]
+        if any(importance.dtype != torch.float32 for importance in importances):
+            importances = [importance.float() for importance in importances]
+        if not _all_finite(importances):
+            bad = next(key[0] for key, product in zip(keys, products) if not product.isfinite().all())
+            warnings.warn(f"module {bad!r} has non-finite gradients: this step leaves the importance statistics as they were")
+        else:
             torch._foreach_lerp_(means, importances, 1 - c.beta1)  # β1·Ī + (1 − β1)·I
             deviations = torch._foreach_sub(importances, means)
             torch._foreach_abs_(deviations)
@@ -247,7 +284,9 @@ class SparsityAllocator(nn.Module):
         for key in own.keys() & state_dict.keys():
             if tuple(state_dict[key].shape) != tuple(own[key]):
                 raise ValueError(f"allocator state {key!r} has shape {tuple(state_dict[key].shape)}, this model's {tuple(own[key])}")
-        return super().load_state_dict(state_dict, strict, assign)
+        result = super().load_state_dict(state_dict, strict, assign)
+        self._pack()  # assign=True put the loaded tensors in place of the views
+        return result
 
     def sparsities(self) -> dict[str, float]:
         """The layers' current sparsities by module name."""

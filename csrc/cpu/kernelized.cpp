@@ -59,6 +59,7 @@ struct Problem {
     const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
     const T* piecewise_rows = nullptr;  // mixture: P's rows (m, n), computed once
+    const T* piecewise_roots = nullptr;  // and, for the backward, their roots (m, H, n)
     T* softmax_rows = nullptr;          // and E's rows, each made S's by raw_row (hold_mixture_rows)
 };
 
@@ -100,21 +101,22 @@ inline void dots(const Problem<T>& P, int64_t j, T* out) {
     }
 }
 
-// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps), the roots kept in rows.roots
-// for the backward. Never inlined: every pass (mixture's column maxima and sums, ΔW's
+// piecewise[i] = Σ_h coeff[h]·sqrt(‖b_j^h − a_i^h‖² + eps), the roots kept in `roots`
+// (H·n values, chunk h at h·n) for the backward. Never inlined: every pass (mixture's column maxima and sums, ΔW's
 // rows, the backward) gets P from this one compiled code, so P − max_j P is exactly 0 at
 // the maximum and the same everywhere (code inlined into different callers may contract
 // a·b + c into an FMA differently, and the softmax magnifies a difference of one rounding
 // by 1/gamma).
 template <typename T>
-TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, Rows<T>& rows) {
+TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, int64_t j, T* piecewise, T* roots,
+                                                           Rows<T>& rows) {
     const int64_t n = P.n;
     T* distance = rows.distance.data();
     for (int64_t i = 0; i < n; ++i) piecewise[i] = T(0);
     for (int64_t h = 0; h < P.chunks; ++h) {
         squared_distances(P, j, h, distance);
         const T c = P.coeff[h];
-        T* root = rows.roots.data() + h * n;
+        T* root = roots + h * n;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
             root[i] = piecewise_root(distance[i], P.eps);
@@ -181,7 +183,7 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
         if (P.piecewise_rows != nullptr)
             std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, out);
         else
-            piecewise_row(P, j, out, rows);
+            piecewise_row(P, j, out, rows.roots.data(), rows);
         if (P.kernel == kMixture) add_softmax_terms(P, out, P.softmax_rows + j * P.n);
         return;
     }
@@ -205,23 +207,16 @@ TP_CPU_CLONES void exp_terms(const Problem<T>& P, const T* piecewise, const T* c
     }
 }
 
-// Mixture's column statistics from P's rows `held` (m×n): max_j P and Σ_j E (summed in
-// double), E's rows into exps (m×n); two passes, each with a partial per chunk of rows
-// combined in chunk order.
+// Mixture's column statistics from P's rows `held` (m×n) and their maxima per chunk of
+// rows (`maxima`, chunks × n): max_j P, then E's rows into exps (m×n) and Σ_j E (summed in
+// double, a partial per chunk of rows), partials combined in chunk order.
 template <typename T>
-void mixture_columns(const Problem<T>& P, const T* held, T* exps, std::vector<T>& column_max,
-                     std::vector<T>& column_sum) {
+void mixture_columns(const Problem<T>& P, const T* held, const std::vector<T>& maxima, T* exps,
+                     std::vector<T>& column_max, std::vector<T>& column_sum) {
     const int64_t n = P.n, chunks = row_chunks(P);
-    std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
-    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        T* local = maxima.data() + c * n;
-        for (int64_t j = begin; j < end; ++j)
-            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], held[j * n + i]);
-    });
     column_max.assign(n, -std::numeric_limits<T>::infinity());
     for (int64_t c = 0; c < chunks; ++c)
         for (int64_t i = 0; i < n; ++i) column_max[i] = std::max(column_max[i], maxima[c * n + i]);
-    std::vector<T>().swap(maxima);
     std::vector<double> sums(chunks * n, 0.0);
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j)
@@ -249,27 +244,39 @@ struct Buffer {
 };
 
 // What mixture holds while it runs: P's rows (unless the caller's buffer holds them), E's
-// rows, and the column statistics. Transient: two m×n buffers.
+// rows, the column statistics and, for the backward, P's roots. Transient: two m×n
+// buffers, and H more with the roots.
 template <typename T>
 struct HeldMixture {
-    Buffer<T> rows, exps;
+    Buffer<T> rows, exps, roots;
     std::vector<T> column_max, column_sum;
 };
 
 // Mixture's P rows into `rows` (m×n; held.rows when null) by piecewise_row (the one code
-// for P: every pass gets the same bits), E's rows and the column statistics from them,
-// all into P, unless P has the statistics. raw_row then copies P's row j and turns E's row
-// j into S's, once.
+// for P: every pass gets the same bits), their column maxima as each row is made, E's rows
+// and the column statistics from them, all into P, unless P has the statistics;
+// `with_roots` holds P's roots too (the backward's gradients read them). raw_row then
+// copies P's row j and turns E's row j into S's, once.
 template <typename T>
-void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, T* rows = nullptr) {
+void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, bool with_roots, T* rows = nullptr) {
     if (P.kernel != kMixture || P.column_max != nullptr) return;
     if (rows == nullptr) rows = held.rows.allocate(P.m * P.n);
-    for_each_row_chunk(P, row_chunks(P), [&](int64_t, int64_t begin, int64_t end) {
-        Rows<T> buffers(P.n, P.chunks);
-        for (int64_t j = begin; j < end; ++j) piecewise_row(P, j, rows + j * P.n, buffers);
+    const int64_t row_roots = P.chunks * P.n;
+    T* roots = with_roots ? held.roots.allocate(P.m * row_roots) : nullptr;
+    const int64_t n = P.n, chunks = row_chunks(P);
+    std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
+    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+        Rows<T> buffers(n, P.chunks);
+        T* local = maxima.data() + c * n;
+        for (int64_t j = begin; j < end; ++j) {
+            T* row = rows + j * n;
+            piecewise_row(P, j, row, roots ? roots + j * row_roots : buffers.roots.data(), buffers);
+            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
+        }
     });
-    held.exps.allocate(P.m * P.n);
-    mixture_columns(P, static_cast<const T*>(rows), held.exps.data(), held.column_max, held.column_sum);
+    P.piecewise_roots = roots;
+    held.exps.allocate(P.m * n);
+    mixture_columns(P, static_cast<const T*>(rows), maxima, held.exps.data(), held.column_max, held.column_sum);
     P.column_max = held.column_max.data();
     P.column_sum = held.column_sum.data();
     P.piecewise_rows = rows;
@@ -303,7 +310,7 @@ template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     const int64_t chunks = row_chunks(P);
     HeldMixture<T> held;
-    hold_mixture_rows(P, held, out);
+    hold_mixture_rows(P, held, false, out);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
@@ -325,39 +332,67 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     });
 }
 
-// The radix passes after the first digit, over count keys given by key_at(i): the
-// prefix (found digits) grows until every bit is found; returns the key of rank `rank`.
+// The keys key_at(i) of count values that share `prefix` on `prefix_mask`, compacted in
+// order into a new vector. Branch-free: each key is written and the end advanced by
+// whether it matches (a branch mispredicted on half the keys cost more than the pass).
 template <typename Bits, typename KeyAt>
-Bits select_rest(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask, int64_t rank, int high) {
+std::vector<Bits> matching_keys(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask) {
+    const int64_t chunks = chunk_count(count, kChunk);
+    Buffer<Bits> slots;  // chunk c writes from its begin + c: a spare slot per chunk
+    slots.allocate(count + chunks);
+    std::vector<int64_t> found(chunks, 0);
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t begin, end;
+        chunk_range(count, chunks, c, begin, end);
+        Bits* out = slots.data() + begin + c;
+        int64_t kept = 0;
+        for (int64_t i = begin; i < end; ++i) {
+            const Bits key = key_at(i);
+            out[kept] = key;
+            kept += (key & prefix_mask) == prefix;
+        }
+        found[c] = kept;
+    });
+    std::vector<Bits> keys;
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t begin, end;
+        chunk_range(count, chunks, c, begin, end);
+        keys.insert(keys.end(), slots.data() + begin + c, slots.data() + begin + c + found[c]);
+    }
+    return keys;
+}
+
+// The radix passes after the first digit, over `keys` that all share the found digits
+// `prefix` (on prefix_mask): each pass counts the next digit, picks the bin holding rank
+// `rank`, and keeps that bin's keys for the next; returns the key of that rank.
+template <typename Bits>
+Bits select_rest(std::vector<Bits> keys, Bits prefix, Bits prefix_mask, int64_t rank, int high) {
     constexpr int kDigit = 11;  // 2048 bins: per-chunk counts stay in L1
     for (; high > 0; high -= kDigit) {
         const int width = std::min(kDigit, high);
         const int shift = high - width;
-        const int64_t bins = int64_t(1) << width;
+        const int64_t bins = int64_t(1) << width, count = int64_t(keys.size());
         std::vector<int64_t> counts(bins, 0);
         const int64_t chunks = chunk_count(count, int64_t(1) << 16);
         for_each_chunk(chunks, [&](int64_t c) {
             int64_t begin, end;
             chunk_range(count, chunks, c, begin, end);
             std::vector<int64_t> local(bins, 0);
-            for (int64_t i = begin; i < end; ++i) {
-                const Bits key = key_at(i);
-                if ((key & prefix_mask) == prefix) ++local[(key >> shift) & (bins - 1)];
-            }
+            for (int64_t i = begin; i < end; ++i) ++local[(keys[i] >> shift) & (bins - 1)];
 #pragma omp critical(tensor_peft_counts)
             for (int64_t b = 0; b < bins; ++b) counts[b] += local[b];
         });
         const int64_t bin = tensor_peft::radix::pick_bin(counts.data(), bins, rank);
         prefix |= Bits(bin) << shift;
         prefix_mask |= Bits(bins - 1) << shift;
+        if (shift > 0) keys = matching_keys([&keys](int64_t i) { return keys[i]; }, count, prefix, prefix_mask);
     }
     return prefix;
 }
 
 // τ = the k-th smallest |x| (1-based) of count values, given the counts of their first
-// digit; −inf when k = 0. The keys in the first digit's chosen bin are copied out when
-// they are few (the usual case: a bin spans 1/8 (float) or 1/32 (double) of an octave),
-// so that the later passes read only them; otherwise the passes read x.
+// digit; −inf when k = 0. The keys in the first digit's chosen bin are copied out, and
+// the later passes read only them.
 template <typename T>
 T kth_smallest_magnitude(const T* x, int64_t count, int64_t k, const int64_t* first_counts) {
     using Key = tensor_peft::radix::Key<T>;
@@ -367,24 +402,9 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k, const int64_t* fi
     int64_t rank = k;
     const int64_t bin = tensor_peft::radix::pick_bin(first_counts, first_digit_bins<T>(), rank);
     const Bits prefix = Bits(bin) << shift, prefix_mask = Bits(first_digit_bins<T>() - 1) << shift;
-    const auto key_of_x = [x](int64_t i) { return tensor_peft::radix::abs_key(x[i]); };
-    if (first_counts[bin] > count / 16)
-        return tensor_peft::radix::from_key<T>(select_rest(key_of_x, count, prefix, prefix_mask, rank, shift));
-    const int64_t chunks = chunk_count(count, kChunk);
-    std::vector<std::vector<Bits>> chunk_candidates(chunks);
-    for_each_chunk(chunks, [&](int64_t c) {
-        int64_t begin, end;
-        chunk_range(count, chunks, c, begin, end);
-        for (int64_t i = begin; i < end; ++i) {
-            const Bits key = key_of_x(i);
-            if ((key & prefix_mask) == prefix) chunk_candidates[c].push_back(key);
-        }
-    });
-    std::vector<Bits> candidates;
-    for (const auto& keys : chunk_candidates) candidates.insert(candidates.end(), keys.begin(), keys.end());
-    const auto key_of_candidate = [&candidates](int64_t i) { return candidates[i]; };
-    return tensor_peft::radix::from_key<T>(
-        select_rest(key_of_candidate, int64_t(candidates.size()), prefix, prefix_mask, rank, shift));
+    std::vector<Bits> keys = matching_keys([x](int64_t i) { return tensor_peft::radix::abs_key(x[i]); }, count,
+                                           prefix, prefix_mask);
+    return tensor_peft::radix::from_key<T>(select_rest(std::move(keys), prefix, prefix_mask, rank, shift));
 }
 
 // τ of count values by the passes above, the first digit counted here.
@@ -446,11 +466,10 @@ inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const
 
 // Gradients of row j given D = ∂L/∂(the kernel's output before mixture's softmax term)
 // (for mixture: ∂L/∂P), entry by entry as tensor_peft/kernelized.h: d_out_emb rows j
-// (written), the rest into partials. Piecewise and mixture read row j's roots from rows
-// (piecewise_row of row j has filled them).
+// (written), the rest into partials. Piecewise and mixture read row j's roots (H·n).
 template <typename T>
-TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d_out_emb, Partials<T>& acc,
-                                Rows<T>& rows) {
+TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, const T* roots, T* d_out_emb,
+                                Partials<T>& acc, Rows<T>& rows) {
     const int64_t n = P.n;
     T* W = rows.scratch.data();
     if (!is_piecewise(P.kernel)) {
@@ -468,7 +487,7 @@ TP_CPU_CLONES void backward_row(const Problem<T>& P, int64_t j, const T* D, T* d
         return;
     }
     for (int64_t h = 0; h < P.chunks; ++h) {
-        const T* root = rows.roots.data() + h * n;
+        const T* root = roots + h * n;
         const T c = P.coeff[h];
         double d_coeff = 0;
 #pragma omp simd reduction(+ : d_coeff)
@@ -643,7 +662,7 @@ void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, 
                   Rows<T>& rows) {
     const bool need_raw = (mode != kNone && up.sparse == nullptr) || delta != nullptr;
     if (P.kernel == kPiecewise) {
-        piecewise_row(P, j, rows.piecewise.data(), rows);
+        piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);
         if (need_raw) std::copy(rows.piecewise.begin(), rows.piecewise.end(), K);
     } else if (need_raw) {
         raw_row(P, j, K, rows);
@@ -693,7 +712,7 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 // given `delta` (m, n; dense Γ and mode ≠ kNone), the sparsified ΔW the mask was taken of.
 // Mixture takes two passes over the rows: the first makes each row's D and S once and
 // keeps them (S over E's held row, D in an m×n buffer unless the kept entries hold it),
-// with c_i = Σ_j D_ji S_ji; the second computes P's roots again for the gradients.
+// with c_i = Σ_j D_ji S_ji; the second reads P's held rows and roots for the gradients.
 template <typename T>
 void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
               T* d_params) {
@@ -702,7 +721,7 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
     std::vector<T> column_dot(n, T(0));
     Buffer<T> held_D;
     HeldMixture<T> held;
-    hold_mixture_rows(P, held);
+    hold_mixture_rows(P, held, true);
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (P.kernel == kMixture) {
         if (dense) held_D.allocate(P.m * n);
@@ -734,17 +753,18 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
         std::vector<T> row_D(n), K(n);
         for (int64_t j = begin; j < end; ++j) {
             T* D = row_D.data();
+            const T* roots = rows.roots.data();
             if (P.kernel != kMixture) {
                 row_upstream(P, up, j, tau, mode, delta, K.data(), D, rows);
             } else {
-                piecewise_row(P, j, rows.piecewise.data(), rows);
+                roots = P.piecewise_roots + j * P.chunks * n;
                 if (dense)
                     D = held_D.data() + j * n;
                 else
                     upstream_row(up, j, n, K.data(), tau, mode, D);
-                softmax_backward(P, rows.piecewise.data(), P.softmax_rows + j * n, column_dot.data(), D, acc);
+                softmax_backward(P, P.piecewise_rows + j * n, P.softmax_rows + j * n, column_dot.data(), D, acc);
             }
-            backward_row(P, j, D, d_out_emb, acc, rows);
+            backward_row(P, j, D, roots, d_out_emb, acc, rows);
         }
     });
 #pragma omp parallel for schedule(static) if (chunks > 1)
@@ -868,7 +888,7 @@ void bind(py::module_& m, const std::string& suffix) {
               py::gil_scoped_release release;
               const T t = static_cast<T>(tau);
               HeldMixture<T> held;
-              hold_mixture_rows(P, held);  // the mask needs ΔW_raw's rows
+              hold_mixture_rows(P, held, true);  // the mask needs ΔW_raw's rows
               const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification, out_delta);
               backward(P, Upstream<T>{nullptr, &D}, t, sparsification, static_cast<T*>(nullptr), d.d_out_emb, d.d_in_t, d.d_coeff,
                        d.d_params);

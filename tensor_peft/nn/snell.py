@@ -143,16 +143,21 @@ class SNELLAdapter(Adapter):
         if old and prefix + "scalars" not in tensors and all(key in tensors for key in old):
             tensors[prefix + "scalars"] = torch.cat([tensors.pop(key).reshape(1) for key in old])
 
-    def scalar(self, name: str) -> Tensor:
-        """Learned scalar ``name`` as the ops take it, shape (1,) (a positive one through its softplus)."""
-        index = self.scalar_names.index(name)
-        stored = self.scalars[index : index + 1]
-        return F.softplus(stored) if is_positive(self.kernel, name) else stored
+    def scalar_values(self) -> Tensor:
+        """The learned scalars as the ops take them, ``(len(scalar_names),)``: the positive
+        ones, last in ``SCALAR_PARAMS`` order, through their softplus. Three autograd nodes
+        (split, softplus, cat) whatever the count: a layer's forward runs it every call."""
+        positive = sum(is_positive(self.kernel, name) for name in self.scalar_names)
+        if not positive:
+            return self.scalars
+        plain, stored = self.scalars.split([len(self.scalar_names) - positive, positive])
+        return torch.cat([plain, F.softplus(stored)])
 
     def kernel_params(self) -> dict[str, Tensor]:
         """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
         params = {"coeff": self.coeff} if "coeff" in learned_params(self.kernel) else {}
-        return params | {name: self.scalar(name).squeeze(0) for name in self.scalar_names}
+        values = self.scalar_values() if self.scalar_names else None
+        return params | {name: values[index] for index, name in enumerate(self.scalar_names)}
 
     def op_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         """(out_emb, in_emb, coeff ``(H,)``, params (alpha, beta, gamma), eps) in ``dtype``, the
@@ -160,9 +165,8 @@ class SNELLAdapter(Adapter):
         use), built with few operations: a layer's forward runs it every call."""
         out_emb = self.snell_out.to(dtype).contiguous()
         coeff = self.coeff.to(dtype) if "coeff" in learned_params(self.kernel) else out_emb.new_zeros(out_emb.shape[0])
-        if self.scalar_names:
-            zero = out_emb.new_zeros(1)
-            params = torch.cat([self.scalar(n).to(dtype) if n in self.scalar_names else zero for n in SCALAR_PARAMS])
+        if self.scalar_names:  # a kernel with scalars learns them all (SCALAR_PARAMS)
+            params = self.scalar_values().to(dtype)
         else:
             params = out_emb.new_zeros(len(SCALAR_PARAMS))
         eps = KERNEL_PARAMS[self.kernel].get("eps", 0.0)

@@ -96,7 +96,7 @@ def runs_eagerly(*tensors: Tensor | None) -> bool:
     torch.compile, tensor subclasses (fake, functional, DTensor) and meta tensors need the
     registered op."""
     return not torch.compiler.is_compiling() and all(
-        tensor is None or (type(tensor) in _PLAIN_TENSORS and tensor.device.type != "meta") for tensor in tensors
+        tensor is None or (type(tensor) in _PLAIN_TENSORS and not tensor.is_meta) for tensor in tensors
     )
 
 

@@ -31,7 +31,8 @@ from ..config import KERNELS, check_choice, check_real
 from ._common import check_same_device, check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
 
 # The parameters each kernel (each of config.KERNELS) takes, with their defaults (coeff's
-# default depends on H).
+# default depends on H). A kernel takes all of SCALAR_PARAMS or none, and its positive ones
+# come last in that order: the adapters build the ops' scalars in one piece (nn.snell).
 KERNEL_PARAMS: dict[str, dict[str, float | None]] = {
     "piecewise_linear": {"coeff": None, "eps": 1e-12},
     "rbf": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0},

@@ -114,10 +114,24 @@ def train(model, allocator, steps, data, optimizer=None):
     return history, optimizer
 
 
-def test_importance_statistics_and_allocation_follow_the_formulas():
+def prepared_allocator(model, how: str) -> tp.SparsityAllocator:
+    """A fresh allocator, after what may replace its statistics buffers (the packed views
+    of one flat tensor per kind), or left unpacked (the per-tensor path)."""
+    allocator = tp.SparsityAllocator(model)
+    if how == "cast-round-trip":
+        allocator.to(torch.float64).to(torch.float32)
+    elif how == "loaded-with-assign":
+        allocator.load_state_dict({k: v.clone() for k, v in allocator.state_dict().items()}, assign=True)
+    elif how == "unpacked":
+        allocator.packed = None
+    return allocator
+
+
+@pytest.mark.parametrize("how", ["fresh", "cast-round-trip", "loaded-with-assign", "unpacked"])
+def test_importance_statistics_and_allocation_follow_the_formulas(how):
     config = tp.SNELLAConfig(target_modules=[nn.Linear], r=2, interval=3, **SCHEDULE)
     model = tp.inject(two_layer_model(), config)
-    allocator = tp.SparsityAllocator(model)
+    allocator = prepared_allocator(model, how)
     adapters = [model[0].adapters["default"], model[2].adapters["default"]]
     means = [[torch.zeros_like(e) for e in (a.snell_in, a.snell_out)] for a in adapters]
     spreads = copy.deepcopy(means)
