@@ -32,7 +32,7 @@ def _kernel(name: str, dtype: torch.dtype):
     """The _C kernel ``name`` for ``dtype``, the extension's OpenMP threads first set to
     ``torch.get_num_threads()`` for this thread: ``torch.set_num_threads`` governs both (the
     extension may link another OpenMP runtime than torch's). Results do not depend on it."""
-    extension("_C").set_max_threads(count=torch.get_num_threads())
+    extension("_C").set_max_threads(torch.get_num_threads())
     return extension_kernel("_C", name, dtype)
 
 

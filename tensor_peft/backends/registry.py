@@ -71,6 +71,7 @@ def extension(module: str) -> ModuleType:
     return importlib.import_module(f"tensor_peft.{module}")
 
 
+@functools.cache
 def extension_kernel(module: str, name: str, dtype: torch.dtype) -> Callable:
     """The compiled kernel ``tensor_peft.<module>.<name>_f32`` / ``_f64`` for ``dtype``."""
     suffix = {torch.float32: "f32", torch.float64: "f64"}[dtype]

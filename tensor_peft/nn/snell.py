@@ -31,12 +31,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
 from ..ops.kernelized_delta import KERNEL_PARAMS, POSITIVE_PARAMS, SCALAR_PARAMS, default_coeff, kernelized_delta
-from ..ops.kernelized_sparse_delta import prepared_sparse_linear, sparse_delta_and_threshold
+from ..ops.kernelized_sparse_delta import prepared_sparse_linear, softplus_tail, sparse_delta_and_threshold
 from ..ops.sparsify import dropped_count
 from .base import Adapter, AdapterLayer, adapter_dtype_for, recomputed_in_backward
 
@@ -98,13 +97,15 @@ class SNELLAdapter(Adapter):
         self.snell_in = nn.Parameter(torch.empty(chunks, columns, self.r // chunks, **factory))
         for embedding in (self.snell_out, self.snell_in):
             nn.init.kaiming_uniform_(embedding, a=math.sqrt(5))
-        if "coeff" in learned_params(kernel):
+        self.uses_coeff = "coeff" in learned_params(kernel)
+        if self.uses_coeff:
             coeff = torch.tensor(default_coeff(chunks), **factory)
             if learnable_coeff:
                 self.coeff = nn.Parameter(coeff)
             else:
                 self.register_buffer("coeff", coeff)
         self.scalar_names = tuple(name for name in SCALAR_PARAMS if name in learned_params(kernel))
+        self.positive_scalars = sum(is_positive(kernel, name) for name in self.scalar_names)
         if self.scalar_names:
             values = [initial_value(kernel, name, rows) for name in self.scalar_names]
             stored = [math.log(math.expm1(value)) if is_positive(kernel, name) else value  # softplus⁻¹
@@ -143,34 +144,27 @@ class SNELLAdapter(Adapter):
         if old and prefix + "scalars" not in tensors and all(key in tensors for key in old):
             tensors[prefix + "scalars"] = torch.cat([tensors.pop(key).reshape(1) for key in old])
 
-    def scalar_values(self) -> Tensor:
-        """The learned scalars as the ops take them, ``(len(scalar_names),)``: the positive
-        ones, last in ``SCALAR_PARAMS`` order, through their softplus. Three autograd nodes
-        (split, softplus, cat) whatever the count: a layer's forward runs it every call."""
-        positive = sum(is_positive(self.kernel, name) for name in self.scalar_names)
-        if not positive:
-            return self.scalars
-        plain, stored = self.scalars.split([len(self.scalar_names) - positive, positive])
-        return torch.cat([plain, F.softplus(stored)])
-
     def kernel_params(self) -> dict[str, Tensor]:
-        """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel."""
-        params = {"coeff": self.coeff} if "coeff" in learned_params(self.kernel) else {}
-        values = self.scalar_values() if self.scalar_names else None
+        """The keyword arguments of ``ops.kernelized_delta`` for this adapter's kernel (the
+        learned scalars in ``SCALAR_PARAMS`` order, the positive ones last)."""
+        params = {"coeff": self.coeff} if self.uses_coeff else {}
+        values = softplus_tail(self.scalars, self.positive_scalars) if self.scalar_names else None
         return params | {name: values[index] for index, name in enumerate(self.scalar_names)}
 
-    def op_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-        """(out_emb, in_emb, coeff ``(H,)``, params (alpha, beta, gamma), eps) in ``dtype``, the
-        form the ops' checks give ``kernel_inputs`` (zeros for what the kernel does not
-        use), built with few operations: a layer's forward runs it every call."""
+    def op_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, int, float]:
+        """(out_emb, in_emb, coeff ``(H,)``, params (alpha, beta, gamma), softplus_count, eps)
+        in ``dtype`` for ``prepared_sparse_linear``: the form the ops' checks give
+        ``kernel_inputs`` (zeros for what the kernel does not use), except that the last
+        ``softplus_count`` params are as stored (``softplus_tail``, which the op applies);
+        built with few operations: a layer's forward runs it every call."""
         out_emb = self.snell_out.to(dtype).contiguous()
-        coeff = self.coeff.to(dtype) if "coeff" in learned_params(self.kernel) else out_emb.new_zeros(out_emb.shape[0])
+        coeff = self.coeff.to(dtype) if self.uses_coeff else out_emb.new_zeros(out_emb.shape[0])
         if self.scalar_names:  # a kernel with scalars learns them all (SCALAR_PARAMS)
-            params = self.scalar_values().to(dtype)
+            params = self.scalars.to(dtype)
         else:
             params = out_emb.new_zeros(len(SCALAR_PARAMS))
         eps = KERNEL_PARAMS[self.kernel].get("eps", 0.0)
-        return out_emb, self.snell_in.to(dtype).contiguous(), coeff.contiguous(), params, eps
+        return out_emb, self.snell_in.to(dtype).contiguous(), coeff.contiguous(), params, self.positive_scalars, eps
 
     def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The embeddings and the kernel's parameters in ``dtype``."""
@@ -241,10 +235,10 @@ class SNELLLayer(AdapterLayer):
         if adapter is None:
             return super().forward(x)
         if self.kind == "linear" and not self.weight.requires_grad and adapter.sparsity_tensor is not None:
-            out_emb, in_emb, coeff, params, eps = adapter.op_inputs(self.compute_dtype(adapter))
+            out_emb, in_emb, coeff, params, softplus_count, eps = adapter.op_inputs(self.compute_dtype(adapter))
             return prepared_sparse_linear(
                 x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, coeff, params,
-                eps, adapter.mode, adapter.threshold,
+                eps, adapter.mode, adapter.threshold, softplus_count,
             )  # fmt: skip
 
         def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward

@@ -251,22 +251,43 @@ def _tokens(tensor: Tensor) -> Tensor:
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
+def softplus_tail(values: Tensor, count: int) -> Tensor:
+    """``values`` (1-D) with its last ``count`` entries through softplus: an adapter stores
+    a parameter that must be positive as softplus⁻¹ of its value."""
+    if not count:
+        return values
+    plain, stored = torch.split_with_sizes(values, [values.shape[0] - count, count])
+    return torch.cat([plain, F.softplus(stored)])
+
+
+def _softplus_tail_backward(grad: Tensor, values: Tensor, count: int) -> Tensor:
+    """∂L/∂values of ``softplus_tail(values, count)`` from ∂L/∂(its output)."""
+    plain, tail = torch.split_with_sizes(grad, [grad.shape[0] - count, count])
+    return torch.cat([plain, tail * torch.sigmoid(values[values.shape[0] - count :])])
+
+
 class _SparseLinear(torch.autograd.Function):
     """sparse_linear's autograd, a Function around the forward op instead of the op's
     registered autograd: that wrapper fills the op's 12-argument schema again on every
     call (about 40 µs, a tenth of a small layer's step). In eager mode on plain tensors the
     two ops' implementations are called directly (``runs_eagerly``). Under torch.compile
     the backend is not recorded (reading the request would break the graph there): the
-    backward selects its own, as the FLoRA layer's projected gradients do."""
+    backward selects its own, as the FLoRA layer's projected gradients do.
+
+    ``stored_params`` are the kernel's parameters with the last ``softplus_count`` of them
+    as an adapter stores them (``softplus_tail``): the transform and its derivative run
+    here, not as autograd nodes of their own (a few per layer and step)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
+    def forward(ctx, input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, stored_params, softplus_count, eps,
+                mode, threshold):  # fmt: skip
+        params = softplus_tail(stored_params, softplus_count)
         eager = runs_eagerly(input, weight, bias, out_emb, in_emb, sparsity, coeff, params)
         output, tau = (_sparse_linear_forward if eager else _sparse_linear)(
             input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
         )  # fmt: skip
-        ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity)
-        ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
+        ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity, stored_params)
+        ctx.kernel, ctx.eps, ctx.mode, ctx.softplus_count = kernel, eps, mode, softplus_count
         if torch.compiler.is_compiling():
             ctx.backend = None
         else:
@@ -276,7 +297,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each tensor once
-        input, weight, out_emb, in_emb, coeff, params, tau, sparsity = saved
+        input, weight, out_emb, in_emb, coeff, params, tau, sparsity, stored_params = saved
         input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
         gradients = _sparse_linear_gradients if runs_eagerly(grad, *saved) else _sparse_linear_backward
         with forward_backend(ctx):
@@ -289,7 +310,9 @@ class _SparseLinear(torch.autograd.Function):
             grad_input = None
         if not kernel_grads:
             d_out = d_in = d_coeff = d_params = None
-        return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None
+        elif ctx.softplus_count:
+            d_params = _softplus_tail_backward(d_params, stored_params, ctx.softplus_count)
+        return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None, None
 
 
 def sparse_linear(
@@ -342,13 +365,15 @@ def prepared_sparse_linear(
     eps: float,
     mode: str,
     threshold: str,
+    softplus_count: int = 0,
 ) -> Tensor:
     """``sparse_linear`` on arguments already in the form its checks give them, not checked
     again: the embeddings, ``coeff`` ``(H,)`` and ``params`` (alpha, beta, gamma) contiguous
     in one float32/float64 dtype on input's device, ``sparsity`` a 0-dim float64 cpu tensor,
-    valid choices, a frozen ``weight`` of the embeddings' shape. For a caller that builds
+    valid choices, a frozen ``weight`` of the embeddings' shape; the last ``softplus_count``
+    of ``params`` in an adapter's stored form (``softplus_tail``). For a caller that builds
     them so on every forward (the SNELL layer), where the checks cost as much as a small
     layer's kernels."""
     return _SparseLinear.apply(
-        input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
+        input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, softplus_count, eps, mode, threshold
     )  # fmt: skip
