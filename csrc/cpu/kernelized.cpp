@@ -333,32 +333,30 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
 }
 
 // The keys key_at(i) of count values that share `prefix` on `prefix_mask`, compacted in
-// order into a new vector. Branch-free: each key is written and the end advanced by
-// whether it matches (a branch mispredicted on half the keys cost more than the pass).
+// order into a new vector. Branch-free: each key of a block is written to a scratch
+// buffer and the end advanced by whether it matches (a branch mispredicted on half the
+// keys cost more than the pass); the matches are then appended.
 template <typename Bits, typename KeyAt>
 std::vector<Bits> matching_keys(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask) {
     const int64_t chunks = chunk_count(count, kChunk);
-    Buffer<Bits> slots;  // chunk c writes from its begin + c: a spare slot per chunk
-    slots.allocate(count + chunks);
-    std::vector<int64_t> found(chunks, 0);
+    std::vector<std::vector<Bits>> chunk_keys(chunks);
     for_each_chunk(chunks, [&](int64_t c) {
         int64_t begin, end;
         chunk_range(count, chunks, c, begin, end);
-        Bits* out = slots.data() + begin + c;
-        int64_t kept = 0;
-        for (int64_t i = begin; i < end; ++i) {
-            const Bits key = key_at(i);
-            out[kept] = key;
-            kept += (key & prefix_mask) == prefix;
+        Buffer<Bits> scratch;  // a block and a spare slot
+        scratch.allocate(std::min(kChunk, end - begin) + 1);
+        for (int64_t start = begin; start < end; start += kChunk) {
+            int64_t kept = 0;
+            for (int64_t i = start; i < std::min(start + kChunk, end); ++i) {
+                const Bits key = key_at(i);
+                scratch.data()[kept] = key;
+                kept += (key & prefix_mask) == prefix;
+            }
+            chunk_keys[c].insert(chunk_keys[c].end(), scratch.data(), scratch.data() + kept);
         }
-        found[c] = kept;
     });
     std::vector<Bits> keys;
-    for (int64_t c = 0; c < chunks; ++c) {
-        int64_t begin, end;
-        chunk_range(count, chunks, c, begin, end);
-        keys.insert(keys.end(), slots.data() + begin + c, slots.data() + begin + c + found[c]);
-    }
+    for (const std::vector<Bits>& chunk : chunk_keys) keys.insert(keys.end(), chunk.begin(), chunk.end());
     return keys;
 }
 
