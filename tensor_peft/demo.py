@@ -114,12 +114,14 @@ def steps_per_epoch(data: Data) -> int:
 
 
 def method_table(total_steps: int) -> dict[str, tuple[Callable[[], tp.AdapterConfig] | None, float]]:
-    """Method name -> (its config on the backbone, or None for the baselines; learning rate)."""
+    """Method name -> (its config on the backbone, or None for the baselines; learning rate).
+    LoRA and MTLoRA take 3e-3: at 1e-2 they diverge on some seeds (MTLoRA to chance level
+    on seed 0), where the other methods train best."""
     return {
-        "lora": (lambda: tp.LoRAConfig(target_modules=BACKBONE, r=4, alpha=8.0), 1e-2),
+        "lora": (lambda: tp.LoRAConfig(target_modules=BACKBONE, r=4, alpha=8.0), 3e-3),
         "flora": (lambda: tp.FLoRAConfig(target_modules=BACKBONE, r=4), 1e-2),
         "liera": (lambda: tp.LieRAConfig(target_modules=BACKBONE, r=4, alpha=8.0), 1e-2),
-        "mtlora": (lambda: tp.MTLoRAConfig(target_modules=BACKBONE, r=4, alpha=8.0, variant="icfm"), 1e-2),
+        "mtlora": (lambda: tp.MTLoRAConfig(target_modules=BACKBONE, r=4, alpha=8.0, variant="icfm"), 3e-3),
         "snell": (lambda: tp.SNELLConfig(target_modules=BACKBONE, r=8, sparsity=0.7), 1e-2),
         "snella": (lambda: tp.SNELLAConfig(target_modules=BACKBONE, r=8, init_sparsity=0.5, target_sparsity=0.7,
                                            total_steps=total_steps, interval=10), 1e-2),  # fmt: skip

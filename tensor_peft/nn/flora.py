@@ -274,8 +274,10 @@ class FLoRALayer(AdapterLayer):
         if self.is_grouped_conv:
             return super().delta_forward(adapter, x)  # conv(x, ΔW): grouped convs run merged
         core, (U0, U1, *spatial) = self._params(adapter, self.compute_dtype(adapter))
-        if not self.is_conv:  # U_1ᵀx by the base operation: an embedding looks its indices up in U_1
+        if self.is_embedding:  # the indices' rows of U_1, then the core
             return adapter.scale * torch.nn.functional.linear(self.base_operation(x, U1.T) @ core.T, U0)
+        if not self.is_conv:  # s·G folded into U_1ᵀ (r_0 × in): no (tokens, r_1) map saved for backward
+            return torch.nn.functional.linear(self.base_operation(x, (adapter.scale * core) @ U1.T), U0)
         identities = [torch.eye(k, dtype=core.dtype, device=core.device) for k in adapter.ranks[:2]]
         kernel = ops.tucker_delta(core, identities + spatial, 1.0)
         thin = self.base_operation(self.pointwise(x, U1.T), kernel)

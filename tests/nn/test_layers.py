@@ -448,3 +448,30 @@ def test_merged_paths_keep_no_effective_weight_for_backward(make_layer, monkeypa
     expected = torch.autograd.grad(spec_forward(layer, adapter, x).square().sum(), [x, *adapter.parameters()])
     for value, grad in zip([x, *adapter.parameters()], expected):
         torch.testing.assert_close(value.grad, grad)
+
+
+def saved_activation_elements(layer, x) -> int:
+    """Elements of the distinct storages the forward saves for backward that hold a row
+    per token (x's leading dimensions): activations, not weights."""
+    tokens, storages = math.prod(x.shape[:-1]), {}
+
+    def pack(saved):
+        if saved.dim() >= 2 and math.prod(saved.shape[:-1]) == tokens:
+            storages[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes() // saved.element_size()
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        layer(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: MTLoRALayer(nn.Linear(12, 10), r=3),
+    lambda: FLoRALayer(nn.Linear(12, 10), r=3, execution="factorized"),
+])  # fmt: skip
+def test_low_rank_forward_keeps_no_more_activations_than_lora(make_layer):
+    """A layer with an r×r core between its factors saves what LoRA saves for backward
+    (the input and one map of r channels per token), not a second r-channel map."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    assert saved_activation_elements(make_layer(), x) == saved_activation_elements(LoRALayer(nn.Linear(12, 10), r=3), x)
