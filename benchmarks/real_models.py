@@ -12,7 +12,8 @@ Per model and method:
   the tensors) plus the peak memory of one training step above what the process held
   before it (activations, gradients, temporaries), measured in a fresh process per
   method: on CUDA by the allocator's peak, on CPU by the peak resident set (see
-  ``benchmarks/memory.py``), the median of a few processes.
+  ``benchmarks/memory.py``), the median of a few processes; and, exactly, the
+  activations one forward saves for backward.
 
 Run from the repository root: ``python -m benchmarks.real_models`` (``--help`` for
 options); writes ``benchmarks/results/real-models-<machine>.{json,md}``. On a machine shared
@@ -110,6 +111,22 @@ class Setup:
         tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
+    def saved_for_backward_mib(self) -> float:
+        """MiB of the distinct storages one forward saves for backward, parameters and
+        buffers left out: the activations, exactly (the peak also holds temporaries)."""
+        held = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.model.buffers()]}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in held:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            self.model(**self.batch)
+        return sum(saved.values()) / 2**20
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -147,7 +164,7 @@ def memory_of(model_name: str, method: str, device: str, warmup: int = 2) -> dic
         step_peak = memory.peak_growth_mib(setup.step)
     state = setup.adapter_state_mib()
     return {"adapter_state_mib": state, "step_peak_mib": step_peak, "peak_mib": state + step_peak,
-            "trainable_parameters": setup.trainable_parameters()}  # fmt: skip
+            "saved_mib": setup.saved_for_backward_mib(), "trainable_parameters": setup.trainable_parameters()}  # fmt: skip
 
 
 def memory_in_fresh_process(model_name: str, method: str, device: str) -> dict:
@@ -184,17 +201,18 @@ def markdown(results: dict) -> str:
              f"{', '.join(TARGETS)}. Step: forward, backward, AdamW (and SNELLA's allocator), median of "
              f"{results['repeats']} interleaved steps after 2 warm-up steps. Peak: adapter state (trainable "
              "parameters + AdamW state) + the peak of one step above what the process held before it "
-             f"({results['memory_method']}).", ""]  # fmt: skip
+             f"({results['memory_method']}). Saved for backward: the activations one forward keeps, "
+             "counted exactly from the saved tensors.", ""]  # fmt: skip
     for model_name, rows in results["models"].items():
         baseline = rows[BASELINE]
         lines += [f"## {model_name}", "",
                   "| method | step ms | vs peft LoRA | peak MiB | vs peft LoRA | step peak MiB | adapter state MiB "
-                  "| trainable params |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| saved for backward MiB | trainable params |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for method, row in rows.items():
             lines.append(
                 f"| {method} | {row['step_ms']:.1f} | {row['step_ms'] / baseline['step_ms']:.2f}x "
                 f"| {row['peak_mib']:.1f} | {row['peak_mib'] / baseline['peak_mib']:.2f}x | {row['step_peak_mib']:.1f} "
-                f"| {row['adapter_state_mib']:.2f} | {row['trainable_parameters']} |"
+                f"| {row['adapter_state_mib']:.2f} | {row['saved_mib']:.2f} | {row['trainable_parameters']} |"
             )
         lines.append("")
     return "\n".join(lines)
