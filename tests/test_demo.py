@@ -37,6 +37,19 @@ def test_demo_low_rank_methods_beat_the_frozen_backbone_at_full_size(tmp_path):
     assert min(runs["lora"], runs["mtlora"]) > runs["frozen-backbone"] + 0.1
 
 
+def test_demo_chooses_flora_paths_by_the_cost_model_and_leaves_autotuning_as_it_was(tmp_path, monkeypatch):
+    """Timed choices move with the machine's load, and the demo's accuracies with them."""
+    from tensor_peft.nn import flora
+
+    def timed(*args):
+        raise AssertionError("the demo timed FLoRA's paths")
+
+    monkeypatch.setattr(flora, "time_executions", timed)
+    monkeypatch.setattr(flora, "AUTOTUNE", True)
+    assert main(["demo", "--quick", "--epochs", "1", "--out", str(tmp_path), "--methods", "flora"]) == 0
+    assert flora.AUTOTUNE is True
+
+
 @pytest.mark.parametrize("module, package", [("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")])
 def test_demo_without_its_extra_says_how_to_install_it_before_training(tmp_path, capsys, monkeypatch, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
