@@ -146,6 +146,8 @@ PYBIND11_MODULE(_cuda, m) {
             return info;
         },
         "How this extension was compiled.");
+    m.def("driver_version", &tensor_peft::cuda::driver_version,
+          "The newest CUDA version the installed driver supports (e.g. 12040); 0 without a driver.");
     m.def("device_count", &tensor_peft::cuda::device_count,
           "CUDA devices visible; raises RuntimeError with CUDA's reason when none can be used.");
     m.def("matrix_exp_workspace", &tensor_peft::cuda::matrix_exp_workspace, py::arg("n"), py::arg("backward"),

@@ -18,6 +18,12 @@ int device_count() {
 
 int runtime_version() { return CUDART_VERSION; }
 
+int driver_version() {
+    int version = 0;
+    if (cudaDriverGetVersion(&version) != cudaSuccess) return 0;
+    return version;
+}
+
 std::string nvcc_version() {
     return std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__);
 }

@@ -10,6 +10,8 @@ namespace tensor_peft::cuda {
 int device_count();
 // Version of the CUDA runtime linked in (e.g. 13000) and of the nvcc that compiled it.
 int runtime_version();
+// The newest CUDA version the installed driver supports (e.g. 12040), 0 without a driver.
+int driver_version();
 std::string nvcc_version();
 
 }  // namespace tensor_peft::cuda

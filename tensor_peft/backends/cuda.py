@@ -25,7 +25,60 @@ DEVICE_TYPES = ("cuda",)
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    return extension_import_error("_cuda")
+    reason = extension_import_error("_cuda")
+    if reason is not None:
+        return reason
+    built = extension("_cuda")
+    capabilities = [torch.cuda.get_device_capability(index) for index in range(torch.cuda.device_count())]
+    return incompatibility(built.build_info(), built.driver_version(), capabilities)
+
+
+def _arch(name: str) -> tuple[int, int, str]:
+    """"86" -> (8, 6, ""), "90a" -> (9, 0, "a"), "100f" -> (10, 0, "f")."""
+    digits = name.rstrip("af")
+    return int(digits) // 10, int(digits) % 10, name[len(digits):]
+
+
+def _runs_on(arch: str, capability: tuple[int, int], ptx: bool) -> bool:
+    """Whether code built for ``arch`` runs on a GPU of ``capability``: machine code runs
+    on the same major version at an equal or newer minor ("a": that exact GPU only); PTX
+    is compiled by the driver for any newer GPU ("a" and "f": its own major version only)."""
+    major, minor, variant = _arch(arch)
+    if variant == "a":
+        return capability == (major, minor)
+    if ptx and not variant:
+        return capability >= (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def incompatibility(build_info: dict, driver_version: int, capabilities: list[tuple[int, int]]) -> str | None:
+    """Why the built extension cannot run with this driver on these GPUs; ``None`` when it can.
+
+    The CUDA runtime linked into the extension needs a driver of at least its major version
+    (a CUDA 13 runtime needs R580+; torch's CUDA 12 builds run on older drivers)."""
+    runtime = build_info["cuda_runtime_version"]
+    runtime_major = runtime // 1000
+    if driver_version < runtime_major * 1000:
+        found = (
+            "no NVIDIA driver was found" if driver_version == 0
+            else f"the NVIDIA driver supports CUDA up to {driver_version // 1000}.{driver_version % 1000 // 10}"
+        )  # fmt: skip
+        return (
+            f"{found}, but tensor_peft._cuda was built with the CUDA {runtime_major}.{runtime % 1000 // 10} "
+            f"runtime, which needs a driver for CUDA {runtime_major}.0 or newer: update the driver, or rebuild "
+            f"tensor_peft with the CUDA toolkit of the major version torch was built with "
+            f"(torch.version.cuda = {torch.version.cuda})"
+        )
+    archs = [a for a in build_info["archs"].split(";") if a]
+    newest = max(archs, key=lambda a: _arch(a)[:2])
+    for index, capability in enumerate(capabilities):
+        if not any(_runs_on(a, capability, ptx=False) for a in archs) and not _runs_on(newest, capability, ptx=True):
+            return (
+                f"GPU {index} (compute capability {capability[0]}.{capability[1]}) cannot run the kernels built "
+                f"for {', '.join('sm_' + a for a in archs)}: rebuild with TENSOR_PEFT_CUDA_ARCHS including "
+                f"{capability[0]}{capability[1]}"
+            )
+    return None
 
 
 def _stream(tensor: Tensor) -> int:
