@@ -4,6 +4,9 @@
 - ``tensor_peft._cuda``: CUDA (csrc/cuda: ``.cu`` by nvcc, the pybind11 binding by g++,
   linked against the static CUDA runtime), when nvcc is found or ``TENSOR_PEFT_CUDA=1``;
   ``TENSOR_PEFT_CUDA=0`` skips it. Once asked for or found, a CUDA error fails the build.
+- ``tensor_peft._cuda_emulated``: the same csrc/cuda sources compiled by g++ as C++ with
+  CUDA's execution model emulated on the host (csrc/cuda/emulation.h), only when
+  ``TENSOR_PEFT_CUDA_EMULATION=1``; needs no CUDA toolkit.
 
 Neither includes torch headers (tensors cross as raw pointers), so the build needs only
 pybind11 and ninja and works under pip's build isolation.
@@ -28,6 +31,8 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CUDA_SWITCH = os.environ.get("TENSOR_PEFT_CUDA", "").strip()
+EMULATION_SWITCH = os.environ.get("TENSOR_PEFT_CUDA_EMULATION", "").strip()
+OPTIONAL_EXTENSIONS = ("tensor_peft._cuda", "tensor_peft._cuda_emulated")
 
 
 def find_nvcc() -> Path | None:
@@ -76,17 +81,21 @@ class NinjaBuildExt(build_ext):
     """Compiles each extension's sources in parallel with ninja and links it with g++.
 
     ``extra_compile_args`` is a dict: "cxx" (g++ flags) and, for CUDA, "nvcc" (the nvcc
-    command and its flags). The .so goes to ``get_ext_fullpath``, which setuptools points
+    command and its flags; without it .cu files go to g++ with the "cxx" flags). The .so goes to ``get_ext_fullpath``, which setuptools points
     at the wheel's tree or, for an editable install, at the source tree.
     """
 
     def run(self) -> None:
-        """Also deletes old builds of a skipped _cuda: setuptools would ship a stale one left in
-        build/lib by an earlier build, and an editable install would import one left in the tree."""
-        if all(ext.name != "tensor_peft._cuda" for ext in self.extensions):
-            stale = [Path(self.get_ext_fullpath("tensor_peft._cuda"))]
+        """Also deletes old builds of a skipped _cuda or _cuda_emulated: setuptools would ship a
+        stale one left in build/lib by an earlier build, and an editable install would import one
+        left in the tree."""
+        built = {ext.name for ext in self.extensions}
+        for name in OPTIONAL_EXTENSIONS:
+            if name in built:
+                continue
+            stale = [Path(self.get_ext_fullpath(name))]
             if self.editable_mode:
-                stale.append(ROOT / self.get_ext_filename("tensor_peft._cuda"))
+                stale.append(ROOT / self.get_ext_filename(name))
             for path in stale:
                 path.unlink(missing_ok=True)
         super().run()
@@ -115,7 +124,7 @@ class NinjaBuildExt(build_ext):
         edges, objects = [], []
         for source in map(Path, ext.sources):
             obj = build_dir / (source.name + ".o")
-            rule = "nvcc" if source.suffix == ".cu" else "cxx"
+            rule = "nvcc" if source.suffix == ".cu" and "nvcc" in flags else "cxx"
             edges.append(f"build {obj}: {rule} {ROOT / source}")
             objects.append(str(obj))
         edges.append(f"build {output}: link {' '.join(objects)}")
@@ -138,9 +147,12 @@ def ninja_executable() -> str:
 
 
 def extensions() -> list[Extension]:
-    """_C always; _cuda as TENSOR_PEFT_CUDA and the presence of nvcc decide."""
+    """_C always; _cuda as TENSOR_PEFT_CUDA and the presence of nvcc decide; _cuda_emulated
+    when TENSOR_PEFT_CUDA_EMULATION=1."""
     if CUDA_SWITCH not in ("", "0", "1"):
         raise RuntimeError(f"TENSOR_PEFT_CUDA={CUDA_SWITCH!r}: use 1 (require CUDA), 0 (skip it) or unset")
+    if EMULATION_SWITCH not in ("", "0", "1"):
+        raise RuntimeError(f"TENSOR_PEFT_CUDA_EMULATION={EMULATION_SWITCH!r}: use 1 (build it), 0 or unset (skip it)")
     include_dirs = (ROOT / "csrc/include", pybind11.get_include(), sysconfig.get_paths()["include"])
     includes = [f"-I{path}" for path in include_dirs]
     headers = sources("include/tensor_peft", ".h")  # in `depends` so that an sdist carries them
@@ -164,8 +176,26 @@ def extensions() -> list[Extension]:
         },
         extra_link_args=["-fopenmp"],
     )
+    built = [cpu]
+    if EMULATION_SWITCH == "1":
+        # -x c++: the .cu files are C++ to g++ (launch.h includes the emulation)
+        emulated_flags = ["-x", "c++", "-DTP_CUDA_EMULATION", "-DTP_CUDA_MODULE=_cuda_emulated", '-DTP_CUDA_ARCHS="emulated"']
+        built.append(
+            Extension(
+                "tensor_peft._cuda_emulated",
+                sources=sources("cuda", ".cpp", ".cu"),
+                depends=headers + sources("cuda", ".h"),
+                extra_compile_args={"cxx": [*cxx, *emulated_flags]},
+            )
+        )
+    cuda = cuda_extension(includes, cxx, headers)
+    return built + ([cuda] if cuda else [])
+
+
+def cuda_extension(includes: list[str], cxx: list[str], headers: list[str]) -> Extension | None:
+    """_cuda, or None when TENSOR_PEFT_CUDA=0 or, unset, nvcc is missing."""
     if CUDA_SWITCH == "0":
-        return [cpu]
+        return None
     nvcc = find_nvcc()
     if nvcc is None:
         if CUDA_SWITCH == "1":
@@ -175,11 +205,11 @@ def extensions() -> list[Extension]:
                 "or build without CUDA with TENSOR_PEFT_CUDA=0"
             )
         print("tensor_peft: nvcc not found, building without the CUDA extension", file=sys.stderr)
-        return [cpu]
+        return None
     home = cuda_home(nvcc)
     archs = cuda_archs()
     cuda_includes = [*includes, f"-I{home / 'include'}"]
-    cuda = Extension(
+    return Extension(
         "tensor_peft._cuda",
         sources=sources("cuda", ".cpp", ".cu"),
         depends=headers + sources("cuda", ".h"),
@@ -192,7 +222,6 @@ def extensions() -> list[Extension]:
         },
         extra_link_args=[f"-L{home / 'lib64'}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"],
     )
-    return [cpu, cuda]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": NinjaBuildExt})

@@ -48,13 +48,13 @@ def info() -> str:
         f"(CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'}), "
         f"triton {_version('triton')}, numpy {_version('numpy')}",
         "extensions:",
-        *(f"  {name:7} {_extension(name)}" for name in ("_C", "_cuda")),
+        *(f"  {name:14} {_extension(name)}" for name in ("_C", "_cuda", "_cuda_emulated")),
         "backends (tensor device: runs, or why not):",
     ]
     for name in registry.NAMES:
         ops = registry.implemented_ops(name)
         forward_ops = [op for op in ops if not op.endswith("_backward")]
-        lines.append(f"  {name:9} kernels: {', '.join(forward_ops) or 'none (its kernel modules do not load)'}")
+        lines.append(f"  {name:13} kernels: {', '.join(forward_ops) or 'none (its kernel modules do not load)'}")
         for device_type in ("cpu", "cuda"):
             reason = registry.why_unavailable(name, device_type)
             lines.append(f"    {device_type:5} {'runs' if reason is None else 'no: ' + reason}")

@@ -27,6 +27,8 @@ def test_info_lists_every_backend_with_a_verdict_per_device():
         assert op in reference_line
     assert out.count("    cpu ") == len(registry.NAMES)
     assert out.count("    cuda ") == len(registry.NAMES)
+    for extension in ("_C", "_cuda", "_cuda_emulated"):
+        assert f"\n  {extension} " in out
 
 
 def test_import_and_cpu_ops_do_not_initialize_cuda():

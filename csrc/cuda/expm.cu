@@ -1,5 +1,3 @@
-#include <cuda_runtime.h>
-
 #include "expm.h"
 #include "launch.h"
 #include "tensor_peft/expm.h"
@@ -54,7 +52,8 @@ template <int N>
 struct Forward {
     template <typename T>
     static void run(const T* A, T* out, int64_t batch, int n, T* work, int* pivots, cudaStream_t stream) {
-        forward_kernel<T, N><<<blocks(batch), kThreads, 0, stream>>>(A, out, batch, n, work, pivots);
+        launch("matrix_exp_forward", forward_kernel<T, N>, blocks(batch), kThreads, 0, stream, A, out, batch, n, work,
+               pivots);
     }
 };
 
@@ -62,7 +61,8 @@ template <int N>
 struct Backward {
     template <typename T>
     static void run(const T* grad, const T* A, T* dA, int64_t batch, int n, T* work, int* pivots, cudaStream_t stream) {
-        backward_kernel<T, N><<<blocks(batch), kThreads, 0, stream>>>(grad, A, dA, batch, n, work, pivots);
+        launch("matrix_exp_backward", backward_kernel<T, N>, blocks(batch), kThreads, 0, stream, grad, A, dA, batch, n,
+               work, pivots);
     }
 };
 
@@ -76,7 +76,6 @@ template <typename T>
 void matrix_exp_forward(const T* A, T* out, int64_t batch, int n, T* work, int* pivots, std::uintptr_t stream) {
     if (batch == 0) return;
     expm::with_size<Forward>(n, A, out, batch, n, work, pivots, reinterpret_cast<cudaStream_t>(stream));
-    check_launch("matrix_exp_forward");
 }
 
 template <typename T>
@@ -84,7 +83,6 @@ void matrix_exp_backward(const T* grad, const T* A, T* dA, int64_t batch, int n,
                          std::uintptr_t stream) {
     if (batch == 0) return;
     expm::with_size<Backward>(n, grad, A, dA, batch, n, work, pivots, reinterpret_cast<cudaStream_t>(stream));
-    check_launch("matrix_exp_backward");
 }
 
 template void matrix_exp_forward<float>(const float*, float*, int64_t, int, float*, int*, std::uintptr_t);

@@ -5,8 +5,6 @@
 // its reads of In (transposed) are coalesced and row sums are warp shuffles. The radix
 // select takes 8-bit digits: each pass a 256-bin shared-memory histogram per block,
 // added into int64 global counts, then one thread picks the bin on the device.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <limits>
 
@@ -159,7 +157,7 @@ __device__ void embedding_gradients(const Kernelized<T>& P, int64_t h, int64_t j
 template <typename T>
 __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr, int mode, T* d_out_emb, T* d_in_t,
                                 double* d_coeff, double* d_params) {
-    extern __shared__ double block_sums[];
+    TP_DYNAMIC_SHARED(double, block_sums);
     __shared__ T column_part[kWarps][32];
     const int thread = threadIdx.y * 32 + threadIdx.x;
     for (int64_t s = thread; s < P.chunks + 3; s += 32 * kWarps) block_sums[s] = 0;
@@ -275,9 +273,10 @@ void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* wor
     cudaMemsetAsync(work, 0, sizeof(int64_t) * (passes<T>() * kBins + 3), stream);
     for (int pass = 0; pass < passes<T>(); ++pass) {
         const int shift = std::max(radix::Key<T>::kBits - kDigit * (pass + 1), 0);
-        count_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(x, count, counts + pass * kBins, state,
-                                                                            shift);
-        search_kernel<T><<<1, 1, 0, stream>>>(counts + pass * kBins, state, shift, pass == 0 ? k : 0, tau);
+        launch("radix select count_kernel", count_kernel<T>, elementwise_blocks(count), kThreads, 0, stream, x, count,
+               counts + pass * kBins, state, shift);
+        launch("radix select search_kernel", search_kernel<T>, 1, 1, 0, stream, counts + pass * kBins, state, shift,
+               pass == 0 ? k : 0, tau);
     }
 }
 
@@ -285,7 +284,7 @@ void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* wor
 template <typename T>
 void column_pass(const Kernelized<T>& P, const T* grad, const T* tau, int mode, bool dot, cudaStream_t stream) {
     const unsigned blocks = static_cast<unsigned>((P.n + kThreads - 1) / kThreads);
-    columns_kernel<T><<<blocks, kThreads, 0, stream>>>(P, grad, tau, mode, dot);
+    launch("kernelized columns_kernel", columns_kernel<T>, blocks, kThreads, 0, stream, P, grad, tau, mode, dot);
 }
 
 }  // namespace
@@ -302,13 +301,13 @@ void kernelized_forward(const Kernelized<T>& P, T* out, int64_t k, int mode, T* 
     if (P.m * P.n == 0) return;
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     if (P.kernel == kMixture) column_pass<T>(P, nullptr, nullptr, kNone, false, stream);
-    delta_kernel<T><<<tile_grid(P.m, P.n, kMaxGridY), dim3(32, kWarps), 0, stream>>>(P, out);
+    launch("kernelized delta_kernel", delta_kernel<T>, tile_grid(P.m, P.n, kMaxGridY), dim3(32, kWarps), 0, stream, P,
+           out);
     if (mode != kNone) {
         if (k > 0) select_threshold<T>(out, P.m * P.n, k, tau, select_work, stream);
-        mask_kernel<T><<<elementwise_blocks(P.m * P.n), kThreads, 0, stream>>>(out, nullptr, out, P.m * P.n, tau,
-                                                                               mode, false);
+        launch("kernelized mask_kernel", mask_kernel<T>, elementwise_blocks(P.m * P.n), kThreads, 0, stream,
+               out, nullptr, out, P.m * P.n, tau, mode, false);
     }
-    check_launch("kernelized_forward");
 }
 
 template <typename T>
@@ -321,9 +320,8 @@ void kernelized_backward(const Kernelized<T>& P, const T* grad, const T* tau, in
         column_pass<T>(P, grad, tau, mode, true, stream);
     }
     const size_t shared = sizeof(double) * static_cast<size_t>(P.chunks + 3);
-    backward_kernel<T><<<tile_grid(P.m, P.n, kBackwardRowBlocks), dim3(32, kWarps), shared, stream>>>(
-        P, grad, tau, mode, d_out_emb, d_in_t, d_coeff, d_params);
-    check_launch("kernelized_backward");
+    launch("kernelized backward_kernel", backward_kernel<T>, tile_grid(P.m, P.n, kBackwardRowBlocks), dim3(32, kWarps),
+           shared, stream, P, grad, tau, mode, d_out_emb, d_in_t, d_coeff, d_params);
 }
 
 template <typename T>
@@ -332,8 +330,8 @@ void sparsify(const T* x, T* out, int64_t count, int64_t k, int mode, T* tau, in
     if (count == 0) return;
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     if (k > 0) select_threshold<T>(x, count, k, tau, select_work, stream);
-    mask_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(x, nullptr, out, count, tau, mode, false);
-    check_launch("sparsify");
+    launch("sparsify mask_kernel", mask_kernel<T>, elementwise_blocks(count), kThreads, 0, stream, x, nullptr,
+           out, count, tau, mode, false);
 }
 
 template <typename T>
@@ -341,8 +339,8 @@ void sparsify_backward(const T* grad, const T* x, T* d_x, int64_t count, const T
                        std::uintptr_t stream_handle) {
     if (count == 0) return;
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    mask_kernel<T><<<elementwise_blocks(count), kThreads, 0, stream>>>(x, grad, d_x, count, tau, mode, true);
-    check_launch("sparsify_backward");
+    launch("sparsify_backward mask_kernel", mask_kernel<T>, elementwise_blocks(count), kThreads, 0, stream, x, grad,
+           d_x, count, tau, mode, true);
 }
 
 #define TP_INSTANTIATE(T)                                                                                         \

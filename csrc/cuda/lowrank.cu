@@ -1,5 +1,3 @@
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -20,8 +18,7 @@ constexpr int kRowsPerTile = 16;  // rows of Γ one backward block reads (fewer 
 template <typename T>
 __global__ void forward_kernel(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n,
                                T scale, int epilogue) {
-    extern __shared__ unsigned char shared[];
-    T* u = reinterpret_cast<T*>(shared);
+    TP_DYNAMIC_SHARED(T, u);
     const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     for (int64_t i0 = blockIdx.y; i0 < d0; i0 += gridDim.y) {
         __syncthreads();
@@ -103,9 +100,8 @@ void lowrank_forward(T* out, const T* weight, const T* U, const T* R, int64_t d0
     const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(std::min(d0, kMaxGridY)));
     const size_t shared = static_cast<size_t>(r0) * sizeof(T);
     allow_shared_memory<T>("lowrank_forward", forward_kernel<T>, shared);
-    forward_kernel<T><<<grid, kThreads, shared, reinterpret_cast<cudaStream_t>(stream)>>>(
-        out, weight, U, R, d0, r0, n, scale, epilogue);
-    check_launch("lowrank_forward");
+    launch("lowrank_forward", forward_kernel<T>, grid, kThreads, shared, reinterpret_cast<cudaStream_t>(stream), out,
+           weight, U, R, d0, r0, n, scale, epilogue);
 }
 
 template <typename T>
@@ -114,9 +110,8 @@ void lowrank_backward(const T* grad, const T* weight, const T* U, const T* R, T*
     const int64_t tiles = (d0 + kRowsPerTile - 1) / kRowsPerTile;
     if (tiles > kMaxGridY) throw std::invalid_argument("lowrank_backward: more than 65535·16 rows");
     const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(tiles));
-    backward_kernel<T><<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(grad, weight, U, R, dU, dR, d0,
-                                                                                      r0, n, scale, epilogue);
-    check_launch("lowrank_backward");
+    launch("lowrank_backward", backward_kernel<T>, grid, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), grad,
+           weight, U, R, dU, dR, d0, r0, n, scale, epilogue);
 }
 
 template void lowrank_forward<float>(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,

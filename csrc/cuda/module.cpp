@@ -1,6 +1,9 @@
 // tensor_peft._cuda: the CUDA backend. Kernels are .cu files compiled by nvcc; this
 // binding (g++) passes raw device pointers, sizes and the CUDA stream as an integer.
 // No torch headers. Kernels register from PYBIND11_MODULE below.
+// tensor_peft._cuda_emulated (TP_CUDA_EMULATION, TP_CUDA_MODULE=_cuda_emulated): the same
+// sources compiled by g++ with launch.h's emulation of CUDA; pointers are host memory,
+// and set_schedule / set_compute_capability steer the emulator.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -15,6 +18,15 @@
 
 #ifndef TP_CUDA_ARCHS
 #define TP_CUDA_ARCHS "unknown"
+#endif
+#ifndef TP_CUDA_MODULE
+#define TP_CUDA_MODULE _cuda
+#endif
+#ifdef TP_CUDA_EMULATION
+#include "emulation.h"
+namespace tensor_peft::cuda {
+void bind_emulation_checks(pybind11::module_& m);  // emulation_checks.cu
+}
 #endif
 
 namespace py = pybind11;
@@ -132,9 +144,40 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
           "int64 values of workspace the radix select takes.");
 }
 
+#ifdef TP_CUDA_EMULATION
+void bind_emulator(py::module_& m) {
+    namespace emu = tensor_peft::emu;
+    emu::settings.report = [](const std::string& note) {
+        if (PyErr_WarnEx(PyExc_RuntimeWarning, note.c_str(), 1) < 0) throw py::error_already_set();
+    };
+    m.def(
+        "set_schedule",
+        [](const std::string& order, uint64_t seed) {
+            if (order == "forward") emu::settings.schedule = emu::Schedule::forward;
+            else if (order == "reverse") emu::settings.schedule = emu::Schedule::reverse;
+            else if (order == "shuffle") emu::settings.schedule = emu::Schedule::shuffle;
+            else throw std::invalid_argument("order must be 'forward', 'reverse' or 'shuffle', got '" + order + "'");
+            emu::settings.seed = seed;
+        },
+        py::arg("order"), py::arg("seed") = 0,
+        "The order the emulator runs a block's threads in between barriers and a grid's blocks in: 'forward', "
+        "'reverse', or 'shuffle' (seeded); kernels without races give the same results under each.");
+    m.def(
+        "set_compute_capability",
+        [](int capability) {
+            if (capability != 80 && capability != 90)
+                throw std::invalid_argument("capability must be 80 or 90, got " + std::to_string(capability));
+            emu::settings.compute_capability = capability;
+        },
+        py::arg("capability"),
+        "The emulated GPU's shared-memory limits: 80 (163 KiB opt-in) or 90 (227 KiB, the default). Under 90, a "
+        "launch past sm_80's limit warns (RuntimeWarning).");
+}
+#endif
+
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+PYBIND11_MODULE(TP_CUDA_MODULE, m) {
     m.doc() = "tensor_peft CUDA kernels (raw device pointers, no torch headers)";
     m.def(
         "build_info",
@@ -161,4 +204,8 @@ PYBIND11_MODULE(_cuda, m) {
     bind_expm<double>(m, "f64");
     bind_kernelized<float>(m, "f32");
     bind_kernelized<double>(m, "f64");
+#ifdef TP_CUDA_EMULATION
+    bind_emulator(m);
+    tensor_peft::cuda::bind_emulation_checks(m);
+#endif
 }

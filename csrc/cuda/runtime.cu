@@ -1,8 +1,7 @@
-#include <cuda_runtime.h>
-
 #include <stdexcept>
 #include <string>
 
+#include "launch.h"
 #include "runtime.h"
 
 namespace tensor_peft::cuda {
@@ -16,6 +15,11 @@ int device_count() {
     return count;
 }
 
+#ifdef TP_CUDA_EMULATION
+int runtime_version() { return 0; }
+
+std::string nvcc_version() { return "none (emulated, g++ " __VERSION__ ")"; }
+#else
 int runtime_version() { return CUDART_VERSION; }
 
 int driver_version() {
@@ -27,5 +31,6 @@ int driver_version() {
 std::string nvcc_version() {
     return std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__);
 }
+#endif
 
 }  // namespace tensor_peft::cuda

@@ -34,7 +34,7 @@ import torch
 from ..config import check_choice
 
 ENV_VAR = "TENSOR_PEFT_BACKEND"
-NAMES = ("reference", "cpu", "triton", "cuda")
+NAMES = ("reference", "cpu", "triton", "cuda", "cuda_emulated")
 DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 OPS = (
     "tucker_delta", "tucker_delta_backward", "tucker_merge",

@@ -56,7 +56,7 @@ def test_unknown_backend_name():
             pass
 
 
-@pytest.mark.parametrize("name", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("name", ["cpu", "triton", "cuda", "cuda_emulated"])
 def test_asking_for_a_backend_that_cannot_run_raises_with_the_reason(name, monkeypatch):
     """Each op asked of a native backend either runs there or raises saying why
     (not built, no device): never a silent fallback."""
@@ -104,7 +104,7 @@ def test_op_names_are_the_custom_op_names():
 @pytest.mark.parametrize(("op", "backend", "message"), [
     ("tucker_mrege", "cpu", "op must be one of 'tucker_delta', "),
     ("kernelized_sparse_linear_backward", "cpu", "op must be one of"),
-    ("tucker_merge", "numpy", "backend must be one of 'reference', 'cpu', 'triton', 'cuda'; got 'numpy'"),
+    ("tucker_merge", "numpy", "backend must be one of 'reference', 'cpu', 'triton', 'cuda', 'cuda_emulated'; got 'numpy'"),
     (None, "cpu", "op must be one of"),
     ("tucker_merge", "cpu", "tucker_merge is already registered for backend 'cpu'"),
 ])  # fmt: skip
@@ -124,6 +124,15 @@ def test_reasons_without_gpu():
     with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run here"):
         with backends.use("cuda"):
             pass
+
+
+def test_cuda_emulated_serves_cpu_tensors_and_says_how_to_build_it(monkeypatch):
+    from tensor_peft.backends import cuda_emulated
+
+    assert backends.why_unavailable("cuda_emulated", "cuda") == "it runs only on cpu tensors, not cuda"
+    assert "cuda_emulated" not in registry.DEFAULT_ORDER["cpu"]
+    monkeypatch.setattr(cuda_emulated.importlib.util, "find_spec", lambda name: None)
+    assert "not built (set TENSOR_PEFT_CUDA_EMULATION=1" in cuda_emulated.unavailable_reason("cpu")
 
 
 def _spy_on(monkeypatch, backend: str, op: str) -> list:
