@@ -18,6 +18,8 @@ int device_count() {
 #ifdef TP_CUDA_EMULATION
 int runtime_version() { return 0; }
 
+int driver_version() { return 0; }
+
 std::string nvcc_version() { return "none (emulated, g++ " __VERSION__ ")"; }
 #else
 int runtime_version() { return CUDART_VERSION; }
