@@ -127,6 +127,7 @@ def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str] | N
     if "" in names:
         raise ValueError("target_modules matched the model itself: wrap a layer directly instead")
     targets: dict[str, list[str] | None] = {}
+    unsupported = []
     for name in sorted(names):
         module, parent_name = modules[name], name.rpartition(".")[0]
         if isinstance(module, nn.MultiheadAttention):
@@ -136,9 +137,11 @@ def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str] | N
         else:
             try:
                 layer_kind(module)
+                targets[name] = None
             except TypeError as error:
-                raise ValueError(f"module {name!r}: {error}") from None
-            targets[name] = None
+                unsupported.append(f"module {name!r}: {error}")
+    if unsupported:
+        raise ValueError("; ".join(unsupported))
     for name in targets:
         current = model.get_submodule(name)
         layers = current.projections().values() if isinstance(current, AdaptedMultiheadAttention) else [current]
@@ -376,13 +379,15 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter ``adapter_name``; layers left without adapters become their base again."""
+    """Remove adapter ``adapter_name``; layers left without adapters become their base again.
+    All or nothing: every layer is checked (none holds the adapter merged) before any changes."""
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
-    for name, layer in adapter_layers(model).items():
-        if adapter_name in layer.adapters:
-            layer.delete_adapter(adapter_name)
+    layers = {name: layer for name, layer in adapter_layers(model).items() if adapter_name in layer.adapters}
+    _per_layer(layers, lambda layer: layer.check_delete(adapter_name))
+    for layer in layers.values():
+        layer.delete_adapter(adapter_name)
     _remove_empty_layers(model)
     model.tensor_peft_configs = {k: v for k, v in configs.items() if k != adapter_name}
 
@@ -507,7 +512,7 @@ def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     except (OSError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path} holds no readable adapter: {type(error).__name__}: {error}") from None
     if isinstance(saved, dict) and peft_format.is_peft_config(saved):
-        return peft_format.import_config(saved, tensors, str(file))
+        return peft_format.import_config(saved, tensors, str(file), str(path / WEIGHTS_FILE))
     try:
         method, fields = saved["method"], dict(saved["config"])
         names = fields["target_modules"]

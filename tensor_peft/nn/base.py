@@ -237,11 +237,15 @@ class AdapterLayer(WrapsBaseLayer):
         raise NotImplementedError
 
     def delete_adapter(self, name: str) -> None:
+        self.check_delete(name)
+        del self.adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def check_delete(self, name: str) -> None:
+        """Raises unless ``delete_adapter(name)`` may run: a known adapter, not merged."""
         self._check_adapter(name)
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting it")
-        del self.adapters[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` the active adapters. A merged adapter stays active until unmerged."""
