@@ -173,12 +173,14 @@ class AdapterLayer(WrapsBaseLayer):
     def base_operation(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The base layer's operation with another weight (in ``self.weight``'s layout) and
         no bias unless given: conv geometry (padding modes, groups, dilation) and the
-        embedding's options come from the base layer."""
+        embedding's options come from the base layer, but for ``sparse``: the weights looked
+        up here are the adapters' dense tensors (``sparse=True`` asks for a sparse gradient
+        of the frozen base weight, which is never computed)."""
         if self.is_conv:
             return self.base_layer._conv_forward(x, weight, bias)
         if self.is_embedding:
             base = self.base_layer
-            return F.embedding(x, weight.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
+            return F.embedding(x, weight.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq)
         return F.linear(x, weight, bias)
 
     def weight_gradient(self, x: Tensor, grad: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
