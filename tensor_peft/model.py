@@ -515,7 +515,8 @@ def _replace_adapter_files(path: Path, writers: dict[str, Callable[[Path], None]
         _swap_in(path, {name: lambda file, source=path / name: _copy_if_present(source, file) for name in writers})
         for name in writers:
             _replace_with_link(path / name, f"{CURRENT_LINK}/{name}")
-    current = _swap_in(path, writers)
+    _swap_in(path, writers)
+    current = os.readlink(path / CURRENT_LINK)  # ours, unless another save swapped in since
     for entry in path.iterdir():
         if entry.name.startswith(VERSION_PREFIX) and entry.name != current:
             if entry.is_dir() and not entry.is_symlink():
