@@ -49,7 +49,6 @@ OPS = (
 _KERNELS: dict[tuple[str, str], Callable] = {}  # (op, backend) -> the function that runs it
 
 
-
 class _Request:
     """A ``use(name)`` block's request: it holds while the block runs (``active``), then
     the enclosing block's (``outer``) holds again."""
