@@ -214,26 +214,32 @@ def test_every_method_on_a_sparse_embedding_trains_as_on_a_dense_one(method):
         torch.testing.assert_close(grad, grads[False][name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("method", ["snell", "snella"])
-def test_snell_embedding_trains_the_padding_row_as_lora_does(method):
+@pytest.mark.parametrize("method,options", [
+    ("snell", {"sparsity": 0.5}), ("snella", {"init_sparsity": 0.5}), ("liera", {"side": "input"}),
+])  # fmt: skip
+def test_embeddings_looked_up_whole_train_the_padding_row_as_lora_does(method, options):
     """Positions that look up ``padding_idx`` send their gradient to the update, as LoRA's
-    lookup does to B (peft's rule): the padding row moves."""
+    lookup does to B (peft's rule): the padding row moves. SNELL and LieRA's input side
+    look up rows of the whole effective weight."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 6, padding_idx=0))
-    options = {"sparsity": 0.5} if method == "snell" else {"init_sparsity": 0.5}
-    tp.inject(model, METHODS[method](target_modules=["0"], r=2, **options))
+    with torch.no_grad():
+        model[0].weight[0] = torch.randn(6)  # a padding row that is not zero, as a pretrained model's may be
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ranks clipped to the embedding's shape
+        tp.inject(model, METHODS[method](target_modules=["0"], r=2, **options))
     randomize(model)
     layer, ids = model[0], torch.tensor([[0, 0, 3], [0, 5, 5]])
     adapter = layer.adapters["default"]
     trainable = [p for p in layer.parameters() if p.requires_grad]
-    expected = F.embedding(ids, (layer.weight + layer.delta_weight(adapter)).T)  # no padding_idx: every row trains
+    expected = F.embedding(ids, layer.merge_weight(adapter, layer.weight).T)  # no padding_idx: every row trains
     expected_grads = torch.autograd.grad(expected.square().sum(), trainable)
     out = model(ids)
     torch.testing.assert_close(out, expected)
     grads = torch.autograd.grad(out.square().sum(), trainable)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad)
-    padding_only = torch.autograd.grad(model(torch.zeros(1, 2, dtype=torch.long)).sum(), trainable)
+    padding_only = torch.autograd.grad(model(torch.zeros(1, 2, dtype=torch.long)).square().sum(), trainable)
     assert any(grad.abs().sum() > 0 for grad in padding_only)
 
 

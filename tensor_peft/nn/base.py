@@ -183,6 +183,13 @@ class AdapterLayer(WrapsBaseLayer):
             return F.embedding(x, weight.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq)
         return F.linear(x, weight, bias)
 
+    def whole_weight_rows(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The rows of ``weight`` (W0 + ΔW, or ΔW, in ``self.weight``'s layout) that an
+        embedding looks up for indices ``x``, without ``padding_idx``: the positions of the
+        padding index train the update's padding row, as they train LoRA's B (peft's rule:
+        the padding row moves); W0 itself is frozen."""
+        return F.embedding(x, weight.T, None, None, 2.0, self.base_layer.scale_grad_by_freq)
+
     def weight_gradient(self, x: Tensor, grad: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
         """∂⟨grad, op(x, V)⟩/∂V for the base operation (groups = 1) with a weight V of
         ``weight_shape`` (any channel counts): the weight gradient alone, without running

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
@@ -223,11 +222,10 @@ class SNELLLayer(AdapterLayer):
         return self.delta_weight_and_threshold(adapter, tau)[0]
 
     def base_operation(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """As ``AdapterLayer.base_operation``, but an embedding looks ΔW (or W0 + ΔW, W0
-        frozen) up without ``padding_idx``: the positions of the padding index train the
-        update's padding row, as they train LoRA's B (peft's rule: the padding row moves)."""
+        """As ``AdapterLayer.base_operation``; an embedding looks up the whole ΔW (or W0 +
+        ΔW): ``whole_weight_rows``, whose padding row trains."""
         if self.is_embedding:
-            return F.embedding(x, weight.T, None, None, 2.0, self.base_layer.scale_grad_by_freq)
+            return self.whole_weight_rows(x, weight)
         return super().base_operation(x, weight, bias)
 
     def delta_weight_and_threshold(self, adapter: Adapter, tau: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
