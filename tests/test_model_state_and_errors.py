@@ -109,13 +109,17 @@ def _adapter_output(path, x):
     return tp.load_adapter(three_linears(), path)(x).detach()
 
 
+def _plain_file_bytes(path):
+    return tuple((path / name).read_bytes() for name in (tp.model.CONFIG_FILE, tp.model.WEIGHTS_FILE))
+
+
 def _with_plain_files(path):
     """Rewrite the adapter in ``path`` as two plain files, as peft or an earlier
     tensor_peft writes it."""
-    files = {name: (path / name).read_bytes() for name in (tp.model.CONFIG_FILE, tp.model.WEIGHTS_FILE)}
+    contents = _plain_file_bytes(path)
     shutil.rmtree(path)
     path.mkdir()
-    for name, content in files.items():
+    for name, content in zip((tp.model.CONFIG_FILE, tp.model.WEIGHTS_FILE), contents):
         (path / name).write_bytes(content)
 
 
@@ -129,6 +133,10 @@ def test_a_save_interrupted_at_any_step_leaves_the_old_adapter_or_the_new_one(tm
     tp.inject(new, tp.LoRAConfig(target_modules=[nn.Linear], r=2, alpha=7.0))
     randomize(old, seed=1)
     randomize(new, seed=2)
+    files = {}  # the bytes of each adapter's two files, as a reader of the plain file names sees them
+    for name, model in (("old", old), ("new", new)):
+        tp.save_adapter(model, tmp_path / name)
+        files[name] = _plain_file_bytes(tmp_path / name)
     seen = set()
     for step in itertools.count(1):
         path = tmp_path / str(step)
@@ -148,6 +156,7 @@ def test_a_save_interrupted_at_any_step_leaves_the_old_adapter_or_the_new_one(tm
         found = [name for name, value in expected.items() if torch.equal(output, value)]
         assert found, f"interrupted at call {step} ({interrupted}): the directory holds neither adapter"
         seen.add(found[0])
+        assert _plain_file_bytes(path) in files.values(), f"interrupted at call {step}: peft would read a mix"
         assert (path / "notes.txt").read_text() == "the user's own file"
         if interrupted is None:
             assert found == ["new"] and len(calls) > 3
