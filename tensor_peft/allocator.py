@@ -41,25 +41,35 @@ def _bits_float(bits: int) -> float:
 
 def sparsity_keeping(kept: int, size: int, dropped: Callable[[float], int] | None = None) -> float:
     """The sparsity s for which a layer of ``size`` entries keeps exactly ``kept``, with
-    ``dropped(s)`` the entries it drops (default: the ``count`` rule). The written fraction
-    (size − kept)/size when it fits, else the smallest float that does (a bisection: the
-    count never falls as s grows); a ValueError if no sparsity keeps ``kept``."""
+    ``dropped(s)`` the entries it drops (default: the ``count`` rule): of the floats that
+    do, the one nearest (size − kept)/size, so that s also reads as ``kept`` kept (the
+    fraction itself when it does; else the float next to it, found by bisection: the
+    count never falls as s grows). A ValueError if no sparsity keeps ``kept``."""
     dropped = dropped or (lambda sparsity: dropped_count(sparsity, size))
     target = size - kept
-    guess = target / size if size else 0.0
-    if dropped(guess) == target:
-        return guess
-    low, high = _float_bits(0.0), _float_bits(1.0)  # the first float dropping ≥ target is in [low, high]
-    while low < high:
-        middle = (low + high) // 2
-        if dropped(_bits_float(middle)) >= target:
-            high = middle
-        else:
-            low = middle + 1
-    sparsity = _bits_float(low)
+    fraction = target / size if size else 0.0
+    if dropped(fraction) < target:  # the nearest is the first float dropping target
+        sparsity = _bits_float(_first_float_bits(lambda s: dropped(s) >= target))
+    elif dropped(fraction) > target:  # the nearest is the last float dropping target
+        sparsity = _bits_float(max(_first_float_bits(lambda s: dropped(s) > target) - 1, 0))
+    else:
+        sparsity = fraction
     if dropped(sparsity) != target:
         raise ValueError(f"no sparsity keeps exactly {kept} of {size} entries")
     return sparsity
+
+
+def _first_float_bits(holds: Callable[[float], bool]) -> int:
+    """The bits of the first float of [0, 1] for which ``holds`` (false, then true as the
+    float grows), or those of 1.0 if it holds for none before."""
+    low, high = _float_bits(0.0), _float_bits(1.0)
+    while low < high:
+        middle = (low + high) // 2
+        if holds(_bits_float(middle)):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def distribute(budget: int, scores: list[float], capacities: list[int], floors: list[int] | None = None) -> list[int]:
@@ -95,6 +105,18 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     the largest of each (NaN and inf propagate through max)."""
     maxima = torch._foreach_max([tensor for tensor in tensors if tensor.numel()])
     return not maxima or bool(torch.stack(maxima).isfinite().all())
+
+
+def _non_finite_cause(keys: list[tuple[str, str]], embeddings: list[torch.Tensor], grads: list[torch.Tensor]) -> str:
+    """Why an importance |θ·g| is not finite, naming the first module it is not in: its
+    gradients, its embeddings, or (both finite) the product overflowing float32."""
+    for what, tensors in (("gradients", grads), ("embeddings", embeddings)):
+        bad = next((name for (name, _), tensor in zip(keys, tensors) if not tensor.isfinite().all()), None)
+        if bad is not None:
+            return f"module {bad!r} has non-finite {what}"
+    bad = next(name for (name, _), embedding, grad in zip(keys, embeddings, grads)
+               if not (embedding * grad).float().isfinite().all())  # fmt: skip
+    return f"module {bad!r}: |embedding · gradient| overflows float32 (the gradients and embeddings are finite)"
 
 
 def check_floors(floors: list[int], budget: int, min_keep: float) -> None:
@@ -226,8 +248,9 @@ class SparsityAllocator(nn.Module):
                     f"{name}: snell_{side} has no gradient; call allocator.step() after "
                     "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
                 )
-            embeddings.append(embedding)
-            grads.append(embedding.grad)
+            dtype = torch.promote_types(embedding.dtype, torch.float32)  # |θ·g| of half embeddings in float32
+            embeddings.append(embedding.to(dtype))
+            grads.append(embedding.grad.to(dtype))
         # one multi-tensor op per stage for all layers, or one op on the packed buffers, in
         # place where it can be (a step's cost is the calls, not the flops)
         products = torch._foreach_mul(embeddings, grads)
@@ -243,8 +266,7 @@ class SparsityAllocator(nn.Module):
         if any(importance.dtype != torch.float32 for importance in importances):
             importances = [importance.float() for importance in importances]
         if not _all_finite(importances):
-            bad = next(key[0] for key, product in zip(keys, products) if not product.isfinite().all())
-            warnings.warn(f"module {bad!r} has non-finite gradients: this step leaves the importance statistics as they were")
+            warnings.warn(f"{_non_finite_cause(keys, embeddings, grads)}: this step leaves the importance statistics as they were")
         else:
             torch._foreach_lerp_(means, importances, 1 - c.beta1)  # β1·Ī + (1 − β1)·I
             deviations = torch._foreach_sub(importances, means)

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +46,8 @@ METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
 }
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CURRENT_LINK = ".tensor_peft_adapter"  # in a saved adapter's directory: the link to the current files' directory
+VERSION_PREFIX = ".tensor_peft_adapter-"  # the name of each such directory (and of links being renamed into place)
 
 
 ALL_LINEAR = "all-linear"
@@ -127,6 +131,7 @@ def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str] | N
     if "" in names:
         raise ValueError("target_modules matched the model itself: wrap a layer directly instead")
     targets: dict[str, list[str] | None] = {}
+    unsupported = []
     for name in sorted(names):
         module, parent_name = modules[name], name.rpartition(".")[0]
         if isinstance(module, nn.MultiheadAttention):
@@ -136,9 +141,11 @@ def _targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str] | N
         else:
             try:
                 layer_kind(module)
+                targets[name] = None
             except TypeError as error:
-                raise ValueError(f"module {name!r}: {error}") from None
-            targets[name] = None
+                unsupported.append(f"module {name!r}: {error}")
+    if unsupported:
+        raise ValueError("; ".join(unsupported))
     for name in targets:
         current = model.get_submodule(name)
         layers = current.projections().values() if isinstance(current, AdaptedMultiheadAttention) else [current]
@@ -376,13 +383,15 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter ``adapter_name``; layers left without adapters become their base again."""
+    """Remove adapter ``adapter_name``; layers left without adapters become their base again.
+    All or nothing: every layer is checked (none holds the adapter merged) before any changes."""
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
-    for name, layer in adapter_layers(model).items():
-        if adapter_name in layer.adapters:
-            layer.delete_adapter(adapter_name)
+    layers = {name: layer for name, layer in adapter_layers(model).items() if adapter_name in layer.adapters}
+    _per_layer(layers, lambda layer: layer.check_delete(adapter_name))
+    for layer in layers.values():
+        layer.delete_adapter(adapter_name)
     _remove_empty_layers(model)
     model.tensor_peft_configs = {k: v for k, v in configs.items() if k != adapter_name}
 
@@ -463,8 +472,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     tensors as safetensors (keys ``<module name>.<parameter>``, and
     ``modules_to_save.<module>.<key>``). ``format="peft"`` writes peft's LoRA format
     instead (``peft.PeftModel.from_pretrained`` loads it), for the methods whose update is
-    exactly a low-rank product; the others raise saying why. Each file is written whole
-    under a temporary name and then renamed; nothing is written if either fails."""
+    exactly a low-rank product; the others raise saying why. The adapter in ``path`` is
+    replaced in one step: interrupted anywhere, ``path`` holds the old adapter or the new
+    one, never a mix (``_replace_adapter_files``)."""
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
@@ -481,33 +491,96 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
             for key, value in layer.adapters[adapter_name].state_dict().items():
                 tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
     config_text = json.dumps(fields, indent=2)
-    path = Path(path)
+    _replace_adapter_files(Path(path), {WEIGHTS_FILE: lambda file: save_file(tensors, str(file)),
+                                        CONFIG_FILE: lambda file: file.write_text(config_text)})  # fmt: skip
+
+
+def _replace_adapter_files(path: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Replace the adapter files in directory ``path`` in one step, wherever the save is
+    interrupted: a reader finds the old adapter or the new one, never a mix.
+
+    The files are written into a new directory beside the current one (``VERSION_PREFIX``
+    + a random suffix), and the link ``CURRENT_LINK`` is renamed over to name it: that
+    rename is the swap. The files' own names in ``path`` are links through
+    ``CURRENT_LINK``, for peft and every other reader. Files that are not such links yet
+    (peft's, an earlier tensor_peft's, a file an editor replaced) are first copied into
+    a directory of their own that ``CURRENT_LINK`` names, so that every step of putting
+    the links in place shows the old adapter. Other files of ``path`` are left alone;
+    the replaced directories are removed."""
     path.mkdir(parents=True, exist_ok=True)
-    for file in (WEIGHTS_FILE, CONFIG_FILE):
-        if (path / file).is_dir():
-            raise ValueError(f"path: {path / file} is a directory; cannot save the adapter there")
-    weights_tmp, config_tmp = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
+    for name in writers:
+        if (path / name).is_dir():
+            raise ValueError(f"path: {path / name} is a directory; cannot save the adapter there")
+    if not _links_in_place(path):
+        _swap_in(path, {name: lambda file, source=path / name: _copy_if_present(source, file) for name in writers})
+        for name in writers:
+            _replace_with_link(path / name, f"{CURRENT_LINK}/{name}")
+    _swap_in(path, writers)
+    current = os.readlink(path / CURRENT_LINK)  # ours, unless another save swapped in since
+    for entry in path.iterdir():
+        if entry.name.startswith(VERSION_PREFIX) and entry.name != current:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _links_in_place(path: Path) -> bool:
+    """Whether the adapter's files in ``path`` are links through ``CURRENT_LINK``."""
+    return all(os.path.islink(path / name) and os.readlink(path / name) == f"{CURRENT_LINK}/{name}"
+               for name in (CONFIG_FILE, WEIGHTS_FILE))  # fmt: skip
+
+
+def _swap_in(path: Path, writers: dict[str, Callable[[Path], None]]) -> str:
+    """Write a new directory of files in ``path`` (``writers``: file name -> the call that
+    writes it) and rename ``CURRENT_LINK`` over to it; returns its name. Nothing that
+    readers see changes unless it all succeeds."""
+    version = f"{VERSION_PREFIX}{uuid.uuid4().hex}"
+    staged_link = path / f"{version}.link"
     try:
-        save_file(tensors, str(weights_tmp))
-        config_tmp.write_text(config_text)
-        os.replace(weights_tmp, path / WEIGHTS_FILE)
-        os.replace(config_tmp, path / CONFIG_FILE)
-    finally:
-        weights_tmp.unlink(missing_ok=True)
-        config_tmp.unlink(missing_ok=True)
+        (path / version).mkdir()
+        for name, write in writers.items():
+            write(path / version / name)
+        os.symlink(version, staged_link)
+        os.replace(staged_link, path / CURRENT_LINK)
+    except BaseException:
+        staged_link.unlink(missing_ok=True)
+        shutil.rmtree(path / version, ignore_errors=True)
+        raise
+    return version
+
+
+def _copy_if_present(source: Path, destination: Path) -> None:
+    if source.exists():
+        shutil.copyfile(source, destination)
+
+
+def _replace_with_link(file: Path, target: str) -> None:
+    """Make ``file`` a link to ``target`` in one rename."""
+    staged = file.with_name(f"{VERSION_PREFIX}{uuid.uuid4().hex}.link")
+    os.symlink(target, staged)
+    os.replace(staged, file)
+
+
+def _adapter_directory(path: Path) -> Path:
+    """The directory to read an adapter's files from: the one ``CURRENT_LINK`` names,
+    read once so that both files come from one save, while the files in ``path`` are
+    links through it; else ``path`` itself (peft's files, a file replaced by hand)."""
+    link = path / CURRENT_LINK
+    return path / os.readlink(link) if _links_in_place(path) and link.is_symlink() else path
 
 
 def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The config and tensors saved in ``path`` (tensor_peft's format or peft's LoRA), or a
     ValueError naming the file and what is wrong."""
-    file = path / CONFIG_FILE
+    file, directory = path / CONFIG_FILE, _adapter_directory(path)
     try:
-        saved = json.loads(file.read_text())
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        saved = json.loads((directory / CONFIG_FILE).read_text())
+        tensors = load_file(str(directory / WEIGHTS_FILE))
     except (OSError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path} holds no readable adapter: {type(error).__name__}: {error}") from None
     if isinstance(saved, dict) and peft_format.is_peft_config(saved):
-        return peft_format.import_config(saved, tensors, str(file))
+        return peft_format.import_config(saved, tensors, str(file), str(path / WEIGHTS_FILE))
     try:
         method, fields = saved["method"], dict(saved["config"])
         names = fields["target_modules"]

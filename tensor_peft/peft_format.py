@@ -77,10 +77,12 @@ def _most_common(values):
     return max(values, key=values.count)
 
 
-def import_config(saved: dict[str, Any], tensors: dict[str, Tensor], file: str) -> tuple[LoRAConfig, dict[str, Tensor]]:
+def import_config(saved: dict[str, Any], tensors: dict[str, Tensor], file: str,
+                  weights_file: str) -> tuple[LoRAConfig, dict[str, Tensor]]:  # fmt: skip
     """A LoRA config and tensor_peft's tensors (``<module>.lora_A`` / ``.lora_B``, and
-    ``modules_to_save.<module>.<key>``) for a peft LoRA adapter; a ValueError naming the
-    field for what LoRA here cannot hold."""
+    ``modules_to_save.<module>.<key>``) for a peft LoRA adapter (its config read from
+    ``file``, its tensors from ``weights_file``); a ValueError naming the field and the
+    file for what LoRA here cannot hold or what is malformed."""
     if saved.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type {saved.get('peft_type')!r} cannot be loaded; only peft's LORA can")
     for field in _UNSUPPORTED:
@@ -101,22 +103,34 @@ def import_config(saved: dict[str, Any], tensors: dict[str, Tensor], file: str) 
         else:
             raise ValueError(f"{file}: tensor {key!r} is neither a LoRA factor nor of modules_to_save")
     names = sorted(key.rpartition(".")[0] for key in ours if key.endswith(".lora_A"))
-    scales = set()
+    if not names:
+        raise ValueError(f"{weights_file} holds no LoRA tensors (a module's lora_A and lora_B)")
+    alpha_pattern, scales = saved.get("alpha_pattern") or {}, set()
     for name in names:
         r = ours[f"{name}.lora_A"].shape[0]
-        alpha = float(_pattern_value(saved.get("alpha_pattern") or {}, name, saved.get("lora_alpha", 8)))
+        key = _pattern_key(alpha_pattern, name)
+        if key is None:
+            alpha = _number(saved.get("lora_alpha", 8), "lora_alpha", file)
+        else:
+            alpha = _number(alpha_pattern[key], f"alpha_pattern[{key!r}]", file)
         scales.add((r, alpha * math.sqrt(r) if saved.get("use_rslora") else alpha))  # rsLoRA: alpha/√r
     if len(scales) != 1:
         raise ValueError(f"{file}: modules differ in rank or lora_alpha ({sorted(scales)}); tensor_peft's LoRA has one of each")
     ((r, alpha),) = scales
-    config = LoRAConfig(target_modules=names, r=r, alpha=alpha, dropout=float(saved.get("lora_dropout") or 0.0),
-                        modules_to_save=to_save or None)  # fmt: skip
+    dropout = _number(saved.get("lora_dropout") or 0.0, "lora_dropout", file)
+    config = LoRAConfig(target_modules=names, r=r, alpha=alpha, dropout=dropout, modules_to_save=to_save or None)
     return config, ours
 
 
-def _pattern_value(pattern: dict[str, Any], name: str, default):
-    """peft's per-module override: a key equal to the module name or a dotted suffix of it."""
-    for key, value in pattern.items():
-        if name == key or name.endswith("." + key):
-            return value
-    return default
+def _number(value: Any, field: str, file: str) -> float:
+    """Config ``field``'s ``value`` as a float; a ValueError naming the field and the file
+    unless it is a JSON number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{file}: {field} must be a number, got {value!r}")
+    return float(value)
+
+
+def _pattern_key(pattern: dict[str, Any], name: str) -> str | None:
+    """The key of peft's per-module override for module ``name``: equal to the name or a
+    dotted suffix of it; None when no key is."""
+    return next((key for key in pattern if name == key or name.endswith("." + key)), None)

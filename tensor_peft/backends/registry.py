@@ -16,7 +16,9 @@ the thread (or asyncio task) that entered the block, while the block runs. Other
 including ones started inside the block and the threads autograd runs GPU backward on,
 do not see it: they select by ``TENSOR_PEFT_BACKEND`` or the default order. An op's
 backward runs on the backend its forward ran on (the op records it with the forward),
-whenever and on whichever thread backward runs.
+whenever and on whichever thread backward runs. A block entered in a generator may be
+left on another thread (the generator resumed there): the request then ends in the
+context that entered it, as if the block had ended there.
 """
 
 from __future__ import annotations
@@ -46,9 +48,16 @@ OPS = (
 )  # fmt: skip
 _KERNELS: dict[tuple[str, str], Callable] = {}  # (op, backend) -> the function that runs it
 
-_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "tensor_peft_backend", default=None
-)
+
+class _Request:
+    """A ``use(name)`` block's request: it holds while the block runs (``active``), then
+    the enclosing block's (``outer``) holds again."""
+
+    def __init__(self, name: str, outer: _Request | None):
+        self.name, self.outer, self.active = name, outer, True
+
+
+_requested: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("tensor_peft_backend", default=None)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -153,9 +162,11 @@ def kernel(op: str, name: str) -> Callable:
 
 def requested() -> str | None:
     """The backend asked for by ``use()`` or ``TENSOR_PEFT_BACKEND``; ``None`` for the default order."""
-    name = _requested.get()
-    if name is not None:
-        return name
+    request = _requested.get()
+    while request is not None and not request.active:
+        request = request.outer
+    if request is not None:
+        return request.name
     env = os.environ.get(ENV_VAR, "").strip()
     if env in ("", "auto"):
         return None
@@ -171,11 +182,14 @@ def use(name: str) -> Iterator[None]:
     reason = why_unavailable(check_choice(name, "name", NAMES))
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
-    token = _requested.set(name)
+    request = _Request(name, _requested.get())
+    token = _requested.set(request)
     try:
         yield
     finally:
-        _requested.reset(token)
+        request.active = False  # ends it in the context that entered the block, wherever the exit runs
+        with contextlib.suppress(ValueError):  # left in another context: a generator resumed on another thread
+            _requested.reset(token)
 
 
 def select(op: str, device_type: str) -> tuple[str, Callable]:

@@ -173,13 +173,22 @@ class AdapterLayer(WrapsBaseLayer):
     def base_operation(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The base layer's operation with another weight (in ``self.weight``'s layout) and
         no bias unless given: conv geometry (padding modes, groups, dilation) and the
-        embedding's options come from the base layer."""
+        embedding's options come from the base layer, but for ``sparse``: the weights looked
+        up here are the adapters' dense tensors (``sparse=True`` asks for a sparse gradient
+        of the frozen base weight, which is never computed)."""
         if self.is_conv:
             return self.base_layer._conv_forward(x, weight, bias)
         if self.is_embedding:
             base = self.base_layer
-            return F.embedding(x, weight.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
+            return F.embedding(x, weight.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq)
         return F.linear(x, weight, bias)
+
+    def whole_weight_rows(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The rows of ``weight`` (W0 + ΔW, or ΔW, in ``self.weight``'s layout) that an
+        embedding looks up for indices ``x``, without ``padding_idx``: the positions of the
+        padding index train the update's padding row, as they train LoRA's B (peft's rule:
+        the padding row moves); W0 itself is frozen."""
+        return F.embedding(x, weight.T, None, None, 2.0, self.base_layer.scale_grad_by_freq)
 
     def weight_gradient(self, x: Tensor, grad: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
         """∂⟨grad, op(x, V)⟩/∂V for the base operation (groups = 1) with a weight V of
@@ -237,11 +246,15 @@ class AdapterLayer(WrapsBaseLayer):
         raise NotImplementedError
 
     def delete_adapter(self, name: str) -> None:
+        self.check_delete(name)
+        del self.adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def check_delete(self, name: str) -> None:
+        """Raises unless ``delete_adapter(name)`` may run: a known adapter, not merged."""
         self._check_adapter(name)
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting it")
-        del self.adapters[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` the active adapters. A merged adapter stays active until unmerged."""

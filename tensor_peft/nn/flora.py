@@ -18,7 +18,8 @@ Execution per layer (``execution``):
   makes the choice, and so the output's last bits, depend on the machine's load: with
   ``AUTOTUNE = False`` (its default is False when the environment variable
   ``TENSOR_PEFT_FLORA_AUTOTUNE`` is ``0``, so that subprocesses and every rank of a
-  distributed run agree), under ``torch.use_deterministic_algorithms(True)``, and while
+  distributed run agree), under ``torch.use_deterministic_algorithms(True)``, on the meta
+  device (``init_empty_weights``, FSDP's deferred init: nothing runs to be timed) and while
   torch.compile traces a layer whose choice is not cached yet, a flops + bytes cost model
   (``step_costs``) chooses instead. The last choice is in ``layer.last_execution``;
   ``clear_execution_cache()`` forgets the timed choices.
@@ -26,6 +27,7 @@ Execution per layer (``execution``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -88,6 +90,12 @@ class FLoRAAdapter(Adapter):
         )
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region with autocast off on ``device``; none on the meta device, which autocast
+    does not know (and where nothing is computed)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 class _ProjectedTuckerGradients(torch.autograd.Function):
     """The identity on the merged path's output ``y``; its backward passes the output
     gradient on and gives the adapter's gradients from it and the layer input by
@@ -103,7 +111,7 @@ class _ProjectedTuckerGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, core, *factors = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):  # computed in the core's dtype, as a backward inside autocast would not
+        with _autocast_off(x.device):  # computed in the core's dtype, as a backward inside autocast would not
             gradients = ctx.layer.projected_gradients(x, grad, core, factors, ctx.scale)
         return grad, None, None, None, *gradients
 
@@ -179,16 +187,16 @@ class FLoRALayer(AdapterLayer):
     def choose_execution(self, adapter: Adapter, x: Tensor) -> str:
         """``merged`` or ``factorized`` for this input: the adapter's execution, or under
         ``auto`` the path timed faster for this layer and input (cached), or the cost
-        model's choice when timing is off, deterministic algorithms are asked for, or
-        torch.compile traces an uncached case."""
+        model's choice when timing is off, deterministic algorithms are asked for, the
+        input is on the meta device, or torch.compile traces an uncached case."""
         if adapter.execution != "auto":
             return adapter.execution
         if self.is_embedding:
             return "factorized"  # a lookup of the indices' rows, never forming ΔW
         if self.is_grouped_conv:
             return "merged"
-        if not AUTOTUNE or torch.are_deterministic_algorithms_enabled():
-            return self.cheaper_by_cost_model(adapter, x)
+        if not AUTOTUNE or torch.are_deterministic_algorithms_enabled() or x.device.type == "meta":
+            return self.cheaper_by_cost_model(adapter, x)  # a meta tensor (deferred init) has no time to measure
         key = self.execution_key(adapter, x)
         choice = _execution_cache.get(key)
         if choice is None:

@@ -145,7 +145,7 @@ class LieRALayer(AdapterLayer):
         dtype = self.compute_dtype(adapter)
         rows = self.base_layer(x).to(dtype)
         if adapter.side == "input":  # the rows mix columns of W0: formed whole
-            return self.base_operation(x, self.merge_weight(adapter, self.weight.to(dtype)))
+            return self.whole_weight_rows(x, self.merge_weight(adapter, self.weight.to(dtype)))
         if adapter.group != "hadamard":
             rotation = ops.matrix_exp(adapter.algebra_element().to(dtype))
             blocks = rows.unflatten(-1, (rotation.shape[0], adapter.block_size))

@@ -221,6 +221,13 @@ class SNELLLayer(AdapterLayer):
     def delta_weight(self, adapter: Adapter, tau: Tensor | None = None) -> Tensor:
         return self.delta_weight_and_threshold(adapter, tau)[0]
 
+    def base_operation(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """As ``AdapterLayer.base_operation``; an embedding looks up the whole ΔW (or W0 +
+        ΔW): ``whole_weight_rows``, whose padding row trains."""
+        if self.is_embedding:
+            return self.whole_weight_rows(x, weight)
+        return super().base_operation(x, weight, bias)
+
     def delta_weight_and_threshold(self, adapter: Adapter, tau: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         delta, tau = adapter.delta(self.compute_dtype(adapter), tau)
         return delta.reshape(self.weight.shape), tau

@@ -3,6 +3,7 @@ variable), and the errors for backends that cannot run."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -185,3 +186,37 @@ def test_use_holds_only_in_the_thread_that_entered_it(monkeypatch):
         worker.join()
         assert backends.requested() == "reference"
     assert seen == {"requested": None}
+
+
+def test_use_in_a_generator_resumed_on_another_thread_ends_cleanly(monkeypatch):
+    """A block entered in a generator and left after the generator moved to another
+    thread: the exit raises nothing, and the request ends in the thread that entered it
+    (as if the block had ended there), while an enclosing request holds again."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+    def steps():
+        with backends.use("reference"):
+            yield backends.requested()
+            yield backends.requested()
+
+    outcome = {}
+
+    def finish(generator):
+        try:
+            outcome["rest"] = list(generator)
+        except BaseException as error:  # noqa: BLE001 - reported to the test's thread
+            outcome["error"] = error
+
+    for enclosing in (None, "reference"):
+        with contextlib.ExitStack() as stack:
+            if enclosing is not None:
+                stack.enter_context(backends.use(enclosing))
+            generator = steps()
+            assert next(generator) == "reference"
+            worker = threading.Thread(target=finish, args=(generator,))
+            worker.start()
+            worker.join()
+            assert "error" not in outcome, outcome.get("error")
+            assert outcome["rest"] == [None]  # the other thread's context never held the request
+            assert backends.requested() == enclosing
+        assert backends.requested() is None
