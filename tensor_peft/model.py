@@ -497,9 +497,10 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         config_tmp.unlink(missing_ok=True)
 
 
-def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def _read_adapter(path: Path, model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The config and tensors saved in ``path`` (tensor_peft's format or peft's LoRA), or a
-    ValueError naming the file and what is wrong."""
+    ValueError naming the file and what is wrong (or the module of ``model`` whose peft
+    update is not what tensor_peft would compute)."""
     file = path / CONFIG_FILE
     try:
         saved = json.loads(file.read_text())
@@ -507,7 +508,12 @@ def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     except (OSError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path} holds no readable adapter: {type(error).__name__}: {error}") from None
     if isinstance(saved, dict) and peft_format.is_peft_config(saved):
-        return peft_format.import_config(saved, tensors, str(file))
+        config, tensors = peft_format.import_config(saved, tensors, str(file))
+        modules = _original_modules(model)
+        for name in config.target_modules:
+            if name in modules:
+                peft_format.check_peft_computes_alike(name, modules[name])
+        return config, tensors
     try:
         method, fields = saved["method"], dict(saved["config"])
         names = fields["target_modules"]
@@ -529,7 +535,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     model's modules do not fit the file (missing module, other method, other shapes); the
     model is then left as it was."""
     path = Path(path)
-    config, tensors = _read_adapter(path)
+    config, tensors = _read_adapter(path, model)
     modules = _original_modules(model)
     for name in [*config.target_modules, *(config.modules_to_save or ())]:
         if name not in modules:
@@ -551,7 +557,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path, adapter_name: str =
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
-    config, tensors = _read_adapter(Path(path))
+    config, tensors = _read_adapter(Path(path), model)
     if config.method != configs[adapter_name].method:
         raise ValueError(f"{path} holds a {config.method} adapter; adapter {adapter_name!r} is {configs[adapter_name].method}")
     _load_tensors(model, adapter_name, tensors)
