@@ -292,16 +292,16 @@ def _inject_one(model, name, projections, layer_class, adapter_name, options, un
             _replace(model, name, make_layer(current))
             undo.append(lambda: _replace(model, name, current))
         return
+    wrapper = current
     if not isinstance(current, AdaptedMultiheadAttention):
         wrapper = AdaptedMultiheadAttention(current)
         _replace(model, name, wrapper)
         undo.append(lambda: _replace(model, name, current))
-        current = wrapper
     for projection in projections:
-        layer = current.projection(projection)
+        layer = wrapper.projection(projection)
         if layer is None:
-            current.add_projection(projection, make_layer)
-            undo.append(lambda p=projection: delattr(current, p))
+            wrapper.add_projection(projection, make_layer)
+            undo.append(lambda p=projection: delattr(wrapper, p))
         else:
             _add_adapter(layer, adapter_name, options, undo)
 

@@ -241,6 +241,15 @@ def test_attention_adapters_follow_weights_replaced_by_a_cast():
     check_attention_follows_its_weights(model, x, expected)
 
 
+def test_a_refused_inject_unwraps_the_attention_it_wrapped():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Embedding(10, 8))
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="module '1': dropout must be 0 on an nn.Embedding"):
+        tp.inject(model, tp.LoRAConfig(target_modules=[nn.MultiheadAttention, nn.Embedding], dropout=0.1))
+    assert type(model[0]) is nn.MultiheadAttention
+    assert_unchanged(model, state)
+
+
 def test_merge_and_unload_refuse_while_a_layer_has_its_adapters_disabled():
     model = two_layers()
     tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
