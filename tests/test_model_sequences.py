@@ -324,5 +324,5 @@ class ModelCalls(RuleBasedStateMachine):
 
 TestModelCallSequences = ModelCalls.TestCase
 TestModelCallSequences.settings = settings(
-    max_examples=20, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=50, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
