@@ -9,7 +9,7 @@ Import reads a peft LoRA adapter as a tensor_peft LoRA adapter; options peft has
 LoRA here does not (DoRA, LoRA bias, layer selection, per-module ranks) raise.
 
 Both ways refuse, naming the layer and the option, a conv whose update peft computes
-otherwise than its base layer does (``peft_conv_difference``): peft's update conv pads
+otherwise than its base layer does (``check_peft_computes_alike``): peft's update conv pads
 with zeros, has no dilation, and its A mixes every input channel."""
 
 from __future__ import annotations
@@ -77,25 +77,20 @@ def export_tensors(model: nn.Module, layers: dict[str, AdapterLayer], adapter_na
     return config, tensors
 
 
-def peft_conv_difference(module: nn.Module) -> str | None:
-    """Why peft's LoRA update on ``module`` is not the update tensor_peft computes (which
-    runs with the base conv's geometry), or None where the two agree."""
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return None
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r}: peft's LoRA pads its update with zeros"
-    if any(d != 1 for d in module.dilation):
-        return f"dilation={module.dilation}: peft's LoRA runs its update without dilation"
-    if module.groups != 1:
-        return f"groups={module.groups}: peft's LoRA A mixes every input channel instead of each group's"
-    return None
-
-
 def check_peft_computes_alike(name: str, module: nn.Module) -> None:
-    """Raises, naming module ``name`` and the option, where peft computes its update otherwise."""
-    reason = peft_conv_difference(module)
-    if reason:
-        raise ValueError(f"module {name!r}: {reason}, so peft would compute this adapter differently")
+    """Raises, naming module ``name`` and the option, where peft's LoRA update on
+    ``module`` differs from the one here (which runs with the base conv's geometry)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return
+    if module.padding_mode != "zeros":
+        reason = f"padding_mode={module.padding_mode!r}: peft's LoRA pads its update with zeros"
+    elif any(d != 1 for d in module.dilation):
+        reason = f"dilation={module.dilation}: peft's LoRA runs its update without dilation"
+    elif module.groups != 1:
+        reason = f"groups={module.groups}: peft's LoRA A mixes every input channel instead of each group's"
+    else:
+        return
+    raise ValueError(f"module {name!r}: {reason}, so peft would compute this adapter differently")
 
 
 def _most_common(values):
