@@ -166,6 +166,8 @@ class ModelCalls(RuleBasedStateMachine):
             assert layer.adapters_enabled == (module not in self.disabled), module
         assert all(m.training == self.training for m in self.model.modules())
         assert all(p.dtype == self.dtype for p in self.model.parameters())
+        for key, p in self.model.named_parameters():  # the active adapter alone is trainable
+            assert p.requires_grad == (f".adapters.{self.active}." in key), key
 
     # ------------------------------------------------------------------ calls
 
