@@ -28,7 +28,8 @@ from tensor_peft.model import adapter_layers
 MODULES = ("embed", "conv", "attn", "fc1", "fc2")  # what an adapter may target
 NAMES = ("a", "b", "c")
 # the adapter layers a target becomes, with the base weight and bias each one adapts
-LAYERS = {"embed": ["embed"], "conv": ["conv"], "attn": ["attn.in_proj", "attn.out_proj"], "fc1": ["fc1"], "fc2": ["fc2"]}
+LAYERS = {"embed": ["embed"], "conv": ["conv"], "attn": ["attn.in_proj", "attn.out_proj"], "fc1": ["fc1"],
+          "fc2": ["fc2"]}  # fmt: skip
 BASE = {"embed": ("embed.weight", None), "conv": ("conv.weight", "conv.bias"),
         "attn.in_proj": ("attn.in_proj_weight", "attn.in_proj_bias"),
         "attn.out_proj": ("attn.out_proj.weight", "attn.out_proj.bias"),
@@ -102,8 +103,8 @@ class ModelCalls(RuleBasedStateMachine):
     def build(self, method, modules, seed):
         torch.manual_seed(0)
         self.model = Tiny().eval()
-        self.base = {layer: (float64(self.model.get_parameter(weight)), bias and float64(self.model.get_parameter(bias)))
-                     for layer, (weight, bias) in BASE.items()}  # fmt: skip
+        parameter = self.model.get_parameter
+        self.base = {layer: (float64(parameter(w)), b and float64(parameter(b))) for layer, (w, b) in BASE.items()}
         self.adapters: dict[str, dict] = {}  # name -> method, scale, targets, layers, dropout
         self.active: str | None = None
         self.merged = False
