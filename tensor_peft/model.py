@@ -420,7 +420,8 @@ def _per_layer(layers: dict[str, AdapterLayer], call: Callable[[AdapterLayer], N
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every layer's active adapters into its base weight. All or nothing: every
-    layer's merge is checked (finite, restorable, no tied weight) before any is written."""
+    layer's merge is checked (adapters switched on, finite, restorable, no tied weight)
+    before any is written."""
     _merge_all(model, "merge")
     return model
 
