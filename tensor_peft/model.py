@@ -299,16 +299,16 @@ def _inject_one(model, name, projections, layer_class, adapter_name, options, un
             _replace(model, name, make_layer(current))
             undo.append(lambda: _replace(model, name, current))
         return
+    wrapper = current
     if not isinstance(current, AdaptedMultiheadAttention):
         wrapper = AdaptedMultiheadAttention(current)
         _replace(model, name, wrapper)
         undo.append(lambda: _replace(model, name, current))
-        current = wrapper
     for projection in projections:
-        layer = current.projection(projection)
+        layer = wrapper.projection(projection)
         if layer is None:
-            current.add_projection(projection, make_layer)
-            undo.append(lambda p=projection: delattr(current, p))
+            wrapper.add_projection(projection, make_layer)
+            undo.append(lambda p=projection: delattr(wrapper, p))
         else:
             _add_adapter(layer, adapter_name, options, undo)
 
@@ -429,7 +429,8 @@ def _per_layer(layers: dict[str, AdapterLayer], call: Callable[[AdapterLayer], N
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every layer's active adapters into its base weight. All or nothing: every
-    layer's merge is checked (finite, restorable, no tied weight) before any is written."""
+    layer's merge is checked (adapters switched on, finite, restorable, no tied weight)
+    before any is written."""
     _merge_all(model, "merge")
     return model
 
@@ -570,9 +571,10 @@ def _adapter_directory(path: Path) -> Path:
     return path / os.readlink(link) if _links_in_place(path) and link.is_symlink() else path
 
 
-def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def _read_adapter(path: Path, model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The config and tensors saved in ``path`` (tensor_peft's format or peft's LoRA), or a
-    ValueError naming the file and what is wrong."""
+    ValueError naming the file and what is wrong (or the module of ``model`` whose peft
+    update is not what tensor_peft would compute)."""
     file, directory = path / CONFIG_FILE, _adapter_directory(path)
     try:
         saved = json.loads((directory / CONFIG_FILE).read_text())
@@ -580,7 +582,12 @@ def _read_adapter(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     except (OSError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path} holds no readable adapter: {type(error).__name__}: {error}") from None
     if isinstance(saved, dict) and peft_format.is_peft_config(saved):
-        return peft_format.import_config(saved, tensors, str(file), str(path / WEIGHTS_FILE))
+        config, tensors = peft_format.import_config(saved, tensors, str(file), str(path / WEIGHTS_FILE))
+        modules = _original_modules(model)
+        for name in config.target_modules:
+            if name in modules:
+                peft_format.check_peft_computes_alike(name, modules[name])
+        return config, tensors
     try:
         method, fields = saved["method"], dict(saved["config"])
         names = fields["target_modules"]
@@ -602,7 +609,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     model's modules do not fit the file (missing module, other method, other shapes); the
     model is then left as it was."""
     path = Path(path)
-    config, tensors = _read_adapter(path)
+    config, tensors = _read_adapter(path, model)
     modules = _original_modules(model)
     for name in [*config.target_modules, *(config.modules_to_save or ())]:
         if name not in modules:
@@ -624,7 +631,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path, adapter_name: str =
     configs = getattr(model, "tensor_peft_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
-    config, tensors = _read_adapter(Path(path))
+    config, tensors = _read_adapter(Path(path), model)
     if config.method != configs[adapter_name].method:
         raise ValueError(f"{path} holds a {config.method} adapter; adapter {adapter_name!r} is {configs[adapter_name].method}")
     _load_tensors(model, adapter_name, tensors)

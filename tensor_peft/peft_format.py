@@ -6,7 +6,11 @@ Export writes an adapter whose update is exactly a rank-r product ΔW = scale·B
 but the first folded into A), the scale carried by ``lora_alpha`` (peft's scale is
 lora_alpha / r), per-module ranks and scales by ``rank_pattern`` / ``alpha_pattern``.
 Import reads a peft LoRA adapter as a tensor_peft LoRA adapter; options peft has and
-LoRA here does not (DoRA, LoRA bias, layer selection, per-module ranks) raise."""
+LoRA here does not (DoRA, LoRA bias, layer selection, per-module ranks) raise.
+
+Both ways refuse, naming the layer and the option, a conv whose update peft computes
+otherwise than its base layer does (``check_peft_computes_alike``): peft's update conv pads
+with zeros, has no dilation, and its A mixes every input channel."""
 
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ def export_tensors(model: nn.Module, layers: dict[str, AdapterLayer], adapter_na
     for name, layer in layers.items():
         if isinstance(model.get_submodule(name.rpartition(".")[0]), AdaptedMultiheadAttention):
             raise ValueError(f"module {name!r}: an nn.MultiheadAttention projection has no peft LoRA form here")
+        check_peft_computes_alike(name, layer.base_layer)
         try:
             down, up, scale = layer.low_rank_form(layer.adapters[adapter_name])
         except ValueError as error:
@@ -70,6 +75,22 @@ def export_tensors(model: nn.Module, layers: dict[str, AdapterLayer], adapter_na
         "inference_mode": True,
     }
     return config, tensors
+
+
+def check_peft_computes_alike(name: str, module: nn.Module) -> None:
+    """Raises, naming module ``name`` and the option, where peft's LoRA update on
+    ``module`` differs from the one here (which runs with the base conv's geometry)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return
+    if module.padding_mode != "zeros":
+        reason = f"padding_mode={module.padding_mode!r}: peft's LoRA pads its update with zeros"
+    elif any(d != 1 for d in module.dilation):
+        reason = f"dilation={module.dilation}: peft's LoRA runs its update without dilation"
+    elif module.groups != 1:
+        reason = f"groups={module.groups}: peft's LoRA A mixes every input channel instead of each group's"
+    else:
+        return
+    raise ValueError(f"module {name!r}: {reason}, so peft would compute this adapter differently")
 
 
 def _most_common(values):

@@ -171,3 +171,79 @@ def test_modules_to_save_errors_name_the_module():
         tp.inject(conv_net(), tp.LoRAConfig(target_modules=["conv"], modules_to_save=["head"]))
     with pytest.raises(TypeError, match="modules_to_save must be a list of module names"):
         tp.LoRAConfig(target_modules=["conv"], modules_to_save="fc")
+
+
+def test_a_peft_adapter_with_dropout_loads_in_eval_mode_with_peft_outputs(tmp_path):
+    peft_model = peft.get_peft_model(conv_net(), peft.LoraConfig(r=2, lora_alpha=6, target_modules=["conv", "fc"],
+                                                                  lora_dropout=0.5))  # fmt: skip
+    randomize(peft_model, scale=0.3)
+    peft_model.save_pretrained(tmp_path)
+    x, ids = conv_inputs()
+    with torch.no_grad():
+        expected = peft_model.eval()(x, ids)
+    model = conv_net()  # in eval mode
+    tp.load_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, ids), expected, rtol=1e-5, atol=1e-6)
+
+
+def conv_model(**options):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, **{"padding": 1, **options})).eval()
+
+
+# conv options peft's LoRA computes differently: its update conv pads with zeros, has no
+# dilation, and its A mixes every input channel
+PEFT_DIFFERS = [
+    ({"padding_mode": "reflect"}, "padding_mode='reflect'"),
+    ({"padding_mode": "circular"}, "padding_mode='circular'"),
+    ({"dilation": 2}, "dilation=\\(2, 2\\)"),
+    ({"groups": 2}, "groups=2"),
+]
+
+
+@pytest.mark.parametrize("options,option", PEFT_DIFFERS)
+@pytest.mark.parametrize("method", EXPORTABLE)
+def test_convs_peft_computes_differently_refuse_export(tmp_path, method, options, option):
+    model = conv_model(**options)
+    tp.inject(model, EXPORTABLE[method](["0"]))
+    with pytest.raises(ValueError, match=f"module '0': {option}: peft"):
+        tp.save_adapter(model, tmp_path, format="peft")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options,option", PEFT_DIFFERS)
+def test_peft_adapters_on_convs_computed_differently_refuse_import(tmp_path, options, option):
+    peft_model = peft.get_peft_model(conv_model(**options), peft.LoraConfig(r=2, target_modules=["0"]))
+    peft_model.save_pretrained(tmp_path)
+    model = conv_model(**options)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"module '0': {option}: peft"):
+        tp.load_adapter(model, tmp_path)
+    assert type(model[0]) is nn.Conv2d and not hasattr(model, "tensor_peft_configs")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("make_conv", [
+    lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(4, 8, (2, 3), padding="same"),
+    lambda: nn.Conv1d(4, 8, 3, padding="valid"),
+])  # fmt: skip
+def test_convs_peft_computes_alike_export_and_import_exactly(tmp_path, make_conv):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(make_conv()).eval()
+
+    x = torch.randn(2, 4, *[7] * (make()[0].weight.dim() - 2), generator=torch.Generator().manual_seed(1))
+    model = make()
+    tp.inject(model, tp.LoRAConfig(target_modules=["0"], r=2, alpha=3.0))
+    randomize(model, scale=0.3)
+    with torch.no_grad():
+        expected = model(x)
+    tp.save_adapter(model, tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    fresh = make()
+    tp.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)

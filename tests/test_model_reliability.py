@@ -1,8 +1,10 @@
 """Model-level calls are all or nothing and fail cleanly: a refused merge, unmerge,
 unload, set_adapter, load or save leaves the model (and the disk) as it was, and the
-error names the module or the argument. The SNELLA allocator survives non-finite
-gradients, refuses to reallocate a merged adapter, keeps layers with similar names apart
-and refuses state of other layers."""
+error names the module or the argument. Adapters added to an eval model run in eval mode;
+attention adapters follow the attention's weights when these are replaced; merge refuses
+disabled adapters. The SNELLA allocator survives non-finite gradients, refuses to
+reallocate a merged adapter, keeps layers with similar names apart and refuses state of
+other layers."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -147,6 +150,125 @@ def test_a_save_that_cannot_write_writes_nothing(tmp_path):
 def test_config_errors_name_the_field(make_config, error, message):
     with pytest.raises(error, match=message):
         make_config()
+
+
+def randomize_adapters(model, seed=3, scale=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".adapters." in name:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def lora_weight(layer, adapter_name="default"):
+    """W0 + s·B·A, written out for a linear LoRA layer."""
+    adapter = layer.adapters[adapter_name]
+    return layer.base_layer.weight + adapter.scale * adapter.lora_B @ adapter.lora_A
+
+
+def test_adapters_added_to_an_eval_model_run_in_eval_mode(tmp_path):
+    model = two_layers().eval()
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2, dropout=0.5))
+    tp.inject(model, tp.LoRAConfig(target_modules=["0"], r=3, dropout=0.5), "second")  # onto existing layers
+    randomize_adapters(model)
+    assert not any(module.training for module in model.modules())
+    x = torch.randn(5, 6)
+    hidden = torch.tanh(F.linear(x, lora_weight(model[0], "second"), model[0].bias))
+    torch.testing.assert_close(model(x), F.linear(hidden, model[2].weight, model[2].bias))
+    tp.set_adapter(model, "default")
+    tp.save_adapter(model, tmp_path)
+    fresh = two_layers().eval()
+    tp.load_adapter(fresh, tmp_path)
+    assert not any(module.training for module in fresh.modules())
+    hidden = torch.tanh(F.linear(x, lora_weight(model[0]), model[0].bias))
+    torch.testing.assert_close(fresh(x), F.linear(hidden, lora_weight(model[2]), model[2].bias))
+    attention = nn.Sequential(nn.MultiheadAttention(8, 2)).eval()
+    tp.inject(attention, tp.LoRAConfig(target_modules=[nn.MultiheadAttention], r=2, dropout=0.5))
+    assert not any(module.training for module in attention.modules())
+    fresh.train()  # the flag follows train() as for any module
+    assert all(module.training for module in fresh.modules())
+
+
+def attention_reference(attention, layers, x):
+    """nn.MultiheadAttention's math with W0 + s·B·A in place of each adapted projection."""
+    weights = {name: lora_weight(layer) for name, layer in layers.items()}
+    return F.multi_head_attention_forward(
+        x, x, x, attention.embed_dim, attention.num_heads, weights["in_proj"], attention.in_proj_bias, None, None,
+        False, 0.0, weights["out_proj"], attention.out_proj.bias, training=False, need_weights=False,
+    )[0]  # fmt: skip
+
+
+def adapted_attention(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2)).eval()
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.MultiheadAttention], r=2))
+    randomize_adapters(model, seed=seed)
+    return model
+
+
+def check_attention_follows_its_weights(model, x, expected):
+    """The output equals ``expected``, and so does the model after merge and after unload."""
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](x, x, x, need_weights=False)[0], expected)
+        tp.merge(model)
+        torch.testing.assert_close(model[0](x, x, x, need_weights=False)[0], expected)
+        tp.unload(model)
+        assert type(model[0]) is nn.MultiheadAttention
+        torch.testing.assert_close(model[0](x, x, x, need_weights=False)[0], expected)
+
+
+def test_attention_adapters_follow_weights_loaded_with_assign():
+    saved = adapted_attention(seed=0)
+    x = torch.randn(4, 2, 8)
+    with torch.no_grad():
+        expected = attention_reference(saved[0].base_layer, saved[0].projections(), x)
+    model = adapted_attention(seed=1)  # other weights, replaced by the saved ones
+    model.load_state_dict({k: v.clone() for k, v in saved.state_dict().items()}, assign=True)
+    check_attention_follows_its_weights(model, x, expected)
+
+
+def test_attention_adapters_follow_weights_replaced_by_a_cast():
+    model = adapted_attention(seed=0)
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = attention_reference(model[0].base_layer, model[0].projections(), x)
+    check_attention_follows_its_weights(model, x, expected)
+
+
+def test_a_refused_inject_unwraps_the_attention_it_wrapped():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Embedding(10, 8))
+    state = snapshot(model)
+    with pytest.raises(ValueError, match="module '1': dropout must be 0 on an nn.Embedding"):
+        tp.inject(model, tp.LoRAConfig(target_modules=[nn.MultiheadAttention, nn.Embedding], dropout=0.1))
+    assert type(model[0]) is nn.MultiheadAttention
+    assert_unchanged(model, state)
+
+
+def test_merge_and_unload_refuse_while_a_layer_has_its_adapters_disabled():
+    model = two_layers()
+    tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
+    randomize_adapters(model)
+    model[2].enable_adapters(False)
+    x = torch.randn(3, 6)
+    before, state = model(x), snapshot(model)
+    for call in (tp.merge, tp.unload):
+        with pytest.raises(ValueError, match="module '2': adapters are disabled: enable them before merging"):
+            call(model)
+        assert_unchanged(model, state)
+        assert model[0].merged_adapters == [] and model[2].merged_adapters == []
+        assert "default" in model.tensor_peft_configs
+    with pytest.raises(ValueError, match="adapters are disabled"):
+        model[2].merge()
+    assert model[2].merged_adapters == []
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    tp.unload(model, merge=False)  # what the disabled model computes: its base
+    torch.testing.assert_close(model(x), two_layers()(x), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- allocator

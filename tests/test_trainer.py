@@ -32,12 +32,12 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer(model, out, max_steps):
+def trainer(model, out, max_steps, adapter_name=None):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], use_cpu=True, dataloader_num_workers=0, logging_steps=100, seed=3, save_only_model=False,
     )  # fmt: skip
-    return AdapterTrainer(model, args, train_dataset=Tokens())
+    return AdapterTrainer(model, args, train_dataset=Tokens(), adapter_name=adapter_name)
 
 
 CONFIGS = {
@@ -77,3 +77,18 @@ def test_adapter_name_must_exist():
     with pytest.raises(ValueError, match="adapter_name must name one of the model's adapters"):
         AdapterTrainer(model, transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[]),
                        adapter_name="other")  # fmt: skip
+
+
+def test_the_named_adapter_is_trained_and_saved_though_another_was_active(tmp_path):
+    model = tp.inject(tiny_llama(), CONFIGS["lora"](), "a")
+    tp.inject(model, CONFIGS["lora"](), "b")  # active now
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if ".adapters." in name}
+    trainer(model, tmp_path, 2, adapter_name="a").train()
+    changed = {name for name, p in model.named_parameters() if name in initial and not torch.equal(p, initial[name])}
+    assert changed == {name for name in initial if ".adapters.a." in name}
+    saved = tp.load_adapter(tiny_llama(), tmp_path / "checkpoint-2", "a")
+    trained = {name: p for name, p in model.named_parameters() if ".adapters.a." in name}
+    assert trained.keys() == {name for name, _ in saved.named_parameters() if ".adapters.a." in name}
+    for name, value in saved.named_parameters():
+        if name in trained:
+            assert torch.equal(value, trained[name]), name

@@ -15,7 +15,7 @@ import transformers
 
 from ..allocator import SparsityAllocator
 from ..config import SNELLAConfig
-from ..model import load_adapter_weights, save_adapter
+from ..model import load_adapter_weights, save_adapter, set_adapter
 
 ALLOCATOR_FILE = "allocator.pt"
 
@@ -32,7 +32,8 @@ class _AllocatorStep(transformers.TrainerCallback):
 
 class AdapterTrainer(transformers.Trainer):
     """``transformers.Trainer`` for adapter ``adapter_name`` of ``model`` (the model's only
-    adapter by default); every other argument is the Trainer's."""
+    adapter by default), which it makes the active adapter (``set_adapter``), so that it
+    is the one trained, saved and resumed; every other argument is the Trainer's."""
 
     def __init__(self, model=None, *args, adapter_name: str | None = None, **kwargs):
         configs = getattr(model, "tensor_peft_configs", {})
@@ -40,6 +41,7 @@ class AdapterTrainer(transformers.Trainer):
             adapter_name = next(iter(configs))
         if adapter_name not in configs:
             raise ValueError(f"adapter_name must name one of the model's adapters {sorted(configs)}, got {adapter_name!r}")
+        set_adapter(model, adapter_name)
         self.adapter_name = adapter_name
         self.allocator = SparsityAllocator(model, adapter_name) if isinstance(configs[adapter_name], SNELLAConfig) else None
         super().__init__(model, *args, **kwargs)

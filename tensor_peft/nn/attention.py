@@ -22,20 +22,24 @@ def projection_weights(attention: nn.MultiheadAttention) -> dict[str, str]:
 
 
 class SharedWeightLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight is a parameter another module owns (one of an
-    attention's projections): merging into it writes that parameter. It saves and loads
-    nothing itself, so the owner's state dict keeps its keys."""
+    """An ``nn.Linear`` whose weight is a parameter of another module (one of an
+    attention's projections), looked up there at each use: it follows the owner when
+    its parameters are replaced (``load_state_dict(assign=True)``, a cast that overwrites
+    parameters), and merging into it writes the owner's parameter. It holds no
+    parameters itself, so the owner's state dict keeps its keys."""
 
-    def __init__(self, weight: nn.Parameter):
-        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.weight = weight
+    def __init__(self, owner: nn.Module, parameter_name: str):
+        nn.Module.__init__(self)
+        weight = owner.get_parameter(parameter_name)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_parameter("bias", None)
+        self.training = owner.training
+        # not a child module: the owner stays where it is in the module tree
+        self.__dict__["_owner"], self._parameter_name = owner, parameter_name
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        pass
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # fmt: skip
-        pass
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._owner.get_parameter(self._parameter_name)
 
 
 class AdaptedMultiheadAttention(WrapsBaseLayer):
@@ -45,6 +49,7 @@ class AdaptedMultiheadAttention(WrapsBaseLayer):
     def __init__(self, attention: nn.MultiheadAttention):
         super().__init__()
         self.base_layer = attention
+        self.training = attention.training
 
     def projection(self, name: str) -> AdapterLayer | None:
         return self._modules.get(name)
@@ -54,8 +59,7 @@ class AdaptedMultiheadAttention(WrapsBaseLayer):
 
     def add_projection(self, name: str, make_layer) -> AdapterLayer:
         """Wrap projection ``name`` by ``make_layer(linear view of its weight)``."""
-        parameter = self.base_layer.get_parameter(projection_weights(self.base_layer)[name])
-        layer = make_layer(SharedWeightLinear(parameter))
+        layer = make_layer(SharedWeightLinear(self.base_layer, projection_weights(self.base_layer)[name]))
         setattr(self, name, layer)
         return layer
 

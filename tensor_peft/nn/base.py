@@ -128,9 +128,10 @@ class AdapterLayer(WrapsBaseLayer):
         super().__init__()
         self.kind = layer_kind(base_layer)
         self.base_layer = base_layer
+        self.training = base_layer.training  # in eval mode if the layer it replaces is
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        self.adapters = nn.ModuleDict()
+        self.adapters = nn.ModuleDict().train(self.training)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_enabled = True
@@ -233,7 +234,7 @@ class AdapterLayer(WrapsBaseLayer):
         adapter = self._new_adapter(**{**self.option_defaults(), **options})
         if self.is_embedding and not isinstance(adapter.dropout, nn.Identity):
             raise ValueError("dropout must be 0 on an nn.Embedding: its inputs are indices")
-        self.adapters[name] = adapter.to(self.weight.device)
+        self.adapters[name] = adapter.to(self.weight.device).train(self.training)
         self.active_adapters = [name]
 
     @classmethod
@@ -354,13 +355,20 @@ class AdapterLayer(WrapsBaseLayer):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, check_only: bool = False) -> None:
         """Fold the active (or the named) adapters into the base weight. All or nothing:
-        refuses, leaving the weight untouched, where the result would not be finite in
-        the weight's dtype or could not be unmerged again (``merge_refusal``).
+        refuses, leaving the weight untouched, while the adapters are disabled (the
+        output would change, and ``enable_adapters`` could not switch them off again), or
+        where the result would not be finite in the weight's dtype or could not be
+        unmerged again (``merge_refusal``).
         ``check_only`` runs the checks without writing."""
         names = self.active_adapters if names is None else names
         for name in names:
             self._check_adapter(name)
         pending = [name for name in dict.fromkeys(names) if name not in self.merged_adapters]
+        if pending and not self.adapters_enabled:
+            raise ValueError(
+                "adapters are disabled: enable them before merging (a merged adapter cannot be disabled), "
+                "or unload with merge=False"
+            )
         weight = self.weight
         for name in pending:
             weight = self._checked(self.merge_weight, name, weight, "merge")
