@@ -167,11 +167,18 @@ struct Block {
     std::function<void()> body;
     std::vector<Thread> threads;
     std::vector<Warp> warps;
+    std::vector<size_t> order, rank;  // the schedule: threads by priority, and each thread's place in it
+    size_t first_ready;               // no thread before this place of `order` is ready
     Thread* current;
     Context scheduler;
     std::string error;  // what stopped a fiber
 };
 inline thread_local Block* current_block = nullptr;
+
+inline void make_ready(Block& block, Thread& thread) {
+    thread.state = State::ready;
+    block.first_ready = std::min(block.first_ready, block.rank[static_cast<size_t>(&thread - block.threads.data())]);
+}
 
 [[noreturn]] inline void fail(const std::string& what) { throw Error(what); }
 
@@ -255,7 +262,7 @@ T warp_exchange(const char* op, unsigned mask, T value, int source) {
         for (unsigned l = 0; l < warp.size; ++l) {
             if (!(mask >> l & 1u)) continue;
             warp.result[l] = warp.value[warp.source[l]];
-            block.threads[thread.warp * 32 + l].state = State::ready;
+            make_ready(block, block.threads[thread.warp * 32 + l]);
         }
         warp.arrived = 0;
     } else {
@@ -269,13 +276,21 @@ T warp_exchange(const char* op, unsigned mask, T value, int source) {
 
 inline int lane_of_thread() { return current_block->current->lane; }
 
-// ---- The schedule: the order of blocks and of a block's threads.
-inline std::vector<size_t> order(size_t count, std::mt19937_64& random) {
-    std::vector<size_t> out(count);
-    std::iota(out.begin(), out.end(), size_t(0));
-    if (settings.schedule == Schedule::reverse) std::reverse(out.begin(), out.end());
-    if (settings.schedule == Schedule::shuffle) std::shuffle(out.begin(), out.end(), random);
-    return out;
+// ---- The schedule: the order of blocks and the priority of a block's threads. The
+// scheduler always resumes the first ready thread in the order, so that threads early in
+// it run as far ahead of the others as barriers let them (and show what a missing
+// barrier lets them overwrite).
+inline void reorder(Block& block, std::mt19937_64& random) {
+    std::vector<size_t>& order = block.order;
+    if (order.size() != block.threads.size()) {
+        order.resize(block.threads.size());
+        block.rank.resize(block.threads.size());
+        std::iota(order.begin(), order.end(), size_t(0));
+        if (settings.schedule == Schedule::reverse) std::reverse(order.begin(), order.end());
+    }
+    if (settings.schedule == Schedule::shuffle) std::shuffle(order.begin(), order.end(), random);
+    for (size_t p = 0; p < order.size(); ++p) block.rank[order[p]] = p;
+    block.first_ready = 0;
 }
 
 inline std::string where(dim3 d) {
@@ -292,18 +307,17 @@ inline void run_block(Block& block, std::mt19937_64& random) {
               fiber_main);
     }
     for (Warp& warp : block.warps) warp.arrived = 0;
-    std::vector<size_t> threads = order(block.threads.size(), random);
+    reorder(block, random);
     for (;;) {
-        for (bool ran = true; ran;) {
-            ran = false;
-            for (size_t t : threads) {
-                Thread& thread = block.threads[t];
-                if (thread.state != State::ready) continue;
-                block.current = &thread;
-                swap(block.scheduler, thread.context);
-                if (!block.error.empty()) fail(block.error);
-                ran = true;
+        while (block.first_ready < block.order.size()) {
+            Thread& thread = block.threads[block.order[block.first_ready]];
+            if (thread.state != State::ready) {
+                ++block.first_ready;
+                continue;
             }
+            block.current = &thread;
+            swap(block.scheduler, thread.context);
+            if (!block.error.empty()) fail(block.error);
         }
         const Thread* barrier = nullptr;
         const Thread* stuck = nullptr;  // a live thread the barrier cannot release
@@ -326,7 +340,7 @@ inline void run_block(Block& block, std::mt19937_64& random) {
         }
         for (Thread& thread : block.threads)
             if (thread.state == State::at_barrier) thread.state = State::ready;
-        if (settings.schedule == Schedule::shuffle) std::shuffle(threads.begin(), threads.end(), random);
+        reorder(block, random);
     }
 }
 
