@@ -10,9 +10,10 @@
 // never reach, a shuffle whose mask names a lane that has exited or does not exist.
 // Static __shared__ variables are per OS thread (so per block, blocks being sequential),
 // dynamic shared memory is a per-launch buffer filled with 0xff bytes (NaN) for each block.
-// The order threads run in between barriers, and blocks run in, is the schedule
-// (forward, reverse, or shuffled with a seed): results that differ between schedules
-// are races. Atomics are plain read-modify-writes: no two fibers run at once.
+// The schedule (forward, reverse, or shuffled with a seed) is the order blocks run in and
+// the priority of a block's threads: the first ready thread in it always runs next.
+// Results that differ between schedules are races. Atomics are plain read-modify-writes:
+// no two fibers run at once.
 #pragma once
 
 #include <math.h>  // exp, ldexp, … with their float overloads in the global namespace
@@ -61,7 +62,7 @@ using cudaStream_t = struct tp_emulated_stream*;  // any value: work runs at onc
 
 namespace tensor_peft::emu {
 
-// A launch the GPU would refuse or whose behaviour is undefined there.
+// What a GPU leaves undefined (a barrier or warp operation some threads never reach).
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
