@@ -149,7 +149,8 @@ struct Thread {
     State state;
     dim3 index;
     int lane, warp;
-    int line;  // __syncthreads it waits at
+    const char* file;  // the __syncthreads it waits at
+    int line;
 };
 
 struct Warp {
@@ -226,9 +227,10 @@ inline void fiber_main() {
     swap(block.current->context, block.scheduler);
 }
 
-inline void sync_threads(const char*, int line) {
+inline void sync_threads(const char* file, int line) {
     Thread& thread = *current_block->current;
     thread.state = State::at_barrier;
+    thread.file = file;
     thread.line = line;
     wait(thread);
 }
@@ -298,6 +300,15 @@ inline std::string where(dim3 d) {
     return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
 }
 
+inline bool same_barrier(const Thread& a, const Thread& b) {
+    return a.line == b.line && std::strcmp(a.file, b.file) == 0;
+}
+
+inline std::string barrier_name(const Thread& t) {
+    const char* slash = std::strrchr(t.file, '/');
+    return "the __syncthreads of " + std::string(slash ? slash + 1 : t.file) + ":" + std::to_string(t.line);
+}
+
 // Runs block.threads to completion, releasing barriers as they fill.
 inline void run_block(Block& block, std::mt19937_64& random) {
     char* stack = stacks.get(block.threads.size());
@@ -324,7 +335,7 @@ inline void run_block(Block& block, std::mt19937_64& random) {
         const Thread* stuck = nullptr;  // a live thread the barrier cannot release
         for (const Thread& thread : block.threads) {
             if (thread.state == State::done) continue;
-            if (thread.state == State::at_barrier && (!barrier || barrier->line == thread.line)) barrier = &thread;
+            if (thread.state == State::at_barrier && (!barrier || same_barrier(*barrier, thread))) barrier = &thread;
             else stuck = &thread;
         }
         if (!barrier && !stuck) return;
@@ -334,9 +345,8 @@ inline void run_block(Block& block, std::mt19937_64& random) {
                                (stuck->state == State::at_warp
                                     ? std::string(" waits at ") + block.warps[stuck->warp].op +
                                           " for lanes that never arrive"
-                                    : " waits at the __syncthreads of line " + std::to_string(stuck->line));
-            if (barrier) what += ", thread " + where(barrier->index) + " at the __syncthreads of line " +
-                                 std::to_string(barrier->line);
+                                    : " waits at " + barrier_name(*stuck));
+            if (barrier) what += ", thread " + where(barrier->index) + " at " + barrier_name(*barrier);
             fail(what + " (divergent barrier or warp operation)");
         }
         for (Thread& thread : block.threads)
