@@ -8,7 +8,7 @@
   CUDA's execution model emulated on the host (csrc/cuda/emulation.h), only when
   ``TENSOR_PEFT_CUDA_EMULATION=1``; needs no CUDA toolkit.
 
-Neither includes torch headers (tensors cross as raw pointers), so the build needs only
+None includes torch headers (tensors cross as raw pointers), so the build needs only
 pybind11 and ninja and works under pip's build isolation.
 Switches: ``TENSOR_PEFT_CUDA_ARCHS`` (default "80;90", plus PTX of the newest),
 ``TENSOR_PEFT_CPU_ARCH`` (``-march``, default x86-64-v2 on x86_64), ``MAX_JOBS``.
@@ -81,8 +81,9 @@ class NinjaBuildExt(build_ext):
     """Compiles each extension's sources in parallel with ninja and links it with g++.
 
     ``extra_compile_args`` is a dict: "cxx" (g++ flags) and, for CUDA, "nvcc" (the nvcc
-    command and its flags; without it .cu files go to g++ with the "cxx" flags). The .so goes to ``get_ext_fullpath``, which setuptools points
-    at the wheel's tree or, for an editable install, at the source tree.
+    command and its flags; without it, .cu files go to g++ with the "cxx" flags). The .so
+    goes to ``get_ext_fullpath``, which setuptools points at the wheel's tree or, for an
+    editable install, at the source tree.
     """
 
     def run(self) -> None:
@@ -179,7 +180,9 @@ def extensions() -> list[Extension]:
     built = [cpu]
     if EMULATION_SWITCH == "1":
         # -x c++: the .cu files are C++ to g++ (launch.h includes the emulation)
-        emulated_flags = ["-x", "c++", "-DTP_CUDA_EMULATION", "-DTP_CUDA_MODULE=_cuda_emulated", '-DTP_CUDA_ARCHS="emulated"']
+        emulated_flags = [
+            "-x", "c++", "-DTP_CUDA_EMULATION", "-DTP_CUDA_MODULE=_cuda_emulated", '-DTP_CUDA_ARCHS="emulated"',
+        ]  # fmt: skip
         built.append(
             Extension(
                 "tensor_peft._cuda_emulated",

@@ -10,9 +10,10 @@
 // never reach, a shuffle whose mask names a lane that has exited or does not exist.
 // Static __shared__ variables are per OS thread (so per block, blocks being sequential),
 // dynamic shared memory is a per-launch buffer filled with 0xff bytes (NaN) for each block.
-// The order threads run in between barriers, and blocks run in, is the schedule
-// (forward, reverse, or shuffled with a seed): results that differ between schedules
-// are races. Atomics are plain read-modify-writes: no two fibers run at once.
+// The schedule (forward, reverse, or shuffled with a seed) is the order blocks run in and
+// the priority of a block's threads: the first ready thread in it always runs next.
+// Results that differ between schedules are races. Atomics are plain read-modify-writes:
+// no two fibers run at once.
 #pragma once
 
 #include <math.h>  // exp, ldexp, … with their float overloads in the global namespace
@@ -61,7 +62,7 @@ using cudaStream_t = struct tp_emulated_stream*;  // any value: work runs at onc
 
 namespace tensor_peft::emu {
 
-// A launch the GPU would refuse or whose behaviour is undefined there.
+// What a GPU leaves undefined (a barrier or warp operation some threads never reach).
 struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -148,7 +149,8 @@ struct Thread {
     State state;
     dim3 index;
     int lane, warp;
-    int line;  // __syncthreads it waits at
+    const char* file;  // the __syncthreads it waits at
+    int line;
 };
 
 struct Warp {
@@ -167,11 +169,18 @@ struct Block {
     std::function<void()> body;
     std::vector<Thread> threads;
     std::vector<Warp> warps;
+    std::vector<size_t> order, rank;  // the schedule: threads by priority, and each thread's place in it
+    size_t first_ready;               // no thread before this place of `order` is ready
     Thread* current;
     Context scheduler;
     std::string error;  // what stopped a fiber
 };
 inline thread_local Block* current_block = nullptr;
+
+inline void make_ready(Block& block, Thread& thread) {
+    thread.state = State::ready;
+    block.first_ready = std::min(block.first_ready, block.rank[static_cast<size_t>(&thread - block.threads.data())]);
+}
 
 [[noreturn]] inline void fail(const std::string& what) { throw Error(what); }
 
@@ -218,9 +227,10 @@ inline void fiber_main() {
     swap(block.current->context, block.scheduler);
 }
 
-inline void sync_threads(const char*, int line) {
+inline void sync_threads(const char* file, int line) {
     Thread& thread = *current_block->current;
     thread.state = State::at_barrier;
+    thread.file = file;
     thread.line = line;
     wait(thread);
 }
@@ -255,7 +265,7 @@ T warp_exchange(const char* op, unsigned mask, T value, int source) {
         for (unsigned l = 0; l < warp.size; ++l) {
             if (!(mask >> l & 1u)) continue;
             warp.result[l] = warp.value[warp.source[l]];
-            block.threads[thread.warp * 32 + l].state = State::ready;
+            make_ready(block, block.threads[thread.warp * 32 + l]);
         }
         warp.arrived = 0;
     } else {
@@ -269,17 +279,34 @@ T warp_exchange(const char* op, unsigned mask, T value, int source) {
 
 inline int lane_of_thread() { return current_block->current->lane; }
 
-// ---- The schedule: the order of blocks and of a block's threads.
-inline std::vector<size_t> order(size_t count, std::mt19937_64& random) {
-    std::vector<size_t> out(count);
-    std::iota(out.begin(), out.end(), size_t(0));
-    if (settings.schedule == Schedule::reverse) std::reverse(out.begin(), out.end());
-    if (settings.schedule == Schedule::shuffle) std::shuffle(out.begin(), out.end(), random);
-    return out;
+// ---- The schedule: the order of blocks and the priority of a block's threads. The
+// scheduler always resumes the first ready thread in the order, so that threads early in
+// it run as far ahead of the others as barriers let them (and show what a missing
+// barrier lets them overwrite).
+inline void reorder(Block& block, std::mt19937_64& random) {
+    std::vector<size_t>& order = block.order;
+    if (order.size() != block.threads.size()) {
+        order.resize(block.threads.size());
+        block.rank.resize(block.threads.size());
+        std::iota(order.begin(), order.end(), size_t(0));
+        if (settings.schedule == Schedule::reverse) std::reverse(order.begin(), order.end());
+    }
+    if (settings.schedule == Schedule::shuffle) std::shuffle(order.begin(), order.end(), random);
+    for (size_t p = 0; p < order.size(); ++p) block.rank[order[p]] = p;
+    block.first_ready = 0;
 }
 
 inline std::string where(dim3 d) {
     return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+}
+
+inline bool same_barrier(const Thread& a, const Thread& b) {
+    return a.line == b.line && std::strcmp(a.file, b.file) == 0;
+}
+
+inline std::string barrier_name(const Thread& t) {
+    const char* slash = std::strrchr(t.file, '/');
+    return "the __syncthreads of " + std::string(slash ? slash + 1 : t.file) + ":" + std::to_string(t.line);
 }
 
 // Runs block.threads to completion, releasing barriers as they fill.
@@ -292,24 +319,23 @@ inline void run_block(Block& block, std::mt19937_64& random) {
               fiber_main);
     }
     for (Warp& warp : block.warps) warp.arrived = 0;
-    std::vector<size_t> threads = order(block.threads.size(), random);
+    reorder(block, random);
     for (;;) {
-        for (bool ran = true; ran;) {
-            ran = false;
-            for (size_t t : threads) {
-                Thread& thread = block.threads[t];
-                if (thread.state != State::ready) continue;
-                block.current = &thread;
-                swap(block.scheduler, thread.context);
-                if (!block.error.empty()) fail(block.error);
-                ran = true;
+        while (block.first_ready < block.order.size()) {
+            Thread& thread = block.threads[block.order[block.first_ready]];
+            if (thread.state != State::ready) {
+                ++block.first_ready;
+                continue;
             }
+            block.current = &thread;
+            swap(block.scheduler, thread.context);
+            if (!block.error.empty()) fail(block.error);
         }
         const Thread* barrier = nullptr;
         const Thread* stuck = nullptr;  // a live thread the barrier cannot release
         for (const Thread& thread : block.threads) {
             if (thread.state == State::done) continue;
-            if (thread.state == State::at_barrier && (!barrier || barrier->line == thread.line)) barrier = &thread;
+            if (thread.state == State::at_barrier && (!barrier || same_barrier(*barrier, thread))) barrier = &thread;
             else stuck = &thread;
         }
         if (!barrier && !stuck) return;
@@ -319,14 +345,13 @@ inline void run_block(Block& block, std::mt19937_64& random) {
                                (stuck->state == State::at_warp
                                     ? std::string(" waits at ") + block.warps[stuck->warp].op +
                                           " for lanes that never arrive"
-                                    : " waits at the __syncthreads of line " + std::to_string(stuck->line));
-            if (barrier) what += ", thread " + where(barrier->index) + " at the __syncthreads of line " +
-                                 std::to_string(barrier->line);
+                                    : " waits at " + barrier_name(*stuck));
+            if (barrier) what += ", thread " + where(barrier->index) + " at " + barrier_name(*barrier);
             fail(what + " (divergent barrier or warp operation)");
         }
         for (Thread& thread : block.threads)
             if (thread.state == State::at_barrier) thread.state = State::ready;
-        if (settings.schedule == Schedule::shuffle) std::shuffle(threads.begin(), threads.end(), random);
+        reorder(block, random);
     }
 }
 

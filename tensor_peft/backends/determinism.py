@@ -4,9 +4,10 @@ bits of the result) varies from run to run, and the check that refuses them unde
 
 Float atomics: the backward kernels of the Tucker and LieRA hadamard ops (dU₀, dR) and of
 SNELL's kernelized ops (embedding, coefficient and kernel-parameter gradients), on the
-triton and the cuda backends. Every forward, ``matrix_exp`` and its backward, ``sparsify``
-and its backward are deterministic (the radix select counts with integer atomics). The
-cpu and reference backends are deterministic throughout."""
+triton, cuda and cuda_emulated backends (the emulator runs the cuda launchers). Every
+forward, ``matrix_exp`` and its backward, ``sparsify`` and its backward are deterministic
+(the radix select counts with integer atomics). The cpu and reference backends are
+deterministic throughout."""
 
 from __future__ import annotations
 

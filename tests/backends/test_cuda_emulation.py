@@ -96,7 +96,8 @@ def test_shared_memory_past_sm80s_limit_warns_on_sm90_and_is_refused_on_sm80(emu
 
 def test_divergent_barrier_raises_naming_the_kernel(emulator):
     out = torch.zeros(64, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"^divergent_barrier_kernel: .* __syncthreads of line \d+.*divergent"):
+    message = r"^divergent_barrier_kernel: .* at the __syncthreads of emulation_checks.cu:\d+.*divergent"
+    with pytest.raises(RuntimeError, match=message):
         emulator.checks.divergent_barrier(out.data_ptr(), 64)
 
 

@@ -148,8 +148,6 @@ def test_deterministic_ops_still_run_in_deterministic_mode(deterministic):
 
 def test_cuda_float_atomic_launchers_refuse_deterministic_mode(deterministic):
     """The cuda backend checks before it reaches the extension (not loaded here)."""
-    from tensor_peft.backends import cuda
-
     torch.use_deterministic_algorithms(True)
     grad, U, R = empty(64, 48), empty(64, 8), empty(8, 48)
     with pytest.raises(RuntimeError, match="tucker_delta_backward on the cuda backend"):
@@ -157,8 +155,10 @@ def test_cuda_float_atomic_launchers_refuse_deterministic_mode(deterministic):
     with pytest.raises(RuntimeError, match="lowrank_hadamard_merge_backward on the cuda backend"):
         registry.kernel("lowrank_hadamard_merge_backward", "cuda")(grad, grad, U, R, 0.5, "taylor1")
     with pytest.raises(RuntimeError, match="kernelized_sparse_delta_backward on the cuda backend"):
-        cuda.kernelized_sparse_delta_backward(grad, empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2),
-                                              empty(3), 1e-6, "hard")  # fmt: skip
+        registry.kernel("kernelized_sparse_delta_backward", "cuda")(
+            grad, empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2), empty(3), 1e-6, "hard"
+        )
     with pytest.raises(RuntimeError, match="kernelized_delta_backward on the cuda backend"):
-        cuda.kernelized_sparse_delta_backward(grad, empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2),
-                                              empty(3), 1e-6, None)  # fmt: skip
+        registry.kernel("kernelized_sparse_delta_backward", "cuda")(
+            grad, empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2), empty(3), 1e-6, None
+        )
