@@ -159,7 +159,7 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    return prepare(out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
+    return prepare("kernelized_sparse_delta", out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
 
 
 # --------------------------------------------------------------------------- in a linear layer

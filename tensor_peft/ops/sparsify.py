@@ -159,6 +159,6 @@ def sparsify(delta: Tensor, sparsity: float | Tensor, mode: str = "hard", thresh
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    (computed,) = prepare(delta)
+    (computed,) = prepare("sparsify", delta)
     out, _ = _sparsify(computed, sparsity, mode, threshold)
     return out.to(delta.dtype)
