@@ -65,12 +65,13 @@ def check_frozen(weight: Tensor, name: str = "weight") -> None:
         )
 
 
-def prepare(op: str, *tensors: Tensor) -> list[Tensor]:
+def prepare(op: str | None, *tensors: Tensor) -> list[Tensor]:
     """``tensors`` contiguous, each float16/bfloat16 one in its own dtype if the backend
-    that runs ``op`` on their device takes it, the others in their ``compute_dtype``
-    (both steps differentiable)."""
+    that runs ``op`` on their device takes it, the others in their ``compute_dtype`` (all
+    of them when ``op`` is None); both steps differentiable."""
     dtype = compute_dtype(*tensors)
-    taken = _half_dtypes_taken(op, tensors[0].device)
+    halves = op is not None and any(tensor.dtype in HALF_DTYPES for tensor in tensors)
+    taken = _half_dtypes_taken(op, tensors[0].device) if halves else ()
     return [(tensor if tensor.dtype in taken else tensor.to(dtype)).contiguous() for tensor in tensors]
 
 
