@@ -36,6 +36,16 @@ def _as_float32(args, kwargs):
     return args, {k: cast(v) for k, v in kwargs.items()}
 
 
+def assert_rounded_once(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """``got`` is the float32 ``expected`` rounded once to got's dtype: within one unit in
+    the last place of that dtype (the two float32 computations differ by a few float32
+    roundings, which may fall on either side of a rounding boundary), plus float32 noise
+    where a sum cancels."""
+    rounded = expected.to(got.dtype).float()
+    bound = torch.finfo(got.dtype).eps * rounded.abs() + 1e-5 * expected.abs().max()
+    assert ((got.float() - rounded).abs() <= bound).all(), (got, rounded)
+
+
 def _output_and_grads(case: Case, args, kwargs, upstream: torch.Tensor):
     out = case.op(*args, **kwargs)
     return [out, *torch.autograd.grad(out, _leaves(args, kwargs), upstream.to(out.dtype))]
@@ -45,9 +55,7 @@ def _output_and_grads(case: Case, args, kwargs, upstream: torch.Tensor):
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype):
     """Output and every gradient in the inputs' half dtype, each the reference's float32
-    result rounded once: within one unit in the last place of the half dtype (the two
-    float32 computations differ by a few float32 roundings, which may fall on either side
-    of a half rounding boundary), plus float32 noise where a sum cancels."""
+    result rounded once."""
     generator = torch.Generator().manual_seed(11)
     args, kwargs = case.make(dtype, "cpu", generator)
     out_shape = case.op(*args, **kwargs).shape
@@ -58,9 +66,42 @@ def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype)
         expected = _output_and_grads(case, *_as_float32(args, kwargs), upstream)
     for got_t, expected_t in zip(got, expected):
         assert got_t.dtype == dtype
-        rounded = expected_t.to(dtype).float()
-        bound = torch.finfo(dtype).eps * rounded.abs() + 1e-5 * expected_t.abs().max()
-        assert ((got_t.float() - rounded).abs() <= bound).all(), (got_t, rounded)
+        assert_rounded_once(got_t, expected_t)
+
+
+def _mixed_calls(dtype):
+    """Calls with a half main input beside float32 ones (a half model's frozen weight or
+    embeddings with float32 adapter parameters)."""
+    g = torch.Generator().manual_seed(15)
+    randn = lambda *shape, dtype=dtype: torch.randn(shape, generator=g).mul(0.5).to(dtype).requires_grad_()  # noqa: E731
+    f32 = torch.float32
+    weight, B, A = randn(37, 20).detach(), randn(37, 3, dtype=f32), randn(3, 20, dtype=f32)
+    core, factors = randn(3, 4), [randn(37, 3, dtype=f32), randn(20, 4, dtype=f32)]
+    out_emb, in_emb, coeff = randn(2, 9, 3), randn(2, 8, 3, dtype=f32), randn(2, dtype=f32)
+    return {
+        "lowrank_hadamard_merge": lambda: (ops.lowrank_hadamard_merge, (weight, B, A, 0.7), {}),
+        "tucker_delta": lambda: (ops.tucker_delta, (core, factors, 1.3), {}),
+        "kernelized_sparse_delta": lambda: (ops.kernelized_sparse_delta, (out_emb, in_emb, 0.4),
+                                            {"kernel": "piecewise_linear", "mode": "soft", "coeff": coeff}),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("op", list(_mixed_calls(torch.float16)))
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_beside_float32_inputs(op, dtype):
+    """A half main input with float32 ones: the result in the half dtype and each gradient
+    in its input's dtype, the reference's float32 results rounded once."""
+    function, args, kwargs = _mixed_calls(dtype)[op]()
+    leaves = _leaves(args, kwargs)
+    results = {}
+    for backend in ("triton", "reference"):
+        with backends.use(backend):
+            out = function(*args, **kwargs)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(16)).to(dtype)
+            results[backend] = [out, *torch.autograd.grad(out, leaves, upstream)]
+    for got, expected, tensor in zip(results["triton"], results["reference"], [args[0], *leaves]):
+        assert got.dtype == expected.dtype == tensor.dtype
+        assert_rounded_once(got, expected.float())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -96,9 +137,7 @@ def test_sparse_linear_backward_of_half_embeddings(dtype):
     expected = reference(grad_out, tokens, out_emb.float(), in_emb.float(), *arguments[4:])
     for got_t, expected_t, dtype_t in zip(got, expected, [dtype, dtype, torch.float32, torch.float32, dtype]):
         assert got_t.dtype == dtype_t
-        rounded = expected_t.to(dtype_t).float()
-        bound = torch.finfo(dtype_t).eps * rounded.abs() + 1e-5 * expected_t.abs().max()
-        assert ((got_t.float() - rounded).abs() <= bound).all(), (got_t, rounded)
+        assert_rounded_once(got_t, expected_t)
 
 
 KERNELS = [(lowrank, "merge_kernel"), (lowrank, "backward_kernel"), (expm, "expm_kernel"),
