@@ -3,7 +3,9 @@
 A backend is a module of this package exposing ``DEVICE_TYPES`` (the tensor device
 types it serves) and ``unavailable_reason(device_type)`` (``None`` when it can run). It
 implements every op of ``OPS``, each by a function under ``@register(op, backend)`` with
-the calling convention of ``reference.py``; importing the module registers them.
+the calling convention of ``reference.py``; importing the module registers them. A
+backend whose kernels also take float16/bfloat16 tensors lists the dtypes they take in
+``KERNEL_DTYPES`` (read by ``kernel_dtypes``); without it, float32 and float64.
 
 Selection for an op on tensors of a device type: the backend asked for by
 ``use(name)`` or else by the environment variable ``TENSOR_PEFT_BACKEND``; when none
@@ -36,6 +38,7 @@ import torch
 from ..config import check_choice
 
 ENV_VAR = "TENSOR_PEFT_BACKEND"
+FULL_PRECISION = (torch.float32, torch.float64)
 NAMES = ("reference", "cpu", "triton", "cuda", "cuda_emulated")
 DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 OPS = (
@@ -104,6 +107,11 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 @functools.cache
 def _module(name: str):
     return importlib.import_module(f"{__package__}.{name}")
+
+
+def kernel_dtypes(name: str) -> tuple[torch.dtype, ...]:
+    """The dtypes backend ``name``'s kernels take: its ``KERNEL_DTYPES``, else ``FULL_PRECISION``."""
+    return getattr(_module(check_choice(name, "name", NAMES)), "KERNEL_DTYPES", FULL_PRECISION)
 
 
 def _device_type(device: str | torch.device | None) -> str | None:

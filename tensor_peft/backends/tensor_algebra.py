@@ -1,7 +1,7 @@
 """Tensor algebra in plain torch, shared by the backends and the ops: mode-k unfoldings and
 products, the Tucker product and its gradients, FLoRA's gradients from projected weight
 gradients, and SNELL's mask by a known threshold. No kernels and no backend selection
-here: every backend may call it.
+here: every backend may call it; the dtype the ops compute in too.
 
 A factor ``None`` stands for the identity: its mode is left as it is (no product with an
 identity matrix, whose zeros would meet an infinite entry as 0·inf = NaN)."""
@@ -14,6 +14,14 @@ import torch
 from torch import Tensor
 
 from ..config import MODES, check_choice
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The widest dtype among ``tensors``, at least float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def unfold(tensor: Tensor, mode: int) -> Tensor:

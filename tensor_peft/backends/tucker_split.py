@@ -7,7 +7,14 @@ The Tucker split: every mode but the first is contracted
 into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger
 than the weight since r0 ≤ d0), so that ΔW = s · U_0 · R on the matrix view. A kernel
 then makes one pass over W0 (forward: W0 + s·U_0·R) or over Γ (backward: dU_0 = s·Γ·Rᵀ
-and dR = s·U_0ᵀ·Γ); dG and the other dU_k are the (small) Tucker gradients of R."""
+and dR = s·U_0ᵀ·Γ); dG and the other dU_k are the (small) Tucker gradients of R.
+
+Dtypes: the op layer passes tensors of one dtype (float32, float64) or, to a backend that
+takes them, float16/bfloat16 tensors beside them. Everything is computed in the compute
+dtype (the widest, at least float32): R, the kernels' accumulators and their float32
+scratch gradients; a result comes back in its input's dtype, rounded once. The half
+tensors the kernels read (W0, U_0, B, A, Γ) reach them as they are; the core and the
+other factors, small, are cast for R."""
 
 from __future__ import annotations
 
@@ -15,36 +22,34 @@ import torch
 from torch import Tensor
 
 from .registry import register
-from .tensor_algebra import projected_tucker_gradients, tucker_gradients, tucker_product
+from .tensor_algebra import compute_dtype, projected_tucker_gradients, tucker_gradients, tucker_product
 
 
 def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
     """R (contiguous, shape (r0, d_1, …)) and the factors that give it from the core (None
     for mode 0, left as it is: no product with an identity, whose zeros would meet an
     infinite entry of the core as 0·inf = NaN)."""
-    factors_of_R = [None, *factors[1:]]
-    return tucker_product(core, factors_of_R, 1.0).contiguous(), factors_of_R
+    dtype = compute_dtype(core, *factors)
+    factors_of_R = [None, *(factor.to(dtype) for factor in factors[1:])]
+    return tucker_product(core.to(dtype), factors_of_R, 1.0).contiguous(), factors_of_R
 
 
-def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors_of_R: list[Tensor | None]) -> list[Tensor]:
-    """[dG, dU_0, dU_1, …] from the kernel's dU_0 and dR."""
-    d_core, _, *d_others = tucker_gradients(d_R, core, factors_of_R, 1.0)
-    return [d_core, d_U0, *d_others]
+def gradients(d_U0: Tensor, d_R: Tensor, core: Tensor, factors: list[Tensor],
+              factors_of_R: list[Tensor | None]) -> list[Tensor]:  # fmt: skip
+    """[dG, dU_0, dU_1, …] from the kernel's dU_0 and dR, each in its input's dtype."""
+    d_core, _, *d_others = tucker_gradients(d_R, core.to(d_R.dtype), factors_of_R, 1.0)
+    return [d.to(t.dtype) for d, t in zip([d_core, d_U0, *d_others], [core, *factors])]
 
 
-def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float,
-                  reads_half_weight: bool = False) -> Tensor:  # fmt: skip
-    """W0 + ΔW (or ΔW when ``weight`` is None) in the weight's dtype by a backend's forward
-    kernel, ``launch(out, weight, U0, R, d0, r0, n, scale)`` on the (d0, n) matrix views.
-    A float16/bfloat16 weight goes to the kernel as it is when it ``reads_half_weight``
-    (and writes ``out`` in that dtype), else upcast to the factors' dtype around it."""
+def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
+    """W0 + ΔW in the weight's dtype (or ΔW, when ``weight`` is None, in the core's) by a
+    backend's forward kernel, ``launch(out, weight, U0, R, d0, r0, n, scale)`` on the (d0,
+    n) matrix views, which computes in R's dtype and rounds into ``out``'s once."""
     R, _ = split_first_mode(core, factors)
     d0, r0 = factors[0].shape
-    upcast = weight is not None and weight.dtype != R.dtype and not reads_half_weight
-    source = weight.to(R.dtype) if upcast else weight
-    out = R.new_empty([d0, *R.shape[1:]], dtype=R.dtype if source is None else source.dtype)
-    launch(out, source, factors[0], R, d0, r0, R[0].numel(), scale)
-    return out.to(weight.dtype) if upcast else out
+    out = R.new_empty([d0, *R.shape[1:]], dtype=(core if weight is None else weight).dtype)
+    launch(out, weight, factors[0], R, d0, r0, R[0].numel(), scale)
+    return out
 
 
 def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> list[Tensor]:
@@ -53,9 +58,9 @@ def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], sc
     into dR (both start at zero)."""
     R, factors_of_R = split_first_mode(core, factors)
     d0, r0 = factors[0].shape
-    d_U0, d_R = factors[0].new_zeros(d0, r0), torch.zeros_like(R)
+    d_U0, d_R = R.new_zeros(d0, r0), torch.zeros_like(R)
     launch(grad, None, factors[0], R, d_U0, d_R, d0, r0, R[0].numel(), scale)
-    return gradients(d_U0, d_R, core, factors_of_R)
+    return gradients(d_U0, d_R, core, factors, factors_of_R)
 
 
 def hadamard_forward(launch, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
@@ -70,13 +75,25 @@ def hadamard_backward(
     launch, grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
 ) -> list[Tensor]:
     """[dB, dA] by ``launch(grad, weight, U, R, dU, dR, d0, r0, n, scale, epilogue)``, which
-    adds into dU and dR (both start at zero)."""
-    d_B, d_A = torch.zeros_like(B), torch.zeros_like(A)
+    adds into dU and dR (both start at zero, in the compute dtype), each in its input's dtype."""
+    dtype = compute_dtype(weight, B, A)
+    d_B, d_A = torch.zeros_like(B, dtype=dtype), torch.zeros_like(A, dtype=dtype)
     launch(grad, weight, B, A, d_B, d_A, B.shape[0], B.shape[1], A[0].numel(), scale, exp)
-    return [d_B, d_A]
+    return [d_B.to(B.dtype), d_A.to(A.dtype)]
 
 
-def register_ops(backend: str, launch_forward, launch_backward, reads_half_weight: bool = False) -> None:
+def projected_gradients(T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: list[Tensor],
+                        scale: float) -> list[Tensor]:  # fmt: skip
+    """FLoRA's gradients from the projections (``projected_tucker_gradients``, small
+    contractions in plain torch) in the compute dtype, each in its input's dtype."""
+    inputs = [core, *factors]
+    dtype = compute_dtype(T0, T1, T01, *inputs)
+    T0, T1, T01, core, *factors = (t.to(dtype) for t in (T0, T1, T01, *inputs))
+    d_inputs = projected_tucker_gradients(T0, T1, T01, core, factors, scale)
+    return [d.to(t.dtype) for d, t in zip(d_inputs, inputs)]
+
+
+def register_ops(backend: str, launch_forward, launch_backward) -> None:
     """Registers for ``backend`` the Tucker ops and ``lowrank_hadamard_merge``, forward and
     backward, by the helpers above on its launchers, and FLoRA's projected gradients (small
     contractions, no kernel of their own: plain torch)."""
@@ -87,7 +104,7 @@ def register_ops(backend: str, launch_forward, launch_backward, reads_half_weigh
 
     @register("tucker_merge", backend)
     def tucker_merge(weight, core, factors, scale):
-        return fused_forward(launch_forward, weight, core, factors, scale, reads_half_weight)
+        return fused_forward(launch_forward, weight, core, factors, scale)
 
     @register("tucker_delta_backward", backend)
     def tucker_delta_backward(grad, core, factors, scale):
@@ -101,4 +118,4 @@ def register_ops(backend: str, launch_forward, launch_backward, reads_half_weigh
     def lowrank_hadamard_merge_backward(grad, weight, B, A, scale, exp):
         return hadamard_backward(launch_backward, grad, weight, B, A, scale, exp)
 
-    register("tucker_projected_backward", backend)(projected_tucker_gradients)
+    register("tucker_projected_backward", backend)(projected_gradients)

@@ -1,14 +1,16 @@
 """What every op shares: input checks, the dtype policy, and the call into the backend.
 
 Dtype policy: inputs may mix floating dtypes; an op computes in the widest of them and
-at least float32 (float16/bfloat16 are upcast), returns its result in the dtype of its
-main input, and each gradient comes back in its own input's dtype. The casts happen in
-the public wrappers, as ordinary differentiable ``Tensor.to`` calls, so the registered
-``torch.library`` ops and the backends see contiguous float32 or float64 tensors of one
-dtype on one device. One exception: ``tucker_merge`` passes a float16/bfloat16 weight in
-its own dtype (the frozen weight, read and written once; see that op).
+at least float32 (its compute dtype), returns its result in the dtype of its main input,
+and each gradient comes back in its own input's dtype. The public wrappers hand the
+registered ``torch.library`` ops contiguous tensors on one device, by ``prepare``: a
+float16/bfloat16 tensor stays in its dtype when the backend that will run the op takes it
+(``registry.kernel_dtypes``: the triton backend's kernels read and write half tensors,
+computing in float32 and rounding each result once); every other tensor is cast to the
+compute dtype, so that a backend that takes float32/float64 only sees one dtype. The casts
+are ordinary differentiable ``Tensor.to`` calls. Under torch.compile (where the backend is
+chosen only when the graph runs) every tensor is cast: the same values either way.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +20,9 @@ import torch
 from torch import Tensor
 
 from ..backends import registry
-from ..config import FLOAT_DTYPES
+from ..backends.tensor_algebra import compute_dtype
+from ..config import FLOAT_DTYPES, HALF_DTYPES
+
 DEVICE_TYPES = ("cpu", "cuda", "meta")  # meta: shapes only, through the fake impls
 
 
@@ -61,18 +65,26 @@ def check_frozen(weight: Tensor, name: str = "weight") -> None:
         )
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The widest dtype among ``tensors``, at least float32."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def prepare(*tensors: Tensor) -> list[Tensor]:
-    """``tensors`` in their ``compute_dtype`` and contiguous, both steps differentiable."""
+def prepare(op: str | None, *tensors: Tensor) -> list[Tensor]:
+    """``tensors`` contiguous, each float16/bfloat16 one in its own dtype if the backend
+    that runs ``op`` on their device takes it, the others in their ``compute_dtype`` (all
+    of them when ``op`` is None); both steps differentiable."""
     dtype = compute_dtype(*tensors)
-    return [tensor.to(dtype).contiguous() for tensor in tensors]
+    halves = op is not None and any(tensor.dtype in HALF_DTYPES for tensor in tensors)
+    taken = _half_dtypes_taken(op, tensors[0].device) if halves else ()
+    return [(tensor if tensor.dtype in taken else tensor.to(dtype)).contiguous() for tensor in tensors]
+
+
+def _half_dtypes_taken(op: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The half dtypes the backend selected for ``op`` on ``device`` takes; none under
+    torch.compile or when no backend can run there (nothing runs, or the op raises why)."""
+    if torch.compiler.is_compiling():
+        return ()
+    try:
+        name, _ = registry.select(op, device.type)
+    except registry.BackendUnavailableError:
+        return ()
+    return tuple(dtype for dtype in registry.kernel_dtypes(name) if dtype in HALF_DTYPES)
 
 
 def run(op: str, device: torch.device, *args):

@@ -208,5 +208,5 @@ def kernelized_delta(
     out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(
         out_emb, in_emb, kernel, kernel_params
     )
-    computed_out, computed_in, coeff, params = prepare(out_emb, in_emb, coeff, params)
+    computed_out, computed_in, coeff, params = prepare("kernelized_sparse_delta", out_emb, in_emb, coeff, params)
     return _kernelized_delta(computed_out, computed_in, kernel, coeff, params, eps).to(out_emb.dtype)

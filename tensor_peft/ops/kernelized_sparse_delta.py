@@ -45,7 +45,7 @@ def _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, t
     """[ΔW sparsified, τ] by the backend; an empty ΔW keeps all (τ = −inf, or the τ given).
     The backends take the dropped count k, read here on the host from ``sparsity``."""
     if is_empty(out_emb, in_emb):
-        tau = out_emb.new_full((), -math.inf) if tau is None else tau
+        tau = params.new_full((), -math.inf) if tau is None else tau
         return [out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), tau]
 
     def compute(dropped: int, tau: Tensor | None) -> list[Tensor]:
@@ -56,12 +56,12 @@ def _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, t
 
     if tau is not None:
         return compute(0, tau)
-    return select(compute, sparsity, out_emb.shape[1] * in_emb.shape[1], threshold, out_emb.dtype)
+    return select(compute, sparsity, out_emb.shape[1] * in_emb.shape[1], threshold, params.dtype)
 
 
 @_kernelized_sparse_delta.register_fake
 def _(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau):
-    return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), out_emb.new_empty(())
+    return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), params.new_empty(())
 
 
 @torch.library.custom_op(
@@ -140,26 +140,27 @@ def sparse_delta_and_threshold(
     device). Given ``tau`` (the τ of an earlier call on the same inputs), ΔW is masked by
     it and nothing is selected: the same ΔW for the cost of κ alone."""
     (computed_out, computed_in, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
-        out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params
+        out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, "kernelized_sparse_delta"
     )
     if tau is not None:
         tau = check_tensor(tau, "tau", ndim=0)
         check_same_device({"out_emb": out_emb, "tau": tau})
-        tau = tau.detach().to(computed_out.dtype)
+        tau = tau.detach().to(params.dtype)
     out, tau = _kernelized_sparse_delta(
         computed_out, computed_in, sparsity, kernel, coeff, params, eps, mode, threshold, tau
     )  # fmt: skip
     return out.to(out_emb.dtype), tau
 
 
-def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params):
-    """The arguments checked: ([out_emb, in_emb, coeff, params] contiguous in their compute
-    dtype, kernel, eps, sparsity as a 0-dim float64 cpu tensor, mode, threshold)."""
+def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, op):
+    """The arguments checked: ([out_emb, in_emb, coeff, params] as ``prepare(op, …)`` gives
+    them (params, never half, in the compute dtype), kernel, eps, sparsity as a 0-dim
+    float64 cpu tensor, mode, threshold)."""
     out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    return prepare(out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
+    return prepare(op, out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
 
 
 # --------------------------------------------------------------------------- in a linear layer
@@ -332,8 +333,8 @@ def sparse_linear(
     rebuilt from τ for ∂L/∂input, and the embeddings' gradients need Γ = ∂L/∂ΔW only where
     the mask keeps an entry (the cpu backend computes it only there)."""
     (out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
-        out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params
-    )
+        out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, None
+    )  # in the compute dtype: W0 + ΔW is summed there, from a ΔW not rounded to a half dtype
     input = check_tensor(input, "input", min_ndim=1)
     weight = check_tensor(weight, "weight", ndim=2)
     if weight.requires_grad:

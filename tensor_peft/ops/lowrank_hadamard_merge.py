@@ -95,5 +95,5 @@ def lowrank_hadamard_merge(
         )
     check_same_device({"weight": weight, "B": B, "A": A})
     check_frozen(weight)
-    computed_weight, B, A = prepare(weight, B, A.reshape(rank, cols))
+    computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A.reshape(rank, cols))
     return _lowrank_hadamard_merge(computed_weight, B, A, scale, exp).to(weight.dtype)

@@ -59,5 +59,5 @@ def matrix_exp(A: Tensor) -> Tensor:
     A = check_tensor(A, "A", min_ndim=2)
     if A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must hold square matrices (..., n, n), got shape {tuple(A.shape)}")
-    (computed,) = prepare(A)
+    (computed,) = prepare("matrix_exp", A)
     return _matrix_exp(computed).to(A.dtype)

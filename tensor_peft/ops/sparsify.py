@@ -8,9 +8,10 @@ threshold comes from detached magnitudes. The ``threshold`` rule gives k:
 - ``count`` (default): k = ceil(s·numel), s read as its decimal.
 - ``quantile`` (the released code's ``|ΔW| > torch.quantile(|ΔW|, s)``, linear
   interpolation): τ = lerp(v_k, v_{k+1}, w) of the k-th and (k+1)-th smallest |ΔW| with
-  rank s·(numel − 1) = (k − 1) + w, all rounded in ΔW's dtype as torch.quantile rounds
-  them, so the same entries are kept (the interpolation may round up to v_{k+1}, dropping
-  it too: a rank just below an integer); without torch.quantile's limit of 2^24 entries.
+  rank s·(numel − 1) = (k − 1) + w, all rounded in ΔW's compute dtype (float32 for a
+  half ΔW) as torch.quantile rounds them, so the same entries are kept (the
+  interpolation may round up to v_{k+1}, dropping it too: a rank just below an
+  integer); without torch.quantile's limit of 2^24 entries.
   It always drops at least the smallest entry. A fractional rank costs a second selection.
 
 ``sparsity`` may be a 0-dim float tensor (layers keep it so, on the CPU: a new value
@@ -31,7 +32,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..backends.tensor_algebra import masked
+from ..backends.tensor_algebra import compute_dtype, masked
 from ..config import MODES, THRESHOLDS, check_choice, check_sparsity
 from ._common import check_tensor, forward_backend, prepare, record_backend, run
 
@@ -102,20 +103,23 @@ def sparsity_tensor(sparsity: object) -> Tensor:
 
 @torch.library.custom_op("tensor_peft::sparsify", mutates_args=(), device_types=("cpu", "cuda"))
 def _sparsify(delta: Tensor, sparsity: Tensor, mode: str, threshold: str) -> tuple[Tensor, Tensor]:
+    """[ΔW sparsified, τ], τ in the compute dtype (a half ΔW's threshold is selected and
+    interpolated in float32, as for the float32 ΔW)."""
     if delta.numel() == 0:  # nothing to drop: k = 0
-        return torch.empty_like(delta), delta.new_full((), -math.inf)
+        return torch.empty_like(delta), delta.new_full((), -math.inf, dtype=compute_dtype(delta))
+
     def compute(dropped: int, tau: Tensor | None) -> list[Tensor]:
         if tau is None:
             return run("sparsify", delta.device, delta, dropped, mode)
-        return [masked(delta, tau, mode), tau]
+        return [masked(delta.to(tau.dtype), tau, mode).to(delta.dtype), tau]
 
-    out, tau = select(compute, sparsity, delta.numel(), threshold, delta.dtype)
+    out, tau = select(compute, sparsity, delta.numel(), threshold, compute_dtype(delta))
     return out, tau
 
 
 @_sparsify.register_fake
 def _(delta, sparsity, mode, threshold):
-    return torch.empty_like(delta), delta.new_empty(())
+    return torch.empty_like(delta), delta.new_empty((), dtype=compute_dtype(delta))
 
 
 @torch.library.custom_op(
@@ -159,6 +163,6 @@ def sparsify(delta: Tensor, sparsity: float | Tensor, mode: str = "hard", thresh
     sparsity = sparsity_tensor(sparsity)
     mode = check_choice(mode, "mode", MODES)
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    (computed,) = prepare(delta)
+    (computed,) = prepare("sparsify", delta)
     out, _ = _sparsify(computed, sparsity, mode, threshold)
     return out.to(delta.dtype)

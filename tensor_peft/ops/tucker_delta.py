@@ -76,7 +76,9 @@ def tucker_projected_backward(
     gradient Γ, which need not exist: T0 = Γ ×_0 U_0ᵀ, T1 = Γ ×_1 U_1ᵀ, T01 = T0 ×_1 U_1ᵀ
     (FLoRA's merged path, whose layer computes them from its input and output gradient).
     Each gradient comes back in its own input's dtype."""
-    T0, T1, T01, computed_core, *computed_factors = prepare(T0, T1, T01, core, *factors)
+    T0, T1, T01, computed_core, *computed_factors = prepare(
+        "tucker_projected_backward", T0, T1, T01, core, *factors
+    )
     d_core, *d_factors = _tucker_projected_backward(T0, T1, T01, computed_core, computed_factors, scale)
     return [d_core.to(core.dtype), *(d.to(f.dtype) for d, f in zip(d_factors, factors))]
 
@@ -134,5 +136,5 @@ def tucker_delta(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) ->
     core: ``(r_0, …, r_{N-1})``; factors[k]: ``(d_k, r_k)``; returns ``(d_0, …, d_{N-1})``
     in core's dtype (computed in at least float32)."""
     core, factors, scale = check_tucker(core, factors, scale)
-    computed_core, *factors = prepare(core, *factors)
+    computed_core, *factors = prepare("tucker_delta", core, *factors)
     return _tucker_delta(computed_core, factors, scale).to(core.dtype)

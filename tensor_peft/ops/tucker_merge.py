@@ -3,10 +3,9 @@
 The base weight is frozen and gets no gradient; G and U_k get the gradients of
 ``tucker_delta`` (Γ flows unchanged through the addition).
 
-A float16/bfloat16 weight goes to the backend in its own dtype, not upcast: the backend
-computes W0 + ΔW in the factors' dtype (at least float32) and rounds it once into the
-weight's dtype, the result of the upcast path, with one read and one write of the weight
-on the triton backend (the others upcast around their kernels)."""
+A float16/bfloat16 weight is merged in the compute dtype (at least float32) and the sum
+rounded once into the weight's dtype; a backend that takes half tensors (triton) reads
+and writes the weight once in its dtype, the others get it upcast (``_common.prepare``)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..config import HALF_DTYPES
 from ._common import check_frozen, check_same_device, check_tensor, prepare, run
 from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads, vanishes
 
@@ -60,8 +58,5 @@ def tucker_merge(
         )
     check_same_device({"weight": weight, "core": core})
     check_frozen(weight)
-    if weight.dtype in HALF_DTYPES:  # the factors' compute dtype is the one with the weight
-        core, *factors = prepare(core, *factors)
-        return _tucker_merge(weight.contiguous(), core, factors, scale)
-    computed_weight, core, *factors = prepare(weight, core, *factors)
+    computed_weight, core, *factors = prepare("tucker_merge", weight, core, *factors)
     return _tucker_merge(computed_weight, core, factors, scale).to(weight.dtype)

@@ -6,11 +6,14 @@ Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``),
 (``kernelized.py``), each op registered there (``@register(op, "triton")``, or
 ``tucker_split.register_ops`` for the Tucker and hadamard ops). The
 kernel modules import Triton: they are imported (and so registered) here once Triton is
-known to load; without it the backend has no kernels and says why."""
+known to load; without it the backend has no kernels and says why. The kernels read and
+write float16/bfloat16 tensors too, computing in float32 (``KERNEL_DTYPES``; ``shared.py``)."""
 
 from __future__ import annotations
 
 import os
+
+import torch
 
 
 def _load_kernels() -> str | None:
@@ -26,6 +29,7 @@ def _load_kernels() -> str | None:
 
 DEVICE_TYPES = ("cpu", "cuda")
 _LOAD_ERROR = _load_kernels()
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(device_type: str) -> str | None:

@@ -15,7 +15,10 @@ block of exp([[X, E], [0, X]])). A whole 64×64 or 128×128 block per program do
 in registers (the kernel spilled and took minutes to compile); torch's batched products
 run on the tensor cores' cuBLAS path instead.
 
-A non-finite matrix gives NaN; the squarings are bounded by the exponent range."""
+A non-finite matrix gives NaN; the squarings are bounded by the exponent range.
+
+Float16/bfloat16 matrices are computed in float32 and each result rounded once: the
+kernel reads and writes them in their dtype; the torch path (n > 32) takes them upcast."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..registry import register
-from .shared import div
+from .shared import div, rounded
 
 MAX_SIZE = 128
 KERNEL_MAX_SIZE = 32  # one matrix per program, in registers
@@ -32,21 +35,24 @@ _ORDER = {torch.float32: 10, torch.float64: 18}
 
 
 @triton.jit
-def expm_kernel(A, E, out, L, squarings, scales, n,
+def expm_kernel(A, E, out, L, squarings, scales, E_scales, n,
                 ORDER: tl.constexpr, B: tl.constexpr, DERIVATIVE: tl.constexpr):  # fmt: skip
+    """exp(X) and L(X, E·e) / e (e: E_scales, a power of two per matrix) in scales' dtype,
+    rounded once into out's and L's."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, B)
     cols = tl.arange(0, B)
     inside = (rows[:, None] < n) & (cols[None, :] < n)
     offsets = b * n * n + rows[:, None] * n + cols[None, :]
     scale = tl.load(scales + b)
-    X = tl.load(A + offsets, mask=inside, other=0.0) * scale
+    X = tl.load(A + offsets, mask=inside, other=0.0).to(scale.dtype) * scale
     eye = tl.where((rows[:, None] == cols[None, :]) & inside, 1.0, 0.0).to(X.dtype)
     P = eye
     dP = tl.zeros((B, B), dtype=X.dtype)
     dX = dP
     if DERIVATIVE:
-        dX = tl.load(E + offsets, mask=inside, other=0.0) * scale
+        E_scale = tl.load(E_scales + b)
+        dX = tl.load(E + offsets, mask=inside, other=0.0).to(scale.dtype) * (scale * E_scale)
     # Horner: P ← I + X·P/k for k = m … 1, and dP ← (dX·P + X·dP)/k with the P before the step
     for step in range(ORDER):
         k = tl.full((B, B), ORDER - step, X.dtype)
@@ -57,9 +63,9 @@ def expm_kernel(A, E, out, L, squarings, scales, n,
         if DERIVATIVE:
             dP = tl.dot(P, dP, input_precision="ieee") + tl.dot(dP, P, input_precision="ieee")
         P = tl.dot(P, P, input_precision="ieee")
-    tl.store(out + offsets, P, mask=inside)
+    tl.store(out + offsets, rounded(P, out.dtype.element_ty), mask=inside)
     if DERIVATIVE:
-        tl.store(L + offsets, dP, mask=inside)
+        tl.store(L + offsets, rounded(div(dP, tl.full((B, B), E_scale, dP.dtype)), L.dtype.element_ty), mask=inside)
 
 
 def _by_torch(X: torch.Tensor, E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,36 +81,49 @@ def _by_torch(X: torch.Tensor, E: torch.Tensor | None) -> tuple[torch.Tensor, to
     return both[..., :n, :n], both[..., :n, n:]
 
 
-def _by_kernel(X: torch.Tensor, E: torch.Tensor | None, finite: torch.Tensor, norms: torch.Tensor):
+def _by_kernel(X, E, E_scales, finite, norms):
     out = torch.empty_like(X)
-    L = None if E is None else torch.empty_like(X)
+    L = None if E is None else torch.empty_like(E)
     squarings = torch.where(finite, torch.log2(norms).ceil().clamp_min(0), 0).to(torch.int32)
     scales = torch.ldexp(torch.ones_like(norms), -squarings)  # exact powers of two
     n = X.shape[-1]
     expm_kernel[(norms.numel(),)](
-        X, X if E is None else E, out, out if L is None else L, squarings, scales, n,
-        ORDER=_ORDER[X.dtype], B=max(16, triton.next_power_of_2(n)), DERIVATIVE=E is not None,
+        X, X if E is None else E, out, out if L is None else L, squarings, scales,
+        scales if E_scales is None else E_scales, n,
+        ORDER=_ORDER[norms.dtype], B=max(16, triton.next_power_of_2(n)), DERIVATIVE=E is not None,
     )  # fmt: skip
     return out, L
 
 
-def _exp_and_frechet(X: torch.Tensor, E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """exp(X) and, when E is given, L(X, E), for a batch (..., n, n)."""
+def _one_norms(X: torch.Tensor) -> torch.Tensor:
+    """‖X‖₁ of each matrix, in the compute dtype (float32 for a half X)."""
+    return torch.linalg.vector_norm(X, 1, dim=-2, dtype=torch.promote_types(X.dtype, torch.float32)).amax(-1)
+
+
+def _exp_and_frechet(X: torch.Tensor, E: torch.Tensor | None, E_shifts: torch.Tensor | None = None):
+    """exp(X) and, when E is given, L(X, E), for a batch (..., n, n), in X's and E's dtypes
+    (computed in float32 at least). E_shifts (int32, one per matrix): L is computed as
+    L(X, E·2^-shift)·2^shift, the same by linearity, with fewer squarings' rounding."""
     n = X.shape[-1]
     if n > MAX_SIZE:
         raise ValueError(f"A: the triton backend's matrix_exp takes n ≤ {MAX_SIZE}, got n = {n}")
     if X.numel() == 0:
-        return torch.empty_like(X), None if E is None else torch.empty_like(X)
-    norms = torch.linalg.matrix_norm(X, ord=1).reshape(-1)
-    finite = torch.isfinite(norms)
+        return torch.empty_like(X), None if E is None else torch.empty_like(E)
+    norms = _one_norms(X)
+    finite = torch.isfinite(norms).reshape(-1)
+    E_scales = None if E_shifts is None else torch.ldexp(torch.ones_like(norms), -E_shifts)
     if n <= KERNEL_MAX_SIZE:
-        out, L = _by_kernel(X, E, finite, norms)
+        flat = None if E_scales is None else E_scales.reshape(-1)
+        out, L = _by_kernel(X, E, flat, finite, norms.reshape(-1))
     else:
         zero = ~finite.reshape(X.shape[:-2])[..., None, None]  # no inf/NaN into torch's scaling
-        out, L = _by_torch(X.masked_fill(zero, 0), None if E is None else E.masked_fill(zero, 0))
+        scaled = None if E is None else (E.to(norms.dtype) * E_scales[..., None, None]).masked_fill(zero, 0)
+        out, L = _by_torch(X.to(norms.dtype).masked_fill(zero, 0), scaled)
+        out = out.to(X.dtype)
+        L = None if L is None else (L / E_scales[..., None, None]).to(E.dtype)
     nan = ~finite.reshape(X.shape[:-2])[..., None, None]
-    out = out.masked_fill(nan, float("nan"))
-    return out, None if L is None else L.masked_fill(nan, float("nan"))
+    out.masked_fill_(nan, float("nan"))  # in place: no copy of the result
+    return out, None if L is None else L.masked_fill_(nan, float("nan"))
 
 
 @register("matrix_exp", "triton")
@@ -114,9 +133,9 @@ def matrix_exp(A: torch.Tensor) -> torch.Tensor:
 
 @register("matrix_exp_backward", "triton")
 def matrix_exp_backward(grad: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """L(Aᵀ, Γ), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 first and the result scaled back."""
-    grad_norms = torch.linalg.matrix_norm(grad, ord=1)
+    """L(Aᵀ, Γ), Γ scaled by a power of two to ‖Γ‖₁ ≤ 1 inside and the result scaled back."""
+    grad_norms = _one_norms(grad)
     large = torch.isfinite(grad_norms) & (grad_norms > 1)
-    shift = torch.where(large, torch.log2(grad_norms).ceil(), 0).to(torch.int32)[..., None, None]
-    _, L = _exp_and_frechet(A.mT.contiguous(), torch.ldexp(grad, -shift).contiguous())
-    return torch.ldexp(L, shift)
+    shifts = torch.where(large, torch.log2(grad_norms).ceil(), 0).to(torch.int32)
+    _, L = _exp_and_frechet(A.mT.contiguous(), grad, shifts)
+    return L

@@ -24,6 +24,10 @@ competition sparsification and the backward of both, with nothing m×n kept betw
   with atomic adds.
 - ``columns_kernel``: mixture's per-column passes over all rows: the softmax's max and
   sum (online), and for the backward c_i = Σ_j D_ji S_ji.
+Dtypes: κ, τ, the mask and every sum are computed in the kernel parameters' dtype (the
+compute dtype); float16/bfloat16 embeddings, Γ and ΔW are read and written in their own
+(with a sparsity, κ goes through a buffer in the compute dtype before the mask rounds it
+into a half ΔW once; half gradients are summed in compute-dtype buffers, then cast).
 Written for the interpreter too (``TRITON_INTERPRET=1``): masked loads, IEEE-precision
 dots, exp and division by ``shared`` (libdevice exp, IEEE division on a GPU), ``eps``
 passed as float64. Float atomics (nondeterministic summation order): ``backward_kernel``'s
@@ -39,7 +43,7 @@ from ...config import KERNELS
 from ..determinism import check_deterministic
 from ..kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
 from ..registry import register
-from .shared import div, exp, scalar, tile, tile_grid
+from .shared import div, exp, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
@@ -61,16 +65,16 @@ def _sqrt(x):
 
 @triton.jit
 def _chunk_sums(out_emb, in_emb, first, last, rows, cols, m, n, width,
-                DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+                DOT: tl.constexpr, COMPUTE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """Σ over chunks first ≤ h < last of ‖b_j^h − a_i^h‖² (from direct differences, exact
-    near 0) or, DOT, of b_j^h·a_i^h, on a tile."""
+    near 0) or, DOT, of b_j^h·a_i^h, on a tile, in COMPUTE."""
     row_in, col_in = rows < m, cols < n
-    acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
+    acc = tl.zeros((BM, BN), dtype=COMPUTE)
     for step in range(first * width, last * width):  # (chunk h, dimension d) = divmod(step, width)
         h = step // width
         d = step - h * width
-        b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0)
-        a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0)
+        b = tl.load(out_emb + (h * m + rows) * width + d, mask=row_in, other=0.0).to(COMPUTE)
+        a = tl.load(in_emb + (h * n + cols) * width + d, mask=col_in, other=0.0).to(COMPUTE)
         if DOT:
             acc += b[:, None] * a[None, :]
         else:
@@ -82,17 +86,19 @@ def _chunk_sums(out_emb, in_emb, first, last, rows, cols, m, n, width,
 @triton.jit
 def _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
                KERNEL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    """κ on a tile, before mixture's softmax term (for mixture: the piecewise part P)."""
+    """κ on a tile, before mixture's softmax term (for mixture: the piecewise part P), in
+    the kernel parameters' dtype (the compute dtype)."""
+    COMPUTE: tl.constexpr = alpha.dtype
     if KERNEL == PIECEWISE or KERNEL == MIXTURE:
-        acc = tl.zeros((BM, BN), dtype=out_emb.dtype.element_ty)
+        acc = tl.zeros((BM, BN), dtype=COMPUTE)
         for h in range(chunks):
-            squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, BM, BN)
-            acc += tl.load(coeff + h) * _sqrt(squares + scalar(eps, acc.dtype))
+            squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, COMPUTE, BM, BN)
+            acc += tl.load(coeff + h).to(COMPUTE) * _sqrt(squares + scalar(eps, COMPUTE))
     elif KERNEL == RBF:
-        squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, BM, BN)
+        squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, COMPUTE, BM, BN)
         acc = alpha * exp(-beta * squares) + gamma
     else:
-        acc = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, BM, BN)
+        acc = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, COMPUTE, BM, BN)
         if KERNEL == SIGMOID:
             acc = div(alpha, 1.0 + exp(-beta * acc)) + gamma
     return acc
@@ -123,11 +129,12 @@ def _mask_factor(value, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr):
 
 @triton.jit
 def _keys(values, DOUBLE: tl.constexpr):
-    """The radix keys of |values|: their bits without the sign, as int64."""
+    """The radix keys of |values|: their bits without the sign, as int64 (a half value's
+    bits as float32, exactly)."""
     if DOUBLE:
         keys = values.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
     else:
-        keys = (values.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+        keys = (values.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
     return keys
 
 
@@ -156,7 +163,7 @@ def delta_kernel(out, out_emb, in_emb, coeff, kernel_params, column_max, column_
     if KERNEL == MIXTURE:
         value += alpha * _softmax(value, gamma, column_max, column_sum, cols, n) + beta
     inside = (rows[:, None] < m) & (cols[None, :] < n)
-    tl.store(out + rows[:, None] * n + cols[None, :], value, mask=inside)
+    tl.store(out + rows[:, None] * n + cols[None, :], rounded(value, out.dtype.element_ty), mask=inside)
     if COUNT:  # the first radix pass: no digits found yet
         _count_digits(tl.reshape(value, (BM * BN,)), tl.reshape(inside, (BM * BN,)), counts, 0, 0, shift,
                       DOUBLE, BINS)  # fmt: skip
@@ -212,16 +219,18 @@ def search_kernel(counts, state, shift, BINS: tl.constexpr):
 
 @triton.jit
 def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
-    """out = x·factor (forward) or grad·∂(x·factor)/∂x (backward), factor by ``_mask_factor``."""
+    """out = x·factor (forward) or grad·∂(x·factor)/∂x (backward), factor by ``_mask_factor``,
+    in τ's dtype (the compute dtype), rounded once into out's."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < count
-    values = tl.load(x + offsets, mask=inside, other=0.0)
-    factor = _mask_factor(values, tl.load(tau), MODE, BACKWARD)
+    threshold = tl.load(tau)
+    values = tl.load(x + offsets, mask=inside, other=0.0).to(threshold.dtype)
+    factor = _mask_factor(values, threshold, MODE, BACKWARD)
     if BACKWARD:
-        result = tl.load(grad + offsets, mask=inside, other=0.0) * factor
+        result = tl.load(grad + offsets, mask=inside, other=0.0).to(threshold.dtype) * factor
     else:
         result = values * factor
-    tl.store(out + offsets, result, mask=inside)
+    tl.store(out + offsets, rounded(result, out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -232,8 +241,8 @@ def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max,
     (online), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
     cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
     alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
-    top = tl.full((BN,), float("-inf"), dtype=out_emb.dtype.element_ty)
-    total = tl.zeros((BN,), dtype=out_emb.dtype.element_ty)
+    top = tl.full((BN,), float("-inf"), dtype=alpha.dtype)
+    total = tl.zeros((BN,), dtype=alpha.dtype)
     for start in range(0, m, BM):
         rows = (start + tl.arange(0, BM)).to(tl.int64)
         row_in = rows < m
@@ -242,7 +251,7 @@ def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max,
         if DOT:
             soft = _softmax(piecewise, gamma, column_max, column_sum, cols, n)
             inside = row_in[:, None] & (cols[None, :] < n)
-            D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0).to(alpha.dtype)
             if MODE != 0:
                 D *= _mask_factor(piecewise + (alpha * soft + beta), tl.load(tau), MODE, True)  # the forward's order
             total += tl.sum(tl.where(inside, D * soft, 0.0), 0)
@@ -275,8 +284,8 @@ def _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, w
     a_at = (h * n + cols[:, None]) * width + dims[None, :]
     b_in = (rows[:, None] < m) & (dims[None, :] < width)
     a_in = (cols[:, None] < n) & (dims[None, :] < width)
-    b = tl.load(out_emb + b_at, mask=b_in, other=0.0)
-    a = tl.load(in_emb + a_at, mask=a_in, other=0.0)
+    b = tl.load(out_emb + b_at, mask=b_in, other=0.0).to(W.dtype)
+    a = tl.load(in_emb + a_at, mask=a_in, other=0.0).to(W.dtype)
     d_b = tl.dot(W, a, input_precision="ieee")
     d_a = tl.dot(tl.trans(W), b, input_precision="ieee")
     if DISTANCE:
@@ -294,7 +303,7 @@ def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max
     rows, cols = tile(m, n, BM, BN)
     inside = (rows[:, None] < m) & (cols[None, :] < n)
     alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
-    D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)  # ∂L/∂K
+    D = tl.load(grad + rows[:, None] * n + cols[None, :], mask=inside, other=0.0).to(alpha.dtype)  # ∂L/∂K
     if KERNEL == MIXTURE or MODE != 0:
         value = _base_tile(out_emb, in_emb, coeff, alpha, beta, gamma, eps, rows, cols, m, n, chunks, width,
                            KERNEL, BM, BN)  # fmt: skip
@@ -315,13 +324,13 @@ def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max
     D = tl.where(inside, D, 0.0)
     if KERNEL == PIECEWISE or KERNEL == MIXTURE:
         for h in range(chunks):  # W_h = D·coeff[h]/r_h, ∂coeff[h] = Σ D·r_h
-            squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, BM, BN)
+            squares = _chunk_sums(out_emb, in_emb, h, h + 1, rows, cols, m, n, width, False, D.dtype, BM, BN)
             radii = _sqrt(squares + scalar(eps, squares.dtype))
             tl.atomic_add(d_coeff + h, _total(D * radii), sem="relaxed")
-            W = tl.where(inside, div(D * tl.load(coeff + h), radii), 0.0)
+            W = tl.where(inside, div(D * tl.load(coeff + h).to(D.dtype), radii), 0.0)
             _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, True, BP)
     elif KERNEL == RBF:  # W = D·(−2 alpha beta e), e = exp(−beta‖b − a‖²)
-        squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, BM, BN)
+        squares = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, False, D.dtype, BM, BN)
         bump = exp(-beta * squares)
         tl.atomic_add(d_params, _total(D * bump), sem="relaxed")
         tl.atomic_add(d_params + 1, -alpha * _total(D * squares * bump), sem="relaxed")
@@ -332,7 +341,7 @@ def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max
     else:
         W = D
         if KERNEL == SIGMOID:  # ∂L/∂(b·a) = beta·D·alpha·σ(1 − σ)
-            dots = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, BM, BN)
+            dots = _chunk_sums(out_emb, in_emb, 0, chunks, rows, cols, m, n, width, True, D.dtype, BM, BN)
             sig = div(tl.full((), 1.0, dots.dtype), 1.0 + exp(-beta * dots))
             pre = D * alpha * sig * (1.0 - sig)
             tl.atomic_add(d_params, _total(D * sig), sem="relaxed")
@@ -374,9 +383,10 @@ def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | Non
     kernel has already filled. The passes before ``_compacting_pass`` read all of x; from
     it on, a pass reads the candidates the pass before copied out when they fit the
     buffer, else all of x again, copying out the (fewer) keys that match the longer prefix."""
-    if k == 0:
-        return x.new_full((), float("-inf"))
     shifts, numel, double = _shifts(x.dtype), x.numel(), x.dtype == torch.float64
+    dtype = torch.float64 if double else torch.float32  # τ's: a half x's keys are its float32 bits
+    if k == 0:
+        return x.new_full((), float("-inf"), dtype=dtype)
     counts = _new_counts(x) if counted is None else counted
     state = torch.zeros(3, dtype=torch.int64, device=x.device)  # prefix, its mask, rank
     state[2] = k  # a fill on the device: no copy from the host, no synchronization
@@ -396,7 +406,7 @@ def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | Non
             )
         search_kernel[(1,)](counts[index], state, shift, BINS=BINS)
     bits = state[:1] if double else state[:1].to(torch.int32)
-    return bits.view(x.dtype).reshape(())
+    return bits.view(dtype).reshape(())
 
 
 def _mask(out, x, grad, tau, mode, backward):
@@ -411,7 +421,7 @@ def _column_stats(out_emb, in_emb, coeff, params, eps):
     """Mixture's softmax statistics per column: (max_j P/gamma, Σ_j exp(P/gamma − max))."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
-    column_max, column_sum = out_emb.new_empty(n), out_emb.new_empty(n)
+    column_max, column_sum = params.new_empty(n), params.new_empty(n)
     columns_kernel[(triton.cdiv(n, BLOCK_N),)](
         out_emb, out_emb, in_emb, coeff, params, params, column_max, column_sum, column_sum,
         m, n, chunks, width, eps, MODE=0, DOT=False, BM=BLOCK_M, BN=BLOCK_N,
@@ -421,26 +431,34 @@ def _column_stats(out_emb, in_emb, coeff, params, eps):
 
 @register("kernelized_sparse_delta", "triton")
 def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    """[ΔW, τ]: κ(Out, In), sparsified in place when ``mode`` is given (None: the dense op,
-    τ = −inf), by ``tau`` or else by the k-th smallest magnitude."""
+    """[ΔW, τ]: κ(Out, In) in out_emb's dtype, sparsified when ``mode`` is given (None: the
+    dense op, τ = −inf), by ``tau`` or else by the k-th smallest magnitude. κ is computed
+    in params' dtype (the compute dtype), where τ is selected and the mask applied: a half
+    ΔW is κ rounded once (then masked into the result), not masked after a rounding."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out = out_emb.new_empty(m, n)
     if out.numel() == 0:
-        return [out, out.new_full((), float("-inf")) if tau is None else tau]
-    stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
+        return [out, params.new_full((), float("-inf")) if tau is None else tau]
+    raw = out if mode is None or out.dtype == params.dtype else params.new_empty(m, n)  # κ, before the mask
+    stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (raw, raw)
     selecting = mode is not None and tau is None and k > 0
-    counted = _new_counts(out) if selecting else None  # filled by delta_kernel
+    counted = _new_counts(raw) if selecting else None  # filled by delta_kernel
     delta_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
-        out, out_emb, in_emb, coeff, params, *stats, out if counted is None else counted, _shifts(out.dtype)[0],
+        raw, out_emb, in_emb, coeff, params, *stats, raw if counted is None else counted, _shifts(raw.dtype)[0],
         m, n, chunks, width, eps, KERNEL=kernel_id(kernel), COUNT=counted is not None,
-        DOUBLE=out.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
+        DOUBLE=params.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
     )  # fmt: skip
     if mode is None:
-        return [out, out.new_full((), float("-inf"))]
+        return [out, params.new_full((), float("-inf"))]
     if tau is None:
-        tau = _kth_smallest_magnitude(out, k, counted)
-    return [_mask(out, out, out, tau, mode, backward=False), tau]
+        tau = _kth_smallest_magnitude(raw, k, counted)
+    return [_mask(out, raw, raw, tau, mode, backward=False), tau]
+
+
+def _in_dtypes_of(gradients, inputs) -> list[torch.Tensor]:
+    """Each gradient rounded once into its input's dtype."""
+    return [gradient.to(input.dtype) for gradient, input in zip(gradients, inputs)]
 
 
 @register("kernelized_sparse_delta_backward", "triton")
@@ -448,16 +466,17 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
     check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "triton")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
-    d_out, d_in = torch.zeros_like(out_emb), torch.zeros_like(in_emb)
+    d_out = torch.zeros_like(out_emb, dtype=params.dtype)  # atomic sums in the compute dtype
+    d_in = torch.zeros_like(in_emb, dtype=params.dtype)
     d_coeff = torch.zeros_like(coeff, dtype=torch.float64)  # sums over m·n entries
     d_params = torch.zeros_like(params, dtype=torch.float64)
     if m * n == 0:
-        return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
+        return _in_dtypes_of((d_out, d_in, d_coeff, d_params), (out_emb, in_emb, coeff, params))
     tau = grad if tau is None else tau
     column_max = column_sum = column_dot = grad
     if kernel == "mixture":
         column_max, column_sum = _column_stats(out_emb, in_emb, coeff, params, eps)
-        column_dot = grad.new_empty(n)
+        column_dot = params.new_empty(n)
         columns_kernel[(triton.cdiv(n, BLOCK_N),)](
             grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
             m, n, chunks, width, eps, MODE=mode_id(mode), DOT=True, BM=BLOCK_M, BN=BLOCK_N,
@@ -468,7 +487,7 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
         KERNEL=kernel_id(kernel), MODE=mode_id(mode), BM=BLOCK_M, BN=BLOCK_N,
         BP=max(16, triton.next_power_of_2(width)), num_warps=8,
     )  # fmt: skip
-    return [d_out, d_in, d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
+    return _in_dtypes_of((d_out, d_in, d_coeff, d_params), (out_emb, in_emb, coeff, params))
 
 
 @register("sparse_linear_backward", "triton")

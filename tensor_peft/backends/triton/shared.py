@@ -1,5 +1,10 @@
 """What the Triton kernel modules share: ``tile``, the 1-D grid over a matrix's tiles,
-and math whose results on a GPU match what Triton's interpreter computes.
+the compute dtype, and math whose results on a GPU match what Triton's interpreter computes.
+
+Dtypes: the kernels take float16/bfloat16 tensors as well as float32/float64 ones
+(the package's ``KERNEL_DTYPES``), loading each value converted to the compute dtype (``compute_type``:
+float64 if any tensor of the call is, else float32), accumulating there (atomic adds into
+scratch buffers of that dtype) and storing each result ``rounded`` once into its tensor's dtype.
 
 ``tile``: every grid dimension but x is limited to 65,535 programs, so the tiles of an
 (m, n) matrix are numbered along x alone (limit 2^31 − 1), row-major.
@@ -24,11 +29,18 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def compute_type(*tensors: torch.Tensor | None) -> tl.dtype:
+    """The Triton dtype a kernel computes in for these tensors: float64 if one of them is,
+    else float32 (``None`` entries are skipped)."""
+    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
 @triton.jit
@@ -52,7 +64,7 @@ def div(numerator, denominator):
 
 @triton.jit
 def rounded(x, dtype: tl.constexpr):
-    """x in ``dtype`` (a narrower float type than x's), rounded to nearest even."""
+    """x in ``dtype`` (x's own, or a narrower float type), rounded to nearest even."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         kept = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # ties to the even last kept bit
