@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..registry import register
-from .shared import div
+from .shared import div, launch
 
 MAX_SIZE = 128
 KERNEL_MAX_SIZE = 32  # one matrix per program, in registers
@@ -81,7 +81,7 @@ def _by_kernel(X: torch.Tensor, E: torch.Tensor | None, finite: torch.Tensor, no
     squarings = torch.where(finite, torch.log2(norms).ceil().clamp_min(0), 0).to(torch.int32)
     scales = torch.ldexp(torch.ones_like(norms), -squarings)  # exact powers of two
     n = X.shape[-1]
-    expm_kernel[(norms.numel(),)](
+    launch(expm_kernel, (norms.numel(),),
         X, X if E is None else E, out, out if L is None else L, squarings, scales, n,
         ORDER=_ORDER[X.dtype], B=max(16, triton.next_power_of_2(n)), DERIVATIVE=E is not None,
     )  # fmt: skip

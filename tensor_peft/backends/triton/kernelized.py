@@ -39,7 +39,7 @@ from ...config import KERNELS
 from ..determinism import check_deterministic
 from ..kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
 from ..registry import register
-from .shared import div, exp, scalar, tile, tile_grid
+from .shared import div, exp, launch, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
@@ -386,24 +386,24 @@ def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | Non
     lengths[compacting] = capacity + 1  # none yet: the compacting pass reads all of x
     for index, shift in enumerate(shifts):
         if index >= compacting:
-            refine_kernel[(min(triton.cdiv(numel, BLOCK), REFINE_PROGRAMS),)](
+            launch(refine_kernel, (min(triton.cdiv(numel, BLOCK), REFINE_PROGRAMS),),
                 x, numel, candidates, lengths[index:], capacity, counts[index], state, shift,
                 COMPACT=index < len(shifts) - 1, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
             )  # fmt: skip
         elif index > 0 or counted is None:
-            count_kernel[(triton.cdiv(numel, BLOCK),)](
-                x, numel, counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
-            )
-        search_kernel[(1,)](counts[index], state, shift, BINS=BINS)
+            launch(count_kernel, (triton.cdiv(numel, BLOCK),),
+                x, numel, counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
+            )  # fmt: skip
+        launch(search_kernel, (1,), counts[index], state, shift, BINS=BINS)
     bits = state[:1] if double else state[:1].to(torch.int32)
     return bits.view(x.dtype).reshape(())
 
 
 def _mask(out, x, grad, tau, mode, backward):
     if x.numel():
-        mask_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            out, x, grad, x.numel(), tau, MODE=mode_id(mode), BACKWARD=backward, BLOCK=BLOCK
-        )
+        launch(mask_kernel, (triton.cdiv(x.numel(), BLOCK),),
+            out, x, grad, x.numel(), tau, MODE=mode_id(mode), BACKWARD=backward, BLOCK=BLOCK,
+        )  # fmt: skip
     return out
 
 
@@ -412,7 +412,7 @@ def _column_stats(out_emb, in_emb, coeff, params, eps):
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     column_max, column_sum = out_emb.new_empty(n), out_emb.new_empty(n)
-    columns_kernel[(triton.cdiv(n, BLOCK_N),)](
+    launch(columns_kernel, (triton.cdiv(n, BLOCK_N),),
         out_emb, out_emb, in_emb, coeff, params, params, column_max, column_sum, column_sum,
         m, n, chunks, width, eps, MODE=0, DOT=False, BM=BLOCK_M, BN=BLOCK_N,
     )  # fmt: skip
@@ -431,7 +431,7 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
     stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (out, out)
     selecting = mode is not None and tau is None and k > 0
     counted = _new_counts(out) if selecting else None  # filled by delta_kernel
-    delta_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
+    launch(delta_kernel, tile_grid(m, n, BLOCK_M, BLOCK_N),
         out, out_emb, in_emb, coeff, params, *stats, out if counted is None else counted, _shifts(out.dtype)[0],
         m, n, chunks, width, eps, KERNEL=kernel_id(kernel), COUNT=counted is not None,
         DOUBLE=out.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
@@ -458,11 +458,11 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
     if kernel == "mixture":
         column_max, column_sum = _column_stats(out_emb, in_emb, coeff, params, eps)
         column_dot = grad.new_empty(n)
-        columns_kernel[(triton.cdiv(n, BLOCK_N),)](
+        launch(columns_kernel, (triton.cdiv(n, BLOCK_N),),
             grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
             m, n, chunks, width, eps, MODE=mode_id(mode), DOT=True, BM=BLOCK_M, BN=BLOCK_N,
         )  # fmt: skip
-    backward_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
+    launch(backward_kernel, tile_grid(m, n, BLOCK_M, BLOCK_N),
         grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
         d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
         KERNEL=kernel_id(kernel), MODE=mode_id(mode), BM=BLOCK_M, BN=BLOCK_N,

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import tucker_split
 from ..determinism import check_deterministic
-from .shared import exp, rounded, scalar, tile, tile_grid
+from .shared import exp, launch, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
 
@@ -84,7 +84,7 @@ def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, 
 
 def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
     grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
-    merge_kernel[grid](
+    launch(merge_kernel, grid,
         out, out if weight is None else weight, U0, R, d0, r0, n, scale,
         HAS_WEIGHT=weight is not None, EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
     )  # fmt: skip
@@ -94,7 +94,7 @@ def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue=
     """Adds s·D·Rᵀ into d_U0 and s·U0ᵀ·D into d_R (both must start at zero)."""
     check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", "triton")
     grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
-    backward_kernel[grid](
+    launch(backward_kernel, grid,
         grad, grad if weight is None else weight, U0, R, d_U0, d_R, d0, r0, n, scale,
         EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
     )  # fmt: skip
