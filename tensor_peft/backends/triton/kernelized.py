@@ -228,8 +228,9 @@ def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.const
 def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                    m, n, chunks, width, eps: tl.float64,
                    MODE: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    """Mixture, one block of columns over all rows: max_j P/gamma and Σ_j exp(P/gamma − max)
-    (online), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
+    """Mixture, one block of columns over all rows: M_i = max_j P_ji and Σ_j exp((P_ji − M_i)/gamma)
+    (online; the max of P, not of P/gamma, so that a small gamma divides the differences
+    only), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
     cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
     alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     top = tl.full((BN,), float("-inf"), dtype=out_emb.dtype.element_ty)
@@ -408,7 +409,7 @@ def _mask(out, x, grad, tau, mode, backward):
 
 
 def _column_stats(out_emb, in_emb, coeff, params, eps):
-    """Mixture's softmax statistics per column: (max_j P/gamma, Σ_j exp(P/gamma − max))."""
+    """Mixture's softmax statistics per column: (M_i = max_j P_ji, Σ_j exp((P_ji − M_i)/gamma))."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     column_max, column_sum = out_emb.new_empty(n), out_emb.new_empty(n)
