@@ -30,7 +30,8 @@ def specialization(launch) -> str:
     """The name of the specialization a launch compiled: the first pointer's dtype, the
     constexprs (with the integer arguments Triton made constants: a 1), the pointers of
     other dtypes, the int64 integers, the pointers and integers not specialized as
-    multiples of 16 (``not÷16``), and num_warps when it is not Triton's default 4."""
+    multiples of 16 (``not÷16``), and num_warps and num_stages where they are not
+    Triton's defaults (4, 3)."""
     pointers = {name: kind[1:] for name, kind in launch.signature.items() if kind.startswith("*")}
     main = next(iter(pointers.values()), "")
     others: dict[str, list[str]] = {}
@@ -46,9 +47,10 @@ def specialization(launch) -> str:
     unaligned = [name for name in [*pointers, *integers] if name not in launch.divisible_by_16]
     if unaligned:
         parts.append(f"not÷16:{','.join(unaligned)}")
-    num_warps = launch.compiled.metadata.num_warps if launch.compiled is not None else 4
-    if num_warps != 4:
-        parts.append(f"num_warps={num_warps}")
+    if launch.compiled is not None:
+        options = launch.compiled.metadata
+        parts += [f"{name}={getattr(options, name)}" for name, default in (("num_warps", 4), ("num_stages", 3))
+                  if getattr(options, name) != default]  # fmt: skip
     return " ".join(parts)
 
 

@@ -51,6 +51,13 @@ PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = (tl.constexpr(kernel_id(name)) for na
 HARD = tl.constexpr(mode_id("hard"))
 
 
+# The kernels that loop over the embeddings' chunks and dimensions take ``chunks`` and
+# ``width`` unspecialized: Triton would make a 1 a constant (its loop unrolled) and mark a
+# multiple of 16, compiles of their own that spill registers on sm_80 (chunks = 1,
+# width = 1, width = 32).
+layout_jit = triton.jit(do_not_specialize=["chunks", "width"])
+
+
 @triton.jit
 def _sqrt(x):
     """The correctly rounded square root (float32 ``tl.sqrt`` may be approximate)."""
@@ -144,7 +151,7 @@ def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl
     return match
 
 
-@triton.jit
+@layout_jit
 def delta_kernel(out, out_emb, in_emb, coeff, kernel_params, column_max, column_sum, counts, shift,
                  m, n, chunks, width, eps: tl.float64,
                  KERNEL: tl.constexpr, COUNT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr,
@@ -224,7 +231,7 @@ def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.const
     tl.store(out + offsets, result, mask=inside)
 
 
-@triton.jit
+@layout_jit
 def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                    m, n, chunks, width, eps: tl.float64,
                    MODE: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
@@ -287,7 +294,7 @@ def _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, w
     tl.atomic_add(d_in + a_at, d_a, mask=a_in, sem="relaxed")
 
 
-@triton.jit
+@layout_jit
 def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                     d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps: tl.float64,
                     KERNEL: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,

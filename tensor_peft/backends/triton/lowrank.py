@@ -24,12 +24,15 @@ from ..determinism import check_deterministic
 from .shared import exp, launch, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
+# r0 stays a loop bound for every rank: Triton would make r0 = 1 a constant and unroll the
+# loop over the rank, a compile of its own that spills registers (float64 backward, sm_90).
+rank_jit = triton.jit(do_not_specialize=["r0"])
 
 
 EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
 
 
-@triton.jit
+@rank_jit
 def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: tl.constexpr, EPILOGUE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows, cols = tile(d0, n, BM, BN)
@@ -53,7 +56,7 @@ def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: t
     tl.store(out + offsets, rounded(acc, out.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@rank_jit
 def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, EPILOGUE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows, cols = tile(d0, n, BM, BN)
