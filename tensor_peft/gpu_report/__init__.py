@@ -26,13 +26,38 @@ COLUMNS = ("kernel", "config", "arch", "status", "compile_s", "registers", "spil
            "shared_bytes")  # fmt: skip
 
 
-def _pointer_dtype(signature: dict[str, str]) -> str:
-    return next((kind[1:] for kind in signature.values() if kind.startswith("*")), "")
+def specialization(launch) -> str:
+    """The name of the specialization a launch compiled: the first pointer's dtype, the
+    constexprs (with the integer arguments Triton made constants: a 1), the pointers of
+    other dtypes, the int64 integers, the pointers and integers not specialized as
+    multiples of 16 (``not÷16``), and num_warps and num_stages where they are not
+    Triton's defaults (4, 3)."""
+    pointers = {name: kind[1:] for name, kind in launch.signature.items() if kind.startswith("*")}
+    main = next(iter(pointers.values()), "")
+    others: dict[str, list[str]] = {}
+    for name, dtype in pointers.items():
+        if dtype != main:
+            others.setdefault(dtype, []).append(name)
+    integers = [name for name, kind in launch.signature.items() if kind in ("i32", "i64")]
+    parts = [main, *(f"{name}={value}" for name, value in sorted(launch.constexprs.items()))]
+    parts += [f"{','.join(names)}:{dtype}" for dtype, names in others.items()]
+    int64 = [name for name in integers if launch.signature[name] == "i64"]
+    if int64:
+        parts.append(f"int64:{','.join(int64)}")
+    unaligned = [name for name in [*pointers, *integers] if name not in launch.divisible_by_16]
+    if unaligned:
+        parts.append(f"not÷16:{','.join(unaligned)}")
+    if launch.compiled is not None:
+        options = launch.compiled.metadata
+        parts += [f"{name}={getattr(options, name)}" for name, default in (("num_warps", 4), ("num_stages", 3))
+                  if getattr(options, name) != default]  # fmt: skip
+    return " ".join(parts)
 
 
 def triton_rows(archs: list[int], select: str | None = None) -> list[dict]:
-    """One row per Triton kernel × distinct compiled configuration × arch, with the op
-    calls that launch it (``used_by``) and the largest grid they asked for."""
+    """One row per Triton kernel × distinct compiled specialization × arch (every launch
+    of every op call, named by ``specialization``), with the op calls that launch it
+    (``used_by``) and the largest grid they asked for."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("gpu-report --static compiles for a GPU: unset TRITON_INTERPRET")
     from .configs import op_calls
@@ -51,14 +76,17 @@ def triton_rows(archs: list[int], select: str | None = None) -> list[dict]:
                     rows[(arch, label)] = {"kernel": label, "config": "launcher", "arch": arch,
                                            "status": f"error: {type(error).__name__}: {error}", "used_by": [label]}  # fmt: skip
                 for launch in launches[first:]:
-                    config = " ".join([_pointer_dtype(launch.signature),
-                                       *(f"{k}={v}" for k, v in sorted(launch.constexprs.items()))])  # fmt: skip
+                    config = specialization(launch)
                     key = (arch, launch.kernel, config)
+                    compile_hash = None if launch.compiled is None else launch.compiled.hash
                     row = rows.get(key)
+                    if row is not None and row["compile_hash"] != compile_hash:
+                        row["status"] = f"error: two compiles named alike (also by {label}): name what differs"
                     if row is None:
                         row = rows[key] = {"kernel": launch.kernel, "config": config, "arch": arch,
                                            "status": "ok" if launch.error is None else f"error: {launch.error}",
-                                           "compile_s": round(launch.compile_s, 2), "used_by": [],
+                                           "compile_s": round(launch.compile_s, 2), "compile_hash": compile_hash,
+                                           "used_by": [],
                                            "max_grid": [0, 0, 0],
                                            "scalars": {name: kind for name, kind in launch.signature.items()
                                                        if not kind.startswith("*") and kind != "constexpr"}}  # fmt: skip

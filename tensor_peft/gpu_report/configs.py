@@ -1,15 +1,23 @@
 """The op calls whose Triton launches the static check compiles: typical shapes of each
 method, in float32 and float64, on ``meta`` tensors (no data: only the launchers' choices
-of grid, block sizes and constexprs matter).
+of grid, block sizes and constexprs matter), and the shapes that specialize a kernel
+differently (Triton specializes an integer argument equal to 1 into a constant, integers
+and pointers on whether they are multiples of 16, integers over 2³¹ − 1 to int64).
 
-- Tucker / LieRA hadamard (``lowrank.py``): a 4096×4096 linear and a 512×512×3×3 conv at
-  r = 8 and 64 (``tucker_merge`` also with a bfloat16 weight);
-- ``matrix_exp`` with and without the derivative: n = 3, 8, 16, 32, 64, 128;
-- SNELL (``kernelized.py``): 768×3072 and 4096×11008 at r = 8 in two chunks, every kernel
-  function, dense, sparsified (hard, soft) and sparsify alone, forward and backward; the
-  sparsified calls launch every kernel of the threshold search (``count_kernel``,
-  ``refine_kernel`` with and without the compaction, ``search_kernel``: which source a
-  refine pass reads is decided on the device, so one compile covers both)."""
+- Tucker / LieRA hadamard (``lowrank.py``): a 4096×4096 linear at r = 1 (r0 = 1), 8 and
+  64, a 512×512×3×3 conv at r = 8 and 64, GPT-2's 768×50257 (n not a multiple of 16) and
+  a 65536×65536 linear (2³² entries) at r = 8; ``tucker_merge`` also with a bfloat16 and
+  a float16 weight under the float32 and float64 factors;
+- ``matrix_exp`` with and without the derivative: n = 1, 3, 8, 16, 32, 64, 128, and a
+  batch of 32×32 matrices of over 2³¹ entries;
+- SNELL (``kernelized.py``): 768×3072 and 4096×11008 at r = 8 in two chunks of 4, and at
+  768×3072 the other chunk layouts (r = 8 in one chunk, r = 8 in eight chunks of 1, r = 64
+  in two chunks of 32: BP = 32), every kernel function, dense, sparsified (hard, soft)
+  and sparsify alone, forward and backward; 768×50257 (n not a multiple of 16) at r = 8
+  in two chunks, and the threshold search on 50000×50000 (over 2³¹ entries: int64
+  counts). The sparsified calls launch every kernel of the threshold search
+  (``count_kernel``, ``refine_kernel`` with and without the compaction, ``search_kernel``:
+  which source a refine pass reads is decided on the device, so one compile covers both)."""
 
 from __future__ import annotations
 
@@ -32,9 +40,10 @@ def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
     from ..backends import registry
 
     kernel = partial(registry.kernel, name="triton")
-
-    for layer, weight_shape in (("linear 4096x4096", (4096, 4096)), ("conv 512x512x3x3", (512, 512, 3, 3))):
-        for r in (8, 64):
+    layers = [("linear 4096x4096", (4096, 4096), (1, 8, 64)), ("conv 512x512x3x3", (512, 512, 3, 3), (8, 64)),
+              ("linear 768x50257", (768, 50257), (8,)), ("linear 65536x65536", (65536, 65536), (8,))]  # fmt: skip
+    for layer, weight_shape, ranks in layers:
+        for r in ranks:
             core = _empty(r, r, *weight_shape[2:], dtype=dtype)
             factors = [_empty(d, r, dtype=dtype) for d in weight_shape[:2]]
             factors += [_empty(d, d, dtype=dtype) for d in weight_shape[2:]]
@@ -43,9 +52,11 @@ def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
             name = f"{layer} r={r}"
             yield f"tucker_delta {name}", partial(kernel("tucker_delta"), core, factors, 0.5)
             yield f"tucker_merge {name}", partial(kernel("tucker_merge"), weight, core, factors, 0.5)
-            if dtype == torch.float32:  # a bfloat16 model's weight, read and written in its dtype
-                half_weight = _empty(*weight_shape, dtype=torch.bfloat16)
-                yield f"tucker_merge bf16 weight {name}", partial(kernel("tucker_merge"), half_weight, core, factors, 0.5)
+            for half in (torch.bfloat16, torch.float16):  # a half model's weight, read and written in its dtype
+                half_weight = _empty(*weight_shape, dtype=half)
+                yield f"tucker_merge {str(half).removeprefix('torch.')} weight {name}", partial(
+                    kernel("tucker_merge"), half_weight, core, factors, 0.5
+                )
             yield f"tucker_delta_backward {name}", partial(kernel("tucker_delta_backward"), weight, core, factors, 0.5)
             for exp in EXP_FORMS:
                 yield f"lowrank_hadamard_merge {exp} {name}", partial(
@@ -59,40 +70,55 @@ def _lowrank(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
 def _expm(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
     from ..backends.triton import expm
 
-    for n in (3, 8, 16, 32, 64, 128):
-        A = _empty(64, n, n, dtype=dtype)
-        yield f"matrix_exp n={n}", partial(expm.matrix_exp, A)
-        yield f"matrix_exp_backward n={n}", partial(expm.matrix_exp_backward, A, A)
+    for batch, n in ((64, 1), (64, 3), (64, 8), (64, 16), (64, 32), (64, 64), (64, 128), (2**21 + 1, 32)):
+        A = _empty(batch, n, n, dtype=dtype)
+        name = f"n={n}" if batch == 64 else f"n={n} batch={batch}"
+        yield f"matrix_exp {name}", partial(expm.matrix_exp, A)
+        yield f"matrix_exp_backward {name}", partial(expm.matrix_exp_backward, A, A)
+
+
+def _snell_calls(dtype: torch.dtype, m: int, n: int, chunks: int, width: int):
+    """Every SNELL op at an (m, n) weight with r = chunks·width."""
+    from ..backends.triton import kernelized
+
+    coeff, params = _empty(chunks, dtype=dtype), _empty(3, dtype=dtype)
+    out_emb, in_emb = _empty(chunks, m, width, dtype=dtype), _empty(chunks, n, width, dtype=dtype)
+    delta, tau = _empty(m, n, dtype=dtype), _empty(dtype=dtype)
+    k = m * n // 2
+    shape = f"{m}x{n} chunks={chunks} width={width}"
+    for kernel in KERNELS:
+        args = (kernel, coeff, params, 1e-6)
+        yield f"kernelized_delta {kernel} {shape}", partial(
+            kernelized.kernelized_sparse_delta, out_emb, in_emb, 0, *args, None
+        )
+        yield f"kernelized_delta_backward {kernel} {shape}", partial(
+            kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, None, *args, None
+        )
+        for mode in MODES:
+            yield f"kernelized_sparse_delta {kernel} {mode} {shape}", partial(
+                kernelized.kernelized_sparse_delta, out_emb, in_emb, k, *args, mode
+            )
+            yield f"kernelized_sparse_delta_backward {kernel} {mode} {shape}", partial(
+                kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, tau, *args, mode
+            )
+
+
+def _sparsify_calls(dtype: torch.dtype, m: int, n: int):
+    from ..backends.triton import kernelized
+
+    delta, tau = _empty(m, n, dtype=dtype), _empty(dtype=dtype)
+    for mode in MODES:
+        yield f"sparsify {mode} {m}x{n}", partial(kernelized.sparsify, delta, m * n // 2, mode)
+        yield f"sparsify_backward {mode} {m}x{n}", partial(kernelized.sparsify_backward, delta, delta, tau, mode)
 
 
 def _kernelized(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
-    from ..backends.triton import kernelized
-
-    chunks, width = 2, 4
-    coeff, params = _empty(chunks, dtype=dtype), _empty(3, dtype=dtype)
-    for m, n in ((768, 3072), (4096, 11008)):
-        out_emb, in_emb = _empty(chunks, m, width, dtype=dtype), _empty(chunks, n, width, dtype=dtype)
-        delta, tau = _empty(m, n, dtype=dtype), _empty(dtype=dtype)
-        k = m * n // 2
-        shape = f"{m}x{n}"
-        for kernel in KERNELS:
-            args = (kernel, coeff, params, 1e-6)
-            yield f"kernelized_delta {kernel} {shape}", partial(
-                kernelized.kernelized_sparse_delta, out_emb, in_emb, 0, *args, None
-            )
-            yield f"kernelized_delta_backward {kernel} {shape}", partial(
-                kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, None, *args, None
-            )
-            for mode in MODES:
-                yield f"kernelized_sparse_delta {kernel} {mode} {shape}", partial(
-                    kernelized.kernelized_sparse_delta, out_emb, in_emb, k, *args, mode
-                )
-                yield f"kernelized_sparse_delta_backward {kernel} {mode} {shape}", partial(
-                    kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, tau, *args, mode
-                )
-        for mode in MODES:
-            yield f"sparsify {mode} {shape}", partial(kernelized.sparsify, delta, k, mode)
-            yield f"sparsify_backward {mode} {shape}", partial(kernelized.sparsify_backward, delta, delta, tau, mode)
+    layouts = [(768, 3072, 2, 4), (4096, 11008, 2, 4), (768, 3072, 1, 8), (768, 3072, 8, 1), (768, 3072, 2, 32),
+               (768, 50257, 2, 4)]  # fmt: skip
+    for layout in layouts:
+        yield from _snell_calls(dtype, *layout)
+    for m, n in ((768, 3072), (4096, 11008), (768, 50257), (50000, 50000)):
+        yield from _sparsify_calls(dtype, m, n)
 
 
 def op_calls() -> Iterator[tuple[str, Callable[[], object]]]:

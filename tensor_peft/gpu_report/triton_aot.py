@@ -30,6 +30,7 @@ class Launch:
     grid: tuple[int, ...]
     signature: dict[str, str]
     constexprs: dict[str, Any]
+    divisible_by_16: set[str] = dataclasses.field(default_factory=set)  # arguments specialized as multiples of 16
     compiled: Any = None  # triton's CompiledKernel
     error: str | None = None
     compile_s: float = 0.0
@@ -73,6 +74,8 @@ def compiling_for(arch: int) -> Iterator[list[Launch]]:
             record.compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
             record.signature = dict(record.compiled.src.signature)
             record.constexprs = {self.arg_names[path[0]]: value for path, value in record.compiled.src.constants.items()}
+            record.divisible_by_16 = {self.arg_names[path[0]] for path, attrs in record.compiled.src.attrs.items()
+                                      if ["tt.divisibility", 16] in attrs}  # fmt: skip
         except Exception as error:  # recorded: the report shows every failing kernel
             record.error = f"{type(error).__name__}: {error}"
         record.compile_s = time.perf_counter() - start

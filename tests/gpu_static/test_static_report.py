@@ -3,8 +3,9 @@ Triton kernel configuration the launchers use for sm_80 and sm_90 (through Trito
 binder, in a process with the interpreter off) and reads the built CUDA kernels; every
 row must meet its budgets (``tensor_peft.gpu_report.problems``): compiled, compile time ≤
 30 s, no spills, shared memory within the limit, grids within CUDA's limits, no float32
-scalar into a float64 kernel, no stack frame in the hot CUDA kernels. About 5 minutes on
-two cores (about 180 compiles); marked ``gpu_static`` so that ``-m "not gpu_static"``
+scalar into a float64 kernel, no stack frame in the hot CUDA kernels; and the shapes that
+specialize the kernels differently are among the op calls. About 10 minutes on two idle
+cores (about 450 compiles); marked ``gpu_static`` so that ``-m "not gpu_static"``
 leaves it out of a quick run."""
 
 from __future__ import annotations
@@ -70,3 +71,18 @@ def test_float64_kernels_take_float64_scalars(rows):
     assert float64
     for row in float64:
         assert "fp32" not in row["scalars"].values(), (row["kernel"], row["config"], row["scalars"])
+
+
+def test_the_configurations_that_specialize_differently_are_covered(rows):
+    """Launched by some op call, each compiled (a row of its own, or a row it shares)."""
+    used_by = " | ".join(label for row in rows for label in row.get("used_by", ()))
+    for configuration in ("float16 weight linear", "bfloat16 weight linear", "linear 4096x4096 r=1 ",
+                          "linear 768x50257", "linear 65536x65536", "matrix_exp_backward n=1 ",
+                          "batch=2097153", "chunks=1 width=8", "chunks=8 width=1", "chunks=2 width=32",
+                          "768x50257 chunks=2 width=4", "sparsify hard 50000x50000"):  # fmt: skip
+        assert configuration in used_by, configuration
+    configs = {(row["kernel"], row["config"]) for row in rows if row["config"] != "launcher"}
+    assert any(kernel == "kernelized.backward_kernel" and "BP=32" in config for kernel, config in configs)
+    assert any(kernel == "lowrank.merge_kernel" and "fp16" in config.split()[0] for kernel, config in configs)
+    for kernel in ("kernelized.count_kernel", "kernelized.refine_kernel", "kernelized.mask_kernel"):
+        assert any(k == kernel and "int64:count" in config for k, config in configs), kernel

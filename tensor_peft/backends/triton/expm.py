@@ -27,14 +27,14 @@ import triton
 import triton.language as tl
 
 from ..registry import register
-from .shared import div, rounded
+from .shared import div, launch, rounded
 
 MAX_SIZE = 128
 KERNEL_MAX_SIZE = 32  # one matrix per program, in registers
 _ORDER = {torch.float32: 10, torch.float64: 18}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # one compile per B: n = 1 made a constant spills on sm_90
 def expm_kernel(A, E, out, L, squarings, scales, E_scales, n,
                 ORDER: tl.constexpr, B: tl.constexpr, DERIVATIVE: tl.constexpr):  # fmt: skip
     """exp(X) and L(X, E·e) / e (e: E_scales, a power of two per matrix) in scales' dtype,
@@ -87,7 +87,7 @@ def _by_kernel(X, E, E_scales, finite, norms):
     squarings = torch.where(finite, torch.log2(norms).ceil().clamp_min(0), 0).to(torch.int32)
     scales = torch.ldexp(torch.ones_like(norms), -squarings)  # exact powers of two
     n = X.shape[-1]
-    expm_kernel[(norms.numel(),)](
+    launch(expm_kernel, (norms.numel(),),
         X, X if E is None else E, out, out if L is None else L, squarings, scales,
         scales if E_scales is None else E_scales, n,
         ORDER=_ORDER[norms.dtype], B=max(16, triton.next_power_of_2(n)), DERIVATIVE=E is not None,

@@ -43,7 +43,7 @@ from ...config import KERNELS
 from ..determinism import check_deterministic
 from ..kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
 from ..registry import register
-from .shared import div, exp, rounded, scalar, tile, tile_grid
+from .shared import div, exp, launch, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 32
 BLOCK = 1024  # entries per program of the elementwise passes
@@ -53,6 +53,13 @@ REFINE_PROGRAMS = 2048  # refine_kernel's grid at most: about as many programs a
 # Globals that kernels read must be constexpr.
 PIECEWISE, RBF, SIGMOID, LINEAR, MIXTURE = (tl.constexpr(kernel_id(name)) for name in KERNELS)
 HARD = tl.constexpr(mode_id("hard"))
+
+
+# The kernels that loop over the embeddings' chunks and dimensions take ``chunks`` and
+# ``width`` unspecialized: Triton would make a 1 a constant (its loop unrolled) and mark a
+# multiple of 16, compiles of their own that spill registers on sm_80 (chunks = 1,
+# width = 1, width = 32).
+layout_jit = triton.jit(do_not_specialize=["chunks", "width"])
 
 
 @triton.jit
@@ -151,7 +158,7 @@ def _count_digits(values, inside, counts, prefix, prefix_mask, shift, DOUBLE: tl
     return match
 
 
-@triton.jit
+@layout_jit
 def delta_kernel(out, out_emb, in_emb, coeff, kernel_params, column_max, column_sum, counts, shift,
                  m, n, chunks, width, eps: tl.float64,
                  KERNEL: tl.constexpr, COUNT: tl.constexpr, DOUBLE: tl.constexpr, BINS: tl.constexpr,
@@ -233,12 +240,13 @@ def mask_kernel(out, x, grad, count, tau, MODE: tl.constexpr, BACKWARD: tl.const
     tl.store(out + offsets, rounded(result, out.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@layout_jit
 def columns_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                    m, n, chunks, width, eps: tl.float64,
                    MODE: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    """Mixture, one block of columns over all rows: max_j P/gamma and Σ_j exp(P/gamma − max)
-    (online), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
+    """Mixture, one block of columns over all rows: M_i = max_j P_ji and Σ_j exp((P_ji − M_i)/gamma)
+    (online; the max of P, not of P/gamma, so that a small gamma divides the differences
+    only), or (DOT) c_i = Σ_j D_ji S_ji with D = ∂L/∂K after the mask's derivative."""
     cols = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
     alpha, beta, gamma = tl.load(kernel_params), tl.load(kernel_params + 1), tl.load(kernel_params + 2)
     top = tl.full((BN,), float("-inf"), dtype=alpha.dtype)
@@ -295,7 +303,7 @@ def _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, w
     tl.atomic_add(d_in + a_at, d_a, mask=a_in, sem="relaxed")
 
 
-@triton.jit
+@layout_jit
 def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max, column_sum, column_dot,
                     d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps: tl.float64,
                     KERNEL: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -396,33 +404,33 @@ def _kth_smallest_magnitude(x: torch.Tensor, k: int, counted: torch.Tensor | Non
     lengths[compacting] = capacity + 1  # none yet: the compacting pass reads all of x
     for index, shift in enumerate(shifts):
         if index >= compacting:
-            refine_kernel[(min(triton.cdiv(numel, BLOCK), REFINE_PROGRAMS),)](
+            launch(refine_kernel, (min(triton.cdiv(numel, BLOCK), REFINE_PROGRAMS),),
                 x, numel, candidates, lengths[index:], capacity, counts[index], state, shift,
                 COMPACT=index < len(shifts) - 1, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
             )  # fmt: skip
         elif index > 0 or counted is None:
-            count_kernel[(triton.cdiv(numel, BLOCK),)](
-                x, numel, counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK
-            )
-        search_kernel[(1,)](counts[index], state, shift, BINS=BINS)
+            launch(count_kernel, (triton.cdiv(numel, BLOCK),),
+                x, numel, counts[index], state, shift, DOUBLE=double, BINS=BINS, BLOCK=BLOCK,
+            )  # fmt: skip
+        launch(search_kernel, (1,), counts[index], state, shift, BINS=BINS)
     bits = state[:1] if double else state[:1].to(torch.int32)
     return bits.view(dtype).reshape(())
 
 
 def _mask(out, x, grad, tau, mode, backward):
     if x.numel():
-        mask_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            out, x, grad, x.numel(), tau, MODE=mode_id(mode), BACKWARD=backward, BLOCK=BLOCK
-        )
+        launch(mask_kernel, (triton.cdiv(x.numel(), BLOCK),),
+            out, x, grad, x.numel(), tau, MODE=mode_id(mode), BACKWARD=backward, BLOCK=BLOCK,
+        )  # fmt: skip
     return out
 
 
 def _column_stats(out_emb, in_emb, coeff, params, eps):
-    """Mixture's softmax statistics per column: (max_j P/gamma, Σ_j exp(P/gamma − max))."""
+    """Mixture's softmax statistics per column: (M_i = max_j P_ji, Σ_j exp((P_ji − M_i)/gamma))."""
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     column_max, column_sum = params.new_empty(n), params.new_empty(n)
-    columns_kernel[(triton.cdiv(n, BLOCK_N),)](
+    launch(columns_kernel, (triton.cdiv(n, BLOCK_N),),
         out_emb, out_emb, in_emb, coeff, params, params, column_max, column_sum, column_sum,
         m, n, chunks, width, eps, MODE=0, DOT=False, BM=BLOCK_M, BN=BLOCK_N,
     )  # fmt: skip
@@ -444,7 +452,7 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
     stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (raw, raw)
     selecting = mode is not None and tau is None and k > 0
     counted = _new_counts(raw) if selecting else None  # filled by delta_kernel
-    delta_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
+    launch(delta_kernel, tile_grid(m, n, BLOCK_M, BLOCK_N),
         raw, out_emb, in_emb, coeff, params, *stats, raw if counted is None else counted, _shifts(raw.dtype)[0],
         m, n, chunks, width, eps, KERNEL=kernel_id(kernel), COUNT=counted is not None,
         DOUBLE=params.dtype == torch.float64, BINS=BINS, BM=BLOCK_M, BN=BLOCK_N,
@@ -477,11 +485,11 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
     if kernel == "mixture":
         column_max, column_sum = _column_stats(out_emb, in_emb, coeff, params, eps)
         column_dot = params.new_empty(n)
-        columns_kernel[(triton.cdiv(n, BLOCK_N),)](
+        launch(columns_kernel, (triton.cdiv(n, BLOCK_N),),
             grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
             m, n, chunks, width, eps, MODE=mode_id(mode), DOT=True, BM=BLOCK_M, BN=BLOCK_N,
         )  # fmt: skip
-    backward_kernel[tile_grid(m, n, BLOCK_M, BLOCK_N)](
+    launch(backward_kernel, tile_grid(m, n, BLOCK_M, BLOCK_N),
         grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,
         d_out, d_in, d_coeff, d_params, m, n, chunks, width, eps,
         KERNEL=kernel_id(kernel), MODE=mode_id(mode), BM=BLOCK_M, BN=BLOCK_N,

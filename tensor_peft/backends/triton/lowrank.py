@@ -22,15 +22,18 @@ import triton.language as tl
 
 from .. import tucker_split
 from ..determinism import check_deterministic
-from .shared import compute_type, exp, rounded, scalar, tile, tile_grid
+from .shared import compute_type, exp, launch, rounded, scalar, tile, tile_grid
 
 BLOCK_M, BLOCK_N = 32, 64
+# r0 stays a loop bound for every rank: Triton would make r0 = 1 a constant and unroll the
+# loop over the rank, a compile of its own that spills registers (float64 backward, sm_90).
+rank_jit = triton.jit(do_not_specialize=["r0"])
 
 
 EPILOGUE = {"add": 0, "exact": 1, "taylor1": 2}
 
 
-@triton.jit
+@rank_jit
 def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: tl.constexpr, EPILOGUE: tl.constexpr,
                  COMPUTE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows, cols = tile(d0, n, BM, BN)
@@ -54,7 +57,7 @@ def merge_kernel(out, weight, U0, R, d0, r0, n, scale: tl.float64, HAS_WEIGHT: t
     tl.store(out + offsets, rounded(acc, out.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@rank_jit
 def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, EPILOGUE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Adds into dU0 and dR, which hold the compute dtype."""
@@ -87,7 +90,7 @@ def backward_kernel(grad, weight, U0, R, dU0, dR, d0, r0, n, scale: tl.float64, 
 
 def _launch_forward(out, weight, U0, R, d0, r0, n, scale, epilogue="add"):
     grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
-    merge_kernel[grid](
+    launch(merge_kernel, grid,
         out, out if weight is None else weight, U0, R, d0, r0, n, scale,
         HAS_WEIGHT=weight is not None, EPILOGUE=EPILOGUE[epilogue], COMPUTE=compute_type(weight, U0, R),
         BM=BLOCK_M, BN=BLOCK_N, BK=16,
@@ -98,7 +101,7 @@ def _launch_backward(grad, weight, U0, R, d_U0, d_R, d0, r0, n, scale, epilogue=
     """Adds s·D·Rᵀ into d_U0 and s·U0ᵀ·D into d_R (both must start at zero, in the compute dtype)."""
     check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", "triton")
     grid = tile_grid(d0, n, BLOCK_M, BLOCK_N)
-    backward_kernel[grid](
+    launch(backward_kernel, grid,
         grad, grad if weight is None else weight, U0, R, d_U0, d_R, d0, r0, n, scale,
         EPILOGUE=EPILOGUE[epilogue], BM=BLOCK_M, BN=BLOCK_N, BK=16,
     )  # fmt: skip

@@ -21,12 +21,17 @@ GPU's conversion and torch's ``.to`` round; the interpreter's own float32 → bf
 conversion truncates (its "rtne" mode rounds ties up), so bfloat16 is rounded here on the
 float bits, the same on both.
 
+``launch`` runs every kernel launch on its tensors' device: Triton launches on the
+current CUDA device, so without the guard a layer on cuda:1 (a model spread over GPUs)
+would run its kernel on GPU 0 with GPU 1's pointers.
+
 ``scalar`` turns a kernel's float64-annotated scalar argument into the kernel's compute
 dtype: Python floats reach a float64 kernel as float64 (unannotated they would arrive as
 float32) and a float32 kernel rounds them once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -93,3 +98,14 @@ def tile(m, n, BM: tl.constexpr, BN: tl.constexpr):
 def tile_grid(m: int, n: int, BM: int, BN: int) -> tuple[int]:
     """The launch grid of ``tile``."""
     return (triton.cdiv(m, BM) * triton.cdiv(n, BN),)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` with the tensors' CUDA device current (nothing
+    to guard for CPU tensors in the interpreter or ``meta`` tensors in the static report)."""
+    devices = {arg.device for arg in args if isinstance(arg, torch.Tensor)}
+    if len(devices) != 1:
+        raise ValueError(f"{kernel.__name__}: its tensors must be on one device, got {sorted(map(str, devices))}")
+    (device,) = devices
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return kernel[grid](*args, **kwargs)
