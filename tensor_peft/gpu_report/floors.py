@@ -6,7 +6,9 @@ tensor_peft.gpu_report.floors`` (run by ``benchmarks/gpu_check.sh``) times each 
 every backend that runs on CUDA tensors (CUDA events, median of 20 after warm-up) and
 prints the time against both floors. ``python -m tensor_peft.gpu_report.floors --traffic``
 prints, without a GPU, the bytes the Triton SNELL sparsified update moves
-(``sparse_delta_bytes``) against the floor."""
+(``sparse_delta_bytes``) against the floor, and the bytes each GPU op moves on a bfloat16
+model at LLaMA-7B's shapes with and without the op layer's float32 copies
+(``half_traffic``)."""
 
 from __future__ import annotations
 
@@ -83,6 +85,64 @@ def traffic_table() -> str:
     return "\n".join(lines)
 
 
+LLAMA_7B_SHAPES = {"attention 4096×4096": (4096, 4096), "MLP 4096×11008": (4096, 11008)}
+BF16, F32_COMPUTE = 2, 4
+
+
+def _upcast_extra(reads: int, writes: int) -> int:
+    """Bytes per entry the float32 copies add around a kernel that reads ``reads`` and
+    writes ``writes`` weight-sized half tensors: each input read in half and written in
+    float32 before the kernel, read by the kernel in float32 (2 + 4 + 4 instead of 2), and
+    each output written by the kernel in float32, read and written in half (4 + 4 + 2
+    instead of 2)."""
+    return (reads + writes) * (10 - BF16)
+
+
+def half_traffic(numel: int) -> list[tuple[str, int, int]]:
+    """(op, bytes moved with the float32 copies, bytes with half tensors read and written
+    directly) for the GPU ops on weight-sized bfloat16 tensors of ``numel`` entries,
+    counting those tensors only (factors, embeddings and statistics are a rank's fraction
+    of them). ``tucker_merge`` read and wrote a half weight directly before the op layer
+    took half tensors: both counts are direct. SNELL selects τ over κ in the compute dtype
+    (float32): ``sparse_delta_bytes`` at float32 with normal-like data (4% of the entries
+    in the k-th's bin), its last write in half, or in float32 and then copied (read in
+    float32, written in half)."""
+    select = sparse_delta_bytes(numel, torch.float32, int(numel * 0.04)) - (F32_COMPUTE - BF16) * numel
+    ops = [  # (op, weight-sized reads, writes, bytes beyond them, copied before)
+        ("tucker_delta forward (FLoRA ΔW)", 0, 1, 0, True),
+        ("tucker_delta backward (reads Γ)", 1, 0, 0, True),
+        ("tucker_merge forward (W0 + ΔW)", 1, 1, 0, False),
+        ("lowrank_hadamard_merge forward (LieRA W0 ⊙ exp ΔW)", 1, 1, 0, True),
+        ("lowrank_hadamard_merge backward (reads Γ, W0)", 2, 0, 0, True),
+        ("kernelized_sparse_delta forward (SNELL, 90% sparse)", 0, 0, select, True),
+        ("kernelized_sparse_delta backward (reads Γ)", 1, 0, 0, True),
+        ("sparsify backward (reads Γ, ΔW; writes ∂ΔW)", 2, 1, 0, True),
+    ]
+    rows = []
+    for name, reads, writes, extra, copied_before in ops:
+        direct = (reads + writes) * BF16 * numel + extra
+        copies = (_upcast_extra(reads, writes) + (2 * F32_COMPUTE if extra else 0)) * numel
+        rows.append((name, direct + copies if copied_before else direct, direct))
+    return rows
+
+
+def half_traffic_table() -> str:
+    """A markdown table of ``half_traffic`` at LLaMA-7B's projection shapes, with the time
+    each takes at H100's 3.0 TB/s, and the GPU backends whose kernels take half tensors
+    directly (``backends.kernel_dtypes``); the others pay the copies."""
+    from ..backends import registry
+
+    direct = [name for name in ("triton", "cuda") if torch.bfloat16 in registry.kernel_dtypes(name)]
+    lines = [f"bfloat16 weights; read and written directly by: {', '.join(direct) or 'none'}", "",
+             "| op | shape | MB before (float32 copies) | µs at 3.0 TB/s | MB after (direct) | µs at 3.0 TB/s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, (m, n) in LLAMA_7B_SHAPES.items():
+        for name, before, after in half_traffic(m * n):
+            lines.append(f"| {name} | {label} | {before / 1e6:.0f} | {before / 3.0e12 * 1e6:.1f} | "
+                         f"{after / 1e6:.0f} | {after / 3.0e12 * 1e6:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def median_seconds(call, repeats: int = 20) -> float:
     for _ in range(3):
         call()
@@ -101,7 +161,7 @@ def main() -> int:
     from tensor_peft import backends
 
     if sys.argv[1:] == ["--traffic"]:
-        print(traffic_table())
+        print(traffic_table(), half_traffic_table(), sep="\n\n")
         return 0
     if not torch.cuda.is_available():
         print("floors: no CUDA GPU here")
