@@ -1,7 +1,7 @@
 """The interface of the compiled extensions: every function names its arguments (callers
 pass them by keyword), and the numbers the kernels take for a SNELL kernel, a
 sparsification mode and a low-rank epilogue, defined once in the C++ headers
-(csrc/include/tensor_peft/) and exported by both extensions, match the Python tables the
+(csrc/include/tensor_peft/) and exported by each extension, match the Python tables the
 triton backend (which runs without the extensions) numbers them by."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _extension(name: str):
         pytest.skip(f"tensor_peft.{name} does not load here ({error})")
 
 
-@pytest.mark.parametrize("name", ["_C", "_cuda"])
+@pytest.mark.parametrize("name", ["_C", "_cuda", "_cuda_emulated"])
 def test_extension_ids_match_the_python_tables(name):
     extension = _extension(name)
     assert extension.KERNEL_IDS == {kernel: number for number, kernel in enumerate(KERNELS)}
@@ -32,7 +32,7 @@ def test_extension_ids_match_the_python_tables(name):
         assert mode_id(mode, extension) == mode_id(mode)
 
 
-@pytest.mark.parametrize("name", ["_C", "_cuda"])
+@pytest.mark.parametrize("name", ["_C", "_cuda", "_cuda_emulated"])
 def test_extension_epilogue_ids_match_the_triton_table(name):
     extension = _extension(name)
     pytest.importorskip("triton")
@@ -41,7 +41,7 @@ def test_extension_epilogue_ids_match_the_triton_table(name):
     assert extension.EPILOGUE_IDS == EPILOGUE
 
 
-@pytest.mark.parametrize("name", ["_C", "_cuda"])
+@pytest.mark.parametrize("name", ["_C", "_cuda", "_cuda_emulated"])
 def test_every_extension_function_names_its_arguments(name):
     extension = _extension(name)
     functions = [getattr(extension, f) for f in dir(extension) if callable(getattr(extension, f))]
