@@ -1,11 +1,11 @@
 """The static GPU report: every Triton kernel compiled ahead of time for NVIDIA targets
-(sm_80, sm_90) with the signatures and constexprs its launchers use for typical shapes
-(``configs.py``), through Triton's own launch binder (``triton_aot.py``; ``ptxas -v``
+(sm_80, sm_90) with the signatures and constexprs its launchers use for typical shapes and
+for the shapes that specialize a kernel differently (``configs.py``), through Triton's own launch binder (``triton_aot.py``; ``ptxas -v``
 gives registers, spills, stack and static shared memory), and the CUDA kernels of the
 built extension (``cuda_aot.py``: ``cuobjdump -res-usage``). No GPU is needed.
 
 ``python -m tensor_peft gpu-report --static [--arch 80,90] [--out DIR]`` writes
-``static.json`` (one row per kernel × configuration × arch) and ``static.md``.
+``static.json`` (one row per kernel × compiled specialization × arch) and ``static.md``.
 
 Budgets a row is checked against (``problems``): it compiled, in at most
 ``COMPILE_BUDGET_S``; no spills; shared memory within the architecture's limit; every
