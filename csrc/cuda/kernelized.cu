@@ -63,7 +63,7 @@ __device__ T piecewise_value(const Kernelized<T>& P, int64_t j, int64_t i) {
 // Mixture's S_ji = softmax_j(P/gamma) from the column statistics in P.columns.
 template <typename T>
 __device__ T softmax(const Kernelized<T>& P, T piecewise, int64_t i) {
-    return exp(piecewise / P.params[2] - P.columns[i]) / P.columns[P.n + i];
+    return exp(softmax_exponent(piecewise, P.columns[i], P.params[2])) / P.columns[P.n + i];
 }
 
 // κ(b_j, a_i); for mixture also its piecewise part P (the other kernels leave it alone).
@@ -74,7 +74,7 @@ __device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piece
         return value(P.kernel, reduction(P, j, i), alpha, beta, gamma);
     piecewise = piecewise_value(P, j, i);
     if (P.kernel == kPiecewise) return piecewise;
-    return piecewise + alpha * softmax(P, piecewise, i) + beta;
+    return mixture_value(piecewise, softmax(P, piecewise, i), alpha, beta);
 }
 
 template <typename T>
@@ -93,27 +93,24 @@ __global__ void delta_kernel(Kernelized<T> P, T* out) {
     }
 }
 
-// Mixture, a thread per column over all rows: the softmax's max and sum of P/gamma
-// (online) into columns[0, n) and [n, 2n); or (dot) c_i = Σ_j D_ji S_ji into [2n, 3n),
-// D = Γ after the mask's derivative.
+// Mixture, a thread per column over all rows: the softmax's statistics max_j P into
+// columns[0, n) and Σ_j exp((P − max_j P)/gamma) (summed in double) into [n, 2n); or (dot)
+// c_i = Σ_j D_ji S_ji into [2n, 3n), D = Γ after the mask's derivative.
 template <typename T>
 __global__ void columns_kernel(Kernelized<T> P, const T* grad, const T* tau, int mode, bool dot) {
     const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
     if (i >= P.n) return;
     const T gamma = P.params[2];
     if (!dot) {
-        T top = -std::numeric_limits<T>::infinity(), total = 0;
+        T top = -std::numeric_limits<T>::infinity();
         for (int64_t j = 0; j < P.m; ++j) {
-            const T z = piecewise_value(P, j, i) / gamma;
-            if (z > top) {
-                total = total * exp(top - z) + T(1);
-                top = z;
-            } else {
-                total += exp(z - top);
-            }
+            const T piecewise = piecewise_value(P, j, i);
+            top = top < piecewise ? piecewise : top;  // a NaN P left out, as std::max on the CPU
         }
+        double total = 0;
+        for (int64_t j = 0; j < P.m; ++j) total += exp(softmax_exponent(piecewise_value(P, j, i), top, gamma));
         P.columns[i] = top;
-        P.columns[P.n + i] = total;
+        P.columns[P.n + i] = static_cast<T>(total);
         return;
     }
     double acc = 0;
@@ -181,7 +178,7 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
             if (P.kernel == kMixture) {
                 const T soft = softmax(P, piecewise, i);
                 const MixtureGradient<double, T> g =
-                    mixture_backward<double>(D, soft, P.columns[2 * P.n + i], alpha, gamma, piecewise);
+                    mixture_backward<double>(D, soft, P.columns[2 * P.n + i], alpha, gamma, piecewise, P.columns[i]);
                 sums[0] += double(D) * double(soft);
                 sums[1] += double(D);
                 sums[2] += g.gamma;
