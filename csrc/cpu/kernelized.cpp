@@ -154,7 +154,7 @@ TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, 
     }
 }
 
-// Mixture's row of ΔW_raw from P's row, in place: row[i] = P + alpha·S + beta, with
+// Mixture's row of ΔW_raw from P's row, in place: row[i] = mixture_value(P, S), with
 // S = softmax_j(P/gamma) = E/Σ_j E made in place of E's row `soft` (the backward keeps it).
 // Never inlined, like piecewise_row: the forward and the backward's masks get the same bits.
 template <typename T>
@@ -165,7 +165,7 @@ TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>&
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
         soft[i] = soft[i] / sum[i];
-        row[i] += alpha * soft[i] + beta;
+        row[i] = mixture_value(row[i], soft[i], alpha, beta);
     }
 }
 
@@ -231,7 +231,7 @@ TP_CPU_CLONES void exp_terms(const Problem<T>& P, const T* piecewise, const T* c
     const int64_t n = P.n;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        exps[i] = vector_exp((piecewise[i] - column_max[i]) / gamma);
+        exps[i] = vector_exp(softmax_exponent(piecewise[i], column_max[i], gamma));
         local[i] += exps[i];
     }
 }
@@ -716,7 +716,7 @@ TP_CPU_CLONES void softmax_dots(const Problem<T>& P, const T* soft, const T* D, 
 }
 
 // Mixture at row j, with P's row and S's row `soft`: D = ∂L/∂K into ∂L/∂P in place, and
-// ∂gamma (mixture_backward, with z = P − max).
+// ∂gamma (mixture_backward).
 template <typename T>
 TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, const T* soft, const T* column_dot, T* D,
                                     Partials<T>& acc) {
@@ -727,7 +727,7 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 #pragma omp simd reduction(+ : d_gamma)
     for (int64_t i = 0; i < n; ++i) {
         const MixtureGradient<T, T> g =
-            mixture_backward<T>(D[i], soft[i], column_dot[i], alpha, gamma, piecewise[i] - max[i]);
+            mixture_backward<T>(D[i], soft[i], column_dot[i], alpha, gamma, piecewise[i], max[i]);
         d_gamma += g.gamma;
         D[i] = g.piecewise;
     }

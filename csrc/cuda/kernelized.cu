@@ -2,7 +2,8 @@
 // of both (see kernelized.h), each entry's κ and gradient those of tensor_peft/kernelized.h.
 //
 // Tiles are blocks of 32 columns × kWarps rows: a warp is one row j over 32 columns i, so
-// its reads of In (transposed) are coalesced and row sums are warp shuffles. The radix
+// its reads of In (transposed) are coalesced and row sums are warp shuffles. Mixture's
+// column statistics take a block per 32 columns, its warps over strips of rows. The radix
 // select takes 8-bit digits: each pass a 256-bin shared-memory histogram per block,
 // added into int64 global counts, then one thread picks the bin on the device.
 #include <algorithm>
@@ -21,7 +22,8 @@ using namespace tensor_peft::kernelized;  // ids, κ and its gradient per entry,
 constexpr int kDigit = 8;
 constexpr int kBins = 1 << kDigit;
 constexpr int kWarps = 8;           // rows of a tile
-constexpr int kThreads = 256;       // elementwise and per-column kernels
+constexpr int kColumnWarps = 16;    // strips of rows in mixture's column pass
+constexpr int kThreads = 256;       // elementwise kernels
 constexpr int64_t kBackwardRowBlocks = 64;  // blocks down the rows in backward: fewer parameter atomics
 constexpr int64_t kMaxCountBlocks = 4096;
 
@@ -63,7 +65,7 @@ __device__ T piecewise_value(const Kernelized<T>& P, int64_t j, int64_t i) {
 // Mixture's S_ji = softmax_j(P/gamma) from the column statistics in P.columns.
 template <typename T>
 __device__ T softmax(const Kernelized<T>& P, T piecewise, int64_t i) {
-    return exp(piecewise / P.params[2] - P.columns[i]) / P.columns[P.n + i];
+    return exp(softmax_exponent(piecewise, P.columns[i], P.params[2])) / P.columns[P.n + i];
 }
 
 // κ(b_j, a_i); for mixture also its piecewise part P (the other kernels leave it alone).
@@ -74,7 +76,14 @@ __device__ T kernel_value(const Kernelized<T>& P, int64_t j, int64_t i, T& piece
         return value(P.kernel, reduction(P, j, i), alpha, beta, gamma);
     piecewise = piecewise_value(P, j, i);
     if (P.kernel == kPiecewise) return piecewise;
-    return piecewise + alpha * softmax(P, piecewise, i) + beta;
+    return mixture_value(piecewise, softmax(P, piecewise, i), alpha, beta);
+}
+
+// The larger of a and b, a when b is NaN: the CPU's std::max(a, b), so that both leave a NaN P
+// out of the column's max.
+template <typename T>
+__device__ T larger(T a, T b) {
+    return a < b ? b : a;
 }
 
 template <typename T>
@@ -93,39 +102,46 @@ __global__ void delta_kernel(Kernelized<T> P, T* out) {
     }
 }
 
-// Mixture, a thread per column over all rows: the softmax's max and sum of P/gamma
-// (online) into columns[0, n) and [n, 2n); or (dot) c_i = Σ_j D_ji S_ji into [2n, 3n),
-// D = Γ after the mask's derivative.
+// Mixture's column statistics, a block per tile of 32 columns, its kColumnWarps warps over
+// strips of rows (warp w takes rows w, w + kColumnWarps, …): max_j P into columns[0, n)
+// and Σ_j exp((P − max_j P)/gamma) (summed in double) into [n, 2n); or (dot) c_i = Σ_j
+// D_ji S_ji into [2n, 3n), D = Γ after the mask's derivative. Each warp's partials are
+// combined in warp order by the first warp: the same bits at any schedule.
 template <typename T>
 __global__ void columns_kernel(Kernelized<T> P, const T* grad, const T* tau, int mode, bool dot) {
-    const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-    if (i >= P.n) return;
+    __shared__ T maxima[kColumnWarps][32];
+    __shared__ double sums[kColumnWarps][32];
+    const int64_t i_raw = blockIdx.x * int64_t(32) + threadIdx.x;
+    const bool col_in = i_raw < P.n;
+    const int64_t i = col_in ? i_raw : P.n - 1;  // reads stay in bounds; nothing is written outside
     const T gamma = P.params[2];
-    if (!dot) {
-        T top = -std::numeric_limits<T>::infinity(), total = 0;
-        for (int64_t j = 0; j < P.m; ++j) {
-            const T z = piecewise_value(P, j, i) / gamma;
-            if (z > top) {
-                total = total * exp(top - z) + T(1);
-                top = z;
-            } else {
-                total += exp(z - top);
-            }
-        }
-        P.columns[i] = top;
-        P.columns[P.n + i] = total;
-        return;
-    }
     double acc = 0;
-    for (int64_t j = 0; j < P.m; ++j) {
-        T piecewise;
-        const T value = kernel_value(P, j, i, piecewise);
-        const T soft = softmax(P, piecewise, i);
-        T D = grad[j * P.n + i];
-        if (mode != kNone) D *= mask_factor(value, *tau, mode, true);
-        acc += double(D) * double(soft);
+    if (!dot) {
+        T top = -std::numeric_limits<T>::infinity();
+        for (int64_t j = threadIdx.y; j < P.m; j += kColumnWarps) top = larger(top, piecewise_value(P, j, i));
+        maxima[threadIdx.y][threadIdx.x] = top;
+        __syncthreads();
+        top = maxima[0][threadIdx.x];
+        for (int w = 1; w < kColumnWarps; ++w) top = larger(top, maxima[w][threadIdx.x]);
+        for (int64_t j = threadIdx.y; j < P.m; j += kColumnWarps)
+            acc += exp(softmax_exponent(piecewise_value(P, j, i), top, gamma));
+        if (threadIdx.y == 0 && col_in) P.columns[i] = top;
+    } else {
+        const T t = mode != kNone ? *tau : T(0);
+        for (int64_t j = threadIdx.y; j < P.m; j += kColumnWarps) {
+            T piecewise;
+            const T value = kernel_value(P, j, i, piecewise);
+            T D = grad[j * P.n + i];
+            if (mode != kNone) D *= mask_factor(value, t, mode, true);
+            acc += double(D) * double(softmax(P, piecewise, i));
+        }
     }
-    P.columns[2 * P.n + i] = static_cast<T>(acc);
+    sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y != 0 || !col_in) return;
+    double total = 0;
+    for (int w = 0; w < kColumnWarps; ++w) total += sums[w][threadIdx.x];
+    P.columns[(dot ? 2 : 1) * P.n + i] = static_cast<T>(total);
 }
 
 // Row j's and column i's share of chunk h's embedding gradients from the weight W of
@@ -181,7 +197,7 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
             if (P.kernel == kMixture) {
                 const T soft = softmax(P, piecewise, i);
                 const MixtureGradient<double, T> g =
-                    mixture_backward<double>(D, soft, P.columns[2 * P.n + i], alpha, gamma, piecewise);
+                    mixture_backward<double>(D, soft, P.columns[2 * P.n + i], alpha, gamma, piecewise, P.columns[i]);
                 sums[0] += double(D) * double(soft);
                 sums[1] += double(D);
                 sums[2] += g.gamma;
@@ -283,8 +299,9 @@ void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* wor
 // Mixture's column pass: the softmax statistics, or (dot) Σ_j D·S.
 template <typename T>
 void column_pass(const Kernelized<T>& P, const T* grad, const T* tau, int mode, bool dot, cudaStream_t stream) {
-    const unsigned blocks = static_cast<unsigned>((P.n + kThreads - 1) / kThreads);
-    launch("kernelized columns_kernel", columns_kernel<T>, blocks, kThreads, 0, stream, P, grad, tau, mode, dot);
+    const unsigned blocks = static_cast<unsigned>((P.n + 31) / 32);
+    launch("kernelized columns_kernel", columns_kernel<T>, blocks, dim3(32, kColumnWarps), 0, stream, P, grad, tau,
+           mode, dot);
 }
 
 }  // namespace

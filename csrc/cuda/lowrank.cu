@@ -12,23 +12,50 @@ namespace {
 using namespace tensor_peft::lowrank;  // Epilogue
 constexpr int kThreads = 256;
 constexpr int kRowsPerTile = 16;  // rows of Γ one backward block reads (fewer atomics into dR)
+constexpr int kTile = 32;         // forward: rows and columns of a tile, ranks of a step
+constexpr int kTileWarps = 8;     // forward: a block's warps, each over every kTileWarps-th row of the tile
 
-// One block: kThreads columns of rows blockIdx.y, blockIdx.y + gridDim.y, …; the row
-// of U (times scale) sits in shared memory.
+// One block: tiles of kTile rows × kTile columns of out (rows blockIdx.y·kTile, then every
+// gridDim.y·kTile on), the rank in steps of kTile: each step holds U's rows (times scale)
+// and R's columns for the step in shared memory, read once per tile from global memory.
+// Thread (x, y) makes column x of rows y, y + kTileWarps, …; each entry adds its products
+// in rank order, whatever the rank (no shared-memory limit to reach).
 template <typename T>
 __global__ void forward_kernel(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n,
                                T scale, int epilogue) {
-    TP_DYNAMIC_SHARED(T, u);
-    const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-    for (int64_t i0 = blockIdx.y; i0 < d0; i0 += gridDim.y) {
-        __syncthreads();
-        for (int64_t a = threadIdx.x; a < r0; a += blockDim.x) u[a] = scale * U[i0 * r0 + a];
-        __syncthreads();
-        if (j < n) {
-            T delta = 0;
-            for (int64_t a = 0; a < r0; ++a) delta += u[a] * R[a * n + j];
-            const T w = weight ? weight[i0 * n + j] : T(0);
-            out[i0 * n + j] = epilogue == kAdd ? w + delta : epilogue == kExp ? w * exp(delta) : w * (T(1) + delta);
+    __shared__ T u[kTile][kTile];  // u[row][a]
+    __shared__ T r[kTile][kTile];  // r[a][column]
+    constexpr int kRowsPerThread = kTile / kTileWarps;
+    const int64_t j_raw = blockIdx.x * int64_t(kTile) + threadIdx.x;
+    const bool column_in = j_raw < n;
+    const int64_t j = column_in ? j_raw : n - 1;  // reads stay in bounds; nothing is written outside
+    for (int64_t row0 = blockIdx.y * int64_t(kTile); row0 < d0; row0 += int64_t(gridDim.y) * kTile) {
+        T delta[kRowsPerThread];
+#pragma unroll
+        for (int t = 0; t < kRowsPerThread; ++t) delta[t] = 0;
+        for (int64_t a0 = 0; a0 < r0; a0 += kTile) {
+            const int width = static_cast<int>(r0 - a0 < kTile ? r0 - a0 : kTile);
+            __syncthreads();  // the previous step's reads are done
+#pragma unroll
+            for (int t = 0; t < kRowsPerThread; ++t) {
+                const int y = threadIdx.y + t * kTileWarps;  // a row of the tile, a rank index of the step
+                const int64_t i = row0 + y < d0 ? row0 + y : d0 - 1;
+                if (int(threadIdx.x) < width) u[y][threadIdx.x] = scale * U[i * r0 + a0 + threadIdx.x];
+                if (y < width) r[y][threadIdx.x] = R[(a0 + y) * n + j];
+            }
+            __syncthreads();
+            for (int a = 0; a < width; ++a) {
+                const T ra = r[a][threadIdx.x];
+#pragma unroll
+                for (int t = 0; t < kRowsPerThread; ++t) delta[t] += u[threadIdx.y + t * kTileWarps][a] * ra;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < kRowsPerThread; ++t) {
+            const int64_t i = row0 + threadIdx.y + t * kTileWarps;
+            if (!column_in || i >= d0) continue;
+            const T w = weight ? weight[i * n + j] : T(0);
+            out[i * n + j] = epilogue == kAdd ? w + delta[t] : epilogue == kExp ? w * exp(delta[t]) : w * (T(1) + delta[t]);
         }
     }
 }
@@ -72,36 +99,16 @@ __global__ void backward_kernel(const T* grad, const T* weight, const T* U, cons
     }
 }
 
-// Above 48 KB a kernel's dynamic shared memory must be allowed explicitly, up to the
-// device's opt-in limit (227 KB on sm_90, 163 KB on sm_80).
-template <typename T>
-void allow_shared_memory(const char* name, void (*kernel)(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t,
-                                                          T, int),
-                         size_t bytes) {
-    constexpr size_t kDefaultLimit = 48 * 1024;
-    if (bytes <= kDefaultLimit) return;
-    int device = 0, limit = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (bytes > static_cast<size_t>(limit))
-        throw std::invalid_argument(std::string(name) + ": the rank needs " + std::to_string(bytes) +
-                                    " bytes of shared memory per block, more than this GPU's " +
-                                    std::to_string(limit));
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (status != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(status));
-}
-
 }  // namespace
 
 template <typename T>
 void lowrank_forward(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
                      int epilogue, std::uintptr_t stream) {
-    const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(std::min(d0, kMaxGridY)));
-    const size_t shared = static_cast<size_t>(r0) * sizeof(T);
-    allow_shared_memory<T>("lowrank_forward", forward_kernel<T>, shared);
-    launch("lowrank_forward", forward_kernel<T>, grid, kThreads, shared, reinterpret_cast<cudaStream_t>(stream), out,
-           weight, U, R, d0, r0, n, scale, epilogue);
+    if (d0 * n == 0) return;
+    const dim3 grid(static_cast<unsigned>((n + kTile - 1) / kTile),
+                    static_cast<unsigned>(std::min((d0 + kTile - 1) / kTile, kMaxGridY)));
+    launch("lowrank_forward", forward_kernel<T>, grid, dim3(kTile, kTileWarps), 0,
+           reinterpret_cast<cudaStream_t>(stream), out, weight, U, R, d0, r0, n, scale, epilogue);
 }
 
 template <typename T>

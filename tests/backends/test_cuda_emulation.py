@@ -71,27 +71,32 @@ def test_shared_memory_past_48_kib_needs_the_opt_in_up_to_the_device_limit(emula
         checks.launch_empty((1, 1, 1), (1, 1, 1), 163 * 1024 + 1, allowed=163 * 1024 + 1)
 
 
-def _lowrank_forward(emulator, rank: int, dtype=torch.float64):
-    """lowrank_forward's kernel with the rank's row of U in shared memory, against torch."""
-    U, R = torch.randn(2, rank, dtype=dtype), torch.randn(rank, 3, dtype=dtype)
-    out = torch.empty(2, 3, dtype=dtype)
+def _lowrank_forward(emulator, rank: int, rows: int = 2, columns: int = 3, dtype=torch.float64):
+    """lowrank_forward's kernel (a tile of U's rows and R's columns in shared memory per
+    step of the rank), against torch."""
+    g = torch.Generator().manual_seed(rank)
+    U, R = torch.randn(rows, rank, generator=g, dtype=dtype), torch.randn(rank, columns, generator=g, dtype=dtype)
+    out = torch.empty(rows, columns, dtype=dtype)
     emulator.lowrank_forward_f64(
-        out=out.data_ptr(), weight=0, U=U.data_ptr(), R=R.data_ptr(), d0=2, r0=rank, n=3, scale=0.5, epilogue=0,
-        stream=0,
+        out=out.data_ptr(), weight=0, U=U.data_ptr(), R=R.data_ptr(), d0=rows, r0=rank, n=columns, scale=0.5,
+        epilogue=0, stream=0,
     )  # fmt: skip
     torch.testing.assert_close(out, 0.5 * U @ R)
 
 
-def test_shared_memory_past_sm80s_limit_warns_on_sm90_and_is_refused_on_sm80(emulator):
-    rank = 25_000  # 200000 bytes of float64: over sm_80's 166912, under sm_90's 232448
-    with pytest.warns(RuntimeWarning, match="lowrank_forward: 200000 bytes of dynamic shared memory, more than sm_80"):
-        _lowrank_forward(emulator, rank)
+@pytest.mark.parametrize("capability", [80, 90])
+def test_a_large_rank_takes_the_same_shared_memory_on_every_device(emulator, capability):
+    """The forward steps through the rank: 25000 (200000 bytes of float64 per row of U,
+    more than sm_80 lets a block hold) runs with no opt-in, on sm_80 as on sm_90."""
+    emulator.set_compute_capability(capability)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _lowrank_forward(emulator, 20_000)  # 160000 bytes: within both, no warning
-    emulator.set_compute_capability(80)
-    with pytest.raises(ValueError, match="lowrank_forward: the rank needs 200000 bytes .* more than this GPU's 166912"):
-        _lowrank_forward(emulator, rank)
+        _lowrank_forward(emulator, 25_000)
+
+
+@pytest.mark.parametrize(("rank", "rows", "columns"), [(1, 1, 1), (31, 33, 65), (33, 70, 40), (64, 32, 32)])
+def test_lowrank_forward_tiles_cover_partial_tiles_and_rank_steps(emulator, rank, rows, columns):
+    _lowrank_forward(emulator, rank, rows, columns)
 
 
 def test_divergent_barrier_raises_naming_the_kernel(emulator):

@@ -6,7 +6,7 @@
 // piecewise_linear and mixture to r_h = sqrt(‖b_j^h − a_i^h‖² + eps) per chunk h and
 // P = Σ_h coeff[h]·r_h; rbf to x = ‖b_j − a_i‖²; sigmoid and linear to x = b_j·a_i. The
 // functions below take it from there. Mixture's softmax term needs the column statistics
-// each backend keeps its own way.
+// (max_j P and Σ_j exp((P − max_j P)/gamma)), which each backend gathers its own way.
 #pragma once
 
 #include <cmath>
@@ -109,19 +109,37 @@ TP_INLINE ChunkGradient<S, T> piecewise_backward(T D, T coeff, T root) {
     return {D * coeff / root, S(D) * S(root)};
 }
 
+// Mixture K = P + alpha·S + beta with S = softmax_j(P/gamma), entry by entry from the
+// column statistics max_j P and Σ_j E. E = exp(softmax_exponent(...)) = exp((P − max_j P)/gamma):
+// the difference is taken before the division, so a small gamma does not magnify the
+// rounding of P/gamma (at the maximum the exponent is exactly 0). Each backend applies its
+// exp and sums E its own way; S = E/Σ_j E.
+template <typename T>
+TP_INLINE T softmax_exponent(T piecewise, T column_max, T gamma) {
+    return (piecewise - column_max) / gamma;
+}
+
+// The entry's value from P and S: P + (alpha·S + beta), the softmax term formed first.
+template <typename T>
+TP_INLINE T mixture_value(T piecewise, T soft, T alpha, T beta) {
+    return piecewise + (alpha * soft + beta);
+}
+
 template <typename S, typename T>
 struct MixtureGradient {
     T piecewise;  // ∂L/∂P
     S gamma;      // the entry's share of ∂L/∂gamma
 };
 
-// Mixture K = P + alpha·softmax_j(P/gamma) + beta at an entry with D = ∂L/∂K, softmax
-// value `soft` and c = Σ_j D·softmax of its column: ∂L/∂P = D + alpha·soft·(D − c)/gamma,
-// and −alpha·soft·(D − c)·z/gamma² towards ∂gamma, with z = P less any constant of the
-// column (its max: the shares of a column sum to the same, without cancelling large P).
+// Mixture at an entry with D = ∂L/∂K, softmax value `soft` and c = Σ_j D·S of its column:
+// ∂L/∂P = D + alpha·soft·(D − c)/gamma, and −alpha·soft·(D − c)·z/gamma² towards ∂gamma
+// with z = P − max_j P (any constant of the column gives the same sum; the max keeps a
+// large P from cancelling).
 template <typename S, typename T>
-TP_INLINE MixtureGradient<S, T> mixture_backward(T D, T soft, T column_dot, T alpha, T gamma, T z) {
+TP_INLINE MixtureGradient<S, T> mixture_backward(T D, T soft, T column_dot, T alpha, T gamma, T piecewise,
+                                                 T column_max) {
     const T d_logit = alpha * soft * (D - column_dot);
+    const T z = piecewise - column_max;
     return {D + d_logit / gamma, -(S(d_logit) * S(z) / (S(gamma) * S(gamma)))};
 }
 
