@@ -153,11 +153,13 @@ struct Thread {
     int line;
 };
 
+// Lanes of disjoint masks (tiles of a warp, e.g. __syncwarp on each half) may have
+// rendezvous pending at once; lanes whose masks overlap must meet at the same one.
 struct Warp {
     unsigned size;                 // lanes (the block's last warp may have fewer than 32)
-    unsigned arrived;              // lanes waiting at the pending rendezvous
-    unsigned mask;                 // its mask
-    const char* op;                // its operation
+    unsigned arrived;              // lanes waiting at a pending rendezvous
+    unsigned mask[32];             // the mask each waiting lane named
+    const char* op[32];            // and its operation
     int source[32];                // lane each lane reads
     uint64_t value[32], result[32];
 };
@@ -249,25 +251,25 @@ T warp_exchange(const char* op, unsigned mask, T value, int source) {
     for (unsigned l = 0; l < warp.size; ++l)
         if (mask >> l & 1u && block.threads[thread.warp * 32 + l].state == State::done)
             fail(std::string(op) + ": lane " + std::to_string(l) + " of the mask has exited");
-    if (warp.arrived == 0) {
-        warp.mask = mask;
-        warp.op = op;
-    } else if (warp.mask != mask || warp.op != op) {
-        fail(std::string(op) + ": lanes of one warp meet at different warp operations or masks");
-    }
+    for (unsigned l = 0; l < warp.size; ++l)
+        if (warp.arrived >> l & 1u && (mask >> l & 1u || warp.mask[l] >> lane & 1u) &&
+            (warp.mask[l] != mask || warp.op[l] != op))
+            fail(std::string(op) + ": lanes of one warp meet at different warp operations or masks");
     if (source >= 0 && !(mask >> source & 1u))
         fail(std::string(op) + ": lane " + std::to_string(lane) + " reads lane " + std::to_string(source) +
              ", not in the mask");
     std::memcpy(&warp.value[lane], &value, sizeof(T));
     warp.source[lane] = source < 0 ? lane : source;
+    warp.mask[lane] = mask;
+    warp.op[lane] = op;
     warp.arrived |= 1u << lane;
-    if (warp.arrived == mask) {
+    if ((warp.arrived & mask) == mask) {
         for (unsigned l = 0; l < warp.size; ++l) {
             if (!(mask >> l & 1u)) continue;
             warp.result[l] = warp.value[warp.source[l]];
             make_ready(block, block.threads[thread.warp * 32 + l]);
         }
-        warp.arrived = 0;
+        warp.arrived &= ~mask;
     } else {
         thread.state = State::at_warp;
         wait(thread);
@@ -343,7 +345,7 @@ inline void run_block(Block& block, std::mt19937_64& random) {
             std::string what = "threads of block " + where(block.index) + " can never go on: thread " +
                                where(stuck->index) +
                                (stuck->state == State::at_warp
-                                    ? std::string(" waits at ") + block.warps[stuck->warp].op +
+                                    ? std::string(" waits at ") + block.warps[stuck->warp].op[stuck->lane] +
                                           " for lanes that never arrive"
                                     : " waits at " + barrier_name(*stuck));
             if (barrier) what += ", thread " + where(barrier->index) + " at " + barrier_name(*barrier);

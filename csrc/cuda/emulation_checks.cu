@@ -56,6 +56,25 @@ __global__ void shuffle_kernel(const double* x, double* out, unsigned mask, int 
     __syncwarp(mask);
 }
 
+// One warp in tiles of `tile` lanes, each synchronizing only itself by __syncwarp on its
+// mask, tile k for k + 1 rounds: out[lane] = Σ over rounds r of the value its right
+// neighbour in the tile (wrapping) wrote in shared memory, 100·r + neighbour. With
+// `overlap`, the upper half's tiles name lanes 8–31 instead: masks that overlap a tile's.
+__global__ void tiles_kernel(int* out, int tile, bool overlap) {
+    __shared__ int values[32];
+    const int lane = static_cast<int>(threadIdx.x), first = lane / tile * tile;
+    unsigned mask = (tile == 32 ? ~0u : (1u << tile) - 1u) << first;
+    if (overlap && lane >= 16) mask = 0xffffff00u;
+    int sum = 0;
+    for (int round = 0; round <= lane / tile; ++round) {
+        values[lane] = 100 * round + lane;
+        __syncwarp(mask);
+        sum += values[first + (lane - first + 1) % tile];
+        __syncwarp(mask);
+    }
+    out[lane] = sum;
+}
+
 dim3 to_dim3(const pybind11::tuple& t) {
     return dim3(t[0].cast<unsigned>(), t[1].cast<unsigned>(), t[2].cast<unsigned>());
 }
@@ -102,6 +121,13 @@ void bind_emulation_checks(pybind11::module_& m) {
         },
         pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("lanes"), pybind11::arg("mask"), pybind11::arg("delta"),
         pybind11::arg("width"));
+    checks.def(
+        "tiles",
+        [](std::uintptr_t out, int tile, bool overlap) {
+            launch("tiles_kernel", tiles_kernel, 1, 32, 0, nullptr, ptr<int>(out), tile, overlap);
+        },
+        pybind11::arg("out"), pybind11::arg("tile"), pybind11::arg("overlap"),
+        "A warp in tiles that synchronize apart, a different number of rounds each.");
 }
 
 }  // namespace tensor_peft::cuda

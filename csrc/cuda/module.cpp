@@ -62,23 +62,23 @@ void bind_lowrank(py::module_& m, const std::string& suffix) {
 template <typename T>
 void bind_expm(py::module_& m, const std::string& suffix) {
     m.def(("matrix_exp_" + suffix).c_str(),
-          [](std::uintptr_t out, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work, std::uintptr_t pivots,
-             std::uintptr_t stream) {
-              tensor_peft::cuda::matrix_exp_forward<T>(ptr<const T>(A), ptr<T>(out), batch, n, ptr<T>(work),
-                                                       ptr<int>(pivots), stream);
+          [](std::uintptr_t out, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work, std::uintptr_t stream) {
+              tensor_peft::cuda::matrix_exp_forward<T>(ptr<const T>(A), ptr<T>(out), batch, n, ptr<T>(work), stream);
           },
-          py::arg("out"), py::arg("A"), py::arg("batch"), py::arg("n"), py::arg("work"), py::arg("pivots"),
-          py::arg("stream"),
-          "out[b] = exp(A[b]); work: batch·matrix_exp_workspace(n, False) values, pivots: batch·n int32.");
+          py::arg("out"), py::arg("A"), py::arg("batch"), py::arg("n"), py::arg("work"), py::arg("stream"),
+          "out[b] = exp(A[b]); work: batch·matrix_exp_workspace(n, False) values.");
     m.def(("matrix_exp_backward_" + suffix).c_str(),
           [](std::uintptr_t d_A, std::uintptr_t grad, std::uintptr_t A, int64_t batch, int n, std::uintptr_t work,
-             std::uintptr_t pivots, std::uintptr_t stream) {
+             std::uintptr_t stream) {
               tensor_peft::cuda::matrix_exp_backward<T>(ptr<const T>(grad), ptr<const T>(A), ptr<T>(d_A), batch, n,
-                                                        ptr<T>(work), ptr<int>(pivots), stream);
+                                                        ptr<T>(work), stream);
           },
           py::arg("d_A"), py::arg("grad"), py::arg("A"), py::arg("batch"), py::arg("n"), py::arg("work"),
-          py::arg("pivots"), py::arg("stream"),
-          "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·matrix_exp_workspace(n, True) values, pivots: batch·n int32.");
+          py::arg("stream"), "d_A[b] = L(A[b]ᵀ, grad[b]); work: batch·matrix_exp_workspace(n, True) values.");
+    m.def(("matrix_exp_workspace_" + suffix).c_str(), &tensor_peft::cuda::matrix_exp_workspace<T>, py::arg("n"),
+          py::arg("backward"),
+          "Values of global workspace matrix_exp (backward False) or matrix_exp_backward takes per n×n matrix on "
+          "the current device: 0 when shared memory holds it.");
 }
 
 template <typename T>
@@ -193,8 +193,6 @@ PYBIND11_MODULE(TP_CUDA_MODULE, m) {
           "The newest CUDA version the installed driver supports (e.g. 12040); 0 without a driver.");
     m.def("device_count", &tensor_peft::cuda::device_count,
           "CUDA devices visible; raises RuntimeError with CUDA's reason when none can be used.");
-    m.def("matrix_exp_workspace", &tensor_peft::cuda::matrix_exp_workspace, py::arg("n"), py::arg("backward"),
-          "Values of workspace matrix_exp (backward False) or matrix_exp_backward takes per n×n matrix.");
     m.def("kernelized_columns_workspace", &tensor_peft::cuda::columns_workspace, py::arg("n"), py::arg("kernel"),
           "Values of the columns workspace the kernelized kernels take for n columns and this kernel.");
     tensor_peft::binding::export_ids(m);

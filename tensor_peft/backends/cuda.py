@@ -5,8 +5,9 @@ integer; the op layer has checked their shapes and made them contiguous float32/
 on one device. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass
 over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
 ``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; ``matrix_exp`` with its
-backward (one thread per matrix, the math of the CPU kernel); and SNELL's kernelized and
-sparsification ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device).
+backward (``csrc/cuda/expm.cu``: a team of threads per matrix, the math of the CPU kernel,
+the workspace in shared memory where it fits); and SNELL's kernelized and sparsification
+ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device).
 FLoRA's projected gradients are small contractions in plain torch (``tensor_algebra``).
 Each op is a function registered by ``register_kernels``, the Tucker and hadamard ops by
 ``tucker_split.register_ops``; the ``cuda_emulated`` backend registers the same launchers
@@ -121,16 +122,13 @@ def register_kernels(
     tucker_split.register_ops(backend, launch_forward, launch_backward)
 
     def expm_launch(name, A, backward, /, **pointers):
-        """Runs ``matrix_exp[_backward]`` over A's matrices with the workspace the extension
-        asks for and n pivots per matrix."""
+        """Runs ``matrix_exp[_backward]`` over A's matrices with the global workspace the
+        extension asks for on A's device (none when shared memory holds it)."""
         n = A.shape[-1]
         batch = A.numel() // (n * n) if n else 0
-        work = A.new_empty(batch * extension(module).matrix_exp_workspace(n=n, backward=backward))
-        pivots = torch.empty(batch * n, dtype=torch.int32, device=A.device)
         with device_guard(A.device):
-            launcher(name, A.dtype)(
-                **pointers, batch=batch, n=n, work=work.data_ptr(), pivots=pivots.data_ptr(), stream=stream_of(A)
-            )
+            work = A.new_empty(batch * launcher("matrix_exp_workspace", A.dtype)(n=n, backward=backward))
+            launcher(name, A.dtype)(**pointers, batch=batch, n=n, work=work.data_ptr(), stream=stream_of(A))
 
     @register("matrix_exp", backend)
     def matrix_exp(A: Tensor) -> Tensor:

@@ -10,8 +10,8 @@ built extension (``cuda_aot.py``: ``cuobjdump -res-usage``). No GPU is needed.
 Budgets a row is checked against (``problems``): it compiled, in at most
 ``COMPILE_BUDGET_S``; no spills; shared memory within the architecture's limit; every
 grid dimension within CUDA's limits; a float64 kernel takes no float32 scalar; a CUDA
-kernel outside ``expm.cu`` has no stack frame (so no spills; the expm kernels keep one
-matrix per thread with its workspace in local memory, reported)."""
+kernel outside ``expm.cu`` has no stack frame (so no spills; the expm kernels keep the
+Padé coefficient tables, indexed by the degree each matrix needs, in one: reported)."""
 
 from __future__ import annotations
 

@@ -150,6 +150,30 @@ def test_shuffles_read_the_lanes_cuda_defines(emulator, lanes, mask, delta, widt
         assert torch.equal(out, expected), order
 
 
+@pytest.mark.parametrize("tile", [4, 16])
+def test_tiles_of_a_warp_synchronize_apart(emulator, tile):
+    """Tiles of one warp at __syncwarp on their own masks, each for its own number of
+    rounds (CUDA allows it: lanes of disjoint masks need not meet), in every order."""
+    lanes = torch.arange(32)
+    first = lanes // tile * tile
+    neighbour = first + (lanes - first + 1) % tile
+    rounds = lanes // tile + 1
+    expected = (100 * rounds * (rounds - 1) // 2 + rounds * neighbour).to(torch.int32)
+    for order in ("forward", "reverse", "shuffle"):
+        out = torch.zeros(32, dtype=torch.int32)
+        with schedule(emulator, order, seed=2):
+            emulator.checks.tiles(out.data_ptr(), tile, False)
+        assert torch.equal(out, expected), order
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_lanes_at_overlapping_masks_raise(emulator, order):
+    out = torch.zeros(32, dtype=torch.int32)
+    message = "different warp operations or masks|for lanes that never arrive|of the mask has exited"
+    with schedule(emulator, order, seed=2), pytest.raises(RuntimeError, match=f"^tiles_kernel: .*({message})"):
+        emulator.checks.tiles(out.data_ptr(), 16, True)
+
+
 def test_a_missing_barrier_is_a_race_the_schedules_expose(emulator):
     blocks, threads = 3, 96
     t, b = torch.arange(threads), torch.arange(blocks)

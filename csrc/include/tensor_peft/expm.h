@@ -70,6 +70,20 @@ struct Lanes {
     TP_INLINE static void set_lane(V& x, int, Scalar value) { x = value; }
 };
 
+// Who computes one matrix: the steps below split their entries (or columns) among the
+// team's size() threads, thread rank() taking every size()-th one from rank(), and end
+// with sync(), after which every thread sees every entry. Serial is one thread (or one
+// SIMD vector of lanes) for the whole matrix: the CPU's team, whose loops are the plain
+// ones. CUDA's teams (a warp or part of one, or a block; csrc/cuda/expm.cu) have
+// `serial` false and take the entry-parallel forms of matmul and solve, which compute
+// each entry with the same operations in the same order as the serial forms.
+struct Serial {
+    static constexpr bool serial = true;
+    TP_INLINE int rank() const { return 0; }
+    TP_INLINE int size() const { return 1; }
+    TP_INLINE void sync() const {}
+};
+
 // Values V of workspace `exp_and_frechet` needs for an n×n matrix (plus n Index pivots).
 TP_INLINE int64_t workspace_size(int64_t n) { return 18 * n * n; }
 
@@ -121,47 +135,61 @@ TP_INLINE void add_scaled(V* TP_RESTRICT row, V a, const V* TP_RESTRICT b, int n
     }
 }
 
-// C = A·B (n×n, row-major; C must not alias A or B).
-template <typename V, int N>
-TP_INLINE void matmul(const V* TP_RESTRICT A, const V* TP_RESTRICT B, V* TP_RESTRICT C, int n_) {
+// C = A·B (n×n, row-major; C must not alias A or B). Each entry is Σ_k A[i,k]·B[k,j]
+// summed in k order: serially a row at a time (SIMD over j), in a team an entry per thread.
+template <typename V, int N, typename Team>
+TP_INLINE void matmul(const V* TP_RESTRICT A, const V* TP_RESTRICT B, V* TP_RESTRICT C, int n_, const Team& team) {
     const int n = size<N>(n_);
-    for (int i = 0; i < n; ++i) {
-        V local[N > 0 ? N : 1];
-        V* row = N > 0 ? local : C + i * n;
-        for (int j = 0; j < n; ++j) row[j] = V{};
-        for (int k = 0; k < n; ++k) add_scaled<V, N>(row, A[i * n + k], B + k * n, n);
-        if (N > 0)
-            for (int j = 0; j < n; ++j) C[i * n + j] = row[j];
+    if constexpr (Team::serial) {
+        for (int i = 0; i < n; ++i) {
+            V local[N > 0 ? N : 1];
+            V* row = N > 0 ? local : C + i * n;
+            for (int j = 0; j < n; ++j) row[j] = V{};
+            for (int k = 0; k < n; ++k) add_scaled<V, N>(row, A[i * n + k], B + k * n, n);
+            if (N > 0)
+                for (int j = 0; j < n; ++j) C[i * n + j] = row[j];
+        }
+    } else {
+        for (int e = team.rank(); e < n * n; e += team.size()) {
+            const int i = e / n, j = e % n;
+            V sum = V{};
+            for (int k = 0; k < n; ++k) sum += A[i * n + k] * B[k * n + j];
+            C[e] = sum;
+        }
     }
+    team.sync();
 }
 
 // The block product [[A, dA], [0, A]]·[[B, dB], [0, B]] = [[A·B, A·dB + dA·B], [0, A·B]];
 // `scratch` holds n² values. Without the derivative (dA null) only C = A·B.
-template <typename V, int N>
-TP_INLINE void block_matmul(const V* A, const V* dA, const V* B, const V* dB, V* C, V* dC, V* scratch, int n_) {
+template <typename V, int N, typename Team>
+TP_INLINE void block_matmul(const V* A, const V* dA, const V* B, const V* dB, V* C, V* dC, V* scratch, int n_,
+                            const Team& team) {
     const int n = size<N>(n_);
-    matmul<V, N>(A, B, C, n);
+    matmul<V, N>(A, B, C, n, team);
     if (!dA) return;
-    matmul<V, N>(A, dB, dC, n);
-    matmul<V, N>(dA, B, scratch, n);
-    for (int i = 0; i < n * n; ++i) dC[i] += scratch[i];
+    matmul<V, N>(A, dB, dC, n, team);
+    matmul<V, N>(dA, B, scratch, n, team);
+    for (int i = team.rank(); i < n * n; i += team.size()) dC[i] += scratch[i];
+    team.sync();
 }
 
 // out = Σ_k c[k]·M_k over the given powers (M_0 = I when `identity` is nonzero).
-template <typename V, int N>
+template <typename V, int N, typename Team>
 TP_INLINE void combine(V* out, int n_, double identity, const V* const* powers, const double* coefficients,
-                       int count) {
+                       int count, const Team& team) {
     using Scalar = typename Lanes<V>::Scalar;
     const int n = size<N>(n_);
     Scalar c[4];
     for (int p = 0; p < count; ++p) c[p] = Scalar(coefficients[p]);
-    for (int i = 0; i < n * n; ++i) {
+    const V diagonal = Lanes<V>::broadcast(Scalar(identity));
+    for (int i = team.rank(); i < n * n; i += team.size()) {
         V sum = V{};
         for (int p = 0; p < count; ++p) sum += c[p] * powers[p][i];
+        if (identity != 0 && i % (n + 1) == 0) sum += diagonal;
         out[i] = sum;
     }
-    if (identity != 0)
-        for (int i = 0; i < n; ++i) out[i * n + i] += Lanes<V>::broadcast(Scalar(identity));
+    team.sync();
 }
 
 // Swaps rows k and `pivot` of B in each lane where they differ.
@@ -181,60 +209,128 @@ TP_INLINE void swap_rows(V* B, int k, typename Lanes<V>::Index pivot, int n_) {
     }
 }
 
-// B := Q⁻¹·B (all n columns) with the LU factors of Q in place and its row swaps.
-template <typename V, int N>
-TP_INLINE void lu_substitute(const V* Q, const typename Lanes<V>::Index* pivots, V* B, int n_) {
+// B := Q⁻¹·B (all n columns) with the LU factors of Q in place and its row swaps:
+// serially a row at a time; in a team each thread solves whole columns of B (the columns
+// are independent systems), each entry with the same operations.
+template <typename V, int N, typename Team>
+TP_INLINE void lu_substitute(const V* Q, const typename Lanes<V>::Index* pivots, V* B, int n_, const Team& team) {
     const int n = size<N>(n_);
-    for (int k = 0; k < n; ++k) swap_rows<V, N>(B, k, pivots[k], n);
-    for (int i = 0; i < n; ++i) {  // forward substitution with the unit lower factor
-        V local[N > 0 ? N : 1];
-        V* row = N > 0 ? local : B + i * n;
-        if (N > 0)
-            for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
-        for (int k = 0; k < i; ++k) add_scaled<V, N>(row, -Q[i * n + k], B + k * n, n);
-        if (N > 0)
-            for (int j = 0; j < n; ++j) B[i * n + j] = row[j];
+    if constexpr (Team::serial) {
+        for (int k = 0; k < n; ++k) swap_rows<V, N>(B, k, pivots[k], n);
+        for (int i = 0; i < n; ++i) {  // forward substitution with the unit lower factor
+            V local[N > 0 ? N : 1];
+            V* row = N > 0 ? local : B + i * n;
+            if (N > 0)
+                for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
+            for (int k = 0; k < i; ++k) add_scaled<V, N>(row, -Q[i * n + k], B + k * n, n);
+            if (N > 0)
+                for (int j = 0; j < n; ++j) B[i * n + j] = row[j];
+        }
+        for (int i = n - 1; i >= 0; --i) {  // back substitution with the upper factor
+            V local[N > 0 ? N : 1];
+            V* row = N > 0 ? local : B + i * n;
+            if (N > 0)
+                for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
+            for (int k = i + 1; k < n; ++k) add_scaled<V, N>(row, -Q[i * n + k], B + k * n, n);
+            const V d = Q[i * n + i];
+            for (int j = 0; j < n; ++j) B[i * n + j] = row[j] / d;
+        }
+    } else {
+        for (int j = team.rank(); j < n; j += team.size()) {
+            for (int k = 0; k < n; ++k) {
+                const int pivot = pivots[k];
+                if (pivot == k) continue;
+                const V upper = B[k * n + j];
+                B[k * n + j] = B[pivot * n + j];
+                B[pivot * n + j] = upper;
+            }
+            for (int i = 0; i < n; ++i) {
+                V value = B[i * n + j];
+                for (int k = 0; k < i; ++k) value += -Q[i * n + k] * B[k * n + j];
+                B[i * n + j] = value;
+            }
+            for (int i = n - 1; i >= 0; --i) {
+                V value = B[i * n + j];
+                for (int k = i + 1; k < n; ++k) value += -Q[i * n + k] * B[k * n + j];
+                B[i * n + j] = value / Q[i * n + i];
+            }
+        }
+        team.sync();
     }
-    for (int i = n - 1; i >= 0; --i) {  // back substitution with the upper factor
-        V local[N > 0 ? N : 1];
-        V* row = N > 0 ? local : B + i * n;
-        if (N > 0)
-            for (int j = 0; j < n; ++j) row[j] = B[i * n + j];
-        for (int k = i + 1; k < n; ++k) add_scaled<V, N>(row, -Q[i * n + k], B + k * n, n);
-        const V d = Q[i * n + i];
-        for (int j = 0; j < n; ++j) B[i * n + j] = row[j] / d;
+}
+
+// LU with partial pivoting of Q in place, its row swaps into `pivots`. In a team every
+// thread finds the same pivot; the swap, the column of factors and the update of the
+// trailing block are split among the threads.
+template <typename V, int N, typename Team>
+TP_INLINE void lu_factor(V* Q, typename Lanes<V>::Index* pivots, int n_, const Team& team) {
+    using Lane = Lanes<V>;
+    const int n = size<N>(n_);
+    if constexpr (Team::serial) {
+        for (int k = 0; k < n; ++k) {
+            V largest = Lane::magnitude(Q[k * n + k]);
+            typename Lane::Index pivot = Lane::index(k);
+            for (int i = k + 1; i < n; ++i) {
+                const V candidate = Lane::magnitude(Q[i * n + k]);
+                const auto larger = candidate > largest;
+                largest = Lane::select(larger, candidate, largest);
+                pivot = Lane::select(larger, Lane::index(i), pivot);
+            }
+            pivots[k] = pivot;
+            swap_rows<V, N>(Q, k, pivot, n);
+            const V diagonal = Q[k * n + k];
+            for (int i = k + 1; i < n; ++i) {
+                const V factor = Q[i * n + k] / diagonal;
+                Q[i * n + k] = factor;
+                for (int j = k + 1; j < n; ++j) Q[i * n + j] -= factor * Q[k * n + j];
+            }
+        }
+    } else {
+        for (int k = 0; k < n; ++k) {
+            V largest = Lane::magnitude(Q[k * n + k]);
+            int pivot = k;
+            for (int i = k + 1; i < n; ++i) {
+                const V candidate = Lane::magnitude(Q[i * n + k]);
+                if (candidate > largest) {
+                    largest = candidate;
+                    pivot = i;
+                }
+            }
+            if (team.rank() == 0) pivots[k] = pivot;
+            team.sync();  // every thread has read column k
+            if (pivot != k)
+                for (int j = team.rank(); j < n; j += team.size()) {
+                    const V upper = Q[k * n + j];
+                    Q[k * n + j] = Q[pivot * n + j];
+                    Q[pivot * n + j] = upper;
+                }
+            team.sync();
+            const V diagonal = Q[k * n + k];
+            for (int i = k + 1 + team.rank(); i < n; i += team.size()) Q[i * n + k] = Q[i * n + k] / diagonal;
+            team.sync();
+            const int rest = n - k - 1;
+            for (int e = team.rank(); e < rest * rest; e += team.size()) {
+                const int i = k + 1 + e / rest, j = k + 1 + e % rest;
+                Q[i * n + j] -= Q[i * n + k] * Q[k * n + j];
+            }
+            team.sync();
+        }
     }
 }
 
 // Solves Q·R = P and Q·dR = dP − dQ·R for R, dR by LU with partial pivoting of Q
 // (overwritten); P becomes R and dP becomes dR. dP may be null (no derivative).
-template <typename V, int N>
-TP_INLINE void solve(V* Q, V* P, V* dQ, V* dP, V* scratch, typename Lanes<V>::Index* pivots, int n_) {
-    using Lane = Lanes<V>;
+template <typename V, int N, typename Team>
+TP_INLINE void solve(V* Q, V* P, V* dQ, V* dP, V* scratch, typename Lanes<V>::Index* pivots, int n_,
+                     const Team& team) {
     const int n = size<N>(n_);
-    for (int k = 0; k < n; ++k) {
-        V largest = Lane::magnitude(Q[k * n + k]);
-        typename Lane::Index pivot = Lane::index(k);
-        for (int i = k + 1; i < n; ++i) {
-            const V candidate = Lane::magnitude(Q[i * n + k]);
-            const auto larger = candidate > largest;
-            largest = Lane::select(larger, candidate, largest);
-            pivot = Lane::select(larger, Lane::index(i), pivot);
-        }
-        pivots[k] = pivot;
-        swap_rows<V, N>(Q, k, pivot, n);
-        const V diagonal = Q[k * n + k];
-        for (int i = k + 1; i < n; ++i) {
-            const V factor = Q[i * n + k] / diagonal;
-            Q[i * n + k] = factor;
-            for (int j = k + 1; j < n; ++j) Q[i * n + j] -= factor * Q[k * n + j];
-        }
-    }
-    lu_substitute<V, N>(Q, pivots, P, n);
+    lu_factor<V, N>(Q, pivots, n, team);
+    lu_substitute<V, N>(Q, pivots, P, n, team);
     if (!dP) return;
-    matmul<V, N>(dQ, P, scratch, n);
-    for (int i = 0; i < n * n; ++i) dP[i] -= scratch[i];
-    lu_substitute<V, N>(Q, pivots, dP, n);
+    matmul<V, N>(dQ, P, scratch, n, team);
+    for (int i = team.rank(); i < n * n; i += team.size()) dP[i] -= scratch[i];
+    team.sync();
+    lu_substitute<V, N>(Q, pivots, dP, n, team);
 }
 
 // exp(X) into `expX` and, when E is given, L(X, E) into `L`. X and E are the caller's
@@ -242,9 +338,11 @@ TP_INLINE void solve(V* Q, V* P, V* dQ, V* dP, V* scratch, typename Lanes<V>::In
 // With several lanes, the degree m is the one the largest finite norm among them needs
 // and each lane takes its own number of squarings: a lane is never squared more often
 // than its own norm asks (overscaling would cost accuracy), a non-finite lane gives NaN
-// and leaves the others as they are.
-template <typename V, int N = 0>
-TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename Lanes<V>::Index* pivots) {
+// and leaves the others as they are. In a team, X and E must be complete (synced) on
+// entry; on return every entry of expX and L is written and synced.
+template <typename V, int N = 0, typename Team = Serial>
+TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename Lanes<V>::Index* pivots,
+                           const Team& team = Team()) {
     using Lane = Lanes<V>;
     using T = typename Lane::Scalar;
     const int n = size<N>(n_);
@@ -272,22 +370,27 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
     // ‖X‖₁, the largest column sum (NaN if any entry is). The Fréchet derivative needs no
     // more than exp(X) does: the same m and s bound its truncation error too (Al-Mohy &
     // Higham 2009, §6).
+    // Each thread of a team reads all of X for the norm, the same in every thread.
     V norm = one_norm<V>(X, n);
+    team.sync();
     const auto finite = norm - norm == V{};  // no NaN or inf in the lane's matrix
+    const int first = team.rank(), step = team.size();  // this thread's entries: first, first + step, …
     if (!Lane::any(finite)) {
-        for (int i = 0; i < nn; ++i) {
+        for (int i = first; i < nn; i += step) {
             expX[i] = Lane::broadcast(T(NAN));
             if (derivative) L[i] = Lane::broadcast(T(NAN));
         }
+        team.sync();
         return;
     }
     const bool all_finite = Lane::all(finite);
     if (!all_finite) {  // such a lane runs on zeros and gives NaN at the end
         norm = Lane::select(finite, norm, V{});
-        for (int i = 0; i < nn; ++i) {
+        for (int i = first; i < nn; i += step) {
             X[i] = Lane::select(finite, X[i], V{});
             if (derivative) E[i] = Lane::select(finite, E[i], V{});
         }
+        team.sync();
     }
     T largest = 0;
     for (int l = 0; l < Lane::count; ++l) {
@@ -312,11 +415,13 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
         Lane::set_lane(squarings, l, T(s));
         most = s > most ? s : most;
     }
-    if (most > 0)
-        for (int i = 0; i < nn; ++i) {
+    if (most > 0) {
+        for (int i = first; i < nn; i += step) {
             X[i] *= down;
             if (derivative) E[i] *= down;
         }
+        team.sync();
+    }
     const V* dX = derivative ? E : nullptr;
     V* dX2p = derivative ? dX2 : nullptr;
     V* dX4p = derivative ? dX4 : nullptr;
@@ -325,10 +430,10 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
     const int m = degree(choice);
     double b[14];
     pade_coefficients(m, b);
-    block_matmul<V, N>(X, dX, X, dX, X2, dX2p, scratch, n);
-    if (m >= 5) block_matmul<V, N>(X2, dX2p, X2, dX2p, X4, dX4p, scratch, n);
-    if (m >= 7) block_matmul<V, N>(X4, dX4p, X2, dX2p, X6, dX6p, scratch, n);
-    if (m == 9) block_matmul<V, N>(X4, dX4p, X4, dX4p, X8, dX8p, scratch, n);
+    block_matmul<V, N>(X, dX, X, dX, X2, dX2p, scratch, n, team);
+    if (m >= 5) block_matmul<V, N>(X2, dX2p, X2, dX2p, X4, dX4p, scratch, n, team);
+    if (m >= 7) block_matmul<V, N>(X4, dX4p, X2, dX2p, X6, dX6p, scratch, n, team);
+    if (m == 9) block_matmul<V, N>(X4, dX4p, X4, dX4p, X8, dX8p, scratch, n, team);
     // U = X·Σ b_odd X^(2k), V = Σ b_even X^(2k); for m = 13 with W = X6·(b13 X6 + b11 X4 +
     // b9 X2) + (b7 X6 + b5 X4 + b3 X2 + b1 I) and V = X6·(b12 X6 + b10 X4 + b8 X2) + (...)
     const V* powers[4] = {X2, X4, X6, X8};
@@ -340,47 +445,50 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
             odd[k] = b[2 * k + 3];
             even[k] = b[2 * k + 2];
         }
-        combine<V, N>(W1, n, b[1], powers, odd, terms);  // Σ b_odd X^(2k), X^0 = I
-        combine<V, N>(Vm, n, b[0], powers, even, terms);
+        combine<V, N>(W1, n, b[1], powers, odd, terms, team);  // Σ b_odd X^(2k), X^0 = I
+        combine<V, N>(Vm, n, b[0], powers, even, terms, team);
         if (derivative) {
-            combine<V, N>(dW1, n, 0, dpowers, odd, terms);
-            combine<V, N>(dV, n, 0, dpowers, even, terms);
+            combine<V, N>(dW1, n, 0, dpowers, odd, terms, team);
+            combine<V, N>(dV, n, 0, dpowers, even, terms, team);
         }
-        block_matmul<V, N>(X, dX, W1, derivative ? dW1 : nullptr, U, derivative ? dU : nullptr, scratch, n);
+        block_matmul<V, N>(X, dX, W1, derivative ? dW1 : nullptr, U, derivative ? dU : nullptr, scratch, n, team);
     } else {
         const double c1[3] = {b[9], b[11], b[13]}, c2[3] = {b[3], b[5], b[7]};
         const double c3[3] = {b[8], b[10], b[12]}, c4[3] = {b[2], b[4], b[6]};
-        combine<V, N>(W1, n, 0, powers, c1, 3);
-        combine<V, N>(W2, n, b[1], powers, c2, 3);
+        combine<V, N>(W1, n, 0, powers, c1, 3, team);
+        combine<V, N>(W2, n, b[1], powers, c2, 3, team);
         if (derivative) {
-            combine<V, N>(dW1, n, 0, dpowers, c1, 3);
-            combine<V, N>(dW2, n, 0, dpowers, c2, 3);
+            combine<V, N>(dW1, n, 0, dpowers, c1, 3, team);
+            combine<V, N>(dW2, n, 0, dpowers, c2, 3, team);
         }
         // W = X6·W1 + W2 (into scratch2 / dV as temporaries), U = X·W
-        block_matmul<V, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, scratch2, derivative ? dV : nullptr, scratch, n);
-        for (int i = 0; i < nn; ++i) {
+        block_matmul<V, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, scratch2, derivative ? dV : nullptr, scratch, n,
+                           team);
+        for (int i = first; i < nn; i += step) {
             scratch2[i] += W2[i];
             if (derivative) dV[i] += dW2[i];
         }
-        block_matmul<V, N>(X, dX, scratch2, derivative ? dV : nullptr, U, derivative ? dU : nullptr, scratch, n);
-        combine<V, N>(W1, n, 0, powers, c3, 3);
-        combine<V, N>(W2, n, b[0], powers, c4, 3);
+        team.sync();
+        block_matmul<V, N>(X, dX, scratch2, derivative ? dV : nullptr, U, derivative ? dU : nullptr, scratch, n, team);
+        combine<V, N>(W1, n, 0, powers, c3, 3, team);
+        combine<V, N>(W2, n, b[0], powers, c4, 3, team);
         if (derivative) {
-            combine<V, N>(dW1, n, 0, dpowers, c3, 3);
-            combine<V, N>(dW2, n, 0, dpowers, c4, 3);
+            combine<V, N>(dW1, n, 0, dpowers, c3, 3, team);
+            combine<V, N>(dW2, n, 0, dpowers, c4, 3, team);
         }
-        block_matmul<V, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, Vm, derivative ? dV : nullptr, scratch, n);
-        for (int i = 0; i < nn; ++i) {
+        block_matmul<V, N>(X6, dX6p, W1, derivative ? dW1 : nullptr, Vm, derivative ? dV : nullptr, scratch, n, team);
+        for (int i = first; i < nn; i += step) {
             Vm[i] += W2[i];
             if (derivative) dV[i] += dW2[i];
         }
+        team.sync();
     }
     // r_m = (V − U)⁻¹(V + U); its derivative (V − U)⁻¹[(dV + dU) − (dV − dU)·r_m]
     V* P = W1;
     V* Q = W2;
     V* dP = derivative ? dW1 : nullptr;
     V* dQ = derivative ? dW2 : nullptr;
-    for (int i = 0; i < nn; ++i) {
+    for (int i = first; i < nn; i += step) {
         P[i] = Vm[i] + U[i];
         Q[i] = Vm[i] - U[i];
         if (derivative) {
@@ -388,7 +496,8 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
             dQ[i] = dV[i] - dU[i];
         }
     }
-    solve<V, N>(Q, P, dQ, dP, scratch, pivots, n);
+    team.sync();
+    solve<V, N>(Q, P, dQ, dP, scratch, pivots, n, team);
     // Squarings of the block matrix, (R, dR) <- (R·R, R·dR + dR·R), in the lanes that
     // still need one (with one lane: every time, by swapping pointers).
     V* R = P;
@@ -396,7 +505,7 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
     V* next = U;
     V* dnext = derivative ? dU : nullptr;
     for (int k = 0; k < most; ++k) {
-        block_matmul<V, N>(R, dR, R, dR, next, dnext, scratch, n);
+        block_matmul<V, N>(R, dR, R, dR, next, dnext, scratch, n, team);
         const auto squaring = Lane::broadcast(T(k)) < squarings;
         if (Lane::all(squaring)) {
             V* t = R;
@@ -406,21 +515,23 @@ TP_HD void exp_and_frechet(V* X, V* E, V* expX, V* L, int n_, V* work, typename 
             dR = dnext;
             dnext = t;
         } else {
-            for (int i = 0; i < nn; ++i) {
+            for (int i = first; i < nn; i += step) {
                 R[i] = Lane::select(squaring, next[i], R[i]);
                 if (derivative) dR[i] = Lane::select(squaring, dnext[i], dR[i]);
             }
+            team.sync();
         }
     }
-    for (int i = 0; i < nn; ++i) {
+    for (int i = first; i < nn; i += step) {
         expX[i] = R[i];
         if (derivative) L[i] = dR[i];
     }
     if (!all_finite)
-        for (int i = 0; i < nn; ++i) {
+        for (int i = first; i < nn; i += step) {
             expX[i] = Lane::select(finite, expX[i], Lane::broadcast(T(NAN)));
             if (derivative) L[i] = Lane::select(finite, L[i], Lane::broadcast(T(NAN)));
         }
+    team.sync();
 }
 
 // Host side: Kernel<N>::run(args...) with N the compile-time size for n = 1–8 and 16 (the
