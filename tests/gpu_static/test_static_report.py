@@ -11,8 +11,6 @@ leaves it out of a quick run."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -25,22 +23,12 @@ pytestmark = pytest.mark.gpu_static
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    try:
-        from tensor_peft.gpu_report.triton_aot import ptxas_path
-
-        if not os.path.isfile(ptxas_path(90)):
-            pytest.skip("triton's ptxas is missing")
-    except ImportError as error:
-        pytest.skip(f"triton has no NVIDIA backend here ({error})")
+def rows(compile_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_report")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(out / "cache")  # a cold cache: compile times are real
     result = subprocess.run([sys.executable, "-m", "tensor_peft", "gpu-report", "--static", "--arch", "80,90",
-                             "--out", str(out)], env=env, capture_output=True, text=True)  # fmt: skip
+                             "--out", str(out)], env=compile_env, capture_output=True, text=True)  # fmt: skip
     if not (out / "static.json").exists():
         pytest.fail(f"gpu-report wrote nothing: {result.stderr[-3000:]}")
-    shutil.rmtree(out / "cache", ignore_errors=True)
     return json.loads((out / "static.json").read_text())
 
 
