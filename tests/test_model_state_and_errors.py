@@ -24,6 +24,8 @@ import tensor_peft as tp
 from tensor_peft.allocator import sparsity_keeping
 from tensor_peft.ops.sparsify import dropped_count
 
+from .test_real_models import randomize_adapters
+
 METHODS = {
     "lora": tp.LoRAConfig,
     "mtlora": tp.MTLoRAConfig,
@@ -32,15 +34,6 @@ METHODS = {
     "snell": tp.SNELLConfig,
     "snella": tp.SNELLAConfig,
 }
-
-
-def randomize(model, scale=0.3, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-                parameter.add_((scale * noise).to(parameter.dtype))
 
 
 def snapshot(model):
@@ -58,7 +51,7 @@ def three_linears(seed=0):
 def test_delete_adapter_refused_by_one_merged_layer_changes_no_layer():
     model = three_linears()
     tp.inject(model, tp.LoRAConfig(target_modules=[nn.Linear], r=2))
-    randomize(model)
+    randomize_adapters(model, scale=0.3)
     model[4].merge()
     x = torch.randn(3, 6)
     before, state, configs = model(x), snapshot(model), dict(model.tensor_peft_configs)
@@ -131,8 +124,8 @@ def test_a_save_interrupted_at_any_step_leaves_the_old_adapter_or_the_new_one(tm
     old, new = three_linears(), three_linears()
     tp.inject(old, tp.LoRAConfig(target_modules=[nn.Linear], r=2, alpha=2.0))
     tp.inject(new, tp.LoRAConfig(target_modules=[nn.Linear], r=2, alpha=7.0))
-    randomize(old, seed=1)
-    randomize(new, seed=2)
+    randomize_adapters(old, seed=1, scale=0.3)
+    randomize_adapters(new, seed=2, scale=0.3)
     files = {}  # the bytes of each adapter's two files, as a reader of the plain file names sees them
     for name, model in (("old", old), ("new", new)):
         tp.save_adapter(model, tmp_path / name)
@@ -186,7 +179,7 @@ def test_lora_on_a_sparse_embedding_trains_by_the_formula():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(12, 5, sparse=True))
     tp.inject(model, tp.LoRAConfig(target_modules=["0"], r=2, alpha=3.0))
-    randomize(model)
+    randomize_adapters(model, scale=0.3)
     layer, ids = model[0], torch.tensor([[1, 4, 4], [11, 0, 4]])
     adapter = layer.adapters["default"]
     A, B = adapter.lora_A.detach().clone().requires_grad_(), adapter.lora_B.detach().clone().requires_grad_()
@@ -209,7 +202,7 @@ def test_every_method_on_a_sparse_embedding_trains_as_on_a_dense_one(method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ranks clipped to the embedding's shape
             tp.inject(models[sparse], METHODS[method](target_modules=["0"], r=2))
-        randomize(models[sparse])
+        randomize_adapters(models[sparse], scale=0.3)
     ids = torch.tensor([[1, 4, 0], [11, 0, 4]])
     outputs = {sparse: model(ids) for sparse, model in models.items()}
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
@@ -237,7 +230,7 @@ def test_embeddings_looked_up_whole_train_the_padding_row_as_lora_does(method, o
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ranks clipped to the embedding's shape
         tp.inject(model, METHODS[method](target_modules=["0"], r=2, **options))
-    randomize(model)
+    randomize_adapters(model, scale=0.3)
     layer, ids = model[0], torch.tensor([[0, 0, 3], [0, 5, 5]])
     adapter = layer.adapters["default"]
     trainable = [p for p in layer.parameters() if p.requires_grad]

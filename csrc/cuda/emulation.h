@@ -442,30 +442,6 @@ T atomicAdd(T* address, T value) {
     *address = old + value;
     return old;
 }
-template <typename T>
-T atomicMax(T* address, T value) {
-    const T old = *address;
-    *address = std::max(old, value);
-    return old;
-}
-template <typename T>
-T atomicMin(T* address, T value) {
-    const T old = *address;
-    *address = std::min(old, value);
-    return old;
-}
-template <typename T>
-T atomicExch(T* address, T value) {
-    const T old = *address;
-    *address = value;
-    return old;
-}
-template <typename T>
-T atomicCAS(T* address, T compare, T value) {
-    const T old = *address;
-    if (old == compare) *address = value;
-    return old;
-}
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }  // launches throw at once
 inline const char* cudaGetErrorString(cudaError_t status) {
