@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "half.h"
 #include "kernelized.h"
 #include "launch.h"
 #include "tensor_peft/kernelized.h"
@@ -92,13 +93,14 @@ __device__ T warp_sum(T value) {
     return value;
 }
 
-template <typename T>
-__global__ void delta_kernel(Kernelized<T> P, T* out) {
+// κ in T, each entry rounded once into out's storage type Stored.
+template <typename Stored, typename T>
+__global__ void delta_kernel(Kernelized<T> P, Stored* out) {
     const int64_t i = blockIdx.x * int64_t(32) + threadIdx.x;
     if (i >= P.n) return;
     for (int64_t j = blockIdx.y * int64_t(kWarps) + threadIdx.y; j < P.m; j += int64_t(gridDim.y) * kWarps) {
         T piecewise;
-        out[j * P.n + i] = kernel_value(P, j, i, piecewise);
+        out[j * P.n + i] = narrow<Stored>(kernel_value(P, j, i, piecewise));
     }
 }
 
@@ -106,9 +108,9 @@ __global__ void delta_kernel(Kernelized<T> P, T* out) {
 // strips of rows (warp w takes rows w, w + kColumnWarps, …): max_j P into columns[0, n)
 // and Σ_j exp((P − max_j P)/gamma) (summed in double) into [n, 2n); or (dot) c_i = Σ_j
 // D_ji S_ji into [2n, 3n), D = Γ after the mask's derivative. Each warp's partials are
-// combined in warp order by the first warp: the same bits at any schedule.
-template <typename T>
-__global__ void columns_kernel(Kernelized<T> P, const T* grad, const T* tau, int mode, bool dot) {
+// combined in warp order by the first warp: the same bits at any schedule. Γ is stored as Stored.
+template <typename Stored, typename T>
+__global__ void columns_kernel(Kernelized<T> P, const Stored* grad, const T* tau, int mode, bool dot) {
     __shared__ T maxima[kColumnWarps][32];
     __shared__ double sums[kColumnWarps][32];
     const int64_t i_raw = blockIdx.x * int64_t(32) + threadIdx.x;
@@ -131,7 +133,7 @@ __global__ void columns_kernel(Kernelized<T> P, const T* grad, const T* tau, int
         for (int64_t j = threadIdx.y; j < P.m; j += kColumnWarps) {
             T piecewise;
             const T value = kernel_value(P, j, i, piecewise);
-            T D = grad[j * P.n + i];
+            T D = T(widen(grad[j * P.n + i]));
             if (mode != kNone) D *= mask_factor(value, t, mode, true);
             acc += double(D) * double(softmax(P, piecewise, i));
         }
@@ -169,10 +171,10 @@ __device__ void embedding_gradients(const Kernelized<T>& P, int64_t h, int64_t j
 }
 
 // Block sums in shared memory, then into the float64 parameter gradients: coeff[h] in
-// block_sums[0, H), (alpha, beta, gamma) in [H, H + 3).
-template <typename T>
-__global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr, int mode, T* d_out_emb, T* d_in_t,
-                                double* d_coeff, double* d_params) {
+// block_sums[0, H), (alpha, beta, gamma) in [H, H + 3). Γ is stored as Stored.
+template <typename Stored, typename T>
+__global__ void backward_kernel(Kernelized<T> P, const Stored* grad, const T* tau_ptr, int mode, T* d_out_emb,
+                                T* d_in_t, double* d_coeff, double* d_params) {
     TP_DYNAMIC_SHARED(double, block_sums);
     __shared__ T column_part[kWarps][32];
     const int thread = threadIdx.y * 32 + threadIdx.x;
@@ -189,7 +191,7 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
         const bool row_in = j0 + threadIdx.y < P.m;
         const int64_t j = row_in ? j0 + threadIdx.y : P.m - 1;
         const bool in = row_in && col_in;
-        T D = in ? grad[j * P.n + i] : T(0);  // ∂L/∂κ, then ∂L/∂P for mixture
+        T D = in ? T(widen(grad[j * P.n + i])) : T(0);  // ∂L/∂κ, then ∂L/∂P for mixture
         if (in && (P.kernel == kMixture || mode != kNone)) {
             T piecewise;
             const T value = kernel_value(P, j, i, piecewise);
@@ -233,16 +235,16 @@ __global__ void backward_kernel(Kernelized<T> P, const T* grad, const T* tau_ptr
 }
 
 // One pass of the radix select: counts[digit] += the keys whose found digits match
-// state = (prefix, prefix_mask).
-template <typename T>
-__global__ void count_kernel(const T* x, int64_t count, unsigned long long* counts, const uint64_t* state, int shift) {
+// state = (prefix, prefix_mask). The keys are those of x's values in T (exact for 16-bit x).
+template <typename X, typename T>
+__global__ void count_kernel(const X* x, int64_t count, unsigned long long* counts, const uint64_t* state, int shift) {
     using Bits = typename radix::Key<T>::type;
     __shared__ unsigned int histogram[kBins];
     for (int b = threadIdx.x; b < kBins; b += blockDim.x) histogram[b] = 0;
     __syncthreads();
     const Bits prefix = static_cast<Bits>(state[0]), prefix_mask = static_cast<Bits>(state[1]);
     for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
-        const Bits key = radix::abs_key(x[e]);
+        const Bits key = radix::abs_key(T(widen(x[e])));
         if ((key & prefix_mask) == prefix) atomicAdd(&histogram[(key >> shift) & (kBins - 1)], 1u);
     }
     __syncthreads();
@@ -262,13 +264,16 @@ __global__ void search_kernel(const unsigned long long* counts, uint64_t* state,
     *tau = radix::from_key<T>(static_cast<typename radix::Key<T>::type>(state[0]));
 }
 
-// out = x·factor, or (backward) grad·∂(x·factor)/∂x; out may be x.
-template <typename T>
-__global__ void mask_kernel(const T* x, const T* grad, T* out, int64_t count, const T* tau, int mode, bool backward) {
+// out = x·factor, or (backward) grad·∂(x·factor)/∂x, computed in T and rounded once into
+// out's Stored; out may be x.
+template <typename X, typename Stored, typename T>
+__global__ void mask_kernel(const X* x, const Stored* grad, Stored* out, int64_t count, const T* tau, int mode,
+                            bool backward) {
     const T t = *tau;
     for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
-        const T factor = mask_factor(x[e], t, mode, backward);
-        out[e] = (backward ? grad[e] : x[e]) * factor;
+        const T value = T(widen(x[e]));
+        const T factor = mask_factor(value, t, mode, backward);
+        out[e] = narrow<Stored>((backward ? T(widen(grad[e])) : value) * factor);
     }
 }
 
@@ -281,15 +286,15 @@ dim3 tile_grid(int64_t m, int64_t n, int64_t max_row_blocks) {
                 static_cast<unsigned>(std::min((m + kWarps - 1) / kWarps, max_row_blocks)));
 }
 
-// τ = the k-th smallest |x| (k ≥ 1), written to device memory.
-template <typename T>
-void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* work, cudaStream_t stream) {
+// τ = the k-th smallest |x| (k ≥ 1) as a T, written to device memory.
+template <typename X, typename T>
+void select_threshold(const X* x, int64_t count, int64_t k, T* tau, int64_t* work, cudaStream_t stream) {
     auto* counts = reinterpret_cast<unsigned long long*>(work);
     auto* state = reinterpret_cast<uint64_t*>(work + passes<T>() * kBins);
     cudaMemsetAsync(work, 0, sizeof(int64_t) * (passes<T>() * kBins + 3), stream);
     for (int pass = 0; pass < passes<T>(); ++pass) {
         const int shift = std::max(radix::Key<T>::kBits - kDigit * (pass + 1), 0);
-        launch("radix select count_kernel", count_kernel<T>, elementwise_blocks(count), kThreads, 0, stream, x, count,
+        launch("radix select count_kernel", count_kernel<X, T>, elementwise_blocks(count), kThreads, 0, stream, x, count,
                counts + pass * kBins, state, shift);
         launch("radix select search_kernel", search_kernel<T>, 1, 1, 0, stream, counts + pass * kBins, state, shift,
                pass == 0 ? k : 0, tau);
@@ -297,10 +302,10 @@ void select_threshold(const T* x, int64_t count, int64_t k, T* tau, int64_t* wor
 }
 
 // Mixture's column pass: the softmax statistics, or (dot) Σ_j D·S.
-template <typename T>
-void column_pass(const Kernelized<T>& P, const T* grad, const T* tau, int mode, bool dot, cudaStream_t stream) {
+template <typename Stored, typename T>
+void column_pass(const Kernelized<T>& P, const Stored* grad, const T* tau, int mode, bool dot, cudaStream_t stream) {
     const unsigned blocks = static_cast<unsigned>((P.n + 31) / 32);
-    launch("kernelized columns_kernel", columns_kernel<T>, blocks, dim3(32, kColumnWarps), 0, stream, P, grad, tau,
+    launch("kernelized columns_kernel", columns_kernel<Stored, T>, blocks, dim3(32, kColumnWarps), 0, stream, P, grad, tau,
            mode, dot);
 }
 
@@ -312,62 +317,74 @@ int64_t select_workspace(bool is_double) {
 
 int64_t columns_workspace(int64_t n, int kernel) { return kernel == kMixture ? 3 * n : 0; }
 
-template <typename T>
-void kernelized_forward(const Kernelized<T>& P, T* out, int64_t k, int mode, T* tau, int64_t* select_work,
-                        std::uintptr_t stream_handle) {
+template <typename S, typename T>
+void kernelized_forward(const Kernelized<T>& P, S* out_storage, T* raw, int64_t k, int mode, T* tau,
+                        int64_t* select_work, std::uintptr_t stream_handle) {
     if (P.m * P.n == 0) return;
+    using Stored = device_t<S>;
+    Stored* out = device_ptr(out_storage);
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    if (P.kernel == kMixture) column_pass<T>(P, nullptr, nullptr, kNone, false, stream);
-    launch("kernelized delta_kernel", delta_kernel<T>, tile_grid(P.m, P.n, kMaxGridY), dim3(32, kWarps), 0, stream, P,
-           out);
-    if (mode != kNone) {
-        if (k > 0) select_threshold<T>(out, P.m * P.n, k, tau, select_work, stream);
-        launch("kernelized mask_kernel", mask_kernel<T>, elementwise_blocks(P.m * P.n), kThreads, 0, stream,
-               out, nullptr, out, P.m * P.n, tau, mode, false);
+    if (P.kernel == kMixture) column_pass<T, T>(P, nullptr, nullptr, kNone, false, stream);
+    const dim3 grid = tile_grid(P.m, P.n, kMaxGridY);
+    if (mode == kNone) {
+        launch("kernelized delta_kernel", delta_kernel<Stored, T>, grid, dim3(32, kWarps), 0, stream, P, out);
+        return;
     }
+    launch("kernelized delta_kernel", delta_kernel<T, T>, grid, dim3(32, kWarps), 0, stream, P, raw);
+    if (k > 0) select_threshold<T, T>(raw, P.m * P.n, k, tau, select_work, stream);
+    launch("kernelized mask_kernel", mask_kernel<T, Stored, T>, elementwise_blocks(P.m * P.n), kThreads, 0, stream,
+           raw, nullptr, out, P.m * P.n, tau, mode, false);
 }
 
-template <typename T>
-void kernelized_backward(const Kernelized<T>& P, const T* grad, const T* tau, int mode, T* d_out_emb, T* d_in_t,
-                         double* d_coeff, double* d_params, std::uintptr_t stream_handle) {
+template <typename S, typename T>
+void kernelized_backward(const Kernelized<T>& P, const S* grad_storage, const T* tau, int mode, T* d_out_emb,
+                         T* d_in_t, double* d_coeff, double* d_params, std::uintptr_t stream_handle) {
     if (P.m * P.n == 0) return;
+    using Stored = device_t<S>;
+    const Stored* grad = device_ptr(grad_storage);
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
     if (P.kernel == kMixture) {
-        column_pass<T>(P, nullptr, nullptr, kNone, false, stream);
-        column_pass<T>(P, grad, tau, mode, true, stream);
+        column_pass<T, T>(P, nullptr, nullptr, kNone, false, stream);
+        column_pass<Stored, T>(P, grad, tau, mode, true, stream);
     }
     const size_t shared = sizeof(double) * static_cast<size_t>(P.chunks + 3);
-    launch("kernelized backward_kernel", backward_kernel<T>, tile_grid(P.m, P.n, kBackwardRowBlocks), dim3(32, kWarps),
-           shared, stream, P, grad, tau, mode, d_out_emb, d_in_t, d_coeff, d_params);
+    launch("kernelized backward_kernel", backward_kernel<Stored, T>, tile_grid(P.m, P.n, kBackwardRowBlocks),
+           dim3(32, kWarps), shared, stream, P, grad, tau, mode, d_out_emb, d_in_t, d_coeff, d_params);
 }
 
-template <typename T>
-void sparsify(const T* x, T* out, int64_t count, int64_t k, int mode, T* tau, int64_t* select_work,
+template <typename S, typename T>
+void sparsify(const S* x_storage, S* out_storage, int64_t count, int64_t k, int mode, T* tau, int64_t* select_work,
               std::uintptr_t stream_handle) {
     if (count == 0) return;
+    using Stored = device_t<S>;
+    const Stored* x = device_ptr(x_storage);
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    if (k > 0) select_threshold<T>(x, count, k, tau, select_work, stream);
-    launch("sparsify mask_kernel", mask_kernel<T>, elementwise_blocks(count), kThreads, 0, stream, x, nullptr,
-           out, count, tau, mode, false);
+    if (k > 0) select_threshold<Stored, T>(x, count, k, tau, select_work, stream);
+    launch("sparsify mask_kernel", mask_kernel<Stored, Stored, T>, elementwise_blocks(count), kThreads, 0, stream, x,
+           nullptr, device_ptr(out_storage), count, tau, mode, false);
 }
 
-template <typename T>
-void sparsify_backward(const T* grad, const T* x, T* d_x, int64_t count, const T* tau, int mode,
+template <typename S, typename T>
+void sparsify_backward(const S* grad, const S* x, S* d_x, int64_t count, const T* tau, int mode,
                        std::uintptr_t stream_handle) {
     if (count == 0) return;
+    using Stored = device_t<S>;
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    launch("sparsify_backward mask_kernel", mask_kernel<T>, elementwise_blocks(count), kThreads, 0, stream, x, grad,
-           d_x, count, tau, mode, true);
+    launch("sparsify_backward mask_kernel", mask_kernel<Stored, Stored, T>, elementwise_blocks(count), kThreads, 0,
+           stream, device_ptr(x), device_ptr(grad), device_ptr(d_x), count, tau, mode, true);
 }
 
-#define TP_INSTANTIATE(T)                                                                                         \
-    template void kernelized_forward<T>(const Kernelized<T>&, T*, int64_t, int, T*, int64_t*, std::uintptr_t);    \
-    template void kernelized_backward<T>(const Kernelized<T>&, const T*, const T*, int, T*, T*, double*, double*, \
-                                         std::uintptr_t);                                                         \
-    template void sparsify<T>(const T*, T*, int64_t, int64_t, int, T*, int64_t*, std::uintptr_t);                 \
-    template void sparsify_backward<T>(const T*, const T*, T*, int64_t, const T*, int, std::uintptr_t);
-TP_INSTANTIATE(float)
-TP_INSTANTIATE(double)
+#define TP_INSTANTIATE(S, T)                                                                                      \
+    template void kernelized_forward<S, T>(const Kernelized<T>&, S*, T*, int64_t, int, T*, int64_t*,              \
+                                           std::uintptr_t);                                                       \
+    template void kernelized_backward<S, T>(const Kernelized<T>&, const S*, const T*, int, T*, T*, double*,       \
+                                            double*, std::uintptr_t);                                             \
+    template void sparsify<S, T>(const S*, S*, int64_t, int64_t, int, T*, int64_t*, std::uintptr_t);              \
+    template void sparsify_backward<S, T>(const S*, const S*, S*, int64_t, const T*, int, std::uintptr_t);
+TP_INSTANTIATE(float, float)
+TP_INSTANTIATE(double, double)
+TP_INSTANTIATE(BFloat16, float)
+TP_INSTANTIATE(Float16, float)
 #undef TP_INSTANTIATE
 
 }  // namespace tensor_peft::cuda

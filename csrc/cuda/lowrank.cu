@@ -2,6 +2,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "half.h"
 #include "launch.h"
 #include "lowrank.h"
 #include "tensor_peft/lowrank.h"
@@ -19,9 +20,10 @@ constexpr int kTileWarps = 8;     // forward: a block's warps, each over every k
 // gridDim.y·kTile on), the rank in steps of kTile: each step holds U's rows (times scale)
 // and R's columns for the step in shared memory, read once per tile from global memory.
 // Thread (x, y) makes column x of rows y, y + kTileWarps, …; each entry adds its products
-// in rank order, whatever the rank (no shared-memory limit to reach).
-template <typename T>
-__global__ void forward_kernel(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n,
+// in rank order, whatever the rank (no shared-memory limit to reach), in the compute type T;
+// W0 and out are stored as D (T, or a 16-bit type: each entry widened, the result rounded once).
+template <typename D, typename T>
+__global__ void forward_kernel(D* out, const D* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n,
                                T scale, int epilogue) {
     __shared__ T u[kTile][kTile];  // u[row][a]
     __shared__ T r[kTile][kTile];  // r[a][column]
@@ -54,17 +56,18 @@ __global__ void forward_kernel(T* out, const T* weight, const T* U, const T* R, 
         for (int t = 0; t < kRowsPerThread; ++t) {
             const int64_t i = row0 + threadIdx.y + t * kTileWarps;
             if (!column_in || i >= d0) continue;
-            const T w = weight ? weight[i * n + j] : T(0);
-            out[i * n + j] = epilogue == kAdd ? w + delta[t] : epilogue == kExp ? w * exp(delta[t]) : w * (T(1) + delta[t]);
+            const T w = weight ? T(widen(weight[i * n + j])) : T(0);
+            const T value = epilogue == kAdd ? w + delta[t] : epilogue == kExp ? w * exp(delta[t]) : w * (T(1) + delta[t]);
+            out[i * n + j] = narrow<D>(value);
         }
     }
 }
 
 // One block: a tile of kRowsPerTile rows × kThreads columns of Γ, read once and turned
 // into D by the epilogue. Each thread adds its column's share of dR; each warp sums its
-// 32 columns' share of dU by shuffles.
-template <typename T>
-__global__ void backward_kernel(const T* grad, const T* weight, const T* U, const T* R, T* dU, T* dR, int64_t d0,
+// 32 columns' share of dU by shuffles. Γ and W0 are stored as D, widened to T on load.
+template <typename D, typename T>
+__global__ void backward_kernel(const D* grad, const D* weight, const T* U, const T* R, T* dU, T* dR, int64_t d0,
                                 int64_t r0, int64_t n, T scale, int epilogue) {
     const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     const bool column_in = j < n;
@@ -74,9 +77,9 @@ __global__ void backward_kernel(const T* grad, const T* weight, const T* U, cons
     for (int t = 0; t < kRowsPerTile; ++t) {
         const int64_t i = row0 + t;
         const bool in = column_in && i < d0;
-        g[t] = in ? grad[i * n + j] : T(0);
+        g[t] = in ? T(widen(grad[i * n + j])) : T(0);
         if (in && epilogue != kAdd) {
-            g[t] *= weight[i * n + j];
+            g[t] *= T(widen(weight[i * n + j]));
             if (epilogue == kExp) {
                 T delta = 0;
                 for (int64_t a = 0; a < r0; ++a) delta += U[i * r0 + a] * R[a * n + j];
@@ -101,33 +104,37 @@ __global__ void backward_kernel(const T* grad, const T* weight, const T* U, cons
 
 }  // namespace
 
-template <typename T>
-void lowrank_forward(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
+template <typename S, typename T>
+void lowrank_forward(S* out, const S* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,
                      int epilogue, std::uintptr_t stream) {
     if (d0 * n == 0) return;
     const dim3 grid(static_cast<unsigned>((n + kTile - 1) / kTile),
                     static_cast<unsigned>(std::min((d0 + kTile - 1) / kTile, kMaxGridY)));
-    launch("lowrank_forward", forward_kernel<T>, grid, dim3(kTile, kTileWarps), 0,
-           reinterpret_cast<cudaStream_t>(stream), out, weight, U, R, d0, r0, n, scale, epilogue);
+    launch("lowrank_forward", forward_kernel<device_t<S>, T>, grid, dim3(kTile, kTileWarps), 0,
+           reinterpret_cast<cudaStream_t>(stream), device_ptr(out), device_ptr(weight), U, R, d0, r0, n, scale,
+           epilogue);
 }
 
-template <typename T>
-void lowrank_backward(const T* grad, const T* weight, const T* U, const T* R, T* dU, T* dR, int64_t d0, int64_t r0,
+template <typename S, typename T>
+void lowrank_backward(const S* grad, const S* weight, const T* U, const T* R, T* dU, T* dR, int64_t d0, int64_t r0,
                       int64_t n, T scale, int epilogue, std::uintptr_t stream) {
     const int64_t tiles = (d0 + kRowsPerTile - 1) / kRowsPerTile;
     if (tiles > kMaxGridY) throw std::invalid_argument("lowrank_backward: more than 65535·16 rows");
     const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(tiles));
-    launch("lowrank_backward", backward_kernel<T>, grid, kThreads, 0, reinterpret_cast<cudaStream_t>(stream), grad,
-           weight, U, R, dU, dR, d0, r0, n, scale, epilogue);
+    launch("lowrank_backward", backward_kernel<device_t<S>, T>, grid, kThreads, 0,
+           reinterpret_cast<cudaStream_t>(stream), device_ptr(grad), device_ptr(weight), U, R, dU, dR, d0, r0, n,
+           scale, epilogue);
 }
 
-template void lowrank_forward<float>(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
-                                     float, int, std::uintptr_t);
-template void lowrank_forward<double>(double*, const double*, const double*, const double*, int64_t, int64_t,
-                                      int64_t, double, int, std::uintptr_t);
-template void lowrank_backward<float>(const float*, const float*, const float*, const float*, float*, float*,
-                                      int64_t, int64_t, int64_t, float, int, std::uintptr_t);
-template void lowrank_backward<double>(const double*, const double*, const double*, const double*, double*, double*,
-                                       int64_t, int64_t, int64_t, double, int, std::uintptr_t);
+#define TP_INSTANTIATE(S, T)                                                                                   \
+    template void lowrank_forward<S, T>(S*, const S*, const T*, const T*, int64_t, int64_t, int64_t, T, int,    \
+                                        std::uintptr_t);                                                       \
+    template void lowrank_backward<S, T>(const S*, const S*, const T*, const T*, T*, T*, int64_t, int64_t,      \
+                                         int64_t, T, int, std::uintptr_t);
+TP_INSTANTIATE(float, float)
+TP_INSTANTIATE(double, double)
+TP_INSTANTIATE(BFloat16, float)
+TP_INSTANTIATE(Float16, float)
+#undef TP_INSTANTIATE
 
 }  // namespace tensor_peft::cuda

@@ -1,6 +1,8 @@
 // tensor_peft._cuda: the CUDA backend. Kernels are .cu files compiled by nvcc; this
 // binding (g++) passes raw device pointers, sizes and the CUDA stream as an integer.
 // No torch headers. Kernels register from PYBIND11_MODULE below.
+// Suffixes name the storage dtype of a kernel's large tensors: _f32 and _f64 compute in it,
+// _bf16 and _f16 in float32 (half.h); matrix_exp has _f32 and _f64 only.
 // tensor_peft._cuda_emulated (TP_CUDA_EMULATION, TP_CUDA_MODULE=_cuda_emulated): the same
 // sources compiled by g++ with launch.h's emulation of CUDA; pointers are host memory,
 // and set_schedule / set_compute_capability steer the emulator.
@@ -10,6 +12,7 @@
 #include <string>
 
 #include "expm.h"
+#include "half.h"
 #include "kernelized.h"
 #include "lowrank.h"
 #include "runtime.h"
@@ -35,12 +38,16 @@ namespace {
 
 using tensor_peft::arguments::ptr;
 
-template <typename T>
+using tensor_peft::cuda::BFloat16;
+using tensor_peft::cuda::Float16;
+
+// S: the storage of out, W0 and Γ; T: the compute type of U, R, dU, dR and scale.
+template <typename S, typename T>
 void bind_lowrank(py::module_& m, const std::string& suffix) {
     m.def(("lowrank_forward_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
              int64_t n, double scale, int epilogue, std::uintptr_t stream) {
-              tensor_peft::cuda::lowrank_forward<T>(ptr<T>(out), weight ? ptr<const T>(weight) : nullptr,
+              tensor_peft::cuda::lowrank_forward<S, T>(ptr<S>(out), weight ? ptr<const S>(weight) : nullptr,
                                                     ptr<const T>(U), ptr<const T>(R), d0, r0, n,
                                                     static_cast<T>(scale), epilogue, stream);
           },
@@ -50,7 +57,7 @@ void bind_lowrank(py::module_& m, const std::string& suffix) {
     m.def(("lowrank_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t weight, std::uintptr_t U, std::uintptr_t R, int64_t d0, int64_t r0,
              int64_t n, double scale, int epilogue, std::uintptr_t dU, std::uintptr_t dR, std::uintptr_t stream) {
-              tensor_peft::cuda::lowrank_backward<T>(ptr<const T>(grad), weight ? ptr<const T>(weight) : nullptr,
+              tensor_peft::cuda::lowrank_backward<S, T>(ptr<const S>(grad), weight ? ptr<const S>(weight) : nullptr,
                                                      ptr<const T>(U), ptr<const T>(R), ptr<T>(dU), ptr<T>(dR), d0,
                                                      r0, n, static_cast<T>(scale), epilogue, stream);
           },
@@ -81,7 +88,8 @@ void bind_expm(py::module_& m, const std::string& suffix) {
           "the current device: 0 when shared memory holds it.");
 }
 
-template <typename T>
+// S: the storage of ΔW, Γ and sparsify's tensors; T: the compute type of everything else.
+template <typename S, typename T>
 void bind_kernelized(py::module_& m, const std::string& suffix) {
     using tensor_peft::cuda::Kernelized;
     auto problem = [](std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
@@ -93,26 +101,27 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
     m.def(("kernelized_forward_" + suffix).c_str(),
           [problem](std::uintptr_t out, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n,
                     int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps,
-                    int64_t k, int mode, std::uintptr_t tau, std::uintptr_t columns, std::uintptr_t select_work,
-                    std::uintptr_t stream) {
-              tensor_peft::cuda::kernelized_forward<T>(
-                  problem(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps, columns), ptr<T>(out), k,
-                  mode, ptr<T>(tau), ptr<int64_t>(select_work), stream);
+                    int64_t k, int mode, std::uintptr_t tau, std::uintptr_t raw, std::uintptr_t columns,
+                    std::uintptr_t select_work, std::uintptr_t stream) {
+              tensor_peft::cuda::kernelized_forward<S, T>(
+                  problem(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps, columns), ptr<S>(out),
+                  ptr<T>(raw), k, mode, ptr<T>(tau), ptr<int64_t>(select_work), stream);
           },
           py::arg("out"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
           py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("k"),
-          py::arg("mode"), py::arg("tau"), py::arg("columns"), py::arg("select_work"), py::arg("stream"),
-          "out (m, n) = κ(Out, In) (In as (H, p, n)); mode 1/2: sparsified in place with τ, written to tau "
-          "when k > 0. columns: kernelized_columns_workspace values; select_work: kernelized_select_workspace "
-          "int64 values.");
+          py::arg("mode"), py::arg("tau"), py::arg("raw"), py::arg("columns"), py::arg("select_work"),
+          py::arg("stream"),
+          "out (m, n) = κ(Out, In) (In as (H, p, n)); mode 1/2: κ into raw (m, n, compute dtype; may be out for "
+          "_f32/_f64), then sparsified into out with τ, written to tau when k > 0. columns: "
+          "kernelized_columns_workspace values; select_work: kernelized_select_workspace int64 values.");
     m.def(("kernelized_backward_" + suffix).c_str(),
           [problem](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n,
                     int64_t chunks, int64_t width, int kernel, std::uintptr_t coeff, std::uintptr_t params, double eps,
                     std::uintptr_t tau, int mode, std::uintptr_t d_out_emb, std::uintptr_t d_in_t,
                     std::uintptr_t d_coeff, std::uintptr_t d_params, std::uintptr_t columns, std::uintptr_t stream) {
-              tensor_peft::cuda::kernelized_backward<T>(
+              tensor_peft::cuda::kernelized_backward<S, T>(
                   problem(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps, columns),
-                  ptr<const T>(grad), tau ? ptr<const T>(tau) : nullptr, mode, ptr<T>(d_out_emb), ptr<T>(d_in_t),
+                  ptr<const S>(grad), tau ? ptr<const T>(tau) : nullptr, mode, ptr<T>(d_out_emb), ptr<T>(d_in_t),
                   ptr<double>(d_coeff), ptr<double>(d_params), stream);
           },
           py::arg("grad"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
@@ -124,7 +133,7 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
     m.def(("sparsify_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t delta, int64_t count, int64_t k, int mode, std::uintptr_t tau,
              std::uintptr_t select_work, std::uintptr_t stream) {
-              tensor_peft::cuda::sparsify<T>(ptr<const T>(delta), ptr<T>(out), count, k, mode, ptr<T>(tau),
+              tensor_peft::cuda::sparsify<S, T>(ptr<const S>(delta), ptr<S>(out), count, k, mode, ptr<T>(tau),
                                              ptr<int64_t>(select_work), stream);
           },
           py::arg("out"), py::arg("delta"), py::arg("count"), py::arg("k"), py::arg("mode"), py::arg("tau"),
@@ -133,8 +142,8 @@ void bind_kernelized(py::module_& m, const std::string& suffix) {
     m.def(("sparsify_backward_" + suffix).c_str(),
           [](std::uintptr_t d_delta, std::uintptr_t grad, std::uintptr_t delta, int64_t count, std::uintptr_t tau,
              int mode, std::uintptr_t stream) {
-              tensor_peft::cuda::sparsify_backward<T>(ptr<const T>(grad), ptr<const T>(delta), ptr<T>(d_delta), count,
-                                                      ptr<const T>(tau), mode, stream);
+              tensor_peft::cuda::sparsify_backward<S, T>(ptr<const S>(grad), ptr<const S>(delta), ptr<S>(d_delta),
+                                                         count, ptr<const T>(tau), mode, stream);
           },
           py::arg("d_delta"), py::arg("grad"), py::arg("delta"), py::arg("count"), py::arg("tau"), py::arg("mode"),
           py::arg("stream"),
@@ -196,12 +205,16 @@ PYBIND11_MODULE(TP_CUDA_MODULE, m) {
     m.def("kernelized_columns_workspace", &tensor_peft::cuda::columns_workspace, py::arg("n"), py::arg("kernel"),
           "Values of the columns workspace the kernelized kernels take for n columns and this kernel.");
     tensor_peft::binding::export_ids(m);
-    bind_lowrank<float>(m, "f32");
-    bind_lowrank<double>(m, "f64");
+    bind_lowrank<float, float>(m, "f32");
+    bind_lowrank<double, double>(m, "f64");
+    bind_lowrank<BFloat16, float>(m, "bf16");
+    bind_lowrank<Float16, float>(m, "f16");
     bind_expm<float>(m, "f32");
     bind_expm<double>(m, "f64");
-    bind_kernelized<float>(m, "f32");
-    bind_kernelized<double>(m, "f64");
+    bind_kernelized<float, float>(m, "f32");
+    bind_kernelized<double, double>(m, "f64");
+    bind_kernelized<BFloat16, float>(m, "bf16");
+    bind_kernelized<Float16, float>(m, "f16");
 #ifdef TP_CUDA_EMULATION
     bind_emulator(m);
     tensor_peft::cuda::bind_emulation_checks(m);

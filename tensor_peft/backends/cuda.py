@@ -1,8 +1,17 @@
 """The ``cuda`` backend: CUDA C++ kernels of the compiled extension ``tensor_peft._cuda``.
 
 Tensors reach the kernels as raw device pointers with the current CUDA stream as an
-integer; the op layer has checked their shapes and made them contiguous float32/float64
-on one device. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass
+integer; the op layer has checked their shapes and made them contiguous on one device.
+
+Dtypes (``KERNEL_DTYPES``): the large tensors of a call (W0, ΔW, Γ, sparsify's delta) are
+read and written in float16/bfloat16 directly when they share that dtype and the call
+computes in float32 (the ``_f16``/``_bf16`` kernels: each value widened exactly, the
+arithmetic in float32, each result rounded once to nearest even); the small ones (U, R,
+the embeddings, the kernel parameters) are cast to the compute dtype, gradients are summed
+in compute-dtype buffers and rounded once into their inputs' dtypes, and τ is the compute
+dtype's. Half tensors in a float64 call are cast to float64 (``storage_dtype``).
+``matrix_exp`` computes in float32 for a half A: A is cast to float32 and the result
+rounded once into A's dtype. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass
 over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
 ``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; ``matrix_exp`` with its
 backward (``csrc/cuda/expm.cu``: a team of threads per matrix, the math of the CPU kernel,
@@ -21,12 +30,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..config import HALF_DTYPES
 from .determinism import check_deterministic
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
 from .registry import extension, extension_import_error, extension_kernel, register
+from .tensor_algebra import compute_dtype
 
 DEVICE_TYPES = ("cuda",)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -86,6 +98,19 @@ def incompatibility(build_info: dict, driver_version: int, capabilities: list[tu
     return None
 
 
+def storage_dtype(compute: torch.dtype, *large: Tensor | None) -> torch.dtype:
+    """The dtype a kernel reads and writes the ``large`` tensors of a call in: their half
+    dtype when they all share one and the call computes in float32, else ``compute``."""
+    dtypes = {tensor.dtype for tensor in large if tensor is not None}
+    if compute == torch.float32 and len(dtypes) == 1 and dtypes <= set(HALF_DTYPES):
+        return dtypes.pop()
+    return compute
+
+
+def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(dtype).contiguous()
+
+
 def _current_stream(tensor: Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
@@ -104,16 +129,27 @@ def register_kernels(
         return extension_kernel(module, name, dtype)
 
     def launch_forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
+        compute = compute_dtype(*(t for t in (out, weight, U, R) if t is not None))
+        storage = storage_dtype(compute, out, weight)
+        written = out if out.dtype == storage else torch.empty_like(out, dtype=storage)
+        weight, U, R = _as(weight, storage), _as(U, compute), _as(R, compute)
         with device_guard(out.device):
-            launcher("lowrank_forward", out.dtype)(
-                out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-                d0=d0, r0=r0, n=n, scale=scale, epilogue=extension(module).EPILOGUE_IDS[epilogue], stream=stream_of(out),
+            launcher("lowrank_forward", storage)(
+                out=written.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(),
+                R=R.data_ptr(), d0=d0, r0=r0, n=n, scale=scale, epilogue=extension(module).EPILOGUE_IDS[epilogue],
+                stream=stream_of(out),
             )  # fmt: skip
+        if written is not out:
+            out.copy_(written)
 
     def launch_backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
+        """Adds into d_U and d_R, both in the compute dtype."""
         check_deterministic("tucker_delta_backward" if epilogue == "add" else "lowrank_hadamard_merge_backward", backend)
+        compute = d_U.dtype
+        storage = storage_dtype(compute, grad, weight)
+        grad, weight, U, R = _as(grad, storage), _as(weight, storage), _as(U, compute), _as(R, compute)
         with device_guard(grad.device):
-            launcher("lowrank_backward", grad.dtype)(
+            launcher("lowrank_backward", storage)(
                 grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
                 d0=d0, r0=r0, n=n, scale=scale, epilogue=extension(module).EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
                 dR=d_R.data_ptr(), stream=stream_of(grad),
@@ -132,68 +168,87 @@ def register_kernels(
 
     @register("matrix_exp", backend)
     def matrix_exp(A: Tensor) -> Tensor:
-        out = torch.empty_like(A)
-        expm_launch("matrix_exp", A, False, out=out.data_ptr(), A=A.data_ptr())
-        return out
+        """exp(A) in A's dtype; a half A is computed in float32 (small matrices: a cast each way)."""
+        computed = _as(A, compute_dtype(A))
+        out = torch.empty_like(computed)
+        expm_launch("matrix_exp", computed, False, out=out.data_ptr(), A=computed.data_ptr())
+        return out.to(A.dtype)
 
     @register("matrix_exp_backward", backend)
     def matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
-        d_A = torch.empty_like(A)
-        expm_launch("matrix_exp_backward", A, True, d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr())
-        return d_A
+        dtype = compute_dtype(grad, A)
+        grad, computed = _as(grad, dtype), _as(A, dtype)
+        d_A = torch.empty_like(computed)
+        expm_launch("matrix_exp_backward", computed, True, d_A=d_A.data_ptr(), grad=grad.data_ptr(),
+                    A=computed.data_ptr())  # fmt: skip
+        return d_A.to(A.dtype)
 
-    def columns_workspace(out_emb: Tensor, n: int, kernel: str) -> Tensor:
-        """The columns workspace of the kernelized kernels (mixture's column statistics)."""
+    def columns_workspace(params: Tensor, n: int, kernel: str) -> Tensor:
+        """The columns workspace of the kernelized kernels (mixture's column statistics), in params' dtype."""
         ids = extension(module)
-        return out_emb.new_empty(ids.kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, ids)))
+        return params.new_empty(ids.kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, ids)))
 
-    def select_work(x: Tensor) -> Tensor:
-        size = launcher("kernelized_select_workspace", x.dtype)()
-        return torch.empty(size, dtype=torch.int64, device=x.device)
+    def select_work(compute: torch.dtype, device: torch.device) -> Tensor:
+        size = launcher("kernelized_select_workspace", compute)()
+        return torch.empty(size, dtype=torch.int64, device=device)
+
+    def kernelized_inputs(out_emb, in_emb, coeff, params):
+        """(compute dtype, Out, In transposed to (H, p, n), coeff, params), all in the compute
+        dtype (params' own: the op layer never makes it half)."""
+        compute = params.dtype
+        return compute, _as(out_emb, compute), _as(in_emb.transpose(1, 2), compute), _as(coeff, compute), params
 
     @register("kernelized_sparse_delta", backend)
     def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-        """[ΔW, τ]: κ(Out, In), sparsified when ``mode`` is given (None: the dense op). In goes
-        in as (H, p, n). The kernel selects τ when k > 0 and otherwise masks by the τ it is
-        given: −inf (keep all) for k = 0, or ``tau``."""
+        """[ΔW, τ]: κ(Out, In) in out_emb's dtype, sparsified when ``mode`` is given (None: the
+        dense op). The kernel selects τ (compute dtype) when k > 0 and otherwise masks by the
+        τ it is given: −inf (keep all) for k = 0, or ``tau``. With a sparsity, a half ΔW is
+        κ masked in the compute dtype (a buffer) and rounded once."""
         chunks, m, width = out_emb.shape
         n = in_emb.shape[1]
-        out = out_emb.new_empty(m, n)
+        compute, out_emb_c, in_t, coeff_c, params = kernelized_inputs(out_emb, in_emb, coeff, params)
+        storage = storage_dtype(compute, out_emb)
+        out = out_emb.new_empty(m, n, dtype=storage)
+        raw = out if mode is None or storage == compute else out_emb.new_empty(m, n, dtype=compute)
         if tau is None:
-            tau = out_emb.new_full((), float("-inf"))
+            tau = params.new_full((), float("-inf"))
         else:
             k = 0  # read, not written
-        in_t = in_emb.transpose(1, 2).contiguous()
-        columns = columns_workspace(out_emb, n, kernel)
-        work = select_work(out)
+            tau = _as(tau, compute)
+        columns = columns_workspace(params, n, kernel)
+        work = select_work(compute, out.device)
         with device_guard(out.device):
-            launcher("kernelized_forward", out.dtype)(
-                out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-                width=width, kernel=kernel_id(kernel, extension(module)), coeff=coeff.data_ptr(), params=params.data_ptr(),
-                eps=eps, k=k, mode=mode_id(mode, extension(module)), tau=tau.data_ptr(), columns=columns.data_ptr(),
-                select_work=work.data_ptr(), stream=stream_of(out),
+            launcher("kernelized_forward", storage)(
+                out=out.data_ptr(), out_emb=out_emb_c.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
+                width=width, kernel=kernel_id(kernel, extension(module)), coeff=coeff_c.data_ptr(),
+                params=params.data_ptr(), eps=eps, k=k, mode=mode_id(mode, extension(module)), tau=tau.data_ptr(),
+                raw=raw.data_ptr(), columns=columns.data_ptr(), select_work=work.data_ptr(), stream=stream_of(out),
             )  # fmt: skip
-        return [out, tau]
+        return [out.to(out_emb.dtype), tau]
 
     @register("kernelized_sparse_delta_backward", backend)
     def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
         check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", backend)
         chunks, m, width = out_emb.shape
         n = in_emb.shape[1]
-        d_out, d_in_t = torch.zeros_like(out_emb), in_emb.new_zeros(chunks, width, n)
+        compute, out_emb_c, in_t, coeff_c, params = kernelized_inputs(out_emb, in_emb, coeff, params)
+        storage = storage_dtype(compute, grad)
+        grad, tau = _as(grad, storage), _as(tau, compute)
+        d_out, d_in_t = torch.zeros_like(out_emb_c), torch.zeros_like(in_t)  # atomic sums in the compute dtype
         d_coeff = torch.zeros_like(coeff, dtype=torch.float64)  # sums over m·n entries
         d_params = torch.zeros_like(params, dtype=torch.float64)
-        in_t = in_emb.transpose(1, 2).contiguous()
-        columns = columns_workspace(out_emb, n, kernel)
+        columns = columns_workspace(params, n, kernel)
         with device_guard(grad.device):
-            launcher("kernelized_backward", grad.dtype)(
-                grad=grad.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-                width=width, kernel=kernel_id(kernel, extension(module)), coeff=coeff.data_ptr(), params=params.data_ptr(),
-                eps=eps, tau=0 if tau is None else tau.data_ptr(), mode=mode_id(mode, extension(module)),
-                d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(),
-                d_params=d_params.data_ptr(), columns=columns.data_ptr(), stream=stream_of(grad),
+            launcher("kernelized_backward", storage)(
+                grad=grad.data_ptr(), out_emb=out_emb_c.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
+                width=width, kernel=kernel_id(kernel, extension(module)), coeff=coeff_c.data_ptr(),
+                params=params.data_ptr(), eps=eps, tau=0 if tau is None else tau.data_ptr(),
+                mode=mode_id(mode, extension(module)), d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(),
+                d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(), columns=columns.data_ptr(),
+                stream=stream_of(grad),
             )  # fmt: skip
-        return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff.to(coeff.dtype), d_params.to(params.dtype)]
+        return [d_out.to(out_emb.dtype), d_in_t.transpose(1, 2).to(in_emb.dtype).contiguous(),
+                d_coeff.to(coeff.dtype), d_params.to(params.dtype)]  # fmt: skip
 
     @register("sparse_linear_backward", backend)
     def sparse_linear_backward(*args):
@@ -201,24 +256,32 @@ def register_kernels(
 
     @register("sparsify", backend)
     def sparsify(delta, k, mode):
-        out, tau = torch.empty_like(delta), delta.new_full((), float("-inf"))
-        work = select_work(delta)
+        """[the sparsified delta in its dtype, τ in the compute dtype]."""
+        compute = compute_dtype(delta)
+        storage = storage_dtype(compute, delta)
+        computed = _as(delta, storage)
+        out, tau = torch.empty_like(computed), delta.new_full((), float("-inf"), dtype=compute)
+        work = select_work(compute, delta.device)
         with device_guard(delta.device):
-            launcher("sparsify", delta.dtype)(
-                out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, extension(module)),
-                tau=tau.data_ptr(), select_work=work.data_ptr(), stream=stream_of(delta),
+            launcher("sparsify", storage)(
+                out=out.data_ptr(), delta=computed.data_ptr(), count=delta.numel(), k=k,
+                mode=mode_id(mode, extension(module)), tau=tau.data_ptr(), select_work=work.data_ptr(),
+                stream=stream_of(delta),
             )  # fmt: skip
-        return [out, tau]
+        return [out.to(delta.dtype), tau]
 
     @register("sparsify_backward", backend)
     def sparsify_backward(grad, delta, tau, mode):
-        d_delta = torch.empty_like(delta)
+        compute = compute_dtype(grad, delta, tau)
+        storage = storage_dtype(compute, grad, delta)
+        grad, computed, tau = _as(grad, storage), _as(delta, storage), _as(tau, compute)
+        d_delta = torch.empty_like(computed)
         with device_guard(delta.device):
-            launcher("sparsify_backward", delta.dtype)(
-                d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(),
+            launcher("sparsify_backward", storage)(
+                d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=computed.data_ptr(), count=delta.numel(),
                 tau=tau.data_ptr(), mode=mode_id(mode, extension(module)), stream=stream_of(delta),
             )  # fmt: skip
-        return d_delta
+        return d_delta.to(delta.dtype)
 
 
 register_kernels("cuda", "_cuda", torch.cuda.device, _current_stream)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 
+from .cuda import KERNEL_DTYPES as KERNEL_DTYPES  # the same kernels: half tensors read and written directly
 from .cuda import register_kernels
 from .registry import extension_import_error
 

@@ -85,8 +85,8 @@ def extension(module: str) -> ModuleType:
 
 @functools.cache
 def extension_kernel(module: str, name: str, dtype: torch.dtype) -> Callable:
-    """The compiled kernel ``tensor_peft.<module>.<name>_f32`` / ``_f64`` for ``dtype``."""
-    suffix = {torch.float32: "f32", torch.float64: "f64"}[dtype]
+    """The compiled kernel ``tensor_peft.<module>.<name>_f32`` / ``_f64`` / ``_f16`` / ``_bf16`` for ``dtype``."""
+    suffix = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     return getattr(extension(module), f"{name}_{suffix}")
 
 

@@ -1,0 +1,207 @@
+"""Float16/bfloat16 on the CUDA kernels, run on CPU tensors by the cuda_emulated backend:
+the conversions of csrc/cuda/half.h against torch's, every op forward and backward against
+the reference computed in float32 and rounded once, the kernels handed the half tensors
+themselves (no upcast copy), and the race check of the half kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensor_peft import backends
+from tensor_peft.backends import cuda
+
+from ..ops.cases import CASES, Case
+from .half_cases import HALF, as_float32, assert_rounded_once, half_calls, leaves, mixed_calls, output_and_grads
+
+pytestmark = pytest.mark.skipif(
+    backends.why_unavailable("cuda_emulated", "cpu") is not None,
+    reason=f"cuda_emulated: {backends.why_unavailable('cuda_emulated', 'cpu')}",
+)
+SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture
+def emulator():
+    from tensor_peft import _cuda_emulated
+
+    yield _cuda_emulated
+    _cuda_emulated.set_schedule("forward", 0)
+
+
+def _edge_floats() -> torch.Tensor:
+    """float32 values at the boundaries of both half types: ties between neighbours,
+    the largest finite values and where rounding overflows, subnormals, ±0, ±inf, NaN."""
+    special = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 65504.0, 65519.99, 65520.0, 65536.0,
+               2.0**-14, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 3.0 * 2.0**-25, 2.0**-149, 1e-40,
+               torch.finfo(torch.float32).max, torch.finfo(torch.bfloat16).max, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8,
+               1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11]  # fmt: skip
+    values = torch.tensor(special, dtype=torch.float32)
+    return torch.cat([values, -values])
+
+
+def _random_floats(count: int) -> torch.Tensor:
+    """Random float32 bit patterns (every exponent, NaNs among them), and random values
+    exactly halfway between two neighbours of each half type."""
+    g = torch.Generator().manual_seed(21)
+    bits = torch.randint(-(2**31), 2**31, (count,), generator=g, dtype=torch.int64).to(torch.int32)
+    halfway = []
+    for dtype, dropped in ((torch.bfloat16, 16), (torch.float16, 13)):
+        neighbours = torch.randn(count // 8, generator=g).to(dtype).float().view(torch.int32)
+        halfway.append((neighbours | (1 << (dropped - 1))).view(torch.float32))
+    return torch.cat([bits.view(torch.float32), *halfway])
+
+
+def _same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal values, NaN where NaN (its payload and the sign of a zero sum are free)."""
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan], expected[~nan])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_stores_round_as_torch_does(emulator, dtype):
+    """narrow: lowrank_forward with U = 1, R = x and no weight stores x rounded once into
+    the half dtype: torch's rounding (to nearest even) of every value, edge cases included."""
+    x = torch.cat([_edge_floats(), _random_floats(4096)])
+    out, U = torch.empty(1, x.numel(), dtype=dtype), torch.ones(1, 1)
+    kernel = getattr(emulator, f"lowrank_forward_{SUFFIX[dtype]}")
+    kernel(out=out.data_ptr(), weight=0, U=U.data_ptr(), R=x.data_ptr(), d0=1, r0=1, n=x.numel(),
+           scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], stream=0)  # fmt: skip
+    expected = x.to(dtype)
+    _same_values(out[0], expected)
+    finite = expected.isfinite() & (expected != 0)
+    assert torch.equal(out[0][finite].view(torch.int16), expected[finite].view(torch.int16))  # bit for bit
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_loads_widen_exactly(emulator, dtype):
+    """widen: lowrank_backward with U = 1 adds each entry of a half Γ into a float32 dR:
+    every one of the 65536 bit patterns gives torch's float32 value."""
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, -1)
+    U, R, d_U, d_R = torch.ones(1, 1), torch.zeros(grad.shape), torch.zeros(1, 1), torch.zeros(grad.shape)
+    kernel = getattr(emulator, f"lowrank_backward_{SUFFIX[dtype]}")
+    kernel(grad=grad.data_ptr(), weight=0, U=U.data_ptr(), R=R.data_ptr(),
+           d0=1, r0=1, n=grad.numel(), scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], dU=d_U.data_ptr(),
+           dR=d_R.data_ptr(), stream=0)  # fmt: skip
+    _same_values(d_R[0], grad[0].float())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype):
+    """Output and every gradient in the inputs' half dtype, each the reference's float32
+    result rounded once."""
+    generator = torch.Generator().manual_seed(11)
+    args, kwargs = case.make(dtype, "cpu", generator)
+    out_shape = case.op(*args, **kwargs).shape
+    upstream = torch.randn(out_shape, generator=generator).to(dtype)
+    with backends.use("cuda_emulated"):
+        got = output_and_grads(case, args, kwargs, upstream)
+    with backends.use("reference"):
+        expected = output_and_grads(case, *as_float32(args, kwargs), upstream)
+    for got_t, expected_t in zip(got, expected):
+        assert got_t.dtype == dtype
+        assert_rounded_once(got_t, expected_t)
+
+
+@pytest.mark.parametrize("op", list(mixed_calls(torch.float16)))
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_beside_float32_inputs(op, dtype):
+    """A half main input with float32 ones: the result in the half dtype and each gradient
+    in its input's dtype, the reference's float32 results rounded once."""
+    function, args, kwargs = mixed_calls(dtype)[op]()
+    inputs = leaves(args, kwargs)
+    results = {}
+    for backend in ("cuda_emulated", "reference"):
+        with backends.use(backend):
+            out = function(*args, **kwargs)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(16)).to(dtype)
+            results[backend] = [out, *torch.autograd.grad(out, inputs, upstream)]
+    for got, expected, tensor in zip(results["cuda_emulated"], results["reference"], [args[0], *inputs]):
+        assert got.dtype == expected.dtype == tensor.dtype
+        assert_rounded_once(got, expected.float())
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[tuple[str, torch.dtype, set[int]]]:
+    """(kernel, storage dtype, the addresses passed) of every launch of the cuda backends' kernels."""
+    seen: list[tuple[str, torch.dtype, set[int]]] = []
+    extension_kernel = cuda.extension_kernel
+
+    def spy(module, name, dtype):
+        kernel = extension_kernel(module, name, dtype)
+
+        def launch(**arguments):
+            seen.append((name, dtype, {value for value in arguments.values() if isinstance(value, int)}))
+            return kernel(**arguments)
+
+        return launch
+
+    monkeypatch.setattr(cuda, "extension_kernel", spy)
+    return seen
+
+
+# Ops whose half input is one of the large tensors (W0, delta) the kernels read as it is;
+# the small ones (factors, embeddings) are cast to float32 by the launchers.
+LARGE_INPUT = ("tucker_merge", "lowrank_hadamard_merge", "sparsify")
+
+
+@pytest.mark.parametrize("op", [op for op in half_calls(torch.float16) if op != "matrix_exp"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_kernels_read_and_write_the_half_tensors_themselves(op, dtype, launched):
+    """No upcast copy of the large tensors: a half W0 or delta reaches a _bf16/_f16 kernel
+    as it is, the output the op returns is the half tensor a kernel wrote, and the
+    backward's kernels read the upstream gradient itself."""
+    call, read = half_calls(dtype)[op]
+
+    def addresses() -> set[int]:
+        return {address for name, storage, passed in launched if storage == dtype for address in passed}
+
+    with backends.use("cuda_emulated"):
+        out = call()
+        if op in LARGE_INPUT:
+            assert read.data_ptr() in addresses()
+        assert out.data_ptr() in addresses()
+        upstream = torch.randn(out.shape).to(dtype)
+        launched.clear()
+        out.backward(upstream)
+        assert upstream.data_ptr() in addresses()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_matrix_exp_of_a_half_matrix_runs_the_float32_kernel(dtype, launched):
+    """matrix_exp computes in float32 for a half A (csrc/cuda/expm.cu has no half kernel)
+    and returns A's dtype."""
+    _, A = half_calls(dtype)["matrix_exp"]
+    with backends.use("cuda_emulated"):
+        out = half_calls(dtype)["matrix_exp"][0]()
+    assert out.dtype == dtype
+    assert {storage for name, storage, _ in launched if name.startswith("matrix_exp")} == {torch.float32}
+
+
+def _run(case: Case, dtype: torch.dtype):
+    args, kwargs = case.make(dtype, "cpu", torch.Generator().manual_seed(5))
+    with backends.use("cuda_emulated"):
+        out = case.op(*args, **kwargs)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+        return [out, *torch.autograd.grad(out, leaves(args, kwargs), upstream)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_kernels_agree_across_schedules(emulator, case, dtype):
+    """The race check on the half kernels: reversed and shuffled runs give the forward
+    run's output bit for bit, and gradients summed with float32 atomics that differ at
+    most by the order of the sums before their one rounding (one half ulp)."""
+    expected = _run(case, dtype)
+    for order, seed in (("reverse", 0), ("shuffle", 11)):
+        emulator.set_schedule(order, seed)
+        try:
+            got = _run(case, dtype)
+        finally:
+            emulator.set_schedule("forward", 0)
+        assert torch.equal(got[0], expected[0]), order
+        for grad, other in zip(expected[1:], got[1:]):
+            sums = 64 * torch.finfo(torch.float32).eps * float(grad.abs().max())
+            torch.testing.assert_close(other.float(), grad.float(), rtol=torch.finfo(dtype).eps, atol=sums)
