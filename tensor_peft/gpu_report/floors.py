@@ -106,7 +106,9 @@ def half_traffic(numel: int) -> list[tuple[str, int, int]]:
     took half tensors: both counts are direct. SNELL selects τ over κ in the compute dtype
     (float32): ``sparse_delta_bytes`` at float32 with normal-like data (4% of the entries
     in the k-th's bin), its last write in half, or in float32 and then copied (read in
-    float32, written in half)."""
+    float32, written in half). That row counts the Triton selection; the cuda kernels'
+    radix select reads the float32 κ once per 8-bit digit (four passes, where the Triton
+    one reads it once and then its candidates): about 12 bytes an entry more either way. The other rows hold for both backends."""
     select = sparse_delta_bytes(numel, torch.float32, int(numel * 0.04)) - (F32_COMPUTE - BF16) * numel
     ops = [  # (op, weight-sized reads, writes, bytes beyond them, copied before)
         ("tucker_delta forward (FLoRA ΔW)", 0, 1, 0, True),

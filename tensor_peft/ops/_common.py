@@ -5,8 +5,8 @@ at least float32 (its compute dtype), returns its result in the dtype of its mai
 and each gradient comes back in its own input's dtype. The public wrappers hand the
 registered ``torch.library`` ops contiguous tensors on one device, by ``prepare``: a
 float16/bfloat16 tensor stays in its dtype when the backend that will run the op takes it
-(``registry.kernel_dtypes``: the triton backend's kernels read and write half tensors,
-computing in float32 and rounding each result once); every other tensor is cast to the
+(``registry.kernel_dtypes``: the triton and cuda backends' kernels read and write half
+tensors, computing in float32 and rounding each result once); every other tensor is cast to the
 compute dtype, so that a backend that takes float32/float64 only sees one dtype. The casts
 are ordinary differentiable ``Tensor.to`` calls. Under torch.compile (where the backend is
 chosen only when the graph runs) every tensor is cast: the same values either way.

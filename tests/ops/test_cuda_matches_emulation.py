@@ -10,6 +10,7 @@ import torch
 
 from tensor_peft import backends
 
+from ..backends.half_cases import HALF, assert_rounded_once
 from .cases import BLOCK_CASES, CASES, Case
 from .test_ops import _cast, _generator, _output_and_grads
 
@@ -48,3 +49,18 @@ def test_gpu_matches_emulation(case: Case, dtype):
             reference_error = (expected_t.double() - exact_t).abs().max().item() if exact_t.numel() else 0.0
             assert difference <= 4 * reference_error + 2e-6 * exact_t.abs().max().item(), (difference, reference_error)
     print(f"{case.id} {dtype}: max |gpu - emulated| per output = {', '.join(f'{d:.3g}' for d in differences)}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", HALF)
+def test_gpu_half_kernels_round_the_float32_result_once(case: Case, dtype):
+    """The _f16/_bf16 kernels on a GPU (CUDA's conversion intrinsics): the reference's
+    float32 results rounded once, as the emulator's are (tests/backends/test_cuda_half.py)."""
+    args, kwargs = case.make(dtype, "cpu", _generator(6))
+    with backends.use("cuda"):
+        gpu = _output_and_grads(case, *_to(args, kwargs, "cuda"), seed=7, round_upstream_to=dtype)
+    with backends.use("reference"):
+        expected = _output_and_grads(case, *_cast(args, kwargs, torch.float32), seed=7, round_upstream_to=dtype)
+    for gpu_t, expected_t in zip([gpu[0], *gpu[1]], [expected[0], *expected[1]]):
+        assert gpu_t.dtype == dtype
+        assert_rounded_once(gpu_t.cpu(), expected_t)
