@@ -95,8 +95,12 @@ class LieRALayer(AdapterLayer):
     def _new_adapter(self, **options) -> Adapter:
         return LieRAAdapter(self, **options)
 
-    def group_action(self, adapter: Adapter, weight: Tensor, inverse: bool) -> Tensor:
-        """The group element of ``adapter`` (or its inverse) acting on ``weight``."""
+    def group_action(self, adapter: Adapter, weight: Tensor, inverse: bool, rounded: bool = False) -> Tensor:
+        """The group element of ``adapter`` (or its inverse) acting on ``weight``, in the
+        weight's dtype promoted to the adapter's compute dtype; ``rounded``: a hadamard
+        merge of an inner LoRA returns the weight's dtype instead, the op reading a half
+        weight as it is (computed in float32 and rounded once, so no float32 copy of W0 on
+        a backend whose kernels take half tensors)."""
         dtype = torch.promote_types(weight.dtype, self.compute_dtype(adapter))
         if adapter.group != "hadamard":
             S = adapter.algebra_element().to(dtype)
@@ -109,7 +113,7 @@ class LieRALayer(AdapterLayer):
         update = adapter.update
         if adapter.inner == "lora" and not inverse:
             B, A = update.lora_B.to(dtype), update.lora_A.to(dtype)
-            return ops.lowrank_hadamard_merge(weight.to(dtype), B, A, update.scale, adapter.exp)
+            return ops.lowrank_hadamard_merge(weight if rounded else weight.to(dtype), B, A, update.scale, adapter.exp)
         if adapter.inner == "lora":
             B, A = update.lora_B.to(dtype), update.lora_A.to(dtype).reshape(update.r, -1)
             delta = (update.scale * B @ A).reshape(weight.shape)
@@ -165,5 +169,8 @@ class LieRALayer(AdapterLayer):
             return super().forward(x)
         if self.is_embedding:
             return self.embedding_rows(adapter, x).to(self.operation_dtype(x))
-        return self.operation_with_weight(x, lambda: self.merge_weight(adapter, self.weight).to(x.dtype))
+        rounded = x.dtype == self.weight.dtype  # the merged weight is rounded to it once either way
+        return self.operation_with_weight(
+            x, lambda: self.group_action(adapter, self.weight, inverse=False, rounded=rounded).to(x.dtype)
+        )
 

@@ -10,6 +10,7 @@ import torch
 
 from tensor_peft import backends
 from tensor_peft.backends import cuda
+from tensor_peft.nn import LieRALayer
 
 from ..ops.cases import CASES, Case
 from .half_cases import HALF, as_float32, assert_rounded_once, half_calls, leaves, mixed_calls, output_and_grads
@@ -178,6 +179,29 @@ def test_matrix_exp_of_a_half_matrix_runs_the_float32_kernel(dtype, launched):
         out = half_calls(dtype)["matrix_exp"][0]()
     assert out.dtype == dtype
     assert {storage for name, storage, _ in launched if name.startswith("matrix_exp")} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_liera_forward_hands_the_half_weight_to_the_merge_kernel(dtype, launched):
+    """A half LieRA layer (hadamard group, inner LoRA) on an input of its dtype: the merge
+    kernel reads the frozen weight itself (no float32 copy of W0) and the output and the
+    adapter's gradients are the reference backend's, whose op computes in float32 too."""
+    generator = torch.Generator().manual_seed(17)
+    layer = LieRALayer(torch.nn.Linear(20, 12).to(dtype), r=2, alpha=1.0)
+    with torch.no_grad():
+        for parameter in layer.adapters["default"].parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    x = torch.randn(3, 20, generator=generator).to(dtype)
+    results = {}
+    for backend in ("cuda_emulated", "reference"):
+        with backends.use(backend):
+            out = layer(x)
+            results[backend] = [out, *torch.autograd.grad(out.float().sum(), list(layer.adapters["default"].parameters()))]
+    assert layer.weight.data_ptr() in {address for name, storage, passed in launched if storage == dtype
+                                       for address in passed}  # fmt: skip
+    for got, expected in zip(results["cuda_emulated"], results["reference"]):
+        assert got.dtype == expected.dtype
+        assert_rounded_once(got, expected.float())
 
 
 def _run(case: Case, dtype: torch.dtype):
