@@ -108,7 +108,7 @@ __global__ void delta_kernel(Kernelized<T> P, Stored* out) {
 // strips of rows (warp w takes rows w, w + kColumnWarps, …): max_j P into columns[0, n)
 // and Σ_j exp((P − max_j P)/gamma) (summed in double) into [n, 2n); or (dot) c_i = Σ_j
 // D_ji S_ji into [2n, 3n), D = Γ after the mask's derivative. Each warp's partials are
-// combined in warp order by the first warp: the same bits at any schedule. Γ is stored as Stored.
+// combined in warp order by the first warp: the same bits at any schedule. Γ is of type Stored.
 template <typename Stored, typename T>
 __global__ void columns_kernel(Kernelized<T> P, const Stored* grad, const T* tau, int mode, bool dot) {
     __shared__ T maxima[kColumnWarps][32];
@@ -171,7 +171,7 @@ __device__ void embedding_gradients(const Kernelized<T>& P, int64_t h, int64_t j
 }
 
 // Block sums in shared memory, then into the float64 parameter gradients: coeff[h] in
-// block_sums[0, H), (alpha, beta, gamma) in [H, H + 3). Γ is stored as Stored.
+// block_sums[0, H), (alpha, beta, gamma) in [H, H + 3). Γ is of type Stored.
 template <typename Stored, typename T>
 __global__ void backward_kernel(Kernelized<T> P, const Stored* grad, const T* tau_ptr, int mode, T* d_out_emb,
                                 T* d_in_t, double* d_coeff, double* d_params) {
@@ -294,8 +294,8 @@ void select_threshold(const X* x, int64_t count, int64_t k, T* tau, int64_t* wor
     cudaMemsetAsync(work, 0, sizeof(int64_t) * (passes<T>() * kBins + 3), stream);
     for (int pass = 0; pass < passes<T>(); ++pass) {
         const int shift = std::max(radix::Key<T>::kBits - kDigit * (pass + 1), 0);
-        launch("radix select count_kernel", count_kernel<X, T>, elementwise_blocks(count), kThreads, 0, stream, x, count,
-               counts + pass * kBins, state, shift);
+        launch("radix select count_kernel", count_kernel<X, T>, elementwise_blocks(count), kThreads, 0, stream, x,
+               count, counts + pass * kBins, state, shift);
         launch("radix select search_kernel", search_kernel<T>, 1, 1, 0, stream, counts + pass * kBins, state, shift,
                pass == 0 ? k : 0, tau);
     }
@@ -305,8 +305,8 @@ void select_threshold(const X* x, int64_t count, int64_t k, T* tau, int64_t* wor
 template <typename Stored, typename T>
 void column_pass(const Kernelized<T>& P, const Stored* grad, const T* tau, int mode, bool dot, cudaStream_t stream) {
     const unsigned blocks = static_cast<unsigned>((P.n + 31) / 32);
-    launch("kernelized columns_kernel", columns_kernel<Stored, T>, blocks, dim3(32, kColumnWarps), 0, stream, P, grad, tau,
-           mode, dot);
+    launch("kernelized columns_kernel", columns_kernel<Stored, T>, blocks, dim3(32, kColumnWarps), 0, stream, P, grad,
+           tau, mode, dot);
 }
 
 }  // namespace

@@ -21,10 +21,10 @@ constexpr int kTileWarps = 8;     // forward: a block's warps, each over every k
 // and R's columns for the step in shared memory, read once per tile from global memory.
 // Thread (x, y) makes column x of rows y, y + kTileWarps, …; each entry adds its products
 // in rank order, whatever the rank (no shared-memory limit to reach), in the compute type T;
-// W0 and out are stored as D (T, or a 16-bit type: each entry widened, the result rounded once).
-template <typename D, typename T>
-__global__ void forward_kernel(D* out, const D* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n,
-                               T scale, int epilogue) {
+// W0 and out are of type Stored (T, or a 16-bit type: each entry widened, each result rounded once).
+template <typename Stored, typename T>
+__global__ void forward_kernel(Stored* out, const Stored* weight, const T* U, const T* R, int64_t d0, int64_t r0,
+                               int64_t n, T scale, int epilogue) {
     __shared__ T u[kTile][kTile];  // u[row][a]
     __shared__ T r[kTile][kTile];  // r[a][column]
     constexpr int kRowsPerThread = kTile / kTileWarps;
@@ -57,18 +57,19 @@ __global__ void forward_kernel(D* out, const D* weight, const T* U, const T* R, 
             const int64_t i = row0 + threadIdx.y + t * kTileWarps;
             if (!column_in || i >= d0) continue;
             const T w = weight ? T(widen(weight[i * n + j])) : T(0);
-            const T value = epilogue == kAdd ? w + delta[t] : epilogue == kExp ? w * exp(delta[t]) : w * (T(1) + delta[t]);
-            out[i * n + j] = narrow<D>(value);
+            const T value =
+                epilogue == kAdd ? w + delta[t] : epilogue == kExp ? w * exp(delta[t]) : w * (T(1) + delta[t]);
+            out[i * n + j] = narrow<Stored>(value);
         }
     }
 }
 
 // One block: a tile of kRowsPerTile rows × kThreads columns of Γ, read once and turned
 // into D by the epilogue. Each thread adds its column's share of dR; each warp sums its
-// 32 columns' share of dU by shuffles. Γ and W0 are stored as D, widened to T on load.
-template <typename D, typename T>
-__global__ void backward_kernel(const D* grad, const D* weight, const T* U, const T* R, T* dU, T* dR, int64_t d0,
-                                int64_t r0, int64_t n, T scale, int epilogue) {
+// 32 columns' share of dU by shuffles. Γ and W0 are of type Stored, widened to T on load.
+template <typename Stored, typename T>
+__global__ void backward_kernel(const Stored* grad, const Stored* weight, const T* U, const T* R, T* dU, T* dR,
+                                int64_t d0, int64_t r0, int64_t n, T scale, int epilogue) {
     const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     const bool column_in = j < n;
     const int64_t row0 = blockIdx.y * static_cast<int64_t>(kRowsPerTile);

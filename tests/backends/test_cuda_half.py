@@ -192,11 +192,11 @@ def test_liera_forward_hands_the_half_weight_to_the_merge_kernel(dtype, launched
         for parameter in layer.adapters["default"].parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     x = torch.randn(3, 20, generator=generator).to(dtype)
-    results = {}
+    parameters, results = list(layer.adapters["default"].parameters()), {}
     for backend in ("cuda_emulated", "reference"):
         with backends.use(backend):
             out = layer(x)
-            results[backend] = [out, *torch.autograd.grad(out.float().sum(), list(layer.adapters["default"].parameters()))]
+            results[backend] = [out, *torch.autograd.grad(out.float().sum(), parameters)]
     assert layer.weight.data_ptr() in {address for name, storage, passed in launched if storage == dtype
                                        for address in passed}  # fmt: skip
     for got, expected in zip(results["cuda_emulated"], results["reference"]):
