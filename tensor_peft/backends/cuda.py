@@ -2,6 +2,16 @@
 
 Tensors reach the kernels as raw device pointers with the current CUDA stream as an
 integer; the op layer has checked their shapes and made them contiguous on one device.
+Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass over W0 or Γ
+(``csrc/cuda/lowrank.cu``): the Tucker ops after the split of ``tucker_split`` and
+LieRA's ``lowrank_hadamard_merge``; ``matrix_exp`` with its backward
+(``csrc/cuda/expm.cu``: a team of threads per matrix, the math of the CPU kernel, the
+workspace in shared memory where it fits); and SNELL's kernelized and sparsification ops
+(``csrc/cuda/kernelized.cu``: τ by radix select stays on the device). FLoRA's projected
+gradients are small contractions in plain torch (``tensor_algebra``). Each op is a
+function registered by ``register_kernels``, the Tucker and hadamard ops by
+``tucker_split.register_ops``; the ``cuda_emulated`` backend registers the same launchers
+on its build of the same kernels.
 
 Dtypes (``KERNEL_DTYPES``): the large tensors of a call (W0, ΔW, Γ, sparsify's delta) are
 read and written in float16/bfloat16 directly when they share that dtype and the call
@@ -10,17 +20,8 @@ arithmetic in float32, each result rounded once to nearest even); the small ones
 the embeddings, the kernel parameters) are cast to the compute dtype, gradients are summed
 in compute-dtype buffers and rounded once into their inputs' dtypes, and τ is the compute
 dtype's. Half tensors in a float64 call are cast to float64 (``storage_dtype``).
-``matrix_exp`` computes in float32 for a half A: A is cast to float32 and the result
-rounded once into A's dtype. Kernels: ΔW = s·U·R updates with an add / exp / taylor1 epilogue, one pass
-over W0 or Γ (``csrc/cuda/lowrank.cu``): the Tucker ops after the split of
-``tucker_split`` and LieRA's ``lowrank_hadamard_merge``; ``matrix_exp`` with its
-backward (``csrc/cuda/expm.cu``: a team of threads per matrix, the math of the CPU kernel,
-the workspace in shared memory where it fits); and SNELL's kernelized and sparsification
-ops (``csrc/cuda/kernelized.cu``: τ by radix select stays on the device).
-FLoRA's projected gradients are small contractions in plain torch (``tensor_algebra``).
-Each op is a function registered by ``register_kernels``, the Tucker and hadamard ops by
-``tucker_split.register_ops``; the ``cuda_emulated`` backend registers the same launchers
-on its build of the same kernels."""
+``matrix_exp`` has no half kernel: a half A is cast to float32 and the result rounded
+once into A's dtype."""
 
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ def storage_dtype(compute: torch.dtype, *large: Tensor | None) -> torch.dtype:
 
 
 def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``tensor`` contiguous in ``dtype`` (itself when it already is; None stays None)."""
     return None if tensor is None else tensor.to(dtype).contiguous()
 
 
