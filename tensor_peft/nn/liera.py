@@ -124,8 +124,9 @@ class LieRALayer(AdapterLayer):
             return weight * torch.exp(-delta if inverse else delta)
         return weight / (1 + delta) if inverse else weight * (1 + delta)
 
-    def merge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
-        return self.group_action(adapter, weight, inverse=False)
+    def merge_weight(self, adapter: Adapter, weight: Tensor, rounded: bool = False) -> Tensor:
+        """``group_action`` (``rounded``: see there)."""
+        return self.group_action(adapter, weight, inverse=False, rounded=rounded)
 
     def unmerge_weight(self, adapter: Adapter, weight: Tensor) -> Tensor:
         return self.group_action(adapter, weight, inverse=True)
@@ -171,6 +172,6 @@ class LieRALayer(AdapterLayer):
             return self.embedding_rows(adapter, x).to(self.operation_dtype(x))
         rounded = x.dtype == self.weight.dtype  # the merged weight is rounded to it once either way
         return self.operation_with_weight(
-            x, lambda: self.group_action(adapter, self.weight, inverse=False, rounded=rounded).to(x.dtype)
+            x, lambda: self.merge_weight(adapter, self.weight, rounded=rounded).to(x.dtype)
         )
 

@@ -439,7 +439,7 @@ def test_merged_paths_keep_no_effective_weight_for_backward(make_layer, monkeypa
     made = []
     owner, name = (tp_ops, "tucker_merge") if isinstance(layer, FLoRALayer) else (layer, "merge_weight")
     original = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *args: made.append(1) or original(*args))
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: made.append(1) or original(*args, **kwargs))
     x = torch.randn(3, *((12,) if isinstance(layer.base_layer, nn.Linear) else (4, 5, 5)), dtype=torch.float64)
     x.requires_grad_(True)  # as inside a model: ∂L/∂x needs the effective weight
     layer(x).square().sum().backward()
