@@ -35,6 +35,7 @@ from .config import (
 from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from .nn.attention import AdaptedMultiheadAttention, projection_weights
 from .nn.base import Adapter, layer_kind
+from .quantized import RequantizationWarning
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
@@ -435,11 +436,34 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge_all(model: nn.Module, action: str) -> None:
+def _merge_all(model: nn.Module, action: str, dequantize: bool = False) -> None:
+    """Check every layer's merge, then (``dequantize``: quantized bases replaced by
+    full-precision ones first) write them all; merges into quantized bases give one
+    warning with the largest rounding error."""
     layers = adapter_layers(model)
     _check_untied(model, layers, action)
     _per_layer(layers, lambda layer: layer.merge(check_only=True))
-    _per_layer(layers, lambda layer: layer.merge())
+    if dequantize:
+        _dequantize_bases(layers)
+    requantized = [name for name, layer in layers.items() if layer.pending_merge() and layer.quantization is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RequantizationWarning)
+        _per_layer(layers, lambda layer: layer.merge())
+    errors = {name: layers[name].requantization_error for name in requantized}
+    if errors:
+        worst = max(errors, key=errors.__getitem__)
+        warnings.warn(
+            f"merged into {len(errors)} quantized layers and quantized each again: the merged weights differ from "
+            f"W0 + ΔW by up to {errors[worst]:.3g} (relative, module {worst!r}); they cannot be unmerged",
+            RequantizationWarning,
+            stacklevel=3,
+        )
+
+
+def _dequantize_bases(layers: dict[str, AdapterLayer]) -> None:
+    for layer in layers.values():
+        if layer.quantization is not None:
+            layer.dequantize_base()
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -450,14 +474,18 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, dequantize: bool = False) -> nn.Module:
     """Plain torch modules back: each adapter layer is replaced by its base layer, with
-    the active adapters merged in (``merge=True``) or with all adapters taken out. All
-    or nothing, as ``merge``."""
+    the active adapters merged in (``merge=True``) or with all adapters taken out. A
+    quantized base comes back quantized (merged: quantized again, with a warning giving
+    the rounding error), or with ``dequantize=True`` as an ``nn.Linear`` holding its
+    dequantized weight (plus the merged update), for export. All or nothing, as ``merge``."""
     if merge:
-        _merge_all(model, "unload")
+        _merge_all(model, "unload", dequantize)
     else:
         unmerge(model)
+        if dequantize:
+            _dequantize_bases(adapter_layers(model))
     _remove_empty_layers(model, remove_all=True)
     if hasattr(model, "tensor_peft_configs"):
         del model.tensor_peft_configs
