@@ -442,7 +442,7 @@ def _merge_all(model: nn.Module, action: str, dequantize: bool = False) -> None:
     warning with the largest rounding error."""
     layers = adapter_layers(model)
     _check_untied(model, layers, action)
-    _per_layer(layers, lambda layer: layer.merge(check_only=True))
+    _per_layer(layers, lambda layer: layer.merge(check_only=True, dequantized=dequantize))
     if dequantize:
         _dequantize_bases(layers)
     requantized = [name for name, layer in layers.items() if layer.pending_merge() and layer.quantization is not None]

@@ -36,6 +36,10 @@ class QuantizedLinear:
         """W0 ``(out, in)`` in the layer's full-precision dtype, computed by the library."""
         raise NotImplementedError
 
+    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """W0·x by the layer's own forward."""
+        return layer(x)
+
     def requantize_refusal(self, layer: nn.Module) -> str | None:
         """Why a new weight cannot be quantized back into ``layer``, or None."""
         return None
@@ -62,24 +66,24 @@ class Bnb4bit(QuantizedLinear):
 
     name = "bitsandbytes Linear4bit"
 
-    @staticmethod
-    def standard_layout(weight) -> tuple[Tensor, object]:
-        """(packed data, quant state) in bitsandbytes' standard layout: on CPUs with
-        AVX512-BF16 its inference forward repacks the weight into a layout of its own."""
-        functional = sys.modules["bitsandbytes.functional"]
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            return functional._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        return weight.data, weight.quant_state
+    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer's forward, with the weight kept in bitsandbytes' standard layout: on
+        CPUs with AVX512-BF16 its inference forward would repack it for a kernel that
+        rounds the scales to bfloat16, has no backward, and cannot be dequantized exactly."""
+        repacks = layer.support_avx512bf16_for_cpu
+        layer.support_avx512bf16_for_cpu = False
+        try:
+            return layer(x)
+        finally:
+            layer.support_avx512bf16_for_cpu = repacks
 
     def dequantize(self, layer: nn.Module) -> Tensor:
-        data, state = self.standard_layout(layer.weight)
-        return sys.modules["bitsandbytes.functional"].dequantize_4bit(data, state)
+        return sys.modules["bitsandbytes.functional"].dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
     def requantize(self, layer: nn.Module, weight: Tensor) -> None:
         old = layer.weight
-        _, state = self.standard_layout(old)
         new = type(old)(
-            weight.detach().to(state.dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
+            weight.detach().to(old.quant_state.dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
             compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
             module=layer,
         )  # fmt: skip
@@ -150,14 +154,21 @@ BNB_4BIT, BNB_8BIT, TORCHAO = Bnb4bit(), Bnb8bit(), TorchAOWeight()
 
 def quantization_of(module: nn.Module) -> QuantizedLinear | None:
     """How to read and write ``module``'s quantized weight; None for a module that is not a
-    quantized linear layer. Raises a TypeError saying why for a bitsandbytes layer the
-    adapters cannot wrap."""
+    quantized linear layer (a subclass with a forward of its own is not one: what it computes
+    is unknown). Raises a TypeError saying why for a bitsandbytes layer the adapters cannot
+    wrap."""
     bnb = sys.modules.get("bitsandbytes.nn")
-    if bnb is not None and isinstance(module, bnb.Linear4bit):
+    forward = type(module).forward
+    if bnb is not None and isinstance(module, bnb.Linear4bit) and forward is bnb.Linear4bit.forward:
         if not getattr(module.weight, "bnb_quantized", False):
             raise TypeError("Linear4bit's weight is not quantized yet: move the layer to its device first")
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise TypeError(
+                "Linear4bit's weight is in bitsandbytes' CPU inference layout (the layer ran in inference mode on "
+                "this CPU), which cannot be dequantized exactly: adapt the layer before running it in inference mode"
+            )
         return BNB_4BIT
-    if bnb is not None and isinstance(module, bnb.Linear8bitLt):
+    if bnb is not None and isinstance(module, bnb.Linear8bitLt) and forward is bnb.Linear8bitLt.forward:
         if module.weight.dtype != torch.int8:
             raise TypeError(
                 "Linear8bitLt holds a full-precision weight (has_fp16_weights=True, or not moved to its device yet): "

@@ -354,7 +354,7 @@ class AdapterLayer(WrapsBaseLayer):
         return adapter
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
+        result = self.base_layer(x) if self.quantization is None else self.quantization.forward(self.base_layer, x)
         if not self.adapters_enabled:
             return result
         for name in self.active_adapters:
@@ -394,7 +394,7 @@ class AdapterLayer(WrapsBaseLayer):
         return any(name not in self.merged_adapters for name in self.active_adapters)
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None, check_only: bool = False) -> None:
+    def merge(self, names: list[str] | None = None, check_only: bool = False, dequantized: bool = False) -> None:
         """Fold the active (or the named) adapters into the base weight. All or nothing:
         refuses, leaving the weight untouched, while the adapters are disabled (the
         output would change, and ``enable_adapters`` could not switch them off again), or
@@ -402,7 +402,8 @@ class AdapterLayer(WrapsBaseLayer):
         unmerged again (``merge_refusal``).
         A quantized base gets the merged weight quantized again with its own settings
         (``requantize``, which warns with the rounding error); it cannot be unmerged then.
-        ``check_only`` runs the checks without writing."""
+        ``check_only`` runs the checks without writing; with ``dequantized`` those of a merge
+        into the dequantized weight (``unload(dequantize=True)``)."""
         names = self.active_adapters if names is None else names
         for name in names:
             self._check_adapter(name)
@@ -417,7 +418,7 @@ class AdapterLayer(WrapsBaseLayer):
         weight = self.weight
         for name in pending:
             weight = self._checked(self.merge_weight, name, weight, "merge")
-        reason = self.quantization and self.quantization.requantize_refusal(self.base_layer)
+        reason = self.quantization and not dequantized and self.quantization.requantize_refusal(self.base_layer)
         if reason:
             raise ValueError(
                 f"cannot merge into this {self.quantization.name} layer: {reason}; unload(merge=True, "

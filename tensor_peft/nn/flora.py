@@ -80,8 +80,6 @@ class FLoRAAdapter(Adapter):
         check_choice(execution, "execution", EXECUTIONS)
         if execution == "factorized" and layer.is_grouped_conv:
             raise ValueError("execution 'factorized' needs groups == 1; grouped convs run merged")
-        if execution == "merged" and layer.quantization is not None:
-            raise ValueError("execution 'merged' needs the weight W0 itself; over a quantized base FLoRA runs factorized")
         self.ranks = clip_ranks(ranks, shape)
         self.scale = float(scale)
         self.execution = execution
@@ -140,6 +138,8 @@ class FLoRALayer(AdapterLayer):
         )
 
     def _new_adapter(self, **options) -> Adapter:
+        if options["execution"] == "merged" and self.quantization is not None:
+            raise ValueError("execution 'merged' needs the weight W0 itself; over a quantized base FLoRA runs factorized")
         return FLoRAAdapter(self, **options)
 
     def _params(self, adapter: Adapter, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
