@@ -16,6 +16,7 @@ import warnings
 import weakref
 
 import bitsandbytes as bnb
+import peft
 import pytest
 import torch
 from torch import nn
@@ -423,3 +424,68 @@ def test_layers_whose_forward_is_unknown_are_still_refused():
         tp.inject(scaled, tp.LoRAConfig(target_modules=["0"]))
     with pytest.raises(ValueError, match="module '0': Linear4bit's weight is not quantized yet"):
         tp.inject(nn.Sequential(bnb.nn.Linear4bit(8, 8, device="meta")), tp.LoRAConfig(target_modules=["0"]))
+
+
+# --------------------------------------------------------------------------- training setup
+
+
+def bfloat16_nf4_llama() -> nn.Module:
+    """The tiny LLaMA in bfloat16 with nf4 projections computing in bfloat16, as QLoRA loads one."""
+    torch.manual_seed(0)
+    model = llama().to(torch.bfloat16)
+    for name, module in list(model.named_modules()):
+        if is_projection(name, module):
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, quant_type="nf4",
+                                      compress_statistics=True, compute_dtype=torch.bfloat16)  # fmt: skip
+            layer.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.to("cpu"))
+    return model
+
+
+def test_prepare_for_kbit_training_sets_the_dtypes_peft_does_and_trains_with_checkpointing():
+    expected = peft.prepare_model_for_kbit_training(bfloat16_nf4_llama(), use_gradient_checkpointing=False)
+    model = bfloat16_nf4_llama()
+    weights = {name: layer.weight.data.clone() for name, layer in quantized_layers(model).items()}
+    assert tp.prepare_for_kbit_training(model) is model
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes == {name: p.dtype for name, p in expected.named_parameters()}
+    assert dtypes["model.norm.weight"] == dtypes["lm_head.weight"] == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(layer.weight.data, weights[name]) for name, layer in quantized_layers(model).items())
+    assert model.is_gradient_checkpointing
+
+    # bfloat16 autocast, with and without checkpointing: the same finite gradients
+    inputs, labels = inputs_and_labels()
+    gradients = []
+    for checkpointing in (True, False):
+        model = tp.prepare_for_kbit_training(bfloat16_nf4_llama(), gradient_checkpointing=checkpointing)
+        tp.inject(model, METHODS["lora"]("all-linear"))
+        randomize_adapters(model)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**inputs, labels=labels).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == 28
+    for name, grad in gradients[0].items():
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, gradients[1][name], rtol=1e-3, atol=1e-5, msg=name)
+    with pytest.raises(TypeError, match="gradient_checkpointing needs a transformers model"):
+        tp.prepare_for_kbit_training(nn.Sequential(nn.Linear(2, 2)))
+
+
+# --------------------------------------------------------------------------- peft
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["lora", "mtlora", "flora"])
+def test_peft_export_from_a_quantized_model_loads_in_peft(kind, method, tmp_path):
+    model = adapted(kind, method)
+    randomize_adapters(model)
+    tp.save_adapter(model, tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(build(kind), tmp_path)
+    layers = [m for m in loaded.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(layers) == 14 and all(isinstance(m.get_base_layer(), QUANTIZED_TYPES[kind]) for m in layers)
+    inputs, _ = inputs_and_labels()
+    with torch.no_grad():  # in training mode: peft's layers run Linear4bit's own forward, whose CPU inference kernel rounds
+        torch.testing.assert_close(logits(loaded.train(), inputs), logits(model.train(), inputs), rtol=1e-4, atol=1e-4)
