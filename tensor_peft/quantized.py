@@ -70,7 +70,9 @@ class Bnb4bit(QuantizedLinear):
         """The layer's forward, with the weight kept in bitsandbytes' standard layout: on
         CPUs with AVX512-BF16 its inference forward would repack it for a kernel that
         rounds the scales to bfloat16, has no backward, and cannot be dequantized exactly."""
-        repacks = layer.support_avx512bf16_for_cpu
+        repacks = getattr(layer, "support_avx512bf16_for_cpu", False)
+        if not repacks:
+            return layer(x)
         layer.support_avx512bf16_for_cpu = False
         try:
             return layer(x)
