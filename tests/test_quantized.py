@@ -455,23 +455,31 @@ def test_prepare_for_kbit_training_sets_the_dtypes_peft_does_and_trains_with_che
     assert all(torch.equal(layer.weight.data, weights[name]) for name, layer in quantized_layers(model).items())
     assert model.is_gradient_checkpointing
 
-    # bfloat16 autocast, with and without checkpointing: the same finite gradients
+    with pytest.raises(TypeError, match="gradient_checkpointing needs a transformers model"):
+        tp.prepare_for_kbit_training(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_under_bfloat16_autocast_with_gradient_checkpointing(method):
+    """A bfloat16 model with nf4 projections, prepared, under bfloat16 autocast: finite
+    gradients on every adapter parameter, the same with checkpointing as without."""
     inputs, labels = inputs_and_labels()
     gradients = []
     for checkpointing in (True, False):
         model = tp.prepare_for_kbit_training(bfloat16_nf4_llama(), gradient_checkpointing=checkpointing)
-        tp.inject(model, METHODS["lora"]("all-linear"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FLoRA's rank clipping
+            tp.inject(model, METHODS[method]("all-linear"))
         randomize_adapters(model)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(**inputs, labels=labels).loss.backward()
         gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == 28
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) >= 14
+    assert all(torch.isfinite(grad).all() for grad in gradients[0].values())
+    assert sum(grad.abs().sum() > 0 for grad in gradients[0].values()) >= 14
     for name, grad in gradients[0].items():
-        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
         torch.testing.assert_close(grad, gradients[1][name], rtol=1e-3, atol=1e-5, msg=name)
-    with pytest.raises(TypeError, match="gradient_checkpointing needs a transformers model"):
-        tp.prepare_for_kbit_training(nn.Sequential(nn.Linear(2, 2)))
 
 
 # --------------------------------------------------------------------------- peft
