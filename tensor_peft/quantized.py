@@ -11,8 +11,8 @@ Supported (``quantization_of``): bitsandbytes ``Linear4bit`` (nf4, fp4, with or 
 double quantization, any blocksize) and ``Linear8bitLt`` with int8 weights
 (``has_fp16_weights=False``); an ``nn.Linear`` whose weight is a torchao quantized tensor
 (any one with ``dequantize()``; merging back requantizes torchao's ``Int8Tensor``, per row
-or per tensor). Neither library is imported here: a module can only be one of their types
-if its library is loaded already."""
+or per tensor). Neither library is imported before a module of theirs is met: a module
+can only be one of their types if its library is loaded already."""
 
 from __future__ import annotations
 
@@ -80,12 +80,14 @@ class Bnb4bit(QuantizedLinear):
             layer.support_avx512bf16_for_cpu = repacks
 
     def dequantize(self, layer: nn.Module) -> Tensor:
-        return sys.modules["bitsandbytes.functional"].dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
     def requantize(self, layer: nn.Module, weight: Tensor) -> None:
         old = layer.weight
         new = type(old)(
-            weight.detach().to(old.quant_state.dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
+            weight.detach().to(old.quant_state.dtype), requires_grad=False, blocksize=old.blocksize,
             compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
             module=layer,
         )  # fmt: skip
@@ -103,12 +105,14 @@ class Bnb8bit(QuantizedLinear):
         return layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
 
     def dequantize(self, layer: nn.Module) -> Tensor:
-        functional = sys.modules["bitsandbytes.functional"]
-        return functional.int8_vectorwise_dequant(layer.weight.data, self.scales(layer))
+        from bitsandbytes.functional import int8_vectorwise_dequant
+
+        return int8_vectorwise_dequant(layer.weight.data, self.scales(layer))
 
     def requantize(self, layer: nn.Module, weight: Tensor) -> None:
-        functional = sys.modules["bitsandbytes.functional"]
-        quantized, scales, _ = functional.int8_vectorwise_quant(weight.detach().to(torch.float16))
+        from bitsandbytes.functional import int8_vectorwise_quant
+
+        quantized, scales, _ = int8_vectorwise_quant(weight.detach().to(torch.float16))
         old = layer.weight
         layer.weight = type(old)(quantized, requires_grad=False, has_fp16_weights=False, CB=quantized, SCB=scales)
         layer.state.CB = layer.state.SCB = None  # the next forward takes them from the weight
@@ -124,15 +128,16 @@ class TorchAOWeight(QuantizedLinear):
 
     def granularity(self, layer: nn.Module):
         """The torchao granularity of an ``Int8Tensor`` weight's blocks, or None for others."""
+        from torchao.quantization import Int8Tensor
+        from torchao.quantization.granularity import PerRow, PerTensor
+
         weight = layer.weight
-        quantization = sys.modules["torchao.quantization"]
-        if not isinstance(weight, quantization.Int8Tensor):
+        if not isinstance(weight, Int8Tensor):
             return None
-        granularity = sys.modules.get("torchao.quantization.granularity")
         if list(weight.block_size) == [1, weight.shape[1]]:
-            return granularity.PerRow()
+            return PerRow()
         if list(weight.block_size) == list(weight.shape):
-            return granularity.PerTensor()
+            return PerTensor()
         return None
 
     def requantize_refusal(self, layer: nn.Module) -> str | None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import pathlib
+import subprocess
+import sys
 import warnings
 import weakref
 
@@ -497,3 +500,10 @@ def test_peft_export_from_a_quantized_model_loads_in_peft(kind, method, tmp_path
     inputs, _ = inputs_and_labels()
     with torch.no_grad():  # in training mode: peft's layers run Linear4bit's own forward, whose CPU inference kernel rounds
         torch.testing.assert_close(logits(loaded.train(), inputs), logits(model.train(), inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_the_package_imports_neither_library():
+    code = "import sys, tensor_peft; print(sorted(m for m in sys.modules if m.split('.')[0] in ('bitsandbytes', 'torchao')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.stdout.strip() == "[]"
