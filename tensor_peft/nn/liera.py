@@ -143,7 +143,7 @@ class LieRALayer(AdapterLayer):
         """Over a quantized base: W_eff − W0 from W0 dequantized here (and again in backward)."""
         if self.quantization is None:
             return super().delta_forward(adapter, x)
-        return self.operation_with_dequantized_weight(x, lambda weight: self.merge_weight(adapter, weight) - weight)
+        return self.operation_with_dequantized_weight(x, lambda weight: self.merge_weight(adapter, weight).sub_(weight))
 
     def embedding_rows(self, adapter: Adapter, x: Tensor) -> Tensor:
         """The rows of W_eff an embedding looks up for indices ``x``, from the same rows of
