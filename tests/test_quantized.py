@@ -95,6 +95,12 @@ def llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def full_precision(seed: int = 0) -> nn.Module:
+    """The model ``build`` quantizes, as it is."""
+    torch.manual_seed(seed)
+    return llama().eval()
+
+
 def build(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return quantize_model(llama(), kind).eval()
@@ -211,6 +217,11 @@ def test_every_method_trains_saves_loads_and_merges_over_a_quantized_base(kind, 
     tp.save_adapter(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(logits(tp.load_adapter(build(kind), tmp_path), inputs), trained, rtol=0, atol=0)
+
+    # onto the full-precision model: the same adapter (the twin below checks the outputs)
+    original = tp.load_adapter(full_precision(), tmp_path)
+    adapters = {key: value for key, value in model.state_dict().items() if ".adapters." in key}
+    assert all(torch.equal(original.state_dict()[key], value) for key, value in adapters.items())
 
     # a fresh quantized model with the adapter computes what the dequantized twin does (up
     # to bitsandbytes' int8 rounding of the activations in Linear8bitLt)
@@ -402,16 +413,16 @@ def test_refusals_name_the_module_and_the_reason():
 
 def test_a_torchao_weight_it_cannot_quantize_back_refuses_the_merge_leaving_the_model_as_it_was():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16))
-    quantize_(model, Int8WeightOnlyConfig(granularity=PerGroup(32)))
-    tp.inject(model, tp.LoRAConfig(target_modules=["0"], r=2))
+    model = nn.Sequential(quantize_linear(nn.Linear(64, 64), "nf4"), nn.Linear(64, 16))
+    quantize_(model[1], Int8WeightOnlyConfig(granularity=PerGroup(32)))
+    tp.inject(model, tp.LoRAConfig(target_modules=["0", "1"], r=2))
     randomize_adapters(model)
     x = torch.randn(3, 64)
     before, state = model(x), snapshot(model)
-    with pytest.raises(ValueError, match=r"module '0': cannot merge into this torchao layer: .*Int8Tensor per row or per "
+    with pytest.raises(ValueError, match=r"module '1': cannot merge into this torchao layer: .*Int8Tensor per row or per "
                                          r"tensor only; unload\(merge=True, dequantize=True\)"):  # fmt: skip
         tp.merge(model)
-    assert model[0].merged_adapters == []
+    assert model[0].merged_adapters == model[1].merged_adapters == []
     assert_unchanged(model, state)
     plain = tp.unload(model, dequantize=True)
     torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-5)
