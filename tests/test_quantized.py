@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import pathlib
+import re
 import subprocess
 import sys
 import warnings
@@ -232,8 +233,13 @@ def test_every_method_trains_saves_loads_and_merges_over_a_quantized_base(kind, 
 
     # merge: each weight is what the library's quantization of the twin's merged weight holds
     tp.merge(reference)
-    with pytest.warns(RequantizationWarning, match=r"merged into 14 quantized layers .* differ from W0 \+ ΔW by up to"):
+    with pytest.warns(RequantizationWarning, match=r"merged into 14 quantized layers .* differ from W0 \+ ΔW by up to") as caught:
         tp.merge(fresh)
+    errors = [torch.linalg.norm(layer.weight - reference.get_submodule(name).base_layer.weight)
+              / torch.linalg.norm(reference.get_submodule(name).base_layer.weight)
+              for name, layer in tp.model.adapter_layers(fresh).items()]  # fmt: skip
+    reported = float(re.search(r"by up to ([0-9.e-]+)", str(caught[-1].message)).group(1))
+    assert reported == pytest.approx(max(errors).item(), rel=1e-2)
     expected = quantize_model(copy.deepcopy(reference), kind) if kind == "torchao-int8" else None
     for name, layer in tp.model.adapter_layers(fresh).items():
         if kind == "torchao-int8":

@@ -418,12 +418,13 @@ class AdapterLayer(WrapsBaseLayer):
         weight = self.weight
         for name in pending:
             weight = self._checked(self.merge_weight, name, weight, "merge")
-        reason = self.quantization and not dequantized and self.quantization.requantize_refusal(self.base_layer)
-        if reason:
-            raise ValueError(
-                f"cannot merge into this {self.quantization.name} layer: {reason}; unload(merge=True, "
-                "dequantize=True) merges into a full-precision layer instead"
-            )
+        if self.quantization is not None and not dequantized:
+            reason = self.quantization.requantize_refusal(self.base_layer)
+            if reason:
+                raise ValueError(
+                    f"cannot merge into this {self.quantization.name} layer: {reason}; unload(merge=True, "
+                    "dequantize=True) merges into a full-precision layer instead"
+                )
         if check_only:
             return
         if self.quantization is None:
