@@ -148,9 +148,11 @@ def build(model_name: str, method: str, device: str) -> Setup:
     return Setup(model, batch, optimizer, after_optimizer)
 
 
-def memory_of(model_name: str, method: str, device: str, warmup: int = 2) -> dict:
-    """In this process: the adapter state and the peak of one training step after warm-up."""
-    setup = build(model_name, method, device)
+def memory_of(model_name: str, method: str, device: str, warmup: int = 2,
+              build_setup: Callable[[str, str, str], Setup] = build) -> dict:  # fmt: skip
+    """In this process: the adapter state and the peak of one training step after warm-up
+    (of the setup ``build_setup`` makes: this module's ``build`` unless given)."""
+    setup = build_setup(model_name, method, device)
     for _ in range(warmup):
         setup.step()
     if device == "cuda":

@@ -35,6 +35,7 @@ from .config import (
 from .nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from .nn.attention import AdaptedMultiheadAttention, projection_weights
 from .nn.base import Adapter, layer_kind
+from .quantized import RequantizationWarning, quantization_of
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),
@@ -221,6 +222,41 @@ def _check_untied(model: nn.Module, layers: dict[str, AdapterLayer], action: str
                 f"cannot {action} module {name!r}: its weight is tied to module {others[0]!r}, which the "
                 f"merge would change too; untie the weights first (or unload with merge=False)"
             )
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True,
+                              gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:  # fmt: skip
+    """Get a model with quantized layers ready for adapter training (call it before
+    ``inject``), as peft's ``prepare_model_for_kbit_training``: every parameter frozen, the
+    float16/bfloat16 parameters but the quantized weights (layer norms, embeddings, output
+    head, biases) cast to float32 for a stable training, and with ``gradient_checkpointing``
+    a transformers model's gradient checkpointing turned on (``use_reentrant=False`` unless
+    ``gradient_checkpointing_kwargs`` says otherwise; reentrant checkpointing gets its input
+    embeddings' output requiring grad, without which it passes no gradient). Returns ``model``."""
+    if gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise TypeError(
+            f"gradient_checkpointing needs a transformers model (gradient_checkpointing_enable); got "
+            f"{type(model).__name__}: pass gradient_checkpointing=False and checkpoint its blocks yourself"
+        )
+    kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    quantized_weights = {id(module.weight) for module in model.modules() if _quantized(module)}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+        if parameter.dtype in (torch.float16, torch.bfloat16) and id(parameter) not in quantized_weights:
+            parameter.data = parameter.data.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"]:
+            model.enable_input_require_grads()
+    return model
+
+
+def _quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized layer (one the adapters cannot wrap included)."""
+    try:
+        return quantization_of(module) is not None
+    except TypeError:
+        return True
 
 
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
@@ -435,11 +471,34 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge_all(model: nn.Module, action: str) -> None:
+def _merge_all(model: nn.Module, action: str, dequantize: bool = False) -> None:
+    """Check every layer's merge, then (``dequantize``: quantized bases replaced by
+    full-precision ones first) write them all; merges into quantized bases give one
+    warning with the largest rounding error."""
     layers = adapter_layers(model)
     _check_untied(model, layers, action)
-    _per_layer(layers, lambda layer: layer.merge(check_only=True))
-    _per_layer(layers, lambda layer: layer.merge())
+    _per_layer(layers, lambda layer: layer.merge(check_only=True, dequantized=dequantize))
+    if dequantize:
+        _dequantize_bases(layers)
+    requantized = [name for name, layer in layers.items() if layer.pending_merge() and layer.quantization is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RequantizationWarning)
+        _per_layer(layers, lambda layer: layer.merge())
+    errors = {name: layers[name].requantization_error for name in requantized}
+    if errors:
+        worst = max(errors, key=errors.__getitem__)
+        warnings.warn(
+            f"merged into {len(errors)} quantized layers and quantized each again: the merged weights differ from "
+            f"W0 + ΔW by up to {errors[worst]:.3g} (relative, module {worst!r}); they cannot be unmerged",
+            RequantizationWarning,
+            stacklevel=3,
+        )
+
+
+def _dequantize_bases(layers: dict[str, AdapterLayer]) -> None:
+    for layer in layers.values():
+        if layer.quantization is not None:
+            layer.dequantize_base()
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -450,14 +509,18 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, dequantize: bool = False) -> nn.Module:
     """Plain torch modules back: each adapter layer is replaced by its base layer, with
-    the active adapters merged in (``merge=True``) or with all adapters taken out. All
-    or nothing, as ``merge``."""
+    the active adapters merged in (``merge=True``) or with all adapters taken out. A
+    quantized base comes back quantized (merged: quantized again, with a warning giving
+    the rounding error), or with ``dequantize=True`` as an ``nn.Linear`` holding its
+    dequantized weight (plus the merged update), for export. All or nothing, as ``merge``."""
     if merge:
-        _merge_all(model, "unload")
+        _merge_all(model, "unload", dequantize)
     else:
         unmerge(model)
+        if dequantize:
+            _dequantize_bases(adapter_layers(model))
     _remove_empty_layers(model, remove_all=True)
     if hasattr(model, "tensor_peft_configs"):
         del model.tensor_peft_configs

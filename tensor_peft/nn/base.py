@@ -10,6 +10,12 @@ weight is stored (in, out)). Every method sees the weight in one layout, ``layer
 (out, in, *kernel); for ``Conv1D`` and ``nn.Embedding`` (a linear map from the one-hot
 index to the embedding) that is a transposed view of the stored weight.
 
+Quantized linear layers (``tensor_peft.quantized``: bitsandbytes 4-bit and 8-bit, torchao
+weights) are wrapped too: their own forward computes W0·x and every update is added to
+it; ``layer.weight`` is then W0 dequantized (computed anew at each read), which only the
+methods whose update involves W0 read in their forward (LieRA), and merging quantizes the
+merged weight again with the layer's own settings.
+
 It holds any number of named adapters of one method, and does what all methods share:
 adapter dropout, enable/disable, the active adapters, merge/unmerge (refusing a merge
 that would write non-finite values), and the dtype policy: adapter parameters are
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check_dropout
+from ..quantized import RequantizationWarning, quantization_of
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 # Subclasses that override forward() with the parent's operation (timm's Linear only adds a
@@ -50,8 +58,10 @@ def _qualified_name(cls: type) -> str:
 
 def layer_kind(module: nn.Module) -> str:
     """"linear", "conv" or "embedding": how the adapters see ``module``. Raises a TypeError
-    saying why for a module they cannot wrap."""
-    if _transformers_conv1d(module):
+    saying why for a module they cannot wrap. A layer whose forward is not its parent's is
+    wrapped when the package knows how to get W0·x (its forward) and W0 from it: the
+    quantized linear layers of ``tensor_peft.quantized``."""
+    if _transformers_conv1d(module) or quantization_of(module) is not None:
         return "linear"
     parent = next((c for c in SUPPORTED_LAYERS if isinstance(module, c)), None)
     if parent is None:
@@ -128,6 +138,9 @@ class AdapterLayer(WrapsBaseLayer):
         super().__init__()
         self.kind = layer_kind(base_layer)
         self.base_layer = base_layer
+        self.quantization = quantization_of(base_layer)
+        self.requantized = False  # merged adapters were quantized into the weight (no unmerge)
+        self.requantization_error: float | None = None
         self.training = base_layer.training  # in eval mode if the layer it replaces is
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
@@ -142,9 +155,19 @@ class AdapterLayer(WrapsBaseLayer):
     @property
     def weight(self) -> Tensor:
         """The base weight in the (out, in, *kernel) layout every method works in: the
-        stored parameter, or a transposed view of it (``Conv1D``, ``nn.Embedding``)."""
+        stored parameter, or a transposed view of it (``Conv1D``, ``nn.Embedding``); for a
+        quantized base, W0 dequantized by its library (a new tensor at each read)."""
+        if self.quantization is not None:
+            return self.quantization.dequantize(self.base_layer)
         weight = self.base_layer.weight
         return weight if self.kind == "conv" or isinstance(self.base_layer, nn.Linear) else weight.T
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """``self.weight.shape``, without dequantizing a quantized base."""
+        if self.quantization is not None:
+            return torch.Size((self.base_layer.out_features, self.base_layer.in_features))
+        return self.weight.shape
 
     @property
     def bias(self) -> Tensor | None:
@@ -214,6 +237,21 @@ class AdapterLayer(WrapsBaseLayer):
         with recomputed_in_backward(weight, make_weight):
             return self.base_operation(x, weight, self.bias)
 
+    def operation_with_dequantized_weight(self, x: Tensor, make_weight: Callable[[Tensor], Tensor]) -> Tensor:
+        """The base operation (no bias) with the weight ``make_weight(W0)`` gives from the
+        dequantized W0 of a quantized base, in ``x``'s dtype. Autograd keeps neither W0 nor
+        that weight for backward: both are made again there, so a layer holds no
+        dequantized copy of its weight after the forward."""
+
+        def dequantized() -> Tensor:
+            return self.weight.to(x.dtype)
+
+        base = dequantized()
+        with recomputed_in_backward(base, dequantized):
+            weight = make_weight(base)
+        with recomputed_in_backward(weight, lambda: make_weight(dequantized())):
+            return self.base_operation(x, weight)
+
     def pointwise(self, x: Tensor, matrix: Tensor) -> Tensor:
         """Channel mixing by ``matrix`` (out, in): a 1×1 conv for conv inputs, linear otherwise."""
         if self.is_conv:
@@ -234,7 +272,7 @@ class AdapterLayer(WrapsBaseLayer):
         adapter = self._new_adapter(**{**self.option_defaults(), **options})
         if self.is_embedding and not isinstance(adapter.dropout, nn.Identity):
             raise ValueError("dropout must be 0 on an nn.Embedding: its inputs are indices")
-        self.adapters[name] = adapter.to(self.weight.device).train(self.training)
+        self.adapters[name] = adapter.to(self.base_layer.weight.device).train(self.training)
         self.active_adapters = [name]
 
     @classmethod
@@ -304,8 +342,11 @@ class AdapterLayer(WrapsBaseLayer):
 
     def single_active_adapter(self) -> Adapter | None:
         """The adapter when the layer may run as one conv/linear with its effective weight:
-        exactly one active adapter, none merged, adapters on, and its dropout a no-op."""
+        exactly one active adapter, none merged, adapters on, its dropout a no-op, and the
+        base not quantized (whose own forward computes W0·x)."""
         if len(self.active_adapters) != 1 or self.merged_adapters or not self.adapters_enabled:
+            return None
+        if self.quantization is not None:
             return None
         adapter = self.adapters[self.active_adapters[0]]
         if self.training and not isinstance(adapter.dropout, nn.Identity):
@@ -313,7 +354,7 @@ class AdapterLayer(WrapsBaseLayer):
         return adapter
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
+        result = self.base_layer(x) if self.quantization is None else self.quantization.forward(self.base_layer, x)
         if not self.adapters_enabled:
             return result
         for name in self.active_adapters:
@@ -353,13 +394,16 @@ class AdapterLayer(WrapsBaseLayer):
         return any(name not in self.merged_adapters for name in self.active_adapters)
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None, check_only: bool = False) -> None:
+    def merge(self, names: list[str] | None = None, check_only: bool = False, dequantized: bool = False) -> None:
         """Fold the active (or the named) adapters into the base weight. All or nothing:
         refuses, leaving the weight untouched, while the adapters are disabled (the
         output would change, and ``enable_adapters`` could not switch them off again), or
         where the result would not be finite in the weight's dtype or could not be
         unmerged again (``merge_refusal``).
-        ``check_only`` runs the checks without writing."""
+        A quantized base gets the merged weight quantized again with its own settings
+        (``requantize``, which warns with the rounding error); it cannot be unmerged then.
+        ``check_only`` runs the checks without writing; with ``dequantized`` those of a merge
+        into the dequantized weight (``unload(dequantize=True)``)."""
         names = self.active_adapters if names is None else names
         for name in names:
             self._check_adapter(name)
@@ -369,17 +413,58 @@ class AdapterLayer(WrapsBaseLayer):
                 "adapters are disabled: enable them before merging (a merged adapter cannot be disabled), "
                 "or unload with merge=False"
             )
+        if not pending:
+            return
         weight = self.weight
         for name in pending:
             weight = self._checked(self.merge_weight, name, weight, "merge")
-        if pending and not check_only:
+        if self.quantization is not None and not dequantized:
+            reason = self.quantization.requantize_refusal(self.base_layer)
+            if reason:
+                raise ValueError(
+                    f"cannot merge into this {self.quantization.name} layer: {reason}; unload(merge=True, "
+                    "dequantize=True) merges into a full-precision layer instead"
+                )
+        if check_only:
+            return
+        if self.quantization is None:
             self.weight.copy_(weight)
-            self.merged_adapters.extend(pending)
+        else:
+            self.requantize(weight)
+        self.merged_adapters.extend(pending)
+
+    def requantize(self, weight: Tensor) -> None:
+        """Quantize ``weight`` into the quantized base with its own settings and warn with
+        the relative error (Frobenius) of the weight it then holds."""
+        self.quantization.requantize(self.base_layer, weight)
+        self.requantized = True
+        error = float(torch.linalg.norm(self.weight.double() - weight.double()) / torch.linalg.norm(weight.double()))
+        self.requantization_error = error
+        warnings.warn(
+            f"the merged weight was quantized again into the {self.quantization.name} layer: it differs from "
+            f"W0 + ΔW by {error:.3g} (relative)",
+            RequantizationWarning,
+            stacklevel=2,
+        )
+
+    def dequantize_base(self) -> None:
+        """Replace a quantized base layer by an ``nn.Linear`` holding its dequantized
+        weight (and any merged adapters)."""
+        self.base_layer = self.quantization.full_precision(self.base_layer, self.weight)
+        self.quantization = None
 
     @torch.no_grad()
     def unmerge(self, check_only: bool = False) -> None:
         """Take every merged adapter out of the base weight again (last merged first).
-        All or nothing, as ``merge``."""
+        All or nothing, as ``merge``. Refused after a merge into a quantized base, whose
+        rounding cannot be undone."""
+        if self.requantized and self.merged_adapters:
+            raise ValueError(
+                f"adapters {self.merged_adapters} were merged into a quantized weight and quantized again: that "
+                "rounding cannot be undone, so they cannot be unmerged (load the base model again to remove them)"
+            )
+        if not self.merged_adapters:
+            return
         weight = self.weight
         for name in reversed(self.merged_adapters):
             weight = self._checked(self.unmerge_weight, name, weight, "unmerge")
@@ -391,7 +476,7 @@ class AdapterLayer(WrapsBaseLayer):
         """``transform(adapter, weight)`` computed in float32 or wider and rounded to the
         weight's dtype, or a ValueError saying why it may not be written."""
         wide = weight.to(torch.promote_types(weight.dtype, self.compute_dtype(self.adapters[name])))
-        result = transform(self.adapters[name], wide).to(self.weight.dtype)
+        result = transform(self.adapters[name], wide).to(weight.dtype)
         reason = self.merge_refusal(weight, result)
         if reason:
             raise ValueError(f"cannot {action} adapter {name!r}: {reason}; the weight is left unchanged")

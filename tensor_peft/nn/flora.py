@@ -138,6 +138,8 @@ class FLoRALayer(AdapterLayer):
         )
 
     def _new_adapter(self, **options) -> Adapter:
+        if options["execution"] == "merged" and self.quantization is not None:
+            raise ValueError("execution 'merged' needs the weight W0 itself; over a quantized base FLoRA runs factorized")
         return FLoRAAdapter(self, **options)
 
     def _params(self, adapter: Adapter, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:

@@ -144,6 +144,12 @@ class LieRALayer(AdapterLayer):
         """W_eff − W0, for the additive form the base class uses with dropout or several adapters."""
         return self.merge_weight(adapter, self.weight) - self.weight.to(self.compute_dtype(adapter))
 
+    def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
+        """Over a quantized base: W_eff − W0 from W0 dequantized here (and again in backward)."""
+        if self.quantization is None:
+            return super().delta_forward(adapter, x)
+        return self.operation_with_dequantized_weight(x, lambda weight: self.merge_weight(adapter, weight).sub_(weight))
+
     def embedding_rows(self, adapter: Adapter, x: Tensor) -> Tensor:
         """The rows of W_eff an embedding looks up for indices ``x``, from the same rows of
         W0 and of ΔW (an inner LoRA's rows by lookup in Aᵀ, never forming ΔW)."""

@@ -42,7 +42,7 @@ class LowRankLayer(AdapterLayer):
     def delta_weight(self, adapter: Adapter) -> Tensor:
         down = self.down_projection(adapter).to(self.compute_dtype(adapter))
         up = adapter.lora_B.to(down.dtype)
-        return adapter.scale * (up @ down.reshape(adapter.r, -1)).reshape(self.weight.shape)
+        return adapter.scale * (up @ down.reshape(adapter.r, -1)).reshape(self.weight_shape)
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         if self.is_grouped_conv:

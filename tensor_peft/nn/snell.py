@@ -230,7 +230,7 @@ class SNELLLayer(AdapterLayer):
 
     def delta_weight_and_threshold(self, adapter: Adapter, tau: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         delta, tau = adapter.delta(self.compute_dtype(adapter), tau)
-        return delta.reshape(self.weight.shape), tau
+        return delta.reshape(self.weight_shape), tau
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
         delta, tau = self.delta_weight_and_threshold(adapter)
