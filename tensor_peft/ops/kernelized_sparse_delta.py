@@ -181,7 +181,7 @@ def _sparse_linear_forward(
     threshold: str,
 ) -> tuple[Tensor, Tensor]:
     delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, None)
-    return F.linear(input, (weight + delta).to(input.dtype), bias), tau
+    return F.linear(input, delta.add_(weight).to(input.dtype), bias), tau  # W0 + ΔW in ΔW's fresh buffer
 
 
 _sparse_linear = torch.library.custom_op(
@@ -230,7 +230,7 @@ def _sparse_linear_gradients(
         gradients = zero_kernel_grads(*inputs) if kernel_grads else [t.new_empty(0) for t in inputs]
         if input_grad:
             delta = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)[0]
-    grad_input = grad @ (weight + delta).to(grad.dtype) if input_grad else input.new_empty(0)
+    grad_input = grad @ delta.add_(weight).to(grad.dtype) if input_grad else input.new_empty(0)
     return [grad_input, *gradients]
 
 
