@@ -15,7 +15,8 @@ all three alike. The floor is
 
     python -m tensor_peft bench -k real_shapes --name real-shapes-<host>
 
-Fewer rounds at the big shapes keep the run within 15 minutes on 2 cores."""
+Fewer rounds at the big shapes (5 timed rounds after one warm-up at 4096×4096 and 512
+tokens and below, 3 or 2 above) keep the run within 15 minutes on 2 quiet cores."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ SHAPES = {
     "llama-4096x4096-t512": (lambda: nn.Linear(4096, 4096), (512, 4096), 5),
     "llama-4096x4096-t2048": (lambda: nn.Linear(4096, 4096), (2048, 4096), 3),
     "llama-4096to11008-t512": (lambda: nn.Linear(4096, 11008), (512, 4096), 3),
+    "llama-4096to11008-t2048": (lambda: nn.Linear(4096, 11008), (2048, 4096), 2),
     "llama-11008to4096-t512": (lambda: nn.Linear(11008, 4096), (512, 11008), 3),
+    "llama-11008to4096-t2048": (lambda: nn.Linear(11008, 4096), (2048, 11008), 2),
     "vit-b-mlp-768to3072-t1576": (lambda: nn.Linear(768, 3072), (1576, 768), 5),
     "resnet-conv64-b16-56x56": (lambda: nn.Conv2d(64, 64, 3, padding=1), (16, 64, 56, 56), 5),
     "resnet-conv256-b32-14x14": (lambda: nn.Conv2d(256, 256, 3, padding=1), (32, 256, 14, 14), 5),

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <string>
@@ -33,6 +34,7 @@
 
 #include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
+#include "tensor_peft/huge_pages.h"
 #include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
 #include "tensor_peft/threads.h"
@@ -264,9 +266,9 @@ constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in f
 // count values of T, left uninitialized (a vector would first zero them: a pass for nothing).
 template <typename T>
 struct Buffer {
-    std::unique_ptr<T[]> values;
+    std::unique_ptr<T, decltype(&std::free)> values{nullptr, &std::free};
     T* allocate(int64_t count) {
-        values.reset(new T[count]);
+        values.reset(static_cast<T*>(tensor_peft::cpu::allocate_memory(count * sizeof(T))));
         return values.get();
     }
     T* data() const { return values.get(); }
@@ -312,16 +314,39 @@ void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, bool with_roots, T* 
     P.softmax_rows = held.exps.data();
 }
 
-// Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
-template <typename T>
-inline void count_first_digits(const T* x, int64_t count, int64_t* counts) {
-    using Key = tensor_peft::radix::Key<T>;
-    for (int64_t i = 0; i < count; ++i) ++counts[tensor_peft::radix::abs_key(x[i]) >> (Key::kBits - Key::kDigit)];
-}
-
 template <typename T>
 constexpr int64_t first_digit_bins() {
     return int64_t(1) << tensor_peft::radix::Key<T>::kDigit;
+}
+
+// The histograms the first digit is counted into, interleaved: lane l takes every
+// count_lanes-th value, so that a run of values with one digit (they cluster: ΔW's
+// magnitudes share a few exponents) increments different counters instead of waiting on
+// the last increment of one. Float only; a double's 2^16 bins stay one histogram.
+template <typename T>
+constexpr int64_t count_lanes() {
+    return sizeof(T) == 4 ? 4 : 1;
+}
+
+// Counts of the first radix digit of |x| (Key::kDigit wide), added into the count_lanes
+// histograms `lanes` (count_lanes × first_digit_bins values, lane after lane).
+template <typename T>
+inline void count_first_digits(const T* x, int64_t count, int64_t* lanes) {
+    using Key = tensor_peft::radix::Key<T>;
+    constexpr int shift = Key::kBits - Key::kDigit;
+    constexpr int64_t width = count_lanes<T>(), bins = first_digit_bins<T>();
+    int64_t i = 0;
+    for (; i + width <= count; i += width)
+        for (int64_t l = 0; l < width; ++l) ++lanes[l * bins + (tensor_peft::radix::abs_key(x[i + l]) >> shift)];
+    for (; i < count; ++i) ++lanes[tensor_peft::radix::abs_key(x[i]) >> shift];
+}
+
+// counts[b] += the lanes' counts of bin b (integers: exact in any order).
+template <typename T>
+void add_lanes(const std::vector<int64_t>& lanes, int64_t* counts) {
+    constexpr int64_t bins = first_digit_bins<T>();
+    for (int64_t l = 0; l < count_lanes<T>(); ++l)
+        for (int64_t b = 0; b < bins; ++b) counts[b] += lanes[l * bins + b];
 }
 
 // out = x·mask_factor(x), in place allowed.
@@ -342,7 +367,7 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     hold_mixture_rows(P, held, false, out);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
-        std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
+        std::vector<int64_t> counts(first_counts ? count_lanes<T>() * first_digit_bins<T>() : 0, 0);
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
             if (P.kernel == kMixture)
@@ -356,17 +381,20 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
         }
         if (first_counts) {
 #pragma omp critical(tensor_peft_counts)
-            for (size_t b = 0; b < counts.size(); ++b) first_counts[b] += counts[b];
+            add_lanes<T>(counts, first_counts);
         }
     });
 }
 
 // The keys key_at(i) of count values that share `prefix` on `prefix_mask`, compacted in
-// order into a new vector. Branch-free: each key of a block is written to a scratch
-// buffer and the end advanced by whether it matches (a branch mispredicted on half the
-// keys cost more than the pass); the matches are then appended.
+// order into a new vector. Runs of kRun keys are first tested together (a loop that
+// vectorizes); a run with a match is then compacted branch-free: each key written to a
+// scratch buffer and the end advanced by whether it matches (a branch mispredicted on half
+// the keys cost more than the pass). The k-th's bin holds a few percent of the keys, so
+// most runs are skipped after the test.
 template <typename Bits, typename KeyAt>
 std::vector<Bits> matching_keys(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask) {
+    constexpr int64_t kRun = 32;
     const int64_t chunks = chunk_count(count, kChunk);
     std::vector<std::vector<Bits>> chunk_keys(chunks);
     for_each_chunk(chunks, [&](int64_t c) {
@@ -376,10 +404,17 @@ std::vector<Bits> matching_keys(KeyAt key_at, int64_t count, Bits prefix, Bits p
         scratch.allocate(std::min(kChunk, end - begin) + 1);
         for (int64_t start = begin; start < end; start += kChunk) {
             int64_t kept = 0;
-            for (int64_t i = start; i < std::min(start + kChunk, end); ++i) {
-                const Bits key = key_at(i);
-                scratch.data()[kept] = key;
-                kept += (key & prefix_mask) == prefix;
+            const int64_t stop = std::min(start + kChunk, end);
+            for (int64_t run = start; run < stop; run += kRun) {
+                const int64_t run_end = std::min(run + kRun, stop);
+                int matches = 0;
+                for (int64_t i = run; i < run_end; ++i) matches += (key_at(i) & prefix_mask) == prefix;
+                if (matches == 0) continue;
+                for (int64_t i = run; i < run_end; ++i) {
+                    const Bits key = key_at(i);
+                    scratch.data()[kept] = key;
+                    kept += (key & prefix_mask) == prefix;
+                }
             }
             chunk_keys[c].insert(chunk_keys[c].end(), scratch.data(), scratch.data() + kept);
         }
@@ -442,10 +477,10 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
     for_each_chunk(chunks, [&](int64_t c) {
         int64_t begin, end;
         chunk_range(count, chunks, c, begin, end);
-        std::vector<int64_t> local(first_digit_bins<T>(), 0);
+        std::vector<int64_t> local(count_lanes<T>() * first_digit_bins<T>(), 0);
         count_first_digits(x + begin, end - begin, local.data());
 #pragma omp critical(tensor_peft_counts)
-        for (size_t b = 0; b < local.size(); ++b) first_counts[b] += local[b];
+        add_lanes<T>(local, first_counts.data());
     });
     return kth_smallest_magnitude(x, count, k, first_counts.data());
 }
@@ -863,6 +898,7 @@ void bind(py::module_& m, const std::string& suffix) {
               arguments::at_most(arguments::size(k, "k"), rows * n, "k");
               T* o = pointer<T>(out, rows * n, "out");
               py::gil_scoped_release release;
+              tensor_peft::cpu::advise_huge_pages(o, rows * n * sizeof(T));
               if (sparsification == kNone || k == 0) {
                   raw(P, o, nullptr, sparsification, static_cast<T>(k == 0 ? given_tau : 0.0));
                   return given_tau;
@@ -889,6 +925,7 @@ void bind(py::module_& m, const std::string& suffix) {
               const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
               T* out_delta = sparsified_output<T>(delta, rows * n, sparsification);
               py::gil_scoped_release release;
+              if (out_delta != nullptr) tensor_peft::cpu::advise_huge_pages(out_delta, rows * n * sizeof(T));
               backward(P, Upstream<T>{g, nullptr}, static_cast<T>(tau), sparsification, out_delta, d.d_out_emb,
                        d.d_in_t, d.d_coeff, d.d_params);
           },
@@ -913,6 +950,7 @@ void bind(py::module_& m, const std::string& suffix) {
               const T* x = pointer<const T>(input, arguments::product(tokens, n, "tokens × n"), "input");
               const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
               py::gil_scoped_release release;
+              if (out_delta != nullptr) tensor_peft::cpu::advise_huge_pages(out_delta, rows * n * sizeof(T));
               const T t = static_cast<T>(tau);
               HeldMixture<T> held;
               hold_mixture_rows(P, held, true);  // the mask needs ΔW_raw's rows
