@@ -265,3 +265,18 @@ def test_cpu_selection_finds_the_few_values_of_the_kth_bin_wherever_they_lie(pos
     with backends.use("cpu"):
         out = ops.sparsify(delta.reshape(500, 100), sparsity, mode="hard")
     torch.testing.assert_close(out, naive_sparsify(delta.reshape(500, 100), sparsity, "hard"), rtol=0, atol=0)
+
+
+def test_sparse_linear_of_a_wider_weight_than_the_embeddings_sums_in_the_wider_dtype():
+    """A float64 W0 under float32 embeddings: W0 + ΔW in float64 (ΔW's float32 buffer
+    cannot hold it), forward and the input's gradient."""
+    generator = torch.Generator().manual_seed(23)
+    weight = torch.randn(12, 9, generator=generator, dtype=torch.float64)
+    out_emb, in_emb = torch.randn(2, 12, 2, generator=generator), torch.randn(2, 9, 2, generator=generator)
+    x = torch.randn(4, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    got = sparse_linear(x, weight, None, out_emb, in_emb, 0.5)
+    delta = ops.kernelized_sparse_delta(out_emb, in_emb, 0.5).to(torch.float64)
+    expected = torch.nn.functional.linear(x, weight + delta)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(got, x, upstream)[0], upstream @ (weight + delta))
