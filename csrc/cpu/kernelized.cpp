@@ -310,39 +310,16 @@ void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, T* rows = nullptr) {
     P.softmax_rows = held.exps.data();
 }
 
+// Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
+template <typename T>
+inline void count_first_digits(const T* x, int64_t count, int64_t* counts) {
+    using Key = tensor_peft::radix::Key<T>;
+    for (int64_t i = 0; i < count; ++i) ++counts[tensor_peft::radix::abs_key(x[i]) >> (Key::kBits - Key::kDigit)];
+}
+
 template <typename T>
 constexpr int64_t first_digit_bins() {
     return int64_t(1) << tensor_peft::radix::Key<T>::kDigit;
-}
-
-// The histograms the first digit is counted into, interleaved: lane l takes every
-// count_lanes-th value, so that a run of values with one digit (they cluster: ΔW's
-// magnitudes share a few exponents) increments different counters instead of waiting on
-// the last increment of one. Float only; a double's 2^16 bins stay one histogram.
-template <typename T>
-constexpr int64_t count_lanes() {
-    return sizeof(T) == 4 ? 4 : 1;
-}
-
-// Counts of the first radix digit of |x| (Key::kDigit wide), added into the count_lanes
-// histograms `lanes` (count_lanes × first_digit_bins values, lane after lane).
-template <typename T>
-inline void count_first_digits(const T* x, int64_t count, int64_t* lanes) {
-    using Key = tensor_peft::radix::Key<T>;
-    constexpr int shift = Key::kBits - Key::kDigit;
-    constexpr int64_t width = count_lanes<T>(), bins = first_digit_bins<T>();
-    int64_t i = 0;
-    for (; i + width <= count; i += width)
-        for (int64_t l = 0; l < width; ++l) ++lanes[l * bins + (tensor_peft::radix::abs_key(x[i + l]) >> shift)];
-    for (; i < count; ++i) ++lanes[tensor_peft::radix::abs_key(x[i]) >> shift];
-}
-
-// counts[b] += the lanes' counts of bin b (integers: exact in any order).
-template <typename T>
-void add_lanes(const std::vector<int64_t>& lanes, int64_t* counts) {
-    constexpr int64_t bins = first_digit_bins<T>();
-    for (int64_t l = 0; l < count_lanes<T>(); ++l)
-        for (int64_t b = 0; b < bins; ++b) counts[b] += lanes[l * bins + b];
 }
 
 // out = x·mask_factor(x), in place allowed.
@@ -363,7 +340,7 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     hold_mixture_rows(P, held, out);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
-        std::vector<int64_t> counts(first_counts ? count_lanes<T>() * first_digit_bins<T>() : 0, 0);
+        std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
             if (P.kernel == kMixture)
@@ -377,7 +354,7 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
         }
         if (first_counts) {
 #pragma omp critical(tensor_peft_counts)
-            add_lanes<T>(counts, first_counts);
+            for (size_t b = 0; b < counts.size(); ++b) first_counts[b] += counts[b];
         }
     });
 }
@@ -473,10 +450,10 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
     for_each_chunk(chunks, [&](int64_t c) {
         int64_t begin, end;
         chunk_range(count, chunks, c, begin, end);
-        std::vector<int64_t> local(count_lanes<T>() * first_digit_bins<T>(), 0);
+        std::vector<int64_t> local(first_digit_bins<T>(), 0);
         count_first_digits(x + begin, end - begin, local.data());
 #pragma omp critical(tensor_peft_counts)
-        add_lanes<T>(local, first_counts.data());
+        for (size_t b = 0; b < local.size(); ++b) first_counts[b] += local[b];
     });
     return kth_smallest_magnitude(x, count, k, first_counts.data());
 }
