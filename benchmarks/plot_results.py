@@ -21,6 +21,7 @@ RESULTS = Path(__file__).parent / "results"
 IMAGES = Path(__file__).parent.parent / "docs" / "images"
 CPU_RUN = "cpu-2core-amd-epyc"
 REAL_MODELS_RUN = "cpu-2core-intel-xeon"
+REAL_SHAPES_RUN = "real-shapes-cpu-2core-intel-xeon"
 
 
 def load(name: str) -> dict:
@@ -125,6 +126,34 @@ def flora_autotune(results: dict, path: Path) -> None:
     save(figure, path)
 
 
+def real_shapes(results: dict, path: Path) -> None:
+    """Per real shape, each method's step time as × peft LoRA and × its floor, both timed
+    beside it (``benchmarks/test_real_shapes.py``)."""
+    groups = {g: b for g, b in by_group(results).items() if g.startswith("real shapes")}
+    figure, panels = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    shapes = sorted(groups)
+    methods = list(dict.fromkeys(b["extra_info"]["method"] for g in shapes for b in groups[g]))
+    width = 0.8 / len(methods)
+    for axes, (key, label) in zip(panels, (("baseline_s", "× peft LoRA"), ("floor_s", "× floor"))):
+        for offset, method in enumerate(methods):
+            xs, ys = [], []
+            for position, group in enumerate(shapes):
+                bench = next((b for b in groups[group] if b["extra_info"]["method"] == method), None)
+                if bench is not None:
+                    xs.append(position + offset * width)
+                    ys.append(bench["stats"]["median"] / bench["extra_info"][key])
+            axes.bar(xs, ys, width, label=method, color=plt.cm.tab10(offset % 10),
+                     hatch="//" if method.startswith("peft") else None)  # fmt: skip
+        axes.axhline(1.0, color="black", linewidth=0.8)
+        axes.set(ylabel=label)
+    panels[0].legend(ncol=5, fontsize=8, loc="upper left")
+    panels[1].set_xticks([p + 0.4 - width / 2 for p in range(len(shapes))],
+                         [g.removeprefix("real shapes: ").removesuffix(" (cpu)") for g in shapes],
+                         rotation=15, ha="right", fontsize=8)  # fmt: skip
+    figure.suptitle("One adapted layer's training step at real shapes, CPU (hatched: peft)")
+    save(figure, path)
+
+
 def save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -139,6 +168,7 @@ def main() -> None:
     layer_training_steps(cpu, IMAGES / "layers-cpu.png")
     real_models(load(f"real-models-{REAL_MODELS_RUN}"), IMAGES / "real-models-cpu.png")
     flora_autotune(load("flora-autotune"), IMAGES / "flora-autotune.png")
+    real_shapes(load(REAL_SHAPES_RUN), IMAGES / "real-shapes-cpu.png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``python -m tensor_peft bench``: run the benchmark suites of ``benchmarks/`` with
 pytest-benchmark and write ``benchmarks/results/<name>.json`` (pytest-benchmark's JSON)
 and ``<name>.md``: per group, each benchmark's median, its ratio to the group's baseline
-(``extra_info["baseline"]``) and to the physical floor (``extra_info["floor_s"]``), all
-from the same run."""
+(``extra_info["baseline"]``, or the baseline's median timed beside it, ``"baseline_s"``)
+and to the physical floor (``extra_info["floor_s"]``), all from the same run."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def default_name() -> str:
     if torch.cuda.is_available():
         return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
     return re.sub(r"[^A-Za-z0-9]+", "-", f"cpu-{platform.node()}").strip("-").lower()
+
+
+def _note(key: str, value) -> str:
+    """A note: ``key=value``, seconds (a key ending in ``_s``) in ms."""
+    return f"{key.removesuffix('_s')}={value * 1e3:.1f}ms" if key.endswith("_s") else f"{key}={value}"
 
 
 def markdown(results: dict) -> str:
@@ -42,8 +47,9 @@ def markdown(results: dict) -> str:
             extra = dict(bench["extra_info"])
             floor = extra.pop("floor_s", None)
             is_baseline = extra.pop("baseline", False)
-            ratio = f"{median / baseline['stats']['median']:.2f}x" if baseline else "-"
-            notes = ", ".join(f"{k}={v}" for k, v in extra.items()) + (" (baseline)" if is_baseline else "")
+            beside = extra.pop("baseline_s", None) or (baseline and baseline["stats"]["median"])
+            ratio = f"{median / beside:.2f}x" if beside else "-"
+            notes = ", ".join(_note(k, v) for k, v in extra.items()) + (" (baseline)" if is_baseline else "")
             floor_cells = f"{floor * 1e3:.3f} | {median / floor:.2f}x" if floor else "- | -"
             lines.append(f"| {bench['name']} | {median * 1e3:.3f} | {ratio} | {floor_cells} | {notes.strip(', ')} |")
         lines.append("")

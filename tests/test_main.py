@@ -47,3 +47,20 @@ def test_bench_outside_a_source_checkout_says_it_needs_one(tmp_path, monkeypatch
     error = capsys.readouterr().err
     assert "needs a source checkout" in error and str(tmp_path / "benchmarks") in error
     assert not (tmp_path / "benchmarks").exists()
+
+
+def test_bench_table_takes_the_baseline_timed_beside_a_benchmark_and_shows_seconds_in_ms():
+    """A benchmark with ``baseline_s`` (its baseline timed beside it) gets its ratio from
+    that, not from the group's baseline benchmark; ``*_s`` notes read in ms."""
+    from tensor_peft.bench import markdown
+
+    def bench(name, median, **extra):
+        return {"name": name, "group": "g", "stats": {"median": median}, "extra_info": extra}
+
+    results = {"machine_info": {"node": "n"}, "datetime": "d", "benchmarks": [
+        bench("base", 0.1, baseline=True), bench("beside", 0.3, baseline_s=0.2, floor_s=0.25, base_s=0.0125, passes=5),
+        bench("grouped", 0.2),
+    ]}  # fmt: skip
+    rows = {line.split(" | ")[0].strip("| "): line for line in markdown(results).splitlines() if line.startswith("| ")}
+    assert rows["beside"] == "| beside | 300.000 | 1.50x | 250.000 | 1.20x | base=12.5ms, passes=5 |"
+    assert rows["grouped"].startswith("| grouped | 200.000 | 2.00x | - | - |")

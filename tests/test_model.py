@@ -260,6 +260,7 @@ def test_lora_matches_peft(r, alpha):
 @pytest.mark.parametrize("config", [
     tp.MTLoRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, variant="icfm"),
     tp.SNELLConfig(target_modules=[nn.Conv2d, nn.Linear], r=2, sparsity=0.7),
+    tp.LieRAConfig(target_modules=[nn.Conv2d, nn.Linear], r=2),  # a Linear runs ops.hadamard_linear
 ])  # fmt: skip
 def test_compiled_forward_and_backward_equal_eager(config):
     torch._dynamo.reset()

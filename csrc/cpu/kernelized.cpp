@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <string>
@@ -33,6 +34,7 @@
 
 #include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
+#include "tensor_peft/huge_pages.h"
 #include "tensor_peft/kernelized.h"
 #include "tensor_peft/radix_select.h"
 #include "tensor_peft/threads.h"
@@ -59,7 +61,6 @@ struct Problem {
     const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
     const T* piecewise_rows = nullptr;  // mixture: P's rows (m, n), computed once
-    const T* piecewise_roots = nullptr;  // and, for the backward, their roots (m, H, n)
     T* softmax_rows = nullptr;          // and E's rows, each made S's by raw_row (hold_mixture_rows)
 };
 
@@ -264,34 +265,32 @@ constexpr int64_t kChunk = 1 << 14;  // the values a thread takes at a time in f
 // count values of T, left uninitialized (a vector would first zero them: a pass for nothing).
 template <typename T>
 struct Buffer {
-    std::unique_ptr<T[]> values;
+    std::unique_ptr<T, decltype(&std::free)> values{nullptr, &std::free};
     T* allocate(int64_t count) {
-        values.reset(new T[count]);
+        values.reset(static_cast<T*>(tensor_peft::cpu::allocate_memory(count * sizeof(T))));
         return values.get();
     }
     T* data() const { return values.get(); }
 };
 
 // What mixture holds while it runs: P's rows (unless the caller's buffer holds them), E's
-// rows, the column statistics and, for the backward, P's roots. Transient: two m×n
-// buffers, and H more with the roots.
+// rows and the column statistics. Transient: two m×n buffers. P's roots, which the
+// backward's gradients read, are made again with each row there (piecewise_row): H more
+// fresh m×n buffers cost more than the roots' arithmetic (the system zeroes fresh pages).
 template <typename T>
 struct HeldMixture {
-    Buffer<T> rows, exps, roots;
+    Buffer<T> rows, exps;
     std::vector<T> column_max, column_sum;
 };
 
 // Mixture's P rows into `rows` (m×n; held.rows when null) by piecewise_row (the one code
 // for P: every pass gets the same bits), their column maxima as each row is made, E's rows
-// and the column statistics from them, all into P, unless P has the statistics;
-// `with_roots` holds P's roots too (the backward's gradients read them). raw_row then
-// copies P's row j and turns E's row j into S's, once.
+// and the column statistics from them, all into P, unless P has the statistics. raw_row
+// then copies P's row j and turns E's row j into S's, once.
 template <typename T>
-void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, bool with_roots, T* rows = nullptr) {
+void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, T* rows = nullptr) {
     if (P.kernel != kMixture || P.column_max != nullptr) return;
     if (rows == nullptr) rows = held.rows.allocate(P.m * P.n);
-    const int64_t row_roots = P.chunks * P.n;
-    T* roots = with_roots ? held.roots.allocate(P.m * row_roots) : nullptr;
     const int64_t n = P.n, chunks = row_chunks(P);
     std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
@@ -299,11 +298,10 @@ void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, bool with_roots, T* 
         T* local = maxima.data() + c * n;
         for (int64_t j = begin; j < end; ++j) {
             T* row = rows + j * n;
-            piecewise_row(P, j, row, roots ? roots + j * row_roots : buffers.roots.data(), buffers);
+            piecewise_row(P, j, row, buffers.roots.data(), buffers);
             for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
         }
     });
-    P.piecewise_roots = roots;
     held.exps.allocate(P.m * n);
     mixture_columns(P, static_cast<const T*>(rows), maxima, held.exps.data(), held.column_max, held.column_sum);
     P.column_max = held.column_max.data();
@@ -339,7 +337,7 @@ template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     const int64_t chunks = row_chunks(P);
     HeldMixture<T> held;
-    hold_mixture_rows(P, held, false, out);
+    hold_mixture_rows(P, held, out);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
@@ -362,11 +360,14 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
 }
 
 // The keys key_at(i) of count values that share `prefix` on `prefix_mask`, compacted in
-// order into a new vector. Branch-free: each key of a block is written to a scratch
-// buffer and the end advanced by whether it matches (a branch mispredicted on half the
-// keys cost more than the pass); the matches are then appended.
+// order into a new vector. Runs of kRun keys are first tested together (a loop that
+// vectorizes); a run with a match is then compacted branch-free: each key written to a
+// scratch buffer and the end advanced by whether it matches (a branch mispredicted on half
+// the keys cost more than the pass). The k-th's bin holds a few percent of the keys, so
+// most runs are skipped after the test.
 template <typename Bits, typename KeyAt>
 std::vector<Bits> matching_keys(KeyAt key_at, int64_t count, Bits prefix, Bits prefix_mask) {
+    constexpr int64_t kRun = 32;
     const int64_t chunks = chunk_count(count, kChunk);
     std::vector<std::vector<Bits>> chunk_keys(chunks);
     for_each_chunk(chunks, [&](int64_t c) {
@@ -376,10 +377,17 @@ std::vector<Bits> matching_keys(KeyAt key_at, int64_t count, Bits prefix, Bits p
         scratch.allocate(std::min(kChunk, end - begin) + 1);
         for (int64_t start = begin; start < end; start += kChunk) {
             int64_t kept = 0;
-            for (int64_t i = start; i < std::min(start + kChunk, end); ++i) {
-                const Bits key = key_at(i);
-                scratch.data()[kept] = key;
-                kept += (key & prefix_mask) == prefix;
+            const int64_t stop = std::min(start + kChunk, end);
+            for (int64_t run = start; run < stop; run += kRun) {
+                const int64_t run_end = std::min(run + kRun, stop);
+                int matches = 0;
+                for (int64_t i = run; i < run_end; ++i) matches += (key_at(i) & prefix_mask) == prefix;
+                if (matches == 0) continue;
+                for (int64_t i = run; i < run_end; ++i) {
+                    const Bits key = key_at(i);
+                    scratch.data()[kept] = key;
+                    kept += (key & prefix_mask) == prefix;
+                }
             }
             chunk_keys[c].insert(chunk_keys[c].end(), scratch.data(), scratch.data() + kept);
         }
@@ -748,7 +756,7 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
     std::vector<T> column_dot(n, T(0));
     Buffer<T> held_D;
     HeldMixture<T> held;
-    hold_mixture_rows(P, held, true);
+    hold_mixture_rows(P, held);
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (P.kernel == kMixture) {
         if (dense) held_D.allocate(P.m * n);
@@ -784,7 +792,7 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
             if (P.kernel != kMixture) {
                 row_upstream(P, up, j, tau, mode, delta, K.data(), D, rows);
             } else {
-                roots = P.piecewise_roots + j * P.chunks * n;
+                piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);  // P's roots again
                 if (dense)
                     D = held_D.data() + j * n;
                 else
@@ -863,6 +871,7 @@ void bind(py::module_& m, const std::string& suffix) {
               arguments::at_most(arguments::size(k, "k"), rows * n, "k");
               T* o = pointer<T>(out, rows * n, "out");
               py::gil_scoped_release release;
+              tensor_peft::cpu::advise_huge_pages(o, rows * n * sizeof(T));
               if (sparsification == kNone || k == 0) {
                   raw(P, o, nullptr, sparsification, static_cast<T>(k == 0 ? given_tau : 0.0));
                   return given_tau;
@@ -889,6 +898,7 @@ void bind(py::module_& m, const std::string& suffix) {
               const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
               T* out_delta = sparsified_output<T>(delta, rows * n, sparsification);
               py::gil_scoped_release release;
+              if (out_delta != nullptr) tensor_peft::cpu::advise_huge_pages(out_delta, rows * n * sizeof(T));
               backward(P, Upstream<T>{g, nullptr}, static_cast<T>(tau), sparsification, out_delta, d.d_out_emb,
                        d.d_in_t, d.d_coeff, d.d_params);
           },
@@ -913,9 +923,10 @@ void bind(py::module_& m, const std::string& suffix) {
               const T* x = pointer<const T>(input, arguments::product(tokens, n, "tokens × n"), "input");
               const Gradients<T> d(P, d_out_emb, d_in_t, d_coeff, d_params);
               py::gil_scoped_release release;
+              if (out_delta != nullptr) tensor_peft::cpu::advise_huge_pages(out_delta, rows * n * sizeof(T));
               const T t = static_cast<T>(tau);
               HeldMixture<T> held;
-              hold_mixture_rows(P, held, true);  // the mask needs ΔW_raw's rows
+              hold_mixture_rows(P, held);  // the mask needs ΔW_raw's rows
               const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification, out_delta);
               backward(P, Upstream<T>{nullptr, &D}, t, sparsification, static_cast<T*>(nullptr), d.d_out_emb, d.d_in_t, d.d_coeff,
                        d.d_params);

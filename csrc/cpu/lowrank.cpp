@@ -17,6 +17,7 @@
 
 #include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
+#include "tensor_peft/huge_pages.h"
 #include "tensor_peft/lowrank.h"
 #include "tensor_peft/threads.h"
 #include "tensor_peft/vector_exp.h"
@@ -176,6 +177,7 @@ void bind(py::module_& m, const std::string& suffix) {
               const T* u = pointer<const T>(U, s.d0 * s.r0, "U");
               const T* r = pointer<const T>(R, s.r0 * s.n, "R");
               py::gil_scoped_release release;
+              tensor_peft::cpu::advise_huge_pages(o, s.d0 * s.n * sizeof(T));
               forward<T>(o, w, u, r, s.d0, s.r0, s.n, static_cast<T>(scale), s.epilogue);
           },
           py::arg("out"), py::arg("weight"), py::arg("U"), py::arg("R"), py::arg("d0"), py::arg("r0"),

@@ -8,7 +8,8 @@ prints the time against both floors. ``python -m tensor_peft.gpu_report.floors -
 prints, without a GPU, the bytes the Triton SNELL sparsified update moves
 (``sparse_delta_bytes``) against the floor, and the bytes each GPU op moves on a bfloat16
 model at LLaMA-7B's shapes with and without the op layer's float32 copies
-(``half_traffic``)."""
+(``half_traffic``); ``--steps`` the modelled H100 time of a whole training step per
+method (``step_model``)."""
 
 from __future__ import annotations
 
@@ -164,6 +165,11 @@ def main() -> int:
 
     if sys.argv[1:] == ["--traffic"]:
         print(traffic_table(), half_traffic_table(), sep="\n\n")
+        return 0
+    if sys.argv[1:] == ["--steps"]:
+        from .step_model import steps_table
+
+        print(steps_table())
         return 0
     if not torch.cuda.is_available():
         print("floors: no CUDA GPU here")

@@ -176,6 +176,11 @@ class LieRALayer(AdapterLayer):
             return super().forward(x)
         if self.is_embedding:
             return self.embedding_rows(adapter, x).to(self.operation_dtype(x))
+        if self.kind == "linear" and adapter.group == "hadamard" and adapter.inner == "lora":
+            dtype = torch.promote_types(self.weight.dtype, self.compute_dtype(adapter))
+            update = adapter.update
+            B, A = update.lora_B.to(dtype), update.lora_A.to(dtype)
+            return ops.hadamard_linear(x, self.weight, self.bias, B, A, update.scale, adapter.exp)
         rounded = x.dtype == self.weight.dtype  # the merged weight is rounded to it once either way
         return self.operation_with_weight(
             x, lambda: self.merge_weight(adapter, self.weight, rounded=rounded).to(x.dtype)

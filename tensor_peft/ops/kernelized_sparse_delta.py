@@ -166,6 +166,14 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, 
 # --------------------------------------------------------------------------- in a linear layer
 
 
+def _plus_weight(delta: Tensor, weight: Tensor) -> Tensor:
+    """W0 + ΔW, summed into ΔW's fresh buffer where its dtype holds the sum (a new m×n
+    tensor is a pass of the system's page zeroing more), else in the wider dtype."""
+    if torch.promote_types(delta.dtype, weight.dtype) == delta.dtype:
+        return delta.add_(weight)
+    return weight + delta
+
+
 def _sparse_linear_forward(
     input: Tensor,
     weight: Tensor,
@@ -181,7 +189,7 @@ def _sparse_linear_forward(
     threshold: str,
 ) -> tuple[Tensor, Tensor]:
     delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, None)
-    return F.linear(input, (weight + delta).to(input.dtype), bias), tau
+    return F.linear(input, _plus_weight(delta, weight).to(input.dtype), bias), tau
 
 
 _sparse_linear = torch.library.custom_op(
@@ -230,7 +238,7 @@ def _sparse_linear_gradients(
         gradients = zero_kernel_grads(*inputs) if kernel_grads else [t.new_empty(0) for t in inputs]
         if input_grad:
             delta = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)[0]
-    grad_input = grad @ (weight + delta).to(grad.dtype) if input_grad else input.new_empty(0)
+    grad_input = grad @ _plus_weight(delta, weight).to(grad.dtype) if input_grad else input.new_empty(0)
     return [grad_input, *gradients]
 
 

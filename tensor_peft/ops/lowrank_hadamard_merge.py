@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import EXP_FORMS, check_choice, check_real
@@ -97,3 +98,74 @@ def lowrank_hadamard_merge(
     check_frozen(weight)
     computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A.reshape(rank, cols))
     return _lowrank_hadamard_merge(computed_weight, B, A, scale, exp).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------- in a linear layer
+
+
+def _tokens(tensor: Tensor) -> Tensor:
+    """(tokens, features): the leading dimensions flattened."""
+    return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
+
+
+class _HadamardLinear(torch.autograd.Function):
+    """``F.linear(input, W0 ⊙ exp(s·B·A), bias)`` keeping nothing of W0's size for backward.
+
+    Backward forms Γ = grad_outᵀ·input itself, contiguous and in the merge's dtype (autograd's
+    Γ of a linear's weight is the transpose of a product: the merge's backward would copy it),
+    reduces it into ∂B, ∂A, frees it, and only then rebuilds W_eff for ∂input: one m×n
+    tensor alive at a time."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, B, A, scale, exp):
+        merged = _lowrank_hadamard_merge(weight, B, A, scale, exp).to(input.dtype)
+        ctx.save_for_backward(input, weight, B, A)
+        ctx.scale, ctx.exp = scale, exp
+        if torch.compiler.is_compiling():
+            ctx.backend = None
+        else:
+            record_backend(ctx, "lowrank_hadamard_merge", weight.device)
+        return F.linear(input, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, B, A = ctx.saved_tensors
+        grad_input = grad_bias = d_B = d_A = None
+        with forward_backend(ctx):
+            if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+                gamma = (_tokens(grad).T @ _tokens(input)).to(weight.dtype)
+                d_B, d_A = _lowrank_hadamard_merge_backward(gamma, weight, B, A, ctx.scale, ctx.exp)
+                del gamma
+            if ctx.needs_input_grad[0]:
+                merged = _lowrank_hadamard_merge(weight, B, A, ctx.scale, ctx.exp).to(input.dtype)
+                grad_input = grad @ merged.to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = _tokens(grad).sum(0)
+        return grad_input, None, grad_bias, d_B, d_A, None, None
+
+
+def hadamard_linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, B: Tensor, A: Tensor, scale: float, exp: str = "exact"
+) -> Tensor:
+    """``F.linear(input, W0 ⊙ exp(s·B·A), bias)`` for a frozen ``weight`` W0 (m, n), B (m, r),
+    A (r, n), the merged weight computed as ``lowrank_hadamard_merge`` computes it and rounded
+    once to ``input``'s dtype; no m×n tensor kept for backward, Γ formed once, contiguous, in
+    backward."""
+    input = check_tensor(input, "input", min_ndim=1)
+    weight = check_tensor(weight, "weight", ndim=2)
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension must be weight's {weight.shape[1]} columns, got {tuple(input.shape)}")
+    if bias is not None and tuple(check_tensor(bias, "bias").shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
+    B = check_tensor(B, "B", ndim=2)
+    A = check_tensor(A, "A", ndim=2)
+    scale = check_real(scale, "scale")
+    exp = check_choice(exp, "exp", EXP_FORMS)
+    if B.shape[0] != weight.shape[0] or tuple(A.shape) != (B.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"B (m, r) and A (r, n) must match weight {tuple(weight.shape)}, got {tuple(B.shape)} and {tuple(A.shape)}"
+        )
+    check_same_device({"input": input, "weight": weight, "B": B, "A": A})
+    check_frozen(weight)
+    computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A)
+    return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp)

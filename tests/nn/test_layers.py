@@ -5,6 +5,7 @@ dropout, the dtype policy and the refusal of non-finite merges."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -437,7 +438,13 @@ def test_merged_paths_keep_no_effective_weight_for_backward(make_layer, monkeypa
         for parameter in layer.adapters.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     made = []
-    owner, name = (tp_ops, "tucker_merge") if isinstance(layer, FLoRALayer) else (layer, "merge_weight")
+    if isinstance(layer, FLoRALayer):
+        owner, name = tp_ops, "tucker_merge"
+    elif isinstance(layer.base_layer, nn.Linear) and layer.adapters["default"].group == "hadamard":
+        owner = importlib.import_module("tensor_peft.ops.lowrank_hadamard_merge")  # ops.hadamard_linear's merges
+        name = "_lowrank_hadamard_merge"
+    else:
+        owner, name = layer, "merge_weight"
     original = getattr(owner, name)
     monkeypatch.setattr(owner, name, lambda *args, **kwargs: made.append(1) or original(*args, **kwargs))
     x = torch.randn(3, *((12,) if isinstance(layer.base_layer, nn.Linear) else (4, 5, 5)), dtype=torch.float64)

@@ -246,3 +246,37 @@ def test_sparsity_as_a_tensor_is_read_like_the_number():
     for sparsity in (0.0, 0.37, 0.9):
         as_tensor = ops.sparsify(delta, torch.tensor(sparsity, dtype=torch.float64))
         assert torch.equal(as_tensor, naive_sparsify(delta, sparsity, "hard"))
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
+@pytest.mark.parametrize("positions", [[], [31, 32, 63, 64], [0, 16383, 16384, 40000], list(range(96))])
+def test_cpu_selection_finds_the_few_values_of_the_kth_bin_wherever_they_lie(positions):
+    """float32: most values far from τ (first radix digits of their own), a few near it at
+    the edges of the kernel's runs of 32 keys and chunks of 16384 values; τ and the mask
+    against a sort, on the cpu backend's sparsify."""
+    generator = torch.Generator().manual_seed(19)
+    numel = 50000
+    delta = torch.where(torch.rand(numel, generator=generator) < 0.5, 1e-3, 10.0)
+    delta = delta * (1 + 0.01 * torch.rand(numel, generator=generator))
+    near = torch.tensor(positions, dtype=torch.long)
+    small = int((delta < 1).sum()) - int((delta[near] < 1).sum()) if positions else int((delta < 1).sum())
+    delta[near] = 0.5 + 0.001 * torch.rand(len(positions), generator=generator)
+    sparsity = (small + len(positions) // 2) / numel  # τ among the values near 0.5 (below them without any)
+    with backends.use("cpu"):
+        out = ops.sparsify(delta.reshape(500, 100), sparsity, mode="hard")
+    torch.testing.assert_close(out, naive_sparsify(delta.reshape(500, 100), sparsity, "hard"), rtol=0, atol=0)
+
+
+def test_sparse_linear_of_a_wider_weight_than_the_embeddings_sums_in_the_wider_dtype():
+    """A float64 W0 under float32 embeddings: W0 + ΔW in float64 (ΔW's float32 buffer
+    cannot hold it), forward and the input's gradient."""
+    generator = torch.Generator().manual_seed(23)
+    weight = torch.randn(12, 9, generator=generator, dtype=torch.float64)
+    out_emb, in_emb = torch.randn(2, 12, 2, generator=generator), torch.randn(2, 9, 2, generator=generator)
+    x = torch.randn(4, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    got = sparse_linear(x, weight, None, out_emb, in_emb, 0.5)
+    delta = ops.kernelized_sparse_delta(out_emb, in_emb, 0.5).to(torch.float64)
+    expected = torch.nn.functional.linear(x, weight + delta)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(got, x, upstream)[0], upstream @ (weight + delta))

@@ -1,0 +1,68 @@
+"""``ops.hadamard_linear``: LieRA's linear layer as one autograd node, against plain torch
+(W0 ⊙ exp(s·B·A) formed whole, ``F.linear``, autograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tensor_peft import backends, ops
+
+from ..conftest import backends_with
+from . import naive_ops
+
+MERGE_BACKENDS = backends_with("lowrank_hadamard_merge_backward")
+
+
+@pytest.mark.parametrize("backend,device", MERGE_BACKENDS, ids=[f"{b}-{d}" for b, d in MERGE_BACKENDS])
+@pytest.mark.parametrize("exp", ["exact", "taylor1"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_hadamard_linear_equals_linear_of_the_merged_weight(backend, device, exp, with_bias):
+    """Forward and the gradients of input, B, A and a trained bias, on a 3-d input."""
+    generator = torch.Generator().manual_seed(21)
+
+    def randn(*shape, grad=True):
+        tensor = torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
+        return tensor.requires_grad_(grad)
+
+    x, weight, B, A = randn(2, 5, 30), randn(40, 30, grad=False), randn(40, 3), randn(3, 30)
+    bias = randn(40) if with_bias else None
+    inputs = [x, B, A] + ([bias] if with_bias else [])
+    upstream = torch.randn(2, 5, 40, generator=generator, dtype=torch.float64).to(device)
+    with backends.use(backend):
+        got = ops.hadamard_linear(x, weight, bias, B, A, 0.3, exp)
+        got_grads = torch.autograd.grad(got, inputs, upstream)
+    expected = F.linear(x, naive_ops.lowrank_hadamard_merge(weight, B, A, 0.3, exp), bias)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got_t, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_hadamard_linear_rounds_the_merged_weight_once_to_the_input_dtype(input_dtype):
+    """A bfloat16 base: W_eff is computed in float32 and rounded once, to the input's dtype
+    (so a float32 input multiplies the unrounded W_eff), as the layer's other paths do."""
+    generator = torch.Generator().manual_seed(22)
+    weight = torch.randn(16, 12, generator=generator).to(torch.bfloat16)
+    B, A = torch.randn(16, 2, generator=generator), torch.randn(2, 12, generator=generator)
+    x = torch.randn(3, 12, generator=generator).to(input_dtype)
+    merged = naive_ops.lowrank_hadamard_merge(weight.float(), B, A, 0.5).to(input_dtype)
+    torch.testing.assert_close(ops.hadamard_linear(x, weight, None, B, A, 0.5), F.linear(x, merged))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda W, B, A, x: ops.hadamard_linear(x[:, :5], W, None, B, A, 1.0), ValueError, "input's last dimension"),
+        (lambda W, B, A, x: ops.hadamard_linear(x, W, None, B[:3], A, 1.0), ValueError, "must match weight"),
+        (lambda W, B, A, x: ops.hadamard_linear(x, W, torch.zeros(3), B, A, 1.0), ValueError, "bias must have shape"),
+        (lambda W, B, A, x: ops.hadamard_linear(x, W, None, B, A, 1.0, "pade"), ValueError, "exp must be one of"),
+        (lambda W, B, A, x: ops.hadamard_linear(x, W.requires_grad_(), None, B, A, 1.0), ValueError, "requires grad"),
+    ],
+)
+def test_hadamard_linear_refuses_bad_arguments(call, error, match):
+    W, B, A, x = torch.randn(8, 6), torch.randn(8, 2), torch.randn(2, 6), torch.randn(4, 6)
+    with pytest.raises(error, match=match):
+        call(W, B, A, x)
