@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tensor_peft import ops
+from tensor_peft import backends, ops
 
 from ..ops.cases import Case
 
@@ -40,6 +40,38 @@ def assert_rounded_once(got: torch.Tensor, expected: torch.Tensor) -> None:
 def output_and_grads(case: Case, args, kwargs, upstream: torch.Tensor):
     out = case.op(*args, **kwargs)
     return [out, *torch.autograd.grad(out, leaves(args, kwargs), upstream.to(out.dtype))]
+
+
+def check_case_rounded_once(backend: str, case: Case, dtype: torch.dtype) -> None:
+    """``case`` on ``backend`` with half inputs: the output and every gradient in the half
+    dtype, each the reference's float32 result rounded once."""
+    generator = torch.Generator().manual_seed(11)
+    args, kwargs = case.make(dtype, "cpu", generator)
+    out_shape = case.op(*args, **kwargs).shape
+    upstream = torch.randn(out_shape, generator=generator).to(dtype)
+    with backends.use(backend):
+        got = output_and_grads(case, args, kwargs, upstream)
+    with backends.use("reference"):
+        expected = output_and_grads(case, *as_float32(args, kwargs), upstream)
+    for got_t, expected_t in zip(got, expected):
+        assert got_t.dtype == dtype
+        assert_rounded_once(got_t, expected_t)
+
+
+def check_mixed_rounded_once(backend: str, op: str, dtype: torch.dtype) -> None:
+    """``mixed_calls``' ``op`` on ``backend``: the result in the half dtype and each gradient
+    in its input's dtype, the reference's float32 results rounded once."""
+    function, args, kwargs = mixed_calls(dtype)[op]()
+    inputs = leaves(args, kwargs)
+    results = {}
+    for name in (backend, "reference"):
+        with backends.use(name):
+            out = function(*args, **kwargs)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(16)).to(dtype)
+            results[name] = [out, *torch.autograd.grad(out, inputs, upstream)]
+    for got, expected, tensor in zip(results[backend], results["reference"], [args[0], *inputs]):
+        assert got.dtype == expected.dtype == tensor.dtype
+        assert_rounded_once(got, expected.float())
 
 
 def mixed_calls(dtype):

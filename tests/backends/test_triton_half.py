@@ -14,7 +14,15 @@ from tensor_peft.backends.triton import expm, kernelized, lowrank
 
 from ..ops import test_ops as op_tests
 from ..ops.cases import CASES, Case
-from .half_cases import HALF, as_float32, assert_rounded_once, half_calls, leaves, mixed_calls, output_and_grads
+from .half_cases import (
+    HALF,
+    assert_rounded_once,
+    check_case_rounded_once,
+    check_mixed_rounded_once,
+    half_calls,
+    leaves,
+    mixed_calls,
+)
 
 pytestmark = pytest.mark.skipif(
     backends.why_unavailable("triton", "cpu") is not None, reason="the triton backend does not run on cpu tensors here"
@@ -24,37 +32,13 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype):
-    """Output and every gradient in the inputs' half dtype, each the reference's float32
-    result rounded once."""
-    generator = torch.Generator().manual_seed(11)
-    args, kwargs = case.make(dtype, "cpu", generator)
-    out_shape = case.op(*args, **kwargs).shape
-    upstream = torch.randn(out_shape, generator=generator).to(dtype)
-    with backends.use("triton"):
-        got = output_and_grads(case, args, kwargs, upstream)
-    with backends.use("reference"):
-        expected = output_and_grads(case, *as_float32(args, kwargs), upstream)
-    for got_t, expected_t in zip(got, expected):
-        assert got_t.dtype == dtype
-        assert_rounded_once(got_t, expected_t)
+    check_case_rounded_once("triton", case, dtype)
 
 
 @pytest.mark.parametrize("op", list(mixed_calls(torch.float16)))
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_beside_float32_inputs(op, dtype):
-    """A half main input with float32 ones: the result in the half dtype and each gradient
-    in its input's dtype, the reference's float32 results rounded once."""
-    function, args, kwargs = mixed_calls(dtype)[op]()
-    inputs = leaves(args, kwargs)
-    results = {}
-    for backend in ("triton", "reference"):
-        with backends.use(backend):
-            out = function(*args, **kwargs)
-            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(16)).to(dtype)
-            results[backend] = [out, *torch.autograd.grad(out, inputs, upstream)]
-    for got, expected, tensor in zip(results["triton"], results["reference"], [args[0], *inputs]):
-        assert got.dtype == expected.dtype == tensor.dtype
-        assert_rounded_once(got, expected.float())
+    check_mixed_rounded_once("triton", op, dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
