@@ -133,7 +133,8 @@ class _HadamardLinear(torch.autograd.Function):
         grad_input = grad_bias = d_B = d_A = None
         with forward_backend(ctx):
             if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-                gamma = (_tokens(grad).T @ _tokens(input)).to(weight.dtype)
+                product_dtype = torch.promote_types(grad.dtype, input.dtype)  # they differ under autocast
+                gamma = (_tokens(grad).T.to(product_dtype) @ _tokens(input).to(product_dtype)).to(weight.dtype)
                 d_B, d_A = _lowrank_hadamard_merge_backward(gamma, weight, B, A, ctx.scale, ctx.exp)
                 del gamma
             if ctx.needs_input_grad[0]:
