@@ -15,9 +15,11 @@ tensor_peft, so that every part of the package can import it."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
@@ -149,15 +151,22 @@ class AdapterConfig:
             raise ValueError(f"dtype must name a floating torch dtype such as 'float32', got {self.dtype!r}")
 
     @classmethod
-    def from_saved(cls, fields: dict[str, Any]) -> AdapterConfig:
-        """The config saved as ``fields``, reading a field's earlier name as its name."""
-        fields = dict(fields)
+    def renamed(cls, fields: dict[str, Any], given_by: str) -> tuple[dict[str, Any], list[str]]:
+        """``fields`` with each earlier name (``renamed_fields``) read as its name, and the
+        earlier names found; a ValueError where ``given_by`` gives both names."""
+        fields, found = dict(fields), []
         for earlier, name in cls.renamed_fields.items():
             if earlier in fields:
                 if name in fields:
-                    raise ValueError(f"the saved config gives both {name!r} and {earlier!r}, its earlier name")
+                    raise ValueError(f"{given_by} gives both {name!r} and {earlier!r}, its earlier name")
                 fields[name] = fields.pop(earlier)
-        return cls(**fields)
+                found.append(earlier)
+        return fields, found
+
+    @classmethod
+    def from_saved(cls, fields: dict[str, Any]) -> AdapterConfig:
+        """The config saved as ``fields``, reading a field's earlier name as its name."""
+        return cls(**cls.renamed(fields, "the saved config")[0])
 
     def layer_options(self) -> dict[str, Any]:
         """The keyword arguments of the layer's ``add_adapter`` this config gives."""
@@ -165,6 +174,27 @@ class AdapterConfig:
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         options["dtype"] = getattr(torch, self.dtype) if self.dtype else None
         return options
+
+
+def accepting_earlier_names(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """``cls`` whose constructor also takes its fields' earlier names (``renamed_fields``)
+    for one minor version, with a DeprecationWarning naming the new one."""
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        kwargs, found = cls.renamed(kwargs, cls.__name__)
+        for earlier in found:
+            warnings.warn(
+                f"{cls.__name__}({earlier}=...) is deprecated and will be removed in tensor_peft 0.2: "
+                f"use {cls.renamed_fields[earlier]}=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        init(self, *args, **kwargs)
+
+    __init__.__doc__, __init__.__signature__ = init.__doc__, inspect.signature(init)
+    cls.__init__ = __init__
+    return cls
 
 
 @dataclass
@@ -191,11 +221,13 @@ class MTLoRAConfig(LoRAConfig):
         check_choice(self.variant, "variant", VARIANTS)
 
 
+@accepting_earlier_names
 @dataclass
 class FLoRAConfig(AdapterConfig):
     """FLoRA: ΔW = scale · G ×_0 U_0 ×_1 U_1 … (Tucker). ``ranks`` overrides the per-mode
     ranks ([r, r] for Linear, [r, r, 2, …] for conv); ``execution``: auto, merged, factorized.
-    A saved config's ``mode``, this option's earlier name, is read as ``execution``."""
+    ``mode``, this option's earlier name, is read as ``execution`` from saved configs, and
+    accepted by the constructor until 0.2 with a DeprecationWarning."""
 
     method: ClassVar[str] = "flora"
     renamed_fields: ClassVar[dict[str, str]] = {"mode": "execution"}

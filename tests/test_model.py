@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -228,6 +229,20 @@ def test_a_flora_config_saved_with_mode_loads_it_as_execution(tmp_path):
     file.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="gives both 'execution' and 'mode'"):
         tp.load_adapter(small_net(), tmp_path / "a")
+
+
+def test_flora_config_takes_mode_as_execution_with_a_deprecation_warning():
+    """Code written for 0.1 (``FLoRAConfig(mode=...)``) keeps working for one minor version,
+    warned with the new name; giving both names is refused; the new name does not warn."""
+    with pytest.warns(DeprecationWarning, match=r"FLoRAConfig\(mode=\.\.\.\) is deprecated .*use execution="):
+        config = tp.FLoRAConfig(target_modules=["head.fc1"], mode="factorized")
+    assert config.execution == "factorized"
+    assert config == tp.FLoRAConfig(target_modules=["head.fc1"], execution="factorized")
+    with pytest.raises(ValueError, match="FLoRAConfig gives both 'execution' and 'mode'"):
+        tp.FLoRAConfig(target_modules=["head.fc1"], mode="merged", execution="merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tp.FLoRAConfig(target_modules=["head.fc1"], execution="merged")
 
 
 @pytest.mark.parametrize("r,alpha", [(4, 8.0), (3, 3.0)])
