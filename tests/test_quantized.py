@@ -24,6 +24,7 @@ import peft
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerGroup
 
@@ -400,6 +401,57 @@ def test_liera_keeps_no_dequantized_weight_after_the_forward(kind, options, monk
     for got, want in zip(model.parameters(), reference.parameters()):
         if want.requires_grad:
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the most values any op's output held while the mode was on."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("method", ["snell", "snella"])
+def test_snell_over_a_quantized_base_keeps_and_makes_nothing_weight_sized(method, monkeypatch):
+    """SNELL's update over an nf4 base (x·ΔWᵀ, the base computing W0·x) keeps nothing of
+    the weight's m·n values between forward and backward, and its backward (in column
+    blocks of 64: _BLOCK_VALUES at its least) makes no tensor of m·n values: a block of
+    ΔW's and Γ's columns at a time. Its gradients are those of x·ΔWᵀ with ΔW formed whole
+    by the reference backend."""
+    from tensor_peft.backends import cpu
+
+    monkeypatch.setattr(cpu, "_BLOCK_VALUES", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(quantize_linear(nn.Linear(256, 96), "nf4"))
+    tp.inject(model, METHODS[method](["0"]))
+    layer = model[0]
+    adapter = layer.adapters["default"]
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        update = layer.delta_forward(adapter, x)
+    assert max(saved) < 96 * 256
+    upstream = torch.randn_like(update)
+    parameters = [x, *(p for p in adapter.parameters() if p.requires_grad)]
+    with _LargestOutput() as spy:
+        got = torch.autograd.grad(update, parameters, upstream)
+    assert spy.largest < 96 * 256
+    with tp.backends.use("reference"):
+        delta = layer.delta_weight(adapter)
+        expected = torch.autograd.grad(torch.nn.functional.linear(x, delta), parameters, upstream)
+    torch.testing.assert_close(update, torch.nn.functional.linear(x, delta.detach()), rtol=1e-5, atol=1e-6)
+    for got_t, want in zip(got, expected):
+        torch.testing.assert_close(got_t, want, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- refusals

@@ -4,10 +4,10 @@
 // passed transposed as (H, p, n) so that each row j is computed for all i at once with
 // unit-stride loops; each entry's κ and gradient are those of tensor_peft/kernelized.h.
 // Mixture P + alpha·softmax_j(P/gamma) + beta: the softmax runs down each column, its max
-// and sum come from passes over P's rows, held first (the forward holds them in its output),
-// which also hold E = exp((P − max_j P)/gamma): P and E are computed once per entry, and
-// S = E/Σ. The difference is taken before the division, which keeps a small gamma from
-// magnifying the rounding of P/gamma.
+// and sum (n values each) come from two passes making P's rows (mixture_statistics), and each
+// row's E = exp((P − max_j P)/gamma), S = E/Σ is made with the row: nothing m×n is held. The
+// difference is taken before the division, which keeps a small gamma from magnifying the
+// rounding of P/gamma.
 //
 // Sparsification (mode 1 hard, 2 soft): τ = the k-th smallest |ΔW_raw| by radix select
 // (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
@@ -60,16 +60,14 @@ struct Problem {
     T alpha, beta, gamma, eps;
     const T* column_max = nullptr;  // mixture: max_j P and Σ_j exp((P − max)/gamma) per column
     const T* column_sum = nullptr;
-    const T* piecewise_rows = nullptr;  // mixture: P's rows (m, n), computed once
-    T* softmax_rows = nullptr;          // and E's rows, each made S's by raw_row (hold_mixture_rows)
 };
 
-// A chunk's row buffers of n values, and piecewise's roots sqrt(‖b^h − a^h‖² + eps) of a
-// row for every chunk h (H·n values, chunk h at h·n).
+// A chunk's row buffers of n values (mixture's softmax row S in `soft`), and piecewise's
+// roots sqrt(‖b^h − a^h‖² + eps) of a row for every chunk h (H·n values, chunk h at h·n).
 template <typename T>
 struct Rows {
-    std::vector<T> distance, scratch, piecewise, roots;
-    Rows(int64_t n, int64_t chunks) : distance(n), scratch(n), piecewise(n), roots(n * chunks) {}
+    std::vector<T> distance, scratch, piecewise, soft, roots;
+    Rows(int64_t n, int64_t chunks) : distance(n), scratch(n), piecewise(n), soft(n), roots(n * chunks) {}
 };
 
 // distance[i] = ‖b_j^h − a_i^h‖² for chunk h.
@@ -156,16 +154,17 @@ TP_CPU_CLONES __attribute__((noinline)) void piecewise_row(const Problem<T>& P, 
 }
 
 // Mixture's row of ΔW_raw from P's row, in place: row[i] = mixture_value(P, S), with
-// S = softmax_j(P/gamma) = E/Σ_j E made in place of E's row `soft` (the backward keeps it).
-// Never inlined, like piecewise_row: the forward and the backward's masks get the same bits.
+// S = softmax_j(P/gamma) = E/Σ_j E into `soft`, E = exp((P − max_j P)/gamma) from the
+// column statistics. Never inlined, like piecewise_row: the forward and the backward's
+// masks get the same bits.
 template <typename T>
 TP_CPU_CLONES __attribute__((noinline)) void add_softmax_terms(const Problem<T>& P, T* row, T* soft) {
-    const T* sum = P.column_sum;
-    const T alpha = P.alpha, beta = P.beta;
+    const T *max = P.column_max, *sum = P.column_sum;
+    const T alpha = P.alpha, beta = P.beta, gamma = P.gamma;
     const int64_t n = P.n;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        soft[i] = soft[i] / sum[i];
+        soft[i] = vector_exp(softmax_exponent(row[i], max[i], gamma)) / sum[i];
         row[i] = mixture_value(row[i], soft[i], alpha, beta);
     }
 }
@@ -180,7 +179,7 @@ int64_t row_chunks(const Problem<T>& P) {
     return chunk_count(P.m, std::max<int64_t>(1, kChunkWork / row_work));
 }
 
-// body(begin, end) for the fixed chunks of rows, on the OpenMP threads.
+// body(c, begin, end) for the fixed chunks of rows, on the OpenMP threads.
 template <typename T, typename Body>
 void for_each_row_chunk(const Problem<T>& P, int64_t chunks, Body body) {
     for_each_chunk(chunks, [&](int64_t c) {
@@ -206,15 +205,12 @@ inline void reductions(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     }
 }
 
-// Row j of ΔW_raw into out (mixture: after hold_mixture_rows, once per row).
+// Row j of ΔW_raw into out (mixture: its S row into rows.soft, from the column statistics).
 template <typename T>
 TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows) {
     if (is_piecewise(P.kernel)) {
-        if (P.piecewise_rows != nullptr)
-            std::copy(P.piecewise_rows + j * P.n, P.piecewise_rows + (j + 1) * P.n, out);
-        else
-            piecewise_row(P, j, out, rows.roots.data(), rows);
-        if (P.kernel == kMixture) add_softmax_terms(P, out, P.softmax_rows + j * P.n);
+        piecewise_row(P, j, out, rows.roots.data(), rows);
+        if (P.kernel == kMixture) add_softmax_terms(P, out, rows.soft.data());
         return;
     }
     reductions(P, j, out, rows);
@@ -223,36 +219,48 @@ TP_CPU_CLONES void raw_row(const Problem<T>& P, int64_t j, T* out, Rows<T>& rows
     });
 }
 
-// E's row, exp((P − column_max)/gamma), into exps, and local[i] += E (summed in double).
-// vector_exp is plain arithmetic: the loop vectorizes with P's members held in locals (read
-// through P, they could alias the stores).
+// local[i] += exp((P − column_max)/gamma) of P's row (summed in double), E as add_softmax_terms
+// makes it. vector_exp is plain arithmetic: the loop vectorizes with P's members held in
+// locals (read through P, they could alias the stores).
 template <typename T>
-TP_CPU_CLONES void exp_terms(const Problem<T>& P, const T* piecewise, const T* column_max, T* exps, double* local) {
+TP_CPU_CLONES void exp_terms(const Problem<T>& P, const T* piecewise, const T* column_max, double* local) {
     const T gamma = P.gamma;
     const int64_t n = P.n;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-        exps[i] = vector_exp(softmax_exponent(piecewise[i], column_max[i], gamma));
-        local[i] += exps[i];
-    }
+    for (int64_t i = 0; i < n; ++i) local[i] += vector_exp(softmax_exponent(piecewise[i], column_max[i], gamma));
 }
 
-// Mixture's column statistics from P's rows `held` (m×n) and their maxima per chunk of
-// rows (`maxima`, chunks × n): max_j P, then E's rows into exps (m×n) and Σ_j E (summed in
-// double, a partial per chunk of rows), partials combined in chunk order.
+// Rows per chunk of mixture_statistics: fixed, so that a column's statistics are the same bits
+// whatever columns are computed with it (a caller working in column blocks).
+constexpr int64_t kStatisticsRows = 64;
+
+// Mixture's column statistics: max_j P, then Σ_j exp((P − max_j P)/gamma), each a pass
+// making P's rows again (piecewise_row) into n-sized partials per chunk of kStatisticsRows
+// rows, combined in chunk order (the sums in double). Nothing m×n is held.
 template <typename T>
-void mixture_columns(const Problem<T>& P, const T* held, const std::vector<T>& maxima, T* exps,
-                     std::vector<T>& column_max, std::vector<T>& column_sum) {
-    const int64_t n = P.n, chunks = row_chunks(P);
-    column_max.assign(n, -std::numeric_limits<T>::infinity());
+void mixture_statistics(const Problem<T>& P, T* column_max, T* column_sum) {
+    const int64_t n = P.n, chunks = chunk_count(P.m, kStatisticsRows);
+    auto for_all_rows = [&](auto body) {
+        for_each_chunk(chunks, [&](int64_t c) {
+            int64_t begin, end;
+            chunk_range(P.m, chunks, c, begin, end);
+            Rows<T> rows(n, P.chunks);
+            for (int64_t j = begin; j < end; ++j) {
+                piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);
+                body(c, rows.piecewise.data());
+            }
+        });
+    };
+    std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
+    for_all_rows([&](int64_t c, const T* row) {
+        T* local = maxima.data() + c * n;
+        for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
+    });
+    for (int64_t i = 0; i < n; ++i) column_max[i] = -std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < chunks; ++c)
         for (int64_t i = 0; i < n; ++i) column_max[i] = std::max(column_max[i], maxima[c * n + i]);
     std::vector<double> sums(chunks * n, 0.0);
-    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j)
-            exp_terms(P, held + j * n, column_max.data(), exps + j * n, sums.data() + c * n);
-    });
-    column_sum.assign(n, T(0));
+    for_all_rows([&](int64_t c, const T* row) { exp_terms(P, row, column_max, sums.data() + c * n); });
     for (int64_t i = 0; i < n; ++i) {
         double total = 0;
         for (int64_t c = 0; c < chunks; ++c) total += sums[c * n + i];
@@ -273,41 +281,21 @@ struct Buffer {
     T* data() const { return values.get(); }
 };
 
-// What mixture holds while it runs: P's rows (unless the caller's buffer holds them), E's
-// rows and the column statistics. Transient: two m×n buffers. P's roots, which the
-// backward's gradients read, are made again with each row there (piecewise_row): H more
-// fresh m×n buffers cost more than the roots' arithmetic (the system zeroes fresh pages).
+// Mixture's column statistics (n values each) while a call runs.
 template <typename T>
-struct HeldMixture {
-    Buffer<T> rows, exps;
+struct ColumnStatistics {
     std::vector<T> column_max, column_sum;
 };
 
-// Mixture's P rows into `rows` (m×n; held.rows when null) by piecewise_row (the one code
-// for P: every pass gets the same bits), their column maxima as each row is made, E's rows
-// and the column statistics from them, all into P, unless P has the statistics. raw_row
-// then copies P's row j and turns E's row j into S's, once.
+// P's column statistics into `held` and P, for mixture when P has none.
 template <typename T>
-void hold_mixture_rows(Problem<T>& P, HeldMixture<T>& held, T* rows = nullptr) {
+void ensure_statistics(Problem<T>& P, ColumnStatistics<T>& held) {
     if (P.kernel != kMixture || P.column_max != nullptr) return;
-    if (rows == nullptr) rows = held.rows.allocate(P.m * P.n);
-    const int64_t n = P.n, chunks = row_chunks(P);
-    std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
-    for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-        Rows<T> buffers(n, P.chunks);
-        T* local = maxima.data() + c * n;
-        for (int64_t j = begin; j < end; ++j) {
-            T* row = rows + j * n;
-            piecewise_row(P, j, row, buffers.roots.data(), buffers);
-            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
-        }
-    });
-    held.exps.allocate(P.m * n);
-    mixture_columns(P, static_cast<const T*>(rows), maxima, held.exps.data(), held.column_max, held.column_sum);
+    held.column_max.resize(P.n);
+    held.column_sum.resize(P.n);
+    mixture_statistics(P, held.column_max.data(), held.column_sum.data());
     P.column_max = held.column_max.data();
     P.column_sum = held.column_sum.data();
-    P.piecewise_rows = rows;
-    P.softmax_rows = held.exps.data();
 }
 
 // Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
@@ -331,22 +319,18 @@ TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode
 
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
-// masked by tau (τ known). Counts are integers: their sum is exact in any order. Mixture
-// first holds P's rows in out, and each row is completed there in place.
+// masked by tau (τ known). Counts are integers: their sum is exact in any order.
 template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     const int64_t chunks = row_chunks(P);
-    HeldMixture<T> held;
-    hold_mixture_rows(P, held, out);
+    ColumnStatistics<T> held;
+    ensure_statistics(P, held);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
-            if (P.kernel == kMixture)
-                add_softmax_terms(P, row, P.softmax_rows + j * P.n);
-            else
-                raw_row(P, j, row, rows);
+            raw_row(P, j, row, rows);
             if (first_counts)
                 count_first_digits(row, P.n, counts.data());
             else if (mode != kNone)
@@ -678,7 +662,8 @@ struct Upstream {
 
 // D = row j of ∂L/∂ΔW_raw; from dense Γ with mode ≠ kNone, K is the raw row.
 template <typename T>
-inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K, T tau, int mode, T* D) {
+inline void upstream_row(const Problem<T>& P, const Upstream<T>& up, int64_t j, const T* K, T tau, int mode, T* D) {
+    const int64_t n = P.n;
     if (up.sparse != nullptr) {
         std::fill(D, D + n, T(0));
         const SparseRows<T>& rows = *up.sparse;
@@ -689,21 +674,23 @@ inline void upstream_row(const Upstream<T>& up, int64_t j, int64_t n, const T* K
     for (int64_t i = 0; i < n; ++i) D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
 }
 
-// Row j of D = ∂L/∂ΔW_raw for a kernel other than mixture, and what backward_row reads:
-// piecewise_linear's P and roots, into rows. ΔW_raw's row K is made when the mask of dense
-// Γ needs it or `delta` (m, n) is given, which gets its sparsified row.
+// Row j of D = ∂L/∂ΔW_raw, and what backward_row and the softmax's gradient read: P and
+// the roots (piecewise_linear, mixture) and S (mixture) into rows. ΔW_raw's row K is made
+// when the mask of dense Γ needs it, `delta` (m, n) is given, which gets its
+// sparsified row, or the kernel is mixture (as raw_row makes it: the same bits).
 template <typename T>
 void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, T* delta, T* K, T* D,
                   Rows<T>& rows) {
     const bool need_raw = (mode != kNone && up.sparse == nullptr) || delta != nullptr;
-    if (P.kernel == kPiecewise) {
+    if (is_piecewise(P.kernel)) {
         piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);
-        if (need_raw) std::copy(rows.piecewise.begin(), rows.piecewise.end(), K);
+        if (need_raw || P.kernel == kMixture) std::copy(rows.piecewise.begin(), rows.piecewise.end(), K);
+        if (P.kernel == kMixture) add_softmax_terms(P, K, rows.soft.data());
     } else if (need_raw) {
         raw_row(P, j, K, rows);
     }
     if (delta != nullptr) apply_mask(K, delta + j * P.n, P.n, tau, mode);
-    upstream_row(up, j, P.n, K, tau, mode, D);
+    upstream_row(P, up, j, K, tau, mode, D);
 }
 
 // Mixture's first backward pass at row j, with S's row `soft`: local[i] += D_i·S_i (the
@@ -744,36 +731,29 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 
 // The whole backward from ∂L/∂(output) (`up`); with mode ≠ kNone the output was sparsified
 // with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3) and,
-// given `delta` (m, n; dense Γ and mode ≠ kNone), the sparsified ΔW the mask was taken of.
-// Mixture takes two passes over the rows: the first makes each row's D and S once and
-// keeps them (S over E's held row, D in an m×n buffer unless the kept entries hold it),
-// with c_i = Σ_j D_ji S_ji; the second reads P's held rows and roots for the gradients.
+// given `delta` (m, n; mode ≠ kNone), the sparsified ΔW the mask was taken of. Mixture
+// takes two passes over the rows: the first sums c_i = Σ_j D_ji S_ji, the second the
+// gradients. Each pass makes the rows again from the embeddings (mixture's S from the
+// column statistics): nothing m×n is held.
 template <typename T>
 void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
-    const bool dense = up.sparse == nullptr;
+    const bool mixture = P.kernel == kMixture;
+    ColumnStatistics<T> held;
+    ensure_statistics(P, held);
     std::vector<T> column_dot(n, T(0));
-    Buffer<T> held_D;
-    HeldMixture<T> held;
-    hold_mixture_rows(P, held);
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
-    if (P.kernel == kMixture) {
-        if (dense) held_D.allocate(P.m * n);
+    if (mixture) {
         std::vector<std::vector<double>> dots(chunks);
         for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
             Rows<T> rows(n, P.chunks);
             std::vector<double>& local = dots[c];
             local.assign(n, 0.0);
-            std::vector<T> K(dense ? n : 0), sparse_D(dense ? 0 : n);
+            std::vector<T> K(n), D(n);
             for (int64_t j = begin; j < end; ++j) {
-                T* D = dense ? held_D.data() + j * n : sparse_D.data();
-                if (dense) {
-                    raw_row(P, j, K.data(), rows);  // and S's row into P.softmax_rows
-                    if (delta != nullptr) apply_mask(K.data(), delta + j * n, n, tau, mode);
-                }
-                upstream_row(up, j, n, K.data(), tau, mode, D);
-                softmax_dots(P, P.softmax_rows + j * n, D, local.data(), partials[c]);
+                row_upstream(P, up, j, tau, mode, static_cast<T*>(nullptr), K.data(), D.data(), rows);
+                softmax_dots(P, rows.soft.data(), D.data(), local.data(), partials[c]);
             }
         });
         for (int64_t i = 0; i < n; ++i) {
@@ -785,21 +765,11 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
     for_each_row_chunk(P, chunks, [&](int64_t c, int64_t begin, int64_t end) {
         Rows<T> rows(n, P.chunks);
         Partials<T>& acc = partials[c];
-        std::vector<T> row_D(n), K(n);
+        std::vector<T> D(n), K(n);
         for (int64_t j = begin; j < end; ++j) {
-            T* D = row_D.data();
-            const T* roots = rows.roots.data();
-            if (P.kernel != kMixture) {
-                row_upstream(P, up, j, tau, mode, delta, K.data(), D, rows);
-            } else {
-                piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);  // P's roots again
-                if (dense)
-                    D = held_D.data() + j * n;
-                else
-                    upstream_row(up, j, n, K.data(), tau, mode, D);
-                softmax_backward(P, P.piecewise_rows + j * n, P.softmax_rows + j * n, column_dot.data(), D, acc);
-            }
-            backward_row(P, j, D, roots, d_out_emb, acc, rows);
+            row_upstream(P, up, j, tau, mode, delta, K.data(), D.data(), rows);
+            if (mixture) softmax_backward(P, rows.piecewise.data(), rows.soft.data(), column_dot.data(), D.data(), acc);
+            backward_row(P, j, D.data(), rows.roots.data(), d_out_emb, acc, rows);
         }
     });
 #pragma omp parallel for schedule(static) if (chunks > 1)
@@ -925,8 +895,8 @@ void bind(py::module_& m, const std::string& suffix) {
               py::gil_scoped_release release;
               if (out_delta != nullptr) tensor_peft::cpu::advise_huge_pages(out_delta, rows * n * sizeof(T));
               const T t = static_cast<T>(tau);
-              HeldMixture<T> held;
-              hold_mixture_rows(P, held);  // the mask needs ΔW_raw's rows
+              ColumnStatistics<T> held;
+              ensure_statistics(P, held);  // the mask needs ΔW_raw's rows
               const SparseRows<T> D = sampled_upstream(P, g, x, tokens, t, sparsification, out_delta);
               backward(P, Upstream<T>{nullptr, &D}, t, sparsification, static_cast<T*>(nullptr), d.d_out_emb, d.d_in_t, d.d_coeff,
                        d.d_params);

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import tucker_split
-from .kernelized_ops import kernel_id, mode_id
+from .kernelized_ops import effective_weight, kernel_id, mode_id
 from .registry import extension, extension_import_error, extension_kernel, register
 
 DEVICE_TYPES = ("cpu",)
@@ -82,15 +82,22 @@ def matrix_exp_backward(grad, A):
     return d_A
 
 
-def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta=None):
+def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
     """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
-    ``upstream`` keyword arguments (its pointers and sizes) too, and writes the sparsified
-    ΔW into ``delta`` when given. In goes in as (H, p, n)."""
+    ``upstream`` keyword arguments (its pointers and sizes) too."""
+    d_out, d_in_t, d_coeff, d_params = _transposed_gradients(
+        name, upstream, out_emb, in_emb.transpose(1, 2).contiguous(), kernel, coeff, params, eps, tau, mode
+    )  # fmt: skip
+    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
+
+
+def _transposed_gradients(name, upstream, out_emb, in_t, kernel, coeff, params, eps, tau, mode, delta=None):
+    """[∂out_emb, ∂in_t, ∂coeff, ∂params] by the backward kernel ``name`` for In given as
+    ``in_t`` (H, p, n), writing the sparsified ΔW into ``delta`` when given."""
     chunks, m, width = out_emb.shape
-    n = in_emb.shape[1]
-    d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
+    n = in_t.shape[2]
+    d_out, d_in_t = torch.empty_like(out_emb), torch.empty_like(in_t)
     d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
-    in_t = in_emb.transpose(1, 2).contiguous()
     _kernel(name, out_emb.dtype)(
         **upstream, out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
         kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
@@ -98,7 +105,7 @@ def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau,
         d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
         delta=0 if delta is None else delta.data_ptr(),
     )  # fmt: skip
-    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
+    return [d_out, d_in_t, d_coeff, d_params]
 
 
 @register("kernelized_sparse_delta", "cpu")
@@ -135,25 +142,65 @@ _SAMPLED_MIN_TOKENS = 1024
 _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
 
 
+# Values (m × columns) a column block of the backward holds per tensor: Γ's, ΔW's and
+# W0 + ΔW's columns of a block, about 4 MiB each in float32.
+_BLOCK_VALUES = 1 << 20
+_BLOCK_COLUMNS_MULTIPLE = 64  # whole vectors: a block's entries get the bits of the whole ΔW's
+
+
+def block_columns(m: int, n: int) -> int:
+    """The columns of a block of ``sparse_linear_backward`` for a weight (m, n): about
+    _BLOCK_VALUES values, a multiple of _BLOCK_COLUMNS_MULTIPLE (at least one), at most n.
+    Fixed by the shape alone: the result's bits do not depend on the threads."""
+    columns = max(_BLOCK_VALUES // max(m, 1) // _BLOCK_COLUMNS_MULTIPLE, 1) * _BLOCK_COLUMNS_MULTIPLE
+    return min(columns, n)
+
+
 @register("sparse_linear_backward", "cpu")
-def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
-                           with_delta):  # fmt: skip
-    """Γ = grad_outᵀ·input computed by the kernel only where the mask keeps an entry (formed
-    whole when more than _SAMPLED_BELOW of the entries are kept or there are fewer than
-    _SAMPLED_MIN_TOKENS tokens); the sparsified ΔW, when ``with_delta``, written by the
-    kernel from the rows it masks Γ by."""
-    if 1 - sparsity > _SAMPLED_BELOW or grad_out.shape[0] < _SAMPLED_MIN_TOKENS:
-        grad = grad_out.t() @ input  # kept alive for the call
-        name, upstream = "kernelized_backward", {"grad": grad.data_ptr()}
-    elif in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:
+def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
+                           grad_for_input):  # fmt: skip
+    """In column blocks C of the weight (``block_columns``), each the kernel's whole problem
+    on In's columns C (mixture's softmax runs down each column: a block holds whole
+    columns): Γ[:, C] = grad_outᵀ·input[:, C] by the matrix product, or computed by the
+    kernel only where the mask keeps an entry (when at most _SAMPLED_BELOW of the entries
+    are kept and there are at least _SAMPLED_MIN_TOKENS tokens); the kernel's gradients,
+    which write the block's sparsified ΔW[:, C] on the way; and, given ``grad_for_input``
+    (grad_out in the dtype ∂input takes), ∂input[:, C] = grad_for_input·(W0 + ΔW)[:, C].
+    Nothing m×n exists at once. ∂out_emb, ∂coeff and ∂params are summed over the blocks in
+    block order."""
+    chunks, m, width = out_emb.shape
+    tokens, n = input.shape
+    sampled = 1 - sparsity <= _SAMPLED_BELOW and tokens >= _SAMPLED_MIN_TOKENS
+    if sampled and n > _MAX_SAMPLED_COLUMNS:
         raise ValueError(
-            f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {in_emb.shape[1]}"
+            f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {n}"
         )
-    else:
-        name = "sparse_linear_backward"
-        upstream = {"grad_out": grad_out.data_ptr(), "input": input.data_ptr(), "tokens": grad_out.shape[0]}
-    delta = out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]) if with_delta else None
-    return [*_gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta), delta]
+    in_t = in_emb.transpose(1, 2).contiguous()
+    d_out, d_in_t = torch.zeros_like(out_emb), torch.empty_like(in_t)
+    d_coeff, d_params = torch.zeros_like(coeff), torch.zeros_like(params)
+    input_grad = grad_for_input is not None
+    grad_input = grad_for_input.new_empty(tokens, n) if input_grad else input.new_empty(0)
+    step = block_columns(m, n)
+    for start in range(0, n, step):
+        columns = slice(start, min(start + step, n))
+        block_input = input[:, columns].contiguous()  # kept alive for the call, as the tensors below
+        if sampled:
+            name = "sparse_linear_backward"
+            upstream = {"grad_out": grad_out.data_ptr(), "input": block_input.data_ptr(), "tokens": tokens}
+        else:
+            gamma = grad_out.t() @ block_input
+            name, upstream = "kernelized_backward", {"grad": gamma.data_ptr()}
+        delta = out_emb.new_empty(m, block_input.shape[1]) if input_grad else None
+        block_out, d_in_t[:, :, columns], block_coeff, block_params = _transposed_gradients(
+            name, upstream, out_emb, in_t[:, :, columns].contiguous(), kernel, coeff, params, eps, tau, mode, delta
+        )  # fmt: skip
+        d_out += block_out
+        d_coeff += block_coeff
+        d_params += block_params
+        if input_grad:
+            block_weight = None if weight is None else weight[:, columns]
+            grad_input[:, columns] = grad_for_input @ effective_weight(delta, block_weight).to(grad_input.dtype)
+    return [grad_input, d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
 @register("sparsify", "cpu")

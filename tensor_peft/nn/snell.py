@@ -19,9 +19,11 @@ over j, leaving only α·(softmax − 1/m) ≈ (P − mean_j P)/(γm), small lik
 Training memory is the point of the method, so the layer never keeps anything of size
 m×n for backward: ΔW comes from ``ops.kernelized_sparse_delta`` (which saves only the
 embeddings, kernel parameters and τ). A Linear runs as one op (``sparse_linear``) whose
-backward rebuilds W0 + ΔW from τ and takes ∂L/∂ΔW only where the mask keeps entries; a
-conv rebuilds the effective weight W0 + ΔW it would save in backward instead
-(``recomputed_in_backward``), from the τ of the forward so that no selection runs twice.
+backward rebuilds W0 + ΔW from τ a block of columns at a time (on the cpu backend), and
+so does the update's own output x·ΔWᵀ over a base that computes W0·x itself (a quantized
+one, or several adapters: ``delta_forward``); a conv rebuilds the effective weight W0 + ΔW
+it would save in backward instead (``recomputed_in_backward``), from the τ of the forward
+so that no selection runs twice.
 
 SNELLA (``SNELLALayer``) is the same layer with the ``mixture`` kernel whose sparsity is
 set per layer during training by ``SparsityAllocator`` (``tensor_peft.allocator``)."""
@@ -233,20 +235,27 @@ class SNELLLayer(AdapterLayer):
         return delta.reshape(self.weight_shape), tau
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
+        if self.kind == "linear" and adapter.sparsity_tensor is not None:
+            return self.sparse_linear(adapter, x, None)
         delta, tau = self.delta_weight_and_threshold(adapter)
         with recomputed_in_backward(delta, lambda: self.delta_weight(adapter, tau)):
             return self.base_operation(x, delta)
+
+    def sparse_linear(self, adapter: Adapter, x: Tensor, weight: Tensor | None, bias: Tensor | None = None) -> Tensor:
+        """``x·(weight + ΔW)ᵀ + bias`` (ΔW alone for ``weight=None``) by the op
+        ``sparse_linear``, which keeps nothing m×n for backward."""
+        out_emb, in_emb, coeff, params, softplus_count, eps = adapter.op_inputs(self.compute_dtype(adapter))
+        return prepared_sparse_linear(
+            x, weight, bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, coeff, params, eps, adapter.mode,
+            adapter.threshold, softplus_count,
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         adapter = self.single_active_adapter()
         if adapter is None:
             return super().forward(x)
         if self.kind == "linear" and not self.weight.requires_grad and adapter.sparsity_tensor is not None:
-            out_emb, in_emb, coeff, params, softplus_count, eps = adapter.op_inputs(self.compute_dtype(adapter))
-            return prepared_sparse_linear(
-                x, self.weight, self.bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, coeff, params,
-                eps, adapter.mode, adapter.threshold, softplus_count,
-            )  # fmt: skip
+            return self.sparse_linear(adapter, x, self.weight, self.bias)
 
         def effective_weight(delta: Tensor) -> Tensor:  # merge_weight, with the τ kept for backward
             return (self.weight + delta).to(self.operation_dtype(x))

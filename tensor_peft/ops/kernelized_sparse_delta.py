@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import MODES, THRESHOLDS, check_choice
+from ..backends.kernelized_ops import effective_weight
 from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run, runs_eagerly
 from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
 from .sparsify import select, sparsity_tensor
@@ -166,17 +167,9 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, 
 # --------------------------------------------------------------------------- in a linear layer
 
 
-def _plus_weight(delta: Tensor, weight: Tensor) -> Tensor:
-    """W0 + ΔW, summed into ΔW's fresh buffer where its dtype holds the sum (a new m×n
-    tensor is a pass of the system's page zeroing more), else in the wider dtype."""
-    if torch.promote_types(delta.dtype, weight.dtype) == delta.dtype:
-        return delta.add_(weight)
-    return weight + delta
-
-
 def _sparse_linear_forward(
     input: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     out_emb: Tensor,
     in_emb: Tensor,
@@ -189,7 +182,7 @@ def _sparse_linear_forward(
     threshold: str,
 ) -> tuple[Tensor, Tensor]:
     delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, None)
-    return F.linear(input, _plus_weight(delta, weight).to(input.dtype), bias), tau
+    return F.linear(input, effective_weight(delta, weight).to(input.dtype), bias), tau
 
 
 _sparse_linear = torch.library.custom_op(
@@ -199,13 +192,13 @@ _sparse_linear = torch.library.custom_op(
 
 @_sparse_linear.register_fake
 def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
-    return input.new_empty(*input.shape[:-1], weight.shape[0]), out_emb.new_empty(())
+    return input.new_empty(*input.shape[:-1], out_emb.shape[1]), out_emb.new_empty(())
 
 
 def _sparse_linear_gradients(
     grad: Tensor,
     input: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     out_emb: Tensor,
     in_emb: Tensor,
     sparsity: Tensor,
@@ -220,26 +213,26 @@ def _sparse_linear_gradients(
 ) -> list[Tensor]:
     """[∂input, ∂out_emb, ∂in_emb, ∂coeff, ∂params] from the output's gradient ``grad``, in
     one op (one dispatch per backward): the kernel's gradients when ``kernel_grads``, and
-    ∂input through W0 + ΔW when ``input_grad``, with the sparsified ΔW the backend makes on
-    the way to the kernel's gradients (rebuilt from τ when only ∂input is asked for).
-    Empty tensors for the gradients not asked for."""
+    ∂input through W0 + ΔW (ΔW without a ``weight``) when ``input_grad``, by the backend
+    on the way to the kernel's gradients (from ΔW rebuilt from τ when only ∂input is asked
+    for). Empty tensors for the gradients not asked for."""
     if kernel_grads and not is_empty(out_emb, in_emb):
 
         def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
             return _tokens(tensor).to(out_emb.dtype).contiguous()
 
-        *gradients, delta = run(
+        grad_input, *gradients = run(
             "sparse_linear_backward", out_emb.device,
-            tokens(grad), tokens(input), out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps, mode,
-            input_grad,
+            tokens(grad), tokens(input), weight, out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps,
+            mode, _tokens(grad) if input_grad else None,
         )  # fmt: skip
-    else:
-        inputs = (out_emb, in_emb, coeff, params)
-        gradients = zero_kernel_grads(*inputs) if kernel_grads else [t.new_empty(0) for t in inputs]
-        if input_grad:
-            delta = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)[0]
-    grad_input = grad @ _plus_weight(delta, weight).to(grad.dtype) if input_grad else input.new_empty(0)
-    return [grad_input, *gradients]
+        return [grad_input.reshape(input.shape) if input_grad else grad_input, *gradients]
+    inputs = (out_emb, in_emb, coeff, params)
+    gradients = zero_kernel_grads(*inputs) if kernel_grads else [t.new_empty(0) for t in inputs]
+    if not input_grad:
+        return [input.new_empty(0), *gradients]
+    delta = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)[0]
+    return [grad @ effective_weight(delta, weight).to(grad.dtype), *gradients]
 
 
 _sparse_linear_backward = torch.library.custom_op(
@@ -249,7 +242,7 @@ _sparse_linear_backward = torch.library.custom_op(
 
 @_sparse_linear_backward.register_fake
 def _(grad, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode, input_grad, kernel_grads):
-    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
+    grad_input = input.new_empty(input.shape, dtype=grad.dtype) if input_grad else input.new_empty(0)
     if not kernel_grads:
         return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
     return [grad_input, *fake_kernel_grads(out_emb, in_emb, coeff, params)]
@@ -326,7 +319,7 @@ class _SparseLinear(torch.autograd.Function):
 
 def sparse_linear(
     input: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     out_emb: Tensor,
     in_emb: Tensor,
@@ -337,33 +330,39 @@ def sparse_linear(
     **kernel_params,
 ) -> Tensor:
     """``F.linear(input, weight + kernelized_sparse_delta(out_emb, in_emb, ...), bias)`` for a
-    frozen ``weight`` (m, n), keeping neither W0 + ΔW nor anything m×n for backward: ΔW is
-    rebuilt from τ for ∂L/∂input, and the embeddings' gradients need Γ = ∂L/∂ΔW only where
-    the mask keeps an entry (the cpu backend computes it only there)."""
+    frozen ``weight`` (m, n), or ``F.linear(input, kernelized_sparse_delta(...), bias)`` for
+    ``weight=None`` (the update's own output, over a base that computes W0·x itself, e.g. a
+    quantized one), keeping neither W0 + ΔW nor anything m×n for backward: ΔW is rebuilt
+    from τ for ∂L/∂input. The cpu backend's backward works in column blocks of the weight
+    (Γ = ∂L/∂ΔW, ΔW and W0 + ΔW a block at a time: nothing m×n exists there), and computes
+    Γ only where the mask keeps an entry when few are kept."""
     (out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
         out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, None
     )  # in the compute dtype: W0 + ΔW is summed there, from a ΔW not rounded to a half dtype
     input = check_tensor(input, "input", min_ndim=1)
-    weight = check_tensor(weight, "weight", ndim=2)
-    if weight.requires_grad:
-        raise ValueError("weight requires grad: sparse_linear trains only the adapter (freeze the base weight)")
     shape = (out_emb.shape[1], in_emb.shape[1])
-    if tuple(weight.shape) != shape or input.shape[-1] != shape[1]:
-        raise ValueError(
-            f"weight must have the shape {shape} of the embeddings' rows and input's last dimension {shape[1]}; "
-            f"got weight {tuple(weight.shape)} and input {tuple(input.shape)}"
-        )
+    if weight is not None:
+        weight = check_tensor(weight, "weight", ndim=2)
+        if weight.requires_grad:
+            raise ValueError("weight requires grad: sparse_linear trains only the adapter (freeze the base weight)")
+        if tuple(weight.shape) != shape:
+            raise ValueError(
+                f"weight must have the shape {shape} of the embeddings' rows and columns, got {tuple(weight.shape)}"
+            )
+    if input.shape[-1] != shape[1]:
+        raise ValueError(f"input's last dimension must be {shape[1]} (in_emb's rows), got input {tuple(input.shape)}")
     if bias is not None:
         bias = check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
-    check_same_device({"input": input, "weight": weight, "out_emb": out_emb, **({"bias": bias} if bias is not None else {})})
+    optional = {name: tensor for name, tensor in (("weight", weight), ("bias", bias)) if tensor is not None}
+    check_same_device({"input": input, "out_emb": out_emb, **optional})
     return prepared_sparse_linear(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold)
 
 
 def prepared_sparse_linear(
     input: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     out_emb: Tensor,
     in_emb: Tensor,
@@ -379,7 +378,7 @@ def prepared_sparse_linear(
     """``sparse_linear`` on arguments already in the form its checks give them, not checked
     again: the embeddings, ``coeff`` ``(H,)`` and ``params`` (alpha, beta, gamma) contiguous
     in one float32/float64 dtype on input's device, ``sparsity`` a 0-dim float64 cpu tensor,
-    valid choices, a frozen ``weight`` of the embeddings' shape; the last ``softplus_count``
+    valid choices, a frozen ``weight`` of the embeddings' shape or None; the last ``softplus_count``
     of ``params`` in an adapter's stored form (``softplus_tail``). For a caller that builds
     them so on every forward (the SNELL layer), where the checks cost as much as a small
     layer's kernels."""

@@ -160,5 +160,6 @@ def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel(monkeypa
     coeff, params = torch.ones(1), torch.zeros(3)
     with pytest.raises(ValueError, match="in_emb: the cpu backend's sampled backward takes n ≤ 2147483647"):
         cpu.sparse_linear_backward(
-            grad_out, x, out_emb, in_emb, 0.99, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard", True
-        )
+            grad_out, x, None, out_emb, in_emb, 0.99, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard",
+            grad_out,
+        )  # fmt: skip

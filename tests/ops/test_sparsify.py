@@ -161,26 +161,102 @@ def test_sparse_linear_gives_just_the_gradients_asked_for(backend, device, train
         torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture
+def column_blocks_of_64(monkeypatch):
+    """The cpu backward in blocks of 64 columns (the fewest it takes) on the small shapes here."""
+    if backends.why_unavailable("cpu", "cpu") is None:
+        from tensor_peft.backends import cpu
+
+        monkeypatch.setattr(cpu, "_BLOCK_VALUES", 1)
+
+
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
 @pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture", "rbf", "sigmoid"])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 @pytest.mark.parametrize("sparsity", [0.97, 0.3])  # the cpu kernel samples Γ at 0.97, forms it whole at 0.3
-@pytest.mark.usefixtures("sampling_short_batches")
-def test_sparse_linear_backward_hands_back_the_forward_delta_bit_for_bit(backend, device, kernel, mode, sparsity):
-    """The ΔW a backend's sparse_linear_backward gives for ∂input is the forward's ΔW (by
+@pytest.mark.usefixtures("sampling_short_batches", "column_blocks_of_64")
+def test_sparse_linear_backward_rebuilds_the_forward_delta_bit_for_bit(backend, device, kernel, mode, sparsity):
+    """The ΔW a backend's sparse_linear_backward rebuilds for ∂input is the forward's ΔW (by
     the same backend, from the same τ) bit for bit: the mask of a rebuilt ΔW that differed
-    in one rounding could keep another entry. Float32, where a rounding is likely to show."""
+    in one rounding could keep another entry. Read through ∂input = I·ΔW (no weight), which
+    the identity leaves exact; 150 columns cross the cpu backward's blocks of 64. Float32,
+    where a rounding is likely to show."""
     generator = torch.Generator().manual_seed(16)
-    out_emb, in_emb = (torch.randn(2, rows, 3, generator=generator).to(device) for rows in (37, 29))
-    grad_out, x = torch.randn(11, 37, generator=generator).to(device), torch.randn(11, 29, generator=generator).to(device)
+    out_emb, in_emb = (torch.randn(2, rows, 3, generator=generator).to(device) for rows in (37, 150))
+    grad_out, x = torch.eye(37, device=device), torch.randn(37, 150, generator=generator).to(device)
     params = {} if kernel == "piecewise_linear" else {"alpha": 0.7, "gamma": 0.3}
     with backends.use(backend):
         delta, tau = sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode, **params)
         (_, _, kernel_name, coeff, params_tensor, eps) = check_kernel_inputs(out_emb, in_emb, kernel, params)
-        *_, backward_delta = registry.select("sparse_linear_backward", device)[1](
-            grad_out, x, out_emb, in_emb, sparsity, tau, kernel_name, coeff, params_tensor, eps, mode, True
+        grad_input, *_ = registry.select("sparse_linear_backward", device)[1](
+            grad_out, x, None, out_emb, in_emb, sparsity, tau, kernel_name, coeff, params_tensor, eps, mode, grad_out
         )  # fmt: skip
-    assert torch.equal(backward_delta, delta)
+    assert torch.equal(grad_input, delta)
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "mixture", "rbf", "sigmoid", "linear"])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("columns", [150, 40], ids=["three-blocks", "under-a-block"])
+@pytest.mark.usefixtures("sampling_short_batches", "column_blocks_of_64")
+def test_cpu_sparse_linear_in_column_blocks_equals_the_whole_delta(kernel, mode, sparsity, with_weight, columns):
+    """The cpu backward in column blocks (150 columns: blocks of 64, 64 and 22; 40: fewer
+    than a block), forward and every gradient, with and without W0, at the sparsity
+    extremes, against F.linear with W0 + ΔW, ΔW formed whole in float64 by the reference
+    backend."""
+    generator = torch.Generator().manual_seed(31)
+
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    x, bias, out_emb, in_emb = randn(2, 5, columns), randn(23), randn(2, 23, 2), randn(2, columns, 2)
+    weight = randn(23, columns, grad=False) if with_weight else None
+    params = {} if kernel in ("piecewise_linear", "linear") else {
+        name: torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        for name, value in {"alpha": 0.8, "beta": -0.1, "gamma": 0.6}.items()
+    }  # fmt: skip
+    if kernel == "piecewise_linear":
+        params["coeff"] = torch.tensor([0.7, -1.2], dtype=torch.float64, requires_grad=True)
+    inputs = [x, bias, out_emb, in_emb, *params.values()]
+    upstream = torch.randn(2, 5, 23, generator=generator, dtype=torch.float64)
+    with backends.use("cpu"):
+        got = sparse_linear(x, weight, bias, out_emb, in_emb, sparsity, kernel, mode, **params)
+        got_grads = torch.autograd.grad(got, inputs, upstream)
+    with backends.use("reference"):
+        delta = ops.kernelized_sparse_delta(out_emb, in_emb, sparsity, kernel, mode, **params)
+        expected = torch.nn.functional.linear(x, delta if weight is None else weight + delta, bias)
+        expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got_t, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
+@pytest.mark.parametrize("gamma", [1e-3, 1e3])
+@pytest.mark.usefixtures("column_blocks_of_64")
+def test_mixture_softmax_with_a_small_or_large_temperature_stays_finite_and_exact(backend, device, gamma):
+    """Mixture's column softmax by its column statistics (max, then the sum of exp((P − max)/γ)):
+    a temperature of 1e-3 would overflow exp(P/γ) without the max (P/γ in the thousands);
+    1e3 flattens it. Forward and every gradient, with no weight, against the reference
+    backend's ΔW formed whole."""
+    generator = torch.Generator().manual_seed(32)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
+
+    x, out_emb, in_emb, upstream = randn(6, 130), randn(2, 30, 3), randn(2, 130, 3), randn(6, 30)
+    results = {}
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, out_emb, in_emb)]
+        temperature = torch.tensor(gamma, dtype=torch.float64, device=device, requires_grad=True)
+        with backends.use(name):
+            y = sparse_linear(leaves[0], None, None, *leaves[1:], 0.6, "mixture", gamma=temperature)
+            results[name] = [y, *torch.autograd.grad(y, [*leaves, temperature], upstream)]
+    for got, want in zip(results[backend], results["reference"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_threshold_above_two_to_the_24_entries():
