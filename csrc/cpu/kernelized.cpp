@@ -4,7 +4,7 @@
 // passed transposed as (H, p, n) so that each row j is computed for all i at once with
 // unit-stride loops; each entry's κ and gradient are those of tensor_peft/kernelized.h.
 // Mixture P + alpha·softmax_j(P/gamma) + beta: the softmax runs down each column, its max
-// and sum (n values each) come from two passes making P's rows (mixture_statistics), and each
+// and sum (n values each) come from one pass making P's rows (mixture_statistics), and each
 // row's E = exp((P − max_j P)/gamma), S = E/Σ is made with the row: nothing m×n is held. The
 // difference is taken before the division, which keeps a small gamma from magnifying the
 // rounding of P/gamma.
@@ -234,36 +234,41 @@ TP_CPU_CLONES void exp_terms(const Problem<T>& P, const T* piecewise, const T* c
 // whatever columns are computed with it (a caller working in column blocks).
 constexpr int64_t kStatisticsRows = 64;
 
-// Mixture's column statistics: max_j P, then Σ_j exp((P − max_j P)/gamma), each a pass
-// making P's rows again (piecewise_row) into n-sized partials per chunk of kStatisticsRows
-// rows, combined in chunk order (the sums in double). Nothing m×n is held.
+// Mixture's column statistics, max_j P and Σ_j exp((P − max_j P)/gamma), in one pass making
+// P's rows: each chunk of kStatisticsRows rows holds its rows (kStatisticsRows × n), takes
+// their column maxima M_c, then sums exp((P − M_c)/gamma) over them (in double); the chunks
+// combine in chunk order, max_j P = max_c M_c and Σ_j = Σ_c sum_c·exp((M_c − max_j P)/gamma)
+// (a factor ≤ 1: nothing overflows). Nothing m×n is held.
 template <typename T>
 void mixture_statistics(const Problem<T>& P, T* column_max, T* column_sum) {
     const int64_t n = P.n, chunks = chunk_count(P.m, kStatisticsRows);
-    auto for_all_rows = [&](auto body) {
-        for_each_chunk(chunks, [&](int64_t c) {
-            int64_t begin, end;
-            chunk_range(P.m, chunks, c, begin, end);
-            Rows<T> rows(n, P.chunks);
-            for (int64_t j = begin; j < end; ++j) {
-                piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);
-                body(c, rows.piecewise.data());
-            }
-        });
-    };
     std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
-    for_all_rows([&](int64_t c, const T* row) {
+    std::vector<double> sums(chunks * n, 0.0);
+    for_each_chunk(chunks, [&](int64_t c) {
+        int64_t begin, end;
+        chunk_range(P.m, chunks, c, begin, end);
+        Rows<T> rows(n, P.chunks);
+        std::vector<T> held((end - begin) * n);
         T* local = maxima.data() + c * n;
-        for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
+        for (int64_t j = begin; j < end; ++j) {
+            T* row = held.data() + (j - begin) * n;
+            piecewise_row(P, j, row, rows.roots.data(), rows);
+            for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
+        }
+        for (int64_t j = begin; j < end; ++j) exp_terms(P, held.data() + (j - begin) * n, local, sums.data() + c * n);
     });
     for (int64_t i = 0; i < n; ++i) column_max[i] = -std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < chunks; ++c)
         for (int64_t i = 0; i < n; ++i) column_max[i] = std::max(column_max[i], maxima[c * n + i]);
-    std::vector<double> sums(chunks * n, 0.0);
-    for_all_rows([&](int64_t c, const T* row) { exp_terms(P, row, column_max, sums.data() + c * n); });
+    const double gamma = P.gamma;
     for (int64_t i = 0; i < n; ++i) {
         double total = 0;
-        for (int64_t c = 0; c < chunks; ++c) total += sums[c * n + i];
+        for (int64_t c = 0; c < chunks; ++c) {
+            const double shift = maxima[c * n + i] == column_max[i]
+                                     ? 1.0
+                                     : std::exp((double(maxima[c * n + i]) - double(column_max[i])) / gamma);
+            total += sums[c * n + i] * shift;
+        }
         column_sum[i] = static_cast<T>(total);
     }
 }
