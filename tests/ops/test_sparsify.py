@@ -239,14 +239,15 @@ def test_cpu_sparse_linear_in_column_blocks_equals_the_whole_delta(kernel, mode,
 def test_mixture_softmax_with_a_small_or_large_temperature_stays_finite_and_exact(backend, device, gamma):
     """Mixture's column softmax by its column statistics (max, then the sum of exp((P − max)/γ)):
     a temperature of 1e-3 would overflow exp(P/γ) without the max (P/γ in the thousands);
-    1e3 flattens it. Forward and every gradient, with no weight, against the reference
-    backend's ΔW formed whole."""
+    1e3 flattens it. 150 rows: the cpu kernel's statistics combine three chunks of rows,
+    each sum scaled by exp((its maxima − the column's)/γ). Forward and every gradient, with
+    no weight, against the reference backend's ΔW formed whole."""
     generator = torch.Generator().manual_seed(32)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
 
-    x, out_emb, in_emb, upstream = randn(6, 130), randn(2, 30, 3), randn(2, 130, 3), randn(6, 30)
+    x, out_emb, in_emb, upstream = randn(6, 130), randn(2, 150, 3), randn(2, 130, 3), randn(6, 150)
     results = {}
     for name in (backend, "reference"):
         leaves = [t.clone().requires_grad_() for t in (x, out_emb, in_emb)]
