@@ -148,7 +148,7 @@ _BLOCK_VALUES = 1 << 20
 _BLOCK_COLUMNS_MULTIPLE = 64  # whole vectors: a block's entries get the bits of the whole ΔW's
 
 
-def block_columns(m: int, n: int) -> int:
+def _block_columns(m: int, n: int) -> int:
     """The columns of a block of ``sparse_linear_backward`` for a weight (m, n): about
     _BLOCK_VALUES values, a multiple of _BLOCK_COLUMNS_MULTIPLE (at least one), at most n.
     Fixed by the shape alone: the result's bits do not depend on the threads."""
@@ -159,7 +159,7 @@ def block_columns(m: int, n: int) -> int:
 @register("sparse_linear_backward", "cpu")
 def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
                            grad_for_input):  # fmt: skip
-    """In column blocks C of the weight (``block_columns``), each the kernel's whole problem
+    """In column blocks C of the weight (``_block_columns``), each the kernel's whole problem
     on In's columns C (mixture's softmax runs down each column: a block holds whole
     columns): Γ[:, C] = grad_outᵀ·input[:, C] by the matrix product, or computed by the
     kernel only where the mask keeps an entry (when at most _SAMPLED_BELOW of the entries
@@ -180,7 +180,7 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
     d_coeff, d_params = torch.zeros_like(coeff), torch.zeros_like(params)
     input_grad = grad_for_input is not None
     grad_input = grad_for_input.new_empty(tokens, n) if input_grad else input.new_empty(0)
-    step = block_columns(m, n)
+    step = _block_columns(m, n)
     for start in range(0, n, step):
         columns = slice(start, min(start + step, n))
         block_input = input[:, columns].contiguous()  # kept alive for the call, as the tensors below
