@@ -61,20 +61,26 @@ def test_fake_implementations_match_the_half_path(case: Case):
 def test_sparse_linear_backward_of_half_embeddings(dtype):
     """The triton backend's sparse_linear_backward (the op layer gives it float32/float64:
     sparse_linear sums W0 + ΔW in the compute dtype) on half embeddings: the reference's
-    float32 gradients and sparsified ΔW, rounded once."""
+    float32 gradients rounded once, and ∂input = grad_out·ΔW from the sparsified ΔW rounded
+    once (each entry within one unit in the last place of the half dtype)."""
     generator = torch.Generator().manual_seed(12)
     out_emb, in_emb = (torch.randn(2, size, 3, generator=generator).mul(0.6).to(dtype) for size in (7, 6))
     grad_out, tokens = torch.randn(5, 7, generator=generator), torch.randn(5, 6, generator=generator)
     coeff, params = torch.tensor([0.1, -0.1]), torch.tensor([1.0, 0.0, 1.5])
     reference = registry.kernel("sparse_linear_backward", "reference")
-    tau = registry.kernel("kernelized_sparse_delta", "reference")(
-        out_emb.float(), in_emb.float(), 21, "mixture", coeff, params, 1e-12, "soft")[1]  # fmt: skip
-    arguments = (grad_out, tokens, out_emb, in_emb, 0.5, tau, "mixture", coeff, params, 1e-12, "soft", True)
-    got = registry.kernel("sparse_linear_backward", "triton")(*arguments)
-    expected = reference(grad_out, tokens, out_emb.float(), in_emb.float(), *arguments[4:])
-    for got_t, expected_t, dtype_t in zip(got, expected, [dtype, dtype, torch.float32, torch.float32, dtype]):
+    reference_forward = registry.kernel("kernelized_sparse_delta", "reference")
+    tau = reference_forward(out_emb.float(), in_emb.float(), 21, "mixture", coeff, params, 1e-12, "soft")[1]
+    arguments = (grad_out, tokens, None, out_emb, in_emb, 0.5, tau, "mixture", coeff, params, 1e-12, "soft", grad_out)
+    got_input, *got = registry.kernel("sparse_linear_backward", "triton")(*arguments)
+    _, *expected = reference(grad_out, tokens, None, out_emb.float(), in_emb.float(), *arguments[5:])
+    for got_t, expected_t, dtype_t in zip(got, expected, [dtype, dtype, torch.float32, torch.float32]):
         assert got_t.dtype == dtype_t
         assert_rounded_once(got_t, expected_t)
+    delta = reference_forward(out_emb.float(), in_emb.float(), 0, "mixture", coeff, params, 1e-12, "soft", tau)[0]
+    rounded = delta.to(dtype).float()
+    bound = grad_out.abs() @ (torch.finfo(dtype).eps * rounded.abs()) + 1e-5
+    assert got_input.dtype == torch.float32
+    assert ((got_input - grad_out @ rounded).abs() <= bound).all()
 
 
 KERNELS = [(lowrank, "merge_kernel"), (lowrank, "backward_kernel"), (expm, "expm_kernel"),
