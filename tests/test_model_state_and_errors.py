@@ -91,7 +91,7 @@ def _filesystem_steps(monkeypatch, interrupt_at: int) -> list[str]:
         monkeypatch.setattr(owner, name, call)
 
     for owner, name in [(os, "replace"), (os, "rename"), (os, "symlink"), (os, "unlink"), (os, "mkdir"),
-                        (os, "rmdir"), (shutil, "rmtree"), (shutil, "copyfile"), (tp.model, "save_file"),
+                        (os, "rmdir"), (shutil, "rmtree"), (shutil, "copyfile"), (tp.model.files, "save_file"),
                         (pathlib.Path, "write_text")]:  # fmt: skip
         counted(owner, name)
     return calls
