@@ -13,22 +13,7 @@ from .merging import merge, unload, unmerge
 from .targeting import ALL_LINEAR, adapter_layers
 
 __all__ = [
-    "ALL_LINEAR",
-    "CONFIG_FILE",
-    "CURRENT_LINK",
-    "METHODS",
-    "VERSION_PREFIX",
-    "WEIGHTS_FILE",
-    "adapter_layers",
-    "delete_adapter",
-    "inject",
-    "load_adapter",
-    "load_adapter_weights",
-    "merge",
-    "prepare_for_kbit_training",
-    "save_adapter",
-    "set_adapter",
-    "trainable_parameter_count",
-    "unload",
-    "unmerge",
-]
+    "ALL_LINEAR", "CONFIG_FILE", "CURRENT_LINK", "METHODS", "VERSION_PREFIX", "WEIGHTS_FILE", "adapter_layers",
+    "delete_adapter", "inject", "load_adapter", "load_adapter_weights", "merge", "prepare_for_kbit_training",
+    "save_adapter", "set_adapter", "trainable_parameter_count", "unload", "unmerge",
+]  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 
 from tensor_peft import backends
 from tensor_peft.backends import registry
-from tensor_peft.backends.triton import expm, kernelized, lowrank
+from tensor_peft.backends.triton import expm, kernelized, lowrank, select
 
 from ..ops import test_ops as op_tests
 from ..ops.cases import CASES, Case
@@ -78,8 +78,8 @@ def test_sparse_linear_backward_of_half_embeddings(dtype):
 
 
 KERNELS = [(lowrank, "merge_kernel"), (lowrank, "backward_kernel"), (expm, "expm_kernel"),
-           *((kernelized, name) for name in ("delta_kernel", "count_kernel", "refine_kernel", "mask_kernel",
-                                             "columns_kernel", "backward_kernel"))]  # fmt: skip
+           *((kernelized, name) for name in ("delta_kernel", "columns_kernel", "backward_kernel")),
+           *((select, name) for name in ("count_kernel", "refine_kernel", "mask_kernel"))]  # fmt: skip
 
 
 @pytest.fixture
