@@ -127,9 +127,9 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
 # Γ is sampled below this kept fraction and from this many tokens, else formed whole by the
 # matrix product. Sampling costs a pass of κ more than the dense path (the mask before the
 # products), which only a long matrix product outweighs, and its products run slower than
-# the matrix product's: measured on a 2-core Xeon (AVX-512), sampling took 0.70× the dense
-# path's time at 1% kept, 0.97× at 5%, 1.19× at 10% (768×3072, 1576 tokens), and 1.09× at
-# 1% kept, 1.31× at 5% on LLaMA-tiny's layers (344×128, 512 tokens).
+# the matrix product's: it pays only when few entries are kept and many tokens share them.
+# The thresholds come from timing both paths at SNELL's real shapes (benchmarks/
+# test_real_shapes.py; the timings are in benchmarks/results/real-shapes-*.md).
 _SAMPLED_BELOW = 0.05
 _SAMPLED_MIN_TOKENS = 1024
 _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits

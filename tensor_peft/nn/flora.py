@@ -44,7 +44,10 @@ from .base import Adapter, AdapterLayer, adapter_dtype_for
 
 PATHS = tuple(execution for execution in EXECUTIONS if execution != "auto")
 """The two ways a layer runs (merged, factorized); execution ``auto`` chooses one of them."""
-MACS_PER_BYTE = 8  # machine balance: multiply-adds per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
+MACS_PER_BYTE = 8
+"""The cost model's machine balance: multiply-adds per byte moved, a CPU's float32 matmul
+rate over its copy bandwidth (the benchmarks measure both: the floors of
+``benchmarks/results/cpu-*.md``). Only its order of magnitude decides between the two paths."""
 
 AUTOTUNE = os.environ.get("TENSOR_PEFT_FLORA_AUTOTUNE", "1") != "0"
 """Whether execution ``auto`` times the two paths (True) or uses the cost model (False)."""
