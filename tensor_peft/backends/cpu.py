@@ -1,7 +1,7 @@
 """The ``cpu`` backend: C++17/OpenMP kernels of the compiled extension ``tensor_peft._C``.
 
-Tensors reach the kernels as raw pointers: the op layer has checked their shapes and
-made them contiguous float32/float64 on one device. Each op is a function registered
+Tensors reach the kernels (``native.cpu_kernels``) as raw pointers: the op layer has
+checked their shapes and made them contiguous float32/float64 on one device. Each op is a function registered
 with ``@register(op, "cpu")``, the Tucker and hadamard ops by ``tucker_split.register_ops``.
 
 The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
@@ -18,35 +18,36 @@ import torch
 
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id
-from .registry import extension, extension_import_error, extension_kernel, register
+from .native import C, CpuKernels, cpu_kernels
+from .registry import register
 
 DEVICE_TYPES = ("cpu",)
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    return extension_import_error("_C")
+    return C.import_error()
 
 
 
-def _kernel(name: str, dtype: torch.dtype):
-    """The _C kernel ``name`` for ``dtype``, the extension's OpenMP threads first set to
+def _kernels(dtype: torch.dtype) -> CpuKernels:
+    """The _C kernels for ``dtype``, the extension's OpenMP threads first set to
     ``torch.get_num_threads()`` for this thread: ``torch.set_num_threads`` governs both (the
     extension may link another OpenMP runtime than torch's). Results do not depend on it."""
-    extension("_C").set_max_threads(torch.get_num_threads())
-    return extension_kernel("_C", name, dtype)
+    C.module().set_max_threads(torch.get_num_threads())
+    return cpu_kernels(dtype)
 
 
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
-    _kernel("lowrank_forward", out.dtype)(
+    _kernels(out.dtype).lowrank_forward(
         out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-        d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_C").EPILOGUE_IDS[epilogue],
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=C.module().EPILOGUE_IDS[epilogue],
     )  # fmt: skip
 
 
 def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
-    _kernel("lowrank_backward", grad.dtype)(
+    _kernels(grad.dtype).lowrank_backward(
         grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-        d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_C").EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=C.module().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
         dR=d_R.data_ptr(),
     )  # fmt: skip
 
@@ -70,7 +71,7 @@ def _matrices(A) -> tuple[int, int]:
 def matrix_exp(A):
     batch, n = _matrices(A)
     out = A.new_empty(A.shape)
-    _kernel("matrix_exp", A.dtype)(out=out.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
+    _kernels(A.dtype).matrix_exp(out=out.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
     return out
 
 
@@ -78,12 +79,12 @@ def matrix_exp(A):
 def matrix_exp_backward(grad, A):
     batch, n = _matrices(A)
     d_A = A.new_empty(A.shape)
-    _kernel("matrix_exp_backward", A.dtype)(d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
+    _kernels(A.dtype).matrix_exp_backward(d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
     return d_A
 
 
-def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta=None):
-    """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
+def _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta=None):
+    """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the _C kernel ``backward``, which takes the
     ``upstream`` keyword arguments (its pointers and sizes) too, and writes the sparsified
     ΔW into ``delta`` when given. In goes in as (H, p, n)."""
     chunks, m, width = out_emb.shape
@@ -91,10 +92,10 @@ def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau,
     d_out, d_in_t = torch.empty_like(out_emb), in_emb.new_empty(chunks, width, n)
     d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
     in_t = in_emb.transpose(1, 2).contiguous()
-    _kernel(name, out_emb.dtype)(
+    backward(
         **upstream, out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, extension("_C")), d_out_emb=d_out.data_ptr(),
+        kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, C.module()), d_out_emb=d_out.data_ptr(),
         d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
         delta=0 if delta is None else delta.data_ptr(),
     )  # fmt: skip
@@ -110,10 +111,10 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
     n = in_emb.shape[1]
     out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
     given = float("-inf") if tau is None else tau.item()
-    tau = _kernel("kernelized_forward", out.dtype)(
+    tau = _kernels(out.dtype).kernelized_forward(
         out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        k=0 if tau is not None else k, mode=mode_id(mode, extension("_C")), given_tau=given,
+        kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        k=0 if tau is not None else k, mode=mode_id(mode, C.module()), given_tau=given,
     )  # fmt: skip
     return [out, out.new_tensor(tau)]
 
@@ -121,7 +122,8 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
 @register("kernelized_sparse_delta_backward", "cpu")
 def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
     upstream = {"grad": grad.data_ptr()}
-    return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+    backward = _kernels(out_emb.dtype).kernelized_backward
+    return _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 # Γ is sampled below this kept fraction and from this many tokens, else formed whole by the
@@ -144,23 +146,23 @@ def sparse_linear_backward(grad_out, input, out_emb, in_emb, sparsity, tau, kern
     kernel from the rows it masks Γ by."""
     if 1 - sparsity > _SAMPLED_BELOW or grad_out.shape[0] < _SAMPLED_MIN_TOKENS:
         grad = grad_out.t() @ input  # kept alive for the call
-        name, upstream = "kernelized_backward", {"grad": grad.data_ptr()}
+        backward, upstream = _kernels(out_emb.dtype).kernelized_backward, {"grad": grad.data_ptr()}
     elif in_emb.shape[1] > _MAX_SAMPLED_COLUMNS:
         raise ValueError(
             f"in_emb: the cpu backend's sampled backward takes n ≤ {_MAX_SAMPLED_COLUMNS} columns, got {in_emb.shape[1]}"
         )
     else:
-        name = "sparse_linear_backward"
+        backward = _kernels(out_emb.dtype).sparse_linear_backward
         upstream = {"grad_out": grad_out.data_ptr(), "input": input.data_ptr(), "tokens": grad_out.shape[0]}
     delta = out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]) if with_delta else None
-    return [*_gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta), delta]
+    return [*_gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode, delta), delta]
 
 
 @register("sparsify", "cpu")
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
-    tau = _kernel("sparsify", delta.dtype)(
-        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, extension("_C"))
+    tau = _kernels(delta.dtype).sparsify(
+        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, C.module())
     )
     return [out, delta.new_tensor(tau)]
 
@@ -168,8 +170,8 @@ def sparsify(delta, k, mode):
 @register("sparsify_backward", "cpu")
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
-    _kernel("sparsify_backward", delta.dtype)(
+    _kernels(delta.dtype).sparsify_backward(
         d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), tau=tau.item(),
-        mode=mode_id(mode, extension("_C")),
+        mode=mode_id(mode, C.module()),
     )
     return d_delta

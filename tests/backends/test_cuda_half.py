@@ -5,11 +5,13 @@ themselves (no upcast copy), and the race check of the half kernels."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tensor_peft import backends
-from tensor_peft.backends import cuda
+from tensor_peft.backends import cuda, native
 from tensor_peft.nn import LieRALayer
 
 from ..ops.cases import CASES, Case
@@ -27,7 +29,6 @@ pytestmark = pytest.mark.skipif(
     backends.why_unavailable("cuda_emulated", "cpu") is not None,
     reason=f"cuda_emulated: {backends.why_unavailable('cuda_emulated', 'cpu')}",
 )
-SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_stores_round_as_torch_does(emulator, dtype):
     the half dtype: torch's rounding (to nearest even) of every value, edge cases included."""
     x = torch.cat([_edge_floats(), _random_floats(4096)])
     out, U = torch.empty(1, x.numel(), dtype=dtype), torch.ones(1, 1)
-    kernel = getattr(emulator, f"lowrank_forward_{SUFFIX[dtype]}")
+    kernel = native.cuda_kernels(native.CUDA_EMULATED, dtype).lowrank_forward
     kernel(out=out.data_ptr(), weight=0, U=U.data_ptr(), R=x.data_ptr(), d0=1, r0=1, n=x.numel(),
            scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], stream=0)  # fmt: skip
     expected = x.to(dtype)
@@ -89,7 +90,7 @@ def test_loads_widen_exactly(emulator, dtype):
     every one of the 65536 bit patterns gives torch's float32 value."""
     grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, -1)
     U, R, d_U, d_R = torch.ones(1, 1), torch.zeros(grad.shape), torch.zeros(1, 1), torch.zeros(grad.shape)
-    kernel = getattr(emulator, f"lowrank_backward_{SUFFIX[dtype]}")
+    kernel = native.cuda_kernels(native.CUDA_EMULATED, dtype).lowrank_backward
     kernel(grad=grad.data_ptr(), weight=0, U=U.data_ptr(), R=R.data_ptr(),
            d0=1, r0=1, n=grad.numel(), scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], dU=d_U.data_ptr(),
            dR=d_R.data_ptr(), stream=0)  # fmt: skip
@@ -112,18 +113,22 @@ def test_half_beside_float32_inputs(op, dtype):
 def launched(monkeypatch) -> list[tuple[str, torch.dtype, set[int]]]:
     """(kernel, storage dtype, the addresses passed) of every launch of the cuda backends' kernels."""
     seen: list[tuple[str, torch.dtype, set[int]]] = []
-    extension_kernel = cuda.extension_kernel
+    cuda_kernels = cuda.cuda_kernels
 
-    def spy(module, name, dtype):
-        kernel = extension_kernel(module, name, dtype)
-
+    def recorded(name, dtype, kernel):
         def launch(**arguments):
             seen.append((name, dtype, {value for value in arguments.values() if isinstance(value, int)}))
             return kernel(**arguments)
 
         return launch
 
-    monkeypatch.setattr(cuda, "extension_kernel", spy)
+    def spy(extension, dtype):
+        kernels = cuda_kernels(extension, dtype)
+        return dataclasses.replace(kernels, **{field.name: recorded(field.name, dtype, getattr(kernels, field.name))
+                                               for field in dataclasses.fields(kernels)
+                                               if getattr(kernels, field.name) is not None})  # fmt: skip
+
+    monkeypatch.setattr(cuda, "cuda_kernels", spy)
     return seen
 
 
