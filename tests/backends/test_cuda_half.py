@@ -15,28 +15,12 @@ from tensor_peft.backends import cuda, native
 from tensor_peft.nn import LieRALayer
 
 from ..ops.cases import CASES, Case
-from .half_cases import (
-    HALF,
-    assert_rounded_once,
-    check_case_rounded_once,
-    check_mixed_rounded_once,
-    half_calls,
-    leaves,
-    mixed_calls,
-)
+from .half_cases import HALF, assert_rounded_once, half_calls, leaves
 
 pytestmark = pytest.mark.skipif(
     backends.why_unavailable("cuda_emulated", "cpu") is not None,
     reason=f"cuda_emulated: {backends.why_unavailable('cuda_emulated', 'cpu')}",
 )
-
-
-@pytest.fixture
-def emulator():
-    from tensor_peft import _cuda_emulated
-
-    yield _cuda_emulated
-    _cuda_emulated.set_schedule("forward", 0)
 
 
 def _edge_floats() -> torch.Tensor:
@@ -95,18 +79,6 @@ def test_loads_widen_exactly(emulator, dtype):
            d0=1, r0=1, n=grad.numel(), scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], dU=d_U.data_ptr(),
            dR=d_R.data_ptr(), stream=0)  # fmt: skip
     _same_values(d_R[0], grad[0].float())
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", HALF)
-def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype):
-    check_case_rounded_once("cuda_emulated", case, dtype)
-
-
-@pytest.mark.parametrize("op", list(mixed_calls(torch.float16)))
-@pytest.mark.parametrize("dtype", HALF)
-def test_half_beside_float32_inputs(op, dtype):
-    check_mixed_rounded_once("cuda_emulated", op, dtype)
 
 
 @pytest.fixture

@@ -14,31 +14,11 @@ from tensor_peft.backends.triton import expm, kernelized, lowrank, select
 
 from ..ops import test_ops as op_tests
 from ..ops.cases import CASES, Case
-from .half_cases import (
-    HALF,
-    assert_rounded_once,
-    check_case_rounded_once,
-    check_mixed_rounded_once,
-    half_calls,
-    leaves,
-    mixed_calls,
-)
+from .half_cases import HALF, assert_rounded_once, half_calls, leaves
 
 pytestmark = pytest.mark.skipif(
     backends.why_unavailable("triton", "cpu") is not None, reason="the triton backend does not run on cpu tensors here"
 )
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", HALF)
-def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype):
-    check_case_rounded_once("triton", case, dtype)
-
-
-@pytest.mark.parametrize("op", list(mixed_calls(torch.float16)))
-@pytest.mark.parametrize("dtype", HALF)
-def test_half_beside_float32_inputs(op, dtype):
-    check_mixed_rounded_once("triton", op, dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
