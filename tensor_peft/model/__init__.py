@@ -6,7 +6,9 @@ concern: ``targeting`` (which modules a config selects), ``injection`` (adding, 
 and deleting adapters), ``merging`` (merge, unmerge, unload), ``files`` (save and load)
 and ``kbit_training`` (preparing a model with quantized layers)."""
 
-from .files import CONFIG_FILE, CURRENT_LINK, VERSION_PREFIX, WEIGHTS_FILE, load_adapter, load_adapter_weights, save_adapter
+from .files import (
+    CONFIG_FILE, CURRENT_LINK, VERSION_PREFIX, WEIGHTS_FILE, load_adapter, load_adapter_weights, save_adapter,
+)  # fmt: skip
 from .injection import METHODS, delete_adapter, inject, set_adapter, trainable_parameter_count
 from .kbit_training import prepare_for_kbit_training
 from .merging import merge, unload, unmerge

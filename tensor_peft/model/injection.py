@@ -11,7 +11,9 @@ from torch import nn
 from ..config import AdapterConfig, FLoRAConfig, LieRAConfig, LoRAConfig, MTLoRAConfig, SNELLAConfig, SNELLConfig
 from ..nn import AdapterLayer, FLoRALayer, LieRALayer, LoRALayer, MTLoRALayer, SNELLALayer, SNELLLayer
 from ..nn.attention import AdaptedMultiheadAttention
-from .targeting import _resolve_modules_to_save, _saved_target_names, _shared_parameter_owners, _targets, _tied_to, adapter_layers
+from .targeting import (
+    _resolve_modules_to_save, _saved_target_names, _shared_parameter_owners, _targets, _tied_to, adapter_layers,
+)  # fmt: skip
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterLayer]]] = {
     "lora": (LoRAConfig, LoRALayer),

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..quantized import quantization_of
 
+
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True,
                               gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:  # fmt: skip
     """Get a model with quantized layers ready for adapter training (call it before

@@ -11,6 +11,7 @@ from ..quantized import RequantizationWarning
 from .injection import _per_layer, _remove_empty_layers
 from .targeting import _check_untied, adapter_layers
 
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every layer's active adapters into its base weight. All or nothing: every
     layer's merge is checked (adapters switched on, finite, restorable, no tied weight)
