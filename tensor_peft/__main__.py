@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import tensor_peft
-from tensor_peft.backends import registry
+from tensor_peft.backends import native, registry
 
 
 def _version(module: str) -> str:
@@ -26,16 +26,16 @@ def _version(module: str) -> str:
         return f"not installed ({error})"
 
 
-def _extension(name: str) -> str:
+def _extension(extension: native.Extension) -> str:
     """One line on a compiled extension: its build facts, or why it does not load."""
     try:
-        extension = importlib.import_module(f"tensor_peft.{name}")
+        module = extension.module()
     except ImportError as error:
         return f"not available ({error})"
-    facts = ", ".join(f"{key}={value}" for key, value in extension.build_info().items())
-    if name == "_cuda":
+    facts = ", ".join(f"{key}={value}" for key, value in module.build_info().items())
+    if extension is native.CUDA:
         try:
-            facts += f", devices={extension.device_count()}"
+            facts += f", devices={module.device_count()}"
         except RuntimeError as error:
             facts += f", devices: none ({error})"
     return f"built ({facts})"
@@ -48,7 +48,8 @@ def info() -> str:
         f"(CUDA {torch.version.cuda or 'none'}, GPU {'yes' if torch.cuda.is_available() else 'no'}), "
         f"triton {_version('triton')}, numpy {_version('numpy')}",
         "extensions:",
-        *(f"  {name:14} {_extension(name)}" for name in ("_C", "_cuda", "_cuda_emulated")),
+        *(f"  {extension.name.removeprefix('tensor_peft.'):14} {_extension(extension)}"
+          for extension in (native.C, native.CUDA, native.CUDA_EMULATED)),
         "backends (tensor device: runs, or why not):",
     ]
     for name in registry.NAMES:

@@ -273,9 +273,9 @@ class LieRAConfig(AdapterConfig):
 
 @dataclass
 class KernelizedConfig(AdapterConfig):
-    """What SNELL and SNELLA share: rank ``r`` embeddings in ``chunks`` chunks, ``kernel``
-    (piecewise_linear, rbf, sigmoid, linear, mixture), ``mode`` (hard, soft),
-    ``learnable_coeff`` (train piecewise's chunk coefficients) and ``threshold``, the rule
+    """What SNELL and SNELLA share: rank ``r`` embeddings in ``chunks`` chunks, the kernel
+    function κ ``kernel`` (piecewise_linear, rbf, sigmoid, linear, mixture), ``mode`` (hard,
+    soft), ``learnable_coeff`` (train piecewise's chunk coefficients) and ``threshold``, the rule
     that turns a sparsity s into the number of entries dropped from n: ``count``
     (ceil(s·n)) or ``quantile`` (the released code's ``|ΔW| > torch.quantile(|ΔW|, s)``:
     floor(s·(n − 1)) + 1, see ``ops.sparsify``)."""
@@ -310,7 +310,7 @@ class SNELLConfig(KernelizedConfig):
 
 @dataclass
 class SNELLAConfig(KernelizedConfig):
-    """SNELLA: the ``mixture`` kernel and per-layer sparsities set during training by
+    """SNELLA: the ``mixture`` kernel function and per-layer sparsities set during training by
     ``SparsityAllocator`` (call its ``step()`` after every optimizer step).
 
     Layers start at ``init_sparsity``. The total non-zero budget follows the paper's cubic

@@ -91,7 +91,7 @@ def _filesystem_steps(monkeypatch, interrupt_at: int) -> list[str]:
         monkeypatch.setattr(owner, name, call)
 
     for owner, name in [(os, "replace"), (os, "rename"), (os, "symlink"), (os, "unlink"), (os, "mkdir"),
-                        (os, "rmdir"), (shutil, "rmtree"), (shutil, "copyfile"), (tp.model, "save_file"),
+                        (os, "rmdir"), (shutil, "rmtree"), (shutil, "copyfile"), (tp.model.files, "save_file"),
                         (pathlib.Path, "write_text")]:  # fmt: skip
         counted(owner, name)
     return calls
@@ -339,17 +339,21 @@ def _snella_model(dtype=None):
     return tp.inject(model, config)
 
 
-def test_allocator_statistics_of_half_embeddings_are_taken_in_float32():
-    """|θ·g| of float16 embeddings overflows float16 but not float32: the step counts."""
-    model = _snella_model("float16")
-    allocator = tp.SparsityAllocator(model)
-    embedding = model[0].adapters["default"].snell_in
+def _fill_with_gradient(model: nn.Module, embedding: torch.Tensor, value: float) -> None:
+    """Every trainable parameter's gradient set to ones, then ``embedding`` and its gradient to ``value``."""
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.grad = torch.ones_like(parameter)
-        embedding.fill_(300.0)
-        embedding.grad.fill_(300.0)  # 90000 > float16's largest, 65504
+        embedding.fill_(value)
+        embedding.grad.fill_(value)
+
+
+def test_allocator_statistics_of_half_embeddings_are_taken_in_float32():
+    """|θ·g| of float16 embeddings overflows float16 but not float32: the step counts."""
+    model = _snella_model("float16")
+    allocator = tp.SparsityAllocator(model)
+    _fill_with_gradient(model, model[0].adapters["default"].snell_in, 300.0)  # 300·300 > float16's largest, 65504
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         allocator.step()
@@ -360,13 +364,7 @@ def test_allocator_statistics_of_half_embeddings_are_taken_in_float32():
 def test_allocator_says_when_finite_gradients_overflow_the_statistics():
     model = _snella_model()
     allocator = tp.SparsityAllocator(model)
-    embedding = model[1].adapters["default"].snell_out
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.grad = torch.ones_like(parameter)
-        embedding.fill_(1e20)
-        embedding.grad.fill_(1e20)  # finite, but their product is not in float32
+    _fill_with_gradient(model, model[1].adapters["default"].snell_out, 1e20)  # finite; their product is not, in float32
     state = {k: v.clone() for k, v in allocator.state_dict().items() if k != "steps"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -137,3 +137,12 @@ const device_t<S>* device_ptr(const S* p) {
 }
 
 }  // namespace tensor_peft::cuda
+
+// The (storage, compute) type pairs every launcher is compiled for: float and double
+// computing in their own precision, the 16-bit storage types in float. INSTANTIATE(S, T)
+// is expanded once per pair (the explicit instantiations of a .cu file's launchers).
+#define TP_FOR_EACH_STORAGE(INSTANTIATE) \
+    INSTANTIATE(float, float)            \
+    INSTANTIATE(double, double)          \
+    INSTANTIATE(BFloat16, float)         \
+    INSTANTIATE(Float16, float)

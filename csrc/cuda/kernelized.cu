@@ -381,10 +381,7 @@ void sparsify_backward(const S* grad, const S* x, S* d_x, int64_t count, const T
                                             double*, std::uintptr_t);                                             \
     template void sparsify<S, T>(const S*, S*, int64_t, int64_t, int, T*, int64_t*, std::uintptr_t);              \
     template void sparsify_backward<S, T>(const S*, const S*, S*, int64_t, const T*, int, std::uintptr_t);
-TP_INSTANTIATE(float, float)
-TP_INSTANTIATE(double, double)
-TP_INSTANTIATE(BFloat16, float)
-TP_INSTANTIATE(Float16, float)
+TP_FOR_EACH_STORAGE(TP_INSTANTIATE)
 #undef TP_INSTANTIATE
 
 }  // namespace tensor_peft::cuda

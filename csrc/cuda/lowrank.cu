@@ -132,10 +132,7 @@ void lowrank_backward(const S* grad, const S* weight, const T* U, const T* R, T*
                                         std::uintptr_t);                                                       \
     template void lowrank_backward<S, T>(const S*, const S*, const T*, const T*, T*, T*, int64_t, int64_t,      \
                                          int64_t, T, int, std::uintptr_t);
-TP_INSTANTIATE(float, float)
-TP_INSTANTIATE(double, double)
-TP_INSTANTIATE(BFloat16, float)
-TP_INSTANTIATE(Float16, float)
+TP_FOR_EACH_STORAGE(TP_INSTANTIATE)
 #undef TP_INSTANTIATE
 
 }  // namespace tensor_peft::cuda

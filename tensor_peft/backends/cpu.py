@@ -1,7 +1,7 @@
 """The ``cpu`` backend: C++17/OpenMP kernels of the compiled extension ``tensor_peft._C``.
 
-Tensors reach the kernels as raw pointers: the op layer has checked their shapes and
-made them contiguous float32/float64 on one device. Each op is a function registered
+Tensors reach the kernels (``native.cpu_kernels``) as raw pointers: the op layer has
+checked their shapes and made them contiguous float32/float64 on one device. Each op is a function registered
 with ``@register(op, "cpu")``, the Tucker and hadamard ops by ``tucker_split.register_ops``.
 
 The kernels: ``csrc/cpu/lowrank.cpp`` handles updates ΔW = s·U·R with U, R thin, one
@@ -18,35 +18,36 @@ import torch
 
 from . import tucker_split
 from .kernelized_ops import effective_weight, kernel_id, mode_id
-from .registry import extension, extension_import_error, extension_kernel, register
+from .native import C, CpuKernels, cpu_kernels
+from .registry import register
 
 DEVICE_TYPES = ("cpu",)
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    return extension_import_error("_C")
+    return C.import_error()
 
 
 
-def _kernel(name: str, dtype: torch.dtype):
-    """The _C kernel ``name`` for ``dtype``, the extension's OpenMP threads first set to
+def _kernels(dtype: torch.dtype) -> CpuKernels:
+    """The _C kernels for ``dtype``, the extension's OpenMP threads first set to
     ``torch.get_num_threads()`` for this thread: ``torch.set_num_threads`` governs both (the
     extension may link another OpenMP runtime than torch's). Results do not depend on it."""
-    extension("_C").set_max_threads(torch.get_num_threads())
-    return extension_kernel("_C", name, dtype)
+    C.module().set_max_threads(torch.get_num_threads())
+    return cpu_kernels(dtype)
 
 
 def _forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
-    _kernel("lowrank_forward", out.dtype)(
+    _kernels(out.dtype).lowrank_forward(
         out=out.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-        d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_C").EPILOGUE_IDS[epilogue],
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=C.module().EPILOGUE_IDS[epilogue],
     )  # fmt: skip
 
 
 def _backward(grad, weight, U, R, d_U, d_R, d0, r0, n, scale, epilogue="add"):
-    _kernel("lowrank_backward", grad.dtype)(
+    _kernels(grad.dtype).lowrank_backward(
         grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-        d0=d0, r0=r0, n=n, scale=scale, epilogue=extension("_C").EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+        d0=d0, r0=r0, n=n, scale=scale, epilogue=C.module().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
         dR=d_R.data_ptr(),
     )  # fmt: skip
 
@@ -70,7 +71,7 @@ def _matrices(A) -> tuple[int, int]:
 def matrix_exp(A):
     batch, n = _matrices(A)
     out = A.new_empty(A.shape)
-    _kernel("matrix_exp", A.dtype)(out=out.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
+    _kernels(A.dtype).matrix_exp(out=out.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
     return out
 
 
@@ -78,30 +79,30 @@ def matrix_exp(A):
 def matrix_exp_backward(grad, A):
     batch, n = _matrices(A)
     d_A = A.new_empty(A.shape)
-    _kernel("matrix_exp_backward", A.dtype)(d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
+    _kernels(A.dtype).matrix_exp_backward(d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=A.data_ptr(), batch=batch, n=n)
     return d_A
 
 
-def _gradients(name, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
-    """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the backward kernel ``name``, which takes the
+def _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
+    """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the _C kernel ``backward``, which takes the
     ``upstream`` keyword arguments (its pointers and sizes) too."""
     d_out, d_in_t, d_coeff, d_params = _transposed_gradients(
-        name, upstream, out_emb, in_emb.transpose(1, 2).contiguous(), kernel, coeff, params, eps, tau, mode
+        backward, upstream, out_emb, in_emb.transpose(1, 2).contiguous(), kernel, coeff, params, eps, tau, mode
     )  # fmt: skip
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
-def _transposed_gradients(name, upstream, out_emb, in_t, kernel, coeff, params, eps, tau, mode, delta=None):
-    """[∂out_emb, ∂in_t, ∂coeff, ∂params] by the backward kernel ``name`` for In given as
+def _transposed_gradients(backward, upstream, out_emb, in_t, kernel, coeff, params, eps, tau, mode, delta=None):
+    """[∂out_emb, ∂in_t, ∂coeff, ∂params] by the _C kernel ``backward`` for In given as
     ``in_t`` (H, p, n), writing the sparsified ΔW into ``delta`` when given."""
     chunks, m, width = out_emb.shape
     n = in_t.shape[2]
     d_out, d_in_t = torch.empty_like(out_emb), torch.empty_like(in_t)
     d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
-    _kernel(name, out_emb.dtype)(
+    backward(
         **upstream, out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, extension("_C")), d_out_emb=d_out.data_ptr(),
+        kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, C.module()), d_out_emb=d_out.data_ptr(),
         d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
         delta=0 if delta is None else delta.data_ptr(),
     )  # fmt: skip
@@ -117,10 +118,10 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
     n = in_emb.shape[1]
     out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
     given = float("-inf") if tau is None else tau.item()
-    tau = _kernel("kernelized_forward", out.dtype)(
+    tau = _kernels(out.dtype).kernelized_forward(
         out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, extension("_C")), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        k=0 if tau is not None else k, mode=mode_id(mode, extension("_C")), given_tau=given,
+        kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
+        k=0 if tau is not None else k, mode=mode_id(mode, C.module()), given_tau=given,
     )  # fmt: skip
     return [out, out.new_tensor(tau)]
 
@@ -128,15 +129,16 @@ def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode
 @register("kernelized_sparse_delta_backward", "cpu")
 def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
     upstream = {"grad": grad.data_ptr()}
-    return _gradients("kernelized_backward", upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+    backward = _kernels(out_emb.dtype).kernelized_backward
+    return _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
 
 
 # Γ is sampled below this kept fraction and from this many tokens, else formed whole by the
 # matrix product. Sampling costs a pass of κ more than the dense path (the mask before the
 # products), which only a long matrix product outweighs, and its products run slower than
-# the matrix product's: measured on a 2-core Xeon (AVX-512), sampling took 0.70× the dense
-# path's time at 1% kept, 0.97× at 5%, 1.19× at 10% (768×3072, 1576 tokens), and 1.09× at
-# 1% kept, 1.31× at 5% on LLaMA-tiny's layers (344×128, 512 tokens).
+# the matrix product's: it pays only when few entries are kept and many tokens share them.
+# The thresholds come from timing both paths at SNELL's real shapes (benchmarks/
+# test_real_shapes.py; the timings are in benchmarks/results/real-shapes-*.md).
 _SAMPLED_BELOW = 0.05
 _SAMPLED_MIN_TOKENS = 1024
 _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
@@ -180,19 +182,19 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
     d_coeff, d_params = torch.zeros_like(coeff), torch.zeros_like(params)
     input_grad = grad_for_input is not None
     grad_input = grad_for_input.new_empty(tokens, n) if input_grad else input.new_empty(0)
-    step = _block_columns(m, n)
+    step, kernels = _block_columns(m, n), _kernels(out_emb.dtype)
     for start in range(0, n, step):
         columns = slice(start, min(start + step, n))
         block_input = input[:, columns].contiguous()  # kept alive for the call, as the tensors below
         if sampled:
-            name = "sparse_linear_backward"
+            backward = kernels.sparse_linear_backward
             upstream = {"grad_out": grad_out.data_ptr(), "input": block_input.data_ptr(), "tokens": tokens}
         else:
             gamma = grad_out.t() @ block_input
-            name, upstream = "kernelized_backward", {"grad": gamma.data_ptr()}
+            backward, upstream = kernels.kernelized_backward, {"grad": gamma.data_ptr()}
         delta = out_emb.new_empty(m, block_input.shape[1]) if input_grad else None
         block_out, d_in_t[:, :, columns], block_coeff, block_params = _transposed_gradients(
-            name, upstream, out_emb, in_t[:, :, columns].contiguous(), kernel, coeff, params, eps, tau, mode, delta
+            backward, upstream, out_emb, in_t[:, :, columns].contiguous(), kernel, coeff, params, eps, tau, mode, delta
         )  # fmt: skip
         d_out += block_out
         d_coeff += block_coeff
@@ -206,8 +208,8 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
 @register("sparsify", "cpu")
 def sparsify(delta, k, mode):
     out = torch.empty_like(delta)
-    tau = _kernel("sparsify", delta.dtype)(
-        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, extension("_C"))
+    tau = _kernels(delta.dtype).sparsify(
+        out=out.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), k=k, mode=mode_id(mode, C.module())
     )
     return [out, delta.new_tensor(tau)]
 
@@ -215,8 +217,8 @@ def sparsify(delta, k, mode):
 @register("sparsify_backward", "cpu")
 def sparsify_backward(grad, delta, tau, mode):
     d_delta = torch.empty_like(delta)
-    _kernel("sparsify_backward", delta.dtype)(
+    _kernels(delta.dtype).sparsify_backward(
         d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=delta.data_ptr(), count=delta.numel(), tau=tau.item(),
-        mode=mode_id(mode, extension("_C")),
+        mode=mode_id(mode, C.module()),
     )
     return d_delta

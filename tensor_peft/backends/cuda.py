@@ -11,15 +11,16 @@ workspace in shared memory where it fits); and SNELL's kernelized and sparsifica
 gradients are small contractions in plain torch (``tensor_algebra``). Each op is a
 function registered by ``register_kernels``, the Tucker and hadamard ops by
 ``tucker_split.register_ops``; the ``cuda_emulated`` backend registers the same launchers
-on its build of the same kernels.
+on its build of the same kernels. Each launcher reaches its kernel through
+``native.cuda_kernels`` (the one map from a dtype to a kernel variant).
 
 Dtypes (``KERNEL_DTYPES``): the large tensors of a call (W0, ΔW, Γ, sparsify's delta) are
 read and written in float16/bfloat16 directly when they share that dtype and the call
 computes in float32 (the ``_f16``/``_bf16`` kernels: each value widened exactly, the
 arithmetic in float32, each result rounded once to nearest even); the small ones (U, R,
-the embeddings, the kernel parameters) are cast to the compute dtype, gradients are summed
-in compute-dtype buffers and rounded once into their inputs' dtypes, and τ is the compute
-dtype's. Half tensors in a float64 call are cast to float64 (``storage_dtype``).
+the embeddings, the kernel function's parameters) are cast to the compute dtype,
+gradients are summed in compute-dtype buffers and rounded once into their inputs' dtypes,
+and τ is the compute dtype's. Half tensors in a float64 call are cast to float64 (``storage_dtype``).
 ``matrix_exp`` has no half kernel: a half A is cast to float32 and the result rounded
 once into A's dtype."""
 
@@ -35,7 +36,8 @@ from ..config import HALF_DTYPES
 from .determinism import check_deterministic
 from . import tucker_split
 from .kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
-from .registry import extension, extension_import_error, extension_kernel, register
+from .native import CUDA, Extension, cuda_kernels
+from .registry import register
 from .tensor_algebra import compute_dtype
 
 DEVICE_TYPES = ("cuda",)
@@ -43,10 +45,10 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    reason = extension_import_error("_cuda")
+    reason = CUDA.import_error()
     if reason is not None:
         return reason
-    built = extension("_cuda")
+    built = CUDA.module()
     capabilities = [torch.cuda.get_device_capability(index) for index in range(torch.cuda.device_count())]
     return incompatibility(built.build_info(), built.driver_version(), capabilities)
 
@@ -119,16 +121,16 @@ def _current_stream(tensor: Tensor) -> int:
 
 def register_kernels(
     backend: str,
-    module: str,
+    extension: Extension,
     device_guard: Callable[[torch.device], contextlib.AbstractContextManager],
     stream_of: Callable[[Tensor], int],
 ) -> None:
-    """Registers every op for ``backend`` on the kernels of the extension
-    ``tensor_peft.<module>`` (a build of csrc/cuda): each launch runs inside ``device_guard(d)``
-    (which makes the tensors' device current) on the stream handle ``stream_of(tensor)``."""
+    """Registers every op for ``backend`` on the kernels of ``extension`` (a build of
+    csrc/cuda): each launch runs inside ``device_guard(d)`` (which makes the tensors' device
+    current) on the stream handle ``stream_of(tensor)``."""
 
-    def launcher(name: str, dtype: torch.dtype) -> Callable:
-        return extension_kernel(module, name, dtype)
+    def kernels(dtype: torch.dtype):
+        return cuda_kernels(extension, dtype)
 
     def launch_forward(out, weight, U, R, d0, r0, n, scale, epilogue="add"):
         compute = compute_dtype(*(t for t in (out, weight, U, R) if t is not None))
@@ -136,9 +138,9 @@ def register_kernels(
         written = out if out.dtype == storage else torch.empty_like(out, dtype=storage)
         weight, U, R = _as(weight, storage), _as(U, compute), _as(R, compute)
         with device_guard(out.device):
-            launcher("lowrank_forward", storage)(
+            kernels(storage).lowrank_forward(
                 out=written.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(),
-                R=R.data_ptr(), d0=d0, r0=r0, n=n, scale=scale, epilogue=extension(module).EPILOGUE_IDS[epilogue],
+                R=R.data_ptr(), d0=d0, r0=r0, n=n, scale=scale, epilogue=extension.module().EPILOGUE_IDS[epilogue],
                 stream=stream_of(out),
             )  # fmt: skip
         if written is not out:
@@ -151,29 +153,31 @@ def register_kernels(
         storage = storage_dtype(compute, grad, weight)
         grad, weight, U, R = _as(grad, storage), _as(weight, storage), _as(U, compute), _as(R, compute)
         with device_guard(grad.device):
-            launcher("lowrank_backward", storage)(
+            kernels(storage).lowrank_backward(
                 grad=grad.data_ptr(), weight=0 if weight is None else weight.data_ptr(), U=U.data_ptr(), R=R.data_ptr(),
-                d0=d0, r0=r0, n=n, scale=scale, epilogue=extension(module).EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
+                d0=d0, r0=r0, n=n, scale=scale, epilogue=extension.module().EPILOGUE_IDS[epilogue], dU=d_U.data_ptr(),
                 dR=d_R.data_ptr(), stream=stream_of(grad),
             )  # fmt: skip
 
     tucker_split.register_ops(backend, launch_forward, launch_backward)
 
-    def expm_launch(name, A, backward, /, **pointers):
-        """Runs ``matrix_exp[_backward]`` over A's matrices with the global workspace the
-        extension asks for on A's device (none when shared memory holds it)."""
+    def expm_launch(A, backward, /, **pointers):
+        """Runs ``matrix_exp`` (``matrix_exp_backward`` when ``backward``) over A's matrices with
+        the global workspace the extension asks for on A's device (none when shared memory holds it)."""
         n = A.shape[-1]
         batch = A.numel() // (n * n) if n else 0
+        dtype_kernels = kernels(A.dtype)
+        launch = dtype_kernels.matrix_exp_backward if backward else dtype_kernels.matrix_exp
         with device_guard(A.device):
-            work = A.new_empty(batch * launcher("matrix_exp_workspace", A.dtype)(n=n, backward=backward))
-            launcher(name, A.dtype)(**pointers, batch=batch, n=n, work=work.data_ptr(), stream=stream_of(A))
+            work = A.new_empty(batch * dtype_kernels.matrix_exp_workspace(n=n, backward=backward))
+            launch(**pointers, batch=batch, n=n, work=work.data_ptr(), stream=stream_of(A))
 
     @register("matrix_exp", backend)
     def matrix_exp(A: Tensor) -> Tensor:
         """exp(A) in A's dtype; a half A is computed in float32 (small matrices: a cast each way)."""
         computed = _as(A, compute_dtype(A))
         out = torch.empty_like(computed)
-        expm_launch("matrix_exp", computed, False, out=out.data_ptr(), A=computed.data_ptr())
+        expm_launch(computed, False, out=out.data_ptr(), A=computed.data_ptr())
         return out.to(A.dtype)
 
     @register("matrix_exp_backward", backend)
@@ -181,17 +185,16 @@ def register_kernels(
         dtype = compute_dtype(grad, A)
         grad, computed = _as(grad, dtype), _as(A, dtype)
         d_A = torch.empty_like(computed)
-        expm_launch("matrix_exp_backward", computed, True, d_A=d_A.data_ptr(), grad=grad.data_ptr(),
-                    A=computed.data_ptr())  # fmt: skip
+        expm_launch(computed, True, d_A=d_A.data_ptr(), grad=grad.data_ptr(), A=computed.data_ptr())
         return d_A.to(A.dtype)
 
     def columns_workspace(params: Tensor, n: int, kernel: str) -> Tensor:
         """The columns workspace of the kernelized kernels (mixture's column statistics), in params' dtype."""
-        ids = extension(module)
-        return params.new_empty(ids.kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, ids)))
+        module = extension.module()
+        return params.new_empty(module.kernelized_columns_workspace(n=n, kernel=kernel_id(kernel, module)))
 
     def select_work(compute: torch.dtype, device: torch.device) -> Tensor:
-        size = launcher("kernelized_select_workspace", compute)()
+        size = kernels(compute).kernelized_select_workspace()
         return torch.empty(size, dtype=torch.int64, device=device)
 
     def kernelized_inputs(out_emb, in_emb, coeff, params):
@@ -220,10 +223,10 @@ def register_kernels(
         columns = columns_workspace(params, n, kernel)
         work = select_work(compute, out.device)
         with device_guard(out.device):
-            launcher("kernelized_forward", storage)(
+            kernels(storage).kernelized_forward(
                 out=out.data_ptr(), out_emb=out_emb_c.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-                width=width, kernel=kernel_id(kernel, extension(module)), coeff=coeff_c.data_ptr(),
-                params=params.data_ptr(), eps=eps, k=k, mode=mode_id(mode, extension(module)), tau=tau.data_ptr(),
+                width=width, kernel=kernel_id(kernel, extension.module()), coeff=coeff_c.data_ptr(),
+                params=params.data_ptr(), eps=eps, k=k, mode=mode_id(mode, extension.module()), tau=tau.data_ptr(),
                 raw=raw.data_ptr(), columns=columns.data_ptr(), select_work=work.data_ptr(), stream=stream_of(out),
             )  # fmt: skip
         return [out.to(out_emb.dtype), tau]
@@ -241,11 +244,11 @@ def register_kernels(
         d_params = torch.zeros_like(params, dtype=torch.float64)
         columns = columns_workspace(params, n, kernel)
         with device_guard(grad.device):
-            launcher("kernelized_backward", storage)(
+            kernels(storage).kernelized_backward(
                 grad=grad.data_ptr(), out_emb=out_emb_c.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-                width=width, kernel=kernel_id(kernel, extension(module)), coeff=coeff_c.data_ptr(),
+                width=width, kernel=kernel_id(kernel, extension.module()), coeff=coeff_c.data_ptr(),
                 params=params.data_ptr(), eps=eps, tau=0 if tau is None else tau.data_ptr(),
-                mode=mode_id(mode, extension(module)), d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(),
+                mode=mode_id(mode, extension.module()), d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(),
                 d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(), columns=columns.data_ptr(),
                 stream=stream_of(grad),
             )  # fmt: skip
@@ -265,9 +268,9 @@ def register_kernels(
         out, tau = torch.empty_like(computed), delta.new_full((), float("-inf"), dtype=compute)
         work = select_work(compute, delta.device)
         with device_guard(delta.device):
-            launcher("sparsify", storage)(
+            kernels(storage).sparsify(
                 out=out.data_ptr(), delta=computed.data_ptr(), count=delta.numel(), k=k,
-                mode=mode_id(mode, extension(module)), tau=tau.data_ptr(), select_work=work.data_ptr(),
+                mode=mode_id(mode, extension.module()), tau=tau.data_ptr(), select_work=work.data_ptr(),
                 stream=stream_of(delta),
             )  # fmt: skip
         return [out.to(delta.dtype), tau]
@@ -279,11 +282,11 @@ def register_kernels(
         grad, computed, tau = _as(grad, storage), _as(delta, storage), _as(tau, compute)
         d_delta = torch.empty_like(computed)
         with device_guard(delta.device):
-            launcher("sparsify_backward", storage)(
+            kernels(storage).sparsify_backward(
                 d_delta=d_delta.data_ptr(), grad=grad.data_ptr(), delta=computed.data_ptr(), count=delta.numel(),
-                tau=tau.data_ptr(), mode=mode_id(mode, extension(module)), stream=stream_of(delta),
+                tau=tau.data_ptr(), mode=mode_id(mode, extension.module()), stream=stream_of(delta),
             )  # fmt: skip
         return d_delta.to(delta.dtype)
 
 
-register_kernels("cuda", "_cuda", torch.cuda.device, _current_stream)
+register_kernels("cuda", CUDA, torch.cuda.device, _current_stream)

@@ -17,16 +17,15 @@ import importlib.util
 
 from .cuda import KERNEL_DTYPES as KERNEL_DTYPES  # the same kernels: half tensors read and written directly
 from .cuda import register_kernels
-from .registry import extension_import_error
+from .native import CUDA_EMULATED
 
 DEVICE_TYPES = ("cpu",)
-MODULE = "_cuda_emulated"
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    if importlib.util.find_spec(f"tensor_peft.{MODULE}") is None:
-        return f"tensor_peft.{MODULE} is not built (set TENSOR_PEFT_CUDA_EMULATION=1 when building tensor_peft)"
-    return extension_import_error(MODULE)
+    if importlib.util.find_spec(CUDA_EMULATED.name) is None:
+        return f"{CUDA_EMULATED.name} is not built (set TENSOR_PEFT_CUDA_EMULATION=1 when building tensor_peft)"
+    return CUDA_EMULATED.import_error()
 
 
-register_kernels("cuda_emulated", MODULE, lambda device: contextlib.nullcontext(), lambda tensor: 0)
+register_kernels("cuda_emulated", CUDA_EMULATED, lambda device: contextlib.nullcontext(), lambda tensor: 0)

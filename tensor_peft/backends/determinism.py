@@ -19,12 +19,16 @@ NONDETERMINISTIC = {
     "tucker_delta_backward", "lowrank_hadamard_merge_backward", "kernelized_delta_backward",
     "kernelized_sparse_delta_backward", "sparse_linear_backward",
 }  # fmt: skip
+"""The ops whose GPU kernels sum with float atomics (on ``ATOMIC_BACKENDS``)."""
+ATOMIC_BACKENDS = ("triton", "cuda", "cuda_emulated")
 
 
 def check_deterministic(op: str, backend: str) -> None:
     """Raises RuntimeError (warns, with ``warn_only``) when deterministic algorithms are
-    requested: ``op`` on ``backend`` sums with float atomics."""
+    requested and ``op`` on ``backend`` sums with float atomics (``NONDETERMINISTIC``)."""
     if not torch.are_deterministic_algorithms_enabled():
+        return
+    if op not in NONDETERMINISTIC or backend not in ATOMIC_BACKENDS:
         return
     message = (
         f"{op} on the {backend} backend sums with float atomics (the order, and the last bits of the "

@@ -12,10 +12,10 @@ from ..config import KERNELS, MODES
 
 
 def kernel_id(kernel: str, extension: ModuleType | None = None) -> int:
-    """The number the kernels take for ``kernel``: from the compiled ``extension``'s
-    ``KERNEL_IDS`` (``_C``, ``_cuda``: csrc/include/tensor_peft/kernelized.h defines them),
-    else (the triton backend, which runs without one) its place in ``KERNELS``; a test
-    asserts that the two agree."""
+    """The number the kernels take for the kernel function ``kernel``: from the compiled
+    ``extension``'s ``KERNEL_IDS`` (``_C``, ``_cuda``: csrc/include/tensor_peft/kernelized.h
+    defines them), else (the triton backend, which runs without one) its place in
+    ``KERNELS``; a test asserts that the two agree."""
     return KERNELS.index(kernel) if extension is None else extension.KERNEL_IDS[kernel]
 
 

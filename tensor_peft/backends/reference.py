@@ -4,7 +4,7 @@ This is the executable form of the ops' definitions and the oracle the other bac
 against, so it is written for clarity, not speed. Calling convention (the op layer in
 ``tensor_peft.ops`` checks and prepares the inputs): tensors are contiguous, of one
 dtype (float32 or float64) and on one device; results come back in that dtype. The
-Tucker algebra (mode products, unfoldings) is ``tensor_algebra``, which the native
+Tucker algebra (axis products, unfoldings) is ``tensor_algebra``, which the native
 backends share.
 """
 
@@ -214,7 +214,7 @@ def kernelized_delta_backward(
     eps: float,
 ) -> list[Tensor]:
     """[∂L/∂out_emb, ∂L/∂in_emb, ∂L/∂coeff, ∂L/∂params] for Γ = ``grad`` (m, n); zeros for
-    the parameters the kernel does not use. Piecewise, per chunk h (∂r_h/∂b_j = (b_j − a_i)/r_h):
+    the parameters the kernel function does not use. Piecewise, per chunk h (∂r_h/∂b_j = (b_j − a_i)/r_h):
     W_h = Γ ⊙ coeff[h] / r_h gives ∂b_j, ∂a_i by ``_weighted_distance_grads``,
     ∂coeff[h] = Σ Γ ⊙ r_h. rbf: W = Γ ⊙ (−2 alpha beta E), E = exp(−beta D);
     sigmoid: ∂(b_j·a_i) = Γ ⊙ alpha beta σ(1 − σ)."""
@@ -253,7 +253,7 @@ def kernelized_delta_backward(
 
 # --------------------------------------------------------------------------- sparsification
 
-def threshold(delta: Tensor, k: int) -> Tensor:
+def threshold_value(delta: Tensor, k: int) -> Tensor:
     """τ = the k-th smallest |ΔW| over all entries (1-indexed; ``kthvalue`` works above
     2^24 entries, unlike ``torch.quantile``); −inf when k = 0 (keep all)."""
     if k == 0:
@@ -265,7 +265,7 @@ def threshold(delta: Tensor, k: int) -> Tensor:
 def sparsify(delta: Tensor, k: int, mode: str) -> list[Tensor]:
     """[out, τ] with mask = 1[|ΔW| > τ] (ties at τ dropped) and τ⁺ = max(τ, 0):
     hard ΔW ⊙ |ΔW| ⊙ mask; soft ΔW ⊙ max(|ΔW| − τ⁺, 0) = ΔW ⊙ (|ΔW| − τ⁺) ⊙ mask."""
-    tau = threshold(delta, k)
+    tau = threshold_value(delta, k)
     return [masked(delta, tau, mode), tau]
 
 
@@ -297,7 +297,7 @@ def kernelized_sparse_delta(
     masked by it instead (k unused). Mode None is the dense op: ΔW as it is (k = 0, τ = −inf)."""
     delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
     if tau is None:
-        tau = threshold(delta, k)
+        tau = threshold_value(delta, k)
     return [delta if mode is None else masked(delta, tau, mode), tau]
 
 
@@ -314,7 +314,7 @@ def kernelized_sparse_delta_backward(
     mode: str | None,
 ) -> list[Tensor]:
     """Recomputes ΔW_raw from the parameters (nothing m×n was saved), rebuilds the mask
-    from the saved τ, then goes back through the kernel (mode None: no mask, τ unused)."""
+    from the saved τ, then goes back through the kernel function (mode None: no mask, τ unused)."""
     if mode is not None:
         delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
         grad = sparsify_backward(grad, delta, tau, mode)

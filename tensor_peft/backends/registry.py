@@ -31,7 +31,6 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
-from types import ModuleType
 
 import torch
 
@@ -65,29 +64,6 @@ _requested: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("te
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here (the message says why)."""
-
-
-def extension_import_error(module: str) -> str | None:
-    """Why the compiled extension ``tensor_peft.<module>`` does not load; ``None`` if it does."""
-    try:
-        importlib.import_module(f"tensor_peft.{module}")
-    except ImportError as error:
-        return f"the extension tensor_peft.{module} is not built or does not load ({error})"
-    return None
-
-
-@functools.cache
-def extension(module: str) -> ModuleType:
-    """The compiled extension ``tensor_peft.<module>``, imported when a kernel first runs
-    (kept: the backends ask for it on every call)."""
-    return importlib.import_module(f"tensor_peft.{module}")
-
-
-@functools.cache
-def extension_kernel(module: str, name: str, dtype: torch.dtype) -> Callable:
-    """The compiled kernel ``tensor_peft.<module>.<name>_f32`` / ``_f64`` / ``_f16`` / ``_bf16`` for ``dtype``."""
-    suffix = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
-    return getattr(extension(module), f"{name}_{suffix}")
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:

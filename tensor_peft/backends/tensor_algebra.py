@@ -1,9 +1,9 @@
-"""Tensor algebra in plain torch, shared by the backends and the ops: mode-k unfoldings and
+"""Tensor algebra in plain torch, shared by the backends and the ops: axis-k unfoldings and
 products, the Tucker product and its gradients, FLoRA's gradients from projected weight
 gradients, and SNELL's mask by a known threshold. No kernels and no backend selection
 here: every backend may call it; the dtype the ops compute in too.
 
-A factor ``None`` stands for the identity: its mode is left as it is (no product with an
+A factor ``None`` stands for the identity: its axis is left as it is (no product with an
 identity matrix, whose zeros would meet an infinite entry as 0·inf = NaN)."""
 
 from __future__ import annotations
@@ -24,23 +24,24 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def unfold(tensor: Tensor, mode: int) -> Tensor:
-    """Mode-k unfolding X_(k): mode k becomes the rows, the other modes (in order) the columns."""
-    rest = math.prod([size for k, size in enumerate(tensor.shape) if k != mode])  # a list: torch.compile traces it
-    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], rest)
+def unfold(tensor: Tensor, axis: int) -> Tensor:
+    """Axis-k unfolding X_(k): axis k becomes the rows, the other axes (in order) the columns."""
+    rest = math.prod([size for k, size in enumerate(tensor.shape) if k != axis])  # a list: torch.compile traces it
+    return tensor.movedim(axis, 0).reshape(tensor.shape[axis], rest)
 
 
-def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """T ×_k M: contract mode k of T (size r) with the columns of M (d, r); mode k becomes d."""
-    return torch.tensordot(tensor, matrix, dims=([mode], [1])).movedim(-1, mode)
+def axis_product(tensor: Tensor, matrix: Tensor, axis: int) -> Tensor:
+    """T ×_k M (the mode-k product of the literature): contract axis k of T (size r) with
+    the columns of M (d, r); axis k becomes d."""
+    return torch.tensordot(tensor, matrix, dims=([axis], [1])).movedim(-1, axis)
 
 
 def tucker_product(core: Tensor, factors: list[Tensor | None], scale: float) -> Tensor:
     """s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}."""
     delta = core
-    for mode, factor in enumerate(factors):
+    for axis, factor in enumerate(factors):
         if factor is not None:
-            delta = mode_product(delta, factor, mode)
+            delta = axis_product(delta, factor, axis)
     return scale * delta
 
 
@@ -60,7 +61,7 @@ def projected_tucker_gradients(
 ) -> list[Tensor]:
     """[∂L/∂G, ∂L/∂U_0, ∂L/∂U_1, …] of ΔW = s · G ×_0 U_0 ×_1 U_1 … from projections of the
     weight gradient Γ, which itself is never needed: T_0 = Γ ×_0 U_0ᵀ, T_1 = Γ ×_1 U_1ᵀ and
-    T_01 = T_0 ×_1 U_1ᵀ. ∂L/∂G and the spatial ∂L/∂U_k take T_01 (modes 0 and 1 already
+    T_01 = T_0 ×_1 U_1ᵀ. ∂L/∂G and the spatial ∂L/∂U_k take T_01 (axes 0 and 1 already
     projected), ∂L/∂U_0 takes T_1 and ∂L/∂U_1 takes T_0."""
     U0, U1, *spatial = factors
     d_core, _, _, *d_spatial = tucker_gradients(T01, core, [None, None, *spatial], scale)

@@ -3,8 +3,8 @@
 the helpers here run on the backend's launchers of a forward kernel (with an epilogue:
 add, exp, taylor1) and a backward kernel.
 
-The Tucker split: every mode but the first is contracted
-into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other modes, never larger
+The Tucker split: every axis but the first is contracted
+into the core, R = G ×_1 U_1 ×_2 U_2 … (r0 × the weight's other axes, never larger
 than the weight since r0 ≤ d0), so that ΔW = s · U_0 · R on the matrix view. A kernel
 then makes one pass over W0 (forward: W0 + s·U_0·R) or over Γ (backward: dU_0 = s·Γ·Rᵀ
 and dR = s·U_0ᵀ·Γ); dG and the other dU_k are the (small) Tucker gradients of R.
@@ -25,9 +25,9 @@ from .registry import register
 from .tensor_algebra import compute_dtype, projected_tucker_gradients, tucker_gradients, tucker_product
 
 
-def split_first_mode(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+def split_first_axis(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
     """R (contiguous, shape (r0, d_1, …)) and the factors that give it from the core (None
-    for mode 0, left as it is: no product with an identity, whose zeros would meet an
+    for axis 0, left as it is: no product with an identity, whose zeros would meet an
     infinite entry of the core as 0·inf = NaN)."""
     dtype = compute_dtype(core, *factors)
     factors_of_R = [None, *(factor.to(dtype) for factor in factors[1:])]
@@ -45,7 +45,7 @@ def fused_forward(launch, weight: Tensor | None, core: Tensor, factors: list[Ten
     """W0 + ΔW in the weight's dtype (or ΔW, when ``weight`` is None, in the core's) by a
     backend's forward kernel, ``launch(out, weight, U0, R, d0, r0, n, scale)`` on the (d0,
     n) matrix views, which computes in R's dtype and rounds into ``out``'s once."""
-    R, _ = split_first_mode(core, factors)
+    R, _ = split_first_axis(core, factors)
     d0, r0 = factors[0].shape
     out = R.new_empty([d0, *R.shape[1:]], dtype=(core if weight is None else weight).dtype)
     launch(out, weight, factors[0], R, d0, r0, R[0].numel(), scale)
@@ -56,7 +56,7 @@ def fused_backward(launch, grad: Tensor, core: Tensor, factors: list[Tensor], sc
     """[dG, dU_0, …] by a backend's backward kernel, ``launch(grad, None, U0, R, dU0, dR, d0,
     r0, n, scale)`` (no weight: the add epilogue), which adds s·Γ·Rᵀ into dU0 and s·U_0ᵀ·Γ
     into dR (both start at zero)."""
-    R, factors_of_R = split_first_mode(core, factors)
+    R, factors_of_R = split_first_axis(core, factors)
     d0, r0 = factors[0].shape
     d_U0, d_R = R.new_zeros(d0, r0), torch.zeros_like(R)
     launch(grad, None, factors[0], R, d_U0, d_R, d0, r0, R[0].numel(), scale)

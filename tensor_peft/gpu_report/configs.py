@@ -10,7 +10,7 @@ and pointers on whether they are multiples of 16, integers over 2³¹ − 1 to i
   a float16 weight under the float32 and float64 factors;
 - ``matrix_exp`` with and without the derivative: n = 1, 3, 8, 16, 32, 64, 128, and a
   batch of 32×32 matrices of over 2³¹ entries;
-- SNELL (``kernelized.py``): 768×3072 and 4096×11008 at r = 8 in two chunks of 4, and at
+- SNELL (``kernelized.py``, ``select.py``): 768×3072 and 4096×11008 at r = 8 in two chunks of 4, and at
   768×3072 the other chunk layouts (r = 8 in one chunk, r = 8 in eight chunks of 1, r = 64
   in two chunks of 32: BP = 32), every kernel function, dense, sparsified (hard, soft)
   and sparsify alone, forward and backward; 768×50257 (n not a multiple of 16) at r = 8
@@ -104,12 +104,12 @@ def _snell_calls(dtype: torch.dtype, m: int, n: int, chunks: int, width: int):
 
 
 def _sparsify_calls(dtype: torch.dtype, m: int, n: int):
-    from ..backends.triton import kernelized
+    from ..backends.triton import select
 
     delta, tau = _empty(m, n, dtype=dtype), _empty(dtype=dtype)
     for mode in MODES:
-        yield f"sparsify {mode} {m}x{n}", partial(kernelized.sparsify, delta, m * n // 2, mode)
-        yield f"sparsify_backward {mode} {m}x{n}", partial(kernelized.sparsify_backward, delta, delta, tau, mode)
+        yield f"sparsify {mode} {m}x{n}", partial(select.sparsify, delta, m * n // 2, mode)
+        yield f"sparsify_backward {mode} {m}x{n}", partial(select.sparsify_backward, delta, delta, tau, mode)
 
 
 def _kernelized(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:

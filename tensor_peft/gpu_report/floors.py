@@ -56,10 +56,10 @@ def sparse_delta_bytes(numel: int, dtype: torch.dtype, candidates: int) -> int:
     overflow the buffer: the buffer written full and ΔW read by the next pass, whose
     candidates (a longer prefix) are taken as negligible. ``sparsify`` moves the same (its
     first pass reads x where the κ pass writes ΔW)."""
-    from ..backends.triton import kernelized
+    from ..backends.triton import select
 
-    passes, compacting = len(kernelized._shifts(dtype)), kernelized._compacting_pass(dtype)
-    capacity, later = kernelized._candidate_capacity(numel), passes - 1 - compacting
+    passes, compacting = len(select._shifts(dtype)), select._compacting_pass(dtype)
+    capacity, later = select._candidate_capacity(numel), passes - 1 - compacting
     entries = numel + compacting * numel + 2 * numel
     if candidates <= capacity:
         entries += candidates * (1 + later)

@@ -1,5 +1,5 @@
 """FLoRA: the update of an N-D weight is a Tucker decomposition (Si et al., ICLR 2025),
-ΔW = s · G ×_0 U_0 ×_1 U_1 … with modes in the weight's own order (out, in/groups,
+ΔW = s · G ×_0 U_0 ×_1 U_1 … with axes in the weight's own order (out, in/groups,
 spatial…). Init: G = 0, U_k ~ N(0, 1/(2 r_k)), so ΔW = 0 and only G moves at step 1.
 
 Execution per layer (``execution``):
@@ -44,7 +44,10 @@ from .base import Adapter, AdapterLayer, adapter_dtype_for
 
 PATHS = tuple(execution for execution in EXECUTIONS if execution != "auto")
 """The two ways a layer runs (merged, factorized); execution ``auto`` chooses one of them."""
-MACS_PER_BYTE = 8  # machine balance: multiply-adds per byte moved (measured 49.8 GMAC/s over 5.9 GB/s here)
+MACS_PER_BYTE = 8
+"""The cost model's machine balance: multiply-adds per byte moved, a CPU's float32 matmul
+rate over its copy bandwidth (the benchmarks measure both: the floors of
+``benchmarks/results/cpu-*.md``). Only its order of magnitude decides between the two paths."""
 
 AUTOTUNE = os.environ.get("TENSOR_PEFT_FLORA_AUTOTUNE", "1") != "0"
 """Whether execution ``auto`` times the two paths (True) or uses the cost model (False)."""
@@ -58,12 +61,12 @@ def clear_execution_cache() -> None:
 
 
 def default_ranks(weight: Tensor, r: int) -> list[int]:
-    """[r, r] for Linear, [r, r, 2, …] (2 per spatial mode) for conv."""
+    """[r, r] for Linear, [r, r, 2, …] (2 per spatial axis) for conv."""
     return [r, r] + [2] * (weight.dim() - 2)
 
 
 def clip_ranks(ranks: list[int], shape: torch.Size) -> list[int]:
-    """Ranks larger than their mode's size are clipped to it, with a warning."""
+    """Ranks larger than their axis's size are clipped to it, with a warning."""
     clipped = [min(r, d) for r, d in zip(ranks, shape)]
     if clipped != list(ranks):
         warnings.warn(f"FLoRA ranks {list(ranks)} exceed the weight's shape {tuple(shape)}: clipped to {clipped}")
@@ -150,7 +153,7 @@ class FLoRALayer(AdapterLayer):
         return ops.tucker_delta(core, factors, adapter.scale)
 
     def low_rank_form(self, adapter: Adapter) -> tuple[Tensor, Tensor, float]:
-        """ΔW = U_0 · (s·R) with R = G ×_1 U_1 ×_2 U_2 … (every mode but the first folded
+        """ΔW = U_0 · (s·R) with R = G ×_1 U_1 ×_2 U_2 … (every axis but the first folded
         into the core): rank r_0, exact. A grouped conv's ΔW has no such form in peft."""
         if self.is_grouped_conv:
             raise ValueError("a grouped conv's FLoRA update has no peft LoRA form")

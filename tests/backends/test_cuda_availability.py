@@ -2,14 +2,13 @@
 before the backend counts as able to run, so that the default order moves on to Triton
 instead of every op raising. The driver and the extension are faked (no GPU here)."""
 
-import importlib
 import types
 
 import pytest
 import torch
 
 from tensor_peft import __main__ as cli
-from tensor_peft.backends import cuda, registry
+from tensor_peft.backends import cuda, native, registry
 
 BUILT_13 = {"cuda_runtime_version": 13000, "nvcc_version": "13.0", "archs": "80;90"}
 
@@ -54,11 +53,9 @@ def fake_gpu_with_old_driver(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
-    monkeypatch.setattr(cuda, "extension_import_error", lambda module: None)
-    monkeypatch.setattr(cuda, "extension", lambda module: extension)
-    real_import = importlib.import_module
-    monkeypatch.setattr(importlib, "import_module",
-                        lambda name, *args: extension if name == "tensor_peft._cuda" else real_import(name, *args))
+    built = native.Extension(native.CUDA.name, lambda: extension)
+    monkeypatch.setattr(cuda, "CUDA", built)
+    monkeypatch.setattr(native, "CUDA", built)
     registry._reason_for_device.cache_clear()
     yield
     registry._reason_for_device.cache_clear()

@@ -22,15 +22,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def emulator():
-    from tensor_peft import _cuda_emulated
-
-    yield _cuda_emulated
-    _cuda_emulated.set_schedule("forward", 0)
-    _cuda_emulated.set_compute_capability(90)
-
-
 @contextlib.contextmanager
 def schedule(emulator, order: str, seed: int = 0):
     emulator.set_schedule(order, seed)

@@ -5,37 +5,22 @@ themselves (no upcast copy), and the race check of the half kernels."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tensor_peft import backends
-from tensor_peft.backends import cuda
+from tensor_peft.backends import cuda, native
 from tensor_peft.nn import LieRALayer
 
 from ..ops.cases import CASES, Case
-from .half_cases import (
-    HALF,
-    assert_rounded_once,
-    check_case_rounded_once,
-    check_mixed_rounded_once,
-    half_calls,
-    leaves,
-    mixed_calls,
-)
+from .half_cases import HALF, assert_rounded_once, half_calls, leaves
 
 pytestmark = pytest.mark.skipif(
     backends.why_unavailable("cuda_emulated", "cpu") is not None,
     reason=f"cuda_emulated: {backends.why_unavailable('cuda_emulated', 'cpu')}",
 )
-SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-@pytest.fixture
-def emulator():
-    from tensor_peft import _cuda_emulated
-
-    yield _cuda_emulated
-    _cuda_emulated.set_schedule("forward", 0)
 
 
 def _edge_floats() -> torch.Tensor:
@@ -74,7 +59,7 @@ def test_stores_round_as_torch_does(emulator, dtype):
     the half dtype: torch's rounding (to nearest even) of every value, edge cases included."""
     x = torch.cat([_edge_floats(), _random_floats(4096)])
     out, U = torch.empty(1, x.numel(), dtype=dtype), torch.ones(1, 1)
-    kernel = getattr(emulator, f"lowrank_forward_{SUFFIX[dtype]}")
+    kernel = native.cuda_kernels(native.CUDA_EMULATED, dtype).lowrank_forward
     kernel(out=out.data_ptr(), weight=0, U=U.data_ptr(), R=x.data_ptr(), d0=1, r0=1, n=x.numel(),
            scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], stream=0)  # fmt: skip
     expected = x.to(dtype)
@@ -89,41 +74,33 @@ def test_loads_widen_exactly(emulator, dtype):
     every one of the 65536 bit patterns gives torch's float32 value."""
     grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, -1)
     U, R, d_U, d_R = torch.ones(1, 1), torch.zeros(grad.shape), torch.zeros(1, 1), torch.zeros(grad.shape)
-    kernel = getattr(emulator, f"lowrank_backward_{SUFFIX[dtype]}")
+    kernel = native.cuda_kernels(native.CUDA_EMULATED, dtype).lowrank_backward
     kernel(grad=grad.data_ptr(), weight=0, U=U.data_ptr(), R=R.data_ptr(),
            d0=1, r0=1, n=grad.numel(), scale=1.0, epilogue=emulator.EPILOGUE_IDS["add"], dU=d_U.data_ptr(),
            dR=d_R.data_ptr(), stream=0)  # fmt: skip
     _same_values(d_R[0], grad[0].float())
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", HALF)
-def test_half_inputs_equal_the_float32_reference_rounded_once(case: Case, dtype):
-    check_case_rounded_once("cuda_emulated", case, dtype)
-
-
-@pytest.mark.parametrize("op", list(mixed_calls(torch.float16)))
-@pytest.mark.parametrize("dtype", HALF)
-def test_half_beside_float32_inputs(op, dtype):
-    check_mixed_rounded_once("cuda_emulated", op, dtype)
-
-
 @pytest.fixture
 def launched(monkeypatch) -> list[tuple[str, torch.dtype, set[int]]]:
     """(kernel, storage dtype, the addresses passed) of every launch of the cuda backends' kernels."""
     seen: list[tuple[str, torch.dtype, set[int]]] = []
-    extension_kernel = cuda.extension_kernel
+    cuda_kernels = cuda.cuda_kernels
 
-    def spy(module, name, dtype):
-        kernel = extension_kernel(module, name, dtype)
-
+    def recorded(name, dtype, kernel):
         def launch(**arguments):
             seen.append((name, dtype, {value for value in arguments.values() if isinstance(value, int)}))
             return kernel(**arguments)
 
         return launch
 
-    monkeypatch.setattr(cuda, "extension_kernel", spy)
+    def spy(extension, dtype):
+        kernels = cuda_kernels(extension, dtype)
+        return dataclasses.replace(kernels, **{field.name: recorded(field.name, dtype, getattr(kernels, field.name))
+                                               for field in dataclasses.fields(kernels)
+                                               if getattr(kernels, field.name) is not None})  # fmt: skip
+
+    monkeypatch.setattr(cuda, "cuda_kernels", spy)
     return seen
 
 

@@ -6,24 +6,25 @@ triton backend (which runs without the extensions) numbers them by."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
+from tensor_peft.backends import native
 from tensor_peft.backends.kernelized_ops import kernel_id, mode_id
 from tensor_peft.config import KERNELS, MODES
 
+each_extension = pytest.mark.parametrize("built", [native.C, native.CUDA, native.CUDA_EMULATED], ids=lambda e: e.name)
 
-def _extension(name: str):
+
+def _extension(built: native.Extension):
     try:
-        return importlib.import_module(f"tensor_peft.{name}")
+        return built.module()
     except ImportError as error:
-        pytest.skip(f"tensor_peft.{name} does not load here ({error})")
+        pytest.skip(f"{built.name} does not load here ({error})")
 
 
-@pytest.mark.parametrize("name", ["_C", "_cuda", "_cuda_emulated"])
-def test_extension_ids_match_the_python_tables(name):
-    extension = _extension(name)
+@each_extension
+def test_extension_ids_match_the_python_tables(built):
+    extension = _extension(built)
     assert extension.KERNEL_IDS == {kernel: number for number, kernel in enumerate(KERNELS)}
     assert extension.MODE_IDS == {mode: number for number, mode in enumerate(("none", *MODES))}
     for kernel in KERNELS:
@@ -32,18 +33,18 @@ def test_extension_ids_match_the_python_tables(name):
         assert mode_id(mode, extension) == mode_id(mode)
 
 
-@pytest.mark.parametrize("name", ["_C", "_cuda", "_cuda_emulated"])
-def test_extension_epilogue_ids_match_the_triton_table(name):
-    extension = _extension(name)
+@each_extension
+def test_extension_epilogue_ids_match_the_triton_table(built):
+    extension = _extension(built)
     pytest.importorskip("triton")
     from tensor_peft.backends.triton.lowrank import EPILOGUE
 
     assert extension.EPILOGUE_IDS == EPILOGUE
 
 
-@pytest.mark.parametrize("name", ["_C", "_cuda", "_cuda_emulated"])
-def test_every_extension_function_names_its_arguments(name):
-    extension = _extension(name)
+@each_extension
+def test_every_extension_function_names_its_arguments(built):
+    extension = _extension(built)
     functions = [getattr(extension, f) for f in dir(extension) if callable(getattr(extension, f))]
     assert len(functions) > 10
     for function in functions:

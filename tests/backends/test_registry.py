@@ -18,6 +18,11 @@ def test_reference_always_runs_and_implements_every_op():
     assert backends.implemented_ops("reference") == registry.OPS
 
 
+def test_every_registry_op_is_the_torch_library_op_of_the_same_name():
+    for op in registry.OPS:
+        assert hasattr(torch.ops.tensor_peft, op), op
+
+
 def test_default_order_on_cpu_picks_the_first_backend_that_implements_the_op():
     for op in registry.OPS:
         name, _ = registry.select(op, "cpu")

@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 pytest.importorskip("triton")
 
 from tensor_peft.backends import registry  # noqa: E402
-from tensor_peft.backends.triton import expm, kernelized, shared  # noqa: E402
+from tensor_peft.backends.triton import expm, kernelized, select, shared  # noqa: E402
 
 CLAIMED = torch.device("cuda:1")
 META = torch.device("meta")
@@ -52,7 +52,7 @@ def op_calls():
     yield "kernelized_sparse_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
         grad, out_emb, in_emb, empty(), "mixture", coeff, params, 1e-6, "hard"
     )
-    yield "sparsify_backward", lambda: kernelized.sparsify_backward(grad, grad, empty(), "soft")
+    yield "sparsify_backward", lambda: select.sparsify_backward(grad, grad, empty(), "soft")
 
 
 @pytest.mark.parametrize("name,call", list(op_calls()), ids=[name for name, _ in op_calls()])
@@ -83,4 +83,4 @@ def test_every_launch_runs_on_its_tensors_device(name, call, monkeypatch):
 def test_a_launch_over_tensors_on_two_devices_is_refused():
     x = torch.empty(4)
     with pytest.raises(ValueError, match="mask_kernel: its tensors must be on one device"):
-        shared.launch(kernelized.mask_kernel, (1,), x, x.to(META), x, 4, x, MODE=0, BACKWARD=False, BLOCK=4)
+        shared.launch(select.mask_kernel, (1,), x, x.to(META), x, 4, x, MODE=0, BACKWARD=False, BLOCK=4)

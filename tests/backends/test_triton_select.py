@@ -14,10 +14,10 @@ from tensor_peft.backends import available
 pytestmark = pytest.mark.skipif("triton" not in available("cpu"), reason="triton is not installed")
 
 
-def _kernelized():
-    from tensor_peft.backends.triton import kernelized
+def _select():
+    from tensor_peft.backends.triton import select
 
-    return kernelized
+    return select
 
 
 def inputs(kind: str, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -47,9 +47,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.reshape(1).view(integer), b.reshape(1).view(integer))
 
 
-def recorded_lengths(monkeypatch, kernelized) -> list[tuple[int, int]]:
+def recorded_lengths(monkeypatch, select) -> list[tuple[int, int]]:
     """A list that receives, per refine_kernel launch, (candidates before the pass, after it)."""
-    seen, refine = [], kernelized.refine_kernel
+    seen, refine = [], select.refine_kernel
 
     class Recording:
         def __getitem__(self, grid):
@@ -59,7 +59,7 @@ def recorded_lengths(monkeypatch, kernelized) -> list[tuple[int, int]]:
 
             return launch
 
-    monkeypatch.setattr(kernelized, "refine_kernel", Recording())
+    monkeypatch.setattr(select, "refine_kernel", Recording())
     return seen
 
 
@@ -67,12 +67,12 @@ def recorded_lengths(monkeypatch, kernelized) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["random", "ties", "narrow", "equal", "zeros"])
 def test_sparsify_threshold_is_the_kth_smallest_magnitude(monkeypatch, kind, dtype, capacity):
-    kernelized = _kernelized()
+    select = _select()
     if capacity is not None:
-        monkeypatch.setattr(kernelized, "_candidate_capacity", lambda numel: capacity)
+        monkeypatch.setattr(select, "_candidate_capacity", lambda numel: capacity)
     x = inputs(kind, dtype, torch.Generator().manual_seed(16))
     for k in sorted({1, 2, x.numel() // 3, x.numel() // 2, x.numel() - 1, x.numel()}):
-        _, tau = kernelized.sparsify(x, k, "hard")
+        _, tau = select.sparsify(x, k, "hard")
         assert same_bits(tau, expected_tau(x, k)), (k, tau.item(), expected_tau(x, k).item())
 
 
@@ -82,18 +82,18 @@ def test_the_compaction_finds_exactly_the_keys_of_the_kths_bin(monkeypatch, capa
     first digit (counted here from the float bits); on normal data they fit the default
     buffer and the last pass reads them only, and a buffer of 1 entry does not hold them
     and the last pass reads everything."""
-    kernelized = _kernelized()
+    select = _select()
     if capacity is not None:
-        monkeypatch.setattr(kernelized, "_candidate_capacity", lambda numel: capacity)
-    lengths_seen = recorded_lengths(monkeypatch, kernelized)
+        monkeypatch.setattr(select, "_candidate_capacity", lambda numel: capacity)
+    lengths_seen = recorded_lengths(monkeypatch, select)
     x = torch.randn(40, 50, generator=torch.Generator().manual_seed(3))
     k = x.numel() // 2
-    _, tau = kernelized.sparsify(x, k, "soft")
+    _, tau = select.sparsify(x, k, "soft")
     assert same_bits(tau, expected_tau(x, k))
-    first_shift = kernelized._shifts(x.dtype)[0]
+    first_shift = select._shifts(x.dtype)[0]
     keys = x.abs().view(torch.int32) >> first_shift
     in_bin = int((keys == (expected_tau(x, k).view(torch.int32) >> first_shift)).sum())
-    buffer = kernelized._candidate_capacity(x.numel())
+    buffer = select._candidate_capacity(x.numel())
     assert len(lengths_seen) == 2 and lengths_seen[0] == (buffer + 1, in_bin) and lengths_seen[1][0] == in_bin
     assert (in_bin <= buffer) == (capacity is None)
 
@@ -104,16 +104,18 @@ def test_fused_threshold_with_and_without_the_buffer(monkeypatch, dtype, capacit
     """kernelized_sparse_delta counts the first digit while computing κ; τ against a sort
     of the dense update (linear kernel of small multiples of 1/8: exact products, many
     ties)."""
-    kernelized = _kernelized()
+    select = _select()
+    from tensor_peft.backends.triton.kernelized import kernelized_sparse_delta
+
     if capacity is not None:
-        monkeypatch.setattr(kernelized, "_candidate_capacity", lambda numel: capacity)
+        monkeypatch.setattr(select, "_candidate_capacity", lambda numel: capacity)
     generator = torch.Generator().manual_seed(9)
     out_emb = torch.randint(-3, 4, (2, 19, 2), generator=generator).to(dtype)
     in_emb = torch.randint(-3, 4, (2, 27, 2), generator=generator).to(dtype) / 8
     coeff, params = torch.ones(2, dtype=dtype), torch.zeros(3, dtype=dtype)
     raw = out_emb.permute(1, 0, 2).reshape(19, 4) @ in_emb.permute(1, 0, 2).reshape(27, 4).T
     for k in (1, raw.numel() // 4, raw.numel()):
-        _, tau = kernelized.kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
+        _, tau = kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
         assert same_bits(tau, expected_tau(raw, k)), k
 
 
@@ -121,13 +123,13 @@ def test_float64_copies_out_a_longer_prefix_when_the_first_candidates_overflow(m
     """Magnitudes within 0.1% of 1 share their first two digits: the compacting pass
     overflows the buffer, the next reads everything and copies out the few that share
     three digits, and the last two read only those."""
-    kernelized = _kernelized()
-    lengths_seen = recorded_lengths(monkeypatch, kernelized)
+    select = _select()
+    lengths_seen = recorded_lengths(monkeypatch, select)
     x = inputs("narrow", torch.float64, torch.Generator().manual_seed(4))
     k = x.numel() // 3
-    _, tau = kernelized.sparsify(x, k, "hard")
+    _, tau = select.sparsify(x, k, "hard")
     assert same_bits(tau, expected_tau(x, k))
-    buffer = kernelized._candidate_capacity(x.numel())
+    buffer = select._candidate_capacity(x.numel())
     (start, overflowed), (_, copied), *later = lengths_seen
     assert start > buffer and overflowed > buffer and 0 < copied <= buffer
     assert later == [(copied, copied)] * 2

@@ -13,11 +13,11 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tensor_peft.backends import determinism, registry  # noqa: E402
-from tensor_peft.backends.triton import expm, kernelized, lowrank  # noqa: E402
+from tensor_peft.backends.triton import expm, kernelized, lowrank, select  # noqa: E402
 from tensor_peft.gpu_report.triton_aot import GRID_LIMITS, recording_launches  # noqa: E402
 
-KERNELS = [value for module in (expm, kernelized, lowrank) for value in vars(module).values()
-           if hasattr(value, "fn") and hasattr(value, "arg_names")]  # fmt: skip
+KERNELS = [value for module in (expm, kernelized, lowrank, select) for value in vars(module).values()
+           if hasattr(value, "fn") and hasattr(value, "arg_names") and value.fn.__module__ == module.__name__]  # fmt: skip
 META = torch.device("meta")
 
 
@@ -97,7 +97,7 @@ def test_snell_forward_copies_nothing_from_the_host(monkeypatch):
     with recording_launches() as launches:
         kernelized.kernelized_sparse_delta(empty(2, 96, 4), empty(2, 80, 4), 100, "mixture", empty(2), empty(3), 1e-6,
                                            "soft")  # fmt: skip
-        kernelized.sparsify(empty(96, 80), 100, "hard")
+        select.sparsify(empty(96, 80), 100, "hard")
     assert launches and not built
 
 
@@ -142,7 +142,7 @@ def test_deterministic_ops_still_run_in_deterministic_mode(deterministic):
     with recording_launches() as launches:
         triton_op("tucker_merge")(empty(64, 48), empty(8, 8), [empty(64, 8), empty(48, 8)], 0.5)
         expm.matrix_exp_backward(empty(4, 8, 8), empty(4, 8, 8))
-        kernelized.sparsify(empty(96, 80), 100, "hard")
+        select.sparsify(empty(96, 80), 100, "hard")
     assert launches
 
 

@@ -45,12 +45,12 @@ def test_one_row_per_compiled_specialization(report):
         assert row["status"] == "ok", row
         rows[row["kernel"]] = rows.get(row["kernel"], 0) + 1
     assert rows == compiled
-    assert compiled["kernelized.refine_kernel"] >= 3 and compiled["kernelized.search_kernel"] >= 2
+    assert compiled["select.refine_kernel"] >= 3 and compiled["select.search_kernel"] >= 2
 
 
 def test_row_names_say_what_differs(report):
     compacting = [row["config"] for row in report["rows"]
-                  if row["kernel"] == "kernelized.refine_kernel" and "COMPACT=True" in row["config"]]  # fmt: skip
+                  if row["kernel"] == "select.refine_kernel" and "COMPACT=True" in row["config"]]  # fmt: skip
     unaligned = [config for config in compacting
                  if any(part.startswith("not÷16:") and "lengths" in part[7:].split(",") for part in config.split())]  # fmt: skip
     assert len(compacting) == 2 and len(unaligned) == 1, compacting

@@ -35,8 +35,8 @@ def rows(compile_env, tmp_path_factory):
 def test_every_kernel_family_and_arch_is_covered(rows):
     triton_kernels = {(row["kernel"], row["arch"]) for row in rows if row["config"] != "launcher"}
     for kernel in ("lowrank.merge_kernel", "lowrank.backward_kernel", "expm.expm_kernel", "kernelized.delta_kernel",
-                   "kernelized.backward_kernel", "kernelized.columns_kernel", "kernelized.count_kernel",
-                   "kernelized.search_kernel", "kernelized.refine_kernel", "kernelized.mask_kernel"):  # fmt: skip
+                   "kernelized.backward_kernel", "kernelized.columns_kernel", "select.count_kernel",
+                   "select.search_kernel", "select.refine_kernel", "select.mask_kernel"):  # fmt: skip
         assert {(kernel, 80), (kernel, 90)} <= triton_kernels, kernel
     from tensor_peft.gpu_report.cuda_aot import built_extension
 
@@ -72,5 +72,5 @@ def test_the_configurations_that_specialize_differently_are_covered(rows):
     configs = {(row["kernel"], row["config"]) for row in rows if row["config"] != "launcher"}
     assert any(kernel == "kernelized.backward_kernel" and "BP=32" in config for kernel, config in configs)
     assert any(kernel == "lowrank.merge_kernel" and "fp16" in config.split()[0] for kernel, config in configs)
-    for kernel in ("kernelized.count_kernel", "kernelized.refine_kernel", "kernelized.mask_kernel"):
+    for kernel in ("select.count_kernel", "select.refine_kernel", "select.mask_kernel"):
         assert any(k == kernel and "int64:count" in config for k, config in configs), kernel

@@ -1,6 +1,6 @@
 // CPU only: SIMD vectors of float or double (GCC vector extensions, 256 bits: one AVX
 // register, two SSE ones in the default clone) and how the matrix math of
-// tensor_peft/expm.h runs on them, one matrix per lane (see Lanes there).
+// tensor_peft/expm.h runs on them, one matrix per lane (see Lanes in tensor_peft/expm_linalg.h).
 #pragma once
 
 #include <cstddef>
@@ -8,7 +8,7 @@
 #include <memory>
 #include <new>
 
-#include "tensor_peft/expm.h"
+#include "tensor_peft/expm_linalg.h"
 
 namespace tensor_peft::cpu {
 

@@ -2,8 +2,8 @@
 Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined).
 
 Kernels: the Tucker ops and LieRA's ``lowrank_hadamard_merge`` (``lowrank.py``),
-``matrix_exp`` (``expm.py``) and SNELL's kernelized and sparsification ops
-(``kernelized.py``), each op registered there (``@register(op, "triton")``, or
+``matrix_exp`` (``expm.py``), SNELL's kernelized ops (``kernelized.py``) and the
+sparsification (``select.py``: the threshold by radix select, and the mask), each op registered there (``@register(op, "triton")``, or
 ``tucker_split.register_ops`` for the Tucker and hadamard ops). The
 kernel modules import Triton: they are imported (and so registered) here once Triton is
 known to load; without it the backend has no kernels and says why. The kernels read and
@@ -21,7 +21,7 @@ def _load_kernels() -> str | None:
     try:
         import triton  # noqa: F401
 
-        from . import expm, kernelized, lowrank  # noqa: F401
+        from . import expm, kernelized, lowrank, select  # noqa: F401
     except ImportError as error:
         return f"triton is not installed or does not load ({error})"
     return None
