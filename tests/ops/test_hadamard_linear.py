@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +14,26 @@ from tensor_peft import backends, ops
 from ..conftest import backends_with
 from . import naive_ops
 
+hadamard_module = importlib.import_module("tensor_peft.ops.lowrank_hadamard_merge")
 MERGE_BACKENDS = backends_with("lowrank_hadamard_merge_backward")
+
+
+def rows_per_block(monkeypatch, rows: int | None, columns: int) -> None:
+    """Make ``hadamard_linear`` run over blocks of ``rows`` rows of a weight of ``columns``
+    columns (None: its own size)."""
+    if rows is not None:
+        monkeypatch.setattr(hadamard_module, "ROW_BLOCK_ELEMENTS", rows * columns)
 
 
 @pytest.mark.parametrize("backend,device", MERGE_BACKENDS, ids=[f"{b}-{d}" for b, d in MERGE_BACKENDS])
 @pytest.mark.parametrize("exp", ["exact", "taylor1"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_hadamard_linear_equals_linear_of_the_merged_weight(backend, device, exp, with_bias):
-    """Forward and the gradients of input, B, A and a trained bias, on a 3-d input."""
-    generator = torch.Generator().manual_seed(21)
+@pytest.mark.parametrize("block", [None, 1, 16, 64], ids=["default-block", "1-row", "16-rows", "block-over-m"])
+def test_hadamard_linear_equals_linear_of_the_merged_weight(backend, device, exp, with_bias, block, monkeypatch):
+    """Forward and the gradients of input, B, A and a trained bias, on a 3-d input, over
+    blocks of rows that do not divide the 40 rows, or one larger than them."""
+    rows_per_block(monkeypatch, block, 30)
+    generator = torch.Generator().manual_seed(21 + (block or 0))
 
     def randn(*shape, grad=True):
         tensor = torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
@@ -41,15 +54,46 @@ def test_hadamard_linear_equals_linear_of_the_merged_weight(backend, device, exp
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-def test_hadamard_linear_rounds_the_merged_weight_once_to_the_input_dtype(input_dtype):
+@pytest.mark.parametrize("block", [None, 5], ids=["one-block", "5-rows"])
+def test_hadamard_linear_rounds_the_merged_weight_once_to_the_input_dtype(input_dtype, block, monkeypatch):
     """A bfloat16 base: W_eff is computed in float32 and rounded once, to the input's dtype
-    (so a float32 input multiplies the unrounded W_eff), as the layer's other paths do."""
-    generator = torch.Generator().manual_seed(22)
+    (so a float32 input multiplies the unrounded W_eff), as the layer's other paths do; the
+    input's gradient is g·W_eff (rounded so) summed over the blocks and rounded once."""
+    rows_per_block(monkeypatch, block, 12)
+    generator = torch.Generator().manual_seed(22 + (block or 0))
     weight = torch.randn(16, 12, generator=generator).to(torch.bfloat16)
     B, A = torch.randn(16, 2, generator=generator), torch.randn(2, 12, generator=generator)
-    x = torch.randn(3, 12, generator=generator).to(input_dtype)
-    merged = naive_ops.lowrank_hadamard_merge(weight.float(), B, A, 0.5).to(input_dtype)
-    torch.testing.assert_close(ops.hadamard_linear(x, weight, None, B, A, 0.5), F.linear(x, merged))
+    x = torch.randn(3, 12, generator=generator).to(input_dtype).requires_grad_()
+    upstream = torch.randn(3, 16, generator=generator).to(input_dtype)
+    merged = naive_ops.lowrank_hadamard_merge(weight.double(), B.double(), A.double(), 0.5).to(input_dtype)
+    got = ops.hadamard_linear(x, weight, None, B, A, 0.5)
+    torch.testing.assert_close(got, F.linear(x, merged))
+    (grad_input,) = torch.autograd.grad(got, x, upstream)
+    expected = (upstream.double() @ merged.double()).to(input_dtype)
+    torch.testing.assert_close(grad_input, expected)
+
+
+def test_hadamard_linear_under_autocast_gives_autocast_dtypes_and_the_whole_weight_values(monkeypatch):
+    """A float32 input under bfloat16 autocast: the output in bfloat16 (F.linear's under
+    autocast), the input's gradient from a bfloat16 output gradient, both as F.linear of
+    the whole W_eff (formed in float32) computes them there, over 3 blocks of rows."""
+    rows_per_block(monkeypatch, 4, 8)
+    generator = torch.Generator().manual_seed(23)
+    weight = torch.randn(10, 8, generator=generator) / 4  # outputs and gradients of about 1: bfloat16 steps of 1/128
+    B, A = torch.randn(10, 2, generator=generator), torch.randn(2, 8, generator=generator)
+    B.requires_grad_()
+    x = torch.randn(6, 8, generator=generator, requires_grad=True)
+    results = []
+    for run in ("op", "plain"):
+        merged = naive_ops.lowrank_hadamard_merge(weight, B, A, 0.5)  # in float32, outside autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.hadamard_linear(x, weight, None, B, A, 0.5) if run == "op" else F.linear(x, merged)
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), (x, B))))
+    (got, got_x, got_B), (want, want_x, want_B) = results
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_x, want_x, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_B, want_B, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize(
