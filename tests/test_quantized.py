@@ -437,7 +437,7 @@ def test_liera_forms_no_weight_sized_tensor_over_a_quantized_base(kind, exp, mon
     """LieRA's update over a quantized Linear, forward and backward, in blocks of rows: no
     tensor an op makes has the m·n entries of W0 (a block's m_b·n at most), and outputs and
     gradients are the dequantized twin's."""
-    monkeypatch.setattr(importlib.import_module("tensor_peft.ops.lowrank_hadamard_merge"), "ROW_BLOCK_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(importlib.import_module("tensor_peft.ops.lowrank_hadamard_merge"), "DEQUANTIZED_ROW_BLOCK_ELEMENTS", 64 * 64)
     shape = (64, 600)
     model, reference = layer_pair(kind, tp.LieRAConfig(target_modules=["0"], r=4, exp=exp), shape=shape)
     layer, largest = model[0], []

@@ -115,19 +115,28 @@ def _tokens(tensor: Tensor) -> Tensor:
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
-ROW_BLOCK_ELEMENTS = 1 << 18
-"""About how many weight entries one row block of ``hadamard_linear`` holds (1 MiB in
-float32, 64 rows of a 4096-wide weight): its W_eff, Γ and W0 blocks stay in a core's L2.
-A fixed size, so the results are the same bits at any thread count."""
+ROW_BLOCK_ELEMENTS = 1 << 21
+"""About how many weight entries one row block of ``hadamard_linear`` holds (8 MiB in
+float32: 512 rows of a 4096-wide weight). Each block costs a pass over the input (forward,
+Γ) and over ∂input (its rank-m_b update) besides its share of W0, so blocks pay only when
+they hold more rows than there are tokens: at 4096×4096 and 512 tokens one thread's step
+took 1.35× its floor in blocks of 64 rows, 1.04× in blocks of 256, 1.02× in blocks of 512
+(today's whole-matrix path: 1.04×). A fixed size, so the results are the same bits at any
+thread count."""
+
+DEQUANTIZED_ROW_BLOCK_ELEMENTS = 1 << 18
+"""The same for a quantized base's update (``hadamard_update_linear``): 1 MiB of float32
+rows dequantized at a time, so that its temporaries stay far below one weight-sized
+float32 tensor (the memory the quantization saves)."""
 
 RowSource = Callable[[int, int], Tensor]
 """``rows(start, stop)``: rows ``start:stop`` of W0, contiguous (a slice, or rows dequantized)."""
 
 
-def block_rows(rows: int, cols: int, granularity: int = 1) -> int:
-    """Rows per block: about ``ROW_BLOCK_ELEMENTS`` entries, a multiple of ``granularity``
-    (a quantized base's rows that start its quantization blocks), at most all the rows."""
-    count = max(1, ROW_BLOCK_ELEMENTS // max(1, cols))
+def block_rows(rows: int, cols: int, elements: int, granularity: int = 1) -> int:
+    """Rows per block: about ``elements`` entries, a multiple of ``granularity`` (a quantized
+    base's rows that start its quantization blocks), at most all the rows."""
+    count = max(1, elements // max(1, cols))
     count = -(-count // granularity) * granularity
     return max(1, min(count, rows))
 
@@ -139,26 +148,33 @@ def _call(op, implementation, *args):
     return implementation(*args) if runs_eagerly(*tensors) else op(*args)
 
 
-def _block_rows(weight: Tensor | None, rows: RowSource | None, start: int, stop: int) -> Tensor:
+def _rows_of(weight: Tensor | None, rows: RowSource | None, start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of W0: of ``weight``, or from ``rows`` where W0 is quantized."""
     return weight[start:stop] if rows is None else rows(start, stop)
 
 
-def _effective_block(weight_rows: Tensor, B: Tensor, A: Tensor, scale: float, exp: str, subtract: bool) -> Tensor:
-    """W_eff of one block of rows (B: the block's rows), or W_eff − W0 for ``subtract``."""
-    merged = _call(_lowrank_hadamard_merge, _merge, weight_rows, B, A, scale, exp)
-    return merged - weight_rows if subtract else merged
+def _blocks(rows: int, block: int) -> list[tuple[int, int]]:
+    """(start, stop) of each block of ``block`` rows, in order (one empty block for no rows,
+    so that the result still gets its shape and dtype from ``F.linear``)."""
+    return [(start, min(start + block, rows)) for start in range(0, max(rows, 1), block)]
+
+
+def _merged_rows(weight_rows: Tensor, B_rows: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+    """W_eff of one block of rows, by the merge kernel."""
+    return _call(_lowrank_hadamard_merge, _merge, weight_rows, B_rows, A, scale, exp)
 
 
 class _HadamardLinear(torch.autograd.Function):
     """``F.linear(input, W0 ⊙ exp(s·B·A), bias)`` over blocks of ``block`` rows of W0,
     keeping nothing of W0's size for backward (``subtract``: with W_eff − W0 instead).
 
-    Forward: W_eff[R] by the merge kernel, y[:, R] = x·W_eff[R]ᵀ (+ bias[R]) while it is in
-    cache. Backward, per block: W_eff[R] again, ∂x += g[:, R]·W_eff[R], Γ[R] = g[:, R]ᵀ·x,
-    and the merge's backward of Γ[R] gives ∂B[R] and this block's part of ∂A, added in
-    block order. No m×n tensor exists at any time. W0's rows are ``weight``'s, or where
-    ``weight`` is None those ``rows`` gives (a quantized base dequantizing them)."""
+    Forward: W_eff[R] by the merge kernel, y[:, R] = x·W_eff[R]ᵀ (+ bias[R]). Backward, per
+    block: W_eff[R] again, ∂x += g[:, R]·W_eff[R], Γ[R] = g[:, R]ᵀ·x, and the merge's
+    backward of Γ[R] gives ∂B[R] and this block's part of ∂A, added in block order; for
+    ``exp="exact"`` its ∂L/∂ΔW = Γ ⊙ W_eff is taken from the W_eff[R] just made (the
+    kernel's taylor1 form Γ ⊙ W with W = W_eff) instead of computing exp(ΔW) again. No
+    m×n tensor exists at any time. W0's rows are ``weight``'s, or where ``weight`` is None
+    those ``rows`` gives (a quantized base dequantizing them)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, B, A, scale, exp, rows, block, subtract):
@@ -170,9 +186,11 @@ class _HadamardLinear(torch.autograd.Function):
             record_backend(ctx, "lowrank_hadamard_merge", input.device)
         x, m = _tokens(input), B.shape[0]
         out = None
-        for start in range(0, m, block):
-            stop = min(start + block, m)
-            merged = _effective_block(_block_rows(weight, rows, start, stop), B[start:stop], A, scale, exp, subtract)
+        for start, stop in _blocks(m, block):
+            weight_rows = _rows_of(weight, rows, start, stop)
+            merged = _merged_rows(weight_rows, B[start:stop], A, scale, exp)
+            if subtract:
+                merged = merged - weight_rows
             part = F.linear(x, merged.to(input.dtype), None if bias is None else bias[start:stop])
             if out is None:  # in the dtype F.linear gives (autocast's, inside a region)
                 out = part.new_empty(x.shape[0], m)
@@ -194,15 +212,12 @@ class _HadamardLinear(torch.autograd.Function):
             sum_dtype = torch.promote_types(grad.dtype, torch.float32)
             grad_input, g_sum = g.new_zeros(x.shape, dtype=sum_dtype), g.to(sum_dtype)
         with forward_backend(ctx):
-            for start in range(0, m, block):
-                stop = min(start + block, m)
-                weight_rows, B_rows = _block_rows(weight, rows, start, stop), B[start:stop]
-                # ∂L/∂ΔW = Γ ⊙ W_eff (exact) is the taylor1 form's Γ ⊙ W of W = W_eff: from the
-                # W_eff made for ∂x where it is unrounded, instead of recomputing exp(ΔW)
-                reduced, reduced_exp = weight_rows, exp
+            for start, stop in _blocks(m, block):
+                weight_rows, B_rows = _rows_of(weight, rows, start, stop), B[start:stop]
+                reduced, reduced_exp = weight_rows, exp  # what the merge's backward reads
                 if wants_input:
-                    merged = _call(_lowrank_hadamard_merge, _merge, weight_rows, B_rows, A, scale, exp)
-                    if exp == "exact" and merged.dtype == B.dtype:
+                    merged = _merged_rows(weight_rows, B_rows, A, scale, exp)
+                    if exp == "exact" and merged.dtype == B.dtype:  # W_eff unrounded: Γ ⊙ W_eff from it
                         reduced, reduced_exp = merged, "taylor1"
                     if ctx.subtract:
                         merged = merged - weight_rows
@@ -244,7 +259,7 @@ def hadamard_linear(
     check_same_device({"input": input, "weight": weight, "B": B, "A": A})
     check_frozen(weight)
     computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A)
-    block = block_rows(weight.shape[0], weight.shape[1])
+    block = block_rows(weight.shape[0], weight.shape[1], ROW_BLOCK_ELEMENTS)
     return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, block, False)
 
 
@@ -255,5 +270,5 @@ def hadamard_update_linear(
     stop)`` (contiguous, in ``input``'s dtype, as B and A), asked for blocks that start at
     multiples of ``granularity`` rows (a quantized base dequantizing them: its update's
     path, beside the base layer's own quantized forward). No m×n tensor is formed."""
-    block = block_rows(B.shape[0], A.shape[1], granularity)
+    block = block_rows(B.shape[0], A.shape[1], DEQUANTIZED_ROW_BLOCK_ELEMENTS, granularity)
     return _HadamardLinear.apply(input, None, None, B, A, scale, exp, rows, block, True)
