@@ -4,9 +4,10 @@ layer, and how to write a new W0 into it with the layer's own quantization setti
 An adapter layer over a quantized base runs the base layer's own forward for W0·x (its
 quantized kernel) and adds the adapter's path. Methods whose update does not involve W0
 (LoRA, MTLoRA, FLoRA, SNELL/SNELLA) never dequantize it; LieRA's W0 ⊙ (…) dequantizes it
-in its forward and again in backward, one block of rows at a time (``row_block`` rows,
-``dequantize_rows``), so that no dequantized copy of the whole W0 exists. Merging dequantizes, adds ΔW and
-quantizes again (``requantize``).
+in its forward and again in backward, for its hadamard group one block of rows at a time
+(``dequantize_rows``, blocks starting at multiples of ``row_granularity``), so that no
+dequantized copy of the whole W0 exists. Merging dequantizes, adds ΔW and quantizes again
+(``requantize``).
 
 Supported (``quantization_of``): bitsandbytes ``Linear4bit`` (nf4, fp4, with or without
 double quantization, any blocksize) and ``Linear8bitLt`` with int8 weights
@@ -99,8 +100,9 @@ class Bnb4bit(QuantizedLinear):
     def row_granularity(self, layer: nn.Module) -> int:
         """Rows whose entries fill whole 4-bit blocks, and with double quantization whole
         blocks of their nested absmax too; all the rows where a row is not a whole number
-        of 4-bit blocks (bitsandbytes' CPU kernel then numbers the blocks of a row from the
-        row's start, so that the rows of a slice would read other scales)."""
+        of 4-bit blocks (there bitsandbytes' CPU kernel does not scale a row by the absmax
+        of the flat blocks its entries fall in, so a slice of rows, which starts a new
+        count, would not give the whole dequantization's values)."""
         state = layer.weight.quant_state
         if layer.in_features % state.blocksize:
             return layer.out_features
