@@ -6,7 +6,8 @@ quantized kernel) and adds the adapter's path. Methods whose update does not inv
 (LoRA, MTLoRA, FLoRA, SNELL/SNELLA) never dequantize it; LieRA's W0 ⊙ (…) dequantizes it
 in its forward and again in backward, for its hadamard group one block of rows at a time
 (``dequantize_rows``, blocks starting at multiples of ``row_granularity``), so that no
-dequantized copy of the whole W0 exists. Merging dequantizes, adds ΔW and quantizes again
+dequantized copy of the whole W0 exists (torchao tensors other than ``Int8Tensor``:
+dequantized whole). Merging dequantizes, adds ΔW and quantizes again
 (``requantize``).
 
 Supported (``quantization_of``): bitsandbytes ``Linear4bit`` (nf4, fp4, with or without
@@ -178,6 +179,16 @@ class TorchAOWeight(QuantizedLinear):
 
     def dequantize(self, layer: nn.Module) -> Tensor:
         return layer.weight.dequantize()
+
+    def row_granularity(self, layer: nn.Module) -> int:
+        """Any row for an ``Int8Tensor`` per row or per tensor (a slice of its rows is one
+        with those rows' scales); all the rows, the whole weight, for other tensors."""
+        return 1 if self.granularity(layer) is not None else layer.out_features
+
+    def dequantize_rows(self, layer: nn.Module, start: int, stop: int) -> Tensor:
+        if self.granularity(layer) is None:
+            return super().dequantize_rows(layer, start, stop)
+        return layer.weight[start:stop].dequantize()
 
     def granularity(self, layer: nn.Module):
         """The torchao granularity of an ``Int8Tensor`` weight's blocks, or None for others."""

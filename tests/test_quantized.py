@@ -26,9 +26,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
-from torchao.quantization.granularity import PerGroup
+from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 
 import tensor_peft as tp
 from tensor_peft import quantized
@@ -406,23 +406,24 @@ def test_liera_keeps_no_dequantized_weight_after_the_forward(kind, options, monk
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4)
 
 
-ROW_KINDS = [*BNB_4BIT, "int8"]
-
-
-@pytest.mark.parametrize("kind", ROW_KINDS)
+@pytest.mark.parametrize("kind", [*BNB_4BIT, "int8", "torchao-int8", "torchao-int8-per-tensor"])
 @pytest.mark.parametrize("in_features, out_features", [(64, 600), (128, 40), (96, 70), (200, 9)])
 def test_dequantized_rows_are_the_rows_of_the_whole_dequantized_weight(kind, in_features, out_features):
     """``dequantize_rows`` over blocks of ``row_granularity`` rows (the last one short) gives
     the rows of the library's whole dequantization bit for bit: nested 4-bit blocks (64·256
     entries: 256 rows of 64), rows of whole 4-bit blocks, and rows that are not (96, 200
-    inputs: one block of all the rows)."""
+    inputs: one block of all the rows); int8 rows with their scales."""
     torch.manual_seed(1)
-    layer = quantize_linear(nn.Linear(in_features, out_features), kind)
+    layer = nn.Linear(in_features, out_features)
+    if kind.startswith("torchao"):
+        quantize_(layer, Int8WeightOnlyConfig(granularity=PerTensor() if kind.endswith("per-tensor") else PerRow()))
+    else:
+        layer = quantize_linear(layer, kind)
     handler = quantized.quantization_of(layer)
     granularity = handler.row_granularity(layer)
-    if kind != "int8" and in_features % 64:
+    if kind in BNB_4BIT and in_features % 64:
         assert granularity == out_features
-    whole = dequantized(layer) if kind != "int8" else handler.dequantize(layer)
+    whole = handler.dequantize(layer) if kind == "int8" else dequantized(layer)
     starts = range(0, out_features, granularity)
     parts = [handler.dequantize_rows(layer, start, min(start + granularity, out_features)) for start in starts]
     assert all(part.is_contiguous() for part in parts)
@@ -431,7 +432,7 @@ def test_dequantized_rows_are_the_rows_of_the_whole_dequantized_weight(kind, in_
         assert granularity == 256 and len(parts) == 3
 
 
-@pytest.mark.parametrize("kind", ["nf4", "nf4-double", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "nf4-double", "int8", "torchao-int8"])
 @pytest.mark.parametrize("exp", ["exact", "taylor1"])
 def test_liera_forms_no_weight_sized_tensor_over_a_quantized_base(kind, exp, monkeypatch):
     """LieRA's update over a quantized Linear, forward and backward, in blocks of rows: no
@@ -442,8 +443,9 @@ def test_liera_forms_no_weight_sized_tensor_over_a_quantized_base(kind, exp, mon
     model, reference = layer_pair(kind, tp.LieRAConfig(target_modules=["0"], r=4, exp=exp), shape=shape)
     layer, largest = model[0], []
 
-    def storages(tree):
-        return {t.untyped_storage().data_ptr(): t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)}
+    def storages(tree):  # of tensors with data (a torchao tensor wraps such tensors, which ops make)
+        leaves = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        return {t.untyped_storage().data_ptr(): t for t in leaves if not is_traceable_wrapper_subclass(t)}
 
     class LargestTensor(TorchDispatchMode):
         """The entries of each tensor an op makes (views of its inputs left out)."""
