@@ -115,30 +115,28 @@ def _tokens(tensor: Tensor) -> Tensor:
     return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
-ROW_BLOCK_ELEMENTS = 1 << 21
-"""About how many weight entries one row block of ``hadamard_linear`` holds (8 MiB in
-float32: 512 rows of a 4096-wide weight). Each block costs a pass over the input (forward,
-Γ) and over ∂input (its rank-m_b update) besides its share of W0, so blocks pay only when
-they hold more rows than there are tokens: at 4096×4096 and 512 tokens one thread's step
-took 1.35× its floor in blocks of 64 rows, 1.04× in blocks of 256, 1.02× in blocks of 512
-(today's whole-matrix path: 1.04×). A fixed size, so the results are the same bits at any
-thread count."""
+ROW_BLOCK = 1024
+"""Rows per block of ``hadamard_linear``. Each block costs a pass over the input (forward,
+Γ) and a read and write of ∂input (its rank-``ROW_BLOCK`` update) besides its share of W0,
+so blocks pay when they hold about as many rows as there are tokens or more (measured at
+LLaMA's shapes: docs/performance.md). A fixed count, so that the results do not depend on
+the thread count."""
 
 DEQUANTIZED_ROW_BLOCK_ELEMENTS = 1 << 18
-"""The same for a quantized base's update (``hadamard_update_linear``): 1 MiB of float32
-rows dequantized at a time, so that its temporaries stay far below one weight-sized
-float32 tensor (the memory the quantization saves)."""
+"""About how many entries a block of ``hadamard_update_linear`` holds: 1 MiB of float32
+rows of a quantized base dequantized at a time, so that its temporaries stay far below
+one weight-sized float32 tensor (the memory the quantization saves)."""
 
 RowSource = Callable[[int, int], Tensor]
 """``rows(start, stop)``: rows ``start:stop`` of W0, contiguous (a slice, or rows dequantized)."""
 
 
-def block_rows(rows: int, cols: int, elements: int, granularity: int = 1) -> int:
-    """Rows per block: about ``elements`` entries, a multiple of ``granularity`` (a quantized
-    base's rows that start its quantization blocks), at most all the rows."""
-    count = max(1, elements // max(1, cols))
-    count = -(-count // granularity) * granularity
-    return max(1, min(count, rows))
+def dequantized_block_rows(rows: int, cols: int, granularity: int) -> int:
+    """Rows per block of a quantized base: about ``DEQUANTIZED_ROW_BLOCK_ELEMENTS`` entries,
+    a multiple of ``granularity`` (the rows that start its quantization blocks), at most
+    all the rows."""
+    count = max(1, DEQUANTIZED_ROW_BLOCK_ELEMENTS // max(1, cols))
+    return max(1, min(-(-count // granularity) * granularity, rows))
 
 
 def _call(op, implementation, *args):
@@ -259,8 +257,7 @@ def hadamard_linear(
     check_same_device({"input": input, "weight": weight, "B": B, "A": A})
     check_frozen(weight)
     computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A)
-    block = block_rows(weight.shape[0], weight.shape[1], ROW_BLOCK_ELEMENTS)
-    return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, block, False)
+    return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, ROW_BLOCK, False)
 
 
 def hadamard_update_linear(
@@ -270,5 +267,5 @@ def hadamard_update_linear(
     stop)`` (contiguous, in ``input``'s dtype, as B and A), asked for blocks that start at
     multiples of ``granularity`` rows (a quantized base dequantizing them: its update's
     path, beside the base layer's own quantized forward). No m×n tensor is formed."""
-    block = block_rows(B.shape[0], A.shape[1], DEQUANTIZED_ROW_BLOCK_ELEMENTS, granularity)
+    block = dequantized_block_rows(B.shape[0], A.shape[1], granularity)
     return _HadamardLinear.apply(input, None, None, B, A, scale, exp, rows, block, True)

@@ -18,11 +18,10 @@ hadamard_module = importlib.import_module("tensor_peft.ops.lowrank_hadamard_merg
 MERGE_BACKENDS = backends_with("lowrank_hadamard_merge_backward")
 
 
-def rows_per_block(monkeypatch, rows: int | None, columns: int) -> None:
-    """Make ``hadamard_linear`` run over blocks of ``rows`` rows of a weight of ``columns``
-    columns (None: its own size)."""
+def rows_per_block(monkeypatch, rows: int | None) -> None:
+    """Make ``hadamard_linear`` run over blocks of ``rows`` rows (None: its own count)."""
     if rows is not None:
-        monkeypatch.setattr(hadamard_module, "ROW_BLOCK_ELEMENTS", rows * columns)
+        monkeypatch.setattr(hadamard_module, "ROW_BLOCK", rows)
 
 
 @pytest.mark.parametrize("backend,device", MERGE_BACKENDS, ids=[f"{b}-{d}" for b, d in MERGE_BACKENDS])
@@ -32,7 +31,7 @@ def rows_per_block(monkeypatch, rows: int | None, columns: int) -> None:
 def test_hadamard_linear_equals_linear_of_the_merged_weight(backend, device, exp, with_bias, block, monkeypatch):
     """Forward and the gradients of input, B, A and a trained bias, on a 3-d input, over
     blocks of rows that do not divide the 40 rows, or one larger than them."""
-    rows_per_block(monkeypatch, block, 30)
+    rows_per_block(monkeypatch, block)
     generator = torch.Generator().manual_seed(21 + (block or 0))
 
     def randn(*shape, grad=True):
@@ -59,7 +58,7 @@ def test_hadamard_linear_rounds_the_merged_weight_once_to_the_input_dtype(input_
     """A bfloat16 base: W_eff is computed in float32 and rounded once, to the input's dtype
     (so a float32 input multiplies the unrounded W_eff), as the layer's other paths do; the
     input's gradient is g·W_eff (rounded so) summed over the blocks and rounded once."""
-    rows_per_block(monkeypatch, block, 12)
+    rows_per_block(monkeypatch, block)
     generator = torch.Generator().manual_seed(22 + (block or 0))
     weight = torch.randn(16, 12, generator=generator).to(torch.bfloat16)
     B, A = torch.randn(16, 2, generator=generator), torch.randn(2, 12, generator=generator)
@@ -77,7 +76,7 @@ def test_hadamard_linear_under_autocast_gives_autocast_dtypes_and_the_whole_weig
     """A float32 input under bfloat16 autocast: the output in bfloat16 (F.linear's under
     autocast), the input's gradient from a bfloat16 output gradient, both as F.linear of
     the whole W_eff (formed in float32) computes them there, over 3 blocks of rows."""
-    rows_per_block(monkeypatch, 4, 8)
+    rows_per_block(monkeypatch, 4)
     generator = torch.Generator().manual_seed(23)
     weight = torch.randn(10, 8, generator=generator) / 4  # outputs and gradients of about 1: bfloat16 steps of 1/128
     B, A = torch.randn(10, 2, generator=generator), torch.randn(2, 8, generator=generator)
