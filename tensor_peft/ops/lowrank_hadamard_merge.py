@@ -119,8 +119,9 @@ ROW_BLOCK = 1024
 """Rows per block of ``hadamard_linear``. Each block costs a pass over the input (forward,
 Γ) and a read and write of ∂input (its rank-``ROW_BLOCK`` update) besides its share of W0,
 so blocks pay when they hold about as many rows as there are tokens or more (measured at
-LLaMA's shapes: docs/performance.md). A fixed count, so that the results do not depend on
-the thread count."""
+LLaMA's shapes: docs/performance.md). A weight of fewer than 2·``ROW_BLOCK`` rows runs in
+two blocks, so that backward's W_eff[R] and Γ[R], alive together, hold no more than one
+m×n tensor did. Fixed counts, so that the results do not depend on the thread count."""
 
 DEQUANTIZED_ROW_BLOCK_ELEMENTS = 1 << 18
 """About how many entries a block of ``hadamard_update_linear`` holds: 1 MiB of float32
@@ -185,6 +186,7 @@ class _HadamardLinear(torch.autograd.Function):
         x, m = _tokens(input), B.shape[0]
         out = None
         for start, stop in _blocks(m, block):
+            weight_rows = merged = part = None  # the last block's tensors go before this block's are made
             weight_rows = _rows_of(weight, rows, start, stop)
             merged = _merged_rows(weight_rows, B[start:stop], A, scale, exp)
             if subtract:
@@ -205,12 +207,13 @@ class _HadamardLinear(torch.autograd.Function):
         if wants_factors:
             product_dtype = torch.promote_types(grad.dtype, input.dtype)  # they differ under autocast
             g_product, x_product = g.to(product_dtype), x.to(product_dtype)
-            d_B, d_A = torch.empty_like(B), torch.zeros_like(A)
+            d_B = torch.empty_like(B)
         if wants_input:  # summed over the blocks in at least float32, rounded once
             sum_dtype = torch.promote_types(grad.dtype, torch.float32)
             grad_input, g_sum = g.new_zeros(x.shape, dtype=sum_dtype), g.to(sum_dtype)
         with forward_backend(ctx):
             for start, stop in _blocks(m, block):
+                weight_rows = merged = reduced = gamma = None  # the last block's go before this block's are made
                 weight_rows, B_rows = _rows_of(weight, rows, start, stop), B[start:stop]
                 reduced, reduced_exp = weight_rows, exp  # what the merge's backward reads
                 if wants_input:
@@ -225,7 +228,7 @@ class _HadamardLinear(torch.autograd.Function):
                     d_B[start:stop], d_A_block = _call(
                         _lowrank_hadamard_merge_backward, _merge_backward, gamma, reduced, B_rows, A, scale, reduced_exp
                     )
-                    d_A += d_A_block
+                    d_A = d_A_block if d_A is None else d_A.add_(d_A_block)  # in block order
         if wants_input:
             grad_input = grad_input.to(grad.dtype).reshape(input.shape)
         if ctx.needs_input_grad[2]:
@@ -257,7 +260,8 @@ def hadamard_linear(
     check_same_device({"input": input, "weight": weight, "B": B, "A": A})
     check_frozen(weight)
     computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A)
-    return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, ROW_BLOCK, False)
+    block = min(ROW_BLOCK, -(-weight.shape[0] // 2))  # two blocks at least: backward's W_eff[R] and Γ[R] hold m·n
+    return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, block, False)
 
 
 def hadamard_update_linear(
