@@ -241,8 +241,8 @@ def hadamard_linear(
 ) -> Tensor:
     """``F.linear(input, W0 ⊙ exp(s·B·A), bias)`` for a frozen ``weight`` W0 (m, n), B (m, r),
     A (r, n), the merged weight computed as ``lowrank_hadamard_merge`` computes it and rounded
-    once to ``input``'s dtype; no m×n tensor kept for backward, Γ formed once, contiguous, in
-    backward."""
+    once to ``input``'s dtype; run over blocks of ``ROW_BLOCK`` rows, so that W_eff and Γ
+    exist a block at a time and nothing of W0's size is kept for backward."""
     input = check_tensor(input, "input", min_ndim=1)
     weight = check_tensor(weight, "weight", ndim=2)
     if input.shape[-1] != weight.shape[1]:
@@ -260,7 +260,7 @@ def hadamard_linear(
     check_same_device({"input": input, "weight": weight, "B": B, "A": A})
     check_frozen(weight)
     computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A)
-    block = min(ROW_BLOCK, -(-weight.shape[0] // 2))  # two blocks at least: backward's W_eff[R] and Γ[R] hold m·n
+    block = max(1, min(ROW_BLOCK, -(-weight.shape[0] // 2)))  # two blocks at least (see ROW_BLOCK)
     return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, block, False)
 
 

@@ -27,10 +27,10 @@ def rows_per_block(monkeypatch, rows: int | None) -> None:
 @pytest.mark.parametrize("backend,device", MERGE_BACKENDS, ids=[f"{b}-{d}" for b, d in MERGE_BACKENDS])
 @pytest.mark.parametrize("exp", ["exact", "taylor1"])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("block", [None, 1, 16, 64], ids=["default-block", "1-row", "16-rows", "block-over-m"])
+@pytest.mark.parametrize("block", [None, 1, 7, 16], ids=["two-blocks-of-20", "1-row", "7-rows", "16-rows"])
 def test_hadamard_linear_equals_linear_of_the_merged_weight(backend, device, exp, with_bias, block, monkeypatch):
     """Forward and the gradients of input, B, A and a trained bias, on a 3-d input, over
-    blocks of rows that do not divide the 40 rows, or one larger than them."""
+    blocks of rows that do not divide the 40 rows, and the default's two blocks of 20."""
     rows_per_block(monkeypatch, block)
     generator = torch.Generator().manual_seed(21 + (block or 0))
 
@@ -109,3 +109,21 @@ def test_hadamard_linear_refuses_bad_arguments(call, error, match):
     W, B, A, x = torch.randn(8, 6), torch.randn(8, 2), torch.randn(2, 6), torch.randn(4, 6)
     with pytest.raises(error, match=match):
         call(W, B, A, x)
+
+
+@pytest.mark.parametrize("rows, columns", [(0, 6), (1, 6), (3, 0)])
+def test_hadamard_linear_on_degenerate_weights_equals_plain_torch(rows, columns):
+    """No rows (one empty block), one row (a block of it), no columns: the shapes and values
+    plain torch gives, gradients included."""
+    generator = torch.Generator().manual_seed(24)
+    weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    B = torch.randn(rows, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, columns, generator=generator, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, columns, generator=generator, dtype=torch.float64, requires_grad=True)
+    got = ops.hadamard_linear(x, weight, None, B, A, 0.5)
+    expected = F.linear(x, naive_ops.lowrank_hadamard_merge(weight, B, A, 0.5))
+    assert got.shape == expected.shape == (4, rows)
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn(4, rows, generator=generator, dtype=torch.float64)
+    for got_grad, want in zip(torch.autograd.grad(got, (x, B, A), upstream), torch.autograd.grad(expected, (x, B, A), upstream)):
+        torch.testing.assert_close(got_grad, want)
