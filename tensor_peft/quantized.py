@@ -125,7 +125,7 @@ class Bnb4bit(QuantizedLinear):
                                                             -(-blocks.stop // nested.blocksize)],
                                       code=nested.code, blocksize=nested.blocksize, dtype=torch.float32)  # fmt: skip
             absmax = dequantize_blockwise(absmax, nested_slice) + state.offset
-        packed = layer.weight.data.reshape(-1).view(torch.uint8)[first // 2 : last // 2]  # two entries a byte
+        packed = layer.weight.data.reshape(-1).view(torch.uint8)[first // 2 : -(-last // 2)]  # two entries a byte
         rows = QuantState(absmax=absmax, shape=torch.Size((stop - start, columns)), code=state.code,
                           blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)  # fmt: skip
         return dequantize_4bit(packed.reshape(-1, 1), rows)

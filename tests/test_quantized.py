@@ -407,12 +407,13 @@ def test_liera_keeps_no_dequantized_weight_after_the_forward(kind, options, monk
 
 
 @pytest.mark.parametrize("kind", [*BNB_4BIT, "int8", "torchao-int8", "torchao-int8-per-tensor"])
-@pytest.mark.parametrize("in_features, out_features", [(64, 600), (128, 40), (96, 70), (200, 9)])
+@pytest.mark.parametrize("in_features, out_features", [(64, 600), (128, 40), (96, 70), (200, 9), (101, 7)])
 def test_dequantized_rows_are_the_rows_of_the_whole_dequantized_weight(kind, in_features, out_features):
     """``dequantize_rows`` over blocks of ``row_granularity`` rows (the last one short) gives
     the rows of the library's whole dequantization bit for bit: nested 4-bit blocks (64·256
-    entries: 256 rows of 64), rows of whole 4-bit blocks, and rows that are not (96, 200
-    inputs: one block of all the rows); int8 rows with their scales."""
+    entries: 256 rows of 64), rows of whole 4-bit blocks, and rows that are not (96, 200,
+    101 inputs: one block of all the rows; 7·101 entries: an odd count, its last byte half
+    used); int8 rows with their scales."""
     torch.manual_seed(1)
     layer = nn.Linear(in_features, out_features)
     if kind.startswith("torchao"):
