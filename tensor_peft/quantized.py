@@ -4,8 +4,11 @@ layer, and how to write a new W0 into it with the layer's own quantization setti
 An adapter layer over a quantized base runs the base layer's own forward for W0·x (its
 quantized kernel) and adds the adapter's path. Methods whose update does not involve W0
 (LoRA, MTLoRA, FLoRA, SNELL/SNELLA) never dequantize it; LieRA's W0 ⊙ (…) dequantizes it
-in its forward, one layer at a time (``dequantize``). Merging dequantizes, adds ΔW and
-quantizes again (``requantize``).
+in its forward and again in backward, for its hadamard group one block of rows at a time
+(``dequantize_rows``, blocks starting at multiples of ``row_granularity``), so that no
+dequantized copy of the whole W0 exists (torchao tensors other than ``Int8Tensor``:
+dequantized whole). Merging dequantizes, adds ΔW and quantizes again
+(``requantize``).
 
 Supported (``quantization_of``): bitsandbytes ``Linear4bit`` (nf4, fp4, with or without
 double quantization, any blocksize) and ``Linear8bitLt`` with int8 weights
@@ -16,6 +19,7 @@ can only be one of their types if its library is loaded already."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -35,6 +39,16 @@ class QuantizedLinear:
     def dequantize(self, layer: nn.Module) -> Tensor:
         """W0 ``(out, in)`` in the layer's full-precision dtype, computed by the library."""
         raise NotImplementedError
+
+    def row_granularity(self, layer: nn.Module) -> int:
+        """The row counts ``dequantize_rows`` can start a block at are its multiples (here:
+        all the rows, the whole weight at once)."""
+        return layer.out_features
+
+    def dequantize_rows(self, layer: nn.Module, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``dequantize(layer)``, the same values, with ``start`` a
+        multiple of ``row_granularity`` and ``stop`` too or the row count."""
+        return self.dequantize(layer)[start:stop]
 
     def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
         """W0·x by the layer's own forward."""
@@ -84,6 +98,38 @@ class Bnb4bit(QuantizedLinear):
 
         return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
+    def row_granularity(self, layer: nn.Module) -> int:
+        """Rows whose entries fill whole 4-bit blocks, and with double quantization whole
+        blocks of their nested absmax too; all the rows where a row is not a whole number
+        of 4-bit blocks (there bitsandbytes' CPU kernel does not scale a row by the absmax
+        of the flat blocks its entries fall in, so a slice of rows, which starts a new
+        count, would not give the whole dequantization's values)."""
+        state = layer.weight.quant_state
+        if layer.in_features % state.blocksize:
+            return layer.out_features
+        entries = state.blocksize * (state.state2.blocksize if state.nested else 1)
+        return entries // math.gcd(entries, layer.in_features)
+
+    def dequantize_rows(self, layer: nn.Module, start: int, stop: int) -> Tensor:
+        """The rows' packed bytes dequantized with their absmax (nested: the absmax of
+        those rows dequantized first), by the library's calls on the slices."""
+        from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
+
+        state, columns = layer.weight.quant_state, layer.in_features
+        first, last = start * columns, stop * columns  # entries; whole 4-bit blocks (row_granularity)
+        blocks = slice(first // state.blocksize, -(-last // state.blocksize))
+        absmax = state.absmax[blocks]
+        if state.nested:
+            nested = state.state2
+            nested_slice = QuantState(absmax=nested.absmax[blocks.start // nested.blocksize:
+                                                            -(-blocks.stop // nested.blocksize)],
+                                      code=nested.code, blocksize=nested.blocksize, dtype=torch.float32)  # fmt: skip
+            absmax = dequantize_blockwise(absmax, nested_slice) + state.offset
+        packed = layer.weight.data.reshape(-1).view(torch.uint8)[first // 2 : -(-last // 2)]  # two entries a byte
+        rows = QuantState(absmax=absmax, shape=torch.Size((stop - start, columns)), code=state.code,
+                          blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)  # fmt: skip
+        return dequantize_4bit(packed.reshape(-1, 1), rows)
+
     def requantize(self, layer: nn.Module, weight: Tensor) -> None:
         old = layer.weight
         new = type(old)(
@@ -109,6 +155,14 @@ class Bnb8bit(QuantizedLinear):
 
         return int8_vectorwise_dequant(layer.weight.data, self.scales(layer))
 
+    def row_granularity(self, layer: nn.Module) -> int:
+        return 1  # one scale a row
+
+    def dequantize_rows(self, layer: nn.Module, start: int, stop: int) -> Tensor:
+        from bitsandbytes.functional import int8_vectorwise_dequant
+
+        return int8_vectorwise_dequant(layer.weight.data[start:stop], self.scales(layer)[start:stop])
+
     def requantize(self, layer: nn.Module, weight: Tensor) -> None:
         from bitsandbytes.functional import int8_vectorwise_quant
 
@@ -125,6 +179,16 @@ class TorchAOWeight(QuantizedLinear):
 
     def dequantize(self, layer: nn.Module) -> Tensor:
         return layer.weight.dequantize()
+
+    def row_granularity(self, layer: nn.Module) -> int:
+        """Any row for an ``Int8Tensor`` per row or per tensor (a slice of its rows is one
+        with those rows' scales); all the rows, the whole weight, for other tensors."""
+        return 1 if self.granularity(layer) is not None else layer.out_features
+
+    def dequantize_rows(self, layer: nn.Module, start: int, stop: int) -> Tensor:
+        if self.granularity(layer) is None:
+            return super().dequantize_rows(layer, start, stop)
+        return layer.weight[start:stop].dequantize()
 
     def granularity(self, layer: nn.Module):
         """The torchao granularity of an ``Int8Tensor`` weight's blocks, or None for others."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import pathlib
 import re
 import subprocess
@@ -24,9 +25,10 @@ import peft
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_
-from torchao.quantization.granularity import PerGroup
+from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 
 import tensor_peft as tp
 from tensor_peft import quantized
@@ -292,17 +294,17 @@ def test_unload_dequantize_merges_into_full_precision_layers(kind):
 # --------------------------------------------------------------------------- layer level
 
 
-def layer_pair(kind, config, seed=0):
-    """One quantized projection adapted by ``config`` (targets ``"0"``), and the same
-    adapter over its dequantized twin."""
+def layer_pair(kind, config, seed=0, shape=(64, 96)):
+    """One quantized projection (``shape``: in, out) adapted by ``config`` (targets ``"0"``),
+    and the same adapter over its dequantized twin."""
     torch.manual_seed(seed)
-    linear = nn.Linear(64, 96)
+    linear = nn.Linear(*shape)
     if kind == "torchao-int8":
         base = copy.deepcopy(linear)
         quantize_(base, Int8WeightOnlyConfig())
     else:
         base = quantize_linear(linear, kind)
-    twin_linear = nn.Linear(64, 96)
+    twin_linear = nn.Linear(*shape)
     with torch.no_grad():
         twin_linear.weight.copy_(dequantized(base))
         twin_linear.bias.copy_(base.bias)
@@ -380,14 +382,15 @@ def test_methods_whose_update_does_not_involve_w0_never_dequantize_it(kind, meth
 def test_liera_keeps_no_dequantized_weight_after_the_forward(kind, options, monkeypatch):
     model, reference = layer_pair(kind, tp.LieRAConfig(target_modules=["0"], r=4, **options))
     handler, made = model[0].quantization, []
-    original = type(handler).dequantize
+    for name in ("dequantize", "dequantize_rows"):
+        original = getattr(type(handler), name)
 
-    def recorded(layer):
-        weight = original(handler, layer)
-        made.append(weakref.ref(weight))
-        return weight
+        def recorded(*args, original=original):
+            weight = original(handler, *args)
+            made.append(weakref.ref(weight))
+            return weight
 
-    monkeypatch.setattr(handler, "dequantize", recorded)
+        monkeypatch.setattr(handler, name, recorded)
     x = torch.randn(4, 64)
     for m in (model, reference):
         m.train()
@@ -403,17 +406,29 @@ def test_liera_keeps_no_dequantized_weight_after_the_forward(kind, options, monk
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-4)
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the most values any op's output held while the mode was on."""
+def _storages(tree) -> dict:
+    """The tensors with data in ``tree`` by storage (a torchao tensor wraps such tensors)."""
+    leaves = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    return {t.untyped_storage().data_ptr(): t for t in leaves if not is_traceable_wrapper_subclass(t)}
 
-    largest = 0
+
+class _MadeTensors(TorchDispatchMode):
+    """Records (entries, op) of each tensor an op makes while the mode is on (views of its
+    inputs left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
+        read = _storages((args, kwargs))
+        self.made.extend((t.numel(), str(func)) for ptr, t in _storages(out).items() if ptr not in read)
         return out
+
+    @property
+    def largest(self) -> tuple[int, str]:
+        return max(self.made, default=(0, ""))
 
 
 @pytest.mark.parametrize("method", ["snell", "snella"])
@@ -443,15 +458,69 @@ def test_snell_over_a_quantized_base_keeps_and_makes_nothing_weight_sized(method
     assert max(saved) < 96 * 256
     upstream = torch.randn_like(update)
     parameters = [x, *(p for p in adapter.parameters() if p.requires_grad)]
-    with _LargestOutput() as spy:
+    with _MadeTensors() as spy:
         got = torch.autograd.grad(update, parameters, upstream)
-    assert spy.largest < 96 * 256
+    assert spy.largest[0] < 96 * 256, spy.largest
     with tp.backends.use("reference"):
         delta = layer.delta_weight(adapter)
         expected = torch.autograd.grad(torch.nn.functional.linear(x, delta), parameters, upstream)
     torch.testing.assert_close(update, torch.nn.functional.linear(x, delta.detach()), rtol=1e-5, atol=1e-6)
     for got_t, want in zip(got, expected):
         torch.testing.assert_close(got_t, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [*BNB_4BIT, "int8", "torchao-int8", "torchao-int8-per-tensor"])
+@pytest.mark.parametrize("in_features, out_features", [(64, 600), (128, 40), (96, 70), (200, 9), (101, 7)])
+def test_dequantized_rows_are_the_rows_of_the_whole_dequantized_weight(kind, in_features, out_features):
+    """``dequantize_rows`` over blocks of ``row_granularity`` rows (the last one short) gives
+    the rows of the library's whole dequantization bit for bit: nested 4-bit blocks (64·256
+    entries: 256 rows of 64), rows of whole 4-bit blocks, and rows that are not (96, 200,
+    101 inputs: one block of all the rows; 7·101 entries: an odd count, its last byte half
+    used); int8 rows with their scales."""
+    torch.manual_seed(1)
+    layer = nn.Linear(in_features, out_features)
+    if kind.startswith("torchao"):
+        quantize_(layer, Int8WeightOnlyConfig(granularity=PerTensor() if kind.endswith("per-tensor") else PerRow()))
+    else:
+        layer = quantize_linear(layer, kind)
+    handler = quantized.quantization_of(layer)
+    granularity = handler.row_granularity(layer)
+    if kind in BNB_4BIT and in_features % 64:
+        assert granularity == out_features
+    whole = handler.dequantize(layer) if kind == "int8" else dequantized(layer)
+    starts = range(0, out_features, granularity)
+    parts = [handler.dequantize_rows(layer, start, min(start + granularity, out_features)) for start in starts]
+    assert all(part.is_contiguous() for part in parts)
+    assert torch.equal(torch.cat(parts), whole)
+    if kind == "nf4-double" and in_features == 64:
+        assert granularity == 256 and len(parts) == 3
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-double", "int8", "torchao-int8"])
+@pytest.mark.parametrize("exp", ["exact", "taylor1"])
+def test_liera_forms_no_weight_sized_tensor_over_a_quantized_base(kind, exp, monkeypatch):
+    """LieRA's update over a quantized Linear, forward and backward, in blocks of rows: no
+    tensor an op makes has the m·n entries of W0 (a block's m_b·n at most), and outputs and
+    gradients are the dequantized twin's."""
+    monkeypatch.setattr(importlib.import_module("tensor_peft.ops.lowrank_hadamard_merge"), "DEQUANTIZED_ROW_BLOCK_ELEMENTS", 64 * 64)
+    shape = (64, 600)
+    model, reference = layer_pair(kind, tp.LieRAConfig(target_modules=["0"], r=4, exp=exp), shape=shape)
+    layer = model[0]
+    x, upstream = torch.randn(2, 5, 64), torch.randn(2, 5, 600)
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    adapter = layer.adapters["default"]
+    with _MadeTensors() as spy:  # the update's path alone: the base layer's own forward is bitsandbytes'
+        update = layer.delta_forward(adapter, layer.adapter_input(adapter, inputs[0]))
+        (update * upstream).sum().backward()
+    assert spy.made and spy.largest[0] < 600 * 64, spy.largest
+    twin = reference[0]
+    expected = twin.delta_forward(twin.adapters["default"], inputs[1])
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-4, atol=1e-5)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- refusals

@@ -126,8 +126,10 @@ void forward(T* out, const T* weight, const T* U, const T* R, int64_t d0, int64_
         row_forward(out + i * n, weight ? weight + i * n : nullptr, U + i * r0, R, r0, n, scale, epilogue);
 }
 
-// Multiply-adds a backward chunk of rows takes at least (fewer, larger chunks on small problems).
-constexpr int64_t kChunkWork = 1 << 16;
+// Multiply-adds a backward chunk of rows takes at least (fewer, larger chunks on small
+// problems): 32 rows of rank 8 and 4096 columns, so that a call on a block of rows (as
+// hadamard_linear makes) sums few r0×n partials for the work it does.
+constexpr int64_t kChunkWork = 1 << 20;
 
 template <typename T>
 void backward(const T* grad, const T* weight, const T* U, const T* R, int64_t d0, int64_t r0, int64_t n, T scale,

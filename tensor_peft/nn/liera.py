@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.lowrank_hadamard_merge import hadamard_update_linear
 from ..config import EXP_FORMS, GROUPS, INNERS, SIDES, check_choice, check_rank, check_real
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .flora import FLoRAAdapter
@@ -145,9 +146,18 @@ class LieRALayer(AdapterLayer):
         return self.merge_weight(adapter, self.weight) - self.weight.to(self.compute_dtype(adapter))
 
     def delta_forward(self, adapter: Adapter, x: Tensor) -> Tensor:
-        """Over a quantized base: W_eff − W0 from W0 dequantized here (and again in backward)."""
+        """Over a quantized base: with W0 dequantized here and again in backward, by blocks
+        of rows for a Linear's hadamard group of an inner LoRA (``ops.hadamard_linear``'s
+        blocks, never the whole W0), whole for the others."""
         if self.quantization is None:
             return super().delta_forward(adapter, x)
+        if self.kind == "linear" and adapter.group == "hadamard" and adapter.inner == "lora":
+            update, quantization, base = adapter.update, self.quantization, self.base_layer
+            B, A = update.lora_B.to(x.dtype), update.lora_A.to(x.dtype)
+            return hadamard_update_linear(
+                x, lambda start, stop: quantization.dequantize_rows(base, start, stop).to(x.dtype), B, A,
+                update.scale, adapter.exp, quantization.row_granularity(base),
+            )  # fmt: skip
         return self.operation_with_dequantized_weight(x, lambda weight: self.merge_weight(adapter, weight).sub_(weight))
 
     def embedding_rows(self, adapter: Adapter, x: Tensor) -> Tensor:
