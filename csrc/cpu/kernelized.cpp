@@ -748,18 +748,16 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 // given `delta` (m, n; mode ≠ kNone), the sparsified ΔW the mask was taken of. Mixture
 // takes two passes over the rows: the first sums c_i = Σ_j D_ji S_ji, the second the
 // gradients. The second pass makes the rows again from the embeddings (mixture's S from
-// the column statistics). When mixture's statistics are made here, their pass holds P's
-// rows (m × n, transient: a column block's inside sparse_linear_backward) for the first
-// pass, which adds the softmax terms to them instead of making P again.
+// the column statistics). When mixture's statistics are made here and `delta` is given,
+// their pass leaves P's rows in `delta` for the first pass, which adds the softmax terms
+// to them instead of making P again (the second pass then writes ΔW over them).
 template <typename T>
 void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
     const bool mixture = P.kernel == kMixture;
     ColumnStatistics<T> held;
-    Buffer<T> p_rows;
-    const bool p_held =
-        mixture && P.column_max == nullptr && ensure_statistics(P, held, p_rows.allocate(P.m * n));
+    const bool p_held = ensure_statistics(P, held, delta) && delta != nullptr;
     std::vector<T> column_dot(n, T(0));
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (mixture) {
@@ -771,7 +769,7 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
             std::vector<T> K(n), D(n);
             for (int64_t j = begin; j < end; ++j) {
                 if (p_held) {
-                    T* row = p_rows.data() + j * n;
+                    T* row = delta + j * n;
                     add_softmax_terms(P, row, rows.soft.data());
                     upstream_row(P, up, j, row, tau, mode, D.data());
                 } else {
@@ -780,7 +778,6 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
                 softmax_dots(P, rows.soft.data(), D.data(), local.data(), partials[c]);
             }
         });
-        p_rows.values.reset();
         for (int64_t i = 0; i < n; ++i) {
             double total = 0;
             for (int64_t c = 0; c < chunks; ++c) total += dots[c][i];
