@@ -238,9 +238,10 @@ constexpr int64_t kStatisticsRows = 64;
 // P's rows: each chunk of kStatisticsRows rows holds its rows (kStatisticsRows × n), takes
 // their column maxima M_c, then sums exp((P − M_c)/gamma) over them (in double); the chunks
 // combine in chunk order, max_j P = max_c M_c and Σ_j = Σ_c sum_c·exp((M_c − max_j P)/gamma)
-// (a factor ≤ 1: nothing overflows). Nothing m×n is held.
+// (a factor ≤ 1: nothing overflows). Given `p_rows` (m, n), P's rows are left there (a
+// later pass reads them instead of making P again); else nothing m×n is held.
 template <typename T>
-void mixture_statistics(const Problem<T>& P, T* column_max, T* column_sum) {
+void mixture_statistics(const Problem<T>& P, T* column_max, T* column_sum, T* p_rows) {
     const int64_t n = P.n, chunks = chunk_count(P.m, kStatisticsRows);
     std::vector<T> maxima(chunks * n, -std::numeric_limits<T>::infinity());
     std::vector<double> sums(chunks * n, 0.0);
@@ -248,14 +249,15 @@ void mixture_statistics(const Problem<T>& P, T* column_max, T* column_sum) {
         int64_t begin, end;
         chunk_range(P.m, chunks, c, begin, end);
         Rows<T> rows(n, P.chunks);
-        std::vector<T> held((end - begin) * n);
+        std::vector<T> chunk_rows(p_rows == nullptr ? (end - begin) * n : 0);
+        T* held = p_rows == nullptr ? chunk_rows.data() : p_rows + begin * n;
         T* local = maxima.data() + c * n;
         for (int64_t j = begin; j < end; ++j) {
-            T* row = held.data() + (j - begin) * n;
+            T* row = held + (j - begin) * n;
             piecewise_row(P, j, row, rows.roots.data(), rows);
             for (int64_t i = 0; i < n; ++i) local[i] = std::max(local[i], row[i]);
         }
-        for (int64_t j = begin; j < end; ++j) exp_terms(P, held.data() + (j - begin) * n, local, sums.data() + c * n);
+        for (int64_t j = begin; j < end; ++j) exp_terms(P, held + (j - begin) * n, local, sums.data() + c * n);
     });
     for (int64_t i = 0; i < n; ++i) column_max[i] = -std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < chunks; ++c)
@@ -292,15 +294,17 @@ struct ColumnStatistics {
     std::vector<T> column_max, column_sum;
 };
 
-// P's column statistics into `held` and P, for mixture when P has none.
+// P's column statistics into `held` and P, for mixture when P has none; returns whether
+// they were made, and then P's rows are left in `p_rows` (m, n) when given.
 template <typename T>
-void ensure_statistics(Problem<T>& P, ColumnStatistics<T>& held) {
-    if (P.kernel != kMixture || P.column_max != nullptr) return;
+bool ensure_statistics(Problem<T>& P, ColumnStatistics<T>& held, T* p_rows = nullptr) {
+    if (P.kernel != kMixture || P.column_max != nullptr) return false;
     held.column_max.resize(P.n);
     held.column_sum.resize(P.n);
-    mixture_statistics(P, held.column_max.data(), held.column_sum.data());
+    mixture_statistics(P, held.column_max.data(), held.column_sum.data(), p_rows);
     P.column_max = held.column_max.data();
     P.column_sum = held.column_sum.data();
+    return true;
 }
 
 // Counts of the first radix digit of |x| (Key::kDigit wide), added into counts.
@@ -325,17 +329,22 @@ TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
 // masked by tau (τ known). Counts are integers: their sum is exact in any order.
+// Mixture's statistics pass leaves P's rows in out, and each row adds its softmax terms
+// there: κ is made once.
 template <typename T>
 void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     const int64_t chunks = row_chunks(P);
     ColumnStatistics<T> held;
-    ensure_statistics(P, held);
+    const bool p_in_out = ensure_statistics(P, held, out);
     for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
         Rows<T> rows(P.n, P.chunks);
         std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
         for (int64_t j = begin; j < end; ++j) {
             T* row = out + j * P.n;
-            raw_row(P, j, row, rows);
+            if (p_in_out)
+                add_softmax_terms(P, row, rows.soft.data());
+            else
+                raw_row(P, j, row, rows);
             if (first_counts)
                 count_first_digits(row, P.n, counts.data());
             else if (mode != kNone)
@@ -738,15 +747,17 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 // with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3) and,
 // given `delta` (m, n; mode ≠ kNone), the sparsified ΔW the mask was taken of. Mixture
 // takes two passes over the rows: the first sums c_i = Σ_j D_ji S_ji, the second the
-// gradients. Each pass makes the rows again from the embeddings (mixture's S from the
-// column statistics): nothing m×n is held.
+// gradients. The second pass makes the rows again from the embeddings (mixture's S from
+// the column statistics). When mixture's statistics are made here and `delta` is given,
+// their pass leaves P's rows in `delta` for the first pass, which adds the softmax terms
+// to them instead of making P again (the second pass then writes ΔW over them).
 template <typename T>
 void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
     const bool mixture = P.kernel == kMixture;
     ColumnStatistics<T> held;
-    ensure_statistics(P, held);
+    const bool p_held = ensure_statistics(P, held, delta) && delta != nullptr;
     std::vector<T> column_dot(n, T(0));
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (mixture) {
@@ -757,7 +768,13 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
             local.assign(n, 0.0);
             std::vector<T> K(n), D(n);
             for (int64_t j = begin; j < end; ++j) {
-                row_upstream(P, up, j, tau, mode, static_cast<T*>(nullptr), K.data(), D.data(), rows);
+                if (p_held) {
+                    T* row = delta + j * n;
+                    add_softmax_terms(P, row, rows.soft.data());
+                    upstream_row(P, up, j, row, tau, mode, D.data());
+                } else {
+                    row_upstream(P, up, j, tau, mode, static_cast<T*>(nullptr), K.data(), D.data(), rows);
+                }
                 softmax_dots(P, rows.soft.data(), D.data(), local.data(), partials[c]);
             }
         });
