@@ -11,7 +11,7 @@ from torch import nn
 from ..config import AdapterConfig, ModuleSpec
 from ..nn import AdapterLayer
 from ..nn.attention import AdaptedMultiheadAttention, projection_weights
-from ..nn.base import layer_kind
+from ..nn.layer_kinds import layer_kind
 
 ALL_LINEAR = "all-linear"
 
