@@ -435,12 +435,13 @@ class _MadeTensors(TorchDispatchMode):
 def test_snell_over_a_quantized_base_keeps_and_makes_nothing_weight_sized(method, monkeypatch):
     """SNELL's update over an nf4 base (x·ΔWᵀ, the base computing W0·x) keeps nothing of
     the weight's m·n values between forward and backward, and its backward (in column
-    blocks of 64: _BLOCK_VALUES at its least) makes no tensor of m·n values: a block of
-    ΔW's and Γ's columns at a time. Its gradients are those of x·ΔWᵀ with ΔW formed whole
+    blocks of 64: _BLOCK_VALUES and _MIN_BLOCK_COLUMNS at their least) makes no tensor of
+    m·n values: a block of ΔW's and Γ's columns at a time. Its gradients are those of x·ΔWᵀ with ΔW formed whole
     by the reference backend."""
     from tensor_peft.backends import cpu
 
     monkeypatch.setattr(cpu, "_BLOCK_VALUES", 1)
+    monkeypatch.setattr(cpu, "_MIN_BLOCK_COLUMNS", 64)
     torch.manual_seed(0)
     model = nn.Sequential(quantize_linear(nn.Linear(256, 96), "nf4"))
     tp.inject(model, METHODS[method](["0"]))

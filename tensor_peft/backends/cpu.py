@@ -145,17 +145,20 @@ _MAX_SAMPLED_COLUMNS = 2**31 - 1  # a kept entry holds its column in 32 bits
 
 
 # Values (m × columns) a column block of the backward holds per tensor: Γ's, ΔW's and
-# W0 + ΔW's columns of a block, about 4 MiB each in float32.
+# W0 + ΔW's columns of a block, about 4 MiB each in float32; at least 256 columns (a tall
+# weight's narrower blocks cost more time than they save: docs/performance.md).
 _BLOCK_VALUES = 1 << 20
+_MIN_BLOCK_COLUMNS = 256
 _BLOCK_COLUMNS_MULTIPLE = 64  # whole vectors: a block's entries get the bits of the whole ΔW's
 
 
 def _block_columns(m: int, n: int) -> int:
     """The columns of a block of ``sparse_linear_backward`` for a weight (m, n): about
-    _BLOCK_VALUES values, a multiple of _BLOCK_COLUMNS_MULTIPLE (at least one), at most n.
+    _BLOCK_VALUES values, a multiple of _BLOCK_COLUMNS_MULTIPLE, at least
+    _MIN_BLOCK_COLUMNS, at most n.
     Fixed by the shape alone: the result's bits do not depend on the threads."""
     columns = max(_BLOCK_VALUES // max(m, 1) // _BLOCK_COLUMNS_MULTIPLE, 1) * _BLOCK_COLUMNS_MULTIPLE
-    return min(columns, n)
+    return min(max(columns, _MIN_BLOCK_COLUMNS), n)
 
 
 @register("sparse_linear_backward", "cpu")

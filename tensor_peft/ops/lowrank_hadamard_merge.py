@@ -116,12 +116,22 @@ def _tokens(tensor: Tensor) -> Tensor:
 
 
 ROW_BLOCK = 1024
-"""Rows per block of ``hadamard_linear``. Each block costs a pass over the input (forward,
-Γ) and a read and write of ∂input (its rank-``ROW_BLOCK`` update) besides its share of W0,
-so blocks pay when they hold about as many rows as there are tokens or more (measured at
-LLaMA's shapes: docs/performance.md). A weight of fewer than 2·``ROW_BLOCK`` rows runs in
-two blocks, so that backward's W_eff[R] and Γ[R], alive together, hold no more than one
-m×n tensor did. Fixed counts, so that the results do not depend on the thread count."""
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""Rows per block of ``hadamard_linear``: ``ROW_BLOCK``, fewer for a wide weight so that a
+block holds at most ``ROW_BLOCK_ELEMENTS`` entries (16 MiB of float32: glibc gives larger
+blocks back to the system when they are freed, and every block would then be fresh pages,
+zeroed by the kernel). Each block costs a pass over the input (forward, Γ) and a read and
+write of ∂input (its rank-``ROW_BLOCK`` update) besides its share of W0, so blocks pay when
+they hold about as many rows as there are tokens or more (measured at LLaMA's shapes:
+docs/performance.md). A weight of fewer than 2·``ROW_BLOCK`` rows runs in two blocks at
+least, so that backward's W_eff[R] and Γ[R], alive together, hold no more than one m×n
+tensor did. Fixed counts, so that the results do not depend on the thread count."""
+
+
+def _row_block(rows: int, columns: int) -> int:
+    """Rows per block of ``hadamard_linear`` for a weight (rows, columns): see ``ROW_BLOCK``."""
+    return max(1, min(ROW_BLOCK, ROW_BLOCK_ELEMENTS // max(1, columns), -(-rows // 2)))
+
 
 DEQUANTIZED_ROW_BLOCK_ELEMENTS = 1 << 18
 """About how many entries a block of ``hadamard_update_linear`` holds: 1 MiB of float32
@@ -260,7 +270,7 @@ def hadamard_linear(
     check_same_device({"input": input, "weight": weight, "B": B, "A": A})
     check_frozen(weight)
     computed_weight, B, A = prepare("lowrank_hadamard_merge", weight, B, A)
-    block = max(1, min(ROW_BLOCK, -(-weight.shape[0] // 2)))  # two blocks at least (see ROW_BLOCK)
+    block = _row_block(*weight.shape)
     return _HadamardLinear.apply(input, computed_weight, bias, B, A, scale, exp, None, block, False)
 
 

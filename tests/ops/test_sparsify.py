@@ -168,6 +168,7 @@ def column_blocks_of_64(monkeypatch):
         from tensor_peft.backends import cpu
 
         monkeypatch.setattr(cpu, "_BLOCK_VALUES", 1)
+        monkeypatch.setattr(cpu, "_MIN_BLOCK_COLUMNS", 64)
 
 
 @pytest.mark.parametrize("backend,device", LINEAR_BACKENDS, ids=[f"{b}-{d}" for b, d in LINEAR_BACKENDS])
