@@ -163,7 +163,7 @@ def extensions() -> list[Extension]:
     cpu = Extension(
         "tensor_peft._C",
         sources=sources("cpu", ".cpp"),
-        depends=headers,
+        depends=headers + sources("cpu", ".h"),
         # -fno-math-errno, -fno-trapping-math: nothing reads errno or the floating-point
         # exception flags, and without them sqrt loops and loops with selects (vector_exp's
         # clamps, the masks) stay scalar; results are unchanged (IEEE rounding, inf and NaN).

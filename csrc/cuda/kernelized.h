@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels for SNELL (the math of csrc/cpu/kernelized.cpp), callable
+// Launchers of the CUDA kernels for SNELL (the math of csrc/cpu/kernelized*), callable
 // from the g++-compiled binding: no CUDA types here, the stream travels as an integer.
 //   forward   out (m, n) = κ(Out, In), sparsified when mode is 1 (hard) or 2 (soft)
 //             with τ = the k-th smallest |κ| by radix select on the float bits, the bin

@@ -9,7 +9,8 @@ pass over W0 or Γ: the Tucker ops after the split of ``tucker_split`` (U = U_0)
 LieRA's ``lowrank_hadamard_merge`` (U = B, R = A) with its exp / taylor1 epilogue.
 ``csrc/cpu/expm.cpp`` is the batched ``matrix_exp`` and its adjoint Fréchet backward.
 ``csrc/cpu/kernelized.cpp`` is SNELL's kernelized update and its sparsification (radix
-select of the threshold), fused, with a backward that recomputes the rows. FLoRA's
+select of the threshold), fused, with a backward that recomputes the rows (its rows,
+selection and backward in the ``kernelized_*.h`` beside it). FLoRA's
 projected gradients are small contractions in plain torch (``tensor_algebra``)."""
 
 from __future__ import annotations
