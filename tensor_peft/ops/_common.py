@@ -103,8 +103,8 @@ _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 def runs_eagerly(*tensors: Tensor | None) -> bool:
     """Whether a custom op's Python implementation may be called directly instead of the
-    registered op, skipping the dispatcher (tens of µs a call, as much as a small layer's
-    kernels): in eager mode, on plain tensors (and parameters) on a real device.
+    registered op, skipping the dispatcher (its cost per call is of the order of a small
+    layer's kernels): in eager mode, on plain tensors (and parameters) on a real device.
     torch.compile, tensor subclasses (fake, functional, DTensor) and meta tensors need the
     registered op."""
     return not torch.compiler.is_compiling() and all(

@@ -271,7 +271,7 @@ def _softplus_tail_backward(grad: Tensor, values: Tensor, count: int) -> Tensor:
 class _SparseLinear(torch.autograd.Function):
     """sparse_linear's autograd, a Function around the forward op instead of the op's
     registered autograd: that wrapper fills the op's 12-argument schema again on every
-    call (about 40 µs, a tenth of a small layer's step). In eager mode on plain tensors the
+    call, a cost a small layer's step notices. In eager mode on plain tensors the
     two ops' implementations are called directly (``runs_eagerly``). Under torch.compile
     the backend is not recorded (reading the request would break the graph there): the
     backward selects its own, as the FLoRA layer's projected gradients do.

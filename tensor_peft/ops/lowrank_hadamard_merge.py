@@ -152,7 +152,7 @@ def dequantized_block_rows(rows: int, cols: int, granularity: int) -> int:
 
 def _call(op, implementation, *args):
     """The registered ``op``, or its implementation directly where that is the same
-    (``runs_eagerly``: the dispatcher costs tens of µs a call, and a layer makes one a block)."""
+    (``runs_eagerly``: the dispatcher's cost is paid per call, and a layer makes one a block)."""
     tensors = [arg for arg in args if isinstance(arg, Tensor)]
     return implementation(*args) if runs_eagerly(*tensors) else op(*args)
 
