@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.lowrank_hadamard_merge import hadamard_update_linear
 from ..config import EXP_FORMS, GROUPS, INNERS, SIDES, check_choice, check_rank, check_real
+from ..ops.lowrank_hadamard_merge import hadamard_update_linear
 from .base import Adapter, AdapterLayer, adapter_dtype_for
 from .flora import FLoRAAdapter
 from .lora import LoRAAdapter

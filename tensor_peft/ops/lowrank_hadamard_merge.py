@@ -251,7 +251,7 @@ def hadamard_linear(
 ) -> Tensor:
     """``F.linear(input, W0 ⊙ exp(s·B·A), bias)`` for a frozen ``weight`` W0 (m, n), B (m, r),
     A (r, n), the merged weight computed as ``lowrank_hadamard_merge`` computes it and rounded
-    once to ``input``'s dtype; run over blocks of ``ROW_BLOCK`` rows, so that W_eff and Γ
+    once to ``input``'s dtype; run over blocks of rows (``_row_block``), so that W_eff and Γ
     exist a block at a time and nothing of W0's size is kept for backward."""
     input = check_tensor(input, "input", min_ndim=1)
     weight = check_tensor(weight, "weight", ndim=2)
