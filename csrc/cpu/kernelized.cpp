@@ -1,7 +1,6 @@
-// SNELL's kernelized low-rank update and its competition sparsification, fused: the
-// forward (raw: ΔW_raw's rows, each counted for the threshold's first digit or masked while
-// in cache) and the argument checks and bindings. The rows are in kernelized_rows.h, the
-// selection of τ and the mask (mode 1 hard, 2 soft) in kernelized_select.h, the backward in
+// SNELL's kernelized low-rank update and its competition sparsification: the argument
+// checks and bindings. The rows are in kernelized_rows.h, the forward (the selection of τ
+// and the mask, mode 1 hard, 2 soft) in kernelized_select.h, the backward in
 // kernelized_backward.h.
 #include <pybind11/pybind11.h>
 
@@ -19,37 +18,6 @@ namespace py = pybind11;
 namespace {
 
 namespace arguments = tensor_peft::arguments;
-
-// ΔW_raw into out, row by row; each row, while in cache, is then either counted into
-// first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
-// masked by tau (τ known). Counts are integers: their sum is exact in any order.
-// Mixture's statistics pass leaves P's rows in out, and each row adds its softmax terms
-// there: κ is made once.
-template <typename T>
-void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
-    const int64_t chunks = row_chunks(P);
-    ColumnStatistics<T> held;
-    const bool p_in_out = ensure_statistics(P, held, out);
-    for_each_row_chunk(P, chunks, [&](int64_t, int64_t begin, int64_t end) {
-        Rows<T> rows(P.n, P.chunks);
-        std::vector<int64_t> counts(first_counts ? first_digit_bins<T>() : 0, 0);
-        for (int64_t j = begin; j < end; ++j) {
-            T* row = out + j * P.n;
-            if (p_in_out)
-                add_softmax_terms(P, row, rows.soft.data());
-            else
-                raw_row(P, j, row, rows);
-            if (first_counts)
-                count_first_digits(row, P.n, counts.data());
-            else if (mode != kNone)
-                apply_mask(row, row, P.n, tau, mode);
-        }
-        if (first_counts) {
-#pragma omp critical(tensor_peft_counts)
-            for (size_t b = 0; b < counts.size(); ++b) first_counts[b] += counts[b];
-        }
-    });
-}
 
 // The embeddings' sizes and the kernel's arguments, checked; pointers checked for the
 // values they address.
@@ -101,15 +69,7 @@ void bind(py::module_& m, const std::string& suffix) {
               T* o = pointer<T>(out, rows * n, "out");
               py::gil_scoped_release release;
               tensor_peft::cpu::advise_huge_pages(o, rows * n * sizeof(T));
-              if (sparsification == kNone || k == 0) {
-                  raw(P, o, nullptr, sparsification, static_cast<T>(k == 0 ? given_tau : 0.0));
-                  return given_tau;
-              }
-              std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
-              raw(P, o, first_counts.data(), sparsification, T(0));
-              const T tau = kth_smallest_magnitude(static_cast<const T*>(o), rows * n, k, first_counts.data());
-              mask(o, o, rows * n, tau, sparsification);
-              return double(tau);
+              return double(forward(P, o, k, sparsification, static_cast<T>(given_tau)));
           },
           py::arg("out"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
           py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("k"),

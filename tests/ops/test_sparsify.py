@@ -358,3 +358,34 @@ def test_sparse_linear_of_a_wider_weight_than_the_embeddings_sums_in_the_wider_d
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(4, 12, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(got, x, upstream)[0], upstream @ (weight + delta))
+
+
+def _cpu_selection_cases():
+    """(out_emb, in_emb, kernel): grids larger than the cpu kernel's 512 × 512 sample, one
+    whose sampled rows (every other row of 1024) are far smaller than the others (the
+    sample's bracket misses τ), and one whose ΔW is all ties (every entry undecided)."""
+    generator = torch.Generator().manual_seed(24)
+    for shape, kernel in (((1100, 700), "piecewise_linear"), ((37, 4100), "rbf"), ((600, 1030), "mixture")):
+        yield torch.randn(2, shape[0], 3, generator=generator), torch.randn(2, shape[1], 3, generator=generator), kernel
+    skewed = torch.randn(2, 1024, 3, generator=generator)
+    skewed[:, 0::2] *= 1e-3
+    yield skewed, torch.randn(2, 600, 3, generator=generator), "linear"
+    yield torch.zeros(2, 700, 3), torch.randn(2, 600, 3, generator=generator), "linear"
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_cpu_fused_selection_equals_a_sort_of_the_raw_delta(dtype, mode):
+    """The cpu kernel selects τ among the entries its sample leaves undecided, masking the
+    others while each row is made: τ and the sparsified ΔW equal a full sort of the same
+    backend's raw ΔW, bit for bit, for every sparsity, also where the sample misleads."""
+    with backends.use("cpu"):
+        for out_emb, in_emb, kernel in _cpu_selection_cases():
+            out_emb, in_emb = out_emb.to(dtype), in_emb.to(dtype)
+            raw = ops.kernelized_delta(out_emb, in_emb, kernel)
+            for sparsity in (0.3, 0.9, 0.999, 1.0):
+                got, tau = sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode)
+                k = dropped_count(sparsity, raw.numel())
+                assert tau == raw.abs().flatten().sort().values[k - 1], (kernel, sparsity)
+                torch.testing.assert_close(got, naive_sparsify(raw, sparsity, mode), rtol=0, atol=0)
