@@ -28,22 +28,41 @@ struct Partials {
     explicit Partials(const Problem<T>& P) : d_in_t(P.chunks * P.width * P.n, T(0)), d_coeff(P.chunks, 0.0) {}
 };
 
+// Independent partial sums of a row reduction: kLanes of them (four AVX-512 vectors of
+// float) keep the adds of a sum from waiting on each other, and fix the order of the adds
+// in the source (lane l sums the entries i ≡ l mod kLanes, then the lanes pairwise, halves
+// folded onto each other): the same bits whatever vector width the compiler picks.
+constexpr int64_t kLanes = 64;
+
 // Row j's share of the embedding gradients of chunk h from the weights W (n): distance
 // kernels ∂b_j = Σ_i W_i (b_j − a_i), ∂a_i −= W_i (b_j − a_i); dot-product kernels
 // ∂b_j = Σ_i W_i a_i, ∂a_i += W_i b_j.
 template <bool Distance, typename T>
 inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const T* W, T* d_out_emb,
                                 Partials<T>& acc) {
-    const int64_t n = P.n;
+    const int64_t n = P.n, whole = n - n % kLanes;
     const T* b = P.out_emb + (h * P.m + j) * P.width;
     T* db = d_out_emb + (h * P.m + j) * P.width;
     for (int64_t d = 0; d < P.width; ++d) {
         const T* a = P.in_t + (h * P.width + d) * n;
         T* da = acc.d_in_t.data() + (h * P.width + d) * n;
         const T bd = b[d];
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; ++i) {
+        T lanes[kLanes] = {};
+        for (int64_t start = 0; start < whole; start += kLanes) {
+#pragma omp simd
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const int64_t i = start + l;
+                const T w = Distance ? W[i] * (bd - a[i]) : W[i] * a[i];
+                lanes[l] += w;
+                da[i] += Distance ? -w : W[i] * bd;
+            }
+        }
+        for (int64_t half = kLanes / 2; half > 0; half /= 2) {
+#pragma omp simd
+            for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+        }
+        T sum = lanes[0];
+        for (int64_t i = whole; i < n; ++i) {
             const T w = Distance ? W[i] * (bd - a[i]) : W[i] * a[i];
             sum += w;
             da[i] += Distance ? -w : W[i] * bd;
@@ -229,6 +248,17 @@ struct Upstream {
     const SparseRows<T>* sparse;
 };
 
+// D = g·(the sparsification's derivative at the raw row K) over n entries (g alone for kNone).
+template <typename T>
+TP_CPU_CLONES void masked_upstream(const T* g, const T* K, int64_t n, T tau, int mode, T* D) {
+    if (mode == kNone) {
+        std::copy(g, g + n, D);
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) D[i] = g[i] * mask_factor(K[i], tau, mode, true);
+}
+
 // D = row j of ∂L/∂ΔW_raw; from dense Γ with mode ≠ kNone, K is the raw row.
 template <typename T>
 inline void upstream_row(const Problem<T>& P, const Upstream<T>& up, int64_t j, const T* K, T tau, int mode, T* D) {
@@ -239,8 +269,7 @@ inline void upstream_row(const Problem<T>& P, const Upstream<T>& up, int64_t j, 
         for (int64_t e = rows.row_start[j]; e < rows.row_start[j + 1]; ++e) D[rows.columns[e]] = rows.values[e];
         return;
     }
-    const T* g = up.grad + j * n;
-    for (int64_t i = 0; i < n; ++i) D[i] = mode == kNone ? g[i] : g[i] * mask_factor(K[i], tau, mode, true);
+    masked_upstream(up.grad + j * n, K, n, tau, mode, D);
 }
 
 // Row j of D = ∂L/∂ΔW_raw, and what backward_row and the softmax's gradient read: P and
