@@ -19,6 +19,20 @@
 
 namespace {
 
+// Where a backward writes the sparsified ΔW it rebuilds (a linear layer's ∂input reads it):
+// `values` (m, n), none when null; given W0's rows `weight` (row j at weight + j·weight_stride),
+// W0 + ΔW there instead, as apply_mask adds.
+template <typename T>
+struct DeltaOutput {
+    T* values = nullptr;
+    const T* weight = nullptr;
+    int64_t weight_stride = 0;
+    // Row j of it from the raw row K.
+    void write(const T* K, int64_t j, int64_t n, T tau, int mode) const {
+        apply_mask(K, values + j * n, n, tau, mode, weight == nullptr ? nullptr : weight + j * weight_stride);
+    }
+};
+
 // A chunk's gradient partials; sums over all m·n entries accumulate in double.
 template <typename T>
 struct Partials {
@@ -166,11 +180,12 @@ TP_CPU_CLONES int64_t accumulate_row(const T* g, const T* x, int64_t stride, int
 
 // For a linear layer y = x·(W0 + ΔW)ᵀ: D from Γ = grad_outᵀ·input (grad_out (tokens, m),
 // input (tokens, n)) computed only where the mask (|ΔW_raw| > τ) keeps an entry, each as a
-// dot product over the tokens: the dense product's work times the kept fraction. Given
-// `delta` (m, n), the sparsified ΔW is written there from the rows the mask is taken of.
+// dot product over the tokens: the dense product's work times the kept fraction. Given a
+// `delta` output, the sparsified ΔW (or W0 + ΔW) is written there from the rows the mask
+// is taken of.
 template <typename T>
 SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* input, int64_t tokens, T tau,
-                               int mode, T* delta) {
+                               int mode, const DeltaOutput<T>& delta) {
     const int64_t m = P.m, n = P.n;
     SparseRows<T> D;
     std::vector<T> factors;
@@ -186,7 +201,7 @@ SparseRows<T> sampled_upstream(const Problem<T>& P, const T* grad_out, const T* 
             std::vector<T> K(n);
             for (int64_t j = begin; j < end; ++j) {
                 raw_row(P, j, K.data(), rows);
-                if (delta != nullptr) apply_mask(K.data(), delta + j * n, n, tau, mode);
+                if (delta.values != nullptr) delta.write(K.data(), j, n, tau, mode);
                 const size_t before = columns.size();
                 for (int64_t i = 0; i < n; ++i) {
                     const T factor = mask_factor(K[i], tau, mode, true);
@@ -277,9 +292,10 @@ inline void upstream_row(const Problem<T>& P, const Upstream<T>& up, int64_t j, 
 // when the mask of dense Γ needs it, `delta` (m, n) is given, which gets its
 // sparsified row, or the kernel is mixture (as raw_row makes it: the same bits).
 template <typename T>
-void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, T* delta, T* K, T* D,
+void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, int mode, const DeltaOutput<T>& delta,
+                  T* K, T* D,
                   Rows<T>& rows) {
-    const bool need_raw = (mode != kNone && up.sparse == nullptr) || delta != nullptr;
+    const bool need_raw = (mode != kNone && up.sparse == nullptr) || delta.values != nullptr;
     if (is_piecewise(P.kernel)) {
         piecewise_row(P, j, rows.piecewise.data(), rows.roots.data(), rows);
         if (need_raw || P.kernel == kMixture) std::copy(rows.piecewise.begin(), rows.piecewise.end(), K);
@@ -287,7 +303,7 @@ void row_upstream(const Problem<T>& P, const Upstream<T>& up, int64_t j, T tau, 
     } else if (need_raw) {
         raw_row(P, j, K, rows);
     }
-    if (delta != nullptr) apply_mask(K, delta + j * P.n, P.n, tau, mode);
+    if (delta.values != nullptr) delta.write(K, j, P.n, tau, mode);
     upstream_row(P, up, j, K, tau, mode, D);
 }
 
@@ -329,19 +345,20 @@ TP_CPU_CLONES void softmax_backward(const Problem<T>& P, const T* piecewise, con
 
 // The whole backward from ∂L/∂(output) (`up`); with mode ≠ kNone the output was sparsified
 // with τ. Writes d_out_emb (H, m, p), d_in_t (H, p, n), d_coeff (H), d_params (3) and,
-// given `delta` (m, n; mode ≠ kNone), the sparsified ΔW the mask was taken of. Mixture
+// given a `delta` output (mode ≠ kNone), the sparsified ΔW the mask was taken of (or W0 + ΔW). Mixture
 // takes two passes over the rows: the first sums c_i = Σ_j D_ji S_ji, the second the
 // gradients. The second pass makes the rows again from the embeddings (mixture's S from
 // the column statistics). When mixture's statistics are made here and `delta` is given,
 // their pass leaves P's rows in `delta` for the first pass, which adds the softmax terms
 // to them instead of making P again (the second pass then writes ΔW over them).
 template <typename T>
-void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T* d_out_emb, T* d_in_t, T* d_coeff,
+void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, const DeltaOutput<T>& delta, T* d_out_emb,
+              T* d_in_t, T* d_coeff,
               T* d_params) {
     const int64_t n = P.n, chunks = row_chunks(P), in_size = P.chunks * P.width * n;
     const bool mixture = P.kernel == kMixture;
     ColumnStatistics<T> held;
-    const bool p_held = ensure_statistics(P, held, delta) && delta != nullptr;
+    const bool p_held = ensure_statistics(P, held, delta.values) && delta.values != nullptr;
     std::vector<T> column_dot(n, T(0));
     std::vector<Partials<T>> partials(chunks, Partials<T>(P));
     if (mixture) {
@@ -353,11 +370,11 @@ void backward(Problem<T>& P, const Upstream<T>& up, T tau, int mode, T* delta, T
             std::vector<T> K(n), D(n);
             for (int64_t j = begin; j < end; ++j) {
                 if (p_held) {
-                    T* row = delta + j * n;
+                    T* row = delta.values + j * n;
                     add_softmax_terms(P, row, rows.soft.data());
                     upstream_row(P, up, j, row, tau, mode, D.data());
                 } else {
-                    row_upstream(P, up, j, tau, mode, static_cast<T*>(nullptr), K.data(), D.data(), rows);
+                    row_upstream(P, up, j, tau, mode, DeltaOutput<T>{}, K.data(), D.data(), rows);
                 }
                 softmax_dots(P, rows.soft.data(), D.data(), local.data(), partials[c]);
             }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -29,11 +30,17 @@ constexpr int64_t first_digit_bins() {
     return int64_t(1) << tensor_peft::radix::Key<T>::kDigit;
 }
 
-// out = x·mask_factor(x), in place allowed.
+// out = x·mask_factor(x), or W0 + x·mask_factor(x) given W0's values `weight` (one rounding:
+// the sum of W0 and the sparsified entry, std::fma); in place allowed.
 template <typename T>
-TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode) {
+TP_CPU_CLONES void apply_mask(const T* x, T* out, int64_t count, T tau, int mode, const T* weight = nullptr) {
+    if (weight == nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) out[i] = x[i] * mask_factor(x[i], tau, mode, false);
+        for (int64_t i = 0; i < count; ++i) out[i] = x[i] * mask_factor(x[i], tau, mode, false);
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) out[i] = std::fma(x[i], mask_factor(x[i], tau, mode, false), weight[i]);
 }
 
 // The keys key_at(i) of count values that share `prefix` on `prefix_mask`, compacted in
@@ -135,22 +142,23 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
     return kth_smallest_magnitude(x, count, k, first_counts.data());
 }
 
-// out = x·mask_factor(x) over count values, in place allowed, in parallel.
+// apply_mask over count values (and W0's `weight`, given it), in parallel.
 template <typename T>
-void mask(const T* x, T* out, int64_t count, T tau, int mode) {
+void mask(const T* x, T* out, int64_t count, T tau, int mode, const T* weight = nullptr) {
 #pragma omp parallel for schedule(static)
     for (int64_t start = 0; start < count; start += kChunk)
-        apply_mask(x + start, out + start, std::min(kChunk, count - start), tau, mode);
+        apply_mask(x + start, out + start, std::min(kChunk, count - start), tau, mode,
+                   weight == nullptr ? nullptr : weight + start);
 }
 
 
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
-// masked by tau (τ known). Counts are integers: their sum is exact in any order.
-// Mixture's statistics pass leaves P's rows in out, and each row adds its softmax terms
-// there: κ is made once.
+// masked by tau (τ known; added onto W0's `weight` (m, n) given it). Counts are integers:
+// their sum is exact in any order. Mixture's statistics pass leaves P's rows in out, and
+// each row adds its softmax terms there: κ is made once.
 template <typename T>
-void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
+void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau, const T* weight = nullptr) {
     const int64_t chunks = row_chunks(P);
     ColumnStatistics<T> held;
     const bool p_in_out = ensure_statistics(P, held, out);
@@ -166,7 +174,7 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
             if (first_counts)
                 count_first_digits(row, P.n, counts.data());
             else if (mode != kNone)
-                apply_mask(row, row, P.n, tau, mode);
+                apply_mask(row, row, P.n, tau, mode, weight == nullptr ? nullptr : weight + j * P.n);
         }
         if (first_counts) {
 #pragma omp critical(tensor_peft_counts)
@@ -177,13 +185,13 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
 
 // τ by radix select over all of ΔW_raw, made into out first: the first digit counted as
 // each row is made, then the keys of its bin compacted (kth_smallest_magnitude); out
-// sparsified by τ.
+// sparsified by τ (and added onto W0's `weight`, given it).
 template <typename T>
-T select_by_radix(Problem<T>& P, T* out, int64_t k, int mode) {
+T select_by_radix(Problem<T>& P, T* out, int64_t k, int mode, const T* weight) {
     std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
     raw(P, out, first_counts.data(), mode, T(0));
     const T tau = kth_smallest_magnitude(static_cast<const T*>(out), P.m * P.n, k, first_counts.data());
-    mask(out, out, P.m * P.n, tau, mode);
+    mask(out, out, P.m * P.n, tau, mode, weight);
     return tau;
 }
 
@@ -309,7 +317,8 @@ TP_CPU_CLONES void classify_row(const T* row, int64_t n, int64_t first, Bits low
     undecided.size = size;
 }
 
-// ΔW = κ(Out, In) sparsified into out (m, n) by the k-th smallest magnitude τ, returned.
+// ΔW = κ(Out, In) sparsified into out (m, n) by the k-th smallest magnitude τ, returned
+// (added onto W0's `weight` (m, n), given it, as apply_mask adds).
 // The bracket of a sample (sample_bracket) lets each row, while in cache, count the
 // entries it decides as dropped and keep aside the few it leaves undecided; hard rows are
 // masked there too (a decided entry's mask does not depend on τ). τ is then selected among
@@ -317,10 +326,10 @@ TP_CPU_CLONES void classify_row(const T* row, int64_t n, int64_t first, Bits low
 // the k-th smallest lies outside the bracket, or too many entries are undecided, the whole
 // ΔW is made again and τ selected by radix (select_by_radix): the same τ, more time.
 template <typename T>
-T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode) {
+T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode, const T* weight) {
     using Bits = typename tensor_peft::radix::Key<T>::type;
     const int64_t sample = std::min(kMaxSample, P.m * P.n / kSampleEvery);
-    if (sample < kMinSample) return select_by_radix(P, out, k, mode);
+    if (sample < kMinSample) return select_by_radix(P, out, k, mode, weight);
     ColumnStatistics<T> held;
     const bool p_in_out = ensure_statistics(P, held, out);
     const Bracket<Bits> bracket = sample_bracket(P, k, sample);
@@ -340,7 +349,8 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode) {
                 raw_row(P, j, row, rows);
             if (undecided[c].overflow) continue;
             classify_row(row, P.n, j * P.n, bracket.low, bracket.high, flags.data(), undecided[c]);
-            if (mode == kHard) apply_mask(row, row, P.n, decided_tau, mode);
+            if (mode == kHard)
+                apply_mask(row, row, P.n, decided_tau, mode, weight == nullptr ? nullptr : weight + j * P.n);
         }
     });
     int64_t below = 0, count = 0;
@@ -350,7 +360,7 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode) {
         count += chunk.size;
         overflow = overflow || chunk.overflow;
     }
-    if (overflow || k <= below || k > below + count) return select_by_radix(P, out, k, mode);
+    if (overflow || k <= below || k > below + count) return select_by_radix(P, out, k, mode, weight);
     std::vector<Bits> keys;
     keys.reserve(count);
     for (const Undecided<T>& chunk : undecided)
@@ -358,28 +368,32 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode) {
     std::nth_element(keys.begin(), keys.begin() + (k - below - 1), keys.end());
     const T tau = tensor_peft::radix::from_key<T>(keys[k - below - 1]);
     if (mode != kHard) {
-        mask(out, out, P.m * P.n, tau, mode);
+        mask(out, out, P.m * P.n, tau, mode, weight);
         return tau;
     }
     for_each_chunk(chunks, [&](int64_t c) {
         const Undecided<T>& chunk = undecided[c];
         const int64_t* index = chunk.index.data();
         const T* value = chunk.value.data();
-        for (int64_t e = 0; e < chunk.size; ++e) out[index[e]] = value[e] * mask_factor(value[e], tau, mode, false);
+        for (int64_t e = 0; e < chunk.size; ++e) {
+            const T factor = mask_factor(value[e], tau, mode, false);
+            out[index[e]] = weight == nullptr ? value[e] * factor : std::fma(value[e], factor, weight[index[e]]);
+        }
     });
     return tau;
 }
 
 // out (m, n) = ΔW = κ(Out, In); with mode ≠ kNone sparsified by τ: the k-th smallest
-// magnitude for k > 0 (select_by_bracket), else given_tau. Returns τ (given_tau when
-// nothing is selected).
+// magnitude for k > 0 (select_by_bracket), else given_tau; then, given W0's `weight` (m, n;
+// mode ≠ kNone), out = W0 + ΔW in the same pass. Returns τ (given_tau when nothing is
+// selected).
 template <typename T>
-T forward(Problem<T>& P, T* out, int64_t k, int mode, T given_tau) {
+T forward(Problem<T>& P, T* out, int64_t k, int mode, T given_tau, const T* weight = nullptr) {
     if (mode == kNone || k == 0) {
-        raw(P, out, nullptr, mode, k == 0 ? given_tau : T(0));
+        raw(P, out, nullptr, mode, k == 0 ? given_tau : T(0), weight);
         return given_tau;
     }
-    return select_by_bracket(P, out, k, mode);
+    return select_by_bracket(P, out, k, mode, weight);
 }
 
 }  // namespace
