@@ -16,8 +16,11 @@
 
 #include "kernelized_rows.h"
 #include "kernelized_select.h"
+#include "tensor_peft/partial_sums.h"
 
 namespace {
+
+using tensor_peft::cpu::fold_lanes, tensor_peft::cpu::kLanes;
 
 // Where a backward writes the sparsified ΔW it rebuilds (a linear layer's ∂input reads it):
 // `values` (m, n), none when null; given W0's rows `weight` (row j at weight + j·weight_stride),
@@ -42,15 +45,9 @@ struct Partials {
     explicit Partials(const Problem<T>& P) : d_in_t(P.chunks * P.width * P.n, T(0)), d_coeff(P.chunks, 0.0) {}
 };
 
-// Independent partial sums of a row reduction: kLanes of them (four AVX-512 vectors of
-// float) keep the adds of a sum from waiting on each other, and fix the order of the adds
-// in the source (lane l sums the entries i ≡ l mod kLanes, then the lanes pairwise, halves
-// folded onto each other): the same bits whatever vector width the compiler picks.
-constexpr int64_t kLanes = 64;
-
 // Row j's share of the embedding gradients of chunk h from the weights W (n): distance
 // kernels ∂b_j = Σ_i W_i (b_j − a_i), ∂a_i −= W_i (b_j − a_i); dot-product kernels
-// ∂b_j = Σ_i W_i a_i, ∂a_i += W_i b_j.
+// ∂b_j = Σ_i W_i a_i, ∂a_i += W_i b_j. The row sums in lanes (tensor_peft/partial_sums.h).
 template <bool Distance, typename T>
 inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const T* W, T* d_out_emb,
                                 Partials<T>& acc) {
@@ -71,11 +68,7 @@ inline void embedding_gradients(const Problem<T>& P, int64_t j, int64_t h, const
                 da[i] += Distance ? -w : W[i] * bd;
             }
         }
-        for (int64_t half = kLanes / 2; half > 0; half /= 2) {
-#pragma omp simd
-            for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
-        }
-        T sum = lanes[0];
+        T sum = fold_lanes(lanes);
         for (int64_t i = whole; i < n; ++i) {
             const T w = Distance ? W[i] * (bd - a[i]) : W[i] * a[i];
             sum += w;

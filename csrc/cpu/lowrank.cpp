@@ -18,6 +18,7 @@
 #include "tensor_peft/arguments.h"
 #include "tensor_peft/common.h"
 #include "tensor_peft/huge_pages.h"
+#include "tensor_peft/partial_sums.h"
 #include "tensor_peft/lowrank.h"
 #include "tensor_peft/threads.h"
 #include "tensor_peft/vector_exp.h"
@@ -27,7 +28,7 @@ namespace py = pybind11;
 namespace {
 
 using tensor_peft::cpu::chunk_count, tensor_peft::cpu::chunk_range, tensor_peft::cpu::for_each_chunk;
-using tensor_peft::cpu::vector_exp;
+using tensor_peft::cpu::fold_lanes, tensor_peft::cpu::kLanes, tensor_peft::cpu::vector_exp;
 namespace arguments = tensor_peft::arguments;
 
 using namespace tensor_peft::lowrank;  // Epilogue
@@ -66,7 +67,8 @@ inline __attribute__((always_inline)) void forward_row(T* out, const T* w, const
     }
 }
 
-// One row of the backward: du[a] = scale · <D_row, R[a, :]>, dR[a, :] += scale · u[a] · D_row.
+// One row of the backward: du[a] = scale · <D_row, R[a, :]> (its sum in lanes,
+// tensor_peft/partial_sums.h), dR[a, :] += scale · u[a] · D_row.
 template <typename T>
 inline __attribute__((always_inline)) void backward_row(const T* g_row, const T* w, const T* u, const T* R,
                                                         int64_t r0, int64_t n, T scale, int epilogue, T* du, T* dR) {
@@ -84,13 +86,21 @@ inline __attribute__((always_inline)) void backward_row(const T* g_row, const T*
         } else {
             for (int64_t j = 0; j < width; ++j) d[j] = g[j] * w[start + j];
         }
+        const int64_t whole = width - width % kLanes;
         for (int64_t a = 0; a < r0; ++a) {
             const T* r = R + a * n + start;
             T* dr = dR + a * n + start;
             const T coefficient = scale * u[a];
-            T dot = 0;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < width; ++j) {
+            T lanes[kLanes] = {};
+            for (int64_t block = 0; block < whole; block += kLanes) {
+#pragma omp simd
+                for (int64_t l = 0; l < kLanes; ++l) {
+                    lanes[l] += d[block + l] * r[block + l];
+                    dr[block + l] += coefficient * d[block + l];
+                }
+            }
+            T dot = fold_lanes(lanes);
+            for (int64_t j = whole; j < width; ++j) {
                 dot += d[j] * r[j];
                 dr[j] += coefficient * d[j];
             }
