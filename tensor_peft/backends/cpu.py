@@ -93,9 +93,11 @@ def _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, 
     return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
-def _transposed_gradients(backward, upstream, out_emb, in_t, kernel, coeff, params, eps, tau, mode, delta=None):
+def _transposed_gradients(backward, upstream, out_emb, in_t, kernel, coeff, params, eps, tau, mode, delta=None,
+                          base=None):  # fmt: skip
     """[∂out_emb, ∂in_t, ∂coeff, ∂params] by the _C kernel ``backward`` for In given as
-    ``in_t`` (H, p, n), writing the sparsified ΔW into ``delta`` when given."""
+    ``in_t`` (H, p, n), writing the sparsified ΔW into ``delta`` when given, W0 + ΔW given
+    W0's ``base`` (its rows unit-stride, in delta's dtype)."""
     chunks, m, width = out_emb.shape
     n = in_t.shape[2]
     d_out, d_in_t = torch.empty_like(out_emb), torch.empty_like(in_t)
@@ -105,7 +107,8 @@ def _transposed_gradients(backward, upstream, out_emb, in_t, kernel, coeff, para
         kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
         tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, C.module()), d_out_emb=d_out.data_ptr(),
         d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
-        delta=0 if delta is None else delta.data_ptr(),
+        delta=0 if delta is None else delta.data_ptr(), weight=0 if base is None else base.data_ptr(),
+        weight_stride=0 if base is None else base.stride(0),
     )  # fmt: skip
     return [d_out, d_in_t, d_coeff, d_params]
 
@@ -162,6 +165,12 @@ def _block_columns(m: int, n: int) -> int:
     return min(max(columns, _MIN_BLOCK_COLUMNS), n)
 
 
+def _takes_base(weight, delta) -> bool:
+    """Whether the kernel can write W0 + ΔW itself: W0's rows unit-stride in ΔW's dtype (a
+    wider W0 is summed in its own dtype by effective_weight)."""
+    return weight is not None and weight.dtype == delta.dtype and weight.stride(1) == 1
+
+
 @register("sparse_linear_backward", "cpu")
 def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
                            grad_for_input):  # fmt: skip
@@ -170,8 +179,9 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
     columns): Γ[:, C] = grad_outᵀ·input[:, C] by the matrix product, or computed by the
     kernel only where the mask keeps an entry (when at most _SAMPLED_BELOW of the entries
     are kept and there are at least _SAMPLED_MIN_TOKENS tokens); the kernel's gradients,
-    which write the block's sparsified ΔW[:, C] on the way; and, given ``grad_for_input``
-    (grad_out in the dtype ∂input takes), ∂input[:, C] = grad_for_input·(W0 + ΔW)[:, C].
+    which write the block's sparsified ΔW[:, C] on the way (added onto W0[:, C] there when
+    W0 is in the kernel's dtype); and, given ``grad_for_input`` (grad_out in the dtype
+    ∂input takes), ∂input[:, C] = grad_for_input·(W0 + ΔW)[:, C].
     Nothing m×n exists at once. ∂out_emb, ∂coeff and ∂params are summed over the blocks in
     block order."""
     chunks, m, width = out_emb.shape
@@ -197,15 +207,18 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
             gamma = grad_out.t() @ block_input
             backward, upstream = kernels.kernelized_backward, {"grad": gamma.data_ptr()}
         delta = out_emb.new_empty(m, block_input.shape[1]) if input_grad else None
+        block_weight = None if weight is None or not input_grad else weight[:, columns]
+        base = block_weight if _takes_base(block_weight, delta) else None
         block_out, d_in_t[:, :, columns], block_coeff, block_params = _transposed_gradients(
-            backward, upstream, out_emb, in_t[:, :, columns].contiguous(), kernel, coeff, params, eps, tau, mode, delta
+            backward, upstream, out_emb, in_t[:, :, columns].contiguous(), kernel, coeff, params, eps, tau, mode, delta,
+            base,
         )  # fmt: skip
         d_out += block_out
         d_coeff += block_coeff
         d_params += block_params
         if input_grad:
-            block_weight = None if weight is None else weight[:, columns]
-            grad_input[:, columns] = grad_for_input @ effective_weight(delta, block_weight).to(grad_input.dtype)
+            effective = delta if base is not None else effective_weight(delta, block_weight)
+            grad_input[:, columns] = grad_for_input @ effective.to(grad_input.dtype)
     return [grad_input, d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 

@@ -389,3 +389,27 @@ def test_cpu_fused_selection_equals_a_sort_of_the_raw_delta(dtype, mode):
                 k = dropped_count(sparsity, raw.numel())
                 assert tau == raw.abs().flatten().sort().values[k - 1], (kernel, sparsity)
                 torch.testing.assert_close(got, naive_sparsify(raw, sparsity, mode), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.usefixtures("column_blocks_of_64")
+def test_cpu_sparse_linear_adds_w0_of_any_layout_in_its_backward(layout):
+    """The cpu backward writes W0 + ΔW itself from W0's unit-stride rows, and sums a W0 of
+    another layout outside the kernel: the gradients either way against the reference
+    backend's F.linear with W0 + ΔW, float32, three column blocks."""
+    generator = torch.Generator().manual_seed(32)
+    x = torch.randn(7, 150, generator=generator, requires_grad=True)
+    out_emb = torch.randn(2, 23, 2, generator=generator, requires_grad=True)
+    in_emb = torch.randn(2, 150, 2, generator=generator, requires_grad=True)
+    weight = torch.randn(23, 150, generator=generator)
+    if layout == "transposed":
+        weight = weight.t().contiguous().t()
+    upstream = torch.randn(7, 23, generator=generator)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        with backends.use(backend):
+            y = sparse_linear(x, weight, None, out_emb, in_emb, 0.5)
+            grads[backend] = torch.autograd.grad(y, [x, out_emb, in_emb], upstream)
+    for got, want in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
