@@ -361,9 +361,9 @@ def test_sparse_linear_of_a_wider_weight_than_the_embeddings_sums_in_the_wider_d
 
 
 def _cpu_selection_cases():
-    """(out_emb, in_emb, kernel): grids larger than the cpu kernel's 512 × 512 sample, one
-    whose sampled rows (every other row of 1024) are far smaller than the others (the
-    sample's bracket misses τ), and one whose ΔW is all ties (every entry undecided)."""
+    """(out_emb, in_emb, kernel): ΔW large enough for the cpu kernel's sample (at most one
+    entry in 16 of it), one whose every other row is a thousand times smaller than the
+    rest, and one whose ΔW is all ties (every entry undecided: the kernel selects by radix)."""
     generator = torch.Generator().manual_seed(24)
     for shape, kernel in (((1100, 700), "piecewise_linear"), ((37, 4100), "rbf"), ((600, 1030), "mixture")):
         yield torch.randn(2, shape[0], 3, generator=generator), torch.randn(2, shape[1], 3, generator=generator), kernel
@@ -379,7 +379,7 @@ def _cpu_selection_cases():
 def test_cpu_fused_selection_equals_a_sort_of_the_raw_delta(dtype, mode):
     """The cpu kernel selects τ among the entries its sample leaves undecided, masking the
     others while each row is made: τ and the sparsified ΔW equal a full sort of the same
-    backend's raw ΔW, bit for bit, for every sparsity, also where the sample misleads."""
+    backend's raw ΔW, bit for bit, for every sparsity, also where all entries tie."""
     with backends.use("cpu"):
         for out_emb, in_emb, kernel in _cpu_selection_cases():
             out_emb, in_emb = out_emb.to(dtype), in_emb.to(dtype)
