@@ -98,20 +98,6 @@ def run(op: str, device: torch.device, *args):
         return kernel(*args)
 
 
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-
-def runs_eagerly(*tensors: Tensor | None) -> bool:
-    """Whether a custom op's Python implementation may be called directly instead of the
-    registered op, skipping the dispatcher (its cost per call is of the order of a small
-    layer's kernels): in eager mode, on plain tensors (and parameters) on a real device.
-    torch.compile, tensor subclasses (fake, functional, DTensor) and meta tensors need the
-    registered op."""
-    return not torch.compiler.is_compiling() and all(
-        tensor is None or (type(tensor) in _PLAIN_TENSORS and not tensor.is_meta) for tensor in tensors
-    )
-
-
 def record_backend(ctx, op: str, device: torch.device) -> None:
     """Keep on ``ctx`` the backend that ran the forward ``op`` (selected in this thread and
     context now, as the forward just was), so that ``forward_backend`` runs the backward

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import MODES, THRESHOLDS, check_choice
 from ..backends.kernelized_ops import effective_weight
-from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run, runs_eagerly
+from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
 from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
 from .sparsify import select, sparsity_tensor
 
@@ -176,11 +176,13 @@ def _sparse_linear_forward(
     sparsity: Tensor,
     kernel: str,
     coeff: Tensor,
-    params: Tensor,
+    stored_params: Tensor,
+    softplus_count: int,
     eps: float,
     mode: str,
     threshold: str,
 ) -> tuple[Tensor, Tensor]:
+    params = softplus_tail(stored_params, softplus_count)
     delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, None)
     return F.linear(input, effective_weight(delta, weight).to(input.dtype), bias), tau
 
@@ -191,7 +193,8 @@ _sparse_linear = torch.library.custom_op(
 
 
 @_sparse_linear.register_fake
-def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
+def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, stored_params, softplus_count, eps, mode,
+      threshold):  # fmt: skip
     return input.new_empty(*input.shape[:-1], out_emb.shape[1]), out_emb.new_empty(())
 
 
@@ -268,53 +271,40 @@ def _softplus_tail_backward(grad: Tensor, values: Tensor, count: int) -> Tensor:
     return torch.cat([plain, tail * torch.sigmoid(values[values.shape[0] - count :])])
 
 
-class _SparseLinear(torch.autograd.Function):
-    """sparse_linear's autograd, a Function around the forward op instead of the op's
-    registered autograd: that wrapper fills the op's 12-argument schema again on every
-    call, a cost a small layer's step notices. In eager mode on plain tensors the
-    two ops' implementations are called directly (``runs_eagerly``). Under torch.compile
-    the backend is not recorded (reading the request would break the graph there): the
-    backward selects its own, as the FLoRA layer's projected gradients do.
+def _sparse_linear_setup_context(ctx, inputs, output):
+    """sparse_linear's autograd keeps the inputs and τ, nothing m×n. ``stored_params`` are
+    the kernel's parameters with the last ``softplus_count`` of them as an adapter stores
+    them (``softplus_tail``): the transform and its derivative run inside the op, not as
+    autograd nodes of their own (a few per layer and step)."""
+    input, weight, _, out_emb, in_emb, sparsity, kernel, coeff, stored_params, softplus_count, eps, mode, _ = inputs
+    _, tau = output
+    ctx.mark_non_differentiable(tau)
+    ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, stored_params, tau, sparsity)
+    ctx.kernel, ctx.eps, ctx.mode, ctx.softplus_count = kernel, eps, mode, softplus_count
+    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
 
-    ``stored_params`` are the kernel's parameters with the last ``softplus_count`` of them
-    as an adapter stores them (``softplus_tail``): the transform and its derivative run
-    here, not as autograd nodes of their own (a few per layer and step)."""
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, stored_params, softplus_count, eps,
-                mode, threshold):  # fmt: skip
-        params = softplus_tail(stored_params, softplus_count)
-        eager = runs_eagerly(input, weight, bias, out_emb, in_emb, sparsity, coeff, params)
-        output, tau = (_sparse_linear_forward if eager else _sparse_linear)(
-            input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
+def _sparse_linear_backward_formula(ctx, grad, grad_tau):
+    saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each tensor once
+    input, weight, out_emb, in_emb, coeff, stored_params, tau, sparsity = saved
+    params = softplus_tail(stored_params, ctx.softplus_count)
+    input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+    with forward_backend(ctx):
+        grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+            grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
+            input_grad, kernel_grads,
         )  # fmt: skip
-        ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity, stored_params)
-        ctx.kernel, ctx.eps, ctx.mode, ctx.softplus_count = kernel, eps, mode, softplus_count
-        if torch.compiler.is_compiling():
-            ctx.backend = None
-        else:
-            record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
-        return output
+    grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
+    if not input_grad:
+        grad_input = None
+    if not kernel_grads:
+        d_out = d_in = d_coeff = d_params = None
+    elif ctx.softplus_count:
+        d_params = _softplus_tail_backward(d_params, stored_params, ctx.softplus_count)
+    return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None, None
 
-    @staticmethod
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each tensor once
-        input, weight, out_emb, in_emb, coeff, params, tau, sparsity, stored_params = saved
-        input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        gradients = _sparse_linear_gradients if runs_eagerly(grad, *saved) else _sparse_linear_backward
-        with forward_backend(ctx):
-            grad_input, d_out, d_in, d_coeff, d_params = gradients(
-                grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
-                input_grad, kernel_grads,
-            )  # fmt: skip
-        grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
-        if not input_grad:
-            grad_input = None
-        if not kernel_grads:
-            d_out = d_in = d_coeff = d_params = None
-        elif ctx.softplus_count:
-            d_params = _softplus_tail_backward(d_params, stored_params, ctx.softplus_count)
-        return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None, None
+
+_sparse_linear.register_autograd(_sparse_linear_backward_formula, setup_context=_sparse_linear_setup_context)
 
 
 def sparse_linear(
@@ -382,6 +372,6 @@ def prepared_sparse_linear(
     of ``params`` in an adapter's stored form (``softplus_tail``). For a caller that builds
     them so on every forward (the SNELL layer), where the checks cost as much as a small
     layer's kernels."""
-    return _SparseLinear.apply(
+    return _sparse_linear(
         input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, softplus_count, eps, mode, threshold
-    )  # fmt: skip
+    )[0]  # fmt: skip

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import EXP_FORMS, check_choice, check_real
 from ._common import (
-    check_frozen, check_same_device, check_tensor, forward_backend, prepare, record_backend, run, runs_eagerly,
+    check_frozen, check_same_device, check_tensor, forward_backend, prepare, record_backend, run,
 )  # fmt: skip
 
 
@@ -150,13 +150,6 @@ def dequantized_block_rows(rows: int, cols: int, granularity: int) -> int:
     return max(1, min(-(-count // granularity) * granularity, rows))
 
 
-def _call(op, implementation, *args):
-    """The registered ``op``, or its implementation directly where that is the same
-    (``runs_eagerly``: the dispatcher's cost is paid per call, and a layer makes one a block)."""
-    tensors = [arg for arg in args if isinstance(arg, Tensor)]
-    return implementation(*args) if runs_eagerly(*tensors) else op(*args)
-
-
 def _rows_of(weight: Tensor | None, rows: RowSource | None, start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of W0: of ``weight``, or from ``rows`` where W0 is quantized."""
     return weight[start:stop] if rows is None else rows(start, stop)
@@ -170,7 +163,7 @@ def _blocks(rows: int, block: int) -> list[tuple[int, int]]:
 
 def _merged_rows(weight_rows: Tensor, B_rows: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
     """W_eff of one block of rows, by the merge kernel."""
-    return _call(_lowrank_hadamard_merge, _merge, weight_rows, B_rows, A, scale, exp)
+    return _lowrank_hadamard_merge(weight_rows, B_rows, A, scale, exp)
 
 
 class _HadamardLinear(torch.autograd.Function):
@@ -235,8 +228,8 @@ class _HadamardLinear(torch.autograd.Function):
                     grad_input.addmm_(g_sum[:, start:stop], merged.to(input.dtype).to(sum_dtype))
                 if wants_factors:
                     gamma = (g_product[:, start:stop].T @ x_product).to(weight_rows.dtype)
-                    d_B[start:stop], d_A_block = _call(
-                        _lowrank_hadamard_merge_backward, _merge_backward, gamma, reduced, B_rows, A, scale, reduced_exp
+                    d_B[start:stop], d_A_block = _lowrank_hadamard_merge_backward(
+                        gamma, reduced, B_rows, A, scale, reduced_exp
                     )
                     d_A = d_A_block if d_A is None else d_A.add_(d_A_block)  # in block order
         if wants_input:

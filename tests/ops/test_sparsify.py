@@ -358,3 +358,40 @@ def test_sparse_linear_of_a_wider_weight_than_the_embeddings_sums_in_the_wider_d
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(4, 12, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(got, x, upstream)[0], upstream @ (weight + delta))
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_sparse_linear_in_eager_mode_runs_the_registered_ops():
+    """One path: an eager call on plain tensors (a SNELL layer's training step) runs the
+    registered ``tensor_peft::sparse_linear`` and its registered backward, as torch.compile
+    and tensor subclasses do, and its result and gradients are the reference's."""
+    from tensor_peft.nn.snell import SNELLLayer
+
+    torch.manual_seed(16)
+    layer = SNELLLayer(torch.nn.Linear(12, 10).double(), r=4, sparsity=0.6, kernel="mixture")
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    trained = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    recorder = _OpNames()
+    with recorder:
+        got = layer(x)
+        got_grads = torch.autograd.grad(got.sum(), trained)
+    assert "tensor_peft::sparse_linear" in recorder.names
+    assert "tensor_peft::sparse_linear_backward" in recorder.names
+    with backends.use("reference"):
+        delta = layer.delta_weight(layer.adapters["default"])
+        expected = torch.nn.functional.linear(x, layer.weight + delta, layer.bias)
+        expected_grads = torch.autograd.grad(expected.sum(), trained)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got_t, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)
