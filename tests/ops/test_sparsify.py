@@ -188,9 +188,9 @@ def test_sparse_linear_backward_rebuilds_the_forward_delta_bit_for_bit(backend, 
     params = {} if kernel == "piecewise_linear" else {"alpha": 0.7, "gamma": 0.3}
     with backends.use(backend):
         delta, tau = sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode, **params)
-        (_, _, kernel_name, coeff, params_tensor, eps) = check_kernel_inputs(out_emb, in_emb, kernel, params)
+        problem = check_kernel_inputs(out_emb, in_emb, kernel, params)._replace(mode=mode)
         grad_input, *_ = registry.select("sparse_linear_backward", device)[1](
-            grad_out, x, None, out_emb, in_emb, sparsity, tau, kernel_name, coeff, params_tensor, eps, mode, grad_out
+            grad_out, x, None, problem, sparsity, tau, grad_out
         )  # fmt: skip
     assert torch.equal(grad_input, delta)
 
