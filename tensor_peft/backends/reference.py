@@ -204,7 +204,7 @@ def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[
 
 
 def kernelized_delta_backward(grad: Tensor, problem: KernelProblem) -> list[Tensor]:
-    """[∂L/∂out_emb, ∂L/∂in_emb, ∂L/∂coeff, ∂L/∂params] of ``kernelized_delta`` for Γ = ``grad`` (m, n); zeros for
+    """[∂L/∂out_emb, ∂L/∂in_emb, ∂L/∂coeff, ∂L/∂params] for Γ = ``grad`` (m, n); zeros for
     the parameters the kernel function does not use. Piecewise, per chunk h (∂r_h/∂b_j = (b_j − a_i)/r_h):
     W_h = Γ ⊙ coeff[h] / r_h gives ∂b_j, ∂a_i by ``_weighted_distance_grads``,
     ∂coeff[h] = Σ Γ ⊙ r_h. rbf: W = Γ ⊙ (−2 alpha beta E), E = exp(−beta D);

@@ -31,7 +31,7 @@ from ..backends.kernelized_ops import (
     PROBLEM_SCHEMA, KernelProblem, flat_problem, problem_gradients, rebuilt_problem, with_problem,
 )  # fmt: skip
 from ..config import KERNELS, check_choice, check_real
-from ._common import check_same_device, check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
+from ._common import check_same_device, check_tensor, compute_dtype, custom_op, prepare, register_backward, run
 
 # The parameters each kernel (each of config.KERNELS) takes, with their defaults (coeff's
 # default depends on H). A kernel takes all of SCALAR_PARAMS or none, and its positive ones
@@ -53,31 +53,27 @@ def default_coeff(chunks: int) -> list[float]:
     return [0.1 * (-1) ** h for h in range(chunks)]
 
 
-def _delta(problem: KernelProblem) -> Tensor:
+@custom_op(
+    "kernelized_delta", fake=with_problem(lambda problem: problem.out_emb.new_empty(problem.shape)),
+    schema=f"({PROBLEM_SCHEMA}) -> Tensor",
+)  # fmt: skip
+@with_problem
+def _kernelized_delta(problem: KernelProblem) -> Tensor:
     if problem.is_empty:
         return problem.out_emb.new_empty(problem.shape)
     return run("kernelized_sparse_delta", problem.out_emb.device, problem, 0)[0]
 
 
-_kernelized_delta = torch.library.custom_op(
-    "tensor_peft::kernelized_delta", with_problem(_delta), mutates_args=(), device_types=("cpu", "cuda"),
-    schema=f"({PROBLEM_SCHEMA}) -> Tensor",
+@custom_op(
+    "kernelized_sparse_delta_backward", fake=with_problem(lambda problem, grad, tau: fake_kernel_grads(problem)),
+    schema=f"({PROBLEM_SCHEMA}, Tensor grad, Tensor? tau) -> Tensor[]",
 )  # fmt: skip
-_kernelized_delta.register_fake(with_problem(lambda problem: problem.out_emb.new_empty(problem.shape)))
-
-
-def _delta_backward(problem: KernelProblem, grad: Tensor, tau: Tensor | None) -> list[Tensor]:
+@with_problem
+def kernel_gradients(problem: KernelProblem, grad: Tensor, tau: Tensor | None) -> list[Tensor]:
     """The kernel's gradients from ΔW's (sparsified by ``problem.mode`` with ``tau``, or dense)."""
     if problem.is_empty:  # the loss does not depend on the inputs
         return [torch.zeros_like(t) for t in problem.differentiable()]
     return run("kernelized_sparse_delta_backward", problem.out_emb.device, grad, problem, tau)
-
-
-kernel_gradients = torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_delta_backward", with_problem(_delta_backward), mutates_args=(),
-    device_types=("cpu", "cuda"), schema=f"({PROBLEM_SCHEMA}, Tensor grad, Tensor? tau) -> Tensor[]",
-)  # fmt: skip
-kernel_gradients.register_fake(with_problem(lambda problem, grad, tau: fake_kernel_grads(problem)))
 
 
 def fake_kernel_grads(problem: KernelProblem) -> list[Tensor]:
@@ -98,18 +94,15 @@ def saved_problem(ctx) -> tuple[KernelProblem, list[Tensor | None]]:
 
 
 def _setup_context(ctx, inputs, output):
-    problem, _ = rebuilt_problem(inputs)
-    save_problem(ctx, problem)
-    record_backend(ctx, "kernelized_sparse_delta", problem.out_emb.device)
+    save_problem(ctx, rebuilt_problem(inputs)[0])
 
 
 def _backward(ctx, grad):
     problem, _ = saved_problem(ctx)
-    with forward_backend(ctx):
-        return problem_gradients(*kernel_gradients(*flat_problem(problem, grad.contiguous(), None)))
+    return problem_gradients(*kernel_gradients(*flat_problem(problem, grad.contiguous(), None)))
 
 
-_kernelized_delta.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_kernelized_delta, "kernelized_sparse_delta", _setup_context, _backward)
 
 
 def prepared_problem(op: str | None, problem: KernelProblem) -> KernelProblem:

@@ -20,7 +20,7 @@ from ..backends.kernelized_ops import (
     PROBLEM_SCHEMA, KernelProblem, effective_weight, flat_problem, problem_gradients, rebuilt_problem, with_problem,
 )  # fmt: skip
 from ..config import MODES, THRESHOLDS, check_choice
-from ._common import check_same_device, check_tensor, forward_backend, record_backend, run
+from ._common import check_same_device, check_tensor, custom_op, register_backward, run
 from .kernelized_delta import (
     check_kernel_inputs, fake_kernel_grads, kernel_gradients, prepared_problem, save_problem, saved_problem,
 )  # fmt: skip
@@ -44,39 +44,34 @@ def _sparse_delta(problem: KernelProblem, sparsity: Tensor, threshold: str, tau:
     return select(compute, sparsity, math.prod(problem.shape), threshold, problem.params.dtype)
 
 
-def _sparse_delta_op(problem, sparsity, threshold, tau) -> tuple[Tensor, Tensor]:
+@with_problem
+def _fake_sparse_delta(problem, sparsity, threshold, tau):
+    return problem.out_emb.new_empty(problem.shape), problem.params.new_empty(())
+
+
+@custom_op(
+    "kernelized_sparse_delta", fake=_fake_sparse_delta,
+    schema=f"({PROBLEM_SCHEMA}, Tensor sparsity, str threshold, Tensor? tau) -> (Tensor, Tensor)",
+)  # fmt: skip
+@with_problem
+def _kernelized_sparse_delta(problem, sparsity, threshold, tau) -> tuple[Tensor, Tensor]:
     out, new_tau = _sparse_delta(problem, sparsity, threshold, tau)
     return out, new_tau if tau is None else new_tau.clone()  # an output must not be an input
 
 
-_kernelized_sparse_delta = torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_delta", with_problem(_sparse_delta_op), mutates_args=(),
-    device_types=("cpu", "cuda"), schema=f"({PROBLEM_SCHEMA}, Tensor sparsity, str threshold, Tensor? tau) -> (Tensor, Tensor)",
-)  # fmt: skip
-
-
-@_kernelized_sparse_delta.register_fake
-@with_problem
-def _(problem, sparsity, threshold, tau):
-    return problem.out_emb.new_empty(problem.shape), problem.params.new_empty(())
-
-
 def _setup_context(ctx, inputs, output):
-    problem, _ = rebuilt_problem(inputs)
     _, tau = output
     ctx.mark_non_differentiable(tau)
-    save_problem(ctx, problem, tau)
-    record_backend(ctx, "kernelized_sparse_delta", problem.out_emb.device)
+    save_problem(ctx, rebuilt_problem(inputs)[0], tau)
 
 
 def _backward(ctx, grad, grad_tau):
     problem, (tau,) = saved_problem(ctx)
-    with forward_backend(ctx):
-        gradients = kernel_gradients(*flat_problem(problem, grad.contiguous(), tau))
+    gradients = kernel_gradients(*flat_problem(problem, grad.contiguous(), tau))
     return *problem_gradients(*gradients), None, None, None
 
 
-_kernelized_sparse_delta.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_kernelized_sparse_delta, "kernelized_sparse_delta", _setup_context, _backward)
 
 
 def kernelized_sparse_delta(
@@ -129,7 +124,18 @@ def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, 
 # --------------------------------------------------------------------------- in a linear layer
 
 
-def _sparse_linear_forward(
+@with_problem
+def _fake_sparse_linear(problem, input, weight, bias, sparsity, threshold, softplus_count):
+    return input.new_empty(*input.shape[:-1], problem.shape[0]), problem.out_emb.new_empty(())
+
+
+@custom_op(
+    "sparse_linear", fake=_fake_sparse_linear,
+    schema=f"({PROBLEM_SCHEMA}, Tensor input, Tensor? weight, Tensor? bias, Tensor sparsity, str threshold, "
+    "int softplus_count) -> (Tensor, Tensor)",
+)  # fmt: skip
+@with_problem
+def _sparse_linear(
     problem: KernelProblem, input: Tensor, weight: Tensor | None, bias: Tensor | None, sparsity: Tensor, threshold: str,
     softplus_count: int,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -138,20 +144,21 @@ def _sparse_linear_forward(
     return F.linear(input, effective_weight(delta, weight).to(input.dtype), bias), tau
 
 
-_sparse_linear = torch.library.custom_op(
-    "tensor_peft::sparse_linear", with_problem(_sparse_linear_forward), mutates_args=(), device_types=("cpu", "cuda"),
-    schema=f"({PROBLEM_SCHEMA}, Tensor input, Tensor? weight, Tensor? bias, Tensor sparsity, str threshold, "
-    "int softplus_count) -> (Tensor, Tensor)",
-)  # fmt: skip
-
-
-@_sparse_linear.register_fake
 @with_problem
-def _(problem, input, weight, bias, sparsity, threshold, softplus_count):
-    return input.new_empty(*input.shape[:-1], problem.shape[0]), problem.out_emb.new_empty(())
+def _fake_sparse_linear_backward(problem, grad, input, weight, sparsity, tau, input_grad, kernel_grads):
+    grad_input = input.new_empty(input.shape, dtype=grad.dtype) if input_grad else input.new_empty(0)
+    if not kernel_grads:
+        return [grad_input, *(t.new_empty(0) for t in problem.differentiable())]
+    return [grad_input, *fake_kernel_grads(problem)]
 
 
-def _sparse_linear_gradients(
+@custom_op(
+    "sparse_linear_backward", fake=_fake_sparse_linear_backward,
+    schema=f"({PROBLEM_SCHEMA}, Tensor grad, Tensor input, Tensor? weight, Tensor sparsity, Tensor tau, "
+    "bool input_grad, bool kernel_grads) -> Tensor[]",
+)  # fmt: skip
+@with_problem
+def _sparse_linear_backward(
     problem: KernelProblem, grad: Tensor, input: Tensor, weight: Tensor | None, sparsity: Tensor, tau: Tensor,
     input_grad: bool, kernel_grads: bool,
 ) -> list[Tensor]:  # fmt: skip
@@ -176,23 +183,6 @@ def _sparse_linear_gradients(
         return [input.new_empty(0), *gradients]
     delta = _sparse_delta(problem, sparsity, "count", tau)[0]
     return [grad @ effective_weight(delta, weight).to(grad.dtype), *gradients]
-
-
-_sparse_linear_backward = torch.library.custom_op(
-    "tensor_peft::sparse_linear_backward", with_problem(_sparse_linear_gradients), mutates_args=(),
-    device_types=("cpu", "cuda"),
-    schema=f"({PROBLEM_SCHEMA}, Tensor grad, Tensor input, Tensor? weight, Tensor sparsity, Tensor tau, "
-    "bool input_grad, bool kernel_grads) -> Tensor[]",
-)  # fmt: skip
-
-
-@_sparse_linear_backward.register_fake
-@with_problem
-def _(problem, grad, input, weight, sparsity, tau, input_grad, kernel_grads):
-    grad_input = input.new_empty(input.shape, dtype=grad.dtype) if input_grad else input.new_empty(0)
-    if not kernel_grads:
-        return [grad_input, *(t.new_empty(0) for t in problem.differentiable())]
-    return [grad_input, *fake_kernel_grads(problem)]
 
 
 def _tokens(tensor: Tensor) -> Tensor:
@@ -225,7 +215,6 @@ def _sparse_linear_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(tau)
     save_problem(ctx, problem, input, weight, tau, sparsity)
     ctx.softplus_count = softplus_count
-    record_backend(ctx, "kernelized_sparse_delta", problem.out_emb.device)
 
 
 def _sparse_linear_backward_formula(ctx, grad, grad_tau):
@@ -233,10 +222,9 @@ def _sparse_linear_backward_formula(ctx, grad, grad_tau):
     problem = stored._replace(params=softplus_tail(stored.params, ctx.softplus_count))
     kernel_grads = any(ctx.needs_input_grad[:_PROBLEM_FIELDS])
     input_grad = ctx.needs_input_grad[_PROBLEM_FIELDS]
-    with forward_backend(ctx):
-        grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
-            *flat_problem(problem, grad, input, weight, sparsity, tau, input_grad, kernel_grads)
-        )
+    grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+        *flat_problem(problem, grad, input, weight, sparsity, tau, input_grad, kernel_grads)
+    )
     grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[_PROBLEM_FIELDS + 2] else None
     if not input_grad:
         grad_input = None
@@ -247,7 +235,9 @@ def _sparse_linear_backward_formula(ctx, grad, grad_tau):
     return *problem_gradients(d_out, d_in, d_coeff, d_params), grad_input, None, grad_bias, None, None, None
 
 
-_sparse_linear.register_autograd(_sparse_linear_backward_formula, setup_context=_sparse_linear_setup_context)
+register_backward(
+    _sparse_linear, "kernelized_sparse_delta", _sparse_linear_setup_context, _sparse_linear_backward_formula
+)
 
 
 def sparse_linear(

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..config import EXP_FORMS, check_choice, check_real
 from ._common import (
-    check_frozen, check_same_device, check_tensor, forward_backend, prepare, record_backend, run,
+    check_frozen, check_same_device, check_tensor, custom_op, forward_backend, prepare, record_backend,
+    register_backward, run,
 )  # fmt: skip
 
 
@@ -28,55 +29,41 @@ def _vanishes(weight: Tensor, B: Tensor) -> bool:
     return weight.numel() == 0 or B.shape[1] == 0
 
 
-def _merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
-    """The merge on the selected backend (the registered op's implementation)."""
+@custom_op("lowrank_hadamard_merge", fake=lambda weight, B, A, scale, exp: torch.empty_like(weight))
+def _lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+    """The merge on the selected backend."""
     if _vanishes(weight, B):
         return weight.clone()
     return run("lowrank_hadamard_merge", weight.device, weight, B, A, scale, exp)
 
 
-def _merge_backward(grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> list[Tensor]:
-    """The merge's backward on the selected backend (the registered op's implementation)."""
+def _fake_merge_backward(grad, weight, B, A, scale, exp):
+    return [torch.empty_like(B), torch.empty_like(A)]
+
+
+@custom_op("lowrank_hadamard_merge_backward", fake=_fake_merge_backward)
+def _lowrank_hadamard_merge_backward(
+    grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
+) -> list[Tensor]:
+    """The merge's backward on the selected backend."""
     if _vanishes(weight, B):
         return [torch.zeros_like(B), torch.zeros_like(A)]
     return run("lowrank_hadamard_merge_backward", weight.device, grad, weight, B, A, scale, exp)
-
-
-_lowrank_hadamard_merge = torch.library.custom_op(
-    "tensor_peft::lowrank_hadamard_merge", _merge, mutates_args=(), device_types=("cpu", "cuda")
-)
-
-
-@_lowrank_hadamard_merge.register_fake
-def _(weight, B, A, scale, exp):
-    return torch.empty_like(weight)
-
-
-_lowrank_hadamard_merge_backward = torch.library.custom_op(
-    "tensor_peft::lowrank_hadamard_merge_backward", _merge_backward, mutates_args=(), device_types=("cpu", "cuda")
-)
-
-
-@_lowrank_hadamard_merge_backward.register_fake
-def _(grad, weight, B, A, scale, exp):
-    return [torch.empty_like(B), torch.empty_like(A)]
 
 
 def _setup_context(ctx, inputs, output):
     weight, B, A, scale, exp = inputs
     ctx.save_for_backward(weight, B, A)
     ctx.scale, ctx.exp = scale, exp
-    record_backend(ctx, "lowrank_hadamard_merge", weight.device)
 
 
 def _backward(ctx, grad):
     weight, B, A = ctx.saved_tensors
-    with forward_backend(ctx):
-        d_B, d_A = _lowrank_hadamard_merge_backward(grad.contiguous(), weight, B, A, ctx.scale, ctx.exp)
+    d_B, d_A = _lowrank_hadamard_merge_backward(grad.contiguous(), weight, B, A, ctx.scale, ctx.exp)
     return None, d_B, d_A, None, None
 
 
-_lowrank_hadamard_merge.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_lowrank_hadamard_merge, "lowrank_hadamard_merge", _setup_context, _backward)
 
 
 def lowrank_hadamard_merge(

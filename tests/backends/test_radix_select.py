@@ -103,6 +103,7 @@ def test_fused_mask_by_a_given_threshold(backend, device, mode):
     kernelized_sparse_delta = kernel("kernelized_sparse_delta", backend)
     for given in (4.0, 2.5, 0.0, -float("inf")):
         tau = torch.tensor(given, device=device)
-        out, returned = kernelized_sparse_delta(KernelProblem(out_emb, in_emb, "linear", coeff, params, 0.0, mode), 7, tau)
+        problem = KernelProblem(out_emb, in_emb, "linear", coeff, params, 0.0, mode)
+        out, returned = kernelized_sparse_delta(problem, 7, tau)
         assert returned.item() == given
         assert torch.equal(out, spec_mask(raw, given, mode)), given

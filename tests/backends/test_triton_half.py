@@ -53,7 +53,8 @@ def test_sparse_linear_backward_of_half_embeddings(dtype):
     problem = KernelProblem(out_emb, in_emb, "mixture", coeff, params, 1e-12, "soft")
     widened = problem._replace(out_emb=out_emb.float(), in_emb=in_emb.float())
     tau = reference_forward(widened, 21)[1]
-    got_input, *got = registry.kernel("sparse_linear_backward", "triton")(grad_out, tokens, None, problem, 0.5, tau, grad_out)
+    triton_backward = registry.kernel("sparse_linear_backward", "triton")
+    got_input, *got = triton_backward(grad_out, tokens, None, problem, 0.5, tau, grad_out)
     _, *expected = reference(grad_out, tokens, None, widened, 0.5, tau, grad_out)
     for got_t, expected_t, dtype_t in zip(got, expected, [dtype, dtype, torch.float32, torch.float32]):
         assert got_t.dtype == dtype_t
