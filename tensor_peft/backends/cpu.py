@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import tucker_split
-from .kernelized_ops import KernelProblem, effective_weight, mode_id
-from .native import C, CpuKernels, cpu_kernels, problem_arguments
+from .kernelized_ops import KernelProblem, effective_weight
+from .native import C, CpuKernels, cpu_kernels, mode_id, problem_arguments
 from .registry import register
 
 DEVICE_TYPES = ("cpu",)

@@ -35,8 +35,8 @@ from torch import Tensor
 from ..config import HALF_DTYPES
 from .determinism import check_deterministic
 from . import tucker_split
-from .kernelized_ops import KernelProblem, kernel_id, mode_id, sparse_linear_backward_from_dense
-from .native import CUDA, Extension, cuda_kernels, problem_arguments
+from .kernelized_ops import KernelProblem, sparse_linear_backward_from_dense
+from .native import CUDA, Extension, cuda_kernels, kernel_id, mode_id, problem_arguments
 from .registry import register
 from .tensor_algebra import compute_dtype
 

@@ -1,17 +1,14 @@
 """What the SNELL ops and their backends share: the problem they solve (``KernelProblem``),
-the numbers the kernels take for a kernel function and a sparsification mode, W0 + ΔW, and
-``sparse_linear_backward`` built from a backend's own two ops."""
+W0 + ΔW, and ``sparse_linear_backward`` built from a backend's own two ops."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..config import KERNELS, MODES
 
 
 class KernelProblem(NamedTuple):
@@ -77,21 +74,6 @@ def with_problem(function: Callable) -> Callable:
 def problem_gradients(d_out, d_in, d_coeff, d_params) -> tuple:
     """The gradients of ``flat_problem``'s problem fields: None for the non-tensor ones."""
     return d_out, d_in, None, d_coeff, d_params, None, None
-
-
-def kernel_id(kernel: str, extension: ModuleType | None = None) -> int:
-    """The number the kernels take for the kernel function ``kernel``: from the compiled
-    ``extension``'s ``KERNEL_IDS`` (``_C``, ``_cuda``: csrc/include/tensor_peft/kernelized.h
-    defines them), else (the triton backend, which runs without one) its place in
-    ``KERNELS``; a test asserts that the two agree."""
-    return KERNELS.index(kernel) if extension is None else extension.KERNEL_IDS[kernel]
-
-
-def mode_id(mode: str | None, extension: ModuleType | None = None) -> int:
-    """The number the kernels take for the sparsification ``mode`` (None: none), from the
-    ``extension``'s ``MODE_IDS`` as ``kernel_id``, else 0 none, 1 hard, 2 soft."""
-    name = "none" if mode is None else mode
-    return ("none", *MODES).index(name) if extension is None else extension.MODE_IDS[name]
 
 
 def effective_weight(delta: Tensor, weight: Tensor | None) -> Tensor:

@@ -21,7 +21,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .kernelized_ops import KernelProblem, kernel_id, mode_id
+from ..config import KERNELS, MODES
+from .kernelized_ops import KernelProblem
 
 
 def _load_C() -> ModuleType:
@@ -153,6 +154,21 @@ def _cuda_kernels(m: ModuleType, column: int) -> CudaKernels:
         matrix_exp_backward=(m.matrix_exp_backward_f32, m.matrix_exp_backward_f64, None, None)[column],
         matrix_exp_workspace=(m.matrix_exp_workspace_f32, m.matrix_exp_workspace_f64, None, None)[column],
     )
+
+
+def kernel_id(kernel: str, extension: ModuleType | None = None) -> int:
+    """The number the kernels take for the kernel function ``kernel``: from the compiled
+    ``extension``'s ``KERNEL_IDS`` (``_C``, ``_cuda``: csrc/include/tensor_peft/kernelized.h
+    defines them), else (the triton backend, which runs without one) its place in
+    ``KERNELS``; a test asserts that the two agree."""
+    return KERNELS.index(kernel) if extension is None else extension.KERNEL_IDS[kernel]
+
+
+def mode_id(mode: str | None, extension: ModuleType | None = None) -> int:
+    """The number the kernels take for the sparsification ``mode`` (None: none), from the
+    ``extension``'s ``MODE_IDS`` as ``kernel_id``, else 0 none, 1 hard, 2 soft."""
+    name = "none" if mode is None else mode
+    return ("none", *MODES).index(name) if extension is None else extension.MODE_IDS[name]
 
 
 def problem_arguments(problem: KernelProblem, in_t: Tensor, module: ModuleType) -> dict:

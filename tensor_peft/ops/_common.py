@@ -1,6 +1,6 @@
-"""What every op shares: input checks, the dtype policy, the call into the backend
-(``run``), and the op's registration (``custom_op``, ``register_backward``): an op file
-holds its schema, its fake and its math.
+"""What every op shares: input checks, the dtype policy, and the op's registration
+(``custom_op``, ``register_backward``): an op file holds its schema, its fake and its
+math, which calls its backend by ``registry.run``.
 
 Dtype policy: inputs may mix floating dtypes; an op computes in the widest of them and
 at least float32 (its compute dtype), returns its result in the dtype of its main input,
@@ -87,17 +87,6 @@ def _half_dtypes_taken(op: str, device: torch.device) -> tuple[torch.dtype, ...]
     except registry.BackendUnavailableError:
         return ()
     return tuple(dtype for dtype in registry.kernel_dtypes(name) if dtype in HALF_DTYPES)
-
-
-def run(op: str, device: torch.device, *args):
-    """Run ``op`` on the backend the registry selects for ``device``, with autocast off:
-    the ops compute in the dtype the policy above gives them, also inside an autocast
-    region (whose casts would otherwise reach the torch calls a backend makes)."""
-    _, kernel = registry.select(op, device.type)
-    if not torch.is_autocast_enabled(device.type):  # entering a region costs as much as a small kernel
-        return kernel(*args)
-    with torch.autocast(device.type, enabled=False):
-        return kernel(*args)
 
 
 def custom_op(name: str, fake: Callable, schema: str | None = None) -> Callable[[Callable], torch.library.CustomOpDef]:

@@ -30,8 +30,9 @@ from torch import Tensor
 from ..backends.kernelized_ops import (
     PROBLEM_SCHEMA, KernelProblem, flat_problem, problem_gradients, rebuilt_problem, with_problem,
 )  # fmt: skip
+from ..backends.registry import run
 from ..config import KERNELS, check_choice, check_real
-from ._common import check_same_device, check_tensor, compute_dtype, custom_op, prepare, register_backward, run
+from ._common import check_same_device, check_tensor, compute_dtype, custom_op, prepare, register_backward
 
 # The parameters each kernel (each of config.KERNELS) takes, with their defaults (coeff's
 # default depends on H). A kernel takes all of SCALAR_PARAMS or none, and its positive ones

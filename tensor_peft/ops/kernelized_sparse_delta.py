@@ -10,6 +10,7 @@ cost of κ alone."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,8 +20,9 @@ from torch import Tensor
 from ..backends.kernelized_ops import (
     PROBLEM_SCHEMA, KernelProblem, effective_weight, flat_problem, problem_gradients, rebuilt_problem, with_problem,
 )  # fmt: skip
+from ..backends.registry import run
 from ..config import MODES, THRESHOLDS, check_choice
-from ._common import check_same_device, check_tensor, custom_op, register_backward, run
+from ._common import check_same_device, check_tensor, custom_op, register_backward
 from .kernelized_delta import (
     check_kernel_inputs, fake_kernel_grads, kernel_gradients, prepared_problem, save_problem, saved_problem,
 )  # fmt: skip
@@ -36,9 +38,7 @@ def _sparse_delta(problem: KernelProblem, sparsity: Tensor, threshold: str, tau:
         tau = problem.params.new_full((), -math.inf) if tau is None else tau
         return [problem.out_emb.new_empty(problem.shape), tau]
 
-    def compute(dropped: int, tau: Tensor | None) -> list[Tensor]:
-        return run("kernelized_sparse_delta", problem.out_emb.device, problem, dropped, tau)
-
+    compute = functools.partial(run, "kernelized_sparse_delta", problem.out_emb.device, problem)  # (k, τ)
     if tau is not None:
         return compute(0, tau)
     return select(compute, sparsity, math.prod(problem.shape), threshold, problem.params.dtype)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends.registry import run
 from ..config import EXP_FORMS, check_choice, check_real
 from ._common import (
     check_frozen, check_same_device, check_tensor, custom_op, forward_backend, prepare, record_backend,
-    register_backward, run,
+    register_backward,
 )  # fmt: skip
 
 

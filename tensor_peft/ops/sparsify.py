@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from ..backends.tensor_algebra import compute_dtype, masked
+from ..backends.registry import run
 from ..config import MODES, THRESHOLDS, check_choice, check_sparsity
-from ._common import check_tensor, custom_op, prepare, register_backward, run
+from ._common import check_tensor, custom_op, prepare, register_backward
 
 
 def dropped_count(sparsity: float, numel: int, threshold: str = "count", dtype: torch.dtype = torch.float32) -> int:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..backends.registry import run
 from ..config import check_real
-from ._common import check_same_device, check_tensor, custom_op, prepare, register_backward, run
+from ._common import check_same_device, check_tensor, custom_op, prepare, register_backward
 
 
 def vanishes(factors: Sequence[Tensor]) -> bool:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import check_frozen, check_same_device, check_tensor, custom_op, prepare, register_backward, run
+from ..backends.registry import run
+from ._common import check_frozen, check_same_device, check_tensor, custom_op, prepare, register_backward
 from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads, vanishes
 
 

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ...config import KERNELS
 from ..determinism import check_deterministic
-from ..kernelized_ops import KernelProblem, kernel_id, mode_id, sparse_linear_backward_from_dense
+from ..kernelized_ops import KernelProblem, sparse_linear_backward_from_dense
+from ..native import kernel_id, mode_id
 from ..registry import register
 from .select import BINS, _count_digits, _kth_smallest_magnitude, _mask, _mask_factor, _new_counts, _shifts
 from .shared import div, exp, launch, rounded, scalar, tile, tile_grid
