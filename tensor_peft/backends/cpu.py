@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import tucker_split
-from .kernelized_ops import effective_weight, kernel_id, mode_id
-from .native import C, CpuKernels, cpu_kernels
+from .kernelized_ops import KernelProblem, effective_weight
+from .native import C, CpuKernels, cpu_kernels, mode_id, problem_arguments
 from .registry import register
 
 DEVICE_TYPES = ("cpu",)
@@ -84,57 +84,42 @@ def matrix_exp_backward(grad, A):
     return d_A
 
 
-def _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode):
-    """[∂out_emb, ∂in_emb, ∂coeff, ∂params] by the _C kernel ``backward``, which takes the
-    ``upstream`` keyword arguments (its pointers and sizes) too."""
-    d_out, d_in_t, d_coeff, d_params = _transposed_gradients(
-        backward, upstream, out_emb, in_emb.transpose(1, 2).contiguous(), kernel, coeff, params, eps, tau, mode
-    )  # fmt: skip
-    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
-
-
-def _transposed_gradients(backward, upstream, out_emb, in_t, kernel, coeff, params, eps, tau, mode, delta=None,
-                          base=None):  # fmt: skip
-    """[∂out_emb, ∂in_t, ∂coeff, ∂params] by the _C kernel ``backward`` for In given as
-    ``in_t`` (H, p, n), writing the sparsified ΔW into ``delta`` when given, W0 + ΔW given
-    W0's ``base`` (its rows unit-stride, in delta's dtype)."""
-    chunks, m, width = out_emb.shape
-    n = in_t.shape[2]
-    d_out, d_in_t = torch.empty_like(out_emb), torch.empty_like(in_t)
-    d_coeff, d_params = torch.empty_like(coeff), torch.empty_like(params)
+def _transposed_gradients(backward, upstream, problem: KernelProblem, in_t, tau, delta=None, base=None):
+    """[∂out_emb, ∂in_t, ∂coeff, ∂params] by the _C kernel ``backward`` (which takes the
+    ``upstream`` keyword arguments, its pointers and sizes, too) for In given as ``in_t``
+    (H, p, n), writing the sparsified ΔW into ``delta`` when given, W0 + ΔW given W0's
+    ``base`` (its rows unit-stride, in delta's dtype)."""
+    d_out, d_in_t = torch.empty_like(problem.out_emb), torch.empty_like(in_t)
+    d_coeff, d_params = torch.empty_like(problem.coeff), torch.empty_like(problem.params)
     backward(
-        **upstream, out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        tau=0.0 if tau is None else tau.item(), mode=mode_id(mode, C.module()), d_out_emb=d_out.data_ptr(),
-        d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(),
-        delta=0 if delta is None else delta.data_ptr(), weight=0 if base is None else base.data_ptr(),
-        weight_stride=0 if base is None else base.stride(0),
+        **upstream, **problem_arguments(problem, in_t, C.module()), tau=0.0 if tau is None else tau.item(),
+        d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(), d_coeff=d_coeff.data_ptr(),
+        d_params=d_params.data_ptr(), delta=0 if delta is None else delta.data_ptr(),
+        weight=0 if base is None else base.data_ptr(), weight_stride=0 if base is None else base.stride(0),
     )  # fmt: skip
     return [d_out, d_in_t, d_coeff, d_params]
 
 
 @register("kernelized_sparse_delta", "cpu")
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    """[ΔW, τ]: κ(Out, In), sparsified when ``mode`` is given (None: the dense op), by ``tau``
-    or else by the k-th smallest magnitude (the kernel selects when k > 0). In goes in as
-    (H, p, n)."""
-    chunks, m, width = out_emb.shape
-    n = in_emb.shape[1]
-    out, in_t = out_emb.new_empty(m, n), in_emb.transpose(1, 2).contiguous()  # kept alive for the call
+def kernelized_sparse_delta(problem: KernelProblem, k, tau=None):
+    """[ΔW, τ]: κ(Out, In), sparsified when ``problem.mode`` is given (None: the dense op), by
+    ``tau`` or else by the k-th smallest magnitude (the kernel selects when k > 0). In goes
+    in as (H, p, n)."""
+    out, in_t = problem.out_emb.new_empty(problem.shape), problem.in_emb.transpose(1, 2).contiguous()  # kept alive
     given = float("-inf") if tau is None else tau.item()
     tau = _kernels(out.dtype).kernelized_forward(
-        out=out.data_ptr(), out_emb=out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks, width=width,
-        kernel=kernel_id(kernel, C.module()), coeff=coeff.data_ptr(), params=params.data_ptr(), eps=eps,
-        k=0 if tau is not None else k, mode=mode_id(mode, C.module()), given_tau=given,
+        out=out.data_ptr(), **problem_arguments(problem, in_t, C.module()), k=0 if tau is not None else k,
+        given_tau=given,
     )  # fmt: skip
     return [out, out.new_tensor(tau)]
 
 
 @register("kernelized_sparse_delta_backward", "cpu")
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    upstream = {"grad": grad.data_ptr()}
-    backward = _kernels(out_emb.dtype).kernelized_backward
-    return _gradients(backward, upstream, out_emb, in_emb, kernel, coeff, params, eps, tau, mode)
+def kernelized_sparse_delta_backward(grad, problem: KernelProblem, tau):
+    backward = _kernels(problem.out_emb.dtype).kernelized_backward
+    in_t = problem.in_emb.transpose(1, 2).contiguous()
+    d_out, d_in_t, d_coeff, d_params = _transposed_gradients(backward, {"grad": grad.data_ptr()}, problem, in_t, tau)
+    return [d_out, d_in_t.transpose(1, 2).contiguous(), d_coeff, d_params]
 
 
 # Γ is sampled below this kept fraction and from this many tokens, else formed whole by the
@@ -172,8 +157,7 @@ def _takes_base(weight, delta) -> bool:
 
 
 @register("sparse_linear_backward", "cpu")
-def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode,
-                           grad_for_input):  # fmt: skip
+def sparse_linear_backward(grad_out, input, weight, problem: KernelProblem, sparsity, tau, grad_for_input):
     """In column blocks C of the weight (``_block_columns``), each the kernel's whole problem
     on In's columns C (mixture's softmax runs down each column: a block holds whole
     columns): Γ[:, C] = grad_outᵀ·input[:, C] by the matrix product, or computed by the
@@ -184,7 +168,8 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
     ∂input takes), ∂input[:, C] = grad_for_input·(W0 + ΔW)[:, C].
     Nothing m×n exists at once. ∂out_emb, ∂coeff and ∂params are summed over the blocks in
     block order."""
-    chunks, m, width = out_emb.shape
+    out_emb, in_emb, _, coeff, params, _, _ = problem
+    m = out_emb.shape[1]
     tokens, n = input.shape
     sampled = 1 - sparsity <= _SAMPLED_BELOW and tokens >= _SAMPLED_MIN_TOKENS
     if sampled and n > _MAX_SAMPLED_COLUMNS:
@@ -210,8 +195,7 @@ def sparse_linear_backward(grad_out, input, weight, out_emb, in_emb, sparsity, t
         block_weight = None if weight is None or not input_grad else weight[:, columns]
         base = block_weight if _takes_base(block_weight, delta) else None
         block_out, d_in_t[:, :, columns], block_coeff, block_params = _transposed_gradients(
-            backward, upstream, out_emb, in_t[:, :, columns].contiguous(), kernel, coeff, params, eps, tau, mode, delta,
-            base,
+            backward, upstream, problem, in_t[:, :, columns].contiguous(), tau, delta, base
         )  # fmt: skip
         d_out += block_out
         d_coeff += block_coeff

@@ -35,8 +35,8 @@ from torch import Tensor
 from ..config import HALF_DTYPES
 from .determinism import check_deterministic
 from . import tucker_split
-from .kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
-from .native import CUDA, Extension, cuda_kernels
+from .kernelized_ops import KernelProblem, sparse_linear_backward_from_dense
+from .native import CUDA, Extension, cuda_kernels, kernel_id, mode_id, problem_arguments
 from .registry import register
 from .tensor_algebra import compute_dtype
 
@@ -197,63 +197,58 @@ def register_kernels(
         size = kernels(compute).kernelized_select_workspace()
         return torch.empty(size, dtype=torch.int64, device=device)
 
-    def kernelized_inputs(out_emb, in_emb, coeff, params):
-        """(compute dtype, Out, In transposed to (H, p, n), coeff, params), all in the compute
-        dtype (params' own: the op layer never makes it half)."""
-        compute = params.dtype
-        return compute, _as(out_emb, compute), _as(in_emb.transpose(1, 2), compute), _as(coeff, compute), params
+    def computed(problem: KernelProblem) -> tuple[KernelProblem, Tensor]:
+        """(``problem`` with Out and coeff in the compute dtype, In transposed to (H, p, n) in
+        it): params' dtype, which the op layer never makes half."""
+        compute = problem.params.dtype
+        in_t = _as(problem.in_emb.transpose(1, 2), compute)
+        return problem._replace(out_emb=_as(problem.out_emb, compute), coeff=_as(problem.coeff, compute)), in_t
 
     @register("kernelized_sparse_delta", backend)
-    def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-        """[ΔW, τ]: κ(Out, In) in out_emb's dtype, sparsified when ``mode`` is given (None: the
-        dense op). The kernel selects τ (compute dtype) when k > 0 and otherwise masks by the
-        τ it is given: −inf (keep all) for k = 0, or ``tau``. With a sparsity, a half ΔW is
-        κ masked in the compute dtype (a buffer) and rounded once."""
-        chunks, m, width = out_emb.shape
-        n = in_emb.shape[1]
-        compute, out_emb_c, in_t, coeff_c, params = kernelized_inputs(out_emb, in_emb, coeff, params)
-        storage = storage_dtype(compute, out_emb)
-        out = out_emb.new_empty(m, n, dtype=storage)
-        raw = out if mode is None or storage == compute else out_emb.new_empty(m, n, dtype=compute)
+    def kernelized_sparse_delta(problem: KernelProblem, k, tau=None):
+        """[ΔW, τ]: κ(Out, In) in out_emb's dtype, sparsified when ``problem.mode`` is given
+        (None: the dense op). The kernel selects τ (compute dtype) when k > 0 and otherwise
+        masks by the τ it is given: −inf (keep all) for k = 0, or ``tau``. With a sparsity, a
+        half ΔW is κ masked in the compute dtype (a buffer) and rounded once."""
+        m, n = problem.shape
+        compute, (problem_c, in_t) = problem.params.dtype, computed(problem)
+        storage = storage_dtype(compute, problem.out_emb)
+        out = problem.out_emb.new_empty(m, n, dtype=storage)
+        raw = out if problem.mode is None or storage == compute else problem.out_emb.new_empty(m, n, dtype=compute)
         if tau is None:
-            tau = params.new_full((), float("-inf"))
+            tau = problem.params.new_full((), float("-inf"))
         else:
             k = 0  # read, not written
             tau = _as(tau, compute)
-        columns = columns_workspace(params, n, kernel)
+        columns = columns_workspace(problem.params, n, problem.kernel)
         work = select_work(compute, out.device)
         with device_guard(out.device):
             kernels(storage).kernelized_forward(
-                out=out.data_ptr(), out_emb=out_emb_c.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-                width=width, kernel=kernel_id(kernel, extension.module()), coeff=coeff_c.data_ptr(),
-                params=params.data_ptr(), eps=eps, k=k, mode=mode_id(mode, extension.module()), tau=tau.data_ptr(),
+                out=out.data_ptr(), **problem_arguments(problem_c, in_t, extension.module()), k=k, tau=tau.data_ptr(),
                 raw=raw.data_ptr(), columns=columns.data_ptr(), select_work=work.data_ptr(), stream=stream_of(out),
             )  # fmt: skip
-        return [out.to(out_emb.dtype), tau]
+        return [out.to(problem.out_emb.dtype), tau]
 
     @register("kernelized_sparse_delta_backward", backend)
-    def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+    def kernelized_sparse_delta_backward(grad, problem: KernelProblem, tau):
+        mode = problem.mode
         check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", backend)
-        chunks, m, width = out_emb.shape
-        n = in_emb.shape[1]
-        compute, out_emb_c, in_t, coeff_c, params = kernelized_inputs(out_emb, in_emb, coeff, params)
+        compute, (problem_c, in_t) = problem.params.dtype, computed(problem)
         storage = storage_dtype(compute, grad)
         grad, tau = _as(grad, storage), _as(tau, compute)
-        d_out, d_in_t = torch.zeros_like(out_emb_c), torch.zeros_like(in_t)  # atomic sums in the compute dtype
-        d_coeff = torch.zeros_like(coeff, dtype=torch.float64)  # sums over m·n entries
-        d_params = torch.zeros_like(params, dtype=torch.float64)
-        columns = columns_workspace(params, n, kernel)
+        d_out, d_in_t = torch.zeros_like(problem_c.out_emb), torch.zeros_like(in_t)  # atomic sums in the compute dtype
+        d_coeff = torch.zeros_like(problem.coeff, dtype=torch.float64)  # sums over m·n entries
+        d_params = torch.zeros_like(problem.params, dtype=torch.float64)
+        columns = columns_workspace(problem.params, problem.shape[1], problem.kernel)
         with device_guard(grad.device):
             kernels(storage).kernelized_backward(
-                grad=grad.data_ptr(), out_emb=out_emb_c.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=n, chunks=chunks,
-                width=width, kernel=kernel_id(kernel, extension.module()), coeff=coeff_c.data_ptr(),
-                params=params.data_ptr(), eps=eps, tau=0 if tau is None else tau.data_ptr(),
-                mode=mode_id(mode, extension.module()), d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(),
+                grad=grad.data_ptr(), **problem_arguments(problem_c, in_t, extension.module()),
+                tau=0 if tau is None else tau.data_ptr(), d_out_emb=d_out.data_ptr(), d_in_t=d_in_t.data_ptr(),
                 d_coeff=d_coeff.data_ptr(), d_params=d_params.data_ptr(), columns=columns.data_ptr(),
                 stream=stream_of(grad),
             )  # fmt: skip
-        return [d_out.to(out_emb.dtype), d_in_t.transpose(1, 2).to(in_emb.dtype).contiguous(),
-                d_coeff.to(coeff.dtype), d_params.to(params.dtype)]  # fmt: skip
+        return [d_out.to(problem.out_emb.dtype), d_in_t.transpose(1, 2).to(problem.in_emb.dtype).contiguous(),
+                d_coeff.to(problem.coeff.dtype), d_params.to(problem.params.dtype)]  # fmt: skip
 
     @register("sparse_linear_backward", backend)
     def sparse_linear_backward(*args):

@@ -7,7 +7,9 @@ makes its backend unavailable, with the reason (``Extension.import_error``).
 
 Each kernel is compiled once per dtype, the variants named ``<kernel>_f32``, ``_f64`` and, in
 the CUDA builds, ``_f16`` and ``_bf16``. ``cpu_kernels`` and ``cuda_kernels`` are the one map
-from a dtype to those variants: the backends call ``cpu_kernels(dtype).sparsify(...)``."""
+from a dtype to those variants: the backends call ``cpu_kernels(dtype).sparsify(...)``.
+``problem_arguments`` is the one place a ``KernelProblem`` becomes the keyword arguments of
+the kernelized kernels (the fields of the C++ ``Problem<T>``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+from torch import Tensor
+
+from ..config import KERNELS, MODES
+from .kernelized_ops import KernelProblem
 
 
 def _load_C() -> ModuleType:
@@ -148,3 +154,31 @@ def _cuda_kernels(m: ModuleType, column: int) -> CudaKernels:
         matrix_exp_backward=(m.matrix_exp_backward_f32, m.matrix_exp_backward_f64, None, None)[column],
         matrix_exp_workspace=(m.matrix_exp_workspace_f32, m.matrix_exp_workspace_f64, None, None)[column],
     )
+
+
+def kernel_id(kernel: str, extension: ModuleType | None = None) -> int:
+    """The number the kernels take for the kernel function ``kernel``: from the compiled
+    ``extension``'s ``KERNEL_IDS`` (``_C``, ``_cuda``: csrc/include/tensor_peft/kernelized.h
+    defines them), else (the triton backend, which runs without one) its place in
+    ``KERNELS``; a test asserts that the two agree."""
+    return KERNELS.index(kernel) if extension is None else extension.KERNEL_IDS[kernel]
+
+
+def mode_id(mode: str | None, extension: ModuleType | None = None) -> int:
+    """The number the kernels take for the sparsification ``mode`` (None: none), from the
+    ``extension``'s ``MODE_IDS`` as ``kernel_id``, else 0 none, 1 hard, 2 soft."""
+    name = "none" if mode is None else mode
+    return ("none", *MODES).index(name) if extension is None else extension.MODE_IDS[name]
+
+
+def problem_arguments(problem: KernelProblem, in_t: Tensor, module: ModuleType) -> dict:
+    """The keyword arguments of ``module``'s kernelized kernels (``kernelized_forward``,
+    ``kernelized_backward``, ``sparse_linear_backward``) that describe ``problem``, with In
+    given as ``in_t`` (H, p, n) contiguous (the caller keeps it alive through the call):
+    pointers to the tensors, the sizes, and the kernel function's and the mode's numbers."""
+    chunks, m, width = problem.out_emb.shape
+    return dict(
+        out_emb=problem.out_emb.data_ptr(), in_t=in_t.data_ptr(), rows=m, n=in_t.shape[2], chunks=chunks, width=width,
+        kernel=kernel_id(problem.kernel, module), coeff=problem.coeff.data_ptr(), params=problem.params.data_ptr(),
+        eps=problem.eps, mode=mode_id(problem.mode, module),
+    )  # fmt: skip

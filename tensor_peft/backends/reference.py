@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..config import EXP_FORMS, KERNELS, MODES, check_choice
-from .kernelized_ops import sparse_linear_backward_from_dense
+from .kernelized_ops import KernelProblem, sparse_linear_backward_from_dense
 from .registry import register
 from .tensor_algebra import masked, projected_tucker_gradients, tucker_gradients, tucker_product
 
@@ -161,13 +161,12 @@ def _weighted_distance_grads(weights: Tensor, rows: Tensor, cols: Tensor) -> tup
     return d_rows, d_cols
 
 
-def kernelized_delta(
-    out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
-) -> Tensor:
-    """ΔW_raw[j, i] = κ(b_j, a_i); (alpha, beta, gamma) = params, r_h as in ``_radii``:
+def kernelized_delta(problem: KernelProblem) -> Tensor:
+    """ΔW_raw[j, i] = κ(b_j, a_i) (``problem.mode`` unused); (alpha, beta, gamma) = params, r_h as in ``_radii``:
     piecewise_linear P = Σ_h coeff[h]·r_h; rbf alpha·exp(−beta‖b_j − a_i‖²) + gamma;
     sigmoid alpha·σ(beta b_j·a_i) + gamma; linear b_j·a_i;
     mixture P + alpha·softmax_j(P/gamma) + beta, the softmax as ``_softmax``."""
+    out_emb, in_emb, kernel, coeff, params, eps, _ = problem
     check_choice(kernel, "kernel", KERNELS)
     alpha, beta, gamma = params
     if kernel == "piecewise_linear":
@@ -204,20 +203,13 @@ def _mixture_backward(grad: Tensor, piecewise: Tensor, params: Tensor) -> tuple[
     return grad + d_logits / gamma, d_params
 
 
-def kernelized_delta_backward(
-    grad: Tensor,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-) -> list[Tensor]:
+def kernelized_delta_backward(grad: Tensor, problem: KernelProblem) -> list[Tensor]:
     """[∂L/∂out_emb, ∂L/∂in_emb, ∂L/∂coeff, ∂L/∂params] for Γ = ``grad`` (m, n); zeros for
     the parameters the kernel function does not use. Piecewise, per chunk h (∂r_h/∂b_j = (b_j − a_i)/r_h):
     W_h = Γ ⊙ coeff[h] / r_h gives ∂b_j, ∂a_i by ``_weighted_distance_grads``,
     ∂coeff[h] = Σ Γ ⊙ r_h. rbf: W = Γ ⊙ (−2 alpha beta E), E = exp(−beta D);
     sigmoid: ∂(b_j·a_i) = Γ ⊙ alpha beta σ(1 − σ)."""
+    out_emb, in_emb, kernel, coeff, params, eps, _ = problem
     check_choice(kernel, "kernel", KERNELS)
     alpha, beta, _ = params
     d_params = torch.zeros_like(params)
@@ -282,43 +274,22 @@ def sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Te
 
 
 @register("kernelized_sparse_delta", "reference")
-def kernelized_sparse_delta(
-    out_emb: Tensor,
-    in_emb: Tensor,
-    k: int,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str | None,
-    tau: Tensor | None = None,
-) -> list[Tensor]:
-    """[out, τ] = sparsify(kernelized_delta(...), k, mode); with ``tau`` given, ΔW is
-    masked by it instead (k unused). Mode None is the dense op: ΔW as it is (k = 0, τ = −inf)."""
-    delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
+def kernelized_sparse_delta(problem: KernelProblem, k: int, tau: Tensor | None = None) -> list[Tensor]:
+    """[out, τ] = sparsify(kernelized_delta(problem), k, problem.mode); with ``tau`` given,
+    ΔW is masked by it instead (k unused). Mode None is the dense op: ΔW as it is (k = 0, τ = −inf)."""
+    delta = kernelized_delta(problem)
     if tau is None:
         tau = threshold_value(delta, k)
-    return [delta if mode is None else masked(delta, tau, mode), tau]
+    return [delta if problem.mode is None else masked(delta, tau, problem.mode), tau]
 
 
 @register("kernelized_sparse_delta_backward", "reference")
-def kernelized_sparse_delta_backward(
-    grad: Tensor,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    tau: Tensor | None,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str | None,
-) -> list[Tensor]:
+def kernelized_sparse_delta_backward(grad: Tensor, problem: KernelProblem, tau: Tensor | None) -> list[Tensor]:
     """Recomputes ΔW_raw from the parameters (nothing m×n was saved), rebuilds the mask
     from the saved τ, then goes back through the kernel function (mode None: no mask, τ unused)."""
-    if mode is not None:
-        delta = kernelized_delta(out_emb, in_emb, kernel, coeff, params, eps)
-        grad = sparsify_backward(grad, delta, tau, mode)
-    return kernelized_delta_backward(grad, out_emb, in_emb, kernel, coeff, params, eps)
+    if problem.mode is not None:
+        grad = sparsify_backward(grad, kernelized_delta(problem), tau, problem.mode)
+    return kernelized_delta_backward(grad, problem)
 
 
 @register("sparse_linear_backward", "reference")

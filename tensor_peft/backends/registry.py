@@ -191,3 +191,14 @@ def select(op: str, device_type: str) -> tuple[str, Callable]:
         if _reason_for_device(name, device_type) is None:
             return name, kernel(op, name)
     raise BackendUnavailableError(f"no backend can run {op} on {device_type} tensors")
+
+
+def run(op: str, device: torch.device, *args):
+    """Run ``op`` on the backend ``select`` picks for ``device``, with autocast off: the ops
+    compute in the dtype their policy gives them (``tensor_peft.ops._common``), also inside
+    an autocast region (whose casts would otherwise reach the torch calls a backend makes)."""
+    _, kernel = select(op, device.type)
+    if not torch.is_autocast_enabled(device.type):  # entering a region costs as much as a small kernel
+        return kernel(*args)
+    with torch.autocast(device.type, enabled=False):
+        return kernel(*args)

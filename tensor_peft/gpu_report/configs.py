@@ -79,6 +79,7 @@ def _expm(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], object]]]:
 
 def _snell_calls(dtype: torch.dtype, m: int, n: int, chunks: int, width: int):
     """Every SNELL op at an (m, n) weight with r = chunks·width."""
+    from ..backends.kernelized_ops import KernelProblem
     from ..backends.triton import kernelized
 
     coeff, params = _empty(chunks, dtype=dtype), _empty(3, dtype=dtype)
@@ -87,19 +88,18 @@ def _snell_calls(dtype: torch.dtype, m: int, n: int, chunks: int, width: int):
     k = m * n // 2
     shape = f"{m}x{n} chunks={chunks} width={width}"
     for kernel in KERNELS:
-        args = (kernel, coeff, params, 1e-6)
-        yield f"kernelized_delta {kernel} {shape}", partial(
-            kernelized.kernelized_sparse_delta, out_emb, in_emb, 0, *args, None
-        )
+        dense = KernelProblem(out_emb, in_emb, kernel, coeff, params, 1e-6)
+        yield f"kernelized_delta {kernel} {shape}", partial(kernelized.kernelized_sparse_delta, dense, 0)
         yield f"kernelized_delta_backward {kernel} {shape}", partial(
-            kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, None, *args, None
+            kernelized.kernelized_sparse_delta_backward, delta, dense, None
         )
         for mode in MODES:
+            sparse = dense._replace(mode=mode)
             yield f"kernelized_sparse_delta {kernel} {mode} {shape}", partial(
-                kernelized.kernelized_sparse_delta, out_emb, in_emb, k, *args, mode
+                kernelized.kernelized_sparse_delta, sparse, k
             )
             yield f"kernelized_sparse_delta_backward {kernel} {mode} {shape}", partial(
-                kernelized.kernelized_sparse_delta_backward, delta, out_emb, in_emb, tau, *args, mode
+                kernelized.kernelized_sparse_delta_backward, delta, sparse, tau
             )
 
 

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..backends.kernelized_ops import KernelProblem
 from ..config import KERNELS, MODES, THRESHOLDS, check_choice, check_chunks, check_rank, check_sparsity
 from ..ops.kernelized_delta import KERNEL_PARAMS, POSITIVE_PARAMS, SCALAR_PARAMS, default_coeff, kernelized_delta
 from ..ops.kernelized_sparse_delta import prepared_sparse_linear, softplus_tail, sparse_delta_and_threshold
@@ -153,11 +154,10 @@ class SNELLAdapter(Adapter):
         values = softplus_tail(self.scalars, self.positive_scalars) if self.scalar_names else None
         return params | {name: values[index] for index, name in enumerate(self.scalar_names)}
 
-    def op_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, int, float]:
-        """(out_emb, in_emb, coeff ``(H,)``, params (alpha, beta, gamma), softplus_count, eps)
-        in ``dtype`` for ``prepared_sparse_linear``: the form the ops' checks give
-        ``kernel_inputs`` (zeros for what the kernel does not use), except that the last
-        ``softplus_count`` params are as stored (``softplus_tail``, which the op applies);
+    def op_problem(self, dtype: torch.dtype) -> KernelProblem:
+        """The problem in ``dtype`` for ``prepared_sparse_linear``: the form the ops' checks
+        give ``kernel_inputs`` (zeros for what the kernel does not use), except that the last
+        ``positive_scalars`` params are as stored (``softplus_tail``, which the op applies);
         built with few operations: a layer's forward runs it every call."""
         out_emb = self.snell_out.to(dtype).contiguous()
         coeff = self.coeff.to(dtype) if self.uses_coeff else out_emb.new_zeros(out_emb.shape[0])
@@ -165,8 +165,10 @@ class SNELLAdapter(Adapter):
             params = self.scalars.to(dtype)
         else:
             params = out_emb.new_zeros(len(SCALAR_PARAMS))
-        eps = KERNEL_PARAMS[self.kernel].get("eps", 0.0)
-        return out_emb, self.snell_in.to(dtype).contiguous(), coeff.contiguous(), params, self.positive_scalars, eps
+        return KernelProblem(
+            out_emb=out_emb, in_emb=self.snell_in.to(dtype).contiguous(), kernel=self.kernel, coeff=coeff.contiguous(),
+            params=params, eps=KERNEL_PARAMS[self.kernel].get("eps", 0.0), mode=self.mode,
+        )  # fmt: skip
 
     def kernel_inputs(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The embeddings and the kernel's parameters in ``dtype``."""
@@ -244,10 +246,9 @@ class SNELLLayer(AdapterLayer):
     def sparse_linear(self, adapter: Adapter, x: Tensor, weight: Tensor | None, bias: Tensor | None = None) -> Tensor:
         """``x·(weight + ΔW)ᵀ + bias`` (ΔW alone for ``weight=None``) by the op
         ``sparse_linear``, which keeps nothing m×n for backward."""
-        out_emb, in_emb, coeff, params, softplus_count, eps = adapter.op_inputs(self.compute_dtype(adapter))
         return prepared_sparse_linear(
-            x, weight, bias, out_emb, in_emb, adapter.sparsity_tensor, adapter.kernel, coeff, params, eps, adapter.mode,
-            adapter.threshold, softplus_count,
+            adapter.op_problem(self.compute_dtype(adapter)), x, weight, bias, adapter.sparsity_tensor,
+            adapter.threshold, adapter.positive_scalars,
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,6 @@
-"""What every op shares: input checks, the dtype policy, and the call into the backend.
+"""What every op shares: input checks, the dtype policy, and the op's registration
+(``custom_op``, ``register_backward``): an op file holds its schema, its fake and its
+math, which calls its backend by ``registry.run``.
 
 Dtype policy: inputs may mix floating dtypes; an op computes in the widest of them and
 at least float32 (its compute dtype), returns its result in the dtype of its main input,
@@ -14,7 +16,7 @@ chosen only when the graph runs) every tensor is cast: the same values either wa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -87,35 +89,43 @@ def _half_dtypes_taken(op: str, device: torch.device) -> tuple[torch.dtype, ...]
     return tuple(dtype for dtype in registry.kernel_dtypes(name) if dtype in HALF_DTYPES)
 
 
-def run(op: str, device: torch.device, *args):
-    """Run ``op`` on the backend the registry selects for ``device``, with autocast off:
-    the ops compute in the dtype the policy above gives them, also inside an autocast
-    region (whose casts would otherwise reach the torch calls a backend makes)."""
-    _, kernel = registry.select(op, device.type)
-    if not torch.is_autocast_enabled(device.type):  # entering a region costs as much as a small kernel
-        return kernel(*args)
-    with torch.autocast(device.type, enabled=False):
-        return kernel(*args)
+def custom_op(name: str, fake: Callable, schema: str | None = None) -> Callable[[Callable], torch.library.CustomOpDef]:
+    """Decorator: the function below as the ``torch.library`` op ``tensor_peft::<name>``
+    (cpu and cuda tensors; meta and fake tensors through ``fake``, which gives the outputs'
+    shapes), its schema ``schema`` or else read from the function's annotations."""
+
+    def define(implementation: Callable) -> torch.library.CustomOpDef:
+        op = torch.library.custom_op(
+            f"tensor_peft::{name}", implementation, mutates_args=(), device_types=("cpu", "cuda"), schema=schema
+        )
+        op.register_fake(fake)
+        return op
+
+    return define
 
 
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+def register_backward(op: torch.library.CustomOpDef, backend_op: str, setup_context: Callable,
+                      backward: Callable) -> None:  # fmt: skip
+    """``op``'s autograd: ``setup_context(ctx, inputs, output)`` keeps on ``ctx`` what
+    ``backward(ctx, *grads)`` needs. The backend that runs the forward's ``backend_op`` (a
+    registry op, on the device of the first tensor input) is recorded with it, and the
+    backward runs there: after a ``backends.use`` block has ended, or on another thread."""
 
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        record_backend(ctx, backend_op, next(value for value in inputs if isinstance(value, Tensor)).device)
 
-def runs_eagerly(*tensors: Tensor | None) -> bool:
-    """Whether a custom op's Python implementation may be called directly instead of the
-    registered op, skipping the dispatcher (its cost per call is of the order of a small
-    layer's kernels): in eager mode, on plain tensors (and parameters) on a real device.
-    torch.compile, tensor subclasses (fake, functional, DTensor) and meta tensors need the
-    registered op."""
-    return not torch.compiler.is_compiling() and all(
-        tensor is None or (type(tensor) in _PLAIN_TENSORS and not tensor.is_meta) for tensor in tensors
-    )
+    def backward_on_the_forward_backend(ctx, *grads):
+        with forward_backend(ctx):
+            return backward(ctx, *grads)
+
+    op.register_autograd(backward_on_the_forward_backend, setup_context=setup)
 
 
 def record_backend(ctx, op: str, device: torch.device) -> None:
-    """Keep on ``ctx`` the backend that ran the forward ``op`` (selected in this thread and
-    context now, as the forward just was), so that ``forward_backend`` runs the backward
-    there: after a ``backends.use`` block has ended, or on another thread."""
+    """Keep on ``ctx`` the backend that runs the forward ``op`` on ``device`` now (in this
+    thread and context), for ``forward_backend``: ``register_backward``'s, or an
+    autograd.Function's."""
     try:
         ctx.backend = registry.select(op, device.type)[0]
     except registry.BackendUnavailableError:
@@ -123,5 +133,5 @@ def record_backend(ctx, op: str, device: torch.device) -> None:
 
 
 def forward_backend(ctx):
-    """A context in which ops run on the backend recorded by ``record_backend``."""
+    """A context in which ops run on the backend recorded with the forward."""
     return contextlib.nullcontext() if ctx.backend is None else registry.use(ctx.backend)

@@ -27,8 +27,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..backends.kernelized_ops import (
+    PROBLEM_SCHEMA, KernelProblem, flat_problem, problem_gradients, rebuilt_problem, with_problem,
+)  # fmt: skip
+from ..backends.registry import run
 from ..config import KERNELS, check_choice, check_real
-from ._common import check_same_device, check_tensor, compute_dtype, forward_backend, prepare, record_backend, run
+from ._common import check_same_device, check_tensor, compute_dtype, custom_op, prepare, register_backward
 
 # The parameters each kernel (each of config.KERNELS) takes, with their defaults (coeff's
 # default depends on H). A kernel takes all of SCALAR_PARAMS or none, and its positive ones
@@ -50,78 +54,62 @@ def default_coeff(chunks: int) -> list[float]:
     return [0.1 * (-1) ** h for h in range(chunks)]
 
 
-@torch.library.custom_op(
-    "tensor_peft::kernelized_delta", mutates_args=(), device_types=("cpu", "cuda")
-)
-def _kernelized_delta(
-    out_emb: Tensor, in_emb: Tensor, kernel: str, coeff: Tensor, params: Tensor, eps: float
-) -> Tensor:
-    if is_empty(out_emb, in_emb):
-        return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1])
-    return run("kernelized_sparse_delta", out_emb.device, out_emb, in_emb, 0, kernel, coeff, params, eps, None)[0]
+@custom_op(
+    "kernelized_delta", fake=with_problem(lambda problem: problem.out_emb.new_empty(problem.shape)),
+    schema=f"({PROBLEM_SCHEMA}) -> Tensor",
+)  # fmt: skip
+@with_problem
+def _kernelized_delta(problem: KernelProblem) -> Tensor:
+    if problem.is_empty:
+        return problem.out_emb.new_empty(problem.shape)
+    return run("kernelized_sparse_delta", problem.out_emb.device, problem, 0)[0]
 
 
-@_kernelized_delta.register_fake
-def _(out_emb, in_emb, kernel, coeff, params, eps):
-    return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1])
+@custom_op(
+    "kernelized_sparse_delta_backward", fake=with_problem(lambda problem, grad, tau: fake_kernel_grads(problem)),
+    schema=f"({PROBLEM_SCHEMA}, Tensor grad, Tensor? tau) -> Tensor[]",
+)  # fmt: skip
+@with_problem
+def kernel_gradients(problem: KernelProblem, grad: Tensor, tau: Tensor | None) -> list[Tensor]:
+    """The kernel's gradients from ΔW's (sparsified by ``problem.mode`` with ``tau``, or dense)."""
+    if problem.is_empty:  # the loss does not depend on the inputs
+        return [torch.zeros_like(t) for t in problem.differentiable()]
+    return run("kernelized_sparse_delta_backward", problem.out_emb.device, grad, problem, tau)
 
 
-@torch.library.custom_op(
-    "tensor_peft::kernelized_delta_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
-def _kernelized_delta_backward(
-    grad: Tensor,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-) -> list[Tensor]:
-    if is_empty(out_emb, in_emb):
-        return zero_kernel_grads(out_emb, in_emb, coeff, params)
-    return run(
-        "kernelized_sparse_delta_backward", out_emb.device,
-        grad, out_emb, in_emb, None, kernel, coeff, params, eps, None,
-    )  # fmt: skip
+def fake_kernel_grads(problem: KernelProblem) -> list[Tensor]:
+    return [torch.empty_like(t) for t in problem.differentiable()]
 
 
-def fake_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
-    return [torch.empty_like(t) for t in (out_emb, in_emb, coeff, params)]
+def save_problem(ctx, problem: KernelProblem, *tensors: Tensor | None) -> None:
+    """Keep ``problem`` and ``tensors`` on an autograd ``ctx`` for ``saved_problem``."""
+    ctx.save_for_backward(*problem.differentiable(), *tensors)
+    ctx.kernel, ctx.eps, ctx.mode = problem.kernel, problem.eps, problem.mode
 
 
-def is_empty(out_emb: Tensor, in_emb: Tensor) -> bool:
-    """ΔW (m, n) has no entries."""
-    return out_emb.shape[1] == 0 or in_emb.shape[1] == 0
-
-
-def zero_kernel_grads(out_emb, in_emb, coeff, params) -> list[Tensor]:
-    """The gradients when ΔW has no entries: the loss does not depend on the inputs."""
-    return [torch.zeros_like(t) for t in (out_emb, in_emb, coeff, params)]
-
-
-@_kernelized_delta_backward.register_fake
-def _(grad, out_emb, in_emb, kernel, coeff, params, eps):
-    return fake_kernel_grads(out_emb, in_emb, coeff, params)
+def saved_problem(ctx) -> tuple[KernelProblem, list[Tensor | None]]:
+    """(the problem, the other tensors) kept by ``save_problem``, each unpacked once
+    (activation checkpointing unpacks a saved tensor once)."""
+    out_emb, in_emb, coeff, params, *tensors = ctx.saved_tensors
+    return KernelProblem(out_emb, in_emb, ctx.kernel, coeff, params, ctx.eps, ctx.mode), tensors
 
 
 def _setup_context(ctx, inputs, output):
-    out_emb, in_emb, kernel, coeff, params, eps = inputs
-    ctx.save_for_backward(out_emb, in_emb, coeff, params)
-    ctx.kernel, ctx.eps = kernel, eps
-    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
+    save_problem(ctx, rebuilt_problem(inputs)[0])
 
 
 def _backward(ctx, grad):
-    out_emb, in_emb, coeff, params = ctx.saved_tensors
-    with forward_backend(ctx):
-        d_out, d_in, d_coeff, d_params = _kernelized_delta_backward(
-            grad.contiguous(), out_emb, in_emb, ctx.kernel, coeff, params, ctx.eps
-        )
-    return d_out, d_in, None, d_coeff, d_params, None
+    problem, _ = saved_problem(ctx)
+    return problem_gradients(*kernel_gradients(*flat_problem(problem, grad.contiguous(), None)))
 
 
-_kernelized_delta.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_kernelized_delta, "kernelized_sparse_delta", _setup_context, _backward)
+
+
+def prepared_problem(op: str | None, problem: KernelProblem) -> KernelProblem:
+    """``problem``'s tensors as ``prepare(op, …)`` gives them (params, never half, in the compute dtype)."""
+    out_emb, in_emb, coeff, params = prepare(op, *problem.differentiable())
+    return problem._replace(out_emb=out_emb, in_emb=in_emb, coeff=coeff, params=params)
 
 
 def _as_param(value: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -153,10 +141,9 @@ def _check_positive(value: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be positive, got {value.item()}")
 
 
-def check_kernel_inputs(
-    out_emb: object, in_emb: object, kernel: object, kernel_params: dict
-) -> tuple[Tensor, Tensor, str, Tensor, Tensor, float]:
-    """Validated (out_emb, in_emb, kernel, coeff ``(H,)``, params ``(alpha, beta, gamma)``, eps).
+def check_kernel_inputs(out_emb: object, in_emb: object, kernel: object, kernel_params: dict) -> KernelProblem:
+    """The validated problem: out_emb, in_emb, kernel, coeff ``(H,)``, params ``(alpha, beta,
+    gamma)``, eps (no sparsification).
 
     Parameters the kernel does not use are rejected (TypeError); those it uses and that
     were not given take their defaults. Unused slots of coeff/params are zeros."""
@@ -194,7 +181,7 @@ def check_kernel_inputs(
     if eps < 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
     check_same_device({"out_emb": out_emb, "coeff": coeff, "params": params})
-    return out_emb, in_emb, kernel, coeff, params, eps
+    return KernelProblem(out_emb, in_emb, kernel, coeff, params, eps)
 
 
 def kernelized_delta(
@@ -205,8 +192,6 @@ def kernelized_delta(
     kernel_params: ``coeff`` (H chunk coefficients; piecewise_linear, mixture), ``eps``
     (piecewise_linear, mixture), ``alpha``/``beta``/``gamma`` (rbf, sigmoid, mixture).
     Returns out_emb's dtype."""
-    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(
-        out_emb, in_emb, kernel, kernel_params
-    )
-    computed_out, computed_in, coeff, params = prepare("kernelized_sparse_delta", out_emb, in_emb, coeff, params)
-    return _kernelized_delta(computed_out, computed_in, kernel, coeff, params, eps).to(out_emb.dtype)
+    problem = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
+    computed = prepared_problem("kernelized_sparse_delta", problem)
+    return _kernelized_delta(*flat_problem(computed)).to(problem.out_emb.dtype)

@@ -10,107 +10,68 @@ cost of κ alone."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends.kernelized_ops import (
+    PROBLEM_SCHEMA, KernelProblem, effective_weight, flat_problem, problem_gradients, rebuilt_problem, with_problem,
+)  # fmt: skip
+from ..backends.registry import run
 from ..config import MODES, THRESHOLDS, check_choice
-from ..backends.kernelized_ops import effective_weight
-from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run, runs_eagerly
-from .kernelized_delta import check_kernel_inputs, fake_kernel_grads, is_empty, zero_kernel_grads
+from ._common import check_same_device, check_tensor, custom_op, register_backward
+from .kernelized_delta import (
+    check_kernel_inputs, fake_kernel_grads, kernel_gradients, prepared_problem, save_problem, saved_problem,
+)  # fmt: skip
 from .sparsify import select, sparsity_tensor
 
+_PROBLEM_FIELDS = len(KernelProblem._fields)  # sparse_linear's own arguments follow the problem's
 
-@torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_delta", mutates_args=(), device_types=("cpu", "cuda")
-)
-def _kernelized_sparse_delta(
-    out_emb: Tensor,
-    in_emb: Tensor,
-    sparsity: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str,
-    threshold: str,
-    tau: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    out, new_tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau)
+
+def _sparse_delta(problem: KernelProblem, sparsity: Tensor, threshold: str, tau: Tensor | None) -> list[Tensor]:
+    """[ΔW sparsified, τ] by the backend; an empty ΔW keeps all (τ = −inf, or the τ given).
+    The backends take the dropped count k, read here on the host from ``sparsity``."""
+    if problem.is_empty:
+        tau = problem.params.new_full((), -math.inf) if tau is None else tau
+        return [problem.out_emb.new_empty(problem.shape), tau]
+
+    compute = functools.partial(run, "kernelized_sparse_delta", problem.out_emb.device, problem)  # (k, τ)
+    if tau is not None:
+        return compute(0, tau)
+    return select(compute, sparsity, math.prod(problem.shape), threshold, problem.params.dtype)
+
+
+@with_problem
+def _fake_sparse_delta(problem, sparsity, threshold, tau):
+    return problem.out_emb.new_empty(problem.shape), problem.params.new_empty(())
+
+
+@custom_op(
+    "kernelized_sparse_delta", fake=_fake_sparse_delta,
+    schema=f"({PROBLEM_SCHEMA}, Tensor sparsity, str threshold, Tensor? tau) -> (Tensor, Tensor)",
+)  # fmt: skip
+@with_problem
+def _kernelized_sparse_delta(problem, sparsity, threshold, tau) -> tuple[Tensor, Tensor]:
+    out, new_tau = _sparse_delta(problem, sparsity, threshold, tau)
     return out, new_tau if tau is None else new_tau.clone()  # an output must not be an input
 
 
-def _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau) -> list[Tensor]:
-    """[ΔW sparsified, τ] by the backend; an empty ΔW keeps all (τ = −inf, or the τ given).
-    The backends take the dropped count k, read here on the host from ``sparsity``."""
-    if is_empty(out_emb, in_emb):
-        tau = params.new_full((), -math.inf) if tau is None else tau
-        return [out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), tau]
-
-    def compute(dropped: int, tau: Tensor | None) -> list[Tensor]:
-        return run(
-            "kernelized_sparse_delta", out_emb.device,
-            out_emb, in_emb, dropped, kernel, coeff, params, eps, mode, tau,
-        )  # fmt: skip
-
-    if tau is not None:
-        return compute(0, tau)
-    return select(compute, sparsity, out_emb.shape[1] * in_emb.shape[1], threshold, params.dtype)
-
-
-@_kernelized_sparse_delta.register_fake
-def _(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, tau):
-    return out_emb.new_empty(out_emb.shape[1], in_emb.shape[1]), params.new_empty(())
-
-
-@torch.library.custom_op(
-    "tensor_peft::kernelized_sparse_delta_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
-def _kernelized_sparse_delta_backward(
-    grad: Tensor,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    tau: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str,
-) -> list[Tensor]:
-    if is_empty(out_emb, in_emb):
-        return zero_kernel_grads(out_emb, in_emb, coeff, params)
-    return run(
-        "kernelized_sparse_delta_backward", out_emb.device,
-        grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode,
-    )  # fmt: skip
-
-
-@_kernelized_sparse_delta_backward.register_fake
-def _(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
-    return fake_kernel_grads(out_emb, in_emb, coeff, params)
-
-
 def _setup_context(ctx, inputs, output):
-    out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, _, _ = inputs
     _, tau = output
     ctx.mark_non_differentiable(tau)
-    ctx.save_for_backward(out_emb, in_emb, coeff, params, tau)
-    ctx.kernel, ctx.eps, ctx.mode = kernel, eps, mode
-    record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
+    save_problem(ctx, rebuilt_problem(inputs)[0], tau)
 
 
 def _backward(ctx, grad, grad_tau):
-    out_emb, in_emb, coeff, params, tau = ctx.saved_tensors
-    with forward_backend(ctx):
-        d_out, d_in, d_coeff, d_params = _kernelized_sparse_delta_backward(
-            grad.contiguous(), out_emb, in_emb, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode
-        )
-    return d_out, d_in, None, None, d_coeff, d_params, None, None, None, None
+    problem, (tau,) = saved_problem(ctx)
+    gradients = kernel_gradients(*flat_problem(problem, grad.contiguous(), tau))
+    return *problem_gradients(*gradients), None, None, None
 
 
-_kernelized_sparse_delta.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_kernelized_sparse_delta, "kernelized_sparse_delta", _setup_context, _backward)
 
 
 def kernelized_sparse_delta(
@@ -140,112 +101,88 @@ def sparse_delta_and_threshold(
     """(``kernelized_sparse_delta(...)``, its threshold τ, a 0-dim tensor that stays on the
     device). Given ``tau`` (the τ of an earlier call on the same inputs), ΔW is masked by
     it and nothing is selected: the same ΔW for the cost of κ alone."""
-    (computed_out, computed_in, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
+    problem, sparsity, threshold = _checked(
         out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, "kernelized_sparse_delta"
     )
     if tau is not None:
         tau = check_tensor(tau, "tau", ndim=0)
         check_same_device({"out_emb": out_emb, "tau": tau})
-        tau = tau.detach().to(params.dtype)
-    out, tau = _kernelized_sparse_delta(
-        computed_out, computed_in, sparsity, kernel, coeff, params, eps, mode, threshold, tau
-    )  # fmt: skip
+        tau = tau.detach().to(problem.params.dtype)
+    out, tau = _kernelized_sparse_delta(*flat_problem(problem, sparsity, threshold, tau))
     return out.to(out_emb.dtype), tau
 
 
 def _checked(out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, op):
-    """The arguments checked: ([out_emb, in_emb, coeff, params] as ``prepare(op, …)`` gives
-    them (params, never half, in the compute dtype), kernel, eps, sparsity as a 0-dim
-    float64 cpu tensor, mode, threshold)."""
-    out_emb, in_emb, kernel, coeff, params, eps = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
-    sparsity = sparsity_tensor(sparsity)
-    mode = check_choice(mode, "mode", MODES)
+    """The arguments checked: (the problem with ``mode``, its tensors as ``prepared_problem(op,
+    …)`` gives them, sparsity as a 0-dim float64 cpu tensor, threshold)."""
+    problem = check_kernel_inputs(out_emb, in_emb, kernel, kernel_params)
+    problem = problem._replace(mode=check_choice(mode, "mode", MODES))
     threshold = check_choice(threshold, "threshold", THRESHOLDS)
-    return prepare(op, out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold
+    return prepared_problem(op, problem), sparsity_tensor(sparsity), threshold
 
 
 # --------------------------------------------------------------------------- in a linear layer
 
 
-def _sparse_linear_forward(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    sparsity: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str,
-    threshold: str,
-) -> tuple[Tensor, Tensor]:
-    delta, tau = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold, None)
+@with_problem
+def _fake_sparse_linear(problem, input, weight, bias, sparsity, threshold, softplus_count):
+    return input.new_empty(*input.shape[:-1], problem.shape[0]), problem.out_emb.new_empty(())
+
+
+@custom_op(
+    "sparse_linear", fake=_fake_sparse_linear,
+    schema=f"({PROBLEM_SCHEMA}, Tensor input, Tensor? weight, Tensor? bias, Tensor sparsity, str threshold, "
+    "int softplus_count) -> (Tensor, Tensor)",
+)  # fmt: skip
+@with_problem
+def _sparse_linear(
+    problem: KernelProblem, input: Tensor, weight: Tensor | None, bias: Tensor | None, sparsity: Tensor, threshold: str,
+    softplus_count: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    problem = problem._replace(params=softplus_tail(problem.params, softplus_count))
+    delta, tau = _sparse_delta(problem, sparsity, threshold, None)
     return F.linear(input, effective_weight(delta, weight).to(input.dtype), bias), tau
 
 
-_sparse_linear = torch.library.custom_op(
-    "tensor_peft::sparse_linear", _sparse_linear_forward, mutates_args=(), device_types=("cpu", "cuda")
-)
+@with_problem
+def _fake_sparse_linear_backward(problem, grad, input, weight, sparsity, tau, input_grad, kernel_grads):
+    grad_input = input.new_empty(input.shape, dtype=grad.dtype) if input_grad else input.new_empty(0)
+    if not kernel_grads:
+        return [grad_input, *(t.new_empty(0) for t in problem.differentiable())]
+    return [grad_input, *fake_kernel_grads(problem)]
 
 
-@_sparse_linear.register_fake
-def _(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold):
-    return input.new_empty(*input.shape[:-1], out_emb.shape[1]), out_emb.new_empty(())
-
-
-def _sparse_linear_gradients(
-    grad: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    sparsity: Tensor,
-    tau: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str,
-    input_grad: bool,
-    kernel_grads: bool,
-) -> list[Tensor]:
+@custom_op(
+    "sparse_linear_backward", fake=_fake_sparse_linear_backward,
+    schema=f"({PROBLEM_SCHEMA}, Tensor grad, Tensor input, Tensor? weight, Tensor sparsity, Tensor tau, "
+    "bool input_grad, bool kernel_grads) -> Tensor[]",
+)  # fmt: skip
+@with_problem
+def _sparse_linear_backward(
+    problem: KernelProblem, grad: Tensor, input: Tensor, weight: Tensor | None, sparsity: Tensor, tau: Tensor,
+    input_grad: bool, kernel_grads: bool,
+) -> list[Tensor]:  # fmt: skip
     """[∂input, ∂out_emb, ∂in_emb, ∂coeff, ∂params] from the output's gradient ``grad``, in
     one op (one dispatch per backward): the kernel's gradients when ``kernel_grads``, and
     ∂input through W0 + ΔW (ΔW without a ``weight``) when ``input_grad``, by the backend
     on the way to the kernel's gradients (from ΔW rebuilt from τ when only ∂input is asked
     for). Empty tensors for the gradients not asked for."""
-    if kernel_grads and not is_empty(out_emb, in_emb):
+    if kernel_grads and not problem.is_empty:
 
         def tokens(tensor: Tensor) -> Tensor:  # in the kernel's dtype
-            return _tokens(tensor).to(out_emb.dtype).contiguous()
+            return _tokens(tensor).to(problem.out_emb.dtype).contiguous()
 
         grad_input, *gradients = run(
-            "sparse_linear_backward", out_emb.device,
-            tokens(grad), tokens(input), weight, out_emb, in_emb, float(sparsity), tau, kernel, coeff, params, eps,
-            mode, _tokens(grad) if input_grad else None,
+            "sparse_linear_backward", problem.out_emb.device,
+            tokens(grad), tokens(input), weight, problem, float(sparsity), tau, _tokens(grad) if input_grad else None,
         )  # fmt: skip
         return [grad_input.reshape(input.shape) if input_grad else grad_input, *gradients]
-    inputs = (out_emb, in_emb, coeff, params)
-    gradients = zero_kernel_grads(*inputs) if kernel_grads else [t.new_empty(0) for t in inputs]
+    inputs = problem.differentiable()
+    gradients = [torch.zeros_like(t) if kernel_grads else t.new_empty(0) for t in inputs]  # ΔW empty: zero
     if not input_grad:
         return [input.new_empty(0), *gradients]
-    delta = _sparse_delta(out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, "count", tau)[0]
+    delta = _sparse_delta(problem, sparsity, "count", tau)[0]
     return [grad @ effective_weight(delta, weight).to(grad.dtype), *gradients]
-
-
-_sparse_linear_backward = torch.library.custom_op(
-    "tensor_peft::sparse_linear_backward", _sparse_linear_gradients, mutates_args=(), device_types=("cpu", "cuda")
-)
-
-
-@_sparse_linear_backward.register_fake
-def _(grad, input, weight, out_emb, in_emb, sparsity, tau, kernel, coeff, params, eps, mode, input_grad, kernel_grads):
-    grad_input = input.new_empty(input.shape, dtype=grad.dtype) if input_grad else input.new_empty(0)
-    if not kernel_grads:
-        return [grad_input, *(t.new_empty(0) for t in (out_emb, in_emb, coeff, params))]
-    return [grad_input, *fake_kernel_grads(out_emb, in_emb, coeff, params)]
 
 
 def _tokens(tensor: Tensor) -> Tensor:
@@ -268,53 +205,39 @@ def _softplus_tail_backward(grad: Tensor, values: Tensor, count: int) -> Tensor:
     return torch.cat([plain, tail * torch.sigmoid(values[values.shape[0] - count :])])
 
 
-class _SparseLinear(torch.autograd.Function):
-    """sparse_linear's autograd, a Function around the forward op instead of the op's
-    registered autograd: that wrapper fills the op's 12-argument schema again on every
-    call, a cost a small layer's step notices. In eager mode on plain tensors the
-    two ops' implementations are called directly (``runs_eagerly``). Under torch.compile
-    the backend is not recorded (reading the request would break the graph there): the
-    backward selects its own, as the FLoRA layer's projected gradients do.
+def _sparse_linear_setup_context(ctx, inputs, output):
+    """sparse_linear's autograd keeps the inputs and τ, nothing m×n. The problem's ``params``
+    are the kernel's parameters with the last ``softplus_count`` of them as an adapter stores
+    them (``softplus_tail``): the transform and its derivative run inside the op, not as
+    autograd nodes of their own (a few per layer and step)."""
+    problem, (input, weight, _, sparsity, _, softplus_count) = rebuilt_problem(inputs)
+    _, tau = output
+    ctx.mark_non_differentiable(tau)
+    save_problem(ctx, problem, input, weight, tau, sparsity)
+    ctx.softplus_count = softplus_count
 
-    ``stored_params`` are the kernel's parameters with the last ``softplus_count`` of them
-    as an adapter stores them (``softplus_tail``): the transform and its derivative run
-    here, not as autograd nodes of their own (a few per layer and step)."""
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, stored_params, softplus_count, eps,
-                mode, threshold):  # fmt: skip
-        params = softplus_tail(stored_params, softplus_count)
-        eager = runs_eagerly(input, weight, bias, out_emb, in_emb, sparsity, coeff, params)
-        output, tau = (_sparse_linear_forward if eager else _sparse_linear)(
-            input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold
-        )  # fmt: skip
-        ctx.save_for_backward(input, weight, out_emb, in_emb, coeff, params, tau, sparsity, stored_params)
-        ctx.kernel, ctx.eps, ctx.mode, ctx.softplus_count = kernel, eps, mode, softplus_count
-        if torch.compiler.is_compiling():
-            ctx.backend = None
-        else:
-            record_backend(ctx, "kernelized_sparse_delta", out_emb.device)
-        return output
+def _sparse_linear_backward_formula(ctx, grad, grad_tau):
+    stored, (input, weight, tau, sparsity) = saved_problem(ctx)
+    problem = stored._replace(params=softplus_tail(stored.params, ctx.softplus_count))
+    kernel_grads = any(ctx.needs_input_grad[:_PROBLEM_FIELDS])
+    input_grad = ctx.needs_input_grad[_PROBLEM_FIELDS]
+    grad_input, d_out, d_in, d_coeff, d_params = _sparse_linear_backward(
+        *flat_problem(problem, grad, input, weight, sparsity, tau, input_grad, kernel_grads)
+    )
+    grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[_PROBLEM_FIELDS + 2] else None
+    if not input_grad:
+        grad_input = None
+    if not kernel_grads:
+        d_out = d_in = d_coeff = d_params = None
+    elif ctx.softplus_count:
+        d_params = _softplus_tail_backward(d_params, stored.params, ctx.softplus_count)
+    return *problem_gradients(d_out, d_in, d_coeff, d_params), grad_input, None, grad_bias, None, None, None
 
-    @staticmethod
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each tensor once
-        input, weight, out_emb, in_emb, coeff, params, tau, sparsity, stored_params = saved
-        input_grad, kernel_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        gradients = _sparse_linear_gradients if runs_eagerly(grad, *saved) else _sparse_linear_backward
-        with forward_backend(ctx):
-            grad_input, d_out, d_in, d_coeff, d_params = gradients(
-                grad, input, weight, out_emb, in_emb, sparsity, tau, ctx.kernel, coeff, params, ctx.eps, ctx.mode,
-                input_grad, kernel_grads,
-            )  # fmt: skip
-        grad_bias = _tokens(grad).sum(0) if ctx.needs_input_grad[2] else None
-        if not input_grad:
-            grad_input = None
-        if not kernel_grads:
-            d_out = d_in = d_coeff = d_params = None
-        elif ctx.softplus_count:
-            d_params = _softplus_tail_backward(d_params, stored_params, ctx.softplus_count)
-        return grad_input, None, grad_bias, d_out, d_in, None, None, d_coeff, d_params, None, None, None, None
+
+register_backward(
+    _sparse_linear, "kernelized_sparse_delta", _sparse_linear_setup_context, _sparse_linear_backward_formula
+)
 
 
 def sparse_linear(
@@ -336,11 +259,11 @@ def sparse_linear(
     from τ for ∂L/∂input. The cpu backend's backward works in column blocks of the weight
     (Γ = ∂L/∂ΔW, ΔW and W0 + ΔW a block at a time: nothing m×n exists there), and computes
     Γ only where the mask keeps an entry when few are kept."""
-    (out_emb, in_emb, coeff, params), kernel, eps, sparsity, mode, threshold = _checked(
+    problem, sparsity, threshold = _checked(
         out_emb, in_emb, sparsity, kernel, mode, threshold, kernel_params, None
     )  # in the compute dtype: W0 + ΔW is summed there, from a ΔW not rounded to a half dtype
     input = check_tensor(input, "input", min_ndim=1)
-    shape = (out_emb.shape[1], in_emb.shape[1])
+    shape = problem.shape
     if weight is not None:
         weight = check_tensor(weight, "weight", ndim=2)
         if weight.requires_grad:
@@ -356,32 +279,19 @@ def sparse_linear(
         if bias.shape[0] != shape[0]:
             raise ValueError(f"bias must have shape ({shape[0]},) (the weight's rows), got {tuple(bias.shape)}")
     optional = {name: tensor for name, tensor in (("weight", weight), ("bias", bias)) if tensor is not None}
-    check_same_device({"input": input, "out_emb": out_emb, **optional})
-    return prepared_sparse_linear(input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, eps, mode, threshold)
+    check_same_device({"input": input, "out_emb": problem.out_emb, **optional})
+    return prepared_sparse_linear(problem, input, weight, bias, sparsity, threshold)
 
 
 def prepared_sparse_linear(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    out_emb: Tensor,
-    in_emb: Tensor,
-    sparsity: Tensor,
-    kernel: str,
-    coeff: Tensor,
-    params: Tensor,
-    eps: float,
-    mode: str,
-    threshold: str,
-    softplus_count: int = 0,
-) -> Tensor:
+    problem: KernelProblem, input: Tensor, weight: Tensor | None, bias: Tensor | None, sparsity: Tensor,
+    threshold: str, softplus_count: int = 0,
+) -> Tensor:  # fmt: skip
     """``sparse_linear`` on arguments already in the form its checks give them, not checked
-    again: the embeddings, ``coeff`` ``(H,)`` and ``params`` (alpha, beta, gamma) contiguous
-    in one float32/float64 dtype on input's device, ``sparsity`` a 0-dim float64 cpu tensor,
-    valid choices, a frozen ``weight`` of the embeddings' shape or None; the last ``softplus_count``
-    of ``params`` in an adapter's stored form (``softplus_tail``). For a caller that builds
-    them so on every forward (the SNELL layer), where the checks cost as much as a small
-    layer's kernels."""
-    return _SparseLinear.apply(
-        input, weight, bias, out_emb, in_emb, sparsity, kernel, coeff, params, softplus_count, eps, mode, threshold
-    )  # fmt: skip
+    again: the problem's embeddings, ``coeff`` ``(H,)`` and ``params`` (alpha, beta, gamma)
+    contiguous in one float32/float64 dtype on input's device, valid choices, ``sparsity`` a
+    0-dim float64 cpu tensor, a frozen ``weight`` of the embeddings' shape or None; the last
+    ``softplus_count`` of ``params`` in an adapter's stored form (``softplus_tail``). For a
+    caller that builds them so on every forward (the SNELL layer), where the checks cost as
+    much as a small layer's kernels."""
+    return _sparse_linear(*flat_problem(problem, input, weight, bias, sparsity, threshold, softplus_count))[0]

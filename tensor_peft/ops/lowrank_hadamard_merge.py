@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends.registry import run
 from ..config import EXP_FORMS, check_choice, check_real
 from ._common import (
-    check_frozen, check_same_device, check_tensor, forward_backend, prepare, record_backend, run, runs_eagerly,
+    check_frozen, check_same_device, check_tensor, custom_op, forward_backend, prepare, record_backend,
+    register_backward,
 )  # fmt: skip
 
 
@@ -28,55 +30,41 @@ def _vanishes(weight: Tensor, B: Tensor) -> bool:
     return weight.numel() == 0 or B.shape[1] == 0
 
 
-def _merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
-    """The merge on the selected backend (the registered op's implementation)."""
+@custom_op("lowrank_hadamard_merge", fake=lambda weight, B, A, scale, exp: torch.empty_like(weight))
+def _lowrank_hadamard_merge(weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
+    """The merge on the selected backend."""
     if _vanishes(weight, B):
         return weight.clone()
     return run("lowrank_hadamard_merge", weight.device, weight, B, A, scale, exp)
 
 
-def _merge_backward(grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str) -> list[Tensor]:
-    """The merge's backward on the selected backend (the registered op's implementation)."""
+def _fake_merge_backward(grad, weight, B, A, scale, exp):
+    return [torch.empty_like(B), torch.empty_like(A)]
+
+
+@custom_op("lowrank_hadamard_merge_backward", fake=_fake_merge_backward)
+def _lowrank_hadamard_merge_backward(
+    grad: Tensor, weight: Tensor, B: Tensor, A: Tensor, scale: float, exp: str
+) -> list[Tensor]:
+    """The merge's backward on the selected backend."""
     if _vanishes(weight, B):
         return [torch.zeros_like(B), torch.zeros_like(A)]
     return run("lowrank_hadamard_merge_backward", weight.device, grad, weight, B, A, scale, exp)
-
-
-_lowrank_hadamard_merge = torch.library.custom_op(
-    "tensor_peft::lowrank_hadamard_merge", _merge, mutates_args=(), device_types=("cpu", "cuda")
-)
-
-
-@_lowrank_hadamard_merge.register_fake
-def _(weight, B, A, scale, exp):
-    return torch.empty_like(weight)
-
-
-_lowrank_hadamard_merge_backward = torch.library.custom_op(
-    "tensor_peft::lowrank_hadamard_merge_backward", _merge_backward, mutates_args=(), device_types=("cpu", "cuda")
-)
-
-
-@_lowrank_hadamard_merge_backward.register_fake
-def _(grad, weight, B, A, scale, exp):
-    return [torch.empty_like(B), torch.empty_like(A)]
 
 
 def _setup_context(ctx, inputs, output):
     weight, B, A, scale, exp = inputs
     ctx.save_for_backward(weight, B, A)
     ctx.scale, ctx.exp = scale, exp
-    record_backend(ctx, "lowrank_hadamard_merge", weight.device)
 
 
 def _backward(ctx, grad):
     weight, B, A = ctx.saved_tensors
-    with forward_backend(ctx):
-        d_B, d_A = _lowrank_hadamard_merge_backward(grad.contiguous(), weight, B, A, ctx.scale, ctx.exp)
+    d_B, d_A = _lowrank_hadamard_merge_backward(grad.contiguous(), weight, B, A, ctx.scale, ctx.exp)
     return None, d_B, d_A, None, None
 
 
-_lowrank_hadamard_merge.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_lowrank_hadamard_merge, "lowrank_hadamard_merge", _setup_context, _backward)
 
 
 def lowrank_hadamard_merge(
@@ -150,13 +138,6 @@ def dequantized_block_rows(rows: int, cols: int, granularity: int) -> int:
     return max(1, min(-(-count // granularity) * granularity, rows))
 
 
-def _call(op, implementation, *args):
-    """The registered ``op``, or its implementation directly where that is the same
-    (``runs_eagerly``: the dispatcher's cost is paid per call, and a layer makes one a block)."""
-    tensors = [arg for arg in args if isinstance(arg, Tensor)]
-    return implementation(*args) if runs_eagerly(*tensors) else op(*args)
-
-
 def _rows_of(weight: Tensor | None, rows: RowSource | None, start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of W0: of ``weight``, or from ``rows`` where W0 is quantized."""
     return weight[start:stop] if rows is None else rows(start, stop)
@@ -170,7 +151,7 @@ def _blocks(rows: int, block: int) -> list[tuple[int, int]]:
 
 def _merged_rows(weight_rows: Tensor, B_rows: Tensor, A: Tensor, scale: float, exp: str) -> Tensor:
     """W_eff of one block of rows, by the merge kernel."""
-    return _call(_lowrank_hadamard_merge, _merge, weight_rows, B_rows, A, scale, exp)
+    return _lowrank_hadamard_merge(weight_rows, B_rows, A, scale, exp)
 
 
 class _HadamardLinear(torch.autograd.Function):
@@ -235,8 +216,8 @@ class _HadamardLinear(torch.autograd.Function):
                     grad_input.addmm_(g_sum[:, start:stop], merged.to(input.dtype).to(sum_dtype))
                 if wants_factors:
                     gamma = (g_product[:, start:stop].T @ x_product).to(weight_rows.dtype)
-                    d_B[start:stop], d_A_block = _call(
-                        _lowrank_hadamard_merge_backward, _merge_backward, gamma, reduced, B_rows, A, scale, reduced_exp
+                    d_B[start:stop], d_A_block = _lowrank_hadamard_merge_backward(
+                        gamma, reduced, B_rows, A, scale, reduced_exp
                     )
                     d_A = d_A_block if d_A is None else d_A.add_(d_A_block)  # in block order
         if wants_input:

@@ -10,48 +10,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_tensor, forward_backend, prepare, record_backend, run
+from ..backends.registry import run
+from ._common import check_tensor, custom_op, prepare, register_backward
 
 
-@torch.library.custom_op("tensor_peft::matrix_exp", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("matrix_exp", fake=lambda A: torch.empty_like(A))
 def _matrix_exp(A: Tensor) -> Tensor:
     if A.numel() == 0:
         return torch.empty_like(A)
     return run("matrix_exp", A.device, A)
 
 
-@_matrix_exp.register_fake
-def _(A):
-    return torch.empty_like(A)
-
-
-@torch.library.custom_op(
-    "tensor_peft::matrix_exp_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
+@custom_op("matrix_exp_backward", fake=lambda grad, A: torch.empty_like(A))
 def _matrix_exp_backward(grad: Tensor, A: Tensor) -> Tensor:
     if A.numel() == 0:
         return torch.empty_like(A)
     return run("matrix_exp_backward", A.device, grad, A)
 
 
-@_matrix_exp_backward.register_fake
-def _(grad, A):
-    return torch.empty_like(A)
-
-
 def _setup_context(ctx, inputs, output):
-    (A,) = inputs
-    ctx.save_for_backward(A)
-    record_backend(ctx, "matrix_exp", A.device)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad):
     (A,) = ctx.saved_tensors
-    with forward_backend(ctx):
-        return _matrix_exp_backward(grad.contiguous(), A)
+    return _matrix_exp_backward(grad.contiguous(), A)
 
 
-_matrix_exp.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_matrix_exp, "matrix_exp", _setup_context, _backward)
 
 
 def matrix_exp(A: Tensor) -> Tensor:

@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from ..backends.tensor_algebra import compute_dtype, masked
+from ..backends.registry import run
 from ..config import MODES, THRESHOLDS, check_choice, check_sparsity
-from ._common import check_tensor, forward_backend, prepare, record_backend, run
+from ._common import check_tensor, custom_op, prepare, register_backward
 
 
 def dropped_count(sparsity: float, numel: int, threshold: str = "count", dtype: torch.dtype = torch.float32) -> int:
@@ -101,7 +102,11 @@ def sparsity_tensor(sparsity: object) -> Tensor:
     return sparsity.detach().to(torch.float64)
 
 
-@torch.library.custom_op("tensor_peft::sparsify", mutates_args=(), device_types=("cpu", "cuda"))
+def _fake_sparsify(delta, sparsity, mode, threshold):
+    return torch.empty_like(delta), delta.new_empty((), dtype=compute_dtype(delta))
+
+
+@custom_op("sparsify", fake=_fake_sparsify)
 def _sparsify(delta: Tensor, sparsity: Tensor, mode: str, threshold: str) -> tuple[Tensor, Tensor]:
     """[ΔW sparsified, τ], τ in the compute dtype (a half ΔW's threshold is selected and
     interpolated in float32, as for the float32 ΔW)."""
@@ -117,23 +122,11 @@ def _sparsify(delta: Tensor, sparsity: Tensor, mode: str, threshold: str) -> tup
     return out, tau
 
 
-@_sparsify.register_fake
-def _(delta, sparsity, mode, threshold):
-    return torch.empty_like(delta), delta.new_empty((), dtype=compute_dtype(delta))
-
-
-@torch.library.custom_op(
-    "tensor_peft::sparsify_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
+@custom_op("sparsify_backward", fake=lambda grad, delta, tau, mode: torch.empty_like(delta))
 def _sparsify_backward(grad: Tensor, delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     if delta.numel() == 0:
         return torch.empty_like(delta)
     return run("sparsify_backward", delta.device, grad, delta, tau, mode)
-
-
-@_sparsify_backward.register_fake
-def _(grad, delta, tau, mode):
-    return torch.empty_like(delta)
 
 
 def _setup_context(ctx, inputs, output):
@@ -142,16 +135,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(tau)
     ctx.save_for_backward(delta, tau)
     ctx.mode = mode
-    record_backend(ctx, "sparsify", delta.device)
 
 
 def _backward(ctx, grad, grad_tau):
     delta, tau = ctx.saved_tensors
-    with forward_backend(ctx):
-        return _sparsify_backward(grad.contiguous(), delta, tau, ctx.mode), None, None, None
+    return _sparsify_backward(grad.contiguous(), delta, tau, ctx.mode), None, None, None
 
 
-_sparsify.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_sparsify, "sparsify", _setup_context, _backward)
 
 
 def sparsify(delta: Tensor, sparsity: float | Tensor, mode: str = "hard", threshold: str = "count") -> Tensor:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..backends.registry import run
 from ..config import check_real
-from ._common import check_same_device, check_tensor, forward_backend, prepare, record_backend, run
+from ._common import check_same_device, check_tensor, custom_op, prepare, register_backward
 
 
 def vanishes(factors: Sequence[Tensor]) -> bool:
@@ -24,21 +25,20 @@ def vanishes(factors: Sequence[Tensor]) -> bool:
     return any(factor.numel() == 0 for factor in factors)
 
 
-@torch.library.custom_op("tensor_peft::tucker_delta", mutates_args=(), device_types=("cpu", "cuda"))
+def _fake_gradients(*args) -> list[Tensor]:
+    """A fake's [∂G, ∂U_0, …] for arguments that end with (core, factors, scale)."""
+    core, factors = args[-3], args[-2]
+    return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
+
+
+@custom_op("tucker_delta", fake=lambda core, factors, scale: core.new_empty([factor.shape[0] for factor in factors]))
 def _tucker_delta(core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
     if vanishes(factors):
         return core.new_zeros([factor.shape[0] for factor in factors])
     return run("tucker_delta", core.device, core, factors, scale)
 
 
-@_tucker_delta.register_fake
-def _(core, factors, scale):
-    return core.new_empty([factor.shape[0] for factor in factors])
-
-
-@torch.library.custom_op(
-    "tensor_peft::tucker_delta_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
+@custom_op("tucker_delta_backward", fake=_fake_gradients)
 def tucker_delta_backward(
     grad: Tensor, core: Tensor, factors: list[Tensor], scale: float
 ) -> list[Tensor]:
@@ -48,25 +48,13 @@ def tucker_delta_backward(
     return run("tucker_delta_backward", core.device, grad, core, factors, scale)
 
 
-@tucker_delta_backward.register_fake
-def _(grad, core, factors, scale):
-    return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
-
-
-@torch.library.custom_op(
-    "tensor_peft::tucker_projected_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
+@custom_op("tucker_projected_backward", fake=_fake_gradients)
 def _tucker_projected_backward(
     T0: Tensor, T1: Tensor, T01: Tensor, core: Tensor, factors: list[Tensor], scale: float
 ) -> list[Tensor]:
     if vanishes(factors):
         return [torch.zeros_like(core)] + [torch.zeros_like(factor) for factor in factors]
     return run("tucker_projected_backward", core.device, T0, T1, T01, core, factors, scale)
-
-
-@_tucker_projected_backward.register_fake
-def _(T0, T1, T01, core, factors, scale):
-    return [torch.empty_like(core)] + [torch.empty_like(factor) for factor in factors]
 
 
 def tucker_projected_backward(
@@ -83,22 +71,17 @@ def tucker_projected_backward(
     return [d_core.to(core.dtype), *(d.to(f.dtype) for d, f in zip(d_factors, factors))]
 
 
-def save_tucker_inputs(ctx, op: str, core: Tensor, factors: Sequence[Tensor], scale: float) -> None:
+def save_tucker_inputs(ctx, inputs, output) -> None:
+    """The setup of the autograd of an op whose inputs end with (core, factors, scale)."""
+    *_, core, factors, scale = inputs
     ctx.save_for_backward(core, *factors)
     ctx.scale = scale
-    record_backend(ctx, op, core.device)
 
 
 def tucker_grads(ctx, grad: Tensor) -> tuple[Tensor, list[Tensor]]:
     core, *factors = ctx.saved_tensors
-    with forward_backend(ctx):
-        d_core, *d_factors = tucker_delta_backward(grad.to(core.dtype).contiguous(), core, factors, ctx.scale)
+    d_core, *d_factors = tucker_delta_backward(grad.to(core.dtype).contiguous(), core, factors, ctx.scale)
     return d_core, d_factors
-
-
-def _setup_context(ctx, inputs, output):
-    core, factors, scale = inputs
-    save_tucker_inputs(ctx, "tucker_delta", core, factors, scale)
 
 
 def _backward(ctx, grad):
@@ -106,7 +89,7 @@ def _backward(ctx, grad):
     return d_core, d_factors, None
 
 
-_tucker_delta.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_tucker_delta, "tucker_delta", save_tucker_inputs, _backward)
 
 
 def check_tucker(core: object, factors: object, scale: object) -> tuple[Tensor, list[Tensor], float]:

@@ -14,25 +14,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import check_frozen, check_same_device, check_tensor, prepare, run
+from ..backends.registry import run
+from ._common import check_frozen, check_same_device, check_tensor, custom_op, prepare, register_backward
 from .tucker_delta import check_tucker, save_tucker_inputs, tucker_grads, vanishes
 
 
-@torch.library.custom_op("tensor_peft::tucker_merge", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("tucker_merge", fake=lambda weight, core, factors, scale: torch.empty_like(weight))
 def _tucker_merge(weight: Tensor, core: Tensor, factors: list[Tensor], scale: float) -> Tensor:
     if vanishes(factors):
         return weight.clone()
     return run("tucker_merge", weight.device, weight, core, factors, scale)
-
-
-@_tucker_merge.register_fake
-def _(weight, core, factors, scale):
-    return torch.empty_like(weight)
-
-
-def _setup_context(ctx, inputs, output):
-    weight, core, factors, scale = inputs
-    save_tucker_inputs(ctx, "tucker_merge", core, factors, scale)
 
 
 def _backward(ctx, grad):
@@ -40,7 +31,7 @@ def _backward(ctx, grad):
     return None, d_core, d_factors, None
 
 
-_tucker_merge.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_tucker_merge, "tucker_merge", save_tucker_inputs, _backward)
 
 
 def tucker_merge(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tensor_peft import backends
+from tensor_peft.backends.kernelized_ops import KernelProblem
 
 pytestmark = pytest.mark.skipif(backends.why_unavailable("cpu", "cpu") is not None, reason="no cpu backend here")
 
@@ -159,7 +160,5 @@ def test_cpu_sampled_backward_checks_the_column_count_before_the_kernel(monkeypa
     out_emb, grad_out = torch.zeros(1, 3, 1), torch.zeros(2, 3)
     coeff, params = torch.ones(1), torch.zeros(3)
     with pytest.raises(ValueError, match="in_emb: the cpu backend's sampled backward takes n ≤ 2147483647"):
-        cpu.sparse_linear_backward(
-            grad_out, x, None, out_emb, in_emb, 0.99, torch.tensor(0.0), "piecewise_linear", coeff, params, 0.0, "hard",
-            grad_out,
-        )  # fmt: skip
+        problem = KernelProblem(out_emb, in_emb, "piecewise_linear", coeff, params, 0.0, "hard")
+        cpu.sparse_linear_backward(grad_out, x, None, problem, 0.99, torch.tensor(0.0), grad_out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tensor_peft.backends import native
-from tensor_peft.backends.kernelized_ops import kernel_id, mode_id
+from tensor_peft.backends.native import kernel_id, mode_id
 from tensor_peft.config import KERNELS, MODES
 
 each_extension = pytest.mark.parametrize("built", [native.C, native.CUDA, native.CUDA_EMULATED], ids=lambda e: e.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tensor_peft.backends.kernelized_ops import KernelProblem
 from tensor_peft.backends.registry import kernel
 
 from ..conftest import backends_with
@@ -87,7 +88,7 @@ def test_fused_threshold_equals_a_brute_force_sort(backend, device, dtype):
     out_emb, in_emb, coeff, params, raw = exact_linear_case(dtype, device)
     kernelized_sparse_delta = kernel("kernelized_sparse_delta", backend)
     for k in (1, 100, raw.numel() // 2, raw.numel()):
-        out, tau = kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
+        out, tau = kernelized_sparse_delta(KernelProblem(out_emb, in_emb, "linear", coeff, params, 0.0, "hard"), k)
         assert tau.item() == brute_force_tau(raw.cpu(), k), k
         assert torch.equal(out, spec_mask(raw, tau.item(), "hard"))
 
@@ -102,8 +103,7 @@ def test_fused_mask_by_a_given_threshold(backend, device, mode):
     kernelized_sparse_delta = kernel("kernelized_sparse_delta", backend)
     for given in (4.0, 2.5, 0.0, -float("inf")):
         tau = torch.tensor(given, device=device)
-        out, returned = kernelized_sparse_delta(
-            out_emb, in_emb, 7, "linear", coeff, params, 0.0, mode, tau
-        )  # fmt: skip
+        problem = KernelProblem(out_emb, in_emb, "linear", coeff, params, 0.0, mode)
+        out, returned = kernelized_sparse_delta(problem, 7, tau)
         assert returned.item() == given
         assert torch.equal(out, spec_mask(raw, given, mode)), given

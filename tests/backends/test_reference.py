@@ -15,6 +15,7 @@ import scipy.linalg
 import torch
 
 from tensor_peft.backends import reference as ref
+from tensor_peft.backends.kernelized_ops import KernelProblem
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: dict(rtol=1e-10, atol=1e-12), F32: dict(rtol=1e-5, atol=1e-5)}
@@ -242,8 +243,9 @@ def test_kernelized_delta_and_backward_match_naive_autograd(kernel, chunks, dtyp
     leaves = _grad_inputs(inputs, dtype)
     expected = naive_kernel(leaves[0], leaves[1], kernel, leaves[2], leaves[3], EPS)
     out_emb, in_emb, coeff, params = (t.to(dtype) for t in inputs)
-    assert_matches(ref.kernelized_delta(out_emb, in_emb, kernel, coeff, params, EPS), expected, dtype)
-    grads = ref.kernelized_delta_backward(upstream.to(dtype), out_emb, in_emb, kernel, coeff, params, EPS)
+    problem = KernelProblem(out_emb, in_emb, kernel, coeff, params, EPS)
+    assert_matches(ref.kernelized_delta(problem), expected, dtype)
+    grads = ref.kernelized_delta_backward(upstream.to(dtype), problem)
     expected_grads = torch.autograd.grad(expected, leaves, upstream.to(dtype).double(), allow_unused=True)
     check_kernel_grads(grads, inputs, expected_grads, kernel, dtype)
 
@@ -257,8 +259,9 @@ def test_kernelized_row_blocks_are_exact(kernel, monkeypatch):
     upstream = _randn(g, 11, 6)
     leaves = _grad_inputs(inputs)
     expected = naive_kernel(leaves[0], leaves[1], kernel, leaves[2], leaves[3], EPS)
-    assert_matches(ref.kernelized_delta(*inputs[:2], kernel, *inputs[2:], EPS), expected)
-    grads = ref.kernelized_delta_backward(upstream, *inputs[:2], kernel, *inputs[2:], EPS)
+    problem = KernelProblem(*inputs[:2], kernel, *inputs[2:], EPS)
+    assert_matches(ref.kernelized_delta(problem), expected)
+    grads = ref.kernelized_delta_backward(upstream, problem)
     check_kernel_grads(grads, inputs, torch.autograd.grad(expected, leaves, upstream, allow_unused=True), kernel)
 
 
@@ -278,11 +281,12 @@ def test_piecewise_gradient_is_finite_at_zero_distance(kernel):
     inputs = _kernel_inputs(g, 2)
     inputs[1][:, 2] = inputs[0][:, 4]
     eps = 1e-12
-    delta = ref.kernelized_delta(*inputs[:2], kernel, *inputs[2:], eps)
+    problem = KernelProblem(*inputs[:2], kernel, *inputs[2:], eps)
+    delta = ref.kernelized_delta(problem)
     if kernel == "piecewise_linear":
         torch.testing.assert_close(delta[4, 2], inputs[2].sum() * 1e-6, rtol=1e-9, atol=0)
     upstream = _randn(g, 7, 6)
-    grads = ref.kernelized_delta_backward(upstream, *inputs[:2], kernel, *inputs[2:], eps)
+    grads = ref.kernelized_delta_backward(upstream, problem)
     assert all(torch.isfinite(t).all() for t in grads)
     leaves = _grad_inputs(inputs)
     expected = naive_kernel(leaves[0], leaves[1], kernel, leaves[2], leaves[3], eps)
@@ -359,8 +363,8 @@ def test_unknown_names_raise_value_error():
     calls = [
         lambda: ref.sparsify(delta, 2, "medium"),
         lambda: ref.sparsify_backward(delta, delta, delta.new_tensor(0.5), "medium"),
-        lambda: ref.kernelized_delta(out_emb, in_emb, "cosine", coeff, params, EPS),
-        lambda: ref.kernelized_delta_backward(delta, out_emb, in_emb, "cosine", coeff, params, EPS),
+        lambda: ref.kernelized_delta(KernelProblem(out_emb, in_emb, "cosine", coeff, params, EPS)),
+        lambda: ref.kernelized_delta_backward(delta, KernelProblem(out_emb, in_emb, "cosine", coeff, params, EPS)),
         lambda: ref.lowrank_hadamard_merge(delta, B, A, 1.0, "taylor2"),
         lambda: ref.lowrank_hadamard_merge_backward(delta, delta, B, A, 1.0, "taylor2"),
     ]
@@ -378,17 +382,14 @@ def test_kernelized_sparse_delta_is_the_composition(kernel, mode):
     inputs = _kernel_inputs(g, 2)
     out_emb, in_emb, coeff, params = inputs
     k = 17
-    out, tau = ref.kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, EPS, mode)
-    raw = ref.kernelized_delta(out_emb, in_emb, kernel, coeff, params, EPS)
+    problem = KernelProblem(out_emb, in_emb, kernel, coeff, params, EPS, mode)
+    out, tau = ref.kernelized_sparse_delta(problem, k)
+    raw = ref.kernelized_delta(problem)
     expected_out, expected_tau = ref.sparsify(raw, k, mode)
     assert torch.equal(out, expected_out) and torch.equal(tau, expected_tau)
     upstream = _randn(g, *out.shape)
-    grads = ref.kernelized_sparse_delta_backward(
-        upstream, out_emb, in_emb, tau, kernel, coeff, params, EPS, mode
-    )
-    composed = ref.kernelized_delta_backward(
-        ref.sparsify_backward(upstream, raw, tau, mode), out_emb, in_emb, kernel, coeff, params, EPS
-    )
+    grads = ref.kernelized_sparse_delta_backward(upstream, problem, tau)
+    composed = ref.kernelized_delta_backward(ref.sparsify_backward(upstream, raw, tau, mode), problem)
     for got, want in zip(grads, composed, strict=True):
         assert torch.equal(got, want)
     leaves = _grad_inputs(inputs)

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 pytest.importorskip("triton")
 
 from tensor_peft.backends import registry  # noqa: E402
+from tensor_peft.backends.kernelized_ops import KernelProblem  # noqa: E402
 from tensor_peft.backends.triton import expm, kernelized, select, shared  # noqa: E402
 
 CLAIMED = torch.device("cuda:1")
@@ -46,11 +47,10 @@ def op_calls():
     yield "lowrank_hadamard_merge", lambda: triton_op("lowrank_hadamard_merge")(grad, U, R, 0.5, "exact")
     yield "matrix_exp_backward", lambda: expm.matrix_exp_backward(empty(4, 8, 8), empty(4, 8, 8))
     out_emb, in_emb, coeff, params = empty(2, 64, 4), empty(2, 48, 4), empty(2), empty(3)
-    yield "kernelized_sparse_delta", lambda: kernelized.kernelized_sparse_delta(
-        out_emb, in_emb, 100, "mixture", coeff, params, 1e-6, "soft"
-    )
+    problem = KernelProblem(out_emb, in_emb, "mixture", coeff, params, 1e-6, "soft")
+    yield "kernelized_sparse_delta", lambda: kernelized.kernelized_sparse_delta(problem, 100)
     yield "kernelized_sparse_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
-        grad, out_emb, in_emb, empty(), "mixture", coeff, params, 1e-6, "hard"
+        grad, problem._replace(mode="hard"), empty()
     )
     yield "sparsify_backward", lambda: select.sparsify_backward(grad, grad, empty(), "soft")
 

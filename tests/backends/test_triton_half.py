@@ -10,6 +10,7 @@ import torch
 
 from tensor_peft import backends
 from tensor_peft.backends import registry
+from tensor_peft.backends.kernelized_ops import KernelProblem
 from tensor_peft.backends.triton import expm, kernelized, lowrank, select
 
 from ..ops import test_ops as op_tests
@@ -49,14 +50,16 @@ def test_sparse_linear_backward_of_half_embeddings(dtype):
     coeff, params = torch.tensor([0.1, -0.1]), torch.tensor([1.0, 0.0, 1.5])
     reference = registry.kernel("sparse_linear_backward", "reference")
     reference_forward = registry.kernel("kernelized_sparse_delta", "reference")
-    tau = reference_forward(out_emb.float(), in_emb.float(), 21, "mixture", coeff, params, 1e-12, "soft")[1]
-    arguments = (grad_out, tokens, None, out_emb, in_emb, 0.5, tau, "mixture", coeff, params, 1e-12, "soft", grad_out)
-    got_input, *got = registry.kernel("sparse_linear_backward", "triton")(*arguments)
-    _, *expected = reference(grad_out, tokens, None, out_emb.float(), in_emb.float(), *arguments[5:])
+    problem = KernelProblem(out_emb, in_emb, "mixture", coeff, params, 1e-12, "soft")
+    widened = problem._replace(out_emb=out_emb.float(), in_emb=in_emb.float())
+    tau = reference_forward(widened, 21)[1]
+    triton_backward = registry.kernel("sparse_linear_backward", "triton")
+    got_input, *got = triton_backward(grad_out, tokens, None, problem, 0.5, tau, grad_out)
+    _, *expected = reference(grad_out, tokens, None, widened, 0.5, tau, grad_out)
     for got_t, expected_t, dtype_t in zip(got, expected, [dtype, dtype, torch.float32, torch.float32]):
         assert got_t.dtype == dtype_t
         assert_rounded_once(got_t, expected_t)
-    delta = reference_forward(out_emb.float(), in_emb.float(), 0, "mixture", coeff, params, 1e-12, "soft", tau)[0]
+    delta = reference_forward(widened, 0, tau)[0]
     rounded = delta.to(dtype).float()
     bound = grad_out.abs() @ (torch.finfo(dtype).eps * rounded.abs()) + 1e-5
     assert got_input.dtype == torch.float32

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tensor_peft.backends import available
+from tensor_peft.backends.kernelized_ops import KernelProblem
 
 pytestmark = pytest.mark.skipif("triton" not in available("cpu"), reason="triton is not installed")
 
@@ -115,7 +116,7 @@ def test_fused_threshold_with_and_without_the_buffer(monkeypatch, dtype, capacit
     coeff, params = torch.ones(2, dtype=dtype), torch.zeros(3, dtype=dtype)
     raw = out_emb.permute(1, 0, 2).reshape(19, 4) @ in_emb.permute(1, 0, 2).reshape(27, 4).T
     for k in (1, raw.numel() // 4, raw.numel()):
-        _, tau = kernelized_sparse_delta(out_emb, in_emb, k, "linear", coeff, params, 0.0, "hard")
+        _, tau = kernelized_sparse_delta(KernelProblem(out_emb, in_emb, "linear", coeff, params, 0.0, "hard"), k)
         assert same_bits(tau, expected_tau(raw, k)), k
 
 

@@ -13,6 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tensor_peft.backends import determinism, registry  # noqa: E402
+from tensor_peft.backends.kernelized_ops import KernelProblem  # noqa: E402
 from tensor_peft.backends.triton import expm, kernelized, lowrank, select  # noqa: E402
 from tensor_peft.gpu_report.triton_aot import GRID_LIMITS, recording_launches  # noqa: E402
 
@@ -64,10 +65,10 @@ def huge_calls():
         empty(64, wide), empty(8, 8), [empty(64, 8), empty(wide, 8)], 0.5
     )
     yield "kernelized_sparse_delta", lambda: kernelized.kernelized_sparse_delta(
-        empty(2, 64, 4), empty(2, wide, 4), 1000, "mixture", empty(2), empty(3), 1e-6, "hard"
+        KernelProblem(empty(2, 64, 4), empty(2, wide, 4), "mixture", empty(2), empty(3), 1e-6, "hard"), 1000
     )
     yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
-        empty(64, wide), empty(2, 64, 4), empty(2, wide, 4), None, "rbf", empty(2), empty(3), 1e-6, None
+        empty(64, wide), KernelProblem(empty(2, 64, 4), empty(2, wide, 4), "rbf", empty(2), empty(3), 1e-6), None
     )
     yield "matrix_exp", lambda: expm.matrix_exp(empty(100_000, 8, 8))
 
@@ -95,8 +96,9 @@ def test_snell_forward_copies_nothing_from_the_host(monkeypatch):
 
     monkeypatch.setattr(torch, "tensor", tensor)
     with recording_launches() as launches:
-        kernelized.kernelized_sparse_delta(empty(2, 96, 4), empty(2, 80, 4), 100, "mixture", empty(2), empty(3), 1e-6,
-                                           "soft")  # fmt: skip
+        kernelized.kernelized_sparse_delta(
+            KernelProblem(empty(2, 96, 4), empty(2, 80, 4), "mixture", empty(2), empty(3), 1e-6, "soft"), 100
+        )
         select.sparsify(empty(96, 80), 100, "hard")
     assert launches and not built
 
@@ -108,11 +110,10 @@ def backward_calls():
     yield "lowrank_hadamard_merge_backward", lambda: triton_op("lowrank_hadamard_merge_backward")(
         empty(64, 48), empty(64, 48), empty(64, 8), empty(8, 48), 0.5, "exact"
     )
-    yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
-        empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2), empty(3), 1e-6, None
-    )
+    dense = KernelProblem(empty(2, 64, 4), empty(2, 48, 4), "rbf", empty(2), empty(3), 1e-6)
+    yield "kernelized_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(empty(64, 48), dense, None)
     yield "kernelized_sparse_delta_backward", lambda: kernelized.kernelized_sparse_delta_backward(
-        empty(64, 48), empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2), empty(3), 1e-6, "hard"
+        empty(64, 48), dense._replace(mode="hard"), empty()
     )
 
 
@@ -149,16 +150,13 @@ def test_deterministic_ops_still_run_in_deterministic_mode(deterministic):
 def test_cuda_float_atomic_launchers_refuse_deterministic_mode(deterministic):
     """The cuda backend checks before it reaches the extension (not loaded here)."""
     torch.use_deterministic_algorithms(True)
+    dense = KernelProblem(empty(2, 64, 4), empty(2, 48, 4), "rbf", empty(2), empty(3), 1e-6)
     grad, U, R = empty(64, 48), empty(64, 8), empty(8, 48)
     with pytest.raises(RuntimeError, match="tucker_delta_backward on the cuda backend"):
         registry.kernel("tucker_delta_backward", "cuda")(grad, empty(8, 8), [U, empty(48, 8)], 0.5)
     with pytest.raises(RuntimeError, match="lowrank_hadamard_merge_backward on the cuda backend"):
         registry.kernel("lowrank_hadamard_merge_backward", "cuda")(grad, grad, U, R, 0.5, "taylor1")
     with pytest.raises(RuntimeError, match="kernelized_sparse_delta_backward on the cuda backend"):
-        registry.kernel("kernelized_sparse_delta_backward", "cuda")(
-            grad, empty(2, 64, 4), empty(2, 48, 4), empty(), "rbf", empty(2), empty(3), 1e-6, "hard"
-        )
+        registry.kernel("kernelized_sparse_delta_backward", "cuda")(grad, dense._replace(mode="hard"), empty())
     with pytest.raises(RuntimeError, match="kernelized_delta_backward on the cuda backend"):
-        registry.kernel("kernelized_sparse_delta_backward", "cuda")(
-            grad, empty(2, 64, 4), empty(2, 48, 4), None, "rbf", empty(2), empty(3), 1e-6, None
-        )
+        registry.kernel("kernelized_sparse_delta_backward", "cuda")(grad, dense, None)

@@ -188,9 +188,9 @@ def test_sparse_linear_backward_rebuilds_the_forward_delta_bit_for_bit(backend, 
     params = {} if kernel == "piecewise_linear" else {"alpha": 0.7, "gamma": 0.3}
     with backends.use(backend):
         delta, tau = sparse_delta_and_threshold(out_emb, in_emb, sparsity, kernel, mode, **params)
-        (_, _, kernel_name, coeff, params_tensor, eps) = check_kernel_inputs(out_emb, in_emb, kernel, params)
+        problem = check_kernel_inputs(out_emb, in_emb, kernel, params)._replace(mode=mode)
         grad_input, *_ = registry.select("sparse_linear_backward", device)[1](
-            grad_out, x, None, out_emb, in_emb, sparsity, tau, kernel_name, coeff, params_tensor, eps, mode, grad_out
+            grad_out, x, None, problem, sparsity, tau, grad_out
         )  # fmt: skip
     assert torch.equal(grad_input, delta)
 
@@ -413,3 +413,40 @@ def test_cpu_sparse_linear_adds_w0_of_any_layout_in_its_backward(layout):
             grads[backend] = torch.autograd.grad(y, [x, out_emb, in_emb], upstream)
     for got, want in zip(grads["cpu"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_sparse_linear_in_eager_mode_runs_the_registered_ops():
+    """One path: an eager call on plain tensors (a SNELL layer's training step) runs the
+    registered ``tensor_peft::sparse_linear`` and its registered backward, as torch.compile
+    and tensor subclasses do, and its result and gradients are the reference's."""
+    from tensor_peft.nn.snell import SNELLLayer
+
+    torch.manual_seed(16)
+    layer = SNELLLayer(torch.nn.Linear(12, 10).double(), r=4, sparsity=0.6, kernel="mixture")
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    trained = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    recorder = _OpNames()
+    with recorder:
+        got = layer(x)
+        got_grads = torch.autograd.grad(got.sum(), trained)
+    assert "tensor_peft::sparse_linear" in recorder.names
+    assert "tensor_peft::sparse_linear_backward" in recorder.names
+    with backends.use("reference"):
+        delta = layer.delta_weight(layer.adapters["default"])
+        expected = torch.nn.functional.linear(x, layer.weight + delta, layer.bias)
+        expected_grads = torch.autograd.grad(expected.sum(), trained)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got_t, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_t, want, rtol=1e-10, atol=1e-12)

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ...config import KERNELS
 from ..determinism import check_deterministic
-from ..kernelized_ops import kernel_id, mode_id, sparse_linear_backward_from_dense
+from ..kernelized_ops import KernelProblem, sparse_linear_backward_from_dense
+from ..native import kernel_id, mode_id
 from ..registry import register
 from .select import BINS, _count_digits, _kth_smallest_magnitude, _mask, _mask_factor, _new_counts, _shifts
 from .shared import div, exp, launch, rounded, scalar, tile, tile_grid
@@ -244,8 +245,9 @@ def backward_kernel(grad, out_emb, in_emb, coeff, kernel_params, tau, column_max
             _embedding_gradients(W, out_emb, in_emb, d_out, d_in, h, rows, cols, m, n, width, False, BP)
 
 
-def _column_stats(out_emb, in_emb, coeff, params, eps):
+def _column_stats(problem: KernelProblem):
     """Mixture's softmax statistics per column: (M_i = max_j P_ji, Σ_j exp((P_ji − M_i)/gamma))."""
+    out_emb, in_emb, _, coeff, params, eps, _ = problem
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     column_max, column_sum = params.new_empty(n), params.new_empty(n)
@@ -257,18 +259,19 @@ def _column_stats(out_emb, in_emb, coeff, params, eps):
 
 
 @register("kernelized_sparse_delta", "triton")
-def kernelized_sparse_delta(out_emb, in_emb, k, kernel, coeff, params, eps, mode, tau=None):
-    """[ΔW, τ]: κ(Out, In) in out_emb's dtype, sparsified when ``mode`` is given (None: the
+def kernelized_sparse_delta(problem: KernelProblem, k, tau=None):
+    """[ΔW, τ]: κ(Out, In) in out_emb's dtype, sparsified when ``problem.mode`` is given (None: the
     dense op, τ = −inf), by ``tau`` or else by the k-th smallest magnitude. κ is computed
     in params' dtype (the compute dtype), where τ is selected and the mask applied: a half
     ΔW is κ rounded once (then masked into the result), not masked after a rounding."""
+    out_emb, in_emb, kernel, coeff, params, eps, mode = problem
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
     out = out_emb.new_empty(m, n)
     if out.numel() == 0:
         return [out, params.new_full((), float("-inf")) if tau is None else tau]
     raw = out if mode is None or out.dtype == params.dtype else params.new_empty(m, n)  # κ, before the mask
-    stats = _column_stats(out_emb, in_emb, coeff, params, eps) if kernel == "mixture" else (raw, raw)
+    stats = _column_stats(problem) if kernel == "mixture" else (raw, raw)
     selecting = mode is not None and tau is None and k > 0
     counted = _new_counts(raw) if selecting else None  # filled by delta_kernel
     launch(delta_kernel, tile_grid(m, n, BLOCK_M, BLOCK_N),
@@ -289,7 +292,8 @@ def _in_dtypes_of(gradients, inputs) -> list[torch.Tensor]:
 
 
 @register("kernelized_sparse_delta_backward", "triton")
-def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, params, eps, mode):
+def kernelized_sparse_delta_backward(grad, problem: KernelProblem, tau):
+    out_emb, in_emb, kernel, coeff, params, eps, mode = problem
     check_deterministic("kernelized_delta_backward" if mode is None else "kernelized_sparse_delta_backward", "triton")
     chunks, m, width = out_emb.shape
     n = in_emb.shape[1]
@@ -302,7 +306,7 @@ def kernelized_sparse_delta_backward(grad, out_emb, in_emb, tau, kernel, coeff, 
     tau = grad if tau is None else tau
     column_max = column_sum = column_dot = grad
     if kernel == "mixture":
-        column_max, column_sum = _column_stats(out_emb, in_emb, coeff, params, eps)
+        column_max, column_sum = _column_stats(problem)
         column_dot = params.new_empty(n)
         launch(columns_kernel, (triton.cdiv(n, BLOCK_N),),
             grad, out_emb, in_emb, coeff, params, tau, column_max, column_sum, column_dot,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernelized_ops import mode_id
+from ..native import mode_id
 from ..registry import register
 from .shared import launch, rounded
 
