@@ -48,11 +48,10 @@ struct Gradients {
 };
 
 // W0's rows (rows × n, row j at weight + j·stride) that a sparsified ΔW is added onto: none
-// for address 0; only a sparsified ΔW (mode ≠ kNone) is added onto W0.
+// for address 0.
 template <typename T>
-const T* base_weight(std::uintptr_t address, int64_t rows, int64_t n, int64_t stride, int mode) {
+const T* base_weight(std::uintptr_t address, int64_t rows, int64_t n, int64_t stride) {
     if (address == 0) return nullptr;
-    if (mode == kNone) throw py::value_error("weight: only a sparsified ΔW (mode 1 or 2) is added onto W0");
     if (stride < n)
         throw py::value_error("weight_stride must be at least n (" + std::to_string(n) + "), got " +
                               std::to_string(stride));
@@ -71,7 +70,7 @@ DeltaOutput<T> sparsified_output(std::uintptr_t address, std::uintptr_t weight, 
         return {};
     }
     if (mode == kNone) throw py::value_error("delta: only a sparsified ΔW (mode 1 or 2) is written by the backward");
-    return {arguments::pointer<T>(address, rows * n, "delta"), base_weight<T>(weight, rows, n, weight_stride, mode),
+    return {arguments::pointer<T>(address, rows * n, "delta"), base_weight<T>(weight, rows, n, weight_stride),
             weight_stride};
 }
 
@@ -81,22 +80,20 @@ void bind(py::module_& m, const std::string& suffix) {
     m.def(("kernelized_forward_" + suffix).c_str(),
           [](std::uintptr_t out, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
              int64_t width, int64_t kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, int64_t k,
-             int64_t mode, double given_tau, std::uintptr_t weight) {
+             int64_t mode, double given_tau) {
               Problem<T> P = problem<T>(out_emb, in_t, rows, n, chunks, width, kernel, coeff, params, eps);
               const int sparsification = arguments::choice(mode, kNone, kSoft, "mode");
               arguments::at_most(arguments::size(k, "k"), rows * n, "k");
               T* o = pointer<T>(out, rows * n, "out");
-              const T* w = base_weight<T>(weight, rows, n, n, sparsification);
               py::gil_scoped_release release;
               tensor_peft::cpu::advise_huge_pages(o, rows * n * sizeof(T));
-              return double(forward(P, o, k, sparsification, static_cast<T>(given_tau), w));
+              return double(forward(P, o, k, sparsification, static_cast<T>(given_tau)));
           },
           py::arg("out"), py::arg("out_emb"), py::arg("in_t"), py::arg("rows"), py::arg("n"), py::arg("chunks"),
           py::arg("width"), py::arg("kernel"), py::arg("coeff"), py::arg("params"), py::arg("eps"), py::arg("k"),
-          py::arg("mode"), py::arg("given_tau"), py::arg("weight") = 0,
+          py::arg("mode"), py::arg("given_tau"),
           "out (m, n) = κ(Out, In) (In given as (H, p, n)); with mode 1/2, sparsified in place by τ: "
-          "the k-th smallest magnitude for k > 0, else given_tau; given W0's address `weight` (m, n), "
-          "out = W0 + ΔW. Returns τ.");
+          "the k-th smallest magnitude for k > 0, else given_tau. Returns τ.");
     m.def(("kernelized_backward_" + suffix).c_str(),
           [](std::uintptr_t grad, std::uintptr_t out_emb, std::uintptr_t in_t, int64_t rows, int64_t n, int64_t chunks,
              int64_t width, int64_t kernel, std::uintptr_t coeff, std::uintptr_t params, double eps, double tau,

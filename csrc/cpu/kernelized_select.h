@@ -142,23 +142,22 @@ T kth_smallest_magnitude(const T* x, int64_t count, int64_t k) {
     return kth_smallest_magnitude(x, count, k, first_counts.data());
 }
 
-// apply_mask over count values (and W0's `weight`, given it), in parallel.
+// out = x·mask_factor(x) over count values, in place allowed, in parallel.
 template <typename T>
-void mask(const T* x, T* out, int64_t count, T tau, int mode, const T* weight = nullptr) {
+void mask(const T* x, T* out, int64_t count, T tau, int mode) {
 #pragma omp parallel for schedule(static)
     for (int64_t start = 0; start < count; start += kChunk)
-        apply_mask(x + start, out + start, std::min(kChunk, count - start), tau, mode,
-                   weight == nullptr ? nullptr : weight + start);
+        apply_mask(x + start, out + start, std::min(kChunk, count - start), tau, mode);
 }
 
 
 // ΔW_raw into out, row by row; each row, while in cache, is then either counted into
 // first_counts (first_digit_bins values: τ is to be selected) or, with mode ≠ kNone,
-// masked by tau (τ known; added onto W0's `weight` (m, n) given it). Counts are integers:
-// their sum is exact in any order. Mixture's statistics pass leaves P's rows in out, and
-// each row adds its softmax terms there: κ is made once.
+// masked by tau (τ known). Counts are integers: their sum is exact in any order.
+// Mixture's statistics pass leaves P's rows in out, and each row adds its softmax terms
+// there: κ is made once.
 template <typename T>
-void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau, const T* weight = nullptr) {
+void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau) {
     const int64_t chunks = row_chunks(P);
     ColumnStatistics<T> held;
     const bool p_in_out = ensure_statistics(P, held, out);
@@ -174,7 +173,7 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau, const T*
             if (first_counts)
                 count_first_digits(row, P.n, counts.data());
             else if (mode != kNone)
-                apply_mask(row, row, P.n, tau, mode, weight == nullptr ? nullptr : weight + j * P.n);
+                apply_mask(row, row, P.n, tau, mode);
         }
         if (first_counts) {
 #pragma omp critical(tensor_peft_counts)
@@ -185,13 +184,13 @@ void raw(Problem<T>& P, T* out, int64_t* first_counts, int mode, T tau, const T*
 
 // τ by radix select over all of ΔW_raw, made into out first: the first digit counted as
 // each row is made, then the keys of its bin compacted (kth_smallest_magnitude); out
-// sparsified by τ (and added onto W0's `weight`, given it).
+// sparsified by τ.
 template <typename T>
-T select_by_radix(Problem<T>& P, T* out, int64_t k, int mode, const T* weight) {
+T select_by_radix(Problem<T>& P, T* out, int64_t k, int mode) {
     std::vector<int64_t> first_counts(first_digit_bins<T>(), 0);
     raw(P, out, first_counts.data(), mode, T(0));
     const T tau = kth_smallest_magnitude(static_cast<const T*>(out), P.m * P.n, k, first_counts.data());
-    mask(out, out, P.m * P.n, tau, mode, weight);
+    mask(out, out, P.m * P.n, tau, mode);
     return tau;
 }
 
@@ -317,8 +316,7 @@ TP_CPU_CLONES void classify_row(const T* row, int64_t n, int64_t first, Bits low
     undecided.size = size;
 }
 
-// ΔW = κ(Out, In) sparsified into out (m, n) by the k-th smallest magnitude τ, returned
-// (added onto W0's `weight` (m, n), given it, as apply_mask adds).
+// ΔW = κ(Out, In) sparsified into out (m, n) by the k-th smallest magnitude τ, returned.
 // The bracket of a sample (sample_bracket) lets each row, while in cache, count the
 // entries it decides as dropped and keep aside the few it leaves undecided; hard rows are
 // masked there too (a decided entry's mask does not depend on τ). τ is then selected among
@@ -326,10 +324,10 @@ TP_CPU_CLONES void classify_row(const T* row, int64_t n, int64_t first, Bits low
 // the k-th smallest lies outside the bracket, or too many entries are undecided, the whole
 // ΔW is made again and τ selected by radix (select_by_radix): the same τ, more time.
 template <typename T>
-T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode, const T* weight) {
+T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode) {
     using Bits = typename tensor_peft::radix::Key<T>::type;
     const int64_t sample = std::min(kMaxSample, P.m * P.n / kSampleEvery);
-    if (sample < kMinSample) return select_by_radix(P, out, k, mode, weight);
+    if (sample < kMinSample) return select_by_radix(P, out, k, mode);
     ColumnStatistics<T> held;
     const bool p_in_out = ensure_statistics(P, held, out);
     const Bracket<Bits> bracket = sample_bracket(P, k, sample);
@@ -349,8 +347,7 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode, const T* weight)
                 raw_row(P, j, row, rows);
             if (undecided[c].overflow) continue;
             classify_row(row, P.n, j * P.n, bracket.low, bracket.high, flags.data(), undecided[c]);
-            if (mode == kHard)
-                apply_mask(row, row, P.n, decided_tau, mode, weight == nullptr ? nullptr : weight + j * P.n);
+            if (mode == kHard) apply_mask(row, row, P.n, decided_tau, mode);
         }
     });
     int64_t below = 0, count = 0;
@@ -360,7 +357,7 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode, const T* weight)
         count += chunk.size;
         overflow = overflow || chunk.overflow;
     }
-    if (overflow || k <= below || k > below + count) return select_by_radix(P, out, k, mode, weight);
+    if (overflow || k <= below || k > below + count) return select_by_radix(P, out, k, mode);
     std::vector<Bits> keys;
     keys.reserve(count);
     for (const Undecided<T>& chunk : undecided)
@@ -368,32 +365,28 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode, const T* weight)
     std::nth_element(keys.begin(), keys.begin() + (k - below - 1), keys.end());
     const T tau = tensor_peft::radix::from_key<T>(keys[k - below - 1]);
     if (mode != kHard) {
-        mask(out, out, P.m * P.n, tau, mode, weight);
+        mask(out, out, P.m * P.n, tau, mode);
         return tau;
     }
     for_each_chunk(chunks, [&](int64_t c) {
         const Undecided<T>& chunk = undecided[c];
         const int64_t* index = chunk.index.data();
         const T* value = chunk.value.data();
-        for (int64_t e = 0; e < chunk.size; ++e) {
-            const T factor = mask_factor(value[e], tau, mode, false);
-            out[index[e]] = weight == nullptr ? value[e] * factor : std::fma(value[e], factor, weight[index[e]]);
-        }
+        for (int64_t e = 0; e < chunk.size; ++e) out[index[e]] = value[e] * mask_factor(value[e], tau, mode, false);
     });
     return tau;
 }
 
 // out (m, n) = ΔW = κ(Out, In); with mode ≠ kNone sparsified by τ: the k-th smallest
-// magnitude for k > 0 (select_by_bracket), else given_tau; then, given W0's `weight` (m, n;
-// mode ≠ kNone), out = W0 + ΔW in the same pass. Returns τ (given_tau when nothing is
-// selected).
+// magnitude for k > 0 (select_by_bracket), else given_tau. Returns τ (given_tau when
+// nothing is selected).
 template <typename T>
-T forward(Problem<T>& P, T* out, int64_t k, int mode, T given_tau, const T* weight = nullptr) {
+T forward(Problem<T>& P, T* out, int64_t k, int mode, T given_tau) {
     if (mode == kNone || k == 0) {
-        raw(P, out, nullptr, mode, k == 0 ? given_tau : T(0), weight);
+        raw(P, out, nullptr, mode, k == 0 ? given_tau : T(0));
         return given_tau;
     }
-    return select_by_bracket(P, out, k, mode, weight);
+    return select_by_bracket(P, out, k, mode);
 }
 
 }  // namespace

@@ -69,6 +69,15 @@ def _raw_calls():
             grad=p, out_emb=p, in_t=p, rows=2, n=2, chunks=1, width=1, kernel=0, coeff=p, params=params, eps=0.0,
             tau=0.0, mode=1, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p, delta=p + 1,
         ), "delta is not aligned"),
+        ("kernelized-backward-weight-without-delta", lambda: C.kernelized_backward_f32(
+            grad=p, out_emb=p, in_t=p, rows=2, n=2, chunks=1, width=1, kernel=0, coeff=p, params=params, eps=0.0,
+            tau=0.0, mode=1, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p, weight=p, weight_stride=2,
+        ), "weight: W0 is only read to write W0 \\+ ΔW into a delta"),
+        ("kernelized-backward-weight-stride", lambda: C.sparse_linear_backward_f32(
+            grad_out=p, input=p, tokens=0, out_emb=p, in_t=p, rows=2, n=3, chunks=1, width=1, kernel=0, coeff=p,
+            params=params, eps=0.0, tau=0.0, mode=1, d_out_emb=p, d_in_t=p, d_coeff=p, d_params=p, delta=p, weight=p,
+            weight_stride=2,
+        ), "weight_stride must be at least n \\(3\\), got 2"),
         ("sparsify-null", lambda: C.sparsify_f64(p, 0, 4, 1, 1), "delta is a null pointer"),
         ("sparsify-negative-count", lambda: C.sparsify_f32(p, p, -4, 0, 1), "count must be non-negative"),
         ("sparsify-mode", lambda: C.sparsify_backward_f32(p, p, p, 4, 0.0, 0), r"mode must be in \[1, 2\]"),
@@ -81,7 +90,8 @@ RAW_LABELS = [
     "lowrank-overflow", "lowrank-misaligned", "expm-null", "expm-negative-batch", "expm-negative-n",
     "expm-n-near-2^31", "kernelized-null-out", "kernelized-null-params", "kernelized-negative-rows",
     "kernelized-kernel", "kernelized-mode", "kernelized-k", "kernelized-n-near-2^31",
-    "kernelized-backward-delta-unsparsified", "kernelized-backward-misaligned-delta", "sparsify-null",
+    "kernelized-backward-delta-unsparsified", "kernelized-backward-misaligned-delta",
+    "kernelized-backward-weight-without-delta", "kernelized-backward-weight-stride", "sparsify-null",
     "sparsify-negative-count", "sparsify-mode", "threads",
 ]  # fmt: skip
 
