@@ -339,13 +339,12 @@ T select_by_bracket(Problem<T>& P, T* out, int64_t k, int mode) {
         const double entries = double(end - begin) * double(P.n);
         undecided[c].reserve(static_cast<int64_t>(4.0 * bracket.undecided_fraction * entries) + 4 * P.n);
         std::vector<uint8_t> flags((P.n + 7) / 8 * 8, 0);
-        for (int64_t j = begin; j < end; ++j) {
+        for (int64_t j = begin; j < end && !undecided[c].overflow; ++j) {  // overflow: selected by radix below
             T* row = out + j * P.n;
             if (p_in_out)
                 add_softmax_terms(P, row, rows.soft.data());
             else
                 raw_row(P, j, row, rows);
-            if (undecided[c].overflow) continue;
             classify_row(row, P.n, j * P.n, bracket.low, bracket.high, flags.data(), undecided[c]);
             if (mode == kHard) apply_mask(row, row, P.n, decided_tau, mode);
         }
