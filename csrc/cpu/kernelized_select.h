@@ -1,7 +1,7 @@
-// SNELL's threshold on the CPU: τ = the k-th smallest |ΔW_raw| by radix select
-// (tensor_peft/radix_select.h; the first digit is counted as each row is computed, the
-// later digits among the keys of its chosen bin), and the mask hard ΔW·|ΔW|·1[|ΔW| > τ] or
-// soft ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ].
+// SNELL's forward on the CPU: ΔW_raw's rows, the threshold τ = the k-th smallest |ΔW_raw|
+// (against a bracket from a sample, select_by_bracket; by radix select, tensor_peft/
+// radix_select.h, for small problems and when the bracket misses: select_by_radix), and
+// the mask hard ΔW·|ΔW|·1[|ΔW| > τ] or soft ΔW·(|ΔW| − τ⁺)·1[|ΔW| > τ].
 // Included by csrc/cpu/kernelized.cpp alone: its contents are in an anonymous namespace,
 // as they were in that one translation unit.
 #pragma once
