@@ -52,9 +52,7 @@ struct Gradients {
 template <typename T>
 const T* base_weight(std::uintptr_t address, int64_t rows, int64_t n, int64_t stride) {
     if (address == 0) return nullptr;
-    if (stride < n)
-        throw py::value_error("weight_stride must be at least n (" + std::to_string(n) + "), got " +
-                              std::to_string(stride));
+    arguments::at_least(stride, n, "weight_stride");
     const int64_t extent = rows == 0 ? 0 : arguments::product(rows - 1, stride, "weight's extent") + n;
     return arguments::pointer<const T>(address, extent, "weight");
 }

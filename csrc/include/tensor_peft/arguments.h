@@ -36,6 +36,14 @@ inline int64_t at_most(int64_t value, int64_t limit, const char* name) {
     return value;
 }
 
+// `value` ≥ `limit` (a stride that must span a row).
+inline int64_t at_least(int64_t value, int64_t limit, const char* name) {
+    if (value < limit)
+        throw pybind11::value_error(std::string(name) + " must be at least " + std::to_string(limit) + ", got " +
+                                    std::to_string(value));
+    return value;
+}
+
 // `value` in [low, high] (an enumeration: kernel, mode, epilogue).
 inline int choice(int64_t value, int low, int high, const char* name) {
     if (value < low || value > high)
